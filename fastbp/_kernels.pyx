@@ -1,0 +1,830 @@
+# Design
+# ------
+# Every hot loop of fastbp lives in this file.  Each public `def` is a thin wrapper: it checks ndim, shapes,
+# dtypes, layout and writability of the NumPy arrays it is given with C-level macros (cheap enough for batch-1
+# work), raises a ValueError/TypeError naming expected vs actual, and then calls a `noexcept nogil` kernel on raw
+# pointers.  Kernels only touch memory the wrapper has validated, so they never index out of bounds.
+#
+# * Element types: float32 and float64 through the fused type `floating`; the wrappers dispatch on the dtype
+#   number once.  Reductions over float32 data accumulate in double.
+# * Matrix products go through a real BLAS: fastbp's own copy of OpenBLAS (package scipy-openblas32), whose
+#   cblas_?gemm entry points are handed to this module as function pointers by fastbp/_blas.py (see there why a
+#   separate copy).  Any 2-D operand with one unit stride is passed with a leading dimension and a transpose flag:
+#   no `.T` copies are made.
+# * Elementwise kernels work on contiguous buffers; large ones are split over OpenMP threads when the build has
+#   OpenMP (prange degrades to a serial loop otherwise).
+# * Outputs are always written into arrays handed in by the caller (`out=`-style), so the layer classes decide
+#   what to allocate and what to reuse.
+cimport cython
+from cython.parallel cimport prange
+from libc.math cimport exp, log, sqrt, expf, sqrtf
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from libc.stdint cimport int64_t, int32_t, uint8_t, intptr_t
+cimport numpy as cnp
+import numpy as np
+
+cnp.import_array()
+
+ctypedef fused floating:
+    float
+    double
+
+cdef extern from *:
+    """
+    #if FASTBP_OPENMP
+    #include <omp.h>
+    static int fastbp_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    static int fastbp_max_threads(void) { return 1; }
+    #endif
+    """
+    int fastbp_max_threads() noexcept nogil
+    int FASTBP_OPENMP
+
+# ---------------------------------------------------------------------------------------------------------------
+# BLAS
+# ---------------------------------------------------------------------------------------------------------------
+ctypedef void (*sgemm_ptr)(int order, int transa, int transb, int m, int n, int k, float alpha,
+                           const float *a, int lda, const float *b, int ldb, float beta,
+                           float *c, int ldc) noexcept nogil
+ctypedef void (*dgemm_ptr)(int order, int transa, int transb, int m, int n, int k, double alpha,
+                           const double *a, int lda, const double *b, int ldb, double beta,
+                           double *c, int ldc) noexcept nogil
+
+cdef sgemm_ptr _sgemm = NULL
+cdef dgemm_ptr _dgemm = NULL
+cdef enum:
+    RowMajor = 101
+    NoTrans = 111
+    Trans = 112
+    INT_MAX = 2147483647
+
+# Elementwise work below this many elements stays on one thread: the fork/join costs more than it saves.
+cdef Py_ssize_t PARALLEL_MIN = 1 << 17
+
+
+def _set_gemm(intptr_t sgemm_address, intptr_t dgemm_address):
+    """Install the cblas_sgemm / cblas_dgemm entry points (addresses from fastbp._blas)."""
+    global _sgemm, _dgemm
+    if sgemm_address == 0 or dgemm_address == 0:
+        raise ValueError("null GEMM address")
+    _sgemm = <sgemm_ptr>sgemm_address
+    _dgemm = <dgemm_ptr>dgemm_address
+
+
+def build_info():
+    """Compile-time facts about this extension: OpenMP use and the OpenMP thread count."""
+    return {"openmp": bool(FASTBP_OPENMP), "openmp_max_threads": fastbp_max_threads(),
+            "parallel_min": PARALLEL_MIN}
+
+
+cdef inline void _gemm(int ta, int tb, int m, int n, int k, floating alpha, const floating *a, int lda,
+                       const floating *b, int ldb, floating beta, floating *c, int ldc) noexcept nogil:
+    """C[m, n] = alpha * op(A) @ op(B) + beta * C, all row-major with leading dimensions."""
+    if floating is float:
+        _sgemm(RowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    else:
+        _dgemm(RowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation helpers (Python level, called once per wrapper call)
+# ---------------------------------------------------------------------------------------------------------------
+cdef inline object _shp(object a):
+    return (<object>a).shape
+
+
+cdef inline object _dt(object a):
+    return (<object>a).dtype
+
+
+cdef inline int _ftype(object a, str name) except -1:
+    """0 for float32, 1 for float64 native arrays; TypeError otherwise."""
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    if t == cnp.NPY_FLOAT32 and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
+        return 0
+    if t == cnp.NPY_FLOAT64 and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
+        return 1
+    raise TypeError(f"{name} must be native float32 or float64, got {_dt(a)}")
+
+
+cdef inline _same_type(int expected, object a, str name):
+    cdef int t = _ftype(a, name)
+    if t != expected:
+        raise TypeError(f"{name} must have dtype {'float64' if expected else 'float32'} like the other "
+                        f"operands, got {_dt(a)}")
+
+
+cdef inline _check_ndim(cnp.ndarray a, int nd, str name):
+    if cnp.PyArray_NDIM(a) != nd:
+        raise ValueError(f"{name} must be {nd}-D, got {cnp.PyArray_NDIM(a)}-D array of shape {_shp(a)}")
+
+
+cdef inline _check_out(cnp.ndarray a, str name):
+    """Outputs must be writeable and C-contiguous (fastbp allocates them so)."""
+    if not cnp.PyArray_ISWRITEABLE(a):
+        raise ValueError(f"{name} is read-only")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"{name} must be C-contiguous")
+
+
+cdef inline _check_contig(cnp.ndarray a, str name):
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray)")
+
+
+cdef inline _check_shape2(cnp.ndarray a, Py_ssize_t r, Py_ssize_t c, str name):
+    if cnp.PyArray_DIM(a, 0) != r or cnp.PyArray_DIM(a, 1) != c:
+        raise ValueError(f"{name} must have shape ({r}, {c}), got {_shp(a)}")
+
+
+cdef inline _check_same_shape(cnp.ndarray a, cnp.ndarray ref, str name, str refname):
+    cdef int nd = cnp.PyArray_NDIM(ref)
+    cdef int i
+    if cnp.PyArray_NDIM(a) != nd:
+        raise ValueError(f"{name} must have the shape of {refname} {_shp(ref)}, got {_shp(a)}")
+    for i in range(nd):
+        if cnp.PyArray_DIM(a, i) != cnp.PyArray_DIM(ref, i):
+            raise ValueError(f"{name} must have the shape of {refname} {_shp(ref)}, got {_shp(a)}")
+
+
+cdef inline _check_int_dims(Py_ssize_t a, Py_ssize_t b, Py_ssize_t c):
+    if a > INT_MAX or b > INT_MAX or c > INT_MAX:
+        raise ValueError("matrix dimension exceeds the 32-bit BLAS interface (2**31 - 1)")
+
+
+cdef int _blas_layout(cnp.ndarray a, int *trans, int *ld) except -1:
+    """Describe a 2-D operand to row-major CBLAS: (trans, ld).  Returns 0, or 1 if it needs a contiguous copy."""
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(a)
+    cdef Py_ssize_t r = cnp.PyArray_DIM(a, 0), c = cnp.PyArray_DIM(a, 1)
+    cdef Py_ssize_t s0 = cnp.PyArray_STRIDE(a, 0), s1 = cnp.PyArray_STRIDE(a, 1), l
+    if s0 % isz or s1 % isz:
+        return 1
+    s0 //= isz
+    s1 //= isz
+    # row-major: unit column stride (irrelevant for one column), row stride >= columns (irrelevant for one row)
+    if (s1 == 1 or c <= 1) and (r <= 1 or s0 >= c):
+        l = s0 if r > 1 else c
+        trans[0] = NoTrans
+    # column-major: the row-major transpose of a (c, r) matrix
+    elif (s0 == 1 or r <= 1) and (c <= 1 or s1 >= r):
+        l = s1 if c > 1 else r
+        trans[0] = Trans
+    else:
+        return 1
+    if l < 1:
+        l = 1
+    if l > INT_MAX:
+        return 1
+    ld[0] = <int>l
+    return 0
+
+
+cdef inline int _flip(int t) noexcept nogil:
+    return Trans if t == NoTrans else NoTrans
+
+
+cdef cnp.ndarray _blas_operand(cnp.ndarray a, int *trans, int *ld):
+    """Return `a` itself when BLAS can read it in place, else one C-contiguous copy of it."""
+    if _blas_layout(a, trans, ld) == 0:
+        return a
+    a = np.ascontiguousarray(a)
+    _blas_layout(a, trans, ld)
+    return a
+
+
+def _require_blas():
+    if _sgemm == NULL:
+        from fastbp import _blas
+        _blas.ensure_loaded()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GEMM
+# ---------------------------------------------------------------------------------------------------------------
+def gemm(a, b, out, bint trans_a=False, bint trans_b=False, double alpha=1.0, double beta=0.0):
+    """out = alpha * op(a) @ op(b) + beta * out  (op = transpose when trans_* is true); returns out."""
+    if _sgemm == NULL:
+        _require_blas()
+    cdef int t = _ftype(a, "a")
+    _same_type(t, b, "b")
+    _same_type(t, out, "out")
+    cdef cnp.ndarray A = <cnp.ndarray>a, B = <cnp.ndarray>b, C = <cnp.ndarray>out
+    _check_ndim(A, 2, "a"); _check_ndim(B, 2, "b"); _check_ndim(C, 2, "out")
+    _check_out(C, "out")
+    cdef Py_ssize_t m = cnp.PyArray_DIM(A, 1 if trans_a else 0)
+    cdef Py_ssize_t k = cnp.PyArray_DIM(A, 0 if trans_a else 1)
+    cdef Py_ssize_t kb = cnp.PyArray_DIM(B, 1 if trans_b else 0)
+    cdef Py_ssize_t n = cnp.PyArray_DIM(B, 0 if trans_b else 1)
+    if k != kb:
+        raise ValueError(f"inner dimensions differ: op(a) is ({m}, {k}), op(b) is ({kb}, {n})")
+    _check_shape2(C, m, n, "out")
+    _check_int_dims(m, n, k)
+    if (np.may_share_memory(C, A) or np.may_share_memory(C, B)):
+        raise ValueError("out must not overlap the inputs")
+    cdef int ta, tb, lda, ldb
+    A = _blas_operand(A, &ta, &lda)
+    B = _blas_operand(B, &tb, &ldb)
+    if trans_a:
+        ta = _flip(ta)
+    if trans_b:
+        tb = _flip(tb)
+    cdef int ldc = <int>(n if n > 1 else 1)
+    with nogil:
+        if t == 0:
+            _gemm_safe[float](ta, tb, <int>m, <int>n, <int>k, <float>alpha, <float*>cnp.PyArray_DATA(A), lda,
+                              <float*>cnp.PyArray_DATA(B), ldb, <float>beta, <float*>cnp.PyArray_DATA(C), ldc)
+        else:
+            _gemm_safe[double](ta, tb, <int>m, <int>n, <int>k, alpha, <double*>cnp.PyArray_DATA(A), lda,
+                               <double*>cnp.PyArray_DATA(B), ldb, beta, <double*>cnp.PyArray_DATA(C), ldc)
+    return out
+
+
+cdef inline void _gemm_safe(int ta, int tb, int m, int n, int k, floating alpha, const floating *a, int lda,
+                            const floating *b, int ldb, floating beta, floating *c, int ldc) noexcept nogil:
+    """_gemm that handles empty dimensions itself (BLAS rejects zero leading dimensions)."""
+    cdef Py_ssize_t i
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        # op(A) @ op(B) is all zeros: C = beta * C
+        for i in range(<Py_ssize_t>m * n):
+            c[i] = 0 if beta == 0 else beta * c[i]
+        return
+    _gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Affine
+# ---------------------------------------------------------------------------------------------------------------
+cdef void _affine_forward(int tx, int ldx, int tw, int ldw, Py_ssize_t n, Py_ssize_t d, Py_ssize_t m,
+                          const floating *x, const floating *w, const floating *b, floating *out) noexcept nogil:
+    """out[n, m] = x[n, d] @ w[d, m] + b[m]: bias broadcast, then one GEMM with beta = 1."""
+    cdef Py_ssize_t i, j
+    for i in range(n):
+        for j in range(m):
+            out[i * m + j] = b[j]
+    _gemm_safe(tx, tw, <int>n, <int>m, <int>d, <floating>1, x, ldx, w, ldw, <floating>1, out, <int>(m if m > 1 else 1))
+
+
+def affine_forward(x, W, b, out):
+    """out = x @ W + b for x (N, D), W (D, M), b (M,) of one float dtype; out (N, M) C-contiguous; returns out."""
+    if _sgemm == NULL:
+        _require_blas()
+    cdef int t = _ftype(x, "x")
+    _same_type(t, W, "W"); _same_type(t, b, "b"); _same_type(t, out, "out")
+    cdef cnp.ndarray X = <cnp.ndarray>x, Wa = <cnp.ndarray>W, B = <cnp.ndarray>b, O = <cnp.ndarray>out
+    _check_ndim(X, 2, "x"); _check_ndim(Wa, 2, "W"); _check_ndim(B, 1, "b"); _check_ndim(O, 2, "out")
+    cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0), d = cnp.PyArray_DIM(X, 1), m = cnp.PyArray_DIM(Wa, 1)
+    if cnp.PyArray_DIM(Wa, 0) != d:
+        raise ValueError(f"x has {d} features per sample but W has {cnp.PyArray_DIM(Wa, 0)} rows "
+                         f"(x {_shp(X)}, W {_shp(Wa)})")
+    if cnp.PyArray_DIM(B, 0) != m:
+        raise ValueError(f"b must have length {m} (the columns of W {_shp(Wa)}), got {cnp.PyArray_DIM(B, 0)}")
+    _check_shape2(O, n, m, "out")
+    _check_out(O, "out")
+    _check_int_dims(n, d, m)
+    if not cnp.PyArray_IS_C_CONTIGUOUS(B):
+        B = np.ascontiguousarray(B)
+    cdef int tx, ldx, tw, ldw
+    X = _blas_operand(X, &tx, &ldx)
+    Wa = _blas_operand(Wa, &tw, &ldw)
+    with nogil:
+        if t == 0:
+            _affine_forward[float](tx, ldx, tw, ldw, n, d, m, <float*>cnp.PyArray_DATA(X),
+                                   <float*>cnp.PyArray_DATA(Wa), <float*>cnp.PyArray_DATA(B),
+                                   <float*>cnp.PyArray_DATA(O))
+        else:
+            _affine_forward[double](tx, ldx, tw, ldw, n, d, m, <double*>cnp.PyArray_DATA(X),
+                                    <double*>cnp.PyArray_DATA(Wa), <double*>cnp.PyArray_DATA(B),
+                                    <double*>cnp.PyArray_DATA(O))
+    return out
+
+
+cdef void _bias_backward(Py_ssize_t n, Py_ssize_t m, const floating *dout, floating *db,
+                         double *acc) noexcept nogil:
+    """db[j] = sum_i dout[i, j], accumulated in double (acc is an m-long scratch row)."""
+    cdef Py_ssize_t i, j
+    cdef const floating *row
+    for j in range(m):
+        acc[j] = 0
+    for i in range(n):
+        row = dout + i * m
+        for j in range(m):
+            acc[j] += row[j]
+    for j in range(m):
+        db[j] = <floating>acc[j]
+
+
+cdef int _affine_backward(int tx, int ldx, int tw, int ldw, Py_ssize_t n, Py_ssize_t d, Py_ssize_t m,
+                          const floating *dout, const floating *x, const floating *w,
+                          floating *dx, floating *dw, floating *db) noexcept nogil:
+    """dx = dout @ W.T (skipped when dx is NULL), dW = x.T @ dout, db = sum_rows(dout).  -1 if out of memory."""
+    cdef double *acc
+    cdef int ldd = <int>(m if m > 1 else 1)
+    if dx != NULL:
+        _gemm_safe(NoTrans, _flip(tw), <int>n, <int>d, <int>m, <floating>1, dout, ldd, w, ldw,
+                   <floating>0, dx, <int>(d if d > 1 else 1))
+    _gemm_safe(_flip(tx), NoTrans, <int>d, <int>m, <int>n, <floating>1, x, ldx, dout, ldd,
+               <floating>0, dw, ldd)
+    acc = <double*>malloc((m if m > 0 else 1) * sizeof(double))
+    if acc == NULL:
+        return -1
+    _bias_backward(n, m, dout, db, acc)
+    free(acc)
+    return 0
+
+
+def affine_backward(dout, x, W, dx, dW, db):
+    """dx = dout @ W.T (dx may be None to skip it), dW = x.T @ dout, db = dout.sum(0); all written in place."""
+    if _sgemm == NULL:
+        _require_blas()
+    cdef int t = _ftype(dout, "dout")
+    _same_type(t, x, "x"); _same_type(t, W, "W"); _same_type(t, dW, "dW"); _same_type(t, db, "db")
+    cdef cnp.ndarray D = <cnp.ndarray>dout, X = <cnp.ndarray>x, Wa = <cnp.ndarray>W
+    cdef cnp.ndarray DW = <cnp.ndarray>dW, DB = <cnp.ndarray>db, DX = None
+    _check_ndim(X, 2, "x"); _check_ndim(Wa, 2, "W"); _check_ndim(D, 2, "dout")
+    cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0), d = cnp.PyArray_DIM(X, 1), m = cnp.PyArray_DIM(Wa, 1)
+    if cnp.PyArray_DIM(Wa, 0) != d:
+        raise ValueError(f"x has {d} features per sample but W has {cnp.PyArray_DIM(Wa, 0)} rows")
+    if cnp.PyArray_DIM(D, 0) != n or cnp.PyArray_DIM(D, 1) != m:
+        raise ValueError(f"dout must have shape ({n}, {m}) (the forward output), got {_shp(D)}")
+    _check_ndim(DW, 2, "dW"); _check_shape2(DW, d, m, "dW"); _check_out(DW, "dW")
+    _check_ndim(DB, 1, "db")
+    if cnp.PyArray_DIM(DB, 0) != m:
+        raise ValueError(f"db must have length {m}, got {cnp.PyArray_DIM(DB, 0)}")
+    _check_out(DB, "db")
+    if dx is not None:
+        _same_type(t, dx, "dx")
+        DX = <cnp.ndarray>dx
+        _check_ndim(DX, 2, "dx"); _check_shape2(DX, n, d, "dx"); _check_out(DX, "dx")
+    _check_int_dims(n, d, m)
+    if not cnp.PyArray_IS_C_CONTIGUOUS(D):
+        D = np.ascontiguousarray(D)
+    cdef int tx, ldx, tw, ldw, rc
+    X = _blas_operand(X, &tx, &ldx)
+    Wa = _blas_operand(Wa, &tw, &ldw)
+    cdef void *dxp = NULL if DX is None else cnp.PyArray_DATA(DX)
+    with nogil:
+        if t == 0:
+            rc = _affine_backward[float](tx, ldx, tw, ldw, n, d, m, <float*>cnp.PyArray_DATA(D),
+                                         <float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(Wa),
+                                         <float*>dxp, <float*>cnp.PyArray_DATA(DW), <float*>cnp.PyArray_DATA(DB))
+        else:
+            rc = _affine_backward[double](tx, ldx, tw, ldw, n, d, m, <double*>cnp.PyArray_DATA(D),
+                                          <double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(Wa),
+                                          <double*>dxp, <double*>cnp.PyArray_DATA(DW),
+                                          <double*>cnp.PyArray_DATA(DB))
+    if rc != 0:
+        raise MemoryError()
+    return dx
+
+
+def bias_backward(dout, db):
+    """db = dout.sum(axis=0) for C-contiguous dout (N, M), accumulated in double; returns db."""
+    cdef int t = _ftype(dout, "dout")
+    _same_type(t, db, "db")
+    cdef cnp.ndarray D = <cnp.ndarray>dout, DB = <cnp.ndarray>db
+    _check_ndim(D, 2, "dout"); _check_ndim(DB, 1, "db"); _check_out(DB, "db")
+    cdef Py_ssize_t n = cnp.PyArray_DIM(D, 0), m = cnp.PyArray_DIM(D, 1)
+    if cnp.PyArray_DIM(DB, 0) != m:
+        raise ValueError(f"db must have length {m}, got {cnp.PyArray_DIM(DB, 0)}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(D):
+        D = np.ascontiguousarray(D)
+    cdef double *acc = <double*>malloc((m if m > 0 else 1) * sizeof(double))
+    if acc == NULL:
+        raise MemoryError()
+    with nogil:
+        if t == 0:
+            _bias_backward[float](n, m, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(DB), acc)
+        else:
+            _bias_backward[double](n, m, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(DB), acc)
+    free(acc)
+    return db
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Elementwise: ReLU and sigmoid
+# ---------------------------------------------------------------------------------------------------------------
+cdef inline int _threads_for(Py_ssize_t n) noexcept nogil:
+    if n < PARALLEL_MIN:
+        return 1
+    return fastbp_max_threads()
+
+
+cdef void _relu_forward(Py_ssize_t n, const floating *x, floating *out, uint8_t *mask) noexcept nogil:
+    """mask = x <= 0; out = 0 where mask else x (NaN passes through with mask False)."""
+    cdef Py_ssize_t i
+    cdef int nt = _threads_for(n)
+    cdef floating v
+    if nt > 1:
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            v = x[i]
+            mask[i] = v <= 0
+            out[i] = 0 if v <= 0 else v
+    else:
+        for i in range(n):
+            v = x[i]
+            mask[i] = v <= 0
+            out[i] = 0 if v <= 0 else v
+
+
+cdef void _relu_backward(Py_ssize_t n, const floating *dout, const uint8_t *mask, floating *dx) noexcept nogil:
+    """dx = 0 where mask else dout."""
+    cdef Py_ssize_t i
+    cdef int nt = _threads_for(n)
+    if nt > 1:
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            dx[i] = 0 if mask[i] else dout[i]
+    else:
+        for i in range(n):
+            dx[i] = 0 if mask[i] else dout[i]
+
+
+cdef inline _check_mask(object mask, cnp.ndarray ref):
+    if not cnp.PyArray_Check(mask) or cnp.PyArray_TYPE(<cnp.ndarray>mask) != cnp.NPY_BOOL:
+        raise TypeError(f"mask must be a numpy bool array, got {type(mask).__name__ if not cnp.PyArray_Check(mask) else (<cnp.ndarray>mask).dtype}")
+    _check_same_shape(<cnp.ndarray>mask, ref, "mask", "x")
+
+
+def relu_forward(x, out, mask):
+    """out = max(x, 0), mask = (x <= 0); all C-contiguous of one shape; returns out."""
+    cdef int t = _ftype(x, "x")
+    _same_type(t, out, "out")
+    cdef cnp.ndarray X = <cnp.ndarray>x, O = <cnp.ndarray>out
+    _check_contig(X, "x"); _check_same_shape(O, X, "out", "x"); _check_out(O, "out")
+    _check_mask(mask, X); _check_out(<cnp.ndarray>mask, "mask")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(X)
+    cdef uint8_t *mp = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>mask)
+    with nogil:
+        if t == 0:
+            _relu_forward[float](n, <float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(O), mp)
+        else:
+            _relu_forward[double](n, <double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(O), mp)
+    return out
+
+
+def relu_backward(dout, mask, dx):
+    """dx = where(mask, 0, dout); dout is only read; returns dx."""
+    cdef int t = _ftype(dout, "dout")
+    _same_type(t, dx, "dx")
+    cdef cnp.ndarray D = <cnp.ndarray>dout, DX = <cnp.ndarray>dx
+    _check_contig(D, "dout"); _check_mask(mask, D)
+    _check_contig(<cnp.ndarray>mask, "mask")
+    _check_same_shape(DX, D, "dx", "dout"); _check_out(DX, "dx")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(D)
+    cdef const uint8_t *mp = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>mask)
+    with nogil:
+        if t == 0:
+            _relu_backward[float](n, <float*>cnp.PyArray_DATA(D), mp, <float*>cnp.PyArray_DATA(DX))
+        else:
+            _relu_backward[double](n, <double*>cnp.PyArray_DATA(D), mp, <double*>cnp.PyArray_DATA(DX))
+    return dx
+
+
+cdef inline floating _sigmoid1(floating v) noexcept nogil:
+    """1 / (1 + exp(-v)) without overflow: e = exp(-|v|) <= 1."""
+    cdef floating e, s
+    if floating is float:
+        e = expf(-v if v >= 0 else v)
+    else:
+        e = exp(-v if v >= 0 else v)
+    s = 1 / (1 + e)
+    return s if v >= 0 else e * s
+
+
+cdef void _sigmoid_forward(Py_ssize_t n, const floating *x, floating *out) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int nt = _threads_for(n // 4)
+    if nt > 1:
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            out[i] = _sigmoid1(x[i])
+    else:
+        for i in range(n):
+            out[i] = _sigmoid1(x[i])
+
+
+cdef void _sigmoid_backward(Py_ssize_t n, const floating *dout, const floating *y, floating *dx) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int nt = _threads_for(n)
+    if nt > 1:
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            dx[i] = dout[i] * (1 - y[i]) * y[i]
+    else:
+        for i in range(n):
+            dx[i] = dout[i] * (1 - y[i]) * y[i]
+
+
+def sigmoid_forward(x, out):
+    """out = 1 / (1 + exp(-x)), stable for any finite x; returns out."""
+    cdef int t = _ftype(x, "x")
+    _same_type(t, out, "out")
+    cdef cnp.ndarray X = <cnp.ndarray>x, O = <cnp.ndarray>out
+    _check_contig(X, "x"); _check_same_shape(O, X, "out", "x"); _check_out(O, "out")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(X)
+    with nogil:
+        if t == 0:
+            _sigmoid_forward[float](n, <float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(O))
+        else:
+            _sigmoid_forward[double](n, <double*>cnp.PyArray_DATA(X), <double*>cnp.PyArray_DATA(O))
+    return out
+
+
+def sigmoid_backward(dout, y, dx):
+    """dx = dout * (1 - y) * y where y is the forward output; returns dx."""
+    cdef int t = _ftype(dout, "dout")
+    _same_type(t, y, "y"); _same_type(t, dx, "dx")
+    cdef cnp.ndarray D = <cnp.ndarray>dout, Y = <cnp.ndarray>y, DX = <cnp.ndarray>dx
+    _check_contig(D, "dout"); _check_contig(Y, "y")
+    _check_same_shape(D, Y, "dout", "the forward output")
+    _check_same_shape(DX, D, "dx", "dout"); _check_out(DX, "dx")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(D)
+    with nogil:
+        if t == 0:
+            _sigmoid_backward[float](n, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(Y),
+                                     <float*>cnp.PyArray_DATA(DX))
+        else:
+            _sigmoid_backward[double](n, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(Y),
+                                      <double*>cnp.PyArray_DATA(DX))
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Softmax with cross-entropy loss
+# ---------------------------------------------------------------------------------------------------------------
+cdef inline double _softmax_row(Py_ssize_t c, const floating *x, floating *y, double *mx) noexcept nogil:
+    """y = exp(x - max) / sum; returns log(sum) and stores max in mx: lse(x) = log(sum) + max."""
+    cdef Py_ssize_t j
+    cdef floating m = x[0], v
+    cdef double s = 0
+    for j in range(1, c):
+        if x[j] > m:
+            m = x[j]
+    if floating is float:
+        for j in range(c):
+            v = expf(x[j] - m)
+            y[j] = v
+            s += v
+    else:
+        for j in range(c):
+            v = exp(x[j] - m)
+            y[j] = v
+            s += v
+    cdef floating inv = <floating>(1.0 / s)
+    for j in range(c):
+        y[j] = y[j] * inv
+    mx[0] = m
+    return log(s)
+
+
+cdef double _softmax_ce_labels(Py_ssize_t n, Py_ssize_t c, const floating *x, const int64_t *t,
+                               floating *y, floating *g, double scale) noexcept nogil:
+    """Per row: y = softmax(x), loss += lse(x) - x[t], g = scale * (y - onehot(t)) (g may be NULL or == y)."""
+    cdef Py_ssize_t i, j
+    cdef double loss = 0, logs, m
+    cdef const floating *xr
+    cdef floating *yr
+    cdef floating *gr
+    cdef floating sc = <floating>scale
+    for i in range(n):
+        xr = x + i * c
+        yr = y + i * c
+        logs = _softmax_row(c, xr, yr, &m)
+        # lse - x[t] = log(sum) + (max - x[t]): no cancellation of huge logits
+        loss += logs + (m - <double>xr[t[i]])
+        if g != NULL:
+            gr = g + i * c
+            for j in range(c):
+                gr[j] = sc * yr[j]
+            gr[t[i]] -= sc
+    return loss
+
+
+cdef double _softmax_ce_onehot(Py_ssize_t n, Py_ssize_t c, const floating *x, const floating *t,
+                               floating *y, floating *g, double scale) noexcept nogil:
+    """Per row: y = softmax(x), loss += sum_j t_j (lse(x) - x_j), g = scale * (y - t)."""
+    cdef Py_ssize_t i, j
+    cdef double loss = 0, logs, m, tx
+    cdef const floating *xr
+    cdef const floating *tr
+    cdef floating *yr
+    cdef floating *gr
+    cdef floating sc = <floating>scale
+    for i in range(n):
+        xr = x + i * c
+        tr = t + i * c
+        yr = y + i * c
+        logs = _softmax_row(c, xr, yr, &m)
+        tx = 0
+        for j in range(c):
+            if tr[j] != 0:
+                tx += <double>tr[j] * (logs + (m - <double>xr[j]))
+        loss += tx
+        if g != NULL:
+            gr = g + i * c
+            for j in range(c):
+                gr[j] = sc * (yr[j] - tr[j])
+    return loss
+
+
+cdef Py_ssize_t _first_bad_label(Py_ssize_t n, const int64_t *t, int64_t c) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if t[i] < 0 or t[i] >= c:
+            return i
+    return -1
+
+
+def softmax_cross_entropy(x, t, y, grad, double scale):
+    """y = softmax(x) row-wise; grad = scale * (y - onehot(t)) (grad may be None); returns sum of row losses.
+
+    x, y, grad: C-contiguous (N, C) of one float dtype.  t: int64 labels (N,) with 0 <= t < C, or a one-hot /
+    probability matrix (N, C) of x's dtype.  The row loss is the exact log-sum-exp form lse(x) - x[t].
+    """
+    cdef int ft = _ftype(x, "x")
+    _same_type(ft, y, "y")
+    cdef cnp.ndarray X = <cnp.ndarray>x, Y = <cnp.ndarray>y, G = None, T
+    _check_ndim(X, 2, "x"); _check_contig(X, "x")
+    _check_same_shape(Y, X, "y", "x"); _check_out(Y, "y")
+    if grad is not None:
+        _same_type(ft, grad, "grad")
+        G = <cnp.ndarray>grad
+        _check_same_shape(G, X, "grad", "x"); _check_out(G, "grad")
+    cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0), c = cnp.PyArray_DIM(X, 1), bad
+    if n > 0 and c == 0:
+        raise ValueError(f"x must have at least one class column, got shape {_shp(X)}")
+    if not cnp.PyArray_Check(t):
+        raise TypeError(f"t must be a numpy.ndarray, got {type(t).__name__}")
+    T = <cnp.ndarray>t
+    _check_contig(T, "t")
+    cdef void *gp = NULL if G is None else cnp.PyArray_DATA(G)
+    cdef double loss
+    if cnp.PyArray_NDIM(T) == 1:
+        if cnp.PyArray_TYPE(T) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(T):
+            raise TypeError(f"labels must be native int64 here, got {_dt(T)}")
+        if cnp.PyArray_DIM(T, 0) != n:
+            raise ValueError(f"expected {n} labels (one per row of x {_shp(X)}), got {cnp.PyArray_DIM(T, 0)}")
+        with nogil:
+            bad = _first_bad_label(n, <int64_t*>cnp.PyArray_DATA(T), c)
+        if bad >= 0:
+            raise ValueError(f"label {T[bad]} at index {bad} is out of range: labels must be in [0, {c - 1}]")
+        with nogil:
+            if ft == 0:
+                loss = _softmax_ce_labels[float](n, c, <float*>cnp.PyArray_DATA(X), <int64_t*>cnp.PyArray_DATA(T),
+                                                 <float*>cnp.PyArray_DATA(Y), <float*>gp, scale)
+            else:
+                loss = _softmax_ce_labels[double](n, c, <double*>cnp.PyArray_DATA(X),
+                                                  <int64_t*>cnp.PyArray_DATA(T),
+                                                  <double*>cnp.PyArray_DATA(Y), <double*>gp, scale)
+    elif cnp.PyArray_NDIM(T) == 2:
+        _same_type(ft, T, "t (one-hot)")
+        _check_same_shape(T, X, "t (one-hot)", "x")
+        with nogil:
+            if ft == 0:
+                loss = _softmax_ce_onehot[float](n, c, <float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(T),
+                                                 <float*>cnp.PyArray_DATA(Y), <float*>gp, scale)
+            else:
+                loss = _softmax_ce_onehot[double](n, c, <double*>cnp.PyArray_DATA(X),
+                                                  <double*>cnp.PyArray_DATA(T),
+                                                  <double*>cnp.PyArray_DATA(Y), <double*>gp, scale)
+    else:
+        raise ValueError(f"t must be labels (N,) or one-hot (N, C), got {cnp.PyArray_NDIM(T)}-D shape {_shp(T)}")
+    return loss
+
+
+def scale_into(src, double alpha, dst):
+    """dst = alpha * src for C-contiguous arrays of one shape and float dtype; returns dst."""
+    cdef int t = _ftype(src, "src")
+    _same_type(t, dst, "dst")
+    cdef cnp.ndarray S = <cnp.ndarray>src, D = <cnp.ndarray>dst
+    _check_contig(S, "src"); _check_same_shape(D, S, "dst", "src"); _check_out(D, "dst")
+    cdef Py_ssize_t i, n = cnp.PyArray_SIZE(S)
+    cdef float *sf
+    cdef float *df
+    cdef double *sd
+    cdef double *dd
+    cdef float af = <float>alpha
+    with nogil:
+        if t == 0:
+            sf = <float*>cnp.PyArray_DATA(S); df = <float*>cnp.PyArray_DATA(D)
+            for i in range(n):
+                df[i] = af * sf[i]
+        else:
+            sd = <double*>cnp.PyArray_DATA(S); dd = <double*>cnp.PyArray_DATA(D)
+            for i in range(n):
+                dd[i] = alpha * sd[i]
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer updates: one fused pass per parameter array, in place
+# ---------------------------------------------------------------------------------------------------------------
+cdef enum:
+    OPT_SGD = 0
+    OPT_MOMENTUM = 1
+    OPT_NESTEROV = 2
+    OPT_ADAGRAD = 3
+    OPT_RMSPROP = 4
+    OPT_ADAM = 5
+
+
+cdef inline floating _sqrt(floating v) noexcept nogil:
+    if floating is float:
+        return sqrtf(v)
+    else:
+        return sqrt(v)
+
+
+cdef void _opt_update(int kind, Py_ssize_t n, floating *p, const floating *g, floating *s1, floating *s2,
+                      double lr_, double a_, double b_, double eps_) noexcept nogil:
+    """One optimizer step over n elements (formulas of the book's common/optimizer.py; see update())."""
+    cdef Py_ssize_t i
+    cdef floating lr = <floating>lr_, a = <floating>a_, b = <floating>b_, eps = <floating>eps_
+    cdef floating gi, v
+    cdef int nt = _threads_for(n)
+    if kind == OPT_SGD:
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            p[i] = p[i] - lr * g[i]
+    elif kind == OPT_MOMENTUM:            # v = a v - lr g ; p += v
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            v = a * s1[i] - lr * g[i]
+            s1[i] = v
+            p[i] = p[i] + v
+    elif kind == OPT_NESTEROV:            # v = a v - lr g ; p += a a v - (1 + a) lr g
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            gi = g[i]
+            v = a * s1[i] - lr * gi
+            s1[i] = v
+            p[i] = p[i] + a * a * v - (1 + a) * lr * gi
+    elif kind == OPT_ADAGRAD:             # h += g g ; p -= lr g / (sqrt(h) + eps)
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            gi = g[i]
+            v = s1[i] + gi * gi
+            s1[i] = v
+            p[i] = p[i] - lr * gi / (_sqrt(v) + eps)
+    elif kind == OPT_RMSPROP:             # h = a h + (1 - a) g g ; p -= lr g / (sqrt(h) + eps)
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            gi = g[i]
+            v = a * s1[i] + (1 - a) * gi * gi
+            s1[i] = v
+            p[i] = p[i] - lr * gi / (_sqrt(v) + eps)
+    elif kind == OPT_ADAM:                # m += (1-a)(g-m) ; v += (1-b)(g g - v) ; p -= lr_t m / (sqrt(v) + eps)
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            gi = g[i]
+            s1[i] = s1[i] + (1 - a) * (gi - s1[i])
+            s2[i] = s2[i] + (1 - b) * (gi * gi - s2[i])
+            p[i] = p[i] - lr * s1[i] / (_sqrt(s2[i]) + eps)
+
+
+cdef inline bint _contig_like(cnp.ndarray a, bint c_order):
+    return cnp.PyArray_IS_C_CONTIGUOUS(a) if c_order else cnp.PyArray_IS_F_CONTIGUOUS(a)
+
+
+def optimizer_update(int kind, param, grad, state1, state2, double lr, double a=0, double b=0,
+                     double eps=1e-7):
+    """In-place update of `param` by optimizer `kind` (0 SGD, 1 Momentum, 2 Nesterov, 3 AdaGrad, 4 RMSprop,
+    5 Adam); state arrays as that optimizer needs (None otherwise).  All arrays: one shape, one float dtype,
+    one memory order (all C- or all F-contiguous), param and states writeable."""
+    if kind < OPT_SGD or kind > OPT_ADAM:
+        raise ValueError(f"unknown optimizer kind {kind}")
+    cdef int t = _ftype(param, "param")
+    _same_type(t, grad, "grad")
+    cdef cnp.ndarray P = <cnp.ndarray>param, G = <cnp.ndarray>grad, S1 = None, S2 = None
+    _check_same_shape(G, P, "grad", "param")
+    if not cnp.PyArray_ISWRITEABLE(P):
+        raise ValueError("param is read-only: the update is made in place")
+    cdef bint c_order = cnp.PyArray_IS_C_CONTIGUOUS(P)
+    if not c_order and not cnp.PyArray_IS_F_CONTIGUOUS(P):
+        raise ValueError("param must be contiguous (C or Fortran order)")
+    if not _contig_like(G, c_order):
+        raise ValueError("grad must be contiguous in the same memory order as param")
+    if kind != OPT_SGD:
+        if state1 is None:
+            raise ValueError("this optimizer needs a state array")
+        _same_type(t, state1, "state1")
+        S1 = <cnp.ndarray>state1
+        _check_same_shape(S1, P, "state1", "param")
+        if not cnp.PyArray_ISWRITEABLE(S1) or not _contig_like(S1, c_order):
+            raise ValueError("state1 must be writeable and contiguous in the same memory order as param")
+    if kind == OPT_ADAM:
+        if state2 is None:
+            raise ValueError("Adam needs two state arrays")
+        _same_type(t, state2, "state2")
+        S2 = <cnp.ndarray>state2
+        _check_same_shape(S2, P, "state2", "param")
+        if not cnp.PyArray_ISWRITEABLE(S2) or not _contig_like(S2, c_order):
+            raise ValueError("state2 must be writeable and contiguous in the same memory order as param")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(P)
+    cdef void *s1p = NULL if S1 is None else cnp.PyArray_DATA(S1)
+    cdef void *s2p = NULL if S2 is None else cnp.PyArray_DATA(S2)
+    with nogil:
+        if t == 0:
+            _opt_update[float](kind, n, <float*>cnp.PyArray_DATA(P), <float*>cnp.PyArray_DATA(G),
+                               <float*>s1p, <float*>s2p, lr, a, b, eps)
+        else:
+            _opt_update[double](kind, n, <double*>cnp.PyArray_DATA(P), <double*>cnp.PyArray_DATA(G),
+                                <double*>s1p, <double*>s2p, lr, a, b, eps)
+    return param
