@@ -1,0 +1,448 @@
+"""The layers of *Deep Learning from Scratch* (books 1 and 2) on fastbp's Cython kernels.
+
+Drop-in for the book's ``common/layers.py``: same class names, constructor arguments, attributes and return
+values.  What differs on purpose:
+
+* ``Relu.backward`` does not overwrite the caller's ``dout`` (the book's sets ``dout[mask] = 0`` in place).
+* ``SoftmaxWithLoss`` computes the loss exactly as ``logsumexp(x) - x[t]`` instead of the book's
+  ``-log(y + 1e-7)``; the two agree to about 1e-7 except where y underflows, where the book's value is capped
+  at ``-log(1e-7) = 16.1`` and ours is the true loss.
+* ``Affine`` writes ``dW``/``db`` into the same arrays at every backward (``layer.grads[0] is layer.dW``, as the
+  book-2 layers do with ``grads[0][...] = dW``).
+
+Every layer also takes ``reuse=False``: with ``reuse=True`` (the networks of :mod:`fastbp.nets` set it) the
+forward and backward results are written into per-layer workspaces that are reused at the next call of the same
+shape, so a training step allocates nothing after warm-up; an array returned by one call is then overwritten by
+the next call, as in any framework's workspace.  With the default, every call returns new arrays like the book.
+
+dtypes: float32 and float64 run in the kernels; mixed inputs follow NumPy's promotion (``np.result_type``), so
+float32 images with float64 weights compute in float64 like the book.  Integer inputs are promoted by NumPy's
+rules; float16 and other types fall back to :mod:`fastbp.reference` (plain NumPy) where NumPy's own rules give
+an answer, and raise TypeError where they do not.  Any memory layout is accepted; a copy is made once where a
+kernel needs contiguity.
+"""
+import warnings
+
+import numpy as np
+
+from fastbp import _kernels as _k
+from fastbp import reference as _ref
+from fastbp.reference import AddLayer, MulLayer, Repeat, Sum  # scalar/broadcast nodes: no hot loop to speed up
+
+__all__ = ["MulLayer", "AddLayer", "Relu", "Sigmoid", "Affine", "MatMul", "SoftmaxWithLoss", "Repeat", "Sum"]
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+_KERNEL_DTYPES = (_F32, _F64)
+
+
+def _native(a):
+    """`a` as a native-byte-order ndarray (converted once if it is not)."""
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
+def _float_dtype(*arrays):
+    """NumPy's result dtype of the operands, or TypeError when the kernels cannot compute in it."""
+    dt = np.result_type(*arrays)
+    if dt not in _KERNEL_DTYPES:
+        raise TypeError(f"fastbp computes in float32 or float64; these inputs promote to {dt} "
+                        f"(dtypes {', '.join(str(np.asarray(a).dtype) for a in arrays)})")
+    return dt
+
+
+class _Workspace:
+    """Arrays a layer owns, reused between calls of the same shape when `reuse` is on."""
+    __slots__ = ("reuse", "_bufs")
+
+    def __init__(self, reuse):
+        self.reuse = bool(reuse)
+        self._bufs = {}
+
+    def get(self, name, shape, dtype):
+        if not self.reuse:
+            return np.empty(shape, dtype)
+        a = self._bufs.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            a = np.empty(shape, dtype)
+            self._bufs[name] = a
+        return a
+
+    def as_dtype(self, name, a, dtype):
+        """`a` converted to native `dtype` (C-contiguous), into a reused buffer when reuse is on."""
+        if a.dtype == dtype:
+            return a
+        out = self.get(name, a.shape, dtype)
+        np.copyto(out, a, casting="unsafe")
+        return out
+
+
+class _Layer:
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    @property
+    def reuse(self):
+        return self._ws.reuse
+
+    @reuse.setter
+    def reuse(self, value):
+        self._ws.reuse = bool(value)
+
+
+def _check_backward_ready(layer, what):
+    if getattr(layer, what) is None:
+        raise ValueError(f"{type(layer).__name__}.backward called before forward")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class Relu(_Layer):
+    """out = max(x, 0); backward: dx = dout where x > 0 else 0.  ``mask`` is ``x <= 0`` like the book's.
+
+    Unlike the book, ``backward`` leaves ``dout`` unchanged and returns a new array (or a workspace with
+    ``reuse=True``).
+    """
+
+    def __init__(self, *, reuse=False):
+        self.mask = None
+        self._ws = _Workspace(reuse)
+
+    def forward(self, x):
+        x = np.asarray(x)
+        if x.dtype not in _KERNEL_DTYPES or not x.dtype.isnative:
+            if x.dtype.kind == "f" and not x.dtype.isnative:
+                x = _native(x)
+            else:
+                return self._fallback_forward(x)
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        ws = self._ws
+        out = ws.get("out", x.shape, x.dtype)
+        mask = ws.get("mask", x.shape, np.bool_)
+        _k.relu_forward(x, out, mask)
+        self.mask = mask
+        return out
+
+    def _fallback_forward(self, x):
+        self.mask = x <= 0
+        out = x.copy()
+        out[self.mask] = 0
+        return out
+
+    def backward(self, dout):
+        _check_backward_ready(self, "mask")
+        dout = np.asarray(dout)
+        if dout.shape != self.mask.shape:
+            raise ValueError(f"dout must have the shape of the forward input {self.mask.shape}, got {dout.shape}")
+        if dout.dtype not in _KERNEL_DTYPES or not dout.dtype.isnative:
+            if dout.dtype.kind == "f" and not dout.dtype.isnative:
+                dout = _native(dout)
+            else:
+                return np.where(self.mask, np.zeros((), dout.dtype), dout)
+        if not dout.flags.c_contiguous:
+            dout = np.ascontiguousarray(dout)
+        mask = self.mask if self.mask.flags.c_contiguous else np.ascontiguousarray(self.mask)
+        dx = self._ws.get("dx", dout.shape, dout.dtype)
+        _k.relu_backward(dout, mask, dx)
+        return dx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class Sigmoid(_Layer):
+    """out = 1 / (1 + exp(-x)), computed without overflow for any x; backward: dx = dout * (1 - out) * out."""
+
+    def __init__(self, *, reuse=False):
+        self.out = None
+        self._ws = _Workspace(reuse)
+
+    def forward(self, x):
+        x = np.asarray(x)
+        if x.dtype not in _KERNEL_DTYPES or not x.dtype.isnative:
+            if x.dtype.kind in "biu":
+                x = x.astype(np.float64)          # np.exp's promotion of integers
+            elif x.dtype.kind == "f" and x.dtype.itemsize >= 4:
+                x = _native(x)
+                if x.dtype not in _KERNEL_DTYPES:
+                    raise TypeError(f"Sigmoid supports float32/float64 (and integers), got {x.dtype}")
+            else:
+                self.out = _ref.Sigmoid().forward(x)
+                return self.out
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        out = self._ws.get("out", x.shape, x.dtype)
+        _k.sigmoid_forward(x, out)
+        self.out = out
+        return out
+
+    def backward(self, dout):
+        _check_backward_ready(self, "out")
+        dout = np.asarray(dout)
+        y = self.out
+        if dout.shape != y.shape:
+            raise ValueError(f"dout must have the shape of the forward output {y.shape}, got {dout.shape}")
+        dt = np.result_type(dout, y)
+        if dt not in _KERNEL_DTYPES:
+            return dout * (1.0 - y) * y
+        dout = np.ascontiguousarray(dout, dtype=dt) if (dout.dtype != dt or not dout.flags.c_contiguous) else dout
+        if y.dtype != dt:
+            y = y.astype(dt)
+        dx = self._ws.get("dx", dout.shape, dt)
+        _k.sigmoid_backward(dout, y, dx)
+        return dx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _as_batch(x, layer):
+    """Flatten input to (N, D) like the book (`x.reshape(x.shape[0], -1)`); a 1-D input is one sample."""
+    if x.ndim == 2:
+        return x
+    if x.ndim == 1:
+        return x.reshape(1, -1)
+    if x.ndim == 0:
+        raise ValueError(f"{layer} needs an input with at least one dimension, got a scalar")
+    return x.reshape(x.shape[0], -1)
+
+
+class Affine(_Layer):
+    """out = x @ W + b on the input flattened to (N, -1); backward: dx = dout @ W.T, dW = x.T @ dout, db = sum(dout).
+
+    ``W`` and ``b`` are the caller's arrays, held by reference and read at every call (in-place updates such as
+    ``W -= lr * dW`` or ``numerical_gradient``'s perturbations are seen).  ``params = [W, b]`` and
+    ``grads = [dW, db]`` are the same objects as the attributes; ``dW``/``db`` are written in place at each
+    backward.  ``dx`` comes back in the shape of the input.  ``need_dx = False`` makes ``backward`` skip ``dx``
+    (and return None): the first layer of a network does not need it.
+    """
+
+    def __init__(self, W, b, *, reuse=False, need_dx=True):
+        W = np.asarray(W)
+        b = np.asarray(b)
+        if W.ndim != 2:
+            raise ValueError(f"W must be 2-D (input size, output size), got shape {W.shape}")
+        if b.ndim != 1 or b.shape[0] != W.shape[1]:
+            raise ValueError(f"b must have shape ({W.shape[1]},) to match W {W.shape}, got {b.shape}")
+        self.params = [W, b]
+        self.grads = [np.zeros(W.shape, W.dtype if W.dtype in _KERNEL_DTYPES else _F64),
+                      np.zeros(b.shape, b.dtype if b.dtype in _KERNEL_DTYPES else _F64)]
+        self.x = None
+        self.original_x_shape = None
+        self.need_dx = need_dx
+        self._xk = None
+        self._ws = _Workspace(reuse)
+
+    W = property(lambda self: self.params[0], lambda self, v: self.params.__setitem__(0, v))
+    b = property(lambda self: self.params[1], lambda self, v: self.params.__setitem__(1, v))
+    dW = property(lambda self: self.grads[0], lambda self, v: self.grads.__setitem__(0, v))
+    db = property(lambda self: self.grads[1], lambda self, v: self.grads.__setitem__(1, v))
+
+    def _operands(self, x2):
+        W, b = self.params
+        dt = x2.dtype
+        if not (dt is W.dtype and dt is b.dtype and dt in _KERNEL_DTYPES):
+            dt = _float_dtype(x2, W, b)
+        if W.ndim != 2:
+            raise ValueError(f"W must be 2-D, got shape {W.shape}")
+        if b.ndim != 1 or b.shape[0] != W.shape[1]:
+            raise ValueError(f"b must have shape ({W.shape[1]},) to match W {W.shape}, got {b.shape}")
+        if W.dtype != dt or not W.dtype.isnative:
+            W = W.astype(dt)
+        if b.dtype != dt or not b.dtype.isnative:
+            b = b.astype(dt)
+        return dt, W, b
+
+    def forward(self, x):
+        x = np.asarray(x)
+        self.original_x_shape = x.shape
+        x2 = _as_batch(x, "Affine")
+        dt, W, b = self._operands(x2)
+        if x2.shape[1] != W.shape[0]:
+            raise ValueError(f"input has {x2.shape[1]} features per sample (shape {x.shape}) but W expects "
+                             f"{W.shape[0]} (W shape {W.shape})")
+        xk = self._ws.as_dtype("x", x2, dt) if (x2.dtype != dt or not x2.dtype.isnative) else x2
+        out = self._ws.get("out", (x2.shape[0], W.shape[1]), dt)
+        _k.affine_forward(xk, W, b, out)
+        self.x = x2
+        self._xk = xk
+        return out if x.ndim != 1 else out.reshape(-1)
+
+    def backward(self, dout):
+        _check_backward_ready(self, "_xk")
+        xk = self._xk
+        dout = np.asarray(dout)
+        n = xk.shape[0]
+        dt, W, _ = self._operands(xk)
+        m = W.shape[1]
+        if dout.shape != (n, m) and not (len(self.original_x_shape) == 1 and dout.shape == (m,)):
+            expected = (m,) if len(self.original_x_shape) == 1 else (n, m)
+            raise ValueError(f"dout must have the shape of the forward output {expected}, got {dout.shape}")
+        if dout.ndim == 1:
+            dout = dout.reshape(1, -1)
+        if dout.dtype is not dt:
+            dt2 = np.result_type(dout, dt)
+            if dt2 not in _KERNEL_DTYPES:
+                raise TypeError(f"dout of dtype {dout.dtype} cannot be combined with {dt}")
+            if dt2 != dt:          # a wider dout widens the gradients, as NumPy would
+                dt = dt2
+                W = W.astype(dt)
+                xk = xk.astype(dt)
+            dout = self._ws.as_dtype("dout", _native(dout), dt)
+        if not dout.flags.c_contiguous:
+            dout = np.ascontiguousarray(dout)
+        dW, db = self.grads
+        if dW.dtype != dt or dW.shape != W.shape or not dW.flags.c_contiguous or not dW.flags.writeable:
+            dW = self.grads[0] = np.zeros(W.shape, dt)
+        if db.dtype != dt or db.shape != (m,) or not db.flags.writeable:
+            db = self.grads[1] = np.zeros((m,), dt)
+        if self.need_dx:
+            dx = self._ws.get("dx", xk.shape, dt)
+            _k.affine_backward(dout, xk, W, dx, dW, db)
+            return dx.reshape(self.original_x_shape)
+        _k.affine_backward(dout, xk, W, None, dW, db)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class MatMul(_Layer):
+    """Book 2's MatMul: out = x @ W; backward: dx = dout @ W.T, grads[0][...] = x.T @ dout."""
+
+    def __init__(self, W, *, reuse=False):
+        W = np.asarray(W)
+        if W.ndim != 2:
+            raise ValueError(f"W must be 2-D, got shape {W.shape}")
+        self.params = [W]
+        self.grads = [np.zeros(W.shape, W.dtype if W.dtype in _KERNEL_DTYPES else _F64)]
+        self.x = None
+        self._xk = None
+        self._ws = _Workspace(reuse)
+
+    def forward(self, x):
+        x = np.asarray(x)
+        W = self.params[0]
+        if x.ndim != 2:
+            raise ValueError(f"MatMul input must be 2-D (N, D), got shape {x.shape}")
+        if x.shape[1] != W.shape[0]:
+            raise ValueError(f"input has {x.shape[1]} columns but W has {W.shape[0]} rows (W {W.shape})")
+        dt = _float_dtype(x, W)
+        xk = _native(x).astype(dt, copy=False)
+        Wk = _native(W).astype(dt, copy=False)
+        out = self._ws.get("out", (x.shape[0], W.shape[1]), dt)
+        _k.gemm(xk, Wk, out)
+        self.x = x
+        self._xk = xk
+        return out
+
+    def backward(self, dout):
+        _check_backward_ready(self, "_xk")
+        W = self.params[0]
+        xk = self._xk
+        dout = np.asarray(dout)
+        if dout.shape != (xk.shape[0], W.shape[1]):
+            raise ValueError(f"dout must have shape {(xk.shape[0], W.shape[1])}, got {dout.shape}")
+        dt = _float_dtype(dout, xk, W)
+        dout = _native(dout).astype(dt, copy=False)
+        xk = xk.astype(dt, copy=False)
+        Wk = _native(W).astype(dt, copy=False)
+        dW = self.grads[0]
+        if dW.dtype != dt or dW.shape != W.shape or not dW.flags.c_contiguous:
+            dW = self.grads[0] = np.zeros(W.shape, dt)
+        dx = self._ws.get("dx", xk.shape, dt)
+        _k.gemm(dout, Wk, dx, trans_b=True)
+        _k.gemm(xk, dout, dW, trans_a=True)
+        return dx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class SoftmaxWithLoss(_Layer):
+    """loss = mean over the batch of logsumexp(x) - x[t]; y = softmax(x); backward: dx = dout * (y - t) / N.
+
+    ``t`` is integer labels (N,), one-hot (or probability) rows (N, C), or for a single 1-D sample a scalar label
+    or a 1-D one-hot vector.  The loss is the exact log-sum-exp form, not the book's ``-log(y + 1e-7)`` (equal to
+    ~1e-7 where the book's is not capped).  The gradient is computed in the same pass as the loss.  An empty
+    batch gives a NaN loss with a RuntimeWarning.
+    """
+
+    def __init__(self, *, reuse=False):
+        self.loss = None
+        self.y = None
+        self.t = None
+        self._g = None
+        self._ws = _Workspace(reuse)
+
+    def forward(self, x, t):
+        x = np.asarray(x)
+        t_in = t
+        t = np.asarray(t)
+        if x.ndim not in (1, 2):
+            raise ValueError(f"logits must be 1-D (one sample) or 2-D (N, C), got shape {x.shape}")
+        single = x.ndim == 1
+        x2 = x.reshape(1, -1) if single else x
+        n, c = x2.shape
+        if t.dtype.kind in "iub":
+            onehot = False
+            if single:
+                if t.ndim != 0 and t.shape != (1,):
+                    raise ValueError(f"a single sample of logits {x.shape} needs a scalar label, got shape {t.shape}")
+                t = t.reshape(1)
+            elif t.ndim != 1:
+                if t.shape == x2.shape:
+                    onehot = True
+                else:
+                    raise ValueError(f"labels must have shape ({n},) or one-hot shape {x2.shape}, got {t.shape}")
+            elif t.shape[0] != n:
+                raise ValueError(f"expected {n} labels (one per row of logits {x2.shape}), got {t.shape[0]}")
+        elif t.dtype.kind == "f":
+            onehot = True
+            if single and t.shape == (c,):
+                t = t.reshape(1, -1)
+            elif t.ndim == 1 or t.ndim == 0:
+                raise TypeError(f"labels must be integers, got {t.dtype} array of shape {t.shape} "
+                                f"(one-hot targets must have the shape of the logits {x.shape})")
+            if t.shape != x2.shape:
+                raise ValueError(f"one-hot targets must have the shape of the logits {x2.shape}, got {t.shape}")
+        else:
+            raise TypeError(f"targets must be integer labels or float one-hot rows, got dtype {t.dtype}")
+
+        dt = x2.dtype
+        if dt not in _KERNEL_DTYPES or not dt.isnative:
+            dt = np.result_type(dt, np.float32) if dt.kind in "biu" else dt.newbyteorder("=")
+            if dt.kind in "biu" or dt not in _KERNEL_DTYPES:
+                dt = _F64 if dt.kind in "biu" else dt
+            if dt not in _KERNEL_DTYPES:
+                raise TypeError(f"SoftmaxWithLoss computes in float32/float64, got logits of dtype {x2.dtype}")
+        if onehot and t.dtype != dt:
+            dt = _float_dtype(x2.dtype, t.dtype) if t.dtype.kind == "f" else dt
+        xk = x2 if (x2.dtype == dt and x2.flags.c_contiguous) else np.ascontiguousarray(x2, dtype=dt)
+        ws = self._ws
+        if onehot:
+            tk = t if (t.dtype == dt and t.flags.c_contiguous) else np.ascontiguousarray(t, dtype=dt)
+        elif t.dtype == np.int64 and t.flags.c_contiguous:
+            tk = t
+        else:
+            if t.dtype.kind == "u" and t.dtype.itemsize == 8 and n and t.max() > np.iinfo(np.int64).max:
+                raise ValueError(f"label {t.max()} is out of range: labels must be in [0, {c - 1}]")
+            tk = ws.get("t", t.shape, np.int64)
+            np.copyto(tk, t, casting="unsafe")
+        y = ws.get("y", xk.shape, dt)
+        g = ws.get("g", xk.shape, dt)
+        if n == 0:
+            warnings.warn("SoftmaxWithLoss: empty batch, the loss is NaN", RuntimeWarning, stacklevel=2)
+            loss = float("nan")
+        else:
+            loss = _k.softmax_cross_entropy(xk, tk, y, g, 1.0 / n) / n
+        self.t = t_in if not single else t_in
+        self.y = y.reshape(x.shape) if single else y
+        self._g = g.reshape(x.shape) if single else g
+        self.loss = loss
+        return loss
+
+    def backward(self, dout=1):
+        _check_backward_ready(self, "_g")
+        g = self._g
+        if type(dout) is int or type(dout) is float:
+            if dout == 1:
+                return g
+            return _k.scale_into(g, float(dout), self._ws.get("dx", g.shape, g.dtype))
+        d = np.asarray(dout)
+        if d.ndim != 0:
+            raise ValueError(f"SoftmaxWithLoss.backward takes a scalar dout (the loss is a scalar), got shape {d.shape}")
+        return _k.scale_into(g, float(d), self._ws.get("dx", g.shape, g.dtype))
