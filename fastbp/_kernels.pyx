@@ -17,7 +17,7 @@
 #   what to allocate and what to reuse.
 cimport cython
 from cython.parallel cimport prange
-from libc.math cimport exp, log, sqrt, expf, sqrtf
+from libc.math cimport sqrt, sqrtf
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from libc.stdint cimport int64_t, int32_t, uint8_t, intptr_t
@@ -485,26 +485,20 @@ def relu_backward(dout, mask, dx):
     return dx
 
 
-cdef inline floating _sigmoid1(floating v) noexcept nogil:
-    """1 / (1 + exp(-v)) without overflow: e = exp(-|v|) <= 1."""
-    cdef floating e, s
-    if floating is float:
-        e = expf(-v if v >= 0 else v)
-    else:
-        e = exp(-v if v >= 0 else v)
-    s = 1 / (1 + e)
-    return s if v >= 0 else e * s
-
-
 cdef void _sigmoid_forward(Py_ssize_t n, const floating *x, floating *out) noexcept nogil:
-    cdef Py_ssize_t i
+    """out = sigmoid(x), split into one contiguous chunk per thread."""
     cdef int nt = _threads_for(n // 4)
-    if nt > 1:
-        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
-            out[i] = _sigmoid1(x[i])
-    else:
-        for i in range(n):
-            out[i] = _sigmoid1(x[i])
+    cdef Py_ssize_t k, lo, hi, chunk = (n + nt - 1) // nt
+    for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = k * chunk
+        hi = lo + chunk
+        if hi > n:
+            hi = n
+        if lo < hi:
+            if floating is float:
+                fb_sigmoid_f32(hi - lo, x + lo, out + lo)
+            else:
+                fb_sigmoid_f64(hi - lo, x + lo, out + lo)
 
 
 cdef void _sigmoid_backward(Py_ssize_t n, const floating *dout, const floating *y, floating *dx) noexcept nogil:
@@ -555,78 +549,34 @@ def sigmoid_backward(dout, y, dx):
 # ---------------------------------------------------------------------------------------------------------------
 # Softmax with cross-entropy loss
 # ---------------------------------------------------------------------------------------------------------------
-cdef inline double _softmax_row(Py_ssize_t c, const floating *x, floating *y, double *mx) noexcept nogil:
-    """y = exp(x - max) / sum; returns log(sum) and stores max in mx: lse(x) = log(sum) + max."""
-    cdef Py_ssize_t j
-    cdef floating m = x[0], v
-    cdef double s = 0
-    for j in range(1, c):
-        if x[j] > m:
-            m = x[j]
-    if floating is float:
-        for j in range(c):
-            v = expf(x[j] - m)
-            y[j] = v
-            s += v
-    else:
-        for j in range(c):
-            v = exp(x[j] - m)
-            y[j] = v
-            s += v
-    cdef floating inv = <floating>(1.0 / s)
-    for j in range(c):
-        y[j] = y[j] * inv
-    mx[0] = m
-    return log(s)
+cdef extern from "_simd.h" nogil:
+    double fb_softmax_row_f32(const float *x, float *y, float *g, long c, float scale, const float *onehot,
+                              long label) noexcept
+    double fb_softmax_row_f64(const double *x, double *y, double *g, long c, double scale, const double *onehot,
+                              long label) noexcept
+    void fb_sigmoid_f32(long n, const float *x, float *out) noexcept
+    void fb_sigmoid_f64(long n, const double *x, double *out) noexcept
+    float fb_expf(float x) noexcept
+    double fb_exp(double x) noexcept
 
 
-cdef double _softmax_ce_labels(Py_ssize_t n, Py_ssize_t c, const floating *x, const int64_t *t,
-                               floating *y, floating *g, double scale) noexcept nogil:
-    """Per row: y = softmax(x), loss += lse(x) - x[t], g = scale * (y - onehot(t)) (g may be NULL or == y)."""
-    cdef Py_ssize_t i, j
-    cdef double loss = 0, logs, m
-    cdef const floating *xr
-    cdef floating *yr
-    cdef floating *gr
-    cdef floating sc = <floating>scale
-    for i in range(n):
-        xr = x + i * c
-        yr = y + i * c
-        logs = _softmax_row(c, xr, yr, &m)
-        # lse - x[t] = log(sum) + (max - x[t]): no cancellation of huge logits
-        loss += logs + (m - <double>xr[t[i]])
-        if g != NULL:
-            gr = g + i * c
-            for j in range(c):
-                gr[j] = sc * yr[j]
-            gr[t[i]] -= sc
-    return loss
-
-
-cdef double _softmax_ce_onehot(Py_ssize_t n, Py_ssize_t c, const floating *x, const floating *t,
-                               floating *y, floating *g, double scale) noexcept nogil:
-    """Per row: y = softmax(x), loss += sum_j t_j (lse(x) - x_j), g = scale * (y - t)."""
-    cdef Py_ssize_t i, j
-    cdef double loss = 0, logs, m, tx
-    cdef const floating *xr
-    cdef const floating *tr
-    cdef floating *yr
-    cdef floating *gr
-    cdef floating sc = <floating>scale
-    for i in range(n):
-        xr = x + i * c
-        tr = t + i * c
-        yr = y + i * c
-        logs = _softmax_row(c, xr, yr, &m)
-        tx = 0
-        for j in range(c):
-            if tr[j] != 0:
-                tx += <double>tr[j] * (logs + (m - <double>xr[j]))
-        loss += tx
-        if g != NULL:
-            gr = g + i * c
-            for j in range(c):
-                gr[j] = sc * (yr[j] - tr[j])
+cdef double _softmax_ce(Py_ssize_t n, Py_ssize_t c, const floating *x, const int64_t *t, const floating *onehot,
+                        floating *y, floating *g, double scale) noexcept nogil:
+    """Per row: y = softmax(x); loss += lse(x) - x[t] (or sum_j t_j (lse - x_j)); g = scale * (y - t)."""
+    cdef Py_ssize_t i
+    cdef double loss = 0
+    cdef int nt = _threads_for(n * c // 8)
+    cdef floating *gi
+    for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+        gi = NULL if g == NULL else g + i * c
+        if floating is float:
+            loss += fb_softmax_row_f32(x + i * c, y + i * c, gi, c, <float>scale,
+                                       NULL if onehot == NULL else onehot + i * c,
+                                       0 if t == NULL else t[i])
+        else:
+            loss += fb_softmax_row_f64(x + i * c, y + i * c, gi, c, scale,
+                                       NULL if onehot == NULL else onehot + i * c,
+                                       0 if t == NULL else t[i])
     return loss
 
 
@@ -673,23 +623,21 @@ def softmax_cross_entropy(x, t, y, grad, double scale):
             raise ValueError(f"label {T[bad]} at index {bad} is out of range: labels must be in [0, {c - 1}]")
         with nogil:
             if ft == 0:
-                loss = _softmax_ce_labels[float](n, c, <float*>cnp.PyArray_DATA(X), <int64_t*>cnp.PyArray_DATA(T),
-                                                 <float*>cnp.PyArray_DATA(Y), <float*>gp, scale)
+                loss = _softmax_ce[float](n, c, <float*>cnp.PyArray_DATA(X), <int64_t*>cnp.PyArray_DATA(T), NULL,
+                                          <float*>cnp.PyArray_DATA(Y), <float*>gp, scale)
             else:
-                loss = _softmax_ce_labels[double](n, c, <double*>cnp.PyArray_DATA(X),
-                                                  <int64_t*>cnp.PyArray_DATA(T),
-                                                  <double*>cnp.PyArray_DATA(Y), <double*>gp, scale)
+                loss = _softmax_ce[double](n, c, <double*>cnp.PyArray_DATA(X), <int64_t*>cnp.PyArray_DATA(T), NULL,
+                                           <double*>cnp.PyArray_DATA(Y), <double*>gp, scale)
     elif cnp.PyArray_NDIM(T) == 2:
         _same_type(ft, T, "t (one-hot)")
         _check_same_shape(T, X, "t (one-hot)", "x")
         with nogil:
             if ft == 0:
-                loss = _softmax_ce_onehot[float](n, c, <float*>cnp.PyArray_DATA(X), <float*>cnp.PyArray_DATA(T),
-                                                 <float*>cnp.PyArray_DATA(Y), <float*>gp, scale)
+                loss = _softmax_ce[float](n, c, <float*>cnp.PyArray_DATA(X), NULL, <float*>cnp.PyArray_DATA(T),
+                                          <float*>cnp.PyArray_DATA(Y), <float*>gp, scale)
             else:
-                loss = _softmax_ce_onehot[double](n, c, <double*>cnp.PyArray_DATA(X),
-                                                  <double*>cnp.PyArray_DATA(T),
-                                                  <double*>cnp.PyArray_DATA(Y), <double*>gp, scale)
+                loss = _softmax_ce[double](n, c, <double*>cnp.PyArray_DATA(X), NULL, <double*>cnp.PyArray_DATA(T),
+                                           <double*>cnp.PyArray_DATA(Y), <double*>gp, scale)
     else:
         raise ValueError(f"t must be labels (N,) or one-hot (N, C), got {cnp.PyArray_NDIM(T)}-D shape {_shp(T)}")
     return loss
@@ -828,3 +776,24 @@ def optimizer_update(int kind, param, grad, state1, state2, double lr, double a=
             _opt_update[double](kind, n, <double*>cnp.PyArray_DATA(P), <double*>cnp.PyArray_DATA(G),
                                 <double*>s1p, <double*>s2p, lr, a, b, eps)
     return param
+
+
+def _exp_kernel(x):
+    """The kernels' vectorisable exp on a copy of x (float32 or float64, values <= 0): for accuracy tests."""
+    cdef int t = _ftype(x, "x")
+    cdef cnp.ndarray X = np.ascontiguousarray(x)
+    cdef cnp.ndarray out = np.empty_like(X)
+    cdef Py_ssize_t i, n = cnp.PyArray_SIZE(X)
+    cdef float *xf
+    cdef float *of
+    cdef double *xd
+    cdef double *od
+    if t == 0:
+        xf = <float*>cnp.PyArray_DATA(X); of = <float*>cnp.PyArray_DATA(out)
+        for i in range(n):
+            of[i] = fb_expf(xf[i])
+    else:
+        xd = <double*>cnp.PyArray_DATA(X); od = <double*>cnp.PyArray_DATA(out)
+        for i in range(n):
+            od[i] = fb_exp(xd[i])
+    return out
