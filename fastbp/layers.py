@@ -194,11 +194,9 @@ class Sigmoid(_Layer):
 
 # ---------------------------------------------------------------------------------------------------------------
 def _as_batch(x, layer):
-    """Flatten input to (N, D) like the book (`x.reshape(x.shape[0], -1)`); a 1-D input is one sample."""
+    """Flatten input to (N, D) like the book: `x.reshape(x.shape[0], -1)` (so a 1-D input is N samples of 1)."""
     if x.ndim == 2:
         return x
-    if x.ndim == 1:
-        return x.reshape(1, -1)
     if x.ndim == 0:
         raise ValueError(f"{layer} needs an input with at least one dimension, got a scalar")
     return x.reshape(x.shape[0], -1)
@@ -256,14 +254,15 @@ class Affine(_Layer):
         x2 = _as_batch(x, "Affine")
         dt, W, b = self._operands(x2)
         if x2.shape[1] != W.shape[0]:
+            hint = " (for a single 1-D sample use x.reshape(1, -1))" if x.ndim == 1 else ""
             raise ValueError(f"input has {x2.shape[1]} features per sample (shape {x.shape}) but W expects "
-                             f"{W.shape[0]} (W shape {W.shape})")
+                             f"{W.shape[0]} (W shape {W.shape}){hint}")
         xk = self._ws.as_dtype("x", x2, dt) if (x2.dtype != dt or not x2.dtype.isnative) else x2
         out = self._ws.get("out", (x2.shape[0], W.shape[1]), dt)
         _k.affine_forward(xk, W, b, out)
         self.x = x2
         self._xk = xk
-        return out if x.ndim != 1 else out.reshape(-1)
+        return out
 
     def backward(self, dout):
         _check_backward_ready(self, "_xk")
@@ -272,11 +271,8 @@ class Affine(_Layer):
         n = xk.shape[0]
         dt, W, _ = self._operands(xk)
         m = W.shape[1]
-        if dout.shape != (n, m) and not (len(self.original_x_shape) == 1 and dout.shape == (m,)):
-            expected = (m,) if len(self.original_x_shape) == 1 else (n, m)
-            raise ValueError(f"dout must have the shape of the forward output {expected}, got {dout.shape}")
-        if dout.ndim == 1:
-            dout = dout.reshape(1, -1)
+        if dout.shape != (n, m):
+            raise ValueError(f"dout must have the shape of the forward output {(n, m)}, got {dout.shape}")
         if dout.dtype is not dt:
             dt2 = np.result_type(dout, dt)
             if dt2 not in _KERNEL_DTYPES:
@@ -314,6 +310,9 @@ class MatMul(_Layer):
         self.x = None
         self._xk = None
         self._ws = _Workspace(reuse)
+
+    W = property(lambda self: self.params[0], lambda self, v: self.params.__setitem__(0, v))
+    dW = property(lambda self: self.grads[0], lambda self, v: self.grads.__setitem__(0, v))
 
     def forward(self, x):
         x = np.asarray(x)

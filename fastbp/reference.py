@@ -1,0 +1,539 @@
+"""Plain-NumPy reference implementations of the book's layers.
+
+This module is the oracle the tests compare ``fastbp.layers`` against and the
+NumPy baseline of the benchmarks.  It follows the interface of *Deep Learning
+from Scratch* (books 1 and 2) with these deliberate differences:
+
+* nothing the caller passes in is ever written to (``Relu.backward`` does not
+  zero ``dout`` in place as the book does);
+* ``Sigmoid`` is evaluated in an overflow-free form;
+* ``SoftmaxWithLoss`` uses the exact log-sum-exp loss instead of
+  ``log(y + 1e-7)``, and ``backward`` honours ``dout``;
+* inputs are validated and mismatches raise ``ValueError``/``TypeError`` naming
+  the expected and the actual shape/dtype/value.
+
+Every layer has ``params``/``grads`` lists (book 2) and ``__call__`` is
+``forward``.
+"""
+
+import warnings
+
+import numpy as np
+
+__all__ = [
+    "MulLayer",
+    "AddLayer",
+    "Relu",
+    "Sigmoid",
+    "Affine",
+    "MatMul",
+    "SoftmaxWithLoss",
+    "Repeat",
+    "Sum",
+]
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+def _numeric(a, name, owner):
+    """np.asarray(a) restricted to bool/int/float dtypes."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{owner}: {name} must be a real numeric array, got dtype {a.dtype}"
+        )
+    return a
+
+
+def _floating(a, name, owner):
+    """np.asarray(a) as a floating array (bool/int promoted to float64)."""
+    a = _numeric(a, name, owner)
+    if a.dtype.kind != "f":
+        a = a.astype(np.float64)
+    return a
+
+
+def _check_dout(dout, shape, owner):
+    """Validate that dout is numeric and has the forward output's shape."""
+    dout = _numeric(dout, "dout", owner)
+    if dout.shape != shape:
+        raise ValueError(
+            f"{owner}.backward: dout must have the forward output's shape "
+            f"{shape}, got {dout.shape}"
+        )
+    return dout
+
+
+def _backward_before_forward(owner):
+    return RuntimeError(f"{owner}.backward called before {owner}.forward")
+
+
+def _unbroadcast(g, shape):
+    """Sum g over the axes that broadcasting added/stretched so it has `shape`."""
+    if np.shape(g) == shape:
+        return g
+    g = np.asarray(g)
+    extra = g.ndim - len(shape)
+    if extra > 0:
+        g = g.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, s in enumerate(shape) if s == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g
+
+
+def _stable_sigmoid(x):
+    """1 / (1 + exp(-x)) evaluated as exp(-|x|)-based branches (no overflow)."""
+    flat = x.reshape(-1)        # 1-D so that every ufunc below returns an array
+    e = np.abs(flat)
+    np.negative(e, out=e)
+    np.exp(e, out=e)            # e = exp(-|x|) in (0, 1]
+    d = e + 1
+    out = np.divide(e, d)       # x < 0 branch: exp(x) / (1 + exp(x))
+    np.divide(1, d, out=out, where=flat >= 0)  # x >= 0 branch: 1 / (1 + exp(-x))
+    return out.reshape(x.shape)
+
+
+class _Layer:
+    """Common bits: empty params/grads lists and __call__ = forward."""
+
+    def __init__(self):
+        self.params = []
+        self.grads = []
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# book 1, chapter 5: computational-graph nodes
+# --------------------------------------------------------------------------
+
+class MulLayer(_Layer):
+    """out = x * y;  dx = dout * y, dy = dout * x (summed back over broadcast axes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.x = None
+        self.y = None
+        self._out_shape = None
+
+    def forward(self, x, y):
+        self.x = x
+        self.y = y
+        out = x * y
+        self._out_shape = np.shape(out)
+        return out
+
+    def backward(self, dout):
+        if self._out_shape is None:
+            raise _backward_before_forward("MulLayer")
+        if np.shape(dout) != self._out_shape:
+            raise ValueError(
+                "MulLayer.backward: dout must have the forward output's shape "
+                f"{self._out_shape}, got {np.shape(dout)}"
+            )
+        dx = _unbroadcast(dout * self.y, np.shape(self.x))
+        dy = _unbroadcast(dout * self.x, np.shape(self.y))
+        return dx, dy
+
+
+class AddLayer(_Layer):
+    """out = x + y;  dx = dy = dout (summed back over broadcast axes)."""
+
+    def __init__(self):
+        super().__init__()
+        self._x_shape = None
+        self._y_shape = None
+        self._out_shape = None
+
+    def forward(self, x, y):
+        out = x + y
+        self._x_shape = np.shape(x)
+        self._y_shape = np.shape(y)
+        self._out_shape = np.shape(out)
+        return out
+
+    def backward(self, dout):
+        if self._out_shape is None:
+            raise _backward_before_forward("AddLayer")
+        if np.shape(dout) != self._out_shape:
+            raise ValueError(
+                "AddLayer.backward: dout must have the forward output's shape "
+                f"{self._out_shape}, got {np.shape(dout)}"
+            )
+        # dout * 1 gives two fresh objects, never dout itself.
+        dx = _unbroadcast(dout * 1, self._x_shape)
+        dy = _unbroadcast(dout * 1, self._y_shape)
+        return dx, dy
+
+
+# --------------------------------------------------------------------------
+# activations
+# --------------------------------------------------------------------------
+
+class Relu(_Layer):
+    """out = max(x, 0) with mask = (x <= 0);  dx = dout where not mask, else 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = None
+
+    def forward(self, x):
+        x = _numeric(x, "x", "Relu")
+        self.mask = x <= 0
+        return np.where(self.mask, x.dtype.type(0), x)
+
+    def backward(self, dout):
+        if self.mask is None:
+            raise _backward_before_forward("Relu")
+        dout = _check_dout(dout, self.mask.shape, "Relu")
+        return np.where(self.mask, dout.dtype.type(0), dout)
+
+
+class Sigmoid(_Layer):
+    """out = 1 / (1 + exp(-x)) (overflow-free);  dx = dout * out * (1 - out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = None
+
+    def forward(self, x):
+        x = _floating(x, "x", "Sigmoid")
+        self.out = _stable_sigmoid(x)
+        return self.out
+
+    def backward(self, dout):
+        if self.out is None:
+            raise _backward_before_forward("Sigmoid")
+        dout = _check_dout(dout, self.out.shape, "Sigmoid")
+        return dout * (1.0 - self.out) * self.out
+
+
+# --------------------------------------------------------------------------
+# parameterised layers
+# --------------------------------------------------------------------------
+
+def _check_weight(W, owner):
+    W = _numeric(W, "W", owner)
+    if W.ndim != 2:
+        raise ValueError(f"{owner}: W must be 2-D (D, H), got shape {W.shape}")
+    return W
+
+
+def _check_bias(b, W, owner):
+    b = _numeric(b, "b", owner)
+    if b.shape != (W.shape[1],):
+        raise ValueError(
+            f"{owner}: b must have shape ({W.shape[1]},) to match W of shape "
+            f"{W.shape}, got {b.shape}"
+        )
+    return b
+
+
+class Affine(_Layer):
+    """out = x.reshape(N, -1) @ W + b;  dx = dout @ W.T, dW = x.T @ dout, db = sum(dout, 0).
+
+    W and b are kept by reference (``params = [W, b]``) and re-read at every
+    forward, so in-place updates such as ``W -= lr * dW`` are seen.  ``W``/``b``
+    and ``dW``/``db`` are views onto ``params``/``grads``; the gradients are
+    written in place into the arrays preallocated with ``np.zeros_like``.
+    """
+
+    def __init__(self, W, b):
+        super().__init__()
+        W = _check_weight(W, "Affine")
+        b = _check_bias(b, W, "Affine")
+        self.params = [W, b]
+        self.grads = [np.zeros_like(W), np.zeros_like(b)]
+        self.x = None
+        self.original_x_shape = None
+
+    # book-1 attribute style over the book-2 lists (same objects)
+    W = property(lambda self: self.params[0],
+                 lambda self, v: self.params.__setitem__(0, v))
+    b = property(lambda self: self.params[1],
+                 lambda self, v: self.params.__setitem__(1, v))
+    dW = property(lambda self: self.grads[0],
+                  lambda self, v: self.grads.__setitem__(0, v))
+    db = property(lambda self: self.grads[1],
+                  lambda self, v: self.grads.__setitem__(1, v))
+
+    def forward(self, x):
+        W = _check_weight(self.params[0], "Affine")
+        b = _check_bias(self.params[1], W, "Affine")
+        x = _numeric(x, "x", "Affine")
+        if x.ndim == 0:
+            raise ValueError("Affine.forward: x must have ndim >= 1 (N, ...), got a scalar")
+        n = x.shape[0]
+        d = int(np.prod(x.shape[1:], dtype=np.int64))
+        if d != W.shape[0]:
+            hint = (" (1-D x is read as N samples of 1 feature, as in the book;"
+                    " pass x.reshape(1, -1) for a single sample)") if x.ndim == 1 else ""
+            raise ValueError(
+                f"Affine.forward: x of shape {x.shape} has {d} features per sample "
+                f"but W of shape {W.shape} expects {W.shape[0]}{hint}"
+            )
+        x2 = x.reshape(n, d)
+        self.original_x_shape = x.shape
+        self.x = x2
+        out = x2 @ W
+        if out.dtype == np.result_type(out, b):
+            out += b
+        else:
+            out = out + b
+        return out
+
+    def backward(self, dout):
+        if self.x is None:
+            raise _backward_before_forward("Affine")
+        W = np.asarray(self.params[0])
+        x2 = self.x
+        dout = _check_dout(dout, (x2.shape[0], W.shape[1]), "Affine")
+        dx = (dout @ W.T).reshape(self.original_x_shape)
+
+        dW_dtype = np.result_type(x2, dout)
+        g = self.grads[0]
+        if isinstance(g, np.ndarray) and g.shape == W.shape and g.dtype == dW_dtype:
+            np.matmul(x2.T, dout, out=g)
+        else:
+            self.grads[0] = x2.T @ dout
+        g = self.grads[1]
+        if isinstance(g, np.ndarray) and g.shape == (dout.shape[1],) and g.dtype == dout.dtype:
+            np.sum(dout, axis=0, out=g)
+        else:
+            self.grads[1] = np.sum(dout, axis=0)
+        return dx
+
+
+class MatMul(_Layer):
+    """out = x @ W;  dx = dout @ W.T, grads[0][...] = x.T @ dout (book 2)."""
+
+    def __init__(self, W):
+        super().__init__()
+        W = _check_weight(W, "MatMul")
+        self.params = [W]
+        self.grads = [np.zeros_like(W)]
+        self.x = None
+
+    W = property(lambda self: self.params[0],
+                 lambda self, v: self.params.__setitem__(0, v))
+    dW = property(lambda self: self.grads[0],
+                  lambda self, v: self.grads.__setitem__(0, v))
+
+    def forward(self, x):
+        W = _check_weight(self.params[0], "MatMul")
+        x = _numeric(x, "x", "MatMul")
+        if x.ndim != 2:
+            raise ValueError(f"MatMul.forward: x must be 2-D (N, D), got shape {x.shape}")
+        if x.shape[1] != W.shape[0]:
+            raise ValueError(
+                f"MatMul.forward: x of shape {x.shape} has {x.shape[1]} columns "
+                f"but W of shape {W.shape} expects {W.shape[0]}"
+            )
+        self.x = x
+        return x @ W
+
+    def backward(self, dout):
+        if self.x is None:
+            raise _backward_before_forward("MatMul")
+        W = np.asarray(self.params[0])
+        x = self.x
+        dout = _check_dout(dout, (x.shape[0], W.shape[1]), "MatMul")
+        dx = dout @ W.T
+        g = self.grads[0]
+        if isinstance(g, np.ndarray) and g.shape == W.shape and g.dtype == np.result_type(x, dout):
+            np.matmul(x.T, dout, out=g)
+        else:
+            self.grads[0] = x.T @ dout
+        return dx
+
+
+# --------------------------------------------------------------------------
+# loss
+# --------------------------------------------------------------------------
+
+class SoftmaxWithLoss(_Layer):
+    """loss = mean_i(logsumexp(x_i) - x_i[t_i]);  dx = dout * (softmax(x) - onehot(t)) / N.
+
+    ``t`` is integer labels (N,) or one-hot/target rows (N, C); a single sample
+    is 1-D logits (C,) with a scalar label or a (C,) one-hot.  For target rows
+    the loss is ``-sum(t * log_softmax(x)) / N`` (equal to the label form for
+    one-hot rows; backward assumes each row sums to 1).  An empty batch gives a
+    nan loss and a RuntimeWarning.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.loss = None
+        self.y = None
+        self.t = None
+        self._labels = None     # (N,) int labels, or None for target rows
+        self._target = None     # (N, C) target rows, or None for labels
+
+    def forward(self, x, t):
+        x = _floating(x, "x", "SoftmaxWithLoss")
+        t = np.asarray(t)
+        if x.ndim not in (1, 2):
+            raise ValueError(
+                f"SoftmaxWithLoss.forward: logits x must be 1-D (C,) or 2-D (N, C), "
+                f"got shape {x.shape}"
+            )
+        if x.shape[-1] == 0:
+            raise ValueError(
+                f"SoftmaxWithLoss.forward: need at least one class, got x of shape {x.shape}"
+            )
+        x2 = x.reshape(1, -1) if x.ndim == 1 else x
+        n, c = x2.shape
+        labels, target = self._check_targets(x, t, n, c)
+
+        # shifted logits; exp in place afterwards turns them into softmax
+        buf = x2 - x2.max(axis=1, keepdims=True)
+        if labels is not None:
+            picked = buf[np.arange(n), labels]
+        else:
+            picked = np.zeros(target.shape, dtype=np.result_type(target, buf))
+            # skip zero targets so that -inf logits do not give 0 * -inf = nan
+            np.multiply(target, buf, out=picked, where=target != 0)
+            picked = picked.sum(axis=1)
+        np.exp(buf, out=buf)
+        s = buf.sum(axis=1)
+        buf /= s[:, None]
+        log_s = np.log(s)
+        if labels is not None:
+            rows = log_s - picked
+        else:
+            rows = log_s * target.sum(axis=1) - picked
+
+        if n == 0:
+            warnings.warn(
+                "SoftmaxWithLoss.forward: empty batch (N=0); the loss is nan",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            loss = float("nan")
+        else:
+            loss = float(rows.mean())
+
+        self.t = t
+        self.y = buf.reshape(x.shape)
+        self._labels = labels
+        self._target = target
+        self.loss = loss
+        return loss
+
+    @staticmethod
+    def _check_targets(x, t, n, c):
+        """Return (labels (N,), None) or (None, target rows (N, C)) after validation."""
+        label_shape = x.shape[:-1]
+        owner = "SoftmaxWithLoss.forward"
+        if t.ndim == x.ndim - 1:
+            if t.dtype.kind not in "iu":
+                raise TypeError(
+                    f"{owner}: class labels must be integers, got dtype {t.dtype}"
+                    + (" (convert with t.astype(int))" if t.dtype.kind == "f" else "")
+                )
+            if t.shape != label_shape:
+                raise ValueError(
+                    f"{owner}: expected {n} label(s) of shape {label_shape} for logits "
+                    f"of shape {x.shape}, got {t.size} label(s) of shape {t.shape}"
+                )
+            if t.size:
+                lo, hi = t.min(), t.max()
+                if lo < 0:
+                    raise ValueError(f"{owner}: labels must be >= 0, got {lo}")
+                if hi >= c:
+                    raise ValueError(
+                        f"{owner}: label {hi} out of range for C={c} classes "
+                        f"(labels must be in [0, {c - 1}])"
+                    )
+            return t.reshape(n).astype(np.intp, copy=False), None
+        if t.ndim == x.ndim:
+            if t.dtype.kind not in "biuf":
+                raise TypeError(f"{owner}: one-hot targets must be numeric, got dtype {t.dtype}")
+            if x.ndim == 2 and t.shape[0] != n:
+                raise ValueError(
+                    f"{owner}: expected {n} one-hot row(s) for logits of shape {x.shape}, "
+                    f"got {t.shape[0]} (t shape {t.shape})"
+                )
+            if t.shape[-1] != c:
+                raise ValueError(
+                    f"{owner}: one-hot width mismatch: logits have C={c} classes "
+                    f"(shape {x.shape}) but t has shape {t.shape}"
+                )
+            return None, t.reshape(n, c)
+        raise ValueError(
+            f"{owner}: t must be integer labels of shape {label_shape} or one-hot "
+            f"targets of shape {x.shape}, got shape {t.shape}"
+        )
+
+    def backward(self, dout=1):
+        if self.y is None:
+            raise _backward_before_forward("SoftmaxWithLoss")
+        if np.ndim(dout) != 0:
+            raise ValueError(
+                "SoftmaxWithLoss.backward: dout must be a scalar (the loss is a "
+                f"scalar), got shape {np.shape(dout)}"
+            )
+        shape = self.y.shape
+        y = self.y.reshape(-1, shape[-1])
+        n = y.shape[0]
+        if self._labels is not None:
+            dx = y.copy()
+            dx[np.arange(n), self._labels] -= 1
+        else:
+            dx = y - self._target
+        if n:
+            dx *= dout / n
+        return dx.reshape(shape)
+
+
+# --------------------------------------------------------------------------
+# book 2, chapter 1: Repeat and Sum nodes
+# --------------------------------------------------------------------------
+
+class Repeat(_Layer):
+    """out = x repeated N times along axis 0 ((1, D) -> (N, D));  dx = sum(dout, axis=0, keepdims)."""
+
+    def __init__(self, N):
+        super().__init__()
+        if isinstance(N, (bool, np.bool_)) or not isinstance(N, (int, np.integer)) or N < 0:
+            raise ValueError(f"Repeat: N must be a non-negative integer, got {N!r}")
+        self.N = int(N)
+        self._x_shape = None
+
+    def forward(self, x):
+        x = _numeric(x, "x", "Repeat")
+        if x.ndim < 1 or x.shape[0] != 1:
+            raise ValueError(f"Repeat.forward: x must have shape (1, ...), got {x.shape}")
+        self._x_shape = x.shape
+        return np.repeat(x, self.N, axis=0)
+
+    def backward(self, dout):
+        if self._x_shape is None:
+            raise _backward_before_forward("Repeat")
+        dout = _check_dout(dout, (self.N,) + self._x_shape[1:], "Repeat")
+        return np.sum(dout, axis=0, keepdims=True)
+
+
+class Sum(_Layer):
+    """out = sum(x, axis=0, keepdims) ((N, D) -> (1, D));  dx = dout repeated N times along axis 0."""
+
+    def __init__(self):
+        super().__init__()
+        self._x_shape = None
+
+    def forward(self, x):
+        x = _numeric(x, "x", "Sum")
+        if x.ndim < 1:
+            raise ValueError("Sum.forward: x must have ndim >= 1 (N, ...), got a scalar")
+        self._x_shape = x.shape
+        return np.sum(x, axis=0, keepdims=True)
+
+    def backward(self, dout):
+        if self._x_shape is None:
+            raise _backward_before_forward("Sum")
+        dout = _check_dout(dout, (1,) + self._x_shape[1:], "Sum")
+        return np.repeat(dout, self._x_shape[0], axis=0)
