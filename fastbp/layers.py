@@ -93,7 +93,7 @@ class _Layer:
 
 def _check_backward_ready(layer, what):
     if getattr(layer, what) is None:
-        raise ValueError(f"{type(layer).__name__}.backward called before forward")
+        raise RuntimeError(f"{type(layer).__name__}.backward called before forward")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,632 @@
+"""``fastbp`` command line (also ``python -m fastbp``): train, gradcheck, info.
+
+Subcommands are argparse sub-parsers.  Other modules add their own: every module named in
+:data:`SUBCOMMAND_MODULES` that imports and has ``add_parser(subparsers)`` is asked to register its
+sub-parser(s); a sub-parser must ``set_defaults(func=callable)`` where ``func(args)`` returns the exit code.
+A listed module that is absent is skipped; one that fails to import shows up as a subcommand that explains
+the failure (exit code 2) instead of breaking the other subcommands.
+"""
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+import fastbp
+
+__all__ = ["main", "build_parser", "SUBCOMMAND_MODULES", "gradcheck_cases", "run_gradcheck",
+           "format_gradcheck", "ProgressBar"]
+
+#: Modules that may contribute subcommands through ``add_parser(subparsers)``.
+SUBCOMMAND_MODULES = ["fastbp.bench"]
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
+#: Learning rate used when --lr is not given (SGD: the book's chapter-5 value; the others: rates at which
+#: they train the default network well; the book's own defaults are 0.01 and, for Adam, 0.001).
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.01, "rmsprop": 0.001,
+              "adam": 0.001}
+DEFAULT_EPOCHS = 30
+DEFAULT_HIDDEN = "100"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------------------
+def _err(msg):
+    sys.stderr.write(f"fastbp: {msg}\n")
+
+
+def _hidden_sizes(text):
+    """'100' or '100,100' -> [100] / [100, 100] (argparse type)."""
+    try:
+        sizes = [int(s) for s in str(text).replace(" ", "").split(",") if s != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"hidden sizes must be comma-separated integers, got {text!r}")
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"hidden sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return v
+
+
+def _init_std(text):
+    if text.lower() in ("relu", "he", "sigmoid", "xavier"):
+        return text.lower()
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or he/relu/xavier/sigmoid, got {text!r}")
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return v
+
+
+def _fmt_time(seconds):
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+class ProgressBar:
+    """A one-line progress bar with a running value, redrawn on `stream` at most 10 times a second."""
+
+    def __init__(self, total, *, enabled=True, stream=None, width=30, label=""):
+        self.total = max(int(total), 1)
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = enabled
+        self.width = width
+        self.label = label
+        self._last = 0.0
+        self._start = time.perf_counter()
+        self._shown = False
+
+    def update(self, done, value=None, force=False):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self._last < 0.1 and done < self.total:
+            return
+        self._last = now
+        frac = min(done / self.total, 1.0)
+        filled = int(round(frac * self.width))
+        bar = "#" * filled + "." * (self.width - filled)
+        extra = "" if value is None else f" loss {value:.4f}"
+        line = f"\r{self.label}[{bar}] {done}/{self.total}{extra} {now - self._start:.1f}s"
+        self.stream.write(line + "\x1b[K")
+        self.stream.flush()
+        self._shown = True
+
+    def clear(self):
+        """Erase the bar (before printing a normal line)."""
+        if self.enabled and self._shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._shown = False
+
+    close = clear
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------------
+def _add_train_parser(sub):
+    p = sub.add_parser(
+        "train", help="train a fully connected network on MNIST (the book's chapter-5 loop)",
+        description="Train an MLP (Affine/ReLU or Sigmoid, softmax cross-entropy) with mini-batches on MNIST: "
+                    "full MNIST if it is on disk, else the 5,000 digits bundled with fastbp. Per-epoch "
+                    "train/test accuracy on stdout, a progress bar with the running loss on stderr.")
+    p.add_argument("--hidden", type=_hidden_sizes, default=_hidden_sizes(DEFAULT_HIDDEN), metavar="SIZES",
+                   help=f"hidden layer sizes, comma-separated (default {DEFAULT_HIDDEN}; e.g. 100,100)")
+    p.add_argument("--activation", choices=("relu", "sigmoid"), default="relu", help="default relu")
+    p.add_argument("--weight-init", type=_init_std, default=None, metavar="STD",
+                   help="weight init: number, he/relu or xavier/sigmoid (default: matches --activation)")
+    p.add_argument("--batch-size", type=_positive_int, default=100, help="default 100")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=_positive_int, default=None,
+                   help=f"passes over the training set (default {DEFAULT_EPOCHS})")
+    g.add_argument("--iters", type=_positive_int, default=None,
+                   help="number of mini-batch iterations instead of --epochs")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="default sgd")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, metavar="LAMBDA",
+                   help="L2 weight decay lambda (default 0)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float64",
+                   help="parameter dtype (default float64, as in the book)")
+    p.add_argument("--backend", choices=("fastbp", "reference"), default="fastbp",
+                   help="fastbp kernels (default) or the plain-NumPy reference layers")
+    p.add_argument("--seed", type=int, default=0, help="seed of np.random (weights and batches; default 0)")
+    p.add_argument("--source", choices=("auto", "full", "sample"), default="auto",
+                   help="MNIST source: auto (full if on disk, else the bundled sample), full, sample")
+    p.add_argument("--data-dir", default=None, help="directory of the full MNIST files")
+    p.add_argument("--no-train-acc", action="store_true",
+                   help="skip the training-set accuracy at each epoch (faster on full MNIST)")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="save loss and accuracy curves (needs matplotlib)")
+    p.add_argument("--json", metavar="FILE", default=None, help="write a JSON summary of the run")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def make_optimizer(name, lr=None):
+    """An optimizer of fastbp.optimizers by CLI name, with DEFAULT_LR when lr is None."""
+    from fastbp import optimizers as O
+    cls = {"sgd": O.SGD, "momentum": O.Momentum, "nesterov": O.Nesterov, "adagrad": O.AdaGrad,
+           "rmsprop": O.RMSprop, "adam": O.Adam}[name]
+    return cls(lr=DEFAULT_LR[name] if lr is None else lr)
+
+
+def _smooth(values, k=11):
+    """Moving average (for plotting)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < k:
+        return v
+    w = np.ones(k) / k
+    pad = np.r_[np.full(k // 2, v[0]), v, np.full(k // 2, v[-1])]
+    return np.convolve(pad, w, mode="valid")
+
+
+def _save_plot(plt, path, losses, epochs, train_acc, test_acc, title):
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(np.arange(len(losses)), losses, alpha=0.3, label="batch loss")
+    a1.plot(np.arange(len(losses)), _smooth(losses), label="smoothed")
+    a1.set_xlabel("iteration")
+    a1.set_ylabel("loss")
+    a1.legend()
+    if train_acc:
+        a2.plot(epochs, train_acc, marker="o", label="train")
+    a2.plot(epochs, test_acc, marker="s", label="test")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("accuracy")
+    a2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cmd_train(args):
+    plt = None
+    if args.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            _err("--plot needs matplotlib, which is not installed (pip install matplotlib, or "
+                 "pip install 'fastbp[plot]')")
+            return 2
+    from fastbp.datasets import load_mnist
+    from fastbp.nets import MultiLayerNet
+
+    try:
+        (x_train, t_train), (x_test, t_test), info = _load(load_mnist, args)
+    except (OSError, ValueError) as e:
+        _err(f"cannot load MNIST: {e}")
+        return 1
+    n = x_train.shape[0]
+    bs = args.batch_size
+    if bs > n:
+        _err(f"--batch-size {bs} is larger than the training set ({n} samples)")
+        return 2
+    note = ""
+    if info.source == "sample" and args.source == "auto":
+        note = " (full MNIST not found locally; --source full downloads it)"
+    print(f"data: {info}{note}")
+
+    np.random.seed(args.seed)
+    init = args.weight_init if args.weight_init is not None else args.activation
+    net = MultiLayerNet(x_train.shape[1], args.hidden, 10, activation=args.activation, weight_init_std=init,
+                        weight_decay_lambda=args.weight_decay, dtype=np.dtype(args.dtype), backend=args.backend)
+    opt = make_optimizer(args.optimizer, args.lr)
+    iter_per_epoch = max(n // bs, 1)
+    if args.iters is not None:
+        total = args.iters
+    else:
+        total = (args.epochs if args.epochs is not None else DEFAULT_EPOCHS) * iter_per_epoch
+    arch = "-".join(str(s) for s in [x_train.shape[1]] + args.hidden + [10])
+    print(f"net: MultiLayerNet {arch} {args.activation}, init {init}, weight decay {args.weight_decay:g}, "
+          f"{args.dtype}, backend {args.backend}")
+    print(f"training: {type(opt).__name__}(lr={opt.lr:g}), batch {bs}, {total} iterations "
+          f"({total / iter_per_epoch:.4g} epochs of {iter_per_epoch}), seed {args.seed}")
+    sys.stdout.flush()
+
+    bar = ProgressBar(total, enabled=not args.quiet and sys.stderr.isatty())
+    xb = np.empty((bs,) + x_train.shape[1:], x_train.dtype)
+    tb = np.empty((bs,) + t_train.shape[1:], t_train.dtype)
+    losses = []
+    epochs_done, train_accs, test_accs = [], [], []
+    train_time = eval_time = 0.0
+    epoch_sum, epoch_count = 0.0, 0      # mean batch loss of the current epoch
+    running = float("nan")
+    perm = None
+    pos = n  # forces a new permutation at the first iteration
+
+    def evaluate(epoch_label):
+        nonlocal eval_time
+        t0 = time.perf_counter()
+        tr = None if args.no_train_acc else net.accuracy(x_train, t_train, batch_size=bs)
+        te = net.accuracy(x_test, t_test, batch_size=bs)
+        eval_time += time.perf_counter() - t0
+        epochs_done.append(epoch_label)
+        if tr is not None:
+            train_accs.append(tr)
+        test_accs.append(te)
+        bar.clear()
+        tr_s = "" if tr is None else f"  train acc {tr:.4f}"
+        print(f"epoch {epoch_label:>7.4g}  loss {running:.4f}{tr_s}  test acc {te:.4f}  "
+              f"(train {train_time:.2f} s, eval {eval_time:.2f} s)")
+        sys.stdout.flush()
+        return te
+
+    wall0 = time.perf_counter()
+    t0 = time.perf_counter()
+    for i in range(total):
+        if pos + bs > n:
+            perm = np.random.permutation(n)
+            pos = 0
+        idx = perm[pos:pos + bs]
+        pos += bs
+        np.take(x_train, idx, axis=0, out=xb)
+        np.take(t_train, idx, axis=0, out=tb)
+        grads = net.gradient(xb, tb)
+        opt.update(net.params, grads)
+        loss = net.last_layer.loss
+        if not math.isfinite(loss):
+            train_time += time.perf_counter() - t0
+            bar.clear()
+            _err(f"the loss became {loss} at iteration {i + 1}: training diverged (lower --lr)")
+            return 1
+        losses.append(loss)
+        epoch_sum += loss
+        epoch_count += 1
+        running = epoch_sum / epoch_count
+        bar.update(i + 1, running)
+        if (i + 1) % iter_per_epoch == 0 or i + 1 == total:
+            train_time += time.perf_counter() - t0
+            evaluate((i + 1) / iter_per_epoch)
+            epoch_sum, epoch_count = 0.0, 0
+            t0 = time.perf_counter()
+    bar.close()
+    wall = time.perf_counter() - wall0
+    final = test_accs[-1]
+    print(f"final test accuracy {final:.4f}  |  training {_fmt_time(train_time)} "
+          f"({_fmt_time(train_time / total)}/iteration), evaluation {_fmt_time(eval_time)}, "
+          f"wall {_fmt_time(wall)}")
+
+    summary = {
+        "fastbp_version": fastbp.__version__, "data": str(info), "data_source": info.source,
+        "n_train": int(n), "n_test": int(x_test.shape[0]),
+        "hidden": args.hidden, "activation": args.activation, "weight_init_std": init,
+        "weight_decay": args.weight_decay, "dtype": args.dtype, "backend": args.backend,
+        "optimizer": args.optimizer, "lr": opt.lr, "batch_size": bs, "iterations": total,
+        "epochs": total / iter_per_epoch, "seed": args.seed,
+        "final_test_accuracy": final, "final_train_accuracy": train_accs[-1] if train_accs else None,
+        "epoch": epochs_done, "train_accuracy": train_accs, "test_accuracy": test_accs,
+        "last_epoch_loss": running, "train_time_s": train_time, "eval_time_s": eval_time, "wall_time_s": wall,
+        "time_per_iteration_s": train_time / total,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"summary written to {args.json}")
+    if plt is not None:
+        title = f"{arch} {args.optimizer} lr={opt.lr:g} ({info.source} MNIST)"
+        _save_plot(plt, args.plot, losses, epochs_done, train_accs, test_accs, title)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _load(load_mnist, args):
+    """((x_train, t_train), (x_test, t_test), DatasetInfo): images float32 (N, 784), labels uint8."""
+    (train, test), info = load_mnist(normalize=True, flatten=True, one_hot_label=False, source=args.source,
+                                     data_dir=args.data_dir, verbose=args.source == "full",
+                                     return_info=True)
+    return train, test, info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gradcheck
+# ---------------------------------------------------------------------------------------------------------
+def gradcheck_cases(seed=0):
+    """[(name, check)] where check() -> {array name: max relative error}: every fastbp layer and both nets
+    in float64, backpropagation against central differences."""
+    from fastbp import layers as L
+    from fastbp.gradient import gradient_check_layer, gradient_check_model
+    from fastbp.nets import MultiLayerNet, TwoLayerNet
+
+    rng = np.random.default_rng(seed)
+
+    def away_from_zero(shape):
+        v = rng.standard_normal(shape)
+        return np.sign(v) * (0.1 + np.abs(v))       # ReLU's kink at 0 is out of the central difference's reach
+
+    def layer_case(make, x, t=None):
+        return lambda: gradient_check_layer(make(), x, t=t, raise_on_failure=False)
+
+    def net_case(make, x, t):
+        def run():
+            state = np.random.get_state()
+            np.random.seed(seed)
+            try:
+                net = make()
+            finally:
+                np.random.set_state(state)
+            return gradient_check_model(net, x, t, raise_on_failure=False)
+        return run
+
+    n, d, h, c = 3, 6, 5, 4
+    W = rng.standard_normal((d, h)) * 0.5
+    b = rng.standard_normal(h) * 0.1
+    logits = rng.standard_normal((n, c))
+    labels = rng.integers(0, c, n)
+    onehot = np.eye(c)[labels]
+    xin = rng.random((n, 12))
+    return [
+        ("Affine", layer_case(lambda: L.Affine(W.copy(), b.copy()), rng.standard_normal((n, d)))),
+        ("Affine (4-D input)", layer_case(lambda: L.Affine(W.copy(), b.copy()),
+                                          rng.standard_normal((n, 1, 2, 3)))),
+        ("Relu", layer_case(L.Relu, away_from_zero((n, h)))),
+        ("Sigmoid", layer_case(L.Sigmoid, rng.standard_normal((n, h)) * 3)),
+        ("SoftmaxWithLoss (labels)", layer_case(L.SoftmaxWithLoss, logits, labels)),
+        ("SoftmaxWithLoss (one-hot)", layer_case(L.SoftmaxWithLoss, logits, onehot)),
+        ("MatMul", layer_case(lambda: L.MatMul(W.copy()), rng.standard_normal((n, d)))),
+        ("TwoLayerNet", net_case(lambda: TwoLayerNet(12, 8, c, weight_init_std=0.5), xin, labels)),
+        ("MultiLayerNet relu + decay", net_case(
+            lambda: MultiLayerNet(12, [8, 6], c, "relu", "he", weight_decay_lambda=0.1), xin, labels)),
+        ("MultiLayerNet sigmoid (one-hot)", net_case(
+            lambda: MultiLayerNet(12, [8, 6], c, "sigmoid", "xavier"), xin, onehot)),
+    ]
+
+
+def run_gradcheck(cases, threshold=1e-6):
+    """[(case, array, error, passed)] for every array of every case; a check that raises is one failed row."""
+    rows = []
+    for name, check in cases:
+        try:
+            errors = check()
+        except Exception as e:  # a crashing layer is a failed check, reported in the table
+            rows.append((name, f"error: {type(e).__name__}: {e}", float("nan"), False))
+            continue
+        if not errors:
+            rows.append((name, "(no arrays checked)", float("nan"), False))
+        for key, err in errors.items():
+            rows.append((name, key, float(err), bool(err <= threshold)))
+    return rows
+
+
+def format_gradcheck(rows, threshold):
+    w1 = max([len("check")] + [len(r[0]) for r in rows])
+    w2 = max([len("array")] + [len(r[1]) for r in rows])
+    lines = [f"{'check':<{w1}}  {'array':<{w2}}  {'max rel. error':>14}  result",
+             "-" * (w1 + w2 + 26)]
+    for name, key, err, ok in rows:
+        lines.append(f"{name:<{w1}}  {key:<{w2}}  {err:>14.3e}  {'pass' if ok else 'FAIL'}")
+    failed = sum(1 for r in rows if not r[3])
+    lines.append("-" * (w1 + w2 + 26))
+    lines.append(f"{len(rows) - failed}/{len(rows)} passed (threshold {threshold:g}, float64, central "
+                 f"differences)" + ("" if not failed else f"; {failed} FAILED"))
+    return "\n".join(lines)
+
+
+def _add_gradcheck_parser(sub):
+    p = sub.add_parser("gradcheck", help="check every layer's and both networks' backward against numerical "
+                                         "derivatives",
+                       description="Compare backpropagated gradients with central differences (float64) for "
+                                   "Affine, Relu, Sigmoid, SoftmaxWithLoss (labels and one-hot), MatMul, "
+                                   "TwoLayerNet and MultiLayerNet; exit code 1 when any check fails.")
+    p.add_argument("--threshold", type=_positive_float, default=1e-6,
+                   help="largest accepted max relative error (default 1e-6)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.set_defaults(func=cmd_gradcheck)
+
+
+def cmd_gradcheck(args):
+    rows = run_gradcheck(gradcheck_cases(args.seed), args.threshold)
+    print(format_gradcheck(rows, args.threshold))
+    return 0 if all(r[3] for r in rows) else 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------------------------
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _numpy_blas(exclude=None):
+    """Lines describing NumPy's BLAS: threadpoolctl when installed (skipping the library `exclude`, i.e.
+    fastbp's own copy), else numpy.show_config's build information."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        threadpool_info = None
+    if threadpool_info is not None:
+        lines = []
+        skip = os.path.realpath(exclude) if exclude else None
+        for lib in threadpool_info():
+            path = lib.get("filepath", "")
+            if lib.get("user_api") != "blas" or (skip and os.path.realpath(path) == skip):
+                continue
+            lines.append(f"{lib.get('internal_api')} {lib.get('version')}, kernels {lib.get('architecture')}, "
+                         f"{lib.get('num_threads')} threads, {path}")
+        if lines:
+            return lines
+    try:
+        cfg = np.show_config(mode="dicts")
+        blas = cfg.get("Build Dependencies", {}).get("blas", {})
+        return [f"{blas.get('name', '?')} {blas.get('version', '')} (from numpy.show_config; "
+                f"install threadpoolctl for runtime details)".replace("  ", " ")]
+    except Exception as e:  # very old NumPy: no dict mode
+        return [f"unknown ({type(e).__name__}: {e})"]
+
+
+def collect_info():
+    """Everything `fastbp info` prints, as a dict."""
+    import sysconfig
+    out = {"fastbp": fastbp.__version__, "numpy": np.__version__, "python": platform.python_version(),
+           "platform": platform.platform()}
+    try:
+        from fastbp import _kernels
+        bi = _kernels.build_info()
+        out["extension"] = {"file": _kernels.__file__, "openmp": bool(bi.get("openmp")),
+                            "openmp_max_threads": bi.get("openmp_max_threads"),
+                            "compiler": sysconfig.get_config_var("CC")}
+    except ImportError as e:
+        out["extension"] = {"error": f"not built or not importable: {e}"}
+    try:
+        from fastbp import _blas
+        out["fastbp_blas"] = {k: v for k, v in _blas.info().items()}
+    except Exception as e:
+        out["fastbp_blas"] = {"error": f"{type(e).__name__}: {e}"}
+    out["numpy_blas"] = _numpy_blas(out["fastbp_blas"].get("library"))
+    try:
+        from fastbp._blas import cpu_flags
+        flags = cpu_flags()
+    except Exception:
+        flags = set()
+    simd = sorted(f for f in flags if f in ("sse4_2", "avx", "avx2", "fma") or f.startswith("avx512"))
+    out["cpu"] = {"model": _cpu_model(), "cores": os.cpu_count(), "simd": simd}
+    return out
+
+
+def cmd_info(args):
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    ext = info["extension"]
+    blas = info["fastbp_blas"]
+    cpu = info["cpu"]
+    print(f"fastbp   {info['fastbp']}")
+    print(f"numpy    {info['numpy']}")
+    print(f"python   {info['python']} ({info['platform']})")
+    if "error" in ext:
+        print(f"kernels  {ext['error']}")
+    else:
+        omp = f"yes, {ext['openmp_max_threads']} threads" if ext["openmp"] else "no"
+        print(f"kernels  {ext['file']}")
+        print(f"         OpenMP: {omp}; compiler: {ext['compiler']}")
+    if "error" in blas:
+        print(f"BLAS     fastbp's OpenBLAS unavailable: {blas['error']}")
+    else:
+        print(f"BLAS     fastbp: {blas['library']}")
+        print(f"         core {blas['corename']} (requested {blas['requested_coretype'] or 'none'}: "
+              f"{blas['reason']}), {blas['num_threads']} threads")
+        print(f"         {blas['config']}")
+    for i, line in enumerate(info["numpy_blas"]):
+        print(("BLAS     numpy: " if i == 0 else "         ") + line)
+    print(f"CPU      {cpu['model']} ({cpu['cores']} logical cores)")
+    print(f"SIMD     {' '.join(cpu['simd']) or 'none reported'}")
+    return 0
+
+
+def _add_info_parser(sub):
+    p = sub.add_parser("info", help="versions, build, BLAS and CPU information")
+    p.add_argument("--json", action="store_true", help="print the information as JSON")
+    p.set_defaults(func=cmd_info)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------------
+def _add_unavailable(sub, name, error):
+    p = sub.add_parser(name, help=f"(unavailable: {error})", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def unavailable(args):
+        _err(f"the '{name}' command is unavailable: {error}")
+        return 2
+    p.set_defaults(func=unavailable)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="fastbp", description="fastbp: the layers of 'Deep Learning from Scratch' on fast kernels.")
+    parser.add_argument("--version", action="version", version=f"fastbp {fastbp.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train_parser(sub)
+    _add_gradcheck_parser(sub)
+    _add_info_parser(sub)
+    for modname in SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:
+                continue            # not there (yet): nothing to register
+            _add_unavailable(sub, modname.rsplit(".", 1)[-1], f"{type(e).__name__}: {e}")
+            continue
+        except Exception as e:
+            _add_unavailable(sub, modname.rsplit(".", 1)[-1], f"{type(e).__name__}: {e}")
+            continue
+        add = getattr(mod, "add_parser", None)
+        if callable(add):
+            add(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except BrokenPipeError:          # e.g. `fastbp info | head`: the reader went away, not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The book's fully connected networks on fastbp's layers: ``TwoLayerNet`` and ``MultiLayerNet``.
+
+Same constructor arguments, attributes and methods as book 1's ``ch05/two_layer_net.py`` and
+``common/multi_layer_net.py``: ``params`` dict (``W1``, ``b1``, ...), ``layers`` OrderedDict (``Affine1``,
+``Relu1`` or ``Sigmoid1``, ..., ``Affine<L>``), ``lastLayer`` (also ``last_layer``), ``predict``, ``loss``,
+``accuracy``, ``numerical_gradient`` and ``gradient``.  Weights are drawn like the book's
+(``scale * np.random.randn(...)``, then cast to ``dtype``), so ``np.random.seed`` reproduces the book's
+initial weights.  Two extra keyword arguments:
+
+* ``dtype`` (float64 like the book, or float32): the dtype of the parameters.
+* ``backend``: ``"fastbp"`` (default) builds the network from :mod:`fastbp.layers` with ``reuse=True``
+  (layer outputs and gradients live in workspaces reused from call to call) and ``need_dx=False`` on the first
+  Affine; ``"reference"`` builds it from :mod:`fastbp.reference` (plain NumPy, the baseline).
+
+With the fastbp backend a training step ``grads = net.gradient(x, t); optimizer.update(net.params, grads)``
+allocates no NumPy array once the batch shape has been seen.  The price is the workspace rule: arrays returned
+by ``predict`` and ``gradient`` are the layers' own and are overwritten by the next call (copy what you want to
+keep); ``gradient`` adds the weight-decay term ``lambda * W`` into the Affine layers' ``dW`` in place.  The
+fastbp backend computes in the network's dtype: inputs and float (one-hot) targets of another dtype are
+converted into reused buffers (NumPy's promotion would turn a float32 network fed float64 data into a float64
+computation with per-call copies of the weights).
+
+Other differences from the book: ``loss`` uses fastbp's exact log-sum-exp cross entropy (equal to the book's
+``-log(y + 1e-7)`` to about 1e-7 where the book's is not capped), ``accuracy`` handles one-hot targets (the
+book's ``MultiLayerNet.accuracy`` has a typo that breaks them), and ``accuracy`` takes an optional
+``batch_size`` to evaluate a large set in slices.
+"""
+import math
+import numbers
+from collections import OrderedDict
+
+import numpy as np
+
+from fastbp import reference as _reference
+from fastbp.gradient import numerical_gradient as _numerical_gradient
+
+__all__ = ["TwoLayerNet", "MultiLayerNet"]
+
+_BACKENDS = ("fastbp", "reference")
+_ACTIVATIONS = ("relu", "sigmoid")
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+def _layers_module(backend):
+    if backend == "fastbp":
+        from fastbp import layers
+        return layers
+    if backend == "reference":
+        return _reference
+    raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+
+
+def _check_size(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_dtype(dtype):
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from e
+    if dt != _F32 and dt != _F64:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def init_scale(weight_init_std, n_prev):
+    """Standard deviation of a weight matrix fed by n_prev units: a number, or 'relu'/'he' -> sqrt(2/n_prev),
+    'sigmoid'/'xavier' -> sqrt(1/n_prev) (as in the book's MultiLayerNet)."""
+    if isinstance(weight_init_std, str):
+        name = weight_init_std.lower()
+        if name in ("relu", "he"):
+            return math.sqrt(2.0 / n_prev)
+        if name in ("sigmoid", "xavier"):
+            return math.sqrt(1.0 / n_prev)
+        raise ValueError(f"weight_init_std must be a number or one of 'relu', 'he', 'sigmoid', 'xavier', "
+                         f"got {weight_init_std!r}")
+    if isinstance(weight_init_std, bool) or not isinstance(weight_init_std, numbers.Real) \
+            or not math.isfinite(weight_init_std):
+        raise ValueError(f"weight_init_std must be a finite number or one of 'relu', 'he', 'sigmoid', "
+                         f"'xavier', got {weight_init_std!r}")
+    return weight_init_std
+
+
+def _add_scaled(dW, lam, W):
+    """dW += lam * W in place (the kernel's SGD update with lr = -lam is exactly this axpy)."""
+    if (dW.dtype == W.dtype and (dW.dtype == _F32 or dW.dtype == _F64) and dW.dtype.isnative
+            and dW.flags.c_contiguous and W.flags.c_contiguous and dW.flags.writeable):
+        from fastbp import _kernels
+        _kernels.optimizer_update(0, dW, W, None, None, -lam)
+    else:
+        dW += lam * W
+
+
+class _FullyConnectedNet:
+    """Affine -> activation -> ... -> Affine -> SoftmaxWithLoss with the book-1 network API."""
+
+    def _build(self, input_size, hidden_size_list, output_size, activation, weight_init_std,
+               weight_decay_lambda, dtype, backend):
+        self.input_size = _check_size(input_size, "input_size")
+        self.output_size = _check_size(output_size, "output_size")
+        if isinstance(hidden_size_list, numbers.Integral):
+            raise TypeError(f"hidden_size_list must be a list of layer sizes, e.g. [{hidden_size_list}]")
+        self.hidden_size_list = [_check_size(h, f"hidden_size_list[{i}]") for i, h in enumerate(hidden_size_list)]
+        self.hidden_layer_num = len(self.hidden_size_list)
+        if not isinstance(activation, str) or activation.lower() not in _ACTIVATIONS:
+            raise ValueError(f"activation must be 'relu' or 'sigmoid', got {activation!r}")
+        self.activation = activation.lower()
+        if isinstance(weight_decay_lambda, bool) or not isinstance(weight_decay_lambda, numbers.Real) \
+                or not math.isfinite(weight_decay_lambda) or weight_decay_lambda < 0:
+            raise ValueError(f"weight_decay_lambda must be a finite number >= 0, got {weight_decay_lambda!r}")
+        self.weight_decay_lambda = weight_decay_lambda
+        self.dtype = _check_dtype(dtype)
+        L = _layers_module(backend)
+        self.backend = backend
+        fast = backend == "fastbp"
+
+        sizes = [self.input_size] + self.hidden_size_list + [self.output_size]
+        self.params = {}
+        for idx in range(1, len(sizes)):
+            scale = init_scale(weight_init_std, sizes[idx - 1])
+            W = scale * np.random.randn(sizes[idx - 1], sizes[idx])
+            self.params[f"W{idx}"] = W.astype(self.dtype, copy=False)
+            self.params[f"b{idx}"] = np.zeros(sizes[idx], self.dtype)
+
+        act_cls = L.Relu if self.activation == "relu" else L.Sigmoid
+        act_name = "Relu" if self.activation == "relu" else "Sigmoid"
+        kw = {"reuse": True} if fast else {}
+        self.layers = OrderedDict()
+        n_affine = len(sizes) - 1
+        for idx in range(1, n_affine + 1):
+            W, b = self.params[f"W{idx}"], self.params[f"b{idx}"]
+            if fast:
+                self.layers[f"Affine{idx}"] = L.Affine(W, b, reuse=True, need_dx=idx > 1)
+            else:
+                self.layers[f"Affine{idx}"] = L.Affine(W, b)
+            if idx < n_affine:
+                self.layers[f"{act_name}{idx}"] = act_cls(**kw)
+        self.lastLayer = L.SoftmaxWithLoss(**kw)
+        self._bufs = {}
+
+    # the book names it lastLayer in TwoLayerNet and last_layer in MultiLayerNet
+    last_layer = property(lambda self: self.lastLayer, lambda self, v: setattr(self, "lastLayer", v))
+
+    def _affine_count(self):
+        return self.hidden_layer_num + 1
+
+    def _in_dtype(self, name, a):
+        """fastbp backend: a float/integer array of another dtype converted to the network's dtype, into a
+        buffer reused from call to call (so a float32 net computes in float32 whatever it is fed, and a
+        float64 one-hot target does not promote a float32 net's backward pass to float64)."""
+        if self.backend != "fastbp":
+            return a
+        if not isinstance(a, np.ndarray):
+            a = np.asarray(a)
+        if a.dtype == self.dtype or a.dtype.kind not in "fiub" or (name == "t" and a.dtype.kind != "f"):
+            return a            # integer labels stay labels
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape != a.shape:
+            buf = self._bufs[name] = np.empty(a.shape, self.dtype)
+        np.copyto(buf, a, casting="unsafe")
+        return buf
+
+    def predict(self, x):
+        """Scores (logits) of the network for x: the layers' forward in order."""
+        x = self._in_dtype("x", x)
+        for layer in self.layers.values():
+            x = layer.forward(x)
+        return x
+
+    def weight_decay(self):
+        """0.5 * lambda * sum over the weight matrices of sum(W ** 2) (no temporaries)."""
+        lam = self.weight_decay_lambda
+        if not lam:
+            return 0.0
+        total = 0.0
+        for idx in range(1, self._affine_count() + 1):
+            W = self.params[f"W{idx}"]
+            total += float(np.vdot(W, W))
+        return 0.5 * lam * total
+
+    def loss(self, x, t):
+        """Cross-entropy of softmax(predict(x)) against t (labels or one-hot) + 0.5 * lambda * sum(W ** 2)."""
+        y = self.predict(x)
+        return self.lastLayer.forward(y, self._in_dtype("t", t)) + self.weight_decay()
+
+    def accuracy(self, x, t, batch_size=None):
+        """Fraction of rows whose arg-max score equals the label (t labels (N,) or one-hot (N, C)).
+
+        ``batch_size`` evaluates the rows in slices of that many (same result, bounded memory)."""
+        x = np.asarray(x)
+        t = np.asarray(t)
+        n = x.shape[0] if x.ndim else 0
+        if t.shape[:1] != (n,):
+            raise ValueError(f"t must have one label or one-hot row per sample ({n}), got shape {t.shape}")
+        if t.ndim != 1:
+            t = np.argmax(t.reshape(n, -1), axis=1)
+        if n == 0:
+            raise ValueError("accuracy of an empty set is undefined (x has 0 rows)")
+        step = n if batch_size is None else _check_size(batch_size, "batch_size")
+        correct = 0
+        for start in range(0, n, step):
+            y = self.predict(x[start:start + step])
+            correct += int(np.count_nonzero(np.argmax(y, axis=1) == t[start:start + step]))
+        return correct / float(n)
+
+    def numerical_gradient(self, x, t):
+        """Gradients of loss(x, t) by central differences (the book's numerical_gradient), keyed like params."""
+        def loss_W(_):
+            return self.loss(x, t)
+        grads = {}
+        for key in self.params:
+            grads[key] = _numerical_gradient(loss_W, self.params[key])
+        return grads
+
+    def gradient(self, x, t):
+        """Gradients of loss(x, t) by backpropagation, keyed like params (dW includes lambda * W)."""
+        # forward (the weight-decay term of the loss does not change the backward pass)
+        self.lastLayer.forward(self.predict(x), self._in_dtype("t", t))
+        # backward
+        dout = self.lastLayer.backward(1)
+        for layer in reversed(self.layers.values()):
+            dout = layer.backward(dout)
+
+        grads = {}
+        lam = self.weight_decay_lambda
+        fast = self.backend == "fastbp"
+        for idx in range(1, self._affine_count() + 1):
+            layer = self.layers[f"Affine{idx}"]
+            dW = layer.dW
+            if lam:
+                if fast:
+                    _add_scaled(dW, lam, layer.W)
+                else:
+                    dW = dW + lam * layer.W
+            grads[f"W{idx}"] = dW
+            grads[f"b{idx}"] = layer.db
+        return grads
+
+
+class TwoLayerNet(_FullyConnectedNet):
+    """Affine1 -> Relu1 -> Affine2 -> SoftmaxWithLoss (book 1, chapter 5); weights std * randn."""
+
+    def __init__(self, input_size, hidden_size, output_size, weight_init_std=0.01, dtype=np.float64,
+                 backend="fastbp"):
+        self._build(input_size, [_check_size(hidden_size, "hidden_size")], output_size, "relu",
+                    weight_init_std, 0, dtype, backend)
+
+
+class MultiLayerNet(_FullyConnectedNet):
+    """(Affine -> Relu/Sigmoid) x len(hidden_size_list) -> Affine -> SoftmaxWithLoss, with L2 weight decay.
+
+    weight_init_std: a number, 'relu'/'he' (sqrt(2 / n_prev)) or 'sigmoid'/'xavier' (sqrt(1 / n_prev)).
+    """
+
+    def __init__(self, input_size, hidden_size_list, output_size, activation="relu", weight_init_std="relu",
+                 weight_decay_lambda=0, dtype=np.float64, backend="fastbp"):
+        self._build(input_size, hidden_size_list, output_size, activation, weight_init_std,
+                    weight_decay_lambda, dtype, backend)

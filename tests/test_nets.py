@@ -1,0 +1,307 @@
+"""fastbp.nets: the book's TwoLayerNet / MultiLayerNet API, gradients, backends, allocation-free steps."""
+import gc
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from fastbp import layers as fast_layers
+from fastbp import reference as ref_layers
+from fastbp.nets import MultiLayerNet, TwoLayerNet
+from fastbp.optimizers import SGD, Adam, Momentum
+
+DTYPES = [np.float32, np.float64]
+TOL = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
+GRAD_CHECK_MAX = 1e-6
+
+
+def _relative_error(a, n):
+    """max |a - n| / max(|a|, |n|, 1e-6 * largest entry): entries that are ~0 compare absolutely."""
+    a = np.asarray(a, np.float64)
+    n = np.asarray(n, np.float64)
+    floor = 1e-6 * max(np.abs(a).max(), np.abs(n).max(), 1e-300)
+    return float(np.max(np.abs(a - n) / np.maximum(np.maximum(np.abs(a), np.abs(n)), floor)))
+
+
+def _make(kind, seed=0, **kw):
+    np.random.seed(seed)
+    if kind == "two":
+        return TwoLayerNet(12, 8, 4, weight_init_std=kw.pop("weight_init_std", 0.5), **kw)
+    if kind == "relu":
+        return MultiLayerNet(12, [8, 6], 4, activation="relu", weight_init_std="he", **kw)
+    if kind == "sigmoid":
+        return MultiLayerNet(12, [8, 6], 4, activation="sigmoid", weight_init_std="xavier", **kw)
+    raise AssertionError(kind)
+
+
+def _data(n=3, d=12, c=4, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, d))
+    t = rng.integers(0, c, n)
+    return x, t, np.eye(c)[t]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["fastbp", "reference"])
+@pytest.mark.parametrize("kind,lam", [("two", 0), ("relu", 0), ("relu", 0.1), ("sigmoid", 0), ("sigmoid", 0.1)])
+@pytest.mark.parametrize("onehot", [False, True])
+def test_gradient_matches_numerical_gradient(kind, lam, backend, onehot):
+    kw = {} if kind == "two" else {"weight_decay_lambda": lam}
+    net = _make(kind, backend=backend, **kw)
+    x, t, T = _data()
+    target = T if onehot else t
+    grads = {k: v.copy() for k, v in net.gradient(x, target).items()}
+    num = net.numerical_gradient(x, target)
+    assert list(grads) == list(net.params) == list(num)
+    for k in net.params:
+        assert grads[k].shape == net.params[k].shape
+        err = _relative_error(grads[k], num[k])
+        assert err <= GRAD_CHECK_MAX, f"{k}: relative error {err:.3g}"
+
+
+def test_weight_decay_enters_loss_and_gradient():
+    x, t, _ = _data()
+    plain = _make("relu")
+    decayed = _make("relu", weight_decay_lambda=0.3)
+    ws = sum(float(np.sum(plain.params[f"W{i}"] ** 2)) for i in (1, 2, 3))
+    np.testing.assert_allclose(decayed.loss(x, t) - plain.loss(x, t), 0.5 * 0.3 * ws, rtol=1e-12)
+    g0 = {k: v.copy() for k, v in plain.gradient(x, t).items()}
+    g1 = decayed.gradient(x, t)
+    for i in (1, 2, 3):
+        np.testing.assert_allclose(g1[f"W{i}"], g0[f"W{i}"] + 0.3 * plain.params[f"W{i}"], rtol=1e-12)
+        np.testing.assert_allclose(g1[f"b{i}"], g0[f"b{i}"], rtol=1e-12)
+    # a second call recomputes dW from scratch (the decay term is not added twice)
+    g2 = decayed.gradient(x, t)
+    np.testing.assert_allclose(g2["W1"], g0["W1"] + 0.3 * plain.params["W1"], rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fastbp backend == reference backend
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,lam", [("two", 0), ("relu", 0.05), ("sigmoid", 0)])
+def test_fastbp_backend_equals_reference_backend(dtype, kind, lam):
+    kw = {} if kind == "two" else {"weight_decay_lambda": lam}
+    fast = _make(kind, dtype=dtype, backend="fastbp", **kw)
+    slow = _make(kind, dtype=dtype, backend="reference", **kw)
+    for k in fast.params:
+        np.testing.assert_array_equal(fast.params[k], slow.params[k])
+    rng = np.random.default_rng(7)
+    opt_f, opt_s = Momentum(lr=0.1), Momentum(lr=0.1)
+    for step in range(4):
+        x = rng.random((16, 12)).astype(dtype)
+        t = rng.integers(0, 4, 16).astype(np.uint8)
+        np.testing.assert_allclose(fast.predict(x), slow.predict(x), **TOL[dtype])
+        np.testing.assert_allclose(fast.loss(x, t), slow.loss(x, t), **TOL[dtype])
+        gf, gs = fast.gradient(x, t), slow.gradient(x, t)
+        for k in fast.params:
+            assert gf[k].dtype == np.dtype(dtype)
+            np.testing.assert_allclose(gf[k], gs[k], **TOL[dtype], err_msg=f"step {step} {k}")
+        opt_f.update(fast.params, gf)
+        opt_s.update(slow.params, gs)
+    for k in fast.params:
+        np.testing.assert_allclose(fast.params[k], slow.params[k], **TOL[dtype])
+    assert fast.accuracy(x, t) == slow.accuracy(x, t)
+
+
+@pytest.mark.parametrize("feed", ["one-hot", "float64 x"])
+def test_float32_net_computes_in_float32_whatever_it_is_fed(feed):
+    x, t, T = _data(n=5)                                 # float64 x, float64 one-hot T
+    fast = _make("relu", dtype=np.float32)
+    slow = _make("relu", dtype=np.float32, backend="reference")
+    target = T if feed == "one-hot" else t
+    xin = x.astype(np.float32) if feed == "one-hot" else x
+    assert fast.predict(xin).dtype == np.float32
+    grads = fast.gradient(xin, target)
+    for k in fast.params:
+        assert grads[k].dtype == np.float32
+        np.testing.assert_allclose(grads[k], slow.gradient(xin, target)[k], **TOL[np.float32])
+    np.testing.assert_allclose(fast.loss(xin, target), slow.loss(xin, target), **TOL[np.float32])
+
+
+def test_float32_images_with_float64_net_like_the_book():
+    x, t, _ = _data(n=5)
+    x32 = x.astype(np.float32)
+    fast = _make("relu")
+    slow = _make("relu", backend="reference")
+    assert fast.predict(x32).dtype == np.float64
+    np.testing.assert_allclose(fast.predict(x32), slow.predict(x32), **TOL[np.float64])
+    np.testing.assert_allclose(fast.gradient(x32, t)["W1"], slow.gradient(x32, t)["W1"], **TOL[np.float64])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the book's API
+# ---------------------------------------------------------------------------------------------------------
+def test_two_layer_net_api_and_init_like_the_book():
+    np.random.seed(42)
+    W1 = 0.01 * np.random.randn(784, 50)
+    W2 = 0.01 * np.random.randn(50, 10)
+    np.random.seed(42)
+    net = TwoLayerNet(input_size=784, hidden_size=50, output_size=10)
+    assert list(net.params) == ["W1", "b1", "W2", "b2"]
+    np.testing.assert_array_equal(net.params["W1"], W1)
+    np.testing.assert_array_equal(net.params["W2"], W2)
+    np.testing.assert_array_equal(net.params["b1"], np.zeros(50))
+    assert list(net.layers) == ["Affine1", "Relu1", "Affine2"]
+    assert isinstance(net.lastLayer, fast_layers.SoftmaxWithLoss) and net.last_layer is net.lastLayer
+    assert all(layer.reuse for layer in net.layers.values()) and net.lastLayer.reuse
+    assert net.layers["Affine1"].need_dx is False and net.layers["Affine2"].need_dx is True
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("init,scale", [("relu", lambda n: np.sqrt(2 / n)), ("he", lambda n: np.sqrt(2 / n)),
+                                        ("sigmoid", lambda n: np.sqrt(1 / n)), ("Xavier", lambda n: np.sqrt(1 / n)),
+                                        (0.05, lambda n: 0.05)])
+def test_multi_layer_net_init(init, scale, dtype):
+    sizes = [20, 9, 7, 3]
+    np.random.seed(3)
+    expected = [scale(sizes[i]) * np.random.randn(sizes[i], sizes[i + 1]) for i in range(3)]
+    np.random.seed(3)
+    net = MultiLayerNet(20, [9, 7], 3, activation="sigmoid", weight_init_std=init, dtype=dtype)
+    assert list(net.layers) == ["Affine1", "Sigmoid1", "Affine2", "Sigmoid2", "Affine3"]
+    assert net.hidden_size_list == [9, 7] and net.hidden_layer_num == 2
+    for i in range(3):
+        W = net.params[f"W{i + 1}"]
+        assert W.dtype == np.dtype(dtype) and W.flags.c_contiguous
+        np.testing.assert_array_equal(W, expected[i].astype(dtype))
+        assert net.params[f"b{i + 1}"].dtype == np.dtype(dtype)
+
+
+def test_reference_backend_uses_reference_layers():
+    net = _make("relu", backend="reference")
+    assert isinstance(net.layers["Affine1"], ref_layers.Affine)
+    assert isinstance(net.layers["Relu1"], ref_layers.Relu)
+    assert isinstance(net.lastLayer, ref_layers.SoftmaxWithLoss)
+
+
+@pytest.mark.parametrize("backend", ["fastbp", "reference"])
+def test_params_are_the_layers_arrays_and_updates_are_seen(backend):
+    net = _make("relu", backend=backend)
+    for i in (1, 2, 3):
+        assert net.params[f"W{i}"] is net.layers[f"Affine{i}"].W
+        assert net.params[f"b{i}"] is net.layers[f"Affine{i}"].b
+    x, t, _ = _data(n=6)
+    before = net.loss(x, t)
+    opt = SGD(lr=0.5)
+    ids = {k: id(v) for k, v in net.params.items()}
+    for _ in range(5):
+        opt.update(net.params, net.gradient(x, t))
+    assert {k: id(v) for k, v in net.params.items()} == ids
+    assert net.loss(x, t) < before
+    # the layers compute with the updated arrays
+    h = np.maximum(x @ net.params["W1"] + net.params["b1"], 0)
+    h = np.maximum(h @ net.params["W2"] + net.params["b2"], 0)
+    np.testing.assert_allclose(net.predict(x), h @ net.params["W3"] + net.params["b3"], rtol=1e-12)
+
+
+def test_book_style_manual_update_works():
+    net = _make("two")
+    x, t, T = _data(n=6)
+    before = net.loss(x, T)
+    for _ in range(5):
+        grad = net.gradient(x, T)
+        for key in ("W1", "b1", "W2", "b2"):
+            net.params[key] -= 0.5 * grad[key]
+    assert net.loss(x, T) < before
+
+
+@pytest.mark.parametrize("backend", ["fastbp", "reference"])
+def test_accuracy_with_labels_one_hot_and_slices(backend):
+    net = _make("relu", backend=backend)
+    x, t, T = _data(n=50, seed=4)
+    y = np.argmax(net.predict(x), axis=1).copy()
+    expected = np.mean(y == t)
+    assert 0 < expected < 1          # make both kinds of rows occur
+    assert net.accuracy(x, t) == expected
+    assert net.accuracy(x, T) == expected
+    assert net.accuracy(x, t, batch_size=7) == expected
+    assert net.accuracy(x, T.astype(np.float32), batch_size=50) == expected
+    with pytest.raises(ValueError, match="one label"):
+        net.accuracy(x, t[:-1])
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(backend="torch"), ValueError, "backend"),
+    (dict(dtype=np.int32), TypeError, "float32 or float64"),
+    (dict(activation="tanh"), ValueError, "activation"),
+    (dict(weight_init_std="glorot"), ValueError, "weight_init_std"),
+    (dict(weight_decay_lambda=-1), ValueError, "weight_decay_lambda"),
+])
+def test_constructor_validation(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        MultiLayerNet(4, [3], 2, **kwargs)
+
+
+def test_size_validation():
+    with pytest.raises(ValueError, match="hidden_size"):
+        TwoLayerNet(4, 0, 2)
+    with pytest.raises(TypeError, match="list"):
+        MultiLayerNet(4, 3, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# allocation-free training step
+# ---------------------------------------------------------------------------------------------------------
+def _step_peak(net, opt, x, t, steps=3):
+    """Peak of traced memory above the starting point over `steps` training steps, after warm-up (bytes)
+    and the live memory left behind."""
+    def step():
+        grads = net.gradient(x, t)
+        opt.update(net.params, grads)
+
+    for _ in range(3):
+        step()
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        step()
+        tracemalloc.reset_peak()
+        cur0, _ = tracemalloc.get_traced_memory()
+        for _ in range(steps):
+            step()
+        cur1, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    return peak - cur0, cur1 - cur0
+
+
+def _alloc_case(kind, scale, dtype, backend, opt_cls, feed="labels"):
+    """A net whose every array has at least 16 elements, sized by `scale`."""
+    np.random.seed(0)
+    d, h, c, n = 32 * scale, 24 * scale, 16 * scale, 16 * scale
+    if kind == "two":
+        net = TwoLayerNet(d, h, c, dtype=dtype, backend=backend)
+    else:
+        net = MultiLayerNet(d, [h, h], c, activation=kind, weight_decay_lambda=0.01, dtype=dtype, backend=backend)
+    rng = np.random.default_rng(0)
+    x = rng.random((n, d)).astype(np.float32)           # float32 images, like load_mnist(normalize=True)
+    t = rng.integers(0, c, n).astype(np.uint8)          # uint8 labels, like load_mnist
+    if feed == "one-hot":
+        t = np.eye(c)[t]                                # float64, like load_mnist(one_hot_label=True)
+    elif feed == "float64 x":
+        x = x.astype(np.float64)
+    return _step_peak(net, opt_cls(), x, t)
+
+
+@pytest.mark.parametrize("feed", ["labels", "one-hot", "float64 x"])
+@pytest.mark.parametrize("opt_cls", [SGD, Adam])
+@pytest.mark.parametrize("kind", ["two", "relu", "sigmoid"])
+def test_training_step_allocates_no_numpy_arrays(kind, opt_cls, feed):
+    """Any NumPy temporary scales with the array sizes; the Python objects of a step (the grads dict, ...)
+    do not.  So the step's peak must be the same for a small float32 net and a 2x larger float64 one."""
+    small, live_small = _alloc_case(kind, 1, np.float32, "fastbp", opt_cls, feed)
+    big, live_big = _alloc_case(kind, 2, np.float64, "fastbp", opt_cls, feed)
+    assert small < 2048, f"a training step allocated {small} bytes"
+    assert abs(big - small) <= 16, f"step peak {small} B (small float32 net) vs {big} B (2x float64 net)"
+    assert live_small < 256 and live_big < 256
+
+
+def test_allocation_measurement_sees_numpy_temporaries():
+    """The reference backend allocates per step, and the measurement above notices it."""
+    small, _ = _alloc_case("relu", 1, np.float32, "reference", SGD)
+    big, _ = _alloc_case("relu", 2, np.float64, "reference", SGD)
+    assert big > small + 4096
