@@ -156,6 +156,45 @@ cdef inline _check_int_dims(Py_ssize_t a, Py_ssize_t b, Py_ssize_t c):
         raise ValueError("matrix dimension exceeds the 32-bit BLAS interface (2**31 - 1)")
 
 
+cdef inline void _extent(cnp.ndarray a, char **lo, char **hi) noexcept:
+    """Byte range [lo, hi) spanned by `a` (lo == hi when it is empty)."""
+    cdef int i, nd = cnp.PyArray_NDIM(a)
+    cdef Py_ssize_t d, s
+    cdef char *l = <char*>cnp.PyArray_DATA(a)
+    cdef char *h = l
+    for i in range(nd):
+        d = cnp.PyArray_DIM(a, i)
+        if d == 0:
+            lo[0] = l
+            hi[0] = l
+            return
+        s = cnp.PyArray_STRIDE(a, i) * (d - 1)
+        if s > 0:
+            h += s
+        else:
+            l += s
+    lo[0] = l
+    hi[0] = h + cnp.PyArray_ITEMSIZE(a)
+
+
+cdef inline _check_no_overlap(object out, object inp, str outname, str inname, bint allow_same=False):
+    """ValueError when the output's memory range meets an input's (identical arrays allowed for pointwise kernels)."""
+    if out is None or inp is None:
+        return
+    cdef cnp.ndarray o = <cnp.ndarray>out, a = <cnp.ndarray>inp
+    cdef char *olo
+    cdef char *ohi
+    cdef char *alo
+    cdef char *ahi
+    _extent(o, &olo, &ohi)
+    _extent(a, &alo, &ahi)
+    if olo < ahi and alo < ohi:
+        if allow_same and cnp.PyArray_DATA(o) == cnp.PyArray_DATA(a) and cnp.PyArray_SIZE(o) == cnp.PyArray_SIZE(a) \
+                and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_IS_C_CONTIGUOUS(o):
+            return
+        raise ValueError(f"{outname} overlaps {inname} in memory: outputs must not share memory with inputs")
+
+
 cdef int _blas_layout(cnp.ndarray a, int *trans, int *ld) except -1:
     """Describe a 2-D operand to row-major CBLAS: (trans, ld).  Returns 0, or 1 if it needs a contiguous copy."""
     cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(a)
@@ -223,8 +262,8 @@ def gemm(a, b, out, bint trans_a=False, bint trans_b=False, double alpha=1.0, do
         raise ValueError(f"inner dimensions differ: op(a) is ({m}, {k}), op(b) is ({kb}, {n})")
     _check_shape2(C, m, n, "out")
     _check_int_dims(m, n, k)
-    if (np.may_share_memory(C, A) or np.may_share_memory(C, B)):
-        raise ValueError("out must not overlap the inputs")
+    _check_no_overlap(C, A, "out", "a")
+    _check_no_overlap(C, B, "out", "b")
     cdef int ta, tb, lda, ldb
     A = _blas_operand(A, &ta, &lda)
     B = _blas_operand(B, &tb, &ldb)
@@ -243,16 +282,39 @@ def gemm(a, b, out, bint trans_a=False, bint trans_b=False, double alpha=1.0, do
     return out
 
 
+cdef int _split_threads = 0
+
+
+def _set_gemm_split(int n):
+    """Experimental: split GEMMs by rows over n OpenMP threads, each calling a single-threaded BLAS."""
+    global _split_threads
+    _split_threads = n
+
+
 cdef inline void _gemm_safe(int ta, int tb, int m, int n, int k, floating alpha, const floating *a, int lda,
                             const floating *b, int ldb, floating beta, floating *c, int ldc) noexcept nogil:
     """_gemm that handles empty dimensions itself (BLAS rejects zero leading dimensions)."""
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, j
+    cdef int q, nt, lo, hi, chunk
     if m == 0 or n == 0:
         return
     if k == 0:
         # op(A) @ op(B) is all zeros: C = beta * C
-        for i in range(<Py_ssize_t>m * n):
-            c[i] = 0 if beta == 0 else beta * c[i]
+        for i in range(m):
+            for j in range(n):
+                c[i * ldc + j] = 0 if beta == 0 else beta * c[i * ldc + j]
+        return
+    nt = _split_threads
+    if nt > 1 and m >= 2 * nt and <double>m * n * k >= 200000:
+        chunk = (m + nt - 1) // nt
+        for q in prange(nt, nogil=True, schedule="static", num_threads=nt):
+            lo = q * chunk
+            hi = lo + chunk
+            if hi > m:
+                hi = m
+            if lo < hi:
+                _gemm(ta, tb, hi - lo, n, k, alpha, a + (lo * lda if ta == NoTrans else lo), lda, b, ldb, beta,
+                      c + lo * ldc, ldc)
         return
     _gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
@@ -287,6 +349,7 @@ def affine_forward(x, W, b, out):
     _check_shape2(O, n, m, "out")
     _check_out(O, "out")
     _check_int_dims(n, d, m)
+    _check_no_overlap(O, X, "out", "x"); _check_no_overlap(O, Wa, "out", "W"); _check_no_overlap(O, B, "out", "b")
     if not cnp.PyArray_IS_C_CONTIGUOUS(B):
         B = np.ascontiguousarray(B)
     cdef int tx, ldx, tw, ldw
@@ -362,6 +425,10 @@ def affine_backward(dout, x, W, dx, dW, db):
         DX = <cnp.ndarray>dx
         _check_ndim(DX, 2, "dx"); _check_shape2(DX, n, d, "dx"); _check_out(DX, "dx")
     _check_int_dims(n, d, m)
+    for o, oname in ((DX, "dx"), (DW, "dW"), (DB, "db")):
+        for i, iname in ((D, "dout"), (X, "x"), (Wa, "W")):
+            _check_no_overlap(o, i, oname, iname)
+    _check_no_overlap(DW, DB, "dW", "db"); _check_no_overlap(DX, DW, "dx", "dW"); _check_no_overlap(DX, DB, "dx", "db")
     if not cnp.PyArray_IS_C_CONTIGUOUS(D):
         D = np.ascontiguousarray(D)
     cdef int tx, ldx, tw, ldw, rc
@@ -457,6 +524,8 @@ def relu_forward(x, out, mask):
     cdef cnp.ndarray X = <cnp.ndarray>x, O = <cnp.ndarray>out
     _check_contig(X, "x"); _check_same_shape(O, X, "out", "x"); _check_out(O, "out")
     _check_mask(mask, X); _check_out(<cnp.ndarray>mask, "mask")
+    _check_no_overlap(O, X, "out", "x", True); _check_no_overlap(mask, X, "mask", "x")
+    _check_no_overlap(mask, O, "mask", "out")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(X)
     cdef uint8_t *mp = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>mask)
     with nogil:
@@ -475,6 +544,7 @@ def relu_backward(dout, mask, dx):
     _check_contig(D, "dout"); _check_mask(mask, D)
     _check_contig(<cnp.ndarray>mask, "mask")
     _check_same_shape(DX, D, "dx", "dout"); _check_out(DX, "dx")
+    _check_no_overlap(DX, D, "dx", "dout", True); _check_no_overlap(DX, mask, "dx", "mask")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(D)
     cdef const uint8_t *mp = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>mask)
     with nogil:
@@ -518,6 +588,7 @@ def sigmoid_forward(x, out):
     _same_type(t, out, "out")
     cdef cnp.ndarray X = <cnp.ndarray>x, O = <cnp.ndarray>out
     _check_contig(X, "x"); _check_same_shape(O, X, "out", "x"); _check_out(O, "out")
+    _check_no_overlap(O, X, "out", "x", True)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(X)
     with nogil:
         if t == 0:
@@ -535,6 +606,7 @@ def sigmoid_backward(dout, y, dx):
     _check_contig(D, "dout"); _check_contig(Y, "y")
     _check_same_shape(D, Y, "dout", "the forward output")
     _check_same_shape(DX, D, "dx", "dout"); _check_out(DX, "dx")
+    _check_no_overlap(DX, D, "dx", "dout", True); _check_no_overlap(DX, Y, "dx", "y", True)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(D)
     with nogil:
         if t == 0:
@@ -561,8 +633,10 @@ cdef extern from "_simd.h" nogil:
 
 
 cdef double _softmax_ce(Py_ssize_t n, Py_ssize_t c, const floating *x, const int64_t *t, const floating *onehot,
-                        floating *y, floating *g, double scale) noexcept nogil:
-    """Per row: y = softmax(x); loss += lse(x) - x[t] (or sum_j t_j (lse - x_j)); g = scale * (y - t)."""
+                        floating *y, floating *g, double scale, double *rows) noexcept nogil:
+    """Per row: y = softmax(x); rows[i] = lse(x) - x[t] (or sum_j t_j (lse - x_j)); g = scale * (y - t).
+
+    Returns sum(rows) added in row order, so the loss does not depend on the thread count."""
     cdef Py_ssize_t i
     cdef double loss = 0
     cdef int nt = _threads_for(n * c // 8)
@@ -570,13 +644,15 @@ cdef double _softmax_ce(Py_ssize_t n, Py_ssize_t c, const floating *x, const int
     for i in prange(n, nogil=True, schedule="static", num_threads=nt):
         gi = NULL if g == NULL else g + i * c
         if floating is float:
-            loss += fb_softmax_row_f32(x + i * c, y + i * c, gi, c, <float>scale,
-                                       NULL if onehot == NULL else onehot + i * c,
-                                       0 if t == NULL else t[i])
+            rows[i] = fb_softmax_row_f32(x + i * c, y + i * c, gi, c, <float>scale,
+                                         NULL if onehot == NULL else onehot + i * c,
+                                         0 if t == NULL else t[i])
         else:
-            loss += fb_softmax_row_f64(x + i * c, y + i * c, gi, c, scale,
-                                       NULL if onehot == NULL else onehot + i * c,
-                                       0 if t == NULL else t[i])
+            rows[i] = fb_softmax_row_f64(x + i * c, y + i * c, gi, c, scale,
+                                         NULL if onehot == NULL else onehot + i * c,
+                                         0 if t == NULL else t[i])
+    for i in range(n):
+        loss += rows[i]
     return loss
 
 
@@ -603,14 +679,32 @@ def softmax_cross_entropy(x, t, y, grad, double scale):
         _same_type(ft, grad, "grad")
         G = <cnp.ndarray>grad
         _check_same_shape(G, X, "grad", "x"); _check_out(G, "grad")
-    cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0), c = cnp.PyArray_DIM(X, 1), bad
+    cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0), c = cnp.PyArray_DIM(X, 1)
     if n > 0 and c == 0:
         raise ValueError(f"x must have at least one class column, got shape {_shp(X)}")
     if not cnp.PyArray_Check(t):
         raise TypeError(f"t must be a numpy.ndarray, got {type(t).__name__}")
     T = <cnp.ndarray>t
     _check_contig(T, "t")
+    _check_no_overlap(Y, X, "y", "x"); _check_no_overlap(Y, T, "y", "t")
+    _check_no_overlap(G, X, "grad", "x"); _check_no_overlap(G, T, "grad", "t"); _check_no_overlap(G, Y, "grad", "y")
     cdef void *gp = NULL if G is None else cnp.PyArray_DATA(G)
+    cdef double small[64]
+    cdef double *rows = &small[0]
+    if n > 64:
+        rows = <double*>malloc(n * sizeof(double))
+    if rows == NULL:
+        raise MemoryError()
+    try:
+        return _softmax_ce_dispatch(ft, X, T, Y, gp, n, c, scale, rows)
+    finally:
+        if rows != &small[0]:
+            free(rows)
+
+
+cdef double _softmax_ce_dispatch(int ft, cnp.ndarray X, cnp.ndarray T, cnp.ndarray Y, void *gp, Py_ssize_t n,
+                                 Py_ssize_t c, double scale, double *rows) except? -1.0:
+    cdef Py_ssize_t bad
     cdef double loss
     if cnp.PyArray_NDIM(T) == 1:
         if cnp.PyArray_TYPE(T) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(T):
@@ -624,20 +718,20 @@ def softmax_cross_entropy(x, t, y, grad, double scale):
         with nogil:
             if ft == 0:
                 loss = _softmax_ce[float](n, c, <float*>cnp.PyArray_DATA(X), <int64_t*>cnp.PyArray_DATA(T), NULL,
-                                          <float*>cnp.PyArray_DATA(Y), <float*>gp, scale)
+                                          <float*>cnp.PyArray_DATA(Y), <float*>gp, scale, rows)
             else:
                 loss = _softmax_ce[double](n, c, <double*>cnp.PyArray_DATA(X), <int64_t*>cnp.PyArray_DATA(T), NULL,
-                                           <double*>cnp.PyArray_DATA(Y), <double*>gp, scale)
+                                           <double*>cnp.PyArray_DATA(Y), <double*>gp, scale, rows)
     elif cnp.PyArray_NDIM(T) == 2:
         _same_type(ft, T, "t (one-hot)")
         _check_same_shape(T, X, "t (one-hot)", "x")
         with nogil:
             if ft == 0:
                 loss = _softmax_ce[float](n, c, <float*>cnp.PyArray_DATA(X), NULL, <float*>cnp.PyArray_DATA(T),
-                                          <float*>cnp.PyArray_DATA(Y), <float*>gp, scale)
+                                          <float*>cnp.PyArray_DATA(Y), <float*>gp, scale, rows)
             else:
                 loss = _softmax_ce[double](n, c, <double*>cnp.PyArray_DATA(X), NULL, <double*>cnp.PyArray_DATA(T),
-                                           <double*>cnp.PyArray_DATA(Y), <double*>gp, scale)
+                                           <double*>cnp.PyArray_DATA(Y), <double*>gp, scale, rows)
     else:
         raise ValueError(f"t must be labels (N,) or one-hot (N, C), got {cnp.PyArray_NDIM(T)}-D shape {_shp(T)}")
     return loss
@@ -649,6 +743,7 @@ def scale_into(src, double alpha, dst):
     _same_type(t, dst, "dst")
     cdef cnp.ndarray S = <cnp.ndarray>src, D = <cnp.ndarray>dst
     _check_contig(S, "src"); _check_same_shape(D, S, "dst", "src"); _check_out(D, "dst")
+    _check_no_overlap(D, S, "dst", "src", True)
     cdef Py_ssize_t i, n = cnp.PyArray_SIZE(S)
     cdef float *sf
     cdef float *df
@@ -765,6 +860,10 @@ def optimizer_update(int kind, param, grad, state1, state2, double lr, double a=
         _check_same_shape(S2, P, "state2", "param")
         if not cnp.PyArray_ISWRITEABLE(S2) or not _contig_like(S2, c_order):
             raise ValueError("state2 must be writeable and contiguous in the same memory order as param")
+    _check_no_overlap(P, G, "param", "grad")
+    _check_no_overlap(S1, G, "state1", "grad"); _check_no_overlap(S1, P, "state1", "param")
+    _check_no_overlap(S2, G, "state2", "grad"); _check_no_overlap(S2, P, "state2", "param")
+    _check_no_overlap(S2, S1, "state2", "state1")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(P)
     cdef void *s1p = NULL if S1 is None else cnp.PyArray_DATA(S1)
     cdef void *s2p = NULL if S2 is None else cnp.PyArray_DATA(S2)

@@ -21,6 +21,7 @@ rules; float16 and other types fall back to :mod:`fastbp.reference` (plain NumPy
 an answer, and raise TypeError where they do not.  Any memory layout is accepted; a copy is made once where a
 kernel needs contiguity.
 """
+import math
 import warnings
 
 import numpy as np
@@ -70,8 +71,9 @@ class _Workspace:
         return a
 
     def as_dtype(self, name, a, dtype):
-        """`a` converted to native `dtype` (C-contiguous), into a reused buffer when reuse is on."""
-        if a.dtype == dtype:
+        """`a` as a C-contiguous array of native `dtype`: itself if it is one, else a copy (a reused buffer
+        when reuse is on)."""
+        if a.dtype == dtype and a.dtype.isnative and a.flags.c_contiguous:
             return a
         out = self.get(name, a.shape, dtype)
         np.copyto(out, a, casting="unsafe")
@@ -159,15 +161,12 @@ class Sigmoid(_Layer):
     def forward(self, x):
         x = np.asarray(x)
         if x.dtype not in _KERNEL_DTYPES or not x.dtype.isnative:
-            if x.dtype.kind in "biu":
-                x = x.astype(np.float64)          # np.exp's promotion of integers
-            elif x.dtype.kind == "f" and x.dtype.itemsize >= 4:
-                x = _native(x)
-                if x.dtype not in _KERNEL_DTYPES:
-                    raise TypeError(f"Sigmoid supports float32/float64 (and integers), got {x.dtype}")
-            else:
+            # np.exp's promotion: int16 -> float32, int32 -> float64, int8/bool -> float16 (NumPy path)
+            dt = np.result_type(x.dtype, np.float16) if x.dtype.kind in "biu" else x.dtype.newbyteorder("=")
+            if dt not in _KERNEL_DTYPES:
                 self.out = _ref.Sigmoid().forward(x)
                 return self.out
+            x = x.astype(dt)
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
         out = self._ws.get("out", x.shape, x.dtype)
@@ -199,7 +198,7 @@ def _as_batch(x, layer):
         return x
     if x.ndim == 0:
         raise ValueError(f"{layer} needs an input with at least one dimension, got a scalar")
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))   # -1 cannot be inferred for an empty batch
 
 
 class Affine(_Layer):
@@ -373,54 +372,22 @@ class SoftmaxWithLoss(_Layer):
         t = np.asarray(t)
         if x.ndim not in (1, 2):
             raise ValueError(f"logits must be 1-D (one sample) or 2-D (N, C), got shape {x.shape}")
+        dt = x.dtype
+        if dt not in _KERNEL_DTYPES or not dt.isnative:
+            # NumPy's promotion of np.exp: int16 -> float32, int32 -> float64; float16/int8 stay on the NumPy path
+            dt = np.result_type(dt, np.float16) if dt.kind in "biu" else dt.newbyteorder("=")
+            if dt not in _KERNEL_DTYPES:
+                return self._fallback(x, t_in)
         single = x.ndim == 1
         x2 = x.reshape(1, -1) if single else x
         n, c = x2.shape
-        if t.dtype.kind in "iub":
-            onehot = False
-            if single:
-                if t.ndim != 0 and t.shape != (1,):
-                    raise ValueError(f"a single sample of logits {x.shape} needs a scalar label, got shape {t.shape}")
-                t = t.reshape(1)
-            elif t.ndim != 1:
-                if t.shape == x2.shape:
-                    onehot = True
-                else:
-                    raise ValueError(f"labels must have shape ({n},) or one-hot shape {x2.shape}, got {t.shape}")
-            elif t.shape[0] != n:
-                raise ValueError(f"expected {n} labels (one per row of logits {x2.shape}), got {t.shape[0]}")
-        elif t.dtype.kind == "f":
-            onehot = True
-            if single and t.shape == (c,):
-                t = t.reshape(1, -1)
-            elif t.ndim == 1 or t.ndim == 0:
-                raise TypeError(f"labels must be integers, got {t.dtype} array of shape {t.shape} "
-                                f"(one-hot targets must have the shape of the logits {x.shape})")
-            if t.shape != x2.shape:
-                raise ValueError(f"one-hot targets must have the shape of the logits {x2.shape}, got {t.shape}")
-        else:
-            raise TypeError(f"targets must be integer labels or float one-hot rows, got dtype {t.dtype}")
-
-        dt = x2.dtype
-        if dt not in _KERNEL_DTYPES or not dt.isnative:
-            dt = np.result_type(dt, np.float32) if dt.kind in "biu" else dt.newbyteorder("=")
-            if dt.kind in "biu" or dt not in _KERNEL_DTYPES:
-                dt = _F64 if dt.kind in "biu" else dt
-            if dt not in _KERNEL_DTYPES:
-                raise TypeError(f"SoftmaxWithLoss computes in float32/float64, got logits of dtype {x2.dtype}")
-        if onehot and t.dtype != dt:
-            dt = _float_dtype(x2.dtype, t.dtype) if t.dtype.kind == "f" else dt
-        xk = x2 if (x2.dtype == dt and x2.flags.c_contiguous) else np.ascontiguousarray(x2, dtype=dt)
+        tk = self._targets(t, x2, single)
+        if tk.ndim == 2 and tk.dtype.kind == "f" and tk.dtype != dt:
+            dt = _float_dtype(dt, tk.dtype)          # y - t promotes like NumPy (float32 logits, float64 rows)
         ws = self._ws
-        if onehot:
-            tk = t if (t.dtype == dt and t.flags.c_contiguous) else np.ascontiguousarray(t, dtype=dt)
-        elif t.dtype == np.int64 and t.flags.c_contiguous:
-            tk = t
-        else:
-            if t.dtype.kind == "u" and t.dtype.itemsize == 8 and n and t.max() > np.iinfo(np.int64).max:
-                raise ValueError(f"label {t.max()} is out of range: labels must be in [0, {c - 1}]")
-            tk = ws.get("t", t.shape, np.int64)
-            np.copyto(tk, t, casting="unsafe")
+        xk = x2 if (x2.dtype is dt and x2.flags.c_contiguous) else ws.as_dtype("x", x2, dt)
+        if tk.ndim == 2:
+            tk = ws.as_dtype("t1h", tk, dt)     # integer one-hot rows convert exactly
         y = ws.get("y", xk.shape, dt)
         g = ws.get("g", xk.shape, dt)
         if n == 0:
@@ -428,10 +395,53 @@ class SoftmaxWithLoss(_Layer):
             loss = float("nan")
         else:
             loss = _k.softmax_cross_entropy(xk, tk, y, g, 1.0 / n) / n
-        self.t = t_in if not single else t_in
+        self.t = t_in
         self.y = y.reshape(x.shape) if single else y
         self._g = g.reshape(x.shape) if single else g
         self.loss = loss
+        return loss
+
+    def _targets(self, t, x2, single):
+        """Validated targets: int64 labels (N,) (in a workspace when converted) or one-hot rows (N, C)."""
+        n, c = x2.shape
+        kind = t.dtype.kind
+        if kind in "iu":
+            if single and (t.ndim == 0 or (t.shape == (1,) and c != 1)):
+                t = t.reshape(1)
+            elif single and t.shape == (c,):
+                return t.reshape(1, c)                   # an integer one-hot vector, as the book accepts
+            elif t.ndim == 2 and t.shape == x2.shape:
+                return t
+            elif single or t.ndim != 1:
+                expected = "a scalar label or one-hot shape" if single else f"labels ({n},) or one-hot shape"
+                raise ValueError(f"targets must be {expected} {x2.shape[1:] if single else x2.shape}, got {t.shape}")
+            elif t.shape[0] != n:
+                raise ValueError(f"expected {n} labels (one per row of logits {x2.shape}), got {t.shape[0]}")
+            if t.dtype == np.int64 and t.flags.c_contiguous and t.dtype.isnative:
+                return t
+            if t.size and (t.min() < 0 or (kind == "u" and t.max() > c)):
+                bad = t.min() if t.min() < 0 else t.max()
+                raise ValueError(f"label {bad} is out of range: labels must be in [0, {c - 1}]")
+            tk = self._ws.get("t", t.shape, np.int64)
+            np.copyto(tk, t, casting="unsafe")
+            return tk
+        if kind == "f":
+            if single and t.shape == (c,):
+                t = t.reshape(1, c)
+            elif t.ndim < 2:
+                raise TypeError(f"labels must be integers, got {t.dtype} array of shape {t.shape} "
+                                f"(one-hot targets must have the shape of the logits {x2.shape})")
+            if t.shape != x2.shape:
+                raise ValueError(f"one-hot targets must have the shape of the logits {x2.shape}, got {t.shape}")
+            return t if t.dtype.isnative else _native(t)
+        raise TypeError(f"targets must be integer labels or float one-hot rows, got dtype {t.dtype}")
+
+    def _fallback(self, x, t):
+        """float16 / int8 logits: NumPy's own promotion, computed by the reference layer."""
+        ref = _ref.SoftmaxWithLoss()
+        loss = ref.forward(x, t)
+        self._g = ref.backward(1)
+        self.y, self.t, self.loss = ref.y, ref.t, ref.loss
         return loss
 
     def backward(self, dout=1):

@@ -48,10 +48,10 @@ def _numeric(a, name, owner):
 
 
 def _floating(a, name, owner):
-    """np.asarray(a) as a floating array (bool/int promoted to float64)."""
+    """np.asarray(a) as a floating array; bool/int promoted as np.exp promotes them (int16 -> float32, ...)."""
     a = _numeric(a, name, owner)
     if a.dtype.kind != "f":
-        a = a.astype(np.float64)
+        a = a.astype(np.result_type(a.dtype, np.float16))
     return a
 
 
@@ -429,6 +429,8 @@ class SoftmaxWithLoss(_Layer):
         """Return (labels (N,), None) or (None, target rows (N, C)) after validation."""
         label_shape = x.shape[:-1]
         owner = "SoftmaxWithLoss.forward"
+        if x.ndim == 1 and t.shape == (1,) and t.dtype.kind in "iu" and c != 1:
+            t = t.reshape(())          # a one-element label array for a single sample, as the book accepts
         if t.ndim == x.ndim - 1:
             if t.dtype.kind not in "iu":
                 raise TypeError(

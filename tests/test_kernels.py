@@ -1,0 +1,770 @@
+"""The def wrappers of fastbp._kernels called directly: results vs NumPy over layouts, transposes, empty dimensions
+and dtypes; validation (TypeError for dtypes, ValueError for shapes/read-only/non-contiguous outputs); the OpenMP
+paths on large arrays; float32 sums accumulated in double; fastbp._blas.info()."""
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.special
+
+from fastbp import _blas
+from fastbp import _kernels as K
+
+F16, F32, F64 = np.float16, np.float32, np.float64
+DTYPES = [F32, F64]
+with_dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+
+# Kernel results vs float64 NumPy: per dtype; `atol` is relative to max(1, max|expected|).
+TOL = {F32: dict(rtol=1e-4, atol=1e-5), F64: dict(rtol=1e-11, atol=1e-12)}
+PARALLEL_MIN = K.build_info()["parallel_min"]
+
+
+def assert_close(actual, expected, dtype, err_msg=""):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape} {err_msg}"
+    t = TOL[np.dtype(dtype).type]
+    scale = max(1.0, float(np.max(np.abs(expected.astype(F64)), initial=0.0)))
+    np.testing.assert_allclose(actual.astype(F64), expected.astype(F64), rtol=t["rtol"], atol=t["atol"] * scale,
+                               err_msg=err_msg)
+
+
+# 2-D operand layouts: C; Fortran; a leading dimension larger than the row (rows2) or column (cols2); every axis
+# strided (BLAS cannot read it: the wrapper must copy); negative strides; read-only.
+OPERAND_LAYOUTS = ["C", "F", "rows2", "cols2", "strided", "reversed", "readonly"]
+
+
+def operand(a, kind):
+    """A fresh array equal to `a` laid out as `kind`; gaps hold NaN so a misread shows."""
+    a = np.asarray(a)
+    if kind == "C":
+        out = np.array(a, order="C")
+    elif kind == "F":
+        out = np.array(a, order="F")
+    elif kind == "rows2":
+        big = np.full((2 * a.shape[0],) + a.shape[1:], np.nan, a.dtype)
+        out = big[::2]
+        out[...] = a
+    elif kind == "cols2":  # column-major with a leading dimension of 2 * rows
+        big = np.full((2 * a.shape[0], a.shape[1]), np.nan, a.dtype, order="F")
+        out = big[::2]
+        out[...] = a
+    elif kind == "strided":
+        big = np.full(tuple(2 * s for s in a.shape), np.nan, a.dtype)
+        out = big[(slice(None, None, 2),) * a.ndim]
+        out[...] = a
+    elif kind == "reversed":
+        flip = (slice(None, None, -1),) * a.ndim
+        out = np.ascontiguousarray(a[flip])[flip]
+    elif kind == "readonly":
+        out = np.array(a, order="C")
+        out.setflags(write=False)
+    else:
+        raise AssertionError(kind)
+    assert np.array_equal(out, a)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gemm
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("la", OPERAND_LAYOUTS)
+@pytest.mark.parametrize("lb", OPERAND_LAYOUTS)
+@pytest.mark.parametrize("ta,tb", list(itertools.product([False, True], repeat=2)))
+@with_dtypes
+def test_gemm_layouts_and_transposes(dtype, ta, tb, la, lb):
+    m, k, n = 5, 7, 3
+    rng = np.random.default_rng(1234)
+    a0 = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+    b0 = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+    a, b = operand(a0, la), operand(b0, lb)
+    opa = (a0.T if ta else a0).astype(F64)
+    opb = (b0.T if tb else b0).astype(F64)
+    out = np.full((m, n), np.nan, dtype)  # beta = 0: C is never read, NaN must not leak
+    assert K.gemm(a, b, out, trans_a=ta, trans_b=tb) is out
+    assert_close(out, opa @ opb, dtype)
+    c0 = rng.standard_normal((m, n)).astype(dtype)
+    out = c0.copy()
+    K.gemm(a, b, out, trans_a=ta, trans_b=tb, alpha=0.5, beta=2.0)
+    assert_close(out, 0.5 * opa @ opb + 2.0 * c0.astype(F64), dtype)
+    assert np.array_equal(a, a0) and np.array_equal(b, b0)
+
+
+@pytest.mark.parametrize("mkn", [(1, 1, 1), (1, 9, 1), (9, 1, 9), (1, 4096, 2), (257, 3, 129)])
+@with_dtypes
+def test_gemm_thin_shapes(dtype, mkn):
+    m, k, n = mkn
+    rng = np.random.default_rng(7)
+    for la, lb in itertools.product(["C", "F", "rows2", "cols2"], repeat=2):
+        a0 = rng.standard_normal((m, k)).astype(dtype)
+        b0 = rng.standard_normal((k, n)).astype(dtype)
+        out = np.full((m, n), np.nan, dtype)
+        K.gemm(operand(a0, la), operand(b0, lb), out)
+        assert_close(out, a0.astype(F64) @ b0.astype(F64), dtype, f"{la} {lb}")
+
+
+@pytest.mark.parametrize("m,k,n", [s for s in itertools.product([0, 3], [0, 4], [0, 2]) if 0 in s])
+@pytest.mark.parametrize("ta,tb", list(itertools.product([False, True], repeat=2)))
+@with_dtypes
+def test_gemm_zero_sized(dtype, m, k, n, ta, tb):
+    for la in ("C", "F", "rows2"):
+        a = operand(np.ones((k, m) if ta else (m, k), dtype), la)
+        b = operand(np.ones((n, k) if tb else (k, n), dtype), la)
+        out = np.full((m, n), np.nan, dtype)
+        K.gemm(a, b, out, trans_a=ta, trans_b=tb)
+        assert np.array_equal(out, np.zeros((m, n)))  # k = 0: an empty sum is 0
+        out = np.full((m, n), 3.0, dtype)
+        K.gemm(a, b, out, trans_a=ta, trans_b=tb, beta=2.0)
+        assert np.array_equal(out, np.full((m, n), 6.0))
+
+
+def _gemm_args(dtype=F64):
+    return np.ones((3, 4), dtype), np.ones((4, 2), dtype), np.zeros((3, 2), dtype)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("bad", [F16, np.int64, np.int32, ">f8", "other-float", "list"])
+def test_gemm_wrong_dtype_is_type_error(which, bad):
+    args = list(_gemm_args(F64))
+    a = args[which]
+    if bad == "other-float":
+        args[which] = a.astype(F32)
+    elif bad == "list":
+        args[which] = a.tolist()
+    else:
+        args[which] = a.astype(bad)
+    # the message names the operand, or (when the first operand sets the dtype) both dtypes
+    name = ("a", "b", "out")[which]
+    match = r"float32.*float64|float64.*float32" if bad == "other-float" and which == 0 else rf"\b{name}\b"
+    with pytest.raises(TypeError, match=match):
+        K.gemm(*args)
+
+
+def test_gemm_wrong_shapes_are_value_errors():
+    a, b, out = _gemm_args()
+    with pytest.raises(ValueError, match=r"(?s)(?=.*\b4\b)(?=.*\b5\b)"):
+        K.gemm(a, np.ones((5, 2)), out)
+    with pytest.raises(ValueError, match=r"\(3, 2\).*\(2, 3\)"):
+        K.gemm(a, b, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="2-D"):
+        K.gemm(np.ones(4), b, out)
+    with pytest.raises(ValueError, match="2-D"):
+        K.gemm(a, b, np.zeros((3, 2, 1)))
+    with pytest.raises(ValueError):  # trans_a makes op(a) (4, 3): inner dims 3 vs 4
+        K.gemm(a, b, out, trans_a=True)
+
+
+def test_gemm_read_only_non_contiguous_or_overlapping_out_is_value_error():
+    a, b, out = _gemm_args()
+    ro = out.copy()
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        K.gemm(a, b, ro)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.gemm(a, b, np.zeros((3, 2), order="F"))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.gemm(a, b, np.zeros((6, 2))[::2])
+    sq = np.ones((3, 3))
+    with pytest.raises(ValueError, match="overlap"):
+        K.gemm(sq, np.eye(3), sq)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# affine_forward / affine_backward / bias_backward
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lx", OPERAND_LAYOUTS)
+@pytest.mark.parametrize("lw", OPERAND_LAYOUTS)
+@with_dtypes
+def test_affine_forward_layouts(dtype, lx, lw):
+    rng = np.random.default_rng(5)
+    n, d, m = 4, 7, 3
+    x0, W0, b0 = (rng.standard_normal(s).astype(dtype) for s in ((n, d), (d, m), (m,)))
+    for lb in ("C", "strided", "reversed", "readonly"):
+        x, W, b = operand(x0, lx), operand(W0, lw), operand(b0, lb)
+        out = np.full((n, m), np.nan, dtype)
+        assert K.affine_forward(x, W, b, out) is out
+        assert_close(out, x0.astype(F64) @ W0.astype(F64) + b0, dtype, f"b {lb}")
+        assert np.array_equal(x, x0) and np.array_equal(W, W0) and np.array_equal(b, b0)
+
+
+@pytest.mark.parametrize("lx", OPERAND_LAYOUTS)
+@pytest.mark.parametrize("lw", OPERAND_LAYOUTS)
+@with_dtypes
+def test_affine_backward_layouts(dtype, lx, lw):
+    rng = np.random.default_rng(6)
+    n, d, m = 4, 7, 3
+    x0, W0, dout0 = (rng.standard_normal(s).astype(dtype) for s in ((n, d), (d, m), (n, m)))
+    x64, W64, dout64 = x0.astype(F64), W0.astype(F64), dout0.astype(F64)
+    for ld in ("C", "F", "strided", "readonly"):
+        x, W, dout = operand(x0, lx), operand(W0, lw), operand(dout0, ld)
+        dx, dW, db = np.full((n, d), np.nan, dtype), np.full((d, m), np.nan, dtype), np.full(m, np.nan, dtype)
+        K.affine_backward(dout, x, W, dx, dW, db)
+        assert_close(dx, dout64 @ W64.T, dtype, f"dx, dout {ld}")
+        assert_close(dW, x64.T @ dout64, dtype, f"dW, dout {ld}")
+        assert_close(db, dout64.sum(0), dtype, f"db, dout {ld}")
+        dW2, db2 = np.full((d, m), np.nan, dtype), np.full(m, np.nan, dtype)
+        assert K.affine_backward(dout, x, W, None, dW2, db2) is None
+        assert np.array_equal(dW2, dW) and np.array_equal(db2, db)
+        assert np.array_equal(x, x0) and np.array_equal(W, W0) and np.array_equal(dout, dout0)
+
+
+ZERO_DIMS = [s for s in itertools.product([0, 3], [0, 4], [0, 2]) if 0 in s]
+
+
+@pytest.mark.parametrize("n,d,m", ZERO_DIMS)
+@with_dtypes
+def test_affine_zero_sized(dtype, n, d, m):
+    rng = np.random.default_rng(8)
+    x, W, b, dout = (rng.standard_normal(s).astype(dtype) for s in ((n, d), (d, m), (m,), (n, m)))
+    out = np.full((n, m), np.nan, dtype)
+    K.affine_forward(x, W, b, out)
+    assert np.array_equal(out, x.astype(F64) @ W + b)  # D = 0: every row is b
+    dx, dW, db = np.full((n, d), np.nan, dtype), np.full((d, m), np.nan, dtype), np.full(m, np.nan, dtype)
+    K.affine_backward(dout, x, W, dx, dW, db)
+    assert np.array_equal(dx, np.zeros((n, d)) if m == 0 else dout.astype(F64) @ W.T)
+    assert np.array_equal(dW, np.zeros((d, m)) if n == 0 else x.astype(F64).T @ dout)
+    assert np.array_equal(db, np.zeros(m) if n == 0 else dout.astype(F64).sum(0))
+    db = np.full(m, np.nan, dtype)
+    K.bias_backward(dout, db)
+    assert np.array_equal(db, np.zeros(m) if n == 0 else dout.astype(F64).sum(0))
+
+
+def _affine_fwd_args(dtype=F64):
+    return np.ones((3, 4), dtype), np.ones((4, 2), dtype), np.ones(2, dtype), np.zeros((3, 2), dtype)
+
+
+@pytest.mark.parametrize("which,name", [(0, "x"), (1, "W"), (2, "b"), (3, "out")])
+@pytest.mark.parametrize("bad", [np.float16, np.int64, ">f8", "other-float", "list"])
+def test_affine_forward_wrong_dtype_is_type_error(which, name, bad):
+    args = list(_affine_fwd_args())
+    a = args[which]
+    args[which] = a.astype(F32) if bad == "other-float" else a.tolist() if bad == "list" else a.astype(bad)
+    match = r"float32.*float64|float64.*float32" if bad == "other-float" and which == 0 else rf"\b{name}\b"
+    with pytest.raises(TypeError, match=match):
+        K.affine_forward(*args)
+
+
+def test_affine_forward_bad_shapes_and_outputs_are_value_errors():
+    x, W, b, out = _affine_fwd_args()
+    with pytest.raises(ValueError, match=r"(?s)(?=.*\b4\b)(?=.*\b5\b)"):
+        K.affine_forward(x, np.ones((5, 2)), b, out)
+    with pytest.raises(ValueError, match=r"(?s)(?=.*\b2\b)(?=.*\b3\b)"):
+        K.affine_forward(x, W, np.ones(3), out)
+    with pytest.raises(ValueError, match=r"\(3, 2\).*\(3, 3\)"):
+        K.affine_forward(x, W, b, np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="2-D"):
+        K.affine_forward(np.ones(4), W, b, out)
+    with pytest.raises(ValueError, match="1-D"):
+        K.affine_forward(x, W, np.ones((1, 2)), out)
+    ro = out.copy()
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        K.affine_forward(x, W, b, ro)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.affine_forward(x, W, b, np.zeros((3, 2), order="F"))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.affine_forward(x, W, b, np.zeros((3, 4))[:, ::2])
+
+
+def _affine_bwd_args(dtype=F64):
+    n, d, m = 3, 4, 2
+    return [np.ones((n, m), dtype), np.ones((n, d), dtype), np.ones((d, m), dtype), np.zeros((n, d), dtype),
+            np.zeros((d, m), dtype), np.zeros(m, dtype)]
+
+
+BWD_NAMES = ["dout", "x", "W", "dx", "dW", "db"]
+
+
+@pytest.mark.parametrize("which", range(6), ids=BWD_NAMES)
+@pytest.mark.parametrize("bad", [np.float16, np.int64, ">f8", "other-float"])
+def test_affine_backward_wrong_dtype_is_type_error(which, bad):
+    args = _affine_bwd_args()
+    args[which] = args[which].astype(F32 if bad == "other-float" else bad)
+    match = r"float32.*float64|float64.*float32" if bad == "other-float" and which == 0 else rf"\b{BWD_NAMES[which]}\b"
+    with pytest.raises(TypeError, match=match):
+        K.affine_backward(*args)
+
+
+@pytest.mark.parametrize("which", [0, 3, 4, 5], ids=["dout", "dx", "dW", "db"])
+def test_affine_backward_wrong_shape_is_value_error(which):
+    args = _affine_bwd_args()
+    a = args[which]
+    args[which] = np.zeros(a.shape[:-1] + (a.shape[-1] + 1,))
+    with pytest.raises(ValueError, match=BWD_NAMES[which]):
+        K.affine_backward(*args)
+
+
+@pytest.mark.parametrize("which", [3, 4, 5], ids=["dx", "dW", "db"])
+@pytest.mark.parametrize("problem", ["read-only", "non-contiguous"])
+def test_affine_backward_bad_outputs_are_value_errors(which, problem):
+    args = _affine_bwd_args()
+    a = args[which]
+    if problem == "read-only":
+        a = a.copy()
+        a.setflags(write=False)
+        match = "read-only"
+    else:
+        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],))
+        a = big[..., ::2]
+        match = "contiguous"
+    args[which] = a
+    with pytest.raises(ValueError, match=match):
+        K.affine_backward(*args)
+
+
+def _refuse_or_right(call, results, wants, what):
+    """call() raises a ValueError about the overlap, or leaves `results` equal to `wants`."""
+    try:
+        call()
+    except ValueError as e:
+        assert any(w in str(e) for w in ("overlap", "share", "alias")), e
+        return
+    for name, got, want in zip(("first", "second", "third"), results(), wants):
+        np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=f"{what}: {name} result silently wrong")
+
+
+@pytest.mark.parametrize("target", ["x", "W"])
+def test_affine_forward_out_aliasing_an_input(target):
+    """out overlapping x or W: a ValueError (as gemm gives) or the right answer, never a silently wrong one."""
+    rng = np.random.default_rng(9)
+    x, W, b = rng.standard_normal((3, 3)), rng.standard_normal((3, 3)), rng.standard_normal(3)
+    want = x @ W + b
+    out = x if target == "x" else W
+    _refuse_or_right(lambda: K.affine_forward(x, W, b, out), lambda: [out], [want], f"affine_forward out is {target}")
+
+
+@pytest.mark.parametrize("target", ["x", "dout"])
+def test_affine_backward_dx_aliasing_an_input(target):
+    rng = np.random.default_rng(10)
+    x, W, dout = rng.standard_normal((3, 3)), rng.standard_normal((3, 3)), rng.standard_normal((3, 3))
+    want = (dout @ W.T, x.T @ dout, dout.sum(0))
+    dx = x if target == "x" else dout
+    dW, db = np.zeros((3, 3)), np.zeros(3)
+    _refuse_or_right(lambda: K.affine_backward(dout, x, W, dx, dW, db), lambda: [dx, dW, db], want,
+                     f"affine_backward dx is {target} (dx, dW, db)")
+
+
+def test_bias_backward_accumulates_float32_in_double():
+    n = 1_000_000
+    dout = np.full((n, 3), 0.1, F32)
+    want = F64(F32(0.1)) * n  # 100000.0015 -> 100000.0 in float32
+    naive = np.cumsum(dout[:, 0], dtype=F32)[-1]  # what a float32 running sum gives (about 100958)
+    rtol = 1e-6
+    assert abs(naive - want) > rtol * want  # the tolerance does separate the two
+    db = np.full(3, np.nan, F32)
+    assert K.bias_backward(dout, db) is db
+    np.testing.assert_allclose(db, want, rtol=rtol)
+    # the same accumulation inside affine_backward
+    x = np.ones((n, 1), F32)
+    W = np.ones((1, 3), F32)
+    dW, db2 = np.zeros((1, 3), F32), np.full(3, np.nan, F32)
+    K.affine_backward(dout, x, W, None, dW, db2)
+    np.testing.assert_allclose(db2, want, rtol=rtol)
+
+
+@with_dtypes
+def test_bias_backward_layouts_and_errors(dtype):
+    rng = np.random.default_rng(11)
+    d0 = rng.standard_normal((5, 4)).astype(dtype)
+    for lay in ("C", "F", "strided", "reversed", "readonly"):
+        db = np.full(4, np.nan, dtype)
+        K.bias_backward(operand(d0, lay), db)
+        assert_close(db, d0.astype(F64).sum(0), dtype, lay)
+    with pytest.raises(TypeError, match="db"):
+        K.bias_backward(d0, np.zeros(4, F16))
+    with pytest.raises(ValueError, match=r"(?s)(?=.*\b4\b)(?=.*\b3\b)"):
+        K.bias_backward(d0, np.zeros(3, dtype))
+    ro = np.zeros(4, dtype)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        K.bias_backward(d0, ro)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# elementwise kernels: small and large (the OpenMP path)
+# ---------------------------------------------------------------------------------------------------------------
+SIZES = [0, 1, 7, 1000, 4 * PARALLEL_MIN + 13]  # the last is past every threading threshold
+
+
+@pytest.mark.parametrize("size", SIZES)
+@with_dtypes
+def test_relu_kernels(dtype, size):
+    rng = np.random.default_rng(size)
+    x = rng.standard_normal(size).astype(dtype)
+    x[::97] = 0.0
+    x[5::101] = np.nan
+    out, mask = np.full(size, np.nan, dtype), np.zeros(size, bool)
+    assert K.relu_forward(x, out, mask) is out
+    assert np.array_equal(mask, x <= 0)
+    assert np.array_equal(out, np.where(x <= 0, 0, x), equal_nan=True)
+    dout = rng.standard_normal(size).astype(dtype)
+    keep = dout.copy()
+    dx = np.full(size, np.nan, dtype)
+    assert K.relu_backward(dout, mask, dx) is dx
+    assert np.array_equal(dx, np.where(mask, 0, dout))
+    assert np.array_equal(dout, keep)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@with_dtypes
+def test_sigmoid_kernels(dtype, size):
+    rng = np.random.default_rng(size + 1)
+    x = (rng.standard_normal(size) * 20).astype(dtype)
+    special = np.arange(0, size, 89)
+    x[special] = np.resize(np.array([1e4, -1e4, 0.0, 88.0, -88.0, 700.0, -700.0]), special.size)
+    y64 = scipy.special.expit(x.astype(F64))
+    out = np.full(size, np.nan, dtype)
+    assert K.sigmoid_forward(x, out) is out
+    assert_close(out, y64, dtype)
+    assert np.all((out >= 0) & (out <= 1))
+    dout = rng.standard_normal(size).astype(dtype)
+    dx = np.full(size, np.nan, dtype)
+    assert K.sigmoid_backward(dout, out, dx) is dx
+    assert_close(dx, dout.astype(F64) * (1 - out.astype(F64)) * out, dtype)
+
+
+@with_dtypes
+def test_sigmoid_kernel_extremes(dtype):
+    x = np.array([1e4, -1e4, 0.0, 40.0, -40.0, np.inf, -np.inf, np.nan], dtype)
+    out = np.empty_like(x)
+    K.sigmoid_forward(x, out)
+    assert out[0] == 1 and out[1] == 0 and out[2] == 0.5 and out[5] == 1 and out[6] == 0 and np.isnan(out[7])
+    assert_close(out[3:5], scipy.special.expit(x[3:5].astype(F64)), dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (4, 1, 5)])
+@with_dtypes
+def test_elementwise_kernels_nd(dtype, shape):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(dtype)
+    out, mask = np.empty(shape, dtype), np.empty(shape, bool)
+    K.relu_forward(x, out, mask)
+    assert np.array_equal(out, np.maximum(x, 0))
+    K.sigmoid_forward(x, out)
+    assert_close(out, 1 / (1 + np.exp(-x.astype(F64))), dtype)
+
+
+def test_elementwise_kernels_validate():
+    x = np.ones((3, 4))
+    out, mask = np.zeros((3, 4)), np.zeros((3, 4), bool)
+    for bad in (np.float16, np.int64, ">f8", F32):
+        with pytest.raises(TypeError):
+            K.relu_forward(x.astype(bad), out, mask)
+        with pytest.raises(TypeError):
+            K.sigmoid_forward(x, out.astype(bad))
+        with pytest.raises(TypeError):
+            K.sigmoid_backward(x, x, out.astype(bad))
+    with pytest.raises(TypeError, match="mask"):
+        K.relu_forward(x, out, mask.astype(np.uint8))
+    with pytest.raises(TypeError, match="mask"):
+        K.relu_backward(x, mask.astype(np.int8), out)
+    with pytest.raises(ValueError, match=r"\(3, 4\).*\(4, 3\)|\(4, 3\).*\(3, 4\)"):
+        K.relu_forward(x, np.zeros((4, 3)), mask)
+    with pytest.raises(ValueError, match="mask"):
+        K.relu_forward(x, out, np.zeros((3, 5), bool))
+    with pytest.raises(ValueError, match="mask"):
+        K.relu_backward(x, np.zeros((3, 5), bool), out)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.relu_forward(np.ones((3, 8))[:, ::2], out, mask)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.sigmoid_forward(x, np.zeros((3, 8))[:, ::2])
+    with pytest.raises(ValueError, match="contiguous"):
+        K.relu_backward(x, mask, np.zeros((4, 3)).T)
+    ro = np.zeros((3, 4))
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        K.relu_forward(x, ro, mask)
+    with pytest.raises(ValueError, match="read-only"):
+        K.sigmoid_backward(x, x, ro)
+    romask = mask.copy()
+    romask.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        K.relu_forward(x, out, romask)
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        K.sigmoid_backward(x, np.ones((4, 3)), out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# softmax_cross_entropy and scale_into
+# ---------------------------------------------------------------------------------------------------------------
+def _softmax_truth(x, labels=None, onehot=None):
+    x = x.astype(F64)
+    mx = x.max(axis=1, keepdims=True)
+    e = np.exp(x - mx)
+    s = e.sum(axis=1, keepdims=True)
+    y = e / s
+    lse = np.log(s) + mx
+    t = np.eye(x.shape[1])[labels] if onehot is None else onehot.astype(F64)
+    return float(np.sum(t * (lse - x))), y, t
+
+
+@pytest.mark.parametrize("n,c", [(1, 1), (1, 5), (7, 3), (4, 1000), (1100, 1000)])
+@pytest.mark.parametrize("target", ["labels", "onehot"])
+@with_dtypes
+def test_softmax_cross_entropy(dtype, n, c, target):
+    rng = np.random.default_rng(n * c)
+    x = (rng.standard_normal((n, c)) * 5).astype(dtype)
+    labels = rng.integers(0, c, n)
+    t = labels.astype(np.int64) if target == "labels" else np.eye(c, dtype=dtype)[labels]
+    want_loss, want_y, t64 = _softmax_truth(x, labels)
+    scale = 1.0 / n
+    y, g = np.full((n, c), np.nan, dtype), np.full((n, c), np.nan, dtype)
+    loss = K.softmax_cross_entropy(x, t, y, g, scale)
+    assert isinstance(loss, float)
+    assert loss == pytest.approx(want_loss, rel=TOL[dtype]["rtol"], abs=TOL[dtype]["atol"] * n)
+    assert_close(y, want_y, dtype)
+    assert_close(g, scale * (want_y - t64), dtype)
+    # grad=None computes only y and the loss; repeated calls are bit-for-bit the same (threads or not)
+    y2 = np.full((n, c), np.nan, dtype)
+    for _ in range(3):
+        assert K.softmax_cross_entropy(x, t, y2, None, scale) == loss
+        assert np.array_equal(y2, y)
+
+
+@with_dtypes
+def test_softmax_cross_entropy_extremes(dtype):
+    big = float(dtype(1e30))
+    x = np.array([[1e30, -1e30], [-1e30, 1e30], [0.0, 0.0]], dtype)
+    y, g = np.empty_like(x), np.empty_like(x)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        loss = K.softmax_cross_entropy(x, np.array([1, 1, 0]), y, g, 1.0)
+    assert loss == 2 * big  # + log(2) from the last row vanishes next to 2e30
+    assert_close(g, np.array([[1, -1], [0, 0], [-0.5, 0.5]]), dtype)
+    assert_close(y, np.array([[1, 0], [0, 1], [0.5, 0.5]]), dtype)
+    nan = x.copy()
+    nan[1, 0] = np.nan
+    assert np.isnan(K.softmax_cross_entropy(nan, np.array([1, 1, 0]), y, g, 1.0))
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 4, 2**62, -(2**63), 2**63 - 1])
+@pytest.mark.parametrize("n", [1, 5, 40000])
+def test_softmax_cross_entropy_bad_labels_are_value_errors(bad, n):
+    x = np.zeros((n, 3))
+    t = np.zeros(n, np.int64)
+    t[n // 2] = bad
+    with pytest.raises(ValueError, match=r"(?s)(?=.*" + str(bad).replace("-", r"\-") + r")(?=.*\[0, 2\])"):
+        K.softmax_cross_entropy(x, t, np.zeros((n, 3)), np.zeros((n, 3)), 1.0)
+    with pytest.raises(ValueError):
+        K.softmax_cross_entropy(x, t, np.zeros((n, 3)), None, 1.0)
+
+
+def test_softmax_cross_entropy_validates():
+    x, y, g = np.zeros((4, 3)), np.zeros((4, 3)), np.zeros((4, 3))
+    t = np.array([0, 1, 2, 0])
+    with pytest.raises(TypeError, match="int64"):
+        K.softmax_cross_entropy(x, t.astype(np.int32), y, g, 1.0)
+    with pytest.raises(TypeError, match="int64"):
+        K.softmax_cross_entropy(x, t.astype(">i8"), y, g, 1.0)
+    with pytest.raises(TypeError, match="t"):
+        K.softmax_cross_entropy(x, [0, 1, 2, 0], y, g, 1.0)
+    with pytest.raises(TypeError):
+        K.softmax_cross_entropy(x, np.eye(3, dtype=F32)[t], y, g, 1.0)  # one-hot of another dtype
+    with pytest.raises(TypeError):
+        K.softmax_cross_entropy(x.astype(F32), t, y, g, 1.0)
+    with pytest.raises(TypeError):
+        K.softmax_cross_entropy(x.astype(np.float16), t, y.astype(np.float16), None, 1.0)
+    with pytest.raises(ValueError, match=r"(?s)(?=.*\b4\b)(?=.*\b3\b)"):
+        K.softmax_cross_entropy(x, t[:3], y, g, 1.0)
+    with pytest.raises(ValueError, match=r"\(4, 3\)"):
+        K.softmax_cross_entropy(x, np.eye(4)[t], y, g, 1.0)
+    with pytest.raises(ValueError, match="y"):
+        K.softmax_cross_entropy(x, t, np.zeros((4, 4)), g, 1.0)
+    with pytest.raises(ValueError, match="grad"):
+        K.softmax_cross_entropy(x, t, y, np.zeros((3, 3)), 1.0)
+    with pytest.raises(ValueError, match="2-D"):
+        K.softmax_cross_entropy(np.zeros(3), np.array([0]), np.zeros(3), None, 1.0)
+    with pytest.raises(ValueError):
+        K.softmax_cross_entropy(x, np.zeros((4, 3, 1)), y, g, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.softmax_cross_entropy(np.zeros((4, 6))[:, ::2], t, y, g, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.softmax_cross_entropy(x, np.zeros(8, np.int64)[::2], y, g, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.softmax_cross_entropy(x, t, np.zeros((3, 4)).T, g, 1.0)
+    ro = np.zeros((4, 3))
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        K.softmax_cross_entropy(x, t, ro, g, 1.0)
+    with pytest.raises(ValueError, match="read-only"):
+        K.softmax_cross_entropy(x, t, y, ro, 1.0)
+    with pytest.raises(ValueError, match=r"class"):
+        K.softmax_cross_entropy(np.zeros((4, 0)), t, np.zeros((4, 0)), None, 1.0)
+
+
+@with_dtypes
+def test_softmax_cross_entropy_empty_batch(dtype):
+    for c in (0, 3):
+        x = np.zeros((0, c), dtype)
+        assert K.softmax_cross_entropy(x, np.zeros(0, np.int64), x.copy(), x.copy(), 1.0) == 0.0
+        assert K.softmax_cross_entropy(x, np.zeros((0, c), dtype), x.copy(), None, 1.0) == 0.0
+
+
+@pytest.mark.parametrize("alias", ["y", "grad"])
+def test_softmax_cross_entropy_outputs_aliasing_x(alias):
+    """y or grad overlapping x: a ValueError or the right answer, never a silently wrong loss."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 5))
+    t = np.array([0, 4, 2, 2])
+    want_loss, want_y, t64 = _softmax_truth(x, t)
+    y = x if alias == "y" else np.zeros_like(x)
+    g = x if alias == "grad" else np.zeros_like(x)
+    loss = []
+    _refuse_or_right(lambda: loss.append(K.softmax_cross_entropy(x, t, y, g, 1.0)),
+                     lambda: [np.array(loss[0]), y] + ([g] if alias == "grad" else []),
+                     [want_loss, want_y, want_y - t64], f"softmax_cross_entropy {alias} is x (loss, y, grad)")
+
+
+@with_dtypes
+def test_scale_into(dtype):
+    rng = np.random.default_rng(13)
+    src = rng.standard_normal((3, 4)).astype(dtype)
+    dst = np.full((3, 4), np.nan, dtype)
+    assert K.scale_into(src, 2.5, dst) is dst
+    assert_close(dst, 2.5 * src.astype(F64), dtype)
+    with pytest.raises(TypeError):
+        K.scale_into(src, 2.0, np.zeros((3, 4), np.float16))
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        K.scale_into(src, 2.0, np.zeros((4, 3), dtype))
+    ro = np.zeros((3, 4), dtype)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        K.scale_into(src, 2.0, ro)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.scale_into(np.zeros((3, 8), dtype)[:, ::2], 2.0, dst)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimizer_update: one step of each optimizer vs the book's formulas in NumPy
+# ---------------------------------------------------------------------------------------------------------------
+SGD, MOMENTUM, NESTEROV, ADAGRAD, RMSPROP, ADAM = range(6)
+EPS = 1e-7
+
+
+def _numpy_step(kind, p, g, s1, s2, lr, a, b):
+    """(param, state1, state2) after one step, in float64 (the book's common/optimizer.py formulas)."""
+    p, g = p.astype(F64), g.astype(F64)
+    s1 = None if s1 is None else s1.astype(F64)
+    s2 = None if s2 is None else s2.astype(F64)
+    if kind == SGD:
+        p = p - lr * g
+    elif kind == MOMENTUM:
+        s1 = a * s1 - lr * g
+        p = p + s1
+    elif kind == NESTEROV:
+        s1 = a * s1 - lr * g
+        p = p + a * a * s1 - (1 + a) * lr * g
+    elif kind == ADAGRAD:
+        s1 = s1 + g * g
+        p = p - lr * g / (np.sqrt(s1) + EPS)
+    elif kind == RMSPROP:
+        s1 = a * s1 + (1 - a) * g * g
+        p = p - lr * g / (np.sqrt(s1) + EPS)
+    elif kind == ADAM:
+        s1 = s1 + (1 - a) * (g - s1)
+        s2 = s2 + (1 - b) * (g * g - s2)
+        p = p - lr * s1 / (np.sqrt(s2) + EPS)
+    return p, s1, s2
+
+
+OPT_PARAMS = {SGD: (0.1, 0, 0), MOMENTUM: (0.1, 0.9, 0), NESTEROV: (0.1, 0.9, 0), ADAGRAD: (0.1, 0, 0),
+              RMSPROP: (0.01, 0.99, 0), ADAM: (0.001 * np.sqrt(1 - 0.999) / (1 - 0.9), 0.9, 0.999)}
+
+
+@pytest.mark.parametrize("kind", range(6), ids=["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam"])
+@pytest.mark.parametrize("shape,order", [((3, 5), "C"), ((3, 5), "F"), ((7,), "C"), ((4 * PARALLEL_MIN + 3,), "C"),
+                                         ((0, 4), "C")])
+@with_dtypes
+def test_optimizer_update_one_step(dtype, kind, shape, order):
+    rng = np.random.default_rng(kind)
+    p0 = np.asarray(rng.standard_normal(shape), dtype, order=order)
+    g = np.asarray(rng.standard_normal(shape), dtype, order=order)
+    s10 = np.asarray(np.abs(rng.standard_normal(shape)) * 0.1, dtype, order=order) if kind != SGD else None
+    s20 = np.asarray(np.abs(rng.standard_normal(shape)) * 0.1, dtype, order=order) if kind == ADAM else None
+    lr, a, b = OPT_PARAMS[kind]
+    want = _numpy_step(kind, p0, g, s10, s20, lr, a, b)
+    p = p0.copy(order="K")
+    s1 = None if s10 is None else s10.copy(order="K")
+    s2 = None if s20 is None else s20.copy(order="K")
+    gk = g.copy(order="K")
+    assert K.optimizer_update(kind, p, g, s1, s2, lr, a, b, EPS) is p
+    assert_close(p, want[0], dtype, "param")
+    if s1 is not None:
+        assert_close(s1, want[1], dtype, "state1")
+    if s2 is not None:
+        assert_close(s2, want[2], dtype, "state2")
+    assert np.array_equal(g, gk)
+
+
+def test_optimizer_update_validates():
+    p, g, s = np.zeros((3, 4)), np.zeros((3, 4)), np.zeros((3, 4))
+    for kind in (-1, 6):
+        with pytest.raises(ValueError, match=str(kind)):
+            K.optimizer_update(kind, p, g, s, s, 0.1)
+    with pytest.raises(TypeError, match="grad"):
+        K.optimizer_update(SGD, p, g.astype(F32), None, None, 0.1)
+    with pytest.raises(TypeError, match="param"):
+        K.optimizer_update(SGD, p.astype(np.float16), g, None, None, 0.1)
+    with pytest.raises(TypeError, match="state1"):
+        K.optimizer_update(MOMENTUM, p, g, s.astype(F32), None, 0.1, 0.9)
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        K.optimizer_update(SGD, p, np.zeros((4, 3)), None, None, 0.1)
+    with pytest.raises(ValueError, match="state"):
+        K.optimizer_update(MOMENTUM, p, g, None, None, 0.1, 0.9)
+    with pytest.raises(ValueError, match="Adam"):
+        K.optimizer_update(ADAM, p, g, s, None, 0.1, 0.9, 0.999)
+    ro = p.copy()
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        K.optimizer_update(SGD, ro, g, None, None, 0.1)
+    with pytest.raises(ValueError, match="state1"):
+        K.optimizer_update(MOMENTUM, p, g, ro, None, 0.1, 0.9)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.optimizer_update(SGD, np.zeros((3, 8))[:, ::2], g, None, None, 0.1)
+    with pytest.raises(ValueError, match="grad"):
+        K.optimizer_update(SGD, p, np.zeros((3, 4), order="F"), None, None, 0.1)
+    with pytest.raises(ValueError, match="state2"):
+        K.optimizer_update(ADAM, p, g, s.copy(), np.zeros((3, 4), order="F"), 0.1, 0.9, 0.999)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# which BLAS
+# ---------------------------------------------------------------------------------------------------------------
+def test_blas_info_reports_corename_and_library():
+    info = _blas.info()
+    assert isinstance(info["corename"], str) and info["corename"].strip()
+    assert os.path.isfile(info["library"]) and "openblas" in os.path.basename(info["library"]).lower()
+    assert info["num_threads"] >= 1
+    assert "OpenBLAS" in info["config"]
+    if info["requested_coretype"] is not None:  # a kernel type fastbp asked for is the one in use
+        assert info["corename"].lower() == info["requested_coretype"].lower()
+
+
+def test_build_info():
+    bi = K.build_info()
+    assert isinstance(bi["openmp"], bool) and bi["openmp_max_threads"] >= 1 and bi["parallel_min"] > 0
+
+
+def test_softmax_cross_entropy_loss_reproducible_with_many_openmp_threads():
+    """Identical calls give a bit-identical loss however many OpenMP threads split the rows (here 8, forced by
+    OMP_NUM_THREADS in a child process: on a 2-core machine two partial sums always add up the same way)."""
+    code = """
+import numpy as np
+from fastbp import _kernels as K
+assert K.build_info()["openmp_max_threads"] == 8 or not K.build_info()["openmp"]
+rng = np.random.default_rng(0)
+bad = []
+for dt in (np.float32, np.float64):
+    x = (rng.standard_normal((1100, 1000)) * 5).astype(dt)
+    t = rng.integers(0, 1000, 1100)
+    y, g = np.empty_like(x), np.empty_like(x)
+    losses = {K.softmax_cross_entropy(x, t, y, g, 1 / 1100) for _ in range(40)}
+    if len(losses) != 1:
+        bad.append((dt.__name__, sorted(losses)))
+assert not bad, f"loss differs between identical calls: {bad}"
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(K.__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="8", PYTHONPATH=root)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
