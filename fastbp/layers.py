@@ -242,9 +242,9 @@ class Affine(_Layer):
         if b.ndim != 1 or b.shape[0] != W.shape[1]:
             raise ValueError(f"b must have shape ({W.shape[1]},) to match W {W.shape}, got {b.shape}")
         if W.dtype != dt or not W.dtype.isnative:
-            W = W.astype(dt)
+            W = self._ws.as_dtype("W", W, dt)      # promoted weights: a reused copy, refreshed every call
         if b.dtype != dt or not b.dtype.isnative:
-            b = b.astype(dt)
+            b = self._ws.as_dtype("b", b, dt)
         return dt, W, b
 
     def forward(self, x):
@@ -278,8 +278,8 @@ class Affine(_Layer):
                 raise TypeError(f"dout of dtype {dout.dtype} cannot be combined with {dt}")
             if dt2 != dt:          # a wider dout widens the gradients, as NumPy would
                 dt = dt2
-                W = W.astype(dt)
-                xk = xk.astype(dt)
+                W = self._ws.as_dtype("Wb", W, dt)
+                xk = self._ws.as_dtype("xb", xk, dt)
             dout = self._ws.as_dtype("dout", _native(dout), dt)
         if not dout.flags.c_contiguous:
             dout = np.ascontiguousarray(dout)
