@@ -86,6 +86,13 @@ def ensure_loaded():
             if coretype is not None:
                 os.environ["OPENBLAS_CORETYPE"] = coretype
             lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_LOCAL", 0) | getattr(os, "RTLD_NOW", 2))
+            # One thread pool: OpenBLAS runs its parallel jobs on fastbp's OpenMP team (set before any BLAS call,
+            # as OpenBLAS requires).  FASTBP_BLAS_THREADING=openblas keeps OpenBLAS's own pool.
+            callback = _kernels._blas_threads_callback()
+            pool = os.environ.get("FASTBP_BLAS_THREADING", "openmp").strip().lower()
+            use_callback = bool(callback) and pool != "openblas" and hasattr(lib, "scipy_openblas_set_threads_callback_function")
+            if use_callback:
+                lib.scipy_openblas_set_threads_callback_function(ctypes.c_void_p(callback))
             # OpenBLAS may pick its kernels lazily, at the first call: make that call while the variable is set.
             lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
             lib.scipy_openblas_get_corename()
@@ -99,19 +106,20 @@ def ensure_loaded():
                     os.environ.pop("OPENBLAS_CORETYPE", None)
                 else:
                     os.environ["OPENBLAS_CORETYPE"] = old
-        sgemm = ctypes.cast(lib.scipy_cblas_sgemm, ctypes.c_void_p).value
-        dgemm = ctypes.cast(lib.scipy_cblas_dgemm, ctypes.c_void_p).value
+        addresses = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+                     for name in ("scipy_cblas_sgemm", "scipy_cblas_dgemm", "scipy_cblas_sgemv", "scipy_cblas_dgemv")]
         lib.scipy_openblas_get_config.restype = ctypes.c_char_p
         lib.scipy_openblas_get_num_threads.restype = ctypes.c_int
         nthreads = os.environ.get("FASTBP_NUM_THREADS")
         if nthreads:
             lib.scipy_openblas_set_num_threads(ctypes.c_int(max(1, int(nthreads))))
-        _kernels._set_gemm(sgemm, dgemm)
+        _kernels._set_gemm(*addresses)
         _state.update(
             library=path,
             lib=lib,
             requested_coretype=coretype,
             reason=reason,
+            threading="fastbp OpenMP team (OpenBLAS threads callback)" if use_callback else "OpenBLAS's own pool",
         )
         return _state
 
@@ -139,4 +147,5 @@ def info():
         "requested_coretype": st["requested_coretype"],
         "reason": st["reason"],
         "num_threads": int(lib.scipy_openblas_get_num_threads()),
+        "threading": st["threading"],
     }

@@ -32,15 +32,74 @@ ctypedef fused floating:
 
 cdef extern from *:
     """
+    #include <pthread.h>
+    #include <stddef.h>
     #if FASTBP_OPENMP
     #include <omp.h>
     static int fastbp_max_threads(void) { return omp_get_max_threads(); }
     #else
     static int fastbp_max_threads(void) { return 1; }
     #endif
+
+    /* OpenBLAS's caller-managed threading (openblas_set_threads_callback_function): OpenBLAS hands us its
+       `numjobs` parallel jobs and we run them on fastbp's OpenMP team, so the elementwise kernels and the GEMMs
+       share one pool of worker threads instead of two pools spinning against each other on the same cores.
+       The jobs of a level-3 call wait for each other, so they must all run at once: when an OpenMP team of
+       numjobs threads cannot be had (called inside a parallel region, dynamic teams, a thread limit), the jobs
+       run on freshly created threads instead. */
+    typedef void (*fb_dojob_t)(int thread_num, void *jobdata, int dojob_data);
+    typedef struct { fb_dojob_t dojob; void *job; int thread_num; int data; } fb_job_t;
+    static void *fb_job_main(void *arg) {
+        fb_job_t *j = (fb_job_t *)arg;
+        j->dojob(j->thread_num, j->job, j->data);
+        return NULL;
+    }
+    static int fb_run_jobs_on_pthreads(fb_dojob_t dojob, int numjobs, size_t elsize, void *jobdata, int data) {
+        pthread_t tids[64];
+        fb_job_t jobs[64];
+        int i, started = 0;
+        if (numjobs > 64) return -1;
+        for (i = 1; i < numjobs; i++) {
+            jobs[i].dojob = dojob; jobs[i].job = (char *)jobdata + (size_t)i * elsize;
+            jobs[i].thread_num = i; jobs[i].data = data;
+            if (pthread_create(&tids[i], NULL, fb_job_main, &jobs[i]) != 0) break;
+            started = i;
+        }
+        if (started != numjobs - 1) {            /* could not start them all: run the rest here, in order */
+            for (i = started + 1; i < numjobs; i++) dojob(i, (char *)jobdata + (size_t)i * elsize, data);
+        }
+        dojob(0, jobdata, data);
+        for (i = 1; i <= started; i++) pthread_join(tids[i], NULL);
+        return 0;
+    }
+    static void fb_blas_threads(int sync, fb_dojob_t dojob, int numjobs, size_t elsize, void *jobdata, int data) {
+        (void)sync;
+        if (numjobs <= 1) {
+            if (numjobs == 1) dojob(0, jobdata, data);
+            return;
+        }
+    #if FASTBP_OPENMP
+        if (!omp_in_parallel() && !omp_get_dynamic() && omp_get_thread_limit() >= numjobs
+                && numjobs <= 64) {
+            #pragma omp parallel num_threads(numjobs)
+            {
+                int t = omp_get_thread_num(), nt = omp_get_num_threads(), i;
+                for (i = t; i < numjobs; i += nt)
+                    dojob(t, (char *)jobdata + (size_t)i * elsize, data);
+            }
+            return;
+        }
+    #endif
+        if (fb_run_jobs_on_pthreads(dojob, numjobs, elsize, jobdata, data) != 0) {
+            int i;       /* more than 64 jobs (never with OpenBLAS's MAX_THREADS here): serial, last resort */
+            for (i = 0; i < numjobs; i++) dojob(i, (char *)jobdata + (size_t)i * elsize, data);
+        }
+    }
+    static void *fb_blas_threads_address(void) { return (void *)fb_blas_threads; }
     """
     int fastbp_max_threads() noexcept nogil
     int FASTBP_OPENMP
+    void *fb_blas_threads_address() noexcept
 
 # ---------------------------------------------------------------------------------------------------------------
 # BLAS
@@ -52,8 +111,15 @@ ctypedef void (*dgemm_ptr)(int order, int transa, int transb, int m, int n, int 
                            const double *a, int lda, const double *b, int ldb, double beta,
                            double *c, int ldc) noexcept nogil
 
+ctypedef void (*sgemv_ptr)(int order, int trans, int m, int n, float alpha, const float *a, int lda,
+                           const float *x, int incx, float beta, float *y, int incy) noexcept nogil
+ctypedef void (*dgemv_ptr)(int order, int trans, int m, int n, double alpha, const double *a, int lda,
+                           const double *x, int incx, double beta, double *y, int incy) noexcept nogil
+
 cdef sgemm_ptr _sgemm = NULL
 cdef dgemm_ptr _dgemm = NULL
+cdef sgemv_ptr _sgemv = NULL
+cdef dgemv_ptr _dgemv = NULL
 cdef enum:
     RowMajor = 101
     NoTrans = 111
@@ -64,13 +130,21 @@ cdef enum:
 cdef Py_ssize_t PARALLEL_MIN = 1 << 17
 
 
-def _set_gemm(intptr_t sgemm_address, intptr_t dgemm_address):
-    """Install the cblas_sgemm / cblas_dgemm entry points (addresses from fastbp._blas)."""
-    global _sgemm, _dgemm
-    if sgemm_address == 0 or dgemm_address == 0:
-        raise ValueError("null GEMM address")
+def _set_gemm(intptr_t sgemm_address, intptr_t dgemm_address, intptr_t sgemv_address,
+              intptr_t dgemv_address):
+    """Install the cblas_?gemm / cblas_?gemv entry points (addresses from fastbp._blas)."""
+    global _sgemm, _dgemm, _sgemv, _dgemv
+    if sgemm_address == 0 or dgemm_address == 0 or sgemv_address == 0 or dgemv_address == 0:
+        raise ValueError("null BLAS address")
+    _sgemv = <sgemv_ptr>sgemv_address
+    _dgemv = <dgemv_ptr>dgemv_address
     _sgemm = <sgemm_ptr>sgemm_address
     _dgemm = <dgemm_ptr>dgemm_address
+
+
+def _blas_threads_callback():
+    """Address of the OpenBLAS threads callback that runs BLAS jobs on fastbp's OpenMP team (0 without OpenMP)."""
+    return <intptr_t>fb_blas_threads_address() if FASTBP_OPENMP else 0
 
 
 def build_info():
@@ -81,7 +155,23 @@ def build_info():
 
 cdef inline void _gemm(int ta, int tb, int m, int n, int k, floating alpha, const floating *a, int lda,
                        const floating *b, int ldb, floating beta, floating *c, int ldc) noexcept nogil:
-    """C[m, n] = alpha * op(A) @ op(B) + beta * C, all row-major with leading dimensions."""
+    """C[m, n] = alpha * op(A) @ op(B) + beta * C, all row-major with leading dimensions.
+
+    A single row of C (batch 1) is a matrix-vector product: GEMV reads op(B) once, where OpenBLAS's GEMM with
+    m = 1 is several times slower on wide layers."""
+    if m == 1:
+        # c = alpha * op(B)^T a + beta * c; op(A)'s one row is contiguous (NoTrans) or strided by lda (Trans)
+        if floating is float:
+            if tb == NoTrans:
+                _sgemv(RowMajor, Trans, k, n, alpha, b, ldb, a, 1 if ta == NoTrans else lda, beta, c, 1)
+            else:
+                _sgemv(RowMajor, NoTrans, n, k, alpha, b, ldb, a, 1 if ta == NoTrans else lda, beta, c, 1)
+        else:
+            if tb == NoTrans:
+                _dgemv(RowMajor, Trans, k, n, alpha, b, ldb, a, 1 if ta == NoTrans else lda, beta, c, 1)
+            else:
+                _dgemv(RowMajor, NoTrans, n, k, alpha, b, ldb, a, 1 if ta == NoTrans else lda, beta, c, 1)
+        return
     if floating is float:
         _sgemm(RowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
     else:
@@ -282,20 +372,10 @@ def gemm(a, b, out, bint trans_a=False, bint trans_b=False, double alpha=1.0, do
     return out
 
 
-cdef int _split_threads = 0
-
-
-def _set_gemm_split(int n):
-    """Experimental: split GEMMs by rows over n OpenMP threads, each calling a single-threaded BLAS."""
-    global _split_threads
-    _split_threads = n
-
-
 cdef inline void _gemm_safe(int ta, int tb, int m, int n, int k, floating alpha, const floating *a, int lda,
                             const floating *b, int ldb, floating beta, floating *c, int ldc) noexcept nogil:
     """_gemm that handles empty dimensions itself (BLAS rejects zero leading dimensions)."""
     cdef Py_ssize_t i, j
-    cdef int q, nt, lo, hi, chunk
     if m == 0 or n == 0:
         return
     if k == 0:
@@ -303,18 +383,6 @@ cdef inline void _gemm_safe(int ta, int tb, int m, int n, int k, floating alpha,
         for i in range(m):
             for j in range(n):
                 c[i * ldc + j] = 0 if beta == 0 else beta * c[i * ldc + j]
-        return
-    nt = _split_threads
-    if nt > 1 and m >= 2 * nt and <double>m * n * k >= 200000:
-        chunk = (m + nt - 1) // nt
-        for q in prange(nt, nogil=True, schedule="static", num_threads=nt):
-            lo = q * chunk
-            hi = lo + chunk
-            if hi > m:
-                hi = m
-            if lo < hi:
-                _gemm(ta, tb, hi - lo, n, k, alpha, a + (lo * lda if ta == NoTrans else lo), lda, b, ldb, beta,
-                      c + lo * ldc, ldc)
         return
     _gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
@@ -367,19 +435,13 @@ def affine_forward(x, W, b, out):
     return out
 
 
-cdef void _bias_backward(Py_ssize_t n, Py_ssize_t m, const floating *dout, floating *db,
-                         double *acc) noexcept nogil:
+cdef inline void _bias_backward(Py_ssize_t n, Py_ssize_t m, const floating *dout, floating *db,
+                                double *acc) noexcept nogil:
     """db[j] = sum_i dout[i, j], accumulated in double (acc is an m-long scratch row)."""
-    cdef Py_ssize_t i, j
-    cdef const floating *row
-    for j in range(m):
-        acc[j] = 0
-    for i in range(n):
-        row = dout + i * m
-        for j in range(m):
-            acc[j] += row[j]
-    for j in range(m):
-        db[j] = <floating>acc[j]
+    if floating is float:
+        fb_colsum_f32(n, m, dout, db, acc)
+    else:
+        fb_colsum_f64(n, m, dout, db, acc)
 
 
 cdef int _affine_backward(int tx, int ldx, int tw, int ldw, Py_ssize_t n, Py_ssize_t d, Py_ssize_t m,
@@ -482,33 +544,50 @@ cdef inline int _threads_for(Py_ssize_t n) noexcept nogil:
     return fastbp_max_threads()
 
 
-cdef void _relu_forward(Py_ssize_t n, const floating *x, floating *out, uint8_t *mask) noexcept nogil:
-    """mask = x <= 0; out = 0 where mask else x (NaN passes through with mask False)."""
-    cdef Py_ssize_t i
-    cdef int nt = _threads_for(n)
-    cdef floating v
-    if nt > 1:
-        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
-            v = x[i]
-            mask[i] = v <= 0
-            out[i] = 0 if v <= 0 else v
+cdef inline void _relu_f(Py_ssize_t n, const floating *x, floating *out, uint8_t *mask) noexcept nogil:
+    if floating is float:
+        fb_relu_forward_f32(n, x, out, mask)
     else:
-        for i in range(n):
-            v = x[i]
-            mask[i] = v <= 0
-            out[i] = 0 if v <= 0 else v
+        fb_relu_forward_f64(n, x, out, mask)
+
+
+cdef inline void _relu_b(Py_ssize_t n, const floating *dout, const uint8_t *mask, floating *dx) noexcept nogil:
+    if floating is float:
+        fb_relu_backward_f32(n, dout, mask, dx)
+    else:
+        fb_relu_backward_f64(n, dout, mask, dx)
+
+
+cdef void _relu_forward(Py_ssize_t n, const floating *x, floating *out, uint8_t *mask) noexcept nogil:
+    """mask = x <= 0; out = 0 where mask else x (NaN passes through with mask False); one chunk per thread."""
+    cdef int nt = _threads_for(n)
+    cdef Py_ssize_t k, lo, hi, chunk = (n + nt - 1) // nt
+    if nt <= 1:
+        _relu_f(n, x, out, mask)
+        return
+    for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = k * chunk
+        hi = lo + chunk
+        if hi > n:
+            hi = n
+        if lo < hi:
+            _relu_f(hi - lo, x + lo, out + lo, mask + lo)
 
 
 cdef void _relu_backward(Py_ssize_t n, const floating *dout, const uint8_t *mask, floating *dx) noexcept nogil:
-    """dx = 0 where mask else dout."""
-    cdef Py_ssize_t i
+    """dx = 0 where mask else dout; one chunk per thread."""
     cdef int nt = _threads_for(n)
-    if nt > 1:
-        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
-            dx[i] = 0 if mask[i] else dout[i]
-    else:
-        for i in range(n):
-            dx[i] = 0 if mask[i] else dout[i]
+    cdef Py_ssize_t k, lo, hi, chunk = (n + nt - 1) // nt
+    if nt <= 1:
+        _relu_b(n, dout, mask, dx)
+        return
+    for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = k * chunk
+        hi = lo + chunk
+        if hi > n:
+            hi = n
+        if lo < hi:
+            _relu_b(hi - lo, dout + lo, mask + lo, dx + lo)
 
 
 cdef inline _check_mask(object mask, cnp.ndarray ref):
@@ -559,6 +638,12 @@ cdef void _sigmoid_forward(Py_ssize_t n, const floating *x, floating *out) noexc
     """out = sigmoid(x), split into one contiguous chunk per thread."""
     cdef int nt = _threads_for(n // 4)
     cdef Py_ssize_t k, lo, hi, chunk = (n + nt - 1) // nt
+    if nt <= 1:
+        if floating is float:
+            fb_sigmoid_f32(n, x, out)
+        else:
+            fb_sigmoid_f64(n, x, out)
+        return
     for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
         lo = k * chunk
         hi = lo + chunk
@@ -572,13 +657,20 @@ cdef void _sigmoid_forward(Py_ssize_t n, const floating *x, floating *out) noexc
 
 
 cdef void _sigmoid_backward(Py_ssize_t n, const floating *dout, const floating *y, floating *dx) noexcept nogil:
-    cdef Py_ssize_t i
+    """dx = dout * (1 - y) * y, one contiguous chunk per thread for large arrays."""
+    cdef Py_ssize_t i, k, lo, hi
     cdef int nt = _threads_for(n)
-    if nt > 1:
-        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
-            dx[i] = dout[i] * (1 - y[i]) * y[i]
-    else:
+    cdef Py_ssize_t chunk = (n + nt - 1) // nt
+    if nt <= 1:
         for i in range(n):
+            dx[i] = dout[i] * (1 - y[i]) * y[i]
+        return
+    for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = k * chunk
+        hi = lo + chunk
+        if hi > n:
+            hi = n
+        for i in range(lo, hi):
             dx[i] = dout[i] * (1 - y[i]) * y[i]
 
 
@@ -622,10 +714,16 @@ def sigmoid_backward(dout, y, dx):
 # Softmax with cross-entropy loss
 # ---------------------------------------------------------------------------------------------------------------
 cdef extern from "_simd.h" nogil:
-    double fb_softmax_row_f32(const float *x, float *y, float *g, long c, float scale, const float *onehot,
-                              long label) noexcept
-    double fb_softmax_row_f64(const double *x, double *y, double *g, long c, double scale, const double *onehot,
-                              long label) noexcept
+    void fb_softmax_block_f32(const float *x, float *y, float *g, long rows, long c, float scale,
+                              const float *onehot, const int64_t *labels, double *rowloss) noexcept
+    void fb_softmax_block_f64(const double *x, double *y, double *g, long rows, long c, double scale,
+                              const double *onehot, const int64_t *labels, double *rowloss) noexcept
+    void fb_relu_forward_f32(long n, const float *x, float *out, uint8_t *mask) noexcept
+    void fb_relu_forward_f64(long n, const double *x, double *out, uint8_t *mask) noexcept
+    void fb_relu_backward_f32(long n, const float *dout, const uint8_t *mask, float *dx) noexcept
+    void fb_relu_backward_f64(long n, const double *dout, const uint8_t *mask, double *dx) noexcept
+    void fb_colsum_f32(long n, long m, const float *dout, float *db, double *acc) noexcept
+    void fb_colsum_f64(long n, long m, const double *dout, double *db, double *acc) noexcept
     void fb_sigmoid_f32(long n, const float *x, float *out) noexcept
     void fb_sigmoid_f64(long n, const double *x, double *out) noexcept
     float fb_expf(float x) noexcept
@@ -634,26 +732,41 @@ cdef extern from "_simd.h" nogil:
 
 cdef double _softmax_ce(Py_ssize_t n, Py_ssize_t c, const floating *x, const int64_t *t, const floating *onehot,
                         floating *y, floating *g, double scale, double *rows) noexcept nogil:
-    """Per row: y = softmax(x); rows[i] = lse(x) - x[t] (or sum_j t_j (lse - x_j)); g = scale * (y - t).
+    """y = softmax(x) row-wise; rows[i] = lse(x_i) - x_i[t_i] (or sum_j t_ij (lse - x_ij)); g = scale * (y - t).
 
-    Returns sum(rows) added in row order, so the loss does not depend on the thread count."""
-    cdef Py_ssize_t i
+    Row blocks go to threads; returns sum(rows) added in row order, so the loss does not depend on the thread
+    count."""
+    cdef Py_ssize_t i, k, lo, hi, chunk
     cdef double loss = 0
     cdef int nt = _threads_for(n * c // 8)
-    cdef floating *gi
-    for i in prange(n, nogil=True, schedule="static", num_threads=nt):
-        gi = NULL if g == NULL else g + i * c
-        if floating is float:
-            rows[i] = fb_softmax_row_f32(x + i * c, y + i * c, gi, c, <float>scale,
-                                         NULL if onehot == NULL else onehot + i * c,
-                                         0 if t == NULL else t[i])
-        else:
-            rows[i] = fb_softmax_row_f64(x + i * c, y + i * c, gi, c, scale,
-                                         NULL if onehot == NULL else onehot + i * c,
-                                         0 if t == NULL else t[i])
+    if nt > n:
+        nt = <int>n if n > 0 else 1
+    chunk = (n + nt - 1) // nt if n > 0 else 0
+    if nt <= 1:
+        _softmax_block(0, n, c, x, t, onehot, y, g, scale, rows)
+    else:
+        for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
+            lo = k * chunk
+            hi = lo + chunk
+            if hi > n:
+                hi = n
+            if lo < hi:
+                _softmax_block(lo, hi, c, x, t, onehot, y, g, scale, rows)
     for i in range(n):
         loss += rows[i]
     return loss
+
+
+cdef inline void _softmax_block(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t c, const floating *x, const int64_t *t,
+                                const floating *onehot, floating *y, floating *g, double scale,
+                                double *rows) noexcept nogil:
+    cdef Py_ssize_t off = lo * c
+    if floating is float:
+        fb_softmax_block_f32(x + off, y + off, NULL if g == NULL else g + off, hi - lo, c, <float>scale,
+                             NULL if onehot == NULL else onehot + off, NULL if t == NULL else t + lo, rows + lo)
+    else:
+        fb_softmax_block_f64(x + off, y + off, NULL if g == NULL else g + off, hi - lo, c, scale,
+                             NULL if onehot == NULL else onehot + off, NULL if t == NULL else t + lo, rows + lo)
 
 
 cdef Py_ssize_t _first_bad_label(Py_ssize_t n, const int64_t *t, int64_t c) noexcept nogil:
@@ -781,45 +894,60 @@ cdef inline floating _sqrt(floating v) noexcept nogil:
         return sqrt(v)
 
 
-cdef void _opt_update(int kind, Py_ssize_t n, floating *p, const floating *g, floating *s1, floating *s2,
-                      double lr_, double a_, double b_, double eps_) noexcept nogil:
-    """One optimizer step over n elements (formulas of the book's common/optimizer.py; see update())."""
+cdef void _opt_range(int kind, Py_ssize_t lo, Py_ssize_t hi, floating *p, const floating *g, floating *s1,
+                     floating *s2, floating lr, floating a, floating b, floating eps) noexcept nogil:
+    """One optimizer step over elements [lo, hi) (formulas of the book's common/optimizer.py; see update())."""
     cdef Py_ssize_t i
-    cdef floating lr = <floating>lr_, a = <floating>a_, b = <floating>b_, eps = <floating>eps_
     cdef floating gi, v
-    cdef int nt = _threads_for(n)
     if kind == OPT_SGD:
-        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+        for i in range(lo, hi):
             p[i] = p[i] - lr * g[i]
     elif kind == OPT_MOMENTUM:            # v = a v - lr g ; p += v
-        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+        for i in range(lo, hi):
             v = a * s1[i] - lr * g[i]
             s1[i] = v
             p[i] = p[i] + v
     elif kind == OPT_NESTEROV:            # v = a v - lr g ; p += a a v - (1 + a) lr g
-        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+        for i in range(lo, hi):
             gi = g[i]
             v = a * s1[i] - lr * gi
             s1[i] = v
             p[i] = p[i] + a * a * v - (1 + a) * lr * gi
     elif kind == OPT_ADAGRAD:             # h += g g ; p -= lr g / (sqrt(h) + eps)
-        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+        for i in range(lo, hi):
             gi = g[i]
             v = s1[i] + gi * gi
             s1[i] = v
             p[i] = p[i] - lr * gi / (_sqrt(v) + eps)
     elif kind == OPT_RMSPROP:             # h = a h + (1 - a) g g ; p -= lr g / (sqrt(h) + eps)
-        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+        for i in range(lo, hi):
             gi = g[i]
             v = a * s1[i] + (1 - a) * gi * gi
             s1[i] = v
             p[i] = p[i] - lr * gi / (_sqrt(v) + eps)
     elif kind == OPT_ADAM:                # m += (1-a)(g-m) ; v += (1-b)(g g - v) ; p -= lr_t m / (sqrt(v) + eps)
-        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+        for i in range(lo, hi):
             gi = g[i]
             s1[i] = s1[i] + (1 - a) * (gi - s1[i])
             s2[i] = s2[i] + (1 - b) * (gi * gi - s2[i])
             p[i] = p[i] - lr * s1[i] / (_sqrt(s2[i]) + eps)
+
+
+cdef void _opt_update(int kind, Py_ssize_t n, floating *p, const floating *g, floating *s1, floating *s2,
+                      double lr, double a, double b, double eps) noexcept nogil:
+    """One optimizer step over n elements, one contiguous chunk per thread for large arrays."""
+    cdef int nt = _threads_for(n)
+    cdef Py_ssize_t k, lo, hi, chunk = (n + nt - 1) // nt
+    if nt <= 1:
+        _opt_range(kind, 0, n, p, g, s1, s2, <floating>lr, <floating>a, <floating>b, <floating>eps)
+        return
+    for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        lo = k * chunk
+        hi = lo + chunk
+        if hi > n:
+            hi = n
+        if lo < hi:
+            _opt_range(kind, lo, hi, p, g, s1, s2, <floating>lr, <floating>a, <floating>b, <floating>eps)
 
 
 cdef inline bint _contig_like(cnp.ndarray a, bint c_order):

@@ -73,47 +73,70 @@ static inline double fb_exp(double x)
     return x < -708.0 ? 0.0 : v;
 }
 
-/* One row of softmax with cross-entropy.  y = softmax(x); g = scale * (y - target) unless g is NULL;
- * target is onehot[0..c) when onehot != NULL, else the one-hot vector of `label`.
- * Returns the row loss sum_j target_j * (logsumexp(x) - x_j), computed as log(sum) + (max - x_j). */
-#define FB_SOFTMAX_ROW(NAME, T, EXP)                                                                          \
-FB_CLONES static double NAME(const T *x, T *y, T *g, long c, T scale, const T *onehot, long label)           \
+/* Softmax with cross-entropy over a block of `rows` rows of `c` classes.  y = softmax(x) row-wise;
+ * g = scale * (y - target) unless g is NULL; target is onehot (rows x c) when onehot != NULL, else the one-hot
+ * vector of labels[i].  rowloss[i] = sum_j target_j * (logsumexp(x_i) - x_ij), as log(sum) + (max - x_ij).
+ * The exponentials run over the whole block in one loop, so short rows (C = 10) still fill the vector lanes. */
+#define FB_SOFTMAX_BLOCK(NAME, T, EXP)                                                                        \
+FB_CLONES static void NAME(const T *restrict x, T *restrict y, T *restrict g, long rows, long c, T scale,     \
+                           const T *restrict onehot, const int64_t *restrict labels, double *restrict rowloss) \
 {                                                                                                             \
-    long j;                                                                                                   \
-    T m = x[0];                                                                                               \
-    int has_nan = 0;                                                                                          \
-    _Pragma("omp simd reduction(max:m) reduction(|:has_nan)")                                                 \
-    for (j = 0; j < c; j++) { m = x[j] > m ? x[j] : m; has_nan |= x[j] != x[j]; }                             \
-    if (has_nan) m = NAN;                           /* NaN in, NaN out (max would skip it) */                \
-    _Pragma("omp simd")                                                                                       \
-    for (j = 0; j < c; j++) y[j] = EXP(x[j] - m);                                                             \
-    double s = 0.0;                                                                                           \
-    _Pragma("omp simd reduction(+:s)")                                                                        \
-    for (j = 0; j < c; j++) s += (double)y[j];                                                                \
-    T inv = (T)(1.0 / s);                                                                                     \
-    double logs = log(s);                                                                                     \
-    _Pragma("omp simd")                                                                                       \
-    for (j = 0; j < c; j++) y[j] *= inv;                                                                      \
-    if (onehot == NULL) {                                                                                     \
-        if (g != NULL) {                                                                                      \
-            _Pragma("omp simd")                                                                               \
-            for (j = 0; j < c; j++) g[j] = scale * y[j];                                                      \
-            g[label] -= scale;                                                                                \
-        }                                                                                                     \
-        return logs + ((double)m - (double)x[label]);                                                         \
-    }                                                                                                         \
-    double loss = 0.0;                                                                                        \
-    for (j = 0; j < c; j++)                                                                                   \
-        if (onehot[j] != 0) loss += (double)onehot[j] * (logs + ((double)m - (double)x[j]));                  \
-    if (g != NULL) {                                                                                          \
+    long i, j;                                                                                                \
+    for (i = 0; i < rows; i++) {                                                                              \
+        const T *xr = x + i * c;                                                                              \
+        T *yr = y + i * c;                                                                                    \
+        T m = xr[0];                                                                                          \
+        int has_nan = 0;                                                                                      \
+        _Pragma("omp simd reduction(max:m) reduction(|:has_nan)")                                             \
+        for (j = 0; j < c; j++) { m = xr[j] > m ? xr[j] : m; has_nan |= xr[j] != xr[j]; }                     \
+        if (has_nan) m = NAN;                       /* NaN in, NaN out (max would skip it) */                \
         _Pragma("omp simd")                                                                                   \
-        for (j = 0; j < c; j++) g[j] = scale * (y[j] - onehot[j]);                                            \
+        for (j = 0; j < c; j++) yr[j] = xr[j] - m;                                                            \
+        if (onehot == NULL) {                                                                                 \
+            rowloss[i] = -(double)yr[labels[i]];                                                              \
+        } else {                                                                                              \
+            const T *tr = onehot + i * c;                                                                     \
+            double acc = 0.0;                                                                                 \
+            for (j = 0; j < c; j++) if (tr[j] != 0) acc += (double)tr[j] * (double)yr[j];                     \
+            rowloss[i] = -acc;                                                                                \
+        }                                                                                                     \
     }                                                                                                         \
-    return loss;                                                                                              \
+    long total = rows * c;                                                                                    \
+    _Pragma("omp simd")                                                                                       \
+    for (i = 0; i < total; i++) y[i] = EXP(y[i]);                                                             \
+    for (i = 0; i < rows; i++) {                                                                              \
+        T *yr = y + i * c;                                                                                    \
+        double s = 0.0;                                                                                       \
+        _Pragma("omp simd reduction(+:s)")                                                                    \
+        for (j = 0; j < c; j++) s += (double)yr[j];                                                           \
+        T inv = (T)(1.0 / s);                                                                                 \
+        double logs = log(s);                                                                                 \
+        _Pragma("omp simd")                                                                                   \
+        for (j = 0; j < c; j++) yr[j] *= inv;                                                                 \
+        if (onehot == NULL) {                                                                                 \
+            rowloss[i] += logs;                                                                               \
+            if (g != NULL) {                                                                                  \
+                T *gr = g + i * c;                                                                            \
+                _Pragma("omp simd")                                                                           \
+                for (j = 0; j < c; j++) gr[j] = scale * yr[j];                                                \
+                gr[labels[i]] -= scale;                                                                       \
+            }                                                                                                 \
+        } else {                                                                                              \
+            const T *tr = onehot + i * c;                                                                     \
+            double tsum = 0.0;                                                                                \
+            for (j = 0; j < c; j++) if (tr[j] != 0) tsum += (double)tr[j];                                    \
+            rowloss[i] += logs * tsum;                                                                        \
+            if (g != NULL) {                                                                                  \
+                T *gr = g + i * c;                                                                            \
+                _Pragma("omp simd")                                                                           \
+                for (j = 0; j < c; j++) gr[j] = scale * (yr[j] - tr[j]);                                      \
+            }                                                                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
 }
 
-FB_SOFTMAX_ROW(fb_softmax_row_f32, float, fb_expf)
-FB_SOFTMAX_ROW(fb_softmax_row_f64, double, fb_exp)
+FB_SOFTMAX_BLOCK(fb_softmax_block_f32, float, fb_expf)
+FB_SOFTMAX_BLOCK(fb_softmax_block_f64, double, fb_exp)
 
 /* out = 1 / (1 + exp(-x)) without overflow: e = exp(-|x|) <= 1; out = 1/(1+e) or e/(1+e). */
 #define FB_SIGMOID(NAME, T, EXP)                                                                              \
@@ -130,5 +153,39 @@ FB_CLONES static void NAME(long n, const T *x, T *out)                          
 
 FB_SIGMOID(fb_sigmoid_f32, float, fb_expf)
 FB_SIGMOID(fb_sigmoid_f64, double, fb_exp)
+
+/* ReLU, branch-free so that random signs cost nothing: mask = x <= 0; out = mask ? 0 : x; dx = mask ? 0 : dout
+ * (NaN: mask false, passes through). */
+#define FB_RELU(NAME_F, NAME_B, T)                                                                            \
+FB_CLONES static void NAME_F(long n, const T *restrict x, T *out, unsigned char *restrict mask)               \
+{                                                                                                             \
+    _Pragma("omp simd")                                                                                       \
+    for (long i = 0; i < n; i++) { T v = x[i]; int m = v <= 0; mask[i] = (unsigned char)m; out[i] = m ? (T)0 : v; } \
+}                                                                                                             \
+FB_CLONES static void NAME_B(long n, const T *dout, const unsigned char *restrict mask, T *dx)               \
+{                                                                                                             \
+    _Pragma("omp simd")                                                                                       \
+    for (long i = 0; i < n; i++) { T d = dout[i]; dx[i] = mask[i] ? (T)0 : d; }                               \
+}
+
+FB_RELU(fb_relu_forward_f32, fb_relu_backward_f32, float)
+FB_RELU(fb_relu_forward_f64, fb_relu_backward_f64, double)
+
+/* db[j] = sum_i dout[i, j] over a C-contiguous (n, m) block, accumulated in double in acc (m entries). */
+#define FB_COLSUM(NAME, T)                                                                                    \
+FB_CLONES static void NAME(long n, long m, const T *restrict dout, T *restrict db, double *restrict acc)      \
+{                                                                                                             \
+    long i, j;                                                                                                \
+    for (j = 0; j < m; j++) acc[j] = 0.0;                                                                     \
+    for (i = 0; i < n; i++) {                                                                                 \
+        const T *row = dout + i * m;                                                                          \
+        _Pragma("omp simd")                                                                                   \
+        for (j = 0; j < m; j++) acc[j] += (double)row[j];                                                     \
+    }                                                                                                         \
+    for (j = 0; j < m; j++) db[j] = (T)acc[j];                                                                \
+}
+
+FB_COLSUM(fb_colsum_f32, float)
+FB_COLSUM(fb_colsum_f64, double)
 
 #endif
