@@ -82,6 +82,7 @@ class _Optimizer:
         for name in self._state_names:
             setattr(self, name, None)
         self._gbuf = None       # converted-gradient buffers, keyed like the parameters
+        self._plan = None       # [(key, param, grad, s1, s2)] of the last all-kernel step (see update)
 
     # -- hooks -----------------------------------------------------------------------------------------
     def _coefficients(self):
@@ -91,10 +92,19 @@ class _Optimizer:
     # -- public ----------------------------------------------------------------------------------------
     def update(self, params, grads):
         """Update every array of `params` in place from `grads` (two dicts with the same keys or two lists)."""
+        kind = self._kind
+        plan = self._plan
+        if plan is not None and self._same_arrays(plan, params, grads):
+            # Same parameter and gradient objects as the last step, which all went through the kernel: skip the
+            # Python-level checks (the kernel still checks dtype, shape, layout and writability of each array).
+            lr, a, b = self._coefficients()
+            for _, p, g, s1, s2 in plan:
+                _k.optimizer_update(kind, p, g, s1, s2, lr, a, b, EPS)
+            return None
         pairs = self._pairs(params, grads)
         states = self._states(params, pairs)
         lr, a, b = self._coefficients()
-        kind = self._kind
+        new_plan = []
         for key, p, g in pairs:
             s1 = states[0][key] if self._n_states >= 1 else None
             s2 = states[1][key] if self._n_states >= 2 else None
@@ -105,10 +115,28 @@ class _Optimizer:
                     and (s1 is None or s1.dtype == p.dtype) and (s2 is None or s2.dtype == p.dtype)):
                 if not (g.dtype == p.dtype and g.dtype.isnative and _contiguous_as(g, order)):
                     g = self._converted(key, g, p, order)
+                    new_plan = None
                 _k.optimizer_update(kind, p, g, s1, s2, lr, a, b, EPS)
+                if new_plan is not None:
+                    new_plan.append((key, p, g, s1, s2))
             else:
                 self._numpy_update(key, p, g, s1, s2, lr, a, b)
+                new_plan = None
+        self._plan = new_plan if new_plan else None
         return None
+
+    @staticmethod
+    def _same_arrays(plan, params, grads):
+        """True when params/grads hold exactly the arrays of `plan`, key for key (identity, not equality)."""
+        if len(params) != len(plan) or len(grads) != len(plan):
+            return False
+        try:
+            for key, p, g, _, _ in plan:
+                if params[key] is not p or grads[key] is not g:
+                    return False
+        except (KeyError, IndexError, TypeError):
+            return False
+        return True
 
     # -- validation ------------------------------------------------------------------------------------
     @staticmethod
