@@ -86,13 +86,7 @@ def ensure_loaded():
             if coretype is not None:
                 os.environ["OPENBLAS_CORETYPE"] = coretype
             lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_LOCAL", 0) | getattr(os, "RTLD_NOW", 2))
-            # One thread pool: OpenBLAS runs its parallel jobs on fastbp's OpenMP team (set before any BLAS call,
-            # as OpenBLAS requires).  FASTBP_BLAS_THREADING=openblas keeps OpenBLAS's own pool.
-            callback = _kernels._blas_threads_callback()
-            pool = os.environ.get("FASTBP_BLAS_THREADING", "openmp").strip().lower()
-            use_callback = bool(callback) and pool != "openblas" and hasattr(lib, "scipy_openblas_set_threads_callback_function")
-            if use_callback:
-                lib.scipy_openblas_set_threads_callback_function(ctypes.c_void_p(callback))
+            mode = _choose_threading(lib, _kernels)
             # OpenBLAS may pick its kernels lazily, at the first call: make that call while the variable is set.
             lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
             lib.scipy_openblas_get_corename()
@@ -110,30 +104,70 @@ def ensure_loaded():
                      for name in ("scipy_cblas_sgemm", "scipy_cblas_dgemm", "scipy_cblas_sgemv", "scipy_cblas_dgemv")]
         lib.scipy_openblas_get_config.restype = ctypes.c_char_p
         lib.scipy_openblas_get_num_threads.restype = ctypes.c_int
-        nthreads = os.environ.get("FASTBP_NUM_THREADS")
-        if nthreads:
-            lib.scipy_openblas_set_num_threads(ctypes.c_int(max(1, int(nthreads))))
         _kernels._set_gemm(*addresses)
         _state.update(
             library=path,
             lib=lib,
             requested_coretype=coretype,
             reason=reason,
-            threading="fastbp OpenMP team (OpenBLAS threads callback)" if use_callback else "OpenBLAS's own pool",
+            threading=mode,
         )
         return _state
 
 
+THREADING_MODES = ("split", "callback", "openblas")
+
+
+def _choose_threading(lib, kernels):
+    """Set up how fastbp's GEMMs use threads (before any BLAS call, as OpenBLAS requires); returns the mode.
+
+    * ``split`` (default with OpenMP): OpenBLAS single-threaded; fastbp cuts each large GEMM into one
+      independent piece per OpenMP thread (see _kernels.pyx).  One thread pool, and no packing shared between
+      threads: the fastest on the book's small products (measured, see the README).
+    * ``callback``: OpenBLAS threads its GEMMs itself but runs the jobs on fastbp's OpenMP team.
+    * ``openblas``: OpenBLAS's own pthread pool (the only choice in a build without OpenMP).
+    FASTBP_BLAS_THREADING picks one; FASTBP_NUM_THREADS sets the thread count (default: the OpenMP count).
+    """
+    openmp = kernels.build_info()["openmp"]
+    mode = os.environ.get("FASTBP_BLAS_THREADING", "split").strip().lower()
+    if mode not in THREADING_MODES:
+        raise ValueError(f"FASTBP_BLAS_THREADING must be one of {THREADING_MODES}, got {mode!r}")
+    if not openmp:
+        mode = "openblas"
+    env_n = os.environ.get("FASTBP_NUM_THREADS", "").strip()
+    n = max(1, int(env_n)) if env_n else None
+    if mode == "split":
+        lib.scipy_openblas_set_num_threads(ctypes.c_int(1))
+        kernels._set_gemm_threads(n or kernels.build_info()["openmp_max_threads"])
+    else:
+        if mode == "callback":
+            lib.scipy_openblas_set_threads_callback_function(ctypes.c_void_p(kernels._blas_threads_callback()))
+        if n:
+            lib.scipy_openblas_set_num_threads(ctypes.c_int(n))
+        kernels._set_gemm_threads(1)
+    return mode
+
+
 def set_num_threads(n):
-    """Thread count of fastbp's OpenBLAS copy (NumPy's is not touched)."""
+    """Threads of fastbp's GEMMs (NumPy's BLAS is not touched)."""
     n = int(n)
     if n < 1:
         raise ValueError(f"number of threads must be >= 1, got {n}")
-    ensure_loaded()["lib"].scipy_openblas_set_num_threads(ctypes.c_int(n))
+    st = ensure_loaded()
+    if st["threading"] == "split":
+        from fastbp import _kernels
+        _kernels._set_gemm_threads(n)
+    else:
+        st["lib"].scipy_openblas_set_num_threads(ctypes.c_int(n))
 
 
 def get_num_threads():
-    return int(ensure_loaded()["lib"].scipy_openblas_get_num_threads())
+    """Threads of fastbp's GEMMs."""
+    st = ensure_loaded()
+    if st["threading"] == "split":
+        from fastbp import _kernels
+        return _kernels._get_gemm_threads()
+    return int(st["lib"].scipy_openblas_get_num_threads())
 
 
 def info():
@@ -146,6 +180,6 @@ def info():
         "corename": lib.scipy_openblas_get_corename().decode(),
         "requested_coretype": st["requested_coretype"],
         "reason": st["reason"],
-        "num_threads": int(lib.scipy_openblas_get_num_threads()),
+        "num_threads": get_num_threads(),
         "threading": st["threading"],
     }

@@ -372,10 +372,67 @@ def gemm(a, b, out, bint trans_a=False, bint trans_b=False, double alpha=1.0, do
     return out
 
 
+# GEMM threading.  With OpenMP, fastbp's OpenBLAS runs single-threaded and a product big enough to pay for a
+# fork/join is cut into one independent piece per thread, each a single-threaded BLAS call:
+#   split M (rows of C)     - every piece packs all of op(B): chosen when op(B) is the smallest operand,
+#   split N (columns of C)  - every piece packs all of op(A): chosen when op(A) is the smallest,
+#   split K (inner dim)     - nothing is packed twice, but pieces 1.. write partial products to scratch that is
+#                             then added to C in piece order: chosen when C is the smallest.
+# The pieces depend only on the sizes and the thread count, never on the team OpenMP actually forms, so results
+# are reproducible.  (Letting OpenBLAS thread the small products of a 784-50-10 network wastes a third of the
+# time in its own packing and synchronisation, and a second thread pool fights the OpenMP team.)
+cdef int _gemm_nthreads = 1
+cdef double GEMM_PARALLEL_MIN = 1 << 19      # m * n * k below this: one thread
+
+
+def _set_gemm_threads(int n):
+    """Threads fastbp splits a large GEMM over (1 = OpenBLAS decides its own threading)."""
+    global _gemm_nthreads
+    if n < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    _gemm_nthreads = n
+
+
+def _get_gemm_threads():
+    return _gemm_nthreads
+
+
+cdef inline void _gemm_piece(int split, int q, int nt, int ta, int tb, int m, int n, int k, floating alpha,
+                             const floating *a, int lda, const floating *b, int ldb, floating beta, floating *c,
+                             int ldc, floating *scratch) noexcept nogil:
+    """Piece q of nt of C = alpha op(A) op(B) + beta C split along M (0), N (1) or K (2)."""
+    cdef int size = m if split == 0 else (n if split == 1 else k)
+    cdef int chunk = (size + nt - 1) // nt
+    cdef int lo = q * chunk
+    cdef int hi = lo + chunk
+    if hi > size:
+        hi = size
+    if lo >= hi:
+        return
+    if split == 0:
+        _gemm(ta, tb, hi - lo, n, k, alpha, a + (<Py_ssize_t>lo * lda if ta == NoTrans else lo), lda, b, ldb,
+              beta, c + <Py_ssize_t>lo * ldc, ldc)
+    elif split == 1:
+        _gemm(ta, tb, m, hi - lo, k, alpha, a, lda, b + (lo if tb == NoTrans else <Py_ssize_t>lo * ldb), ldb,
+              beta, c + lo, ldc)
+    else:
+        if q == 0:
+            _gemm(ta, tb, m, n, hi - lo, alpha, a + (lo if ta == NoTrans else <Py_ssize_t>lo * lda), lda,
+                  b + (<Py_ssize_t>lo * ldb if tb == NoTrans else lo), ldb, beta, c, ldc)
+        else:
+            _gemm(ta, tb, m, n, hi - lo, alpha, a + (lo if ta == NoTrans else <Py_ssize_t>lo * lda), lda,
+                  b + (<Py_ssize_t>lo * ldb if tb == NoTrans else lo), ldb, <floating>0,
+                  scratch + <Py_ssize_t>(q - 1) * m * n, n)
+
+
 cdef inline void _gemm_safe(int ta, int tb, int m, int n, int k, floating alpha, const floating *a, int lda,
                             const floating *b, int ldb, floating beta, floating *c, int ldc) noexcept nogil:
-    """_gemm that handles empty dimensions itself (BLAS rejects zero leading dimensions)."""
+    """_gemm that handles empty dimensions itself (BLAS rejects zero leading dimensions) and splits large
+    products over fastbp's threads (see above)."""
     cdef Py_ssize_t i, j
+    cdef int nt = _gemm_nthreads, q, split, lim
+    cdef double sa, sb, sc
+    cdef floating *scratch = NULL
     if m == 0 or n == 0:
         return
     if k == 0:
@@ -384,6 +441,35 @@ cdef inline void _gemm_safe(int ta, int tb, int m, int n, int k, floating alpha,
             for j in range(n):
                 c[i * ldc + j] = 0 if beta == 0 else beta * c[i * ldc + j]
         return
+    if nt > 1 and <double>m * n * k >= GEMM_PARALLEL_MIN:
+        sa = <double>m * k
+        sb = <double>k * n
+        sc = <double>m * n * 2          # scratch written and read back
+        if sb <= sa and sb <= sc:
+            split = 0
+            lim = m
+        elif sa <= sb and sa <= sc:
+            split = 1
+            lim = n
+        else:
+            split = 2
+            lim = k
+        if lim < nt:
+            nt = lim
+        if split == 2 and nt > 1:
+            scratch = <floating*>malloc(<size_t>(nt - 1) * m * n * sizeof(floating))
+            if scratch == NULL:
+                nt = 1
+        if nt > 1:
+            for q in prange(nt, nogil=True, schedule="static", num_threads=nt):
+                _gemm_piece(split, q, nt, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, scratch)
+            if split == 2:
+                for q in range(1, nt):
+                    for i in range(m):
+                        for j in range(n):
+                            c[i * ldc + j] += scratch[(q - 1) * <Py_ssize_t>m * n + i * n + j]
+                free(scratch)
+            return
     _gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
 
