@@ -17,7 +17,6 @@
 #   what to allocate and what to reuse.
 cimport cython
 from cython.parallel cimport prange
-from libc.math cimport sqrt, sqrtf
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from libc.stdint cimport int64_t, int32_t, uint8_t, intptr_t
@@ -810,6 +809,10 @@ cdef extern from "_simd.h" nogil:
     void fb_relu_backward_f64(long n, const double *dout, const uint8_t *mask, double *dx) noexcept
     void fb_colsum_f32(long n, long m, const float *dout, float *db, double *acc) noexcept
     void fb_colsum_f64(long n, long m, const double *dout, double *db, double *acc) noexcept
+    void fb_opt_f32(int kind, long n, float *p, const float *g, float *s1, float *s2, float lr, float a, float b,
+                    float eps) noexcept
+    void fb_opt_f64(int kind, long n, double *p, const double *g, double *s1, double *s2, double lr, double a,
+                    double b, double eps) noexcept
     void fb_sigmoid_f32(long n, const float *x, float *out) noexcept
     void fb_sigmoid_f64(long n, const double *x, double *out) noexcept
     float fb_expf(float x) noexcept
@@ -973,50 +976,16 @@ cdef enum:
     OPT_ADAM = 5
 
 
-cdef inline floating _sqrt(floating v) noexcept nogil:
+cdef inline void _opt_range(int kind, Py_ssize_t lo, Py_ssize_t hi, floating *p, const floating *g,
+                            floating *s1, floating *s2, floating lr, floating a, floating b,
+                            floating eps) noexcept nogil:
+    """One optimizer step over elements [lo, hi) (the formulas are in _simd.h's FB_OPT)."""
     if floating is float:
-        return sqrtf(v)
+        fb_opt_f32(kind, hi - lo, p + lo, g + lo, NULL if s1 == NULL else s1 + lo, NULL if s2 == NULL else s2 + lo,
+                   lr, a, b, eps)
     else:
-        return sqrt(v)
-
-
-cdef void _opt_range(int kind, Py_ssize_t lo, Py_ssize_t hi, floating *p, const floating *g, floating *s1,
-                     floating *s2, floating lr, floating a, floating b, floating eps) noexcept nogil:
-    """One optimizer step over elements [lo, hi) (formulas of the book's common/optimizer.py; see update())."""
-    cdef Py_ssize_t i
-    cdef floating gi, v
-    if kind == OPT_SGD:
-        for i in range(lo, hi):
-            p[i] = p[i] - lr * g[i]
-    elif kind == OPT_MOMENTUM:            # v = a v - lr g ; p += v
-        for i in range(lo, hi):
-            v = a * s1[i] - lr * g[i]
-            s1[i] = v
-            p[i] = p[i] + v
-    elif kind == OPT_NESTEROV:            # v = a v - lr g ; p += a a v - (1 + a) lr g
-        for i in range(lo, hi):
-            gi = g[i]
-            v = a * s1[i] - lr * gi
-            s1[i] = v
-            p[i] = p[i] + a * a * v - (1 + a) * lr * gi
-    elif kind == OPT_ADAGRAD:             # h += g g ; p -= lr g / (sqrt(h) + eps)
-        for i in range(lo, hi):
-            gi = g[i]
-            v = s1[i] + gi * gi
-            s1[i] = v
-            p[i] = p[i] - lr * gi / (_sqrt(v) + eps)
-    elif kind == OPT_RMSPROP:             # h = a h + (1 - a) g g ; p -= lr g / (sqrt(h) + eps)
-        for i in range(lo, hi):
-            gi = g[i]
-            v = a * s1[i] + (1 - a) * gi * gi
-            s1[i] = v
-            p[i] = p[i] - lr * gi / (_sqrt(v) + eps)
-    elif kind == OPT_ADAM:                # m += (1-a)(g-m) ; v += (1-b)(g g - v) ; p -= lr_t m / (sqrt(v) + eps)
-        for i in range(lo, hi):
-            gi = g[i]
-            s1[i] = s1[i] + (1 - a) * (gi - s1[i])
-            s2[i] = s2[i] + (1 - b) * (gi * gi - s2[i])
-            p[i] = p[i] - lr * s1[i] / (_sqrt(s2[i]) + eps)
+        fb_opt_f64(kind, hi - lo, p + lo, g + lo, NULL if s1 == NULL else s1 + lo, NULL if s2 == NULL else s2 + lo,
+                   lr, a, b, eps)
 
 
 cdef void _opt_update(int kind, Py_ssize_t n, floating *p, const floating *g, floating *s1, floating *s2,

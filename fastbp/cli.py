@@ -555,7 +555,7 @@ def cmd_info(args):
     else:
         print(f"BLAS     fastbp: {blas['library']}")
         print(f"         core {blas['corename']} (requested {blas['requested_coretype'] or 'none'}: "
-              f"{blas['reason']}), {blas['num_threads']} threads")
+              f"{blas['reason']}), {blas['num_threads']} threads, threading: {blas.get('threading')}")
         print(f"         {blas['config']}")
     for i, line in enumerate(info["numpy_blas"]):
         print(("BLAS     numpy: " if i == 0 else "         ") + line)
