@@ -35,6 +35,11 @@ __all__ = ["MulLayer", "AddLayer", "Relu", "Sigmoid", "Affine", "MatMul", "Softm
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _KERNEL_DTYPES = (_F32, _F64)
+_I64 = np.dtype(np.int64)
+_BOOL = np.dtype(np.bool_)
+# The fast paths below take the common case (native float32/float64 ndarrays of matching dtypes) straight to the
+# kernel, whose own checks reject anything else; every other input goes through the general path, which
+# converts what NumPy's rules allow and raises with a message naming expected and actual.
 
 
 def _native(a):
@@ -65,7 +70,7 @@ class _Workspace:
         if not self.reuse:
             return np.empty(shape, dtype)
         a = self._bufs.get(name)
-        if a is None or a.shape != shape or a.dtype != dtype:
+        if a is None or a.shape != shape or a.dtype is not dtype and a.dtype != dtype:
             a = np.empty(shape, dtype)
             self._bufs[name] = a
         return a
@@ -111,6 +116,19 @@ class Relu(_Layer):
         self._ws = _Workspace(reuse)
 
     def forward(self, x):
+        if type(x) is np.ndarray and (x.dtype is _F32 or x.dtype is _F64):
+            ws = self._ws
+            out = ws.get("out", x.shape, x.dtype)
+            mask = ws.get("mask", x.shape, _BOOL)
+            try:
+                _k.relu_forward(x, out, mask)
+            except ValueError:            # not C-contiguous: the general path copies it once
+                return self._forward(x)
+            self.mask = mask
+            return out
+        return self._forward(x)
+
+    def _forward(self, x):
         x = np.asarray(x)
         if x.dtype not in _KERNEL_DTYPES or not x.dtype.isnative:
             if x.dtype.kind == "f" and not x.dtype.isnative:
@@ -133,6 +151,18 @@ class Relu(_Layer):
         return out
 
     def backward(self, dout):
+        mask = self.mask
+        if (type(dout) is np.ndarray and (dout.dtype is _F32 or dout.dtype is _F64) and mask is not None
+                and dout.shape == mask.shape):
+            dx = self._ws.get("dx", dout.shape, dout.dtype)
+            try:
+                _k.relu_backward(dout, mask, dx)
+                return dx
+            except ValueError:            # a non-contiguous dout or mask: the general path
+                pass
+        return self._backward(dout)
+
+    def _backward(self, dout):
         _check_backward_ready(self, "mask")
         dout = np.asarray(dout)
         if dout.shape != self.mask.shape:
@@ -248,6 +278,19 @@ class Affine(_Layer):
         return dt, W, b
 
     def forward(self, x):
+        W, b = self.params
+        if type(x) is np.ndarray and x.ndim == 2 and W.ndim == 2:
+            dt = x.dtype
+            if (dt is _F32 or dt is _F64) and W.dtype is dt and b.dtype is dt:
+                out = self._ws.get("out", (x.shape[0], W.shape[1]), dt)
+                _k.affine_forward(x, W, b, out)     # checks the shapes, reads any strided layout in place
+                self.original_x_shape = x.shape
+                self.x = x
+                self._xk = x
+                return out
+        return self._forward(x)
+
+    def _forward(self, x):
         x = np.asarray(x)
         self.original_x_shape = x.shape
         x2 = _as_batch(x, "Affine")
@@ -264,6 +307,24 @@ class Affine(_Layer):
         return out
 
     def backward(self, dout):
+        xk = self._xk
+        W = self.params[0]
+        if xk is not None and type(dout) is np.ndarray:
+            dt = xk.dtype
+            dW, db = self.grads
+            if (dout.dtype is dt and W.dtype is dt and dW.dtype is dt and db.dtype is dt and W.ndim == 2
+                    and dout.shape == (xk.shape[0], W.shape[1]) and dW.shape == W.shape):
+                dx = self._ws.get("dx", xk.shape, dt) if self.need_dx else None
+                try:
+                    _k.affine_backward(dout, xk, W, dx, dW, db)
+                except ValueError:        # read-only or non-contiguous grads: the general path replaces them
+                    return self._backward(dout)
+                if dx is None or len(self.original_x_shape) == 2:
+                    return dx
+                return dx.reshape(self.original_x_shape)
+        return self._backward(dout)
+
+    def _backward(self, dout):
         _check_backward_ready(self, "_xk")
         xk = self._xk
         dout = np.asarray(dout)
@@ -367,6 +428,24 @@ class SoftmaxWithLoss(_Layer):
         self._ws = _Workspace(reuse)
 
     def forward(self, x, t):
+        if (type(x) is np.ndarray and type(t) is np.ndarray and x.ndim == 2 and t.ndim == 1
+                and t.dtype is _I64 and (x.dtype is _F32 or x.dtype is _F64) and x.shape[0] > 0):
+            ws = self._ws
+            n = x.shape[0]
+            y = ws.get("y", x.shape, x.dtype)
+            g = ws.get("g", x.shape, x.dtype)
+            try:
+                loss = _k.softmax_cross_entropy(x, t, y, g, 1.0 / n) / n
+            except ValueError:            # non-contiguous input or bad labels: the general path says which
+                return self._forward(x, t)
+            self.t = t
+            self.y = y
+            self._g = g
+            self.loss = loss
+            return loss
+        return self._forward(x, t)
+
+    def _forward(self, x, t):
         x = np.asarray(x)
         t_in = t
         t = np.asarray(t)

@@ -156,7 +156,7 @@ class _FullyConnectedNet:
             return a
         if not isinstance(a, np.ndarray):
             a = np.asarray(a)
-        if a.dtype == self.dtype or a.dtype.kind not in "fiub" or (name == "t" and a.dtype.kind != "f"):
+        if a.dtype is self.dtype or a.dtype == self.dtype or a.dtype.kind not in "fiub" or (name == "t" and a.dtype.kind != "f"):
             return a            # integer labels stay labels
         buf = self._bufs.get(name)
         if buf is None or buf.shape != a.shape:
@@ -216,28 +216,41 @@ class _FullyConnectedNet:
             grads[key] = _numerical_gradient(loss_W, self.params[key])
         return grads
 
+    def _plan(self):
+        """(layers in order, [(W key, b key, Affine layer)]), recomputed only when `layers` was changed."""
+        layers = tuple(self.layers.values())
+        cached = getattr(self, "_plan_cache", None)
+        if cached is None or cached[0] != layers:
+            affines = [(f"W{i}", f"b{i}", self.layers[f"Affine{i}"]) for i in range(1, self._affine_count() + 1)]
+            cached = self._plan_cache = (layers, layers[::-1], affines)
+        return cached
+
     def gradient(self, x, t):
         """Gradients of loss(x, t) by backpropagation, keyed like params (dW includes lambda * W)."""
+        layers, reversed_layers, affines = self._plan()
         # forward (the weight-decay term of the loss does not change the backward pass)
-        self.lastLayer.forward(self.predict(x), self._in_dtype("t", t))
+        x = self._in_dtype("x", x)
+        for layer in layers:
+            x = layer.forward(x)
+        last = self.lastLayer
+        last.forward(x, self._in_dtype("t", t))
         # backward
-        dout = self.lastLayer.backward(1)
-        for layer in reversed(self.layers.values()):
+        dout = last.backward(1)
+        for layer in reversed_layers:
             dout = layer.backward(dout)
 
         grads = {}
         lam = self.weight_decay_lambda
         fast = self.backend == "fastbp"
-        for idx in range(1, self._affine_count() + 1):
-            layer = self.layers[f"Affine{idx}"]
+        for wkey, bkey, layer in affines:
             dW = layer.dW
             if lam:
                 if fast:
                     _add_scaled(dW, lam, layer.W)
                 else:
                     dW = dW + lam * layer.W
-            grads[f"W{idx}"] = dW
-            grads[f"b{idx}"] = layer.db
+            grads[wkey] = dW
+            grads[bkey] = layer.db
         return grads
 
 
