@@ -1251,26 +1251,6 @@ def _plot(sweep_rows, path):
 # ---------------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------------
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _nonneg_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
-
-
 def _peak_size(text):
     v = int(text) if text.strip().lstrip("-").isdigit() else None
     if v is None or v < 0:
@@ -1286,6 +1266,7 @@ DESCRIPTION = ("Time fastbp against the plain-NumPy reference (and PyTorch eager
 def _configure(p):
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK_ROUNDS} rounds instead of {DEFAULT_ROUNDS} and a shorter GEMM-peak measurement")
+    from fastbp.cli import _nonneg_float, _positive_int   # the CLI's argument types
     p.add_argument("--rounds", type=_positive_int, default=None,
                    help=f"interleaved rounds per row (default {DEFAULT_ROUNDS}, --quick {QUICK_ROUNDS})")
     p.add_argument("--gap", type=_nonneg_float, default=DEFAULT_GAP,

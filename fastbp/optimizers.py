@@ -283,38 +283,32 @@ class SGD(_Optimizer):
         return self.lr, 0.0, 0.0
 
 
-class Momentum(_Optimizer):
+class _WithMomentum(_Optimizer):
+    """Momentum and Nesterov: one velocity state `v`, hyperparameters lr and momentum."""
+
+    _n_states = 1
+    _state_names = ("v",)
+    _hyper = ("lr", "momentum")
+
+    def __init__(self, lr=0.01, momentum=0.9):
+        super().__init__()
+        self.lr = _check_real(lr, "lr", positive=True)
+        self.momentum = _check_real(momentum, "momentum", unit=True)
+
+    def _coefficients(self):
+        return self.lr, self.momentum, 0.0
+
+
+class Momentum(_WithMomentum):
     """v = momentum * v - lr * g; p += v"""
 
     _kind = _MOMENTUM
-    _n_states = 1
-    _state_names = ("v",)
-    _hyper = ("lr", "momentum")
-
-    def __init__(self, lr=0.01, momentum=0.9):
-        super().__init__()
-        self.lr = _check_real(lr, "lr", positive=True)
-        self.momentum = _check_real(momentum, "momentum", unit=True)
-
-    def _coefficients(self):
-        return self.lr, self.momentum, 0.0
 
 
-class Nesterov(_Optimizer):
+class Nesterov(_WithMomentum):
     """v = momentum * v - lr * g; p += momentum^2 * v - (1 + momentum) * lr * g"""
 
     _kind = _NESTEROV
-    _n_states = 1
-    _state_names = ("v",)
-    _hyper = ("lr", "momentum")
-
-    def __init__(self, lr=0.01, momentum=0.9):
-        super().__init__()
-        self.lr = _check_real(lr, "lr", positive=True)
-        self.momentum = _check_real(momentum, "momentum", unit=True)
-
-    def _coefficients(self):
-        return self.lr, self.momentum, 0.0
 
 
 class AdaGrad(_Optimizer):
