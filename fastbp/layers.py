@@ -429,13 +429,17 @@ class SoftmaxWithLoss(_Layer):
 
     def forward(self, x, t):
         if (type(x) is np.ndarray and type(t) is np.ndarray and x.ndim == 2 and t.ndim == 1
-                and t.dtype is _I64 and (x.dtype is _F32 or x.dtype is _F64) and x.shape[0] > 0):
+                and (x.dtype is _F32 or x.dtype is _F64) and x.shape[0] > 0 and t.dtype.kind in "iu"):
             ws = self._ws
             n = x.shape[0]
+            tk = t
+            if t.dtype is not _I64:       # e.g. the book's uint8 labels; the kernel range-checks the copy
+                tk = ws.get("t", t.shape, _I64)
+                np.copyto(tk, t, casting="unsafe")
             y = ws.get("y", x.shape, x.dtype)
             g = ws.get("g", x.shape, x.dtype)
             try:
-                loss = _k.softmax_cross_entropy(x, t, y, g, 1.0 / n) / n
+                loss = _k.softmax_cross_entropy(x, tk, y, g, 1.0 / n) / n
             except ValueError:            # non-contiguous input or bad labels: the general path says which
                 return self._forward(x, t)
             self.t = t
