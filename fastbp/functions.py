@@ -49,8 +49,12 @@ def step_function(x):
 
 
 def sigmoid(x):
-    """y = 1 / (1 + exp(-x)), computed from exp(-|x|) so it never overflows."""
+    """y = 1 / (1 + exp(-x)), computed from exp(-|x|) so it never overflows (float32/float64: one kernel pass)."""
     x = _float(x, "x", "sigmoid")
+    if x.dtype in (np.float32, np.float64) and x.dtype.isnative:
+        from fastbp import _kernels
+        xc = x if x.flags.c_contiguous else x.copy()      # (ascontiguousarray would make a 0-d input 1-d)
+        return _kernels.sigmoid_forward(xc, np.empty(xc.shape, xc.dtype))
     flat = x.reshape(-1)
     e = np.exp(-np.abs(flat))               # in (0, 1]
     d = e + 1

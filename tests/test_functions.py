@@ -71,9 +71,13 @@ def test_sigmoid_stable_and_exact(dtype):
     assert F.sigmoid(np.array(0)).dtype == np.float64
 
 
-def test_sigmoid_matches_reference_layer():
+def test_sigmoid_matches_the_layers():
+    from fastbp import layers as L
     x = rng(1).standard_normal((4, 5)) * 20
-    np.testing.assert_array_equal(F.sigmoid(x), R.Sigmoid().forward(x))
+    np.testing.assert_array_equal(F.sigmoid(x), L.Sigmoid().forward(x))       # the same kernel
+    np.testing.assert_allclose(F.sigmoid(x), R.Sigmoid().forward(x), rtol=1e-15, atol=0)
+    np.testing.assert_array_equal(F.sigmoid(np.asfortranarray(x)), F.sigmoid(x))
+    assert F.sigmoid(np.float64(3.0)).shape == ()
 
 
 def test_sigmoid_grad_numerical():
