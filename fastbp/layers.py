@@ -67,8 +67,13 @@ class _Workspace:
         self._bufs = {}
 
     def get(self, name, shape, dtype):
+        """A buffer for a result handed back to the caller: new each call unless reuse is on."""
         if not self.reuse:
             return np.empty(shape, dtype)
+        return self.scratch(name, shape, dtype)
+
+    def scratch(self, name, shape, dtype):
+        """A buffer the layer keeps to itself (converted operands): always reused for the same shape."""
         a = self._bufs.get(name)
         if a is None or a.shape != shape or a.dtype is not dtype and a.dtype != dtype:
             a = np.empty(shape, dtype)
@@ -76,11 +81,11 @@ class _Workspace:
         return a
 
     def as_dtype(self, name, a, dtype):
-        """`a` as a C-contiguous array of native `dtype`: itself if it is one, else a copy (a reused buffer
-        when reuse is on)."""
+        """`a` as a C-contiguous array of native `dtype`: itself if it is one, else a copy into the layer's
+        private scratch (never handed back to the caller, so it is reused whatever `reuse` says)."""
         if a.dtype == dtype and a.dtype.isnative and a.flags.c_contiguous:
             return a
-        out = self.get(name, a.shape, dtype)
+        out = self.scratch(name, a.shape, dtype)
         np.copyto(out, a, casting="unsafe")
         return out
 
@@ -434,7 +439,7 @@ class SoftmaxWithLoss(_Layer):
             n = x.shape[0]
             tk = t
             if t.dtype is not _I64:       # e.g. the book's uint8 labels; the kernel range-checks the copy
-                tk = ws.get("t", t.shape, _I64)
+                tk = ws.scratch("t", t.shape, _I64)
                 np.copyto(tk, t, casting="unsafe")
             y = ws.get("y", x.shape, x.dtype)
             g = ws.get("g", x.shape, x.dtype)
@@ -505,7 +510,7 @@ class SoftmaxWithLoss(_Layer):
             if t.size and (t.min() < 0 or (kind == "u" and t.max() > c)):
                 bad = t.min() if t.min() < 0 else t.max()
                 raise ValueError(f"label {bad} is out of range: labels must be in [0, {c - 1}]")
-            tk = self._ws.get("t", t.shape, np.int64)
+            tk = self._ws.scratch("t", t.shape, _I64)
             np.copyto(tk, t, casting="unsafe")
             return tk
         if kind == "f":
