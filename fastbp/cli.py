@@ -415,6 +415,87 @@ def gradcheck_cases(seed=0):
     ]
 
 
+def float32_cases(seed=0):
+    """[(name, check)] like gradcheck_cases, for the float32 kernels: check() -> {array name: max-norm relative
+    error max|g32 - n64| / max|n64|} of the float32 backprop against float64 central differences of the same
+    layer or network (a float32 numerical derivative would only measure its own rounding noise)."""
+    from fastbp import layers as L
+    from fastbp.gradient import numerical_gradient
+    from fastbp.nets import MultiLayerNet, TwoLayerNet
+
+    rng = np.random.default_rng(seed)
+
+    def err(a, n):
+        n = np.asarray(n, dtype=np.float64)
+        scale = float(np.max(np.abs(n))) if n.size else 0.0
+        return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - n))) / scale if scale else 0.0
+
+    def layer_case(make, x, t=None):
+        def run():
+            l64, l32 = make(np.float64), make(np.float32)
+            out = l64.forward(x) if t is None else l64.forward(x, t)
+            dout = 1.0 if t is not None else np.random.default_rng(seed + 1).standard_normal(np.shape(out))
+            x32 = x.astype(np.float32)
+            t32 = t.astype(np.float32) if t is not None and t.dtype.kind == "f" else t
+            if t is None:
+                l32.forward(x32)
+                dx32 = l32.backward(dout.astype(np.float32))
+            else:
+                l32.forward(x32, t32)
+                dx32 = l32.backward(1)
+            x64 = x.copy()
+
+            def f(_):
+                y = l64.forward(x64) if t is None else l64.forward(x64, t)
+                return float(np.sum(np.asarray(y) * dout))
+            errors = {"x": err(dx32, numerical_gradient(f, x64))}
+            names = ["W", "b"]
+            for i, (p64, g32) in enumerate(zip(getattr(l64, "params", []), getattr(l32, "grads", []))):
+                errors[names[i]] = err(g32, numerical_gradient(f, p64))
+            return errors
+        return run
+
+    def net_case(make, x, t):
+        def run():
+            state = np.random.get_state()
+            try:
+                np.random.seed(seed)
+                n64 = make(np.float64)
+                np.random.seed(seed)
+                n32 = make(np.float32)
+            finally:
+                np.random.set_state(state)
+            g32 = n32.gradient(x.astype(np.float32), t)
+            num = n64.numerical_gradient(x, t)
+            return {k: err(g32[k], num[k]) for k in num}
+        return run
+
+    n, d, h, c = 3, 6, 5, 4
+    W = rng.standard_normal((d, h)) * 0.5
+    b = rng.standard_normal(h) * 0.1
+    logits = rng.standard_normal((n, c))
+    labels = rng.integers(0, c, n)
+    onehot = np.eye(c)[labels]
+    xin = rng.random((n, 12))
+    relu_x = rng.standard_normal((n, h))
+    relu_x = np.sign(relu_x) * (0.1 + np.abs(relu_x))
+    return [
+        ("Affine", layer_case(lambda dt: L.Affine(W.astype(dt), b.astype(dt)), rng.standard_normal((n, d)))),
+        ("Affine (4-D input)", layer_case(lambda dt: L.Affine(W.astype(dt), b.astype(dt)),
+                                          rng.standard_normal((n, 1, 2, 3)))),
+        ("Relu", layer_case(lambda dt: L.Relu(), relu_x)),
+        ("Sigmoid", layer_case(lambda dt: L.Sigmoid(), rng.standard_normal((n, h)) * 3)),
+        ("SoftmaxWithLoss (labels)", layer_case(lambda dt: L.SoftmaxWithLoss(), logits, labels)),
+        ("SoftmaxWithLoss (one-hot)", layer_case(lambda dt: L.SoftmaxWithLoss(), logits, onehot)),
+        ("MatMul", layer_case(lambda dt: L.MatMul(W.astype(dt)), rng.standard_normal((n, d)))),
+        ("TwoLayerNet", net_case(lambda dt: TwoLayerNet(12, 8, c, weight_init_std=0.5, dtype=dt), xin, labels)),
+        ("MultiLayerNet relu + decay", net_case(
+            lambda dt: MultiLayerNet(12, [8, 6], c, "relu", "he", weight_decay_lambda=0.1, dtype=dt), xin, labels)),
+        ("MultiLayerNet sigmoid (one-hot)", net_case(
+            lambda dt: MultiLayerNet(12, [8, 6], c, "sigmoid", "xavier", dtype=dt), xin, onehot)),
+    ]
+
+
 def run_gradcheck(cases, threshold=1e-6):
     """[(case, array, error, passed)] for every array of every case; a check that raises is one failed row."""
     rows = []
@@ -431,7 +512,7 @@ def run_gradcheck(cases, threshold=1e-6):
     return rows
 
 
-def format_gradcheck(rows, threshold):
+def format_gradcheck(rows, threshold, dtype="float64"):
     w1 = max([len("check")] + [len(r[0]) for r in rows])
     w2 = max([len("array")] + [len(r[1]) for r in rows])
     lines = [f"{'check':<{w1}}  {'array':<{w2}}  {'max rel. error':>14}  result",
@@ -440,8 +521,10 @@ def format_gradcheck(rows, threshold):
         lines.append(f"{name:<{w1}}  {key:<{w2}}  {err:>14.3e}  {'pass' if ok else 'FAIL'}")
     failed = sum(1 for r in rows if not r[3])
     lines.append("-" * (w1 + w2 + 26))
-    lines.append(f"{len(rows) - failed}/{len(rows)} passed (threshold {threshold:g}, float64, central "
-                 f"differences)" + ("" if not failed else f"; {failed} FAILED"))
+    how = ("float64, central differences" if dtype == "float64" else
+           "float32 backprop vs float64 central differences, max-norm relative error")
+    lines.append(f"{len(rows) - failed}/{len(rows)} passed (threshold {threshold:g}, {how})"
+                 + ("" if not failed else f"; {failed} FAILED"))
     return "\n".join(lines)
 
 
@@ -451,15 +534,21 @@ def _add_gradcheck_parser(sub):
                        description="Compare backpropagated gradients with central differences (float64) for "
                                    "Affine, Relu, Sigmoid, SoftmaxWithLoss (labels and one-hot), MatMul, "
                                    "TwoLayerNet and MultiLayerNet; exit code 1 when any check fails.")
-    p.add_argument("--threshold", type=_positive_float, default=1e-6,
-                   help="largest accepted max relative error (default 1e-6)")
+    p.add_argument("--threshold", type=_positive_float, default=None,
+                   help="largest accepted max relative error (default 1e-6 for float64, 1e-4 for float32)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="float64: backprop vs central differences; float32: the float32 kernels' backprop vs "
+                        "float64 central differences (default float64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.set_defaults(func=cmd_gradcheck)
 
 
 def cmd_gradcheck(args):
-    rows = run_gradcheck(gradcheck_cases(args.seed), args.threshold)
-    print(format_gradcheck(rows, args.threshold))
+    f32 = args.dtype == "float32"
+    threshold = args.threshold if args.threshold is not None else (1e-4 if f32 else 1e-6)
+    cases = float32_cases(args.seed) if f32 else gradcheck_cases(args.seed)
+    rows = run_gradcheck(cases, threshold)
+    print(format_gradcheck(rows, threshold, args.dtype))
     return 0 if all(r[3] for r in rows) else 1
 
 

@@ -145,6 +145,25 @@ def test_gradcheck_command_passes():
     assert "28/28 passed" in r.stdout
 
 
+def test_gradcheck_float32_command_passes():
+    r = run("gradcheck", "--dtype", "float32")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "28/28 passed" in r.stdout and "float32 backprop vs float64" in r.stdout
+    assert "FAIL" not in r.stdout
+
+
+def test_float32_cases_catch_a_float32_only_error(monkeypatch):
+    """The float32 check compares against float64 numerics, so an error of 1e-3 in the float32 path fails it."""
+    real = L.Sigmoid.backward
+
+    def skewed(self, dout):
+        dx = real(self, dout)
+        return dx * (1.001 if dx.dtype == np.float32 else 1.0)
+    monkeypatch.setattr(L.Sigmoid, "backward", skewed)
+    rows = cli.run_gradcheck([c for c in cli.float32_cases(0) if c[0] == "Sigmoid"], threshold=1e-4)
+    assert rows and rows[0][3] is False and 5e-4 < rows[0][2] < 5e-3
+
+
 class _WrongRelu(L.Relu):
     """Relu whose backward is twice too large."""
 
