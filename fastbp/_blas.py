@@ -16,9 +16,11 @@ Loading a second copy lets fastbp choose for itself without changing NumPy's beh
   fastbp's copy loads with ``SkylakeX``; otherwise ``OPENBLAS_CORETYPE`` is left as it is, so a CPU without
   AVX-512 gets OpenBLAS's own choice (never an instruction it lacks).
 
-The environment variable is set only around the ``dlopen`` call and restored at once.  ``FASTBP_NUM_THREADS``
-sets the thread count of fastbp's copy (default: OpenBLAS's own, i.e. the number of cores; OpenBLAS already runs
-small products on one thread).
+The environment variable is set only around the ``dlopen`` call (and the first BLAS call, which is when OpenBLAS
+picks its kernels) and restored at once.  If another package of the same process has already loaded the
+scipy-openblas32 library, ``dlopen`` returns that instance: its kernel type is then whatever it was loaded with
+(``info()`` reports the real one) and fastbp's threading setting applies to it too.  How the GEMMs use threads
+is decided by :func:`_choose_threading` (``FASTBP_BLAS_THREADING``, ``FASTBP_NUM_THREADS``).
 """
 import ctypes
 import glob

@@ -12,8 +12,8 @@ How the numbers are taken (interleaved rounds)
 * The reported time of an implementation is the median over the rounds of its per-call time; the reported
   speedup ``fastbp vs X`` is the median over the rounds of the per-round ratio ``t_X / t_fastbp``.  A median
   ignores the rounds spoilt by other processes of a shared machine.
-* Thread pools do not leak into each other's timings.  NumPy's OpenBLAS, fastbp's own OpenBLAS (a separate
-  copy, see :mod:`fastbp._blas`), OpenMP and PyTorch's pools are separate sets of threads; an OpenBLAS worker
+* Thread pools do not leak into each other's timings.  NumPy's OpenBLAS pool, fastbp's OpenMP team (which also
+  runs fastbp's GEMM pieces, see :mod:`fastbp._blas`) and PyTorch's pool are separate sets of threads; an OpenBLAS worker
   keeps spinning on a core for about 0.1 s after a GEMM, and on a 2-core machine that steals a core from
   whatever runs next (the ``interference`` line of the header measures it: fastbp's step timed right after a
   NumPy batch against after an idle gap, and the reverse).  Measured on the project's 2-core machine: the
