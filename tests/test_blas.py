@@ -1,0 +1,148 @@
+"""fastbp's BLAS plumbing: the vectorised exp, GEMM splitting over threads, GEMV for one row, threading modes."""
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastbp import _blas
+from fastbp import _kernels as K
+
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-4), np.float64: dict(rtol=1e-12, atol=1e-10)}
+
+
+@pytest.mark.parametrize("dtype,lo,max_ulp", [(np.float32, -87.3, 2.0), (np.float64, -708.0, 3.0)])
+def test_vectorised_exp_is_within_a_few_ulp(dtype, lo, max_ulp):
+    x = np.linspace(lo, 0.0, 400_001).astype(dtype)
+    got = K._exp_kernel(x).astype(np.float64)
+    want = np.exp(x.astype(np.float64))
+    ulp = np.spacing(want.astype(dtype)).astype(np.float64)
+    assert np.max(np.abs(got - want) / ulp) <= max_ulp
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vectorised_exp_special_values(dtype):
+    x = np.array([np.nan, -np.inf, -1e30, 0.0, -0.0, -800.0], dtype=dtype)
+    got = K._exp_kernel(x)
+    assert np.isnan(got[0])
+    np.testing.assert_array_equal(got[1:], np.array([0, 0, 1, 1, 0], dtype=dtype))
+
+
+def _op(a, t):
+    return a.T if t else a
+
+
+def _layouts(a, rng):
+    """The same matrix as C, Fortran and a strided view."""
+    big = np.zeros((a.shape[0], a.shape[1] * 2 + 1), a.dtype)
+    big[:, ::2][:, : a.shape[1]] = a
+    strided = big[:, ::2][:, : a.shape[1]]
+    return {"C": np.ascontiguousarray(a), "F": np.asfortranarray(a), "strided": strided}
+
+
+# (m, k, n) above the parallel threshold (2**19 multiply-adds), chosen so each split direction is taken:
+# op(B) smallest -> split M; op(A) smallest -> split N; C smallest -> split K.
+SPLIT_SHAPES = {"M": (784, 100, 50), "N": (50, 100, 784), "K": (60, 2000, 50)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("which", sorted(SPLIT_SHAPES))
+def test_split_gemm_matches_numpy_for_every_layout_and_transpose(dtype, which):
+    m, k, n = SPLIT_SHAPES[which]
+    rng = np.random.default_rng(3)
+    old = K._get_gemm_threads()
+    try:
+        for threads in (1, 2, 3):
+            K._set_gemm_threads(threads)
+            for ta, tb in itertools.product([False, True], repeat=2):
+                A = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+                B = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+                C0 = rng.standard_normal((m, n)).astype(dtype)
+                want = 0.5 * (_op(A, ta).astype(np.float64) @ _op(B, tb).astype(np.float64)) + 2.0 * C0
+                for la, lb in (("C", "C"), ("F", "strided"), ("strided", "F")):
+                    C = C0.copy()
+                    K.gemm(_layouts(A, rng)[la], _layouts(B, rng)[lb], C, trans_a=ta, trans_b=tb,
+                           alpha=0.5, beta=2.0)
+                    np.testing.assert_allclose(C, want, **TOL[dtype])
+    finally:
+        K._set_gemm_threads(old)
+
+
+def test_split_gemm_is_deterministic_for_a_thread_count():
+    rng = np.random.default_rng(4)
+    A = rng.standard_normal((60, 2000)).astype(np.float32)
+    B = rng.standard_normal((2000, 50)).astype(np.float32)
+    outs = []
+    for _ in range(3):
+        C = np.empty((60, 50), np.float32)
+        outs.append(K.gemm(A, B, C).copy())
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_gemm_thread_count_must_be_positive():
+    with pytest.raises(ValueError, match="must be >= 1, got 0"):
+        K._set_gemm_threads(0)
+    with pytest.raises(ValueError, match="must be >= 1, got -2"):
+        _blas.set_num_threads(-2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_row_products_take_gemv_with_every_transpose_and_stride(dtype):
+    rng = np.random.default_rng(5)
+    for ta, tb, k, n in itertools.product([False, True], [False, True], [1, 7, 300], [1, 5, 4096]):
+        A = rng.standard_normal((k, 1) if ta else (1, k)).astype(dtype)
+        B = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+        for lay in ("C", "F", "strided"):
+            a, b = _layouts(A, rng)[lay], _layouts(B, rng)[lay]
+            C = np.full((1, n), np.nan, dtype)
+            K.gemm(a, b, C, trans_a=ta, trans_b=tb, alpha=0.5)
+            want = 0.5 * (_op(A, ta).astype(np.float64) @ _op(B, tb).astype(np.float64))
+            np.testing.assert_allclose(C, want, **TOL[dtype])
+
+
+def test_info_reports_the_threading_mode():
+    info = _blas.info()
+    assert info["threading"] in _blas.THREADING_MODES
+    assert info["num_threads"] >= 1
+    if K.build_info()["openmp"]:
+        assert info["threading"] == os.environ.get("FASTBP_BLAS_THREADING", "split")
+
+
+_MODE_SCRIPT = r"""
+import numpy as np
+from fastbp import _blas
+from fastbp.nets import MultiLayerNet
+info = _blas.info()
+np.random.seed(0)
+net = MultiLayerNet(784, [256, 256], 10, dtype=np.float32)
+ref = MultiLayerNet(784, [256, 256], 10, dtype=np.float32, backend="reference")
+for k in net.params:
+    ref.params[k][...] = net.params[k]
+rng = np.random.default_rng(1)
+x = rng.random((128, 784)).astype(np.float32)
+t = rng.integers(0, 10, 128)
+g, r = net.gradient(x, t), ref.gradient(x, t)
+worst = max(float(np.max(np.abs(g[k] - r[k])) / (np.max(np.abs(r[k])) + 1e-30)) for k in r)
+print(info["threading"], worst)
+"""
+
+
+@pytest.mark.parametrize("mode", ["split", "callback", "openblas"])
+def test_every_threading_mode_computes_the_same_gradients(mode):
+    env = dict(os.environ, FASTBP_BLAS_THREADING=mode)
+    r = subprocess.run([sys.executable, "-c", _MODE_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got_mode, worst = r.stdout.split()
+    expected = mode if K.build_info()["openmp"] else "openblas"
+    assert got_mode == expected
+    assert float(worst) < 1e-4
+
+
+def test_unknown_threading_mode_is_refused():
+    env = dict(os.environ, FASTBP_BLAS_THREADING="turbo")
+    r = subprocess.run([sys.executable, "-c", "from fastbp import _blas; _blas.ensure_loaded()"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "FASTBP_BLAS_THREADING must be one of" in r.stderr and "'turbo'" in r.stderr
