@@ -371,21 +371,27 @@ def gemm(a, b, out, bint trans_a=False, bint trans_b=False, double alpha=1.0, do
     return out
 
 
-# GEMM threading.  With OpenMP, fastbp's OpenBLAS runs single-threaded and a product big enough to pay for a
-# fork/join is cut into one independent piece per thread, each a single-threaded BLAS call:
+# GEMM threading and piece sizes.  With OpenMP, fastbp's OpenBLAS runs single-threaded and fastbp cuts a product
+# into independent pieces, each a single-threaded BLAS call, handed out round-robin to its OpenMP threads:
 #   split M (rows of C)     - every piece packs all of op(B): chosen when op(B) is the smallest operand,
 #   split N (columns of C)  - every piece packs all of op(A): chosen when op(A) is the smallest,
-#   split K (inner dim)     - nothing is packed twice, but pieces 1.. write partial products to scratch that is
-#                             then added to C in piece order: chosen when C is the smallest.
+#   split K (inner dim)     - nothing is packed twice, but the pieces of threads 1.. accumulate into scratch that is
+#                             then added to C in thread order: chosen when C is the smallest.
+# How many pieces: one per thread for a product of at least GEMM_PARALLEL_MIN multiply-adds; but where OpenBLAS
+# has a "small matrix" kernel (its SkylakeX family; fastbp._blas sets _small_mnk), a product of up to
+# SMALL_SPLIT_MAX pieces is cut into pieces of at most _small_mnk multiply-adds, which that kernel runs without
+# packing.  Measured single-threaded at 100 x K x 50: sgemm 205 GFLOP/s up to M*N*K = 10^6, 170 above; dgemm 113
+# vs 73.  OpenBLAS does not use that kernel for row-major (NoTrans, Trans), so those keep one piece per thread.
 # The pieces depend only on the sizes and the thread count, never on the team OpenMP actually forms, so results
-# are reproducible.  (Letting OpenBLAS thread the small products of a 784-50-10 network wastes a third of the
-# time in its own packing and synchronisation, and a second thread pool fights the OpenMP team.)
+# are reproducible.
 cdef int _gemm_nthreads = 1
 cdef double GEMM_PARALLEL_MIN = 1 << 19      # m * n * k below this: one thread
+cdef double _small_mnk = 0                   # 0: no small-matrix kernel to aim for
+cdef int SMALL_SPLIT_MAX = 16                # at most this many small pieces; bigger products split per thread
 
 
 def _set_gemm_threads(int n):
-    """Threads fastbp splits a large GEMM over (1 = OpenBLAS decides its own threading)."""
+    """Threads fastbp splits a large GEMM over (1 = one thread, or OpenBLAS's own threading in its modes)."""
     global _gemm_nthreads
     if n < 1:
         raise ValueError(f"number of threads must be >= 1, got {n}")
@@ -396,12 +402,25 @@ def _get_gemm_threads():
     return _gemm_nthreads
 
 
-cdef inline void _gemm_piece(int split, int q, int nt, int ta, int tb, int m, int n, int k, floating alpha,
-                             const floating *a, int lda, const floating *b, int ldb, floating beta, floating *c,
-                             int ldc, floating *scratch) noexcept nogil:
-    """Piece q of nt of C = alpha op(A) op(B) + beta C split along M (0), N (1) or K (2)."""
+def _set_small_mnk(double mnk):
+    """Largest m*n*k that OpenBLAS's small-matrix kernel takes (0: none); GEMMs are cut into pieces that size."""
+    global _small_mnk
+    if mnk < 0:
+        raise ValueError(f"small-matrix size must be >= 0, got {mnk}")
+    _small_mnk = mnk
+
+
+def _get_small_mnk():
+    return _small_mnk
+
+
+cdef inline void _gemm_piece(int split, int q, int pieces, bint first, int ta, int tb, int m, int n, int k,
+                             floating alpha, const floating *a, int lda, const floating *b, int ldb,
+                             floating beta, floating *c, int ldc) noexcept nogil:
+    """Piece q of `pieces` of C = alpha op(A) op(B) + beta C split along M (0), N (1) or K (2).  For K, `c` is
+    the destination of this thread (C or its scratch) and `first` says whether beta applies (else beta = 1)."""
     cdef int size = m if split == 0 else (n if split == 1 else k)
-    cdef int chunk = (size + nt - 1) // nt
+    cdef int chunk = (size + pieces - 1) // pieces
     cdef int lo = q * chunk
     cdef int hi = lo + chunk
     if hi > size:
@@ -415,22 +434,37 @@ cdef inline void _gemm_piece(int split, int q, int nt, int ta, int tb, int m, in
         _gemm(ta, tb, m, hi - lo, k, alpha, a, lda, b + (lo if tb == NoTrans else <Py_ssize_t>lo * ldb), ldb,
               beta, c + lo, ldc)
     else:
-        if q == 0:
-            _gemm(ta, tb, m, n, hi - lo, alpha, a + (lo if ta == NoTrans else <Py_ssize_t>lo * lda), lda,
-                  b + (<Py_ssize_t>lo * ldb if tb == NoTrans else lo), ldb, beta, c, ldc)
-        else:
-            _gemm(ta, tb, m, n, hi - lo, alpha, a + (lo if ta == NoTrans else <Py_ssize_t>lo * lda), lda,
-                  b + (<Py_ssize_t>lo * ldb if tb == NoTrans else lo), ldb, <floating>0,
-                  scratch + <Py_ssize_t>(q - 1) * m * n, n)
+        _gemm(ta, tb, m, n, hi - lo, alpha, a + (lo if ta == NoTrans else <Py_ssize_t>lo * lda), lda,
+              b + (<Py_ssize_t>lo * ldb if tb == NoTrans else lo), ldb, beta if first else <floating>1, c, ldc)
+
+
+cdef inline void _gemm_thread(int split, int t, int nt, int pieces, int ta, int tb, int m, int n, int k,
+                              floating alpha, const floating *a, int lda, const floating *b, int ldb,
+                              floating beta, floating *c, int ldc, floating *scratch) noexcept nogil:
+    """The pieces t, t + nt, ... of thread t (K split: into C for thread 0, else into its scratch)."""
+    cdef int q
+    cdef bint first = True
+    cdef floating *dst = c
+    cdef int ld = ldc
+    cdef floating b0 = beta
+    if split == 2 and t > 0:
+        dst = scratch + <Py_ssize_t>(t - 1) * m * n
+        ld = n
+        b0 = 0
+    q = t
+    while q < pieces:
+        _gemm_piece(split, q, pieces, first, ta, tb, m, n, k, alpha, a, lda, b, ldb, b0, dst, ld)
+        first = False
+        q += nt
 
 
 cdef inline void _gemm_safe(int ta, int tb, int m, int n, int k, floating alpha, const floating *a, int lda,
                             const floating *b, int ldb, floating beta, floating *c, int ldc) noexcept nogil:
-    """_gemm that handles empty dimensions itself (BLAS rejects zero leading dimensions) and splits large
-    products over fastbp's threads (see above)."""
+    """_gemm that handles empty dimensions itself (BLAS rejects zero leading dimensions) and cuts products into
+    pieces over fastbp's threads (see above)."""
     cdef Py_ssize_t i, j
-    cdef int nt = _gemm_nthreads, q, split, lim
-    cdef double sa, sb, sc
+    cdef int nt = _gemm_nthreads, t, split, lim, pieces = 1, chunk, other
+    cdef double sa, sb, sc, mnk = <double>m * n * k
     cdef floating *scratch = NULL
     if m == 0 or n == 0:
         return
@@ -440,36 +474,56 @@ cdef inline void _gemm_safe(int ta, int tb, int m, int n, int k, floating alpha,
             for j in range(n):
                 c[i * ldc + j] = 0 if beta == 0 else beta * c[i * ldc + j]
         return
-    if nt > 1 and <double>m * n * k >= GEMM_PARALLEL_MIN:
-        sa = <double>m * k
-        sb = <double>k * n
-        sc = <double>m * n * 2          # scratch written and read back
-        if sb <= sa and sb <= sc:
-            split = 0
-            lim = m
-        elif sa <= sb and sa <= sc:
-            split = 1
-            lim = n
-        else:
-            split = 2
-            lim = k
-        if lim < nt:
-            nt = lim
-        if split == 2 and nt > 1:
-            scratch = <floating*>malloc(<size_t>(nt - 1) * m * n * sizeof(floating))
-            if scratch == NULL:
-                nt = 1
-        if nt > 1:
-            for q in prange(nt, nogil=True, schedule="static", num_threads=nt):
-                _gemm_piece(split, q, nt, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, scratch)
-            if split == 2:
-                for q in range(1, nt):
-                    for i in range(m):
-                        for j in range(n):
-                            c[i * ldc + j] += scratch[(q - 1) * <Py_ssize_t>m * n + i * n + j]
-                free(scratch)
-            return
-    _gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    sa = <double>m * k
+    sb = <double>k * n
+    sc = <double>m * n * 2          # K split: scratch written and read back
+    if sb <= sa and sb <= sc:
+        split = 0
+        lim = m
+        other = n * k
+    elif sa <= sb and sa <= sc:
+        split = 1
+        lim = n
+        other = m * k
+    else:
+        split = 2
+        lim = k
+        other = m * n
+    if (_small_mnk > 0 and mnk > _small_mnk and not (ta == NoTrans and tb == Trans)
+            and mnk <= _small_mnk * SMALL_SPLIT_MAX):
+        pieces = <int>((mnk + _small_mnk - 1) // _small_mnk)
+        if pieces % nt:
+            pieces += nt - pieces % nt
+        chunk = (lim + pieces - 1) // pieces
+        while <double>chunk * other > _small_mnk and pieces < lim:
+            pieces += nt
+            chunk = (lim + pieces - 1) // pieces
+    elif nt > 1 and mnk >= GEMM_PARALLEL_MIN:
+        pieces = nt
+    else:
+        nt = 1
+    if pieces > lim:
+        pieces = lim
+    if nt > pieces:
+        nt = pieces
+    if pieces <= 1:
+        _gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        return
+    if split == 2 and nt > 1:
+        scratch = <floating*>malloc(<size_t>(nt - 1) * m * n * sizeof(floating))
+        if scratch == NULL:
+            nt = 1
+    if nt <= 1:
+        _gemm_thread(split, 0, 1, pieces, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, NULL)
+        return
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        _gemm_thread(split, t, nt, pieces, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, scratch)
+    if split == 2:
+        for t in range(1, nt):
+            for i in range(m):
+                for j in range(n):
+                    c[i * ldc + j] += scratch[(t - 1) * <Py_ssize_t>m * n + i * n + j]
+        free(scratch)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def _layouts(a, rng):
 
 # (m, k, n) above the parallel threshold (2**19 multiply-adds), chosen so each split direction is taken:
 # op(B) smallest -> split M; op(A) smallest -> split N; C smallest -> split K.
-SPLIT_SHAPES = {"M": (784, 100, 50), "N": (50, 100, 784), "K": (60, 2000, 50)}
+SPLIT_SHAPES = {"M": (784, 100, 50), "N": (50, 100, 784), "K": (60, 2000, 50), "K-large": (30, 12000, 50)}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -52,10 +52,12 @@ SPLIT_SHAPES = {"M": (784, 100, 50), "N": (50, 100, 784), "K": (60, 2000, 50)}
 def test_split_gemm_matches_numpy_for_every_layout_and_transpose(dtype, which):
     m, k, n = SPLIT_SHAPES[which]
     rng = np.random.default_rng(3)
-    old = K._get_gemm_threads()
+    _blas.ensure_loaded()             # (it sets the thread count and piece size that are saved here)
+    old, old_small = K._get_gemm_threads(), K._get_small_mnk()
     try:
-        for threads in (1, 2, 3):
+        for threads, small in itertools.product((1, 2, 3), (old_small, 0.0, 250_000.0)):
             K._set_gemm_threads(threads)
+            K._set_small_mnk(small)       # small pieces (several per thread) and one piece per thread
             for ta, tb in itertools.product([False, True], repeat=2):
                 A = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
                 B = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
@@ -68,6 +70,7 @@ def test_split_gemm_matches_numpy_for_every_layout_and_transpose(dtype, which):
                     np.testing.assert_allclose(C, want, **TOL[dtype])
     finally:
         K._set_gemm_threads(old)
+        K._set_small_mnk(old_small)
 
 
 def test_split_gemm_is_deterministic_for_a_thread_count():
@@ -79,6 +82,14 @@ def test_split_gemm_is_deterministic_for_a_thread_count():
         C = np.empty((60, 50), np.float32)
         outs.append(K.gemm(A, B, C).copy())
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_small_matrix_pieces_are_aimed_for_on_skylakex_cores_only():
+    core = _blas.info()["corename"].lower()
+    expected = _blas.SMALL_MATRIX_MNK if core in _blas.SMALL_MATRIX_CORES else 0
+    assert K._get_small_mnk() == expected
+    with pytest.raises(ValueError, match="must be >= 0"):
+        K._set_small_mnk(-1)
 
 
 def test_gemm_thread_count_must_be_positive():
