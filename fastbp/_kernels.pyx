@@ -463,8 +463,8 @@ cdef inline void _gemm_safe(int ta, int tb, int m, int n, int k, floating alpha,
     """_gemm that handles empty dimensions itself (BLAS rejects zero leading dimensions) and cuts products into
     pieces over fastbp's threads (see above)."""
     cdef Py_ssize_t i, j
-    cdef int nt = _gemm_nthreads, t, split, lim, pieces = 1, chunk, other
-    cdef double sa, sb, sc, mnk = <double>m * n * k
+    cdef int nt = _gemm_nthreads, t, split, lim, pieces = 1, chunk
+    cdef double sa, sb, sc, other, mnk = <double>m * n * k
     cdef floating *scratch = NULL
     if m == 0 or n == 0:
         return
@@ -480,22 +480,22 @@ cdef inline void _gemm_safe(int ta, int tb, int m, int n, int k, floating alpha,
     if sb <= sa and sb <= sc:
         split = 0
         lim = m
-        other = n * k
+        other = sb
     elif sa <= sb and sa <= sc:
         split = 1
         lim = n
-        other = m * k
+        other = sa
     else:
         split = 2
         lim = k
-        other = m * n
+        other = sc / 2
     if (_small_mnk > 0 and mnk > _small_mnk and not (ta == NoTrans and tb == Trans)
             and mnk <= _small_mnk * SMALL_SPLIT_MAX):
         pieces = <int>((mnk + _small_mnk - 1) // _small_mnk)
         if pieces % nt:
             pieces += nt - pieces % nt
         chunk = (lim + pieces - 1) // pieces
-        while <double>chunk * other > _small_mnk and pieces < lim:
+        while chunk * other > _small_mnk and pieces < lim:
             pieces += nt
             chunk = (lim + pieces - 1) // pieces
     elif nt > 1 and mnk >= GEMM_PARALLEL_MIN:
