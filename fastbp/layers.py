@@ -16,7 +16,8 @@ shape, so a training step allocates nothing after warm-up; an array returned by 
 the next call, as in any framework's workspace.  With the default, every call returns new arrays like the book.
 
 dtypes: float32 and float64 run in the kernels; mixed inputs follow NumPy's promotion (``np.result_type``), so
-float32 images with float64 weights compute in float64 like the book.  Integer inputs are promoted by NumPy's
+float32 images with float64 weights compute in float64 like the book (the converted copy lives in a scratch
+buffer the layer keeps for the next call: operands converted for the kernels are never handed back).  Integer inputs are promoted by NumPy's
 rules; float16 and other types fall back to :mod:`fastbp.reference` (plain NumPy) where NumPy's own rules give
 an answer, and raise TypeError where they do not.  Any memory layout is accepted; a copy is made once where a
 kernel needs contiguity.
