@@ -33,9 +33,12 @@ cdef extern from *:
     """
     #include <pthread.h>
     #include <stddef.h>
+    /* GNU OpenMP cannot start a parallel region in a child forked from a process whose OpenMP threads were
+       running (the child hangs), so after a fork fastbp runs single-threaded in the child: fb_omp_ok = 0. */
+    static int fb_omp_ok = 1;
     #if FASTBP_OPENMP
     #include <omp.h>
-    static int fastbp_max_threads(void) { return omp_get_max_threads(); }
+    static int fastbp_max_threads(void) { return fb_omp_ok ? omp_get_max_threads() : 1; }
     #else
     static int fastbp_max_threads(void) { return 1; }
     #endif
@@ -78,7 +81,7 @@ cdef extern from *:
             return;
         }
     #if FASTBP_OPENMP
-        if (!omp_in_parallel() && !omp_get_dynamic() && omp_get_thread_limit() >= numjobs
+        if (fb_omp_ok && !omp_in_parallel() && !omp_get_dynamic() && omp_get_thread_limit() >= numjobs
                 && numjobs <= 64) {
             #pragma omp parallel num_threads(numjobs)
             {
@@ -98,6 +101,7 @@ cdef extern from *:
     """
     int fastbp_max_threads() noexcept nogil
     int FASTBP_OPENMP
+    int fb_omp_ok
     void *fb_blas_threads_address() noexcept
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,15 +145,26 @@ def _set_gemm(intptr_t sgemm_address, intptr_t dgemm_address, intptr_t sgemv_add
     _dgemm = <dgemm_ptr>dgemm_address
 
 
+def _after_fork_in_child():
+    """Called in a forked child (os.register_at_fork): no OpenMP parallel region from now on."""
+    global fb_omp_ok
+    fb_omp_ok = 0
+
+
+import os as _os
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _blas_threads_callback():
     """Address of the OpenBLAS threads callback that runs BLAS jobs on fastbp's OpenMP team (0 without OpenMP)."""
     return <intptr_t>fb_blas_threads_address() if FASTBP_OPENMP else 0
 
 
 def build_info():
-    """Compile-time facts about this extension: OpenMP use and the OpenMP thread count."""
+    """Compile-time facts about this extension: OpenMP use and the OpenMP thread count (1 in a forked child)."""
     return {"openmp": bool(FASTBP_OPENMP), "openmp_max_threads": fastbp_max_threads(),
-            "parallel_min": PARALLEL_MIN}
+            "parallel_min": PARALLEL_MIN, "forked_child": not fb_omp_ok}
 
 
 cdef inline void _gemm(int ta, int tb, int m, int n, int k, floating alpha, const floating *a, int lda,
@@ -399,7 +414,8 @@ def _set_gemm_threads(int n):
 
 
 def _get_gemm_threads():
-    return _gemm_nthreads
+    """Threads a large GEMM is split over (1 in a forked child, see _after_fork_in_child)."""
+    return _gemm_nthreads if fb_omp_ok else 1
 
 
 def _set_small_mnk(double mnk):
@@ -463,7 +479,7 @@ cdef inline void _gemm_safe(int ta, int tb, int m, int n, int k, floating alpha,
     """_gemm that handles empty dimensions itself (BLAS rejects zero leading dimensions) and cuts products into
     pieces over fastbp's threads (see above)."""
     cdef Py_ssize_t i, j
-    cdef int nt = _gemm_nthreads, t, split, lim, pieces = 1, chunk
+    cdef int nt = _gemm_nthreads if fb_omp_ok else 1, t, split, lim, pieces = 1, chunk
     cdef double sa, sb, sc, other, mnk = <double>m * n * k
     cdef floating *scratch = NULL
     if m == 0 or n == 0:
@@ -680,7 +696,7 @@ def bias_backward(dout, db):
 cdef inline int _threads_for(Py_ssize_t n) noexcept nogil:
     if n < PARALLEL_MIN:
         return 1
-    return fastbp_max_threads()
+    return fastbp_max_threads()         # 1 in a forked child
 
 
 cdef inline void _relu_f(Py_ssize_t n, const floating *x, floating *out, uint8_t *mask) noexcept nogil:

@@ -157,3 +157,38 @@ def test_unknown_threading_mode_is_refused():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "FASTBP_BLAS_THREADING must be one of" in r.stderr and "'turbo'" in r.stderr
+
+
+_FORK_SCRIPT = r"""
+import multiprocessing as mp
+import numpy as np
+from fastbp import _kernels as K
+from fastbp.nets import TwoLayerNet
+rng = np.random.default_rng(0)
+a = rng.random((300, 800)).astype(np.float32)
+b = rng.random((800, 300)).astype(np.float32)
+c = np.empty((300, 300), np.float32)
+K.gemm(a, b, c)                                   # the parent's OpenMP team is running now
+x = rng.standard_normal((1000, 1000)).astype(np.float32)
+K.relu_forward(x, np.empty_like(x), np.empty(x.shape, bool))
+
+def work(i):
+    cc = np.empty((300, 300), np.float32)
+    K.gemm(a, b, cc)
+    out, mask = np.empty_like(x), np.empty(x.shape, bool)
+    K.relu_forward(x, out, mask)
+    net = TwoLayerNet(784, 50, 10, dtype=np.float32)
+    net.gradient(rng.random((100, 784)).astype(np.float32), np.arange(100) % 10)
+    return bool(np.allclose(cc, c, rtol=1e-5)) and bool(np.array_equal(out, np.maximum(x, 0))), \
+        K.build_info()["forked_child"], K._get_gemm_threads()
+
+with mp.get_context("fork").Pool(2) as pool:
+    print(pool.map(work, range(4)))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_children_do_not_hang_and_run_single_threaded():
+    r = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str([(True, True, 1)] * 4)
