@@ -699,6 +699,11 @@ cdef inline int _threads_for(Py_ssize_t n) noexcept nogil:
     return fastbp_max_threads()         # 1 in a forked child
 
 
+cdef inline Py_ssize_t _chunk_end(Py_ssize_t lo, Py_ssize_t chunk, Py_ssize_t n) noexcept nogil:
+    """End of the chunk that starts at lo (chunk elements, clipped to n)."""
+    return lo + chunk if lo + chunk < n else n
+
+
 cdef inline void _relu_f(Py_ssize_t n, const floating *x, floating *out, uint8_t *mask) noexcept nogil:
     if floating is float:
         fb_relu_forward_f32(n, x, out, mask)
@@ -722,9 +727,7 @@ cdef void _relu_forward(Py_ssize_t n, const floating *x, floating *out, uint8_t 
         return
     for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
         lo = k * chunk
-        hi = lo + chunk
-        if hi > n:
-            hi = n
+        hi = _chunk_end(lo, chunk, n)
         if lo < hi:
             _relu_f(hi - lo, x + lo, out + lo, mask + lo)
 
@@ -738,9 +741,7 @@ cdef void _relu_backward(Py_ssize_t n, const floating *dout, const uint8_t *mask
         return
     for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
         lo = k * chunk
-        hi = lo + chunk
-        if hi > n:
-            hi = n
+        hi = _chunk_end(lo, chunk, n)
         if lo < hi:
             _relu_b(hi - lo, dout + lo, mask + lo, dx + lo)
 
@@ -801,9 +802,7 @@ cdef void _sigmoid_forward(Py_ssize_t n, const floating *x, floating *out) noexc
         return
     for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
         lo = k * chunk
-        hi = lo + chunk
-        if hi > n:
-            hi = n
+        hi = _chunk_end(lo, chunk, n)
         if lo < hi:
             if floating is float:
                 fb_sigmoid_f32(hi - lo, x + lo, out + lo)
@@ -822,9 +821,7 @@ cdef void _sigmoid_backward(Py_ssize_t n, const floating *dout, const floating *
         return
     for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
         lo = k * chunk
-        hi = lo + chunk
-        if hi > n:
-            hi = n
+        hi = _chunk_end(lo, chunk, n)
         for i in range(lo, hi):
             dx[i] = dout[i] * (1 - y[i]) * y[i]
 
@@ -906,9 +903,7 @@ cdef double _softmax_ce(Py_ssize_t n, Py_ssize_t c, const floating *x, const int
     else:
         for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
             lo = k * chunk
-            hi = lo + chunk
-            if hi > n:
-                hi = n
+            hi = _chunk_end(lo, chunk, n)
             if lo < hi:
                 _softmax_block(lo, hi, c, x, t, onehot, y, g, scale, rows)
     for i in range(n):
@@ -1068,9 +1063,7 @@ cdef void _opt_update(int kind, Py_ssize_t n, floating *p, const floating *g, fl
         return
     for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
         lo = k * chunk
-        hi = lo + chunk
-        if hi > n:
-            hi = n
+        hi = _chunk_end(lo, chunk, n)
         if lo < hi:
             _opt_range(kind, lo, hi, p, g, s1, s2, <floating>lr, <floating>a, <floating>b, <floating>eps)
 
