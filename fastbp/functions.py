@@ -11,6 +11,8 @@ import warnings
 
 import numpy as np
 
+from fastbp.reference import _numeric as _real   # np.asarray restricted to bool/int/float, TypeError otherwise
+
 __all__ = [
     "identity_function",
     "step_function",
@@ -22,14 +24,6 @@ __all__ = [
     "cross_entropy_error",
     "softmax_loss",
 ]
-
-
-def _real(x, name, func):
-    """np.asarray(x) restricted to bool/int/float dtypes."""
-    x = np.asarray(x)
-    if x.dtype.kind not in "biuf":
-        raise TypeError(f"{func}: {name} must be a real numeric array, got dtype {x.dtype}")
-    return x
 
 
 def _float(x, name, func):
