@@ -380,6 +380,10 @@ class MatMul(_Layer):
     W = property(lambda self: self.params[0], lambda self, v: self.params.__setitem__(0, v))
     dW = property(lambda self: self.grads[0], lambda self, v: self.grads.__setitem__(0, v))
 
+    def _operand(self, name, a, dt):
+        """`a` itself when the GEMM can read it (any strides), else converted into the layer's scratch."""
+        return a if a.dtype == dt and a.dtype.isnative else self._ws.as_dtype(name, a, dt)
+
     def forward(self, x):
         x = np.asarray(x)
         W = self.params[0]
@@ -388,8 +392,8 @@ class MatMul(_Layer):
         if x.shape[1] != W.shape[0]:
             raise ValueError(f"input has {x.shape[1]} columns but W has {W.shape[0]} rows (W {W.shape})")
         dt = _float_dtype(x, W)
-        xk = _native(x).astype(dt, copy=False)
-        Wk = _native(W).astype(dt, copy=False)
+        xk = self._operand("x", x, dt)
+        Wk = self._operand("W", W, dt)
         out = self._ws.get("out", (x.shape[0], W.shape[1]), dt)
         _k.gemm(xk, Wk, out)
         self.x = x
@@ -404,9 +408,9 @@ class MatMul(_Layer):
         if dout.shape != (xk.shape[0], W.shape[1]):
             raise ValueError(f"dout must have shape {(xk.shape[0], W.shape[1])}, got {dout.shape}")
         dt = _float_dtype(dout, xk, W)
-        dout = _native(dout).astype(dt, copy=False)
-        xk = xk.astype(dt, copy=False)
-        Wk = _native(W).astype(dt, copy=False)
+        dout = self._operand("dout", dout, dt)
+        xk = self._operand("xb", xk, dt)
+        Wk = self._operand("W", W, dt)
         dW = self.grads[0]
         if dW.dtype != dt or dW.shape != W.shape or not dW.flags.c_contiguous:
             dW = self.grads[0] = np.zeros(W.shape, dt)
@@ -474,7 +478,7 @@ class SoftmaxWithLoss(_Layer):
         if tk.ndim == 2 and tk.dtype.kind == "f" and tk.dtype != dt:
             dt = _float_dtype(dt, tk.dtype)          # y - t promotes like NumPy (float32 logits, float64 rows)
         ws = self._ws
-        xk = x2 if (x2.dtype is dt and x2.flags.c_contiguous) else ws.as_dtype("x", x2, dt)
+        xk = ws.as_dtype("x", x2, dt)
         if tk.ndim == 2:
             tk = ws.as_dtype("t1h", tk, dt)     # integer one-hot rows convert exactly
         y = ws.get("y", xk.shape, dt)
