@@ -38,6 +38,7 @@ import numbers
 
 import numpy as np
 
+from fastbp import _blas  # noqa: F401  (checks the FASTBP_* settings at import)
 from fastbp import _kernels as _k
 
 __all__ = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "EPS"]
