@@ -450,7 +450,7 @@ class SoftmaxWithLoss(_Layer):
             y = ws.get("y", x.shape, x.dtype)
             g = ws.get("g", x.shape, x.dtype)
             try:
-                loss = _k.softmax_cross_entropy(x, tk, y, g, 1.0 / n) / n
+                loss = _k.softmax_cross_entropy(x, tk, y, g, 1.0 / n)   # the mean loss
             except ValueError:            # non-contiguous input or bad labels: the general path says which
                 return self._forward(x, t)
             self.t = t
@@ -488,7 +488,7 @@ class SoftmaxWithLoss(_Layer):
             warnings.warn("SoftmaxWithLoss: empty batch, the loss is NaN", RuntimeWarning, stacklevel=2)
             loss = float("nan")
         else:
-            loss = _k.softmax_cross_entropy(xk, tk, y, g, 1.0 / n) / n
+            loss = _k.softmax_cross_entropy(xk, tk, y, g, 1.0 / n)   # the mean loss
         self.t = t_in
         self.y = y.reshape(x.shape) if single else y
         self._g = g.reshape(x.shape) if single else g
