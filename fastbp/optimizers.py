@@ -79,6 +79,24 @@ def _kernel_order(a):
     return None
 
 
+def _may_overlap(a, b):
+    """False when arrays a and b certainly do not share memory (cheap for the usual unrelated arrays that own
+    their data), else np.may_share_memory's answer (memory bounds)."""
+    if a is b:
+        return True
+    if a.base is None and b.base is None and a.flags.owndata and b.flags.owndata:
+        return False
+    return np.may_share_memory(a, b)
+
+
+def _shares(a, b):
+    """np.shares_memory with bounded work; True when too hard to tell."""
+    try:
+        return np.shares_memory(a, b, max_work=1000)
+    except np.exceptions.TooHardError:
+        return True
+
+
 def _contiguous_as(a, order):
     return a.flags.c_contiguous if order == "C" else a.flags.f_contiguous
 
@@ -145,8 +163,8 @@ class _Optimizer:
                 s2 = containers[1][key]
             # A gradient that shares memory with its parameter or its state (the book computes p -= lr * p
             # without complaint) is copied first: every element of it is read before any is written.
-            aliased = (np.may_share_memory(g, p) or (s1 is not None and np.may_share_memory(g, s1))
-                       or (s2 is not None and np.may_share_memory(g, s2)))
+            aliased = (_may_overlap(g, p) or (s1 is not None and _may_overlap(g, s1))
+                       or (s2 is not None and _may_overlap(g, s2)))
             order = _kernel_order(p)
             if (order is not None
                     and (s1 is None or (s1.dtype == p.dtype and _contiguous_as(s1, order)))
@@ -272,6 +290,14 @@ class _Optimizer:
 
     @staticmethod
     def _check_state(name, key, s, p, others):
+        """ValueError/TypeError naming name[key] when state array `s` cannot be updated for parameter `p`."""
+        if (type(s) is np.ndarray and s.shape == p.shape and s.dtype.kind == "f" and s.flags.writeable
+                and not _may_overlap(s, p)):
+            for o in others:
+                if o is not None and _may_overlap(s, o):
+                    break
+            else:
+                return                          # (the usual case, decided without building any message)
         where = f"optimizer state {name}[{key!r}]"
         if not isinstance(s, np.ndarray):
             raise TypeError(f"{where} must be a numpy.ndarray (or absent, to start from zeros), "
@@ -283,10 +309,10 @@ class _Optimizer:
             raise TypeError(f"{where} must be a floating-point array (it is updated in place), got dtype {s.dtype}")
         if not s.flags.writeable:
             raise ValueError(f"{where} is read-only (it is updated in place)")
-        if np.may_share_memory(s, p) and np.shares_memory(s, p, max_work=1000):
+        if _shares(s, p):
             raise ValueError(f"{where} shares memory with its parameter")
         for o in others:
-            if o is not None and np.may_share_memory(s, o) and np.shares_memory(s, o, max_work=1000):
+            if o is not None and _shares(s, o):
                 raise ValueError(f"{where} shares memory with another state array of the same parameter")
 
     def _create_states(self, params, pairs, containers, states):
