@@ -248,8 +248,8 @@ def _add_train_parser(sub):
 
 
 def make_optimizer(name, lr=None):
-    """An optimizer of fastbp.optimizers by CLI name, with DEFAULT_LR when lr is None."""
-    from fastbp import optimizers as O
+    """An optimizer of fastbp.optimizer by CLI name, with DEFAULT_LR when lr is None."""
+    from fastbp import optimizer as O
     cls = {"sgd": O.SGD, "momentum": O.Momentum, "nesterov": O.Nesterov, "adagrad": O.AdaGrad,
            "rmsprop": O.RMSprop, "adam": O.Adam}[name]
     return cls(lr=DEFAULT_LR[name] if lr is None else lr)
