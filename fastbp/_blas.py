@@ -7,7 +7,7 @@ untouched: different file, different globals, different thread pool.
 Why a copy of our own: OpenBLAS picks its kernels once, when the library is loaded, from ``OPENBLAS_CORETYPE``
 or from CPUID.  On some machines (this project's development machines among them) the environment pins NumPy's
 OpenBLAS to the AVX2 "Haswell" kernels, which reach about half the float32 GEMM rate of the AVX-512 "SkylakeX"
-kernels on a CPU that has AVX-512 (measured: 2048^3 sgemm 215 vs 435-460 GFLOP/s; 100x784x50 47 vs 30 us).
+kernels on a CPU that has AVX-512 (the measured rates are in the README, the one place figures are kept).
 Loading a second copy lets fastbp choose for itself without changing NumPy's behaviour:
 
 * ``FASTBP_BLAS_CORETYPE=<name>`` forces a core type for fastbp's copy (e.g. ``Haswell``, ``SkylakeX``).
@@ -283,7 +283,7 @@ def ensure_loaded():
         lib.scipy_openblas_get_num_threads.restype = ctypes.c_int
         _gemm._set_gemm(*addresses)
         # OpenBLAS's SkylakeX-family cores run products of up to 10^6 multiply-adds with a small-matrix kernel
-        # that skips packing (measured: 20% faster in float32, 55% in float64 at 100 x 200 x 50): aim for it.
+        # that skips packing (faster on the book's small products, see the README's figures): aim for it.
         core = lib.scipy_openblas_get_corename().decode()
         _gemm._set_small_mnk(SMALL_MATRIX_MNK if core.lower() in SMALL_MATRIX_CORES else 0)
         _state.update(
