@@ -11,8 +11,9 @@ from fastbp import functions as F
 from fastbp import reference as R
 from fastbp.gradient import numerical_gradient_5pt
 
+from fastbp_tests import TOL
+
 DTYPES = [np.float32, np.float64]
-TOL = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
 
 # book 1, section 4.2.2
 Y_BOOK = np.array([0.1, 0.05, 0.6, 0.0, 0.05, 0.1, 0.0, 0.1, 0.0, 0.0])
