@@ -286,7 +286,10 @@ class Affine(_Layer):
     W and b are kept by reference (``params = [W, b]``) and re-read at every
     forward, so in-place updates such as ``W -= lr * dW`` are seen.  ``W``/``b``
     and ``dW``/``db`` are views onto ``params``/``grads``; the gradients are
-    written in place into the arrays preallocated with ``np.zeros_like``.
+    written in place (``grads[0][...] = dW``, converted to their dtype, as book
+    2 does) into the arrays created once like W and b (float64 for integer
+    ones), whatever the dtypes of x and dout: book 2 keeps its own list of
+    them.  A read-only grads array raises ValueError.
     """
 
     def __init__(self, W, b):
