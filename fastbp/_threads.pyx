@@ -7,9 +7,9 @@
 # gives the same bits whatever the number of threads.  Elementwise kernels (no reduction) size their blocks with
 # even_block: one block per thread, but never smaller than the work that pays for a fork/join.
 #
-# * Thread count: FASTBP_NUM_THREADS when it holds an integer >= 1 (fastbp._blas validates the variable and
-#   reports a bad value), else OpenMP's default; 1 in a build without OpenMP and in a forked child (GNU OpenMP
-#   cannot start a team there: it hangs).
+# * Thread count: FASTBP_NUM_THREADS (parsed and validated by fastbp._blas.env_num_threads: a bad value fails
+#   the import), else OpenMP's default; 1 in a build without OpenMP and in a forked child (GNU OpenMP cannot start
+#   a team there: it hangs).
 # * Called from inside a parallel region (a kernel run by another kernel's block), parallel_blocks runs its blocks
 #   serially in block order on the calling thread.
 # * The C of the OpenBLAS threads callback (the "callback" threading mode of fastbp._blas) is in _threads.h.
@@ -93,12 +93,10 @@ cdef void reduce_blocks_d(const double *partials, Py_ssize_t nblocks, Py_ssize_t
 # Python level: state, fork hook, introspection
 # ---------------------------------------------------------------------------------------------------------------
 def _env_num_threads():
-    """FASTBP_NUM_THREADS as an int >= 1, or None when unset or not such an int (fastbp._blas reports bad values)."""
-    s = _os.environ.get("FASTBP_NUM_THREADS", "").strip()
-    if not s.isdigit():
-        return None
-    v = int(s)
-    return v if 1 <= v <= 1 << 16 else None
+    """FASTBP_NUM_THREADS as an int, None when unset (fastbp._blas parses it, and refuses a bad value with a
+    ValueError naming the variable and the accepted range, at import)."""
+    from fastbp import _blas
+    return _blas.env_num_threads()
 
 
 def _set_num_threads(int n):
