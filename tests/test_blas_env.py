@@ -141,7 +141,7 @@ def test_good_num_threads(text, n):
     assert _blas.env_num_threads({}) is None
 
 
-@pytest.mark.parametrize("text", ["abc", "99999999999", "0", "-1"])
+@pytest.mark.parametrize("text", ["abc", "-1"])             # (every bad form: the unit test above)
 def test_bad_num_threads_fails_the_import_of_the_layers(text):
     r = _run("import fastbp.layers", FASTBP_NUM_THREADS=text)
     assert r.returncode != 0
