@@ -359,6 +359,7 @@ def info():
         "corename": lib.scipy_openblas_get_corename().decode(),
         "requested_coretype": st["requested_coretype"],
         "reason": st["reason"],
+        "refused": st.get("refused"),
         "num_threads": get_num_threads(),
         "threading": st["threading"],
     }
