@@ -45,6 +45,8 @@ class Workspace:
             a = self.scratch(name + "'", shape, dtype)
         return a
 
+    get = result      # the name layers used before this module existed
+
     def as_dtype(self, name, a, dtype):
         """`a` as a C-contiguous array of `dtype` (a native dtype): itself if it is one, else a copy into scratch."""
         if a.dtype == dtype and a.dtype.isnative and a.flags.c_contiguous:
