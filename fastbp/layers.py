@@ -37,6 +37,7 @@ import warnings
 
 import numpy as np
 
+from fastbp import _blas  # noqa: F401  (checks the FASTBP_* settings at import)
 from fastbp import _kernels as _k
 from fastbp import reference as _ref
 from fastbp._workspace import Workspace as _Workspace
@@ -429,7 +430,7 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
                 np.copyto(tk, t, casting="unsafe")                # the kernel range-checks the copy
             y = ws.result("y", x.shape, x.dtype)
             g = ws.result("g", x.shape, x.dtype)
-            loss = _k.softmax_cross_entropy(x, tk, y, g, 1.0 / n) / n
+            loss = _k.softmax_cross_entropy(x, tk, y, g, 1.0 / n)   # the mean loss
             self.t = t
             self.y = y
             self._g = g
@@ -468,7 +469,7 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
             warnings.warn("SoftmaxWithLoss: empty batch, the loss is NaN", RuntimeWarning, stacklevel=3)
             loss = float("nan")
         else:
-            loss = _k.softmax_cross_entropy(xk, tk, y, g, 1.0 / n) / n
+            loss = _k.softmax_cross_entropy(xk, tk, y, g, 1.0 / n)   # the mean loss
         self.t = t
         self.y = y.reshape(xa.shape) if single else y
         self._g = g.reshape(xa.shape) if single else g

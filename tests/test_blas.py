@@ -192,3 +192,93 @@ def test_forked_children_do_not_hang_and_run_single_threaded():
     r = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str([(True, True, 1)] * 4)
+
+
+def _poison_heap():
+    """Fill and free a few MB so that memory malloc hands out next holds 1e30, not zeros."""
+    junk = np.full(300_000, 1e30)
+    del junk
+
+
+@pytest.mark.parametrize("threads", [16, 48, 64])
+def test_k_split_with_more_threads_than_filled_pieces_is_exact(threads):
+    # Issue 7 item 1: K = 225 over 16 threads is cut into chunks of 15, so only 15 pieces hold rows; the 16th
+    # thread's scratch was allocated, never written and still summed into C (values like 1e30).
+    import fastbp.layers as L
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((225, 100))
+    W = rng.standard_normal((100, 100))
+    d = rng.standard_normal((225, 100))
+    _blas.ensure_loaded()
+    old, old_small = K._get_gemm_threads(), K._get_small_mnk()
+    try:
+        K._set_gemm_threads(threads)
+        for small in (old_small, 0.0):
+            K._set_small_mnk(small)
+            for _ in range(4):
+                _poison_heap()
+                a = L.Affine(W, np.zeros(100))
+                a.forward(x)
+                a.backward(d)
+                np.testing.assert_allclose(a.dW, x.T @ d, **TOL[np.float64])
+                _poison_heap()
+                C = np.empty((100, 100))
+                K.gemm(x, d, C, trans_a=True)
+                np.testing.assert_allclose(C, x.T @ d, **TOL[np.float64])
+                _poison_heap()
+                C32 = np.empty((100, 100), np.float32)
+                K.gemm(x.astype(np.float32), d.astype(np.float32), C32, trans_a=True)
+                np.testing.assert_allclose(C32, x.T @ d, **TOL[np.float32])
+    finally:
+        K._set_gemm_threads(old)
+        K._set_small_mnk(old_small)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dimensions near 2**31 (issue 7 item 5): piece arithmetic in Py_ssize_t, clear refusal of what BLAS cannot take
+# ---------------------------------------------------------------------------------------------------------------
+from fastbp import _gemm  # noqa: E402
+
+
+def _check_plan(m, n, k, ta, tb, threads, small):
+    split, nt, bounds = _gemm._gemm_plan(m, n, k, ta, tb, threads, small)
+    lim = {"M": m, "N": n, "K": k}[split]
+    assert bounds[0][0] == 0 and bounds[-1][1] == lim
+    assert all(lo < hi for lo, hi in bounds), "every piece holds at least one row/column"
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])), "pieces tile the dimension"
+    assert 1 <= nt <= min(threads, len(bounds)) or (nt == 1 and len(bounds) == 1)
+    return split, nt, bounds
+
+
+@pytest.mark.parametrize("threads", [2, 3, 16, 64])
+def test_gemm_pieces_of_a_dimension_near_2_31_are_not_empty(threads):
+    # (size + pieces - 1) overflowed int for size 2**31 - 1: every piece was empty and C stayed 0.  Split N here
+    # (op(A) is the smallest operand): the shape of MatMul with W (1, 2**31 - 1) and a batch of 4.
+    split, nt, bounds = _check_plan(4, 2**31 - 1, 1, False, False, threads, 0.0)
+    assert split == "N" and nt == threads and len(bounds) == threads
+    split, nt, bounds = _check_plan(2**31 - 1, 4, 1, False, False, threads, 1e6)
+    assert split == "M" and len(bounds) == threads
+    split, nt, bounds = _check_plan(3, 2, 2**31 - 1, True, False, threads, 0.0)
+    assert split == "K" and len(bounds) == threads
+    # the arithmetic itself is 64-bit: sizes BLAS could never take still cut correctly
+    _check_plan(2, 2**40 + 3, 5, False, True, threads, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_refuses_dimensions_blas_32_bit_interface_cannot_take(dtype):
+    from numpy.lib.stride_tricks import as_strided
+    big = 2**31
+    z = np.zeros(1, dtype)
+    a = as_strided(z, shape=(2, big), strides=(0, 0))          # virtual: no memory behind the 2**31 columns
+    b = as_strided(z, shape=(big, 3), strides=(0, 0))
+    with pytest.raises(ValueError, match=r"(?s)dimension k = 2147483648 is >= 2\*\*31"):
+        K.gemm(a, b, np.zeros((2, 3), dtype))
+    with pytest.raises(ValueError, match=r"dimension k = 2147483648"):
+        K.affine_forward(a, b, np.zeros(3, dtype), np.zeros((2, 3), dtype))
+    with pytest.raises(ValueError, match=r"dimension m = 2147483648"):
+        K.gemm(b, np.zeros((3, 2), dtype), as_strided(z, shape=(big, 2), strides=(0, 0)))
+    with pytest.raises(ValueError, match=r"dimension n = 2147483648"):
+        _gemm.check_blas_dims(1, big, 1)
+    with pytest.raises(ValueError, match=r"ldc = 2147483648"):
+        _gemm.check_blas_dims(1, 1, 1, 1, 1, big)
+    _gemm.check_blas_dims(big - 1, big - 1, big - 1, big - 1, big - 1, big - 1)   # the largest BLAS takes
