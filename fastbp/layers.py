@@ -293,8 +293,9 @@ class Affine(_GemmLayer, _ref.Affine):
 
     def _backward_any(self, dout):
         xk = self._xk
-        if xk is None:
-            return super().backward(dout)         # before forward (the reference raises), or a NumPy forward
+        if xk is None:                            # before forward (the reference raises), or a NumPy forward
+            dx = super().backward(dout)
+            return dx if self.need_dx else None
         self._grads_checked()                     # the next backward of the kernels' dtypes takes the fast path
         W = self.params[0]
         d = _ref._numeric(dout, "dout", "Affine")
