@@ -62,6 +62,15 @@ ext = Extension(
     extra_link_args=link_args,
 )
 
+# book 1, chapters 6-7: convolution/pooling and batch-norm/dropout kernels
+conv_exts = [
+    Extension(name, [src], include_dirs=[np.get_include()],
+              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+                             ("FASTBP_OPENMP", "1" if use_openmp else "0")],
+              extra_compile_args=compile_args, extra_link_args=link_args)
+    for name, src in (("fastbp._conv", "fastbp/_conv.pyx"), ("fastbp._norm", "fastbp/_norm.pyx"))
+]
+
 setup(
-    ext_modules=cythonize([ext], compiler_directives=directives),
+    ext_modules=cythonize([ext] + conv_exts, compiler_directives=directives),
 )
