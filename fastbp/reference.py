@@ -587,7 +587,7 @@ def im2col_np(x, filter_h, filter_w, stride=1, pad=0):
     for dy in range(filter_h):
         for dx in range(filter_w):
             col[:, :, dy, dx, :, :] = img[:, :, dy:dy + stride * oh:stride, dx:dx + stride * ow:stride]
-    return col.transpose(0, 4, 5, 1, 2, 3).reshape(N * oh * ow, -1)
+    return col.transpose(0, 4, 5, 1, 2, 3).reshape(N * oh * ow, C * filter_h * filter_w)
 
 
 def col2im_np(col, input_shape, filter_h, filter_w, stride=1, pad=0):
@@ -687,7 +687,7 @@ class BatchNormalization(_Layer):
         if x.ndim < 2:
             raise ValueError(f"{owner}.forward: x must be (N, D) or (N, C, H, W), got shape {x.shape}")
         gamma, beta = _check_gamma_beta(self.params[0], self.params[1], owner)
-        x2 = x.reshape(x.shape[0], -1)
+        x2 = x.reshape(x.shape[0], int(np.prod(x.shape[1:], dtype=np.int64)))
         if x2.shape[1] != gamma.shape[0]:
             raise ValueError(f"{owner}.forward: x of shape {x.shape} has {x2.shape[1]} features per sample "
                              f"but gamma has {gamma.shape[0]}")
@@ -730,7 +730,7 @@ class BatchNormalization(_Layer):
         if self.xn is None:
             raise _backward_before_forward("BatchNormalization")
         dout = _check_dout(dout, self.input_shape, "BatchNormalization")
-        dout = dout.reshape(dout.shape[0], -1)
+        dout = dout.reshape(self.xn.shape)
         gamma = self.params[0]
         n = self.batch_size
         dbeta = dout.sum(axis=0)
