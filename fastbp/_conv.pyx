@@ -23,6 +23,51 @@ import numpy as np
 
 cnp.import_array()
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* 2x2 stride-2 max pooling of one output row, branch-free so that it vectorises: the max of each row pair,
+       then of the two (strict >, so the first maximum wins ties).  NaN: a NaN at the window's first cell wins
+       here as in np.argmax; a NaN elsewhere is not taken, so the function returns nonzero when the row has one
+       and the caller redoes that row with the exact rule. */
+    #define FB_POOL2(NAME, T)                                                                                 \
+    static int NAME(long ow, const T *restrict r0, const T *restrict r1, T *restrict out,                     \
+                    int32_t *restrict arg) {                                                                  \
+        long j;                                                                                               \
+        int nan = 0;                                                                                          \
+        _Pragma("omp simd reduction(|:nan)")                                                                  \
+        for (j = 0; j < ow; j++) {                                                                            \
+            T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];                             \
+            T m1 = b > a ? b : a, m2 = d > c ? d : c;                                                         \
+            int32_t k1 = b > a ? 1 : 0, k2 = d > c ? 3 : 2;                                                   \
+            out[j] = m2 > m1 ? m2 : m1;                                                                       \
+            arg[j] = m2 > m1 ? k2 : k1;                                                                       \
+            nan |= (b != b) | (c != c) | (d != d);                                                            \
+        }                                                                                                     \
+        return nan;                                                                                           \
+    }
+    FB_POOL2(fb_pool2_f32, float)
+    FB_POOL2(fb_pool2_f64, double)
+    /* its backward: every cell of the row's windows written once (dout at the kept position, else 0) */
+    #define FB_POOL2B(NAME, T)                                                                                \
+    static void NAME(long ow, const T *restrict g, const int32_t *restrict arg, T *restrict r0, T *restrict r1) {                                 \
+        long j;                                                                                               \
+        _Pragma("omp simd")                                                                                   \
+        for (j = 0; j < ow; j++) {                                                                            \
+            T v = g[j];                                                                                       \
+            int32_t k = arg[j];                                                                               \
+            r0[2 * j] = k == 0 ? v : (T)0; r0[2 * j + 1] = k == 1 ? v : (T)0;                                 \
+            r1[2 * j] = k == 2 ? v : (T)0; r1[2 * j + 1] = k == 3 ? v : (T)0;                                 \
+        }                                                                                                     \
+    }
+    FB_POOL2B(fb_pool2b_f32, float)
+    FB_POOL2B(fb_pool2b_f64, double)
+    """
+    int fb_pool2_f32(long ow, const float *r0, const float *r1, float *out, int32_t *arg) noexcept nogil
+    int fb_pool2_f64(long ow, const double *r0, const double *r1, double *out, int32_t *arg) noexcept nogil
+    void fb_pool2b_f32(long ow, const float *g, const int32_t *arg, float *r0, float *r1) noexcept nogil
+    void fb_pool2b_f64(long ow, const double *g, const int32_t *arg, double *r0, double *r1) noexcept nogil
+
 ctypedef fused floating:
     float
     double
@@ -340,6 +385,31 @@ def nchw_to_rows(d, rows, db):
 # ---------------------------------------------------------------------------------------------------------------
 # Max pooling
 # ---------------------------------------------------------------------------------------------------------------
+cdef inline void _pool_row(Py_ssize_t i, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t s,
+                           Py_ssize_t pad, Py_ssize_t ow,
+                           const floating *p,   # IN  (H, W) plane
+                           floating *out,       # OUT (ow,) output row i
+                           int32_t *arg         # OUT (ow,)
+                           ) noexcept nogil:
+    """Output row i of one plane, the exact rule: strict > (first maximum wins), the first NaN wins, padding 0."""
+    cdef Py_ssize_t j, dy, dx, y, xx, y0 = i * s - pad, x0, best_k
+    cdef floating best, v
+    for j in range(ow):
+        x0 = j * s - pad
+        best_k = -1
+        best = 0
+        for dy in range(ph):
+            y = y0 + dy
+            for dx in range(pw):
+                xx = x0 + dx
+                v = p[y * W + xx] if (0 <= y < H and 0 <= xx < W) else 0
+                if best_k < 0 or ((v > best or v != v) and best == best):
+                    best = v
+                    best_k = dy * pw + dx
+        out[j] = best
+        arg[j] = <int32_t>best_k
+
+
 cdef void _pool_fwd(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
                     Py_ssize_t s, Py_ssize_t pad, Py_ssize_t oh, Py_ssize_t ow,
                     const floating *x,      # IN  (N*C, H, W)
@@ -347,51 +417,23 @@ cdef void _pool_fwd(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t H, Py_ssize_t W, Py
                     int32_t *arg            # OUT (N*C, oh, ow): dy*pw + dx of the window's first maximum
                     ) noexcept nogil:
     """out = max over the zero-padded window, arg = its first position (a NaN wins), planes lo .. hi-1."""
-    cdef Py_ssize_t q, i, j, dy, dx, y, xx, y0, x0, best_k
+    cdef Py_ssize_t q, i
     cdef const floating *p
-    cdef floating best, v, a, b2, c, d
-    cdef int32_t ka
+    cdef int nan
+    cdef bint two = ph == 2 and pw == 2 and s == 2 and pad == 0
     for q in range(lo, hi):
         p = x + q * H * W
-        if ph == 2 and pw == 2 and s == 2 and pad == 0:
-            # the book's 2x2 stride-2 pooling: two input rows per output row
-            for i in range(oh):
-                for j in range(ow):
-                    a = p[(2 * i) * W + 2 * j]
-                    b2 = p[(2 * i) * W + 2 * j + 1]
-                    c = p[(2 * i + 1) * W + 2 * j]
-                    d = p[(2 * i + 1) * W + 2 * j + 1]
-                    best = a
-                    ka = 0
-                    if best == best:
-                        if b2 > best or b2 != b2:
-                            best = b2
-                            ka = 1
-                        if best == best and (c > best or c != c):
-                            best = c
-                            ka = 2
-                        if best == best and (d > best or d != d):
-                            best = d
-                            ka = 3
-                    out[(q * oh + i) * ow + j] = best
-                    arg[(q * oh + i) * ow + j] = ka
-            continue
         for i in range(oh):
-            y0 = i * s - pad
-            for j in range(ow):
-                x0 = j * s - pad
-                best_k = -1
-                best = 0
-                for dy in range(ph):
-                    y = y0 + dy
-                    for dx in range(pw):
-                        xx = x0 + dx
-                        v = p[y * W + xx] if (0 <= y < H and 0 <= xx < W) else 0
-                        if best_k < 0 or ((v > best or v != v) and best == best):
-                            best = v
-                            best_k = dy * pw + dx
-                out[(q * oh + i) * ow + j] = best
-                arg[(q * oh + i) * ow + j] = <int32_t>best_k
+            if two:      # the book's 2x2 stride-2 pooling: two input rows per output row, vectorised
+                if floating is float:
+                    nan = fb_pool2_f32(ow, p + 2 * i * W, p + (2 * i + 1) * W, out + (q * oh + i) * ow,
+                                       arg + (q * oh + i) * ow)
+                else:
+                    nan = fb_pool2_f64(ow, p + 2 * i * W, p + (2 * i + 1) * W, out + (q * oh + i) * ow,
+                                       arg + (q * oh + i) * ow)
+                if not nan:
+                    continue
+            _pool_row(i, H, W, ph, pw, s, pad, ow, p, out + (q * oh + i) * ow, arg + (q * oh + i) * ow)
 
 
 cdef void _pool_bwd(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
@@ -403,19 +445,17 @@ cdef void _pool_bwd(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t H, Py_ssize_t W, Py
     """dx = 0, then dx[window position arg] += dout for every output (padding positions dropped)."""
     cdef Py_ssize_t q, i, j, y, xx, k
     cdef floating *p
-    cdef floating g
     for q in range(lo, hi):
         p = dx + q * H * W
         if ph == 2 and pw == 2 and s == 2 and pad == 0:
             # disjoint windows: write every window cell once (no zeroing pass), then the uncovered edge
             for i in range(oh):
-                for j in range(ow):
-                    g = dout[(q * oh + i) * ow + j]
-                    k = arg[(q * oh + i) * ow + j]
-                    p[(2 * i) * W + 2 * j] = g if k == 0 else 0
-                    p[(2 * i) * W + 2 * j + 1] = g if k == 1 else 0
-                    p[(2 * i + 1) * W + 2 * j] = g if k == 2 else 0
-                    p[(2 * i + 1) * W + 2 * j + 1] = g if k == 3 else 0
+                if floating is float:
+                    fb_pool2b_f32(ow, dout + (q * oh + i) * ow, arg + (q * oh + i) * ow, p + 2 * i * W,
+                                  p + (2 * i + 1) * W)
+                else:
+                    fb_pool2b_f64(ow, dout + (q * oh + i) * ow, arg + (q * oh + i) * ow, p + 2 * i * W,
+                                  p + (2 * i + 1) * W)
                 if 2 * ow < W:
                     p[(2 * i) * W + W - 1] = 0
                     p[(2 * i + 1) * W + W - 1] = 0

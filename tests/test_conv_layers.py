@@ -328,6 +328,16 @@ def test_pooling_ties_padding_and_nan_like_the_book():
     with np.errstate(invalid="ignore"):
         np.testing.assert_array_equal(f.forward(xn), r.forward(xn))
     np.testing.assert_array_equal(f.arg_max, r.arg_max)
+    # the vectorised 2x2 stride-2 path: a NaN in any cell of a window, ties, -inf
+    x4 = _rng().standard_normal((2, 3, 4, 6))
+    x4[0, 0, 0, 1] = x4[0, 1, 1, 0] = x4[0, 2, 1, 1] = x4[1, 0, 0, 0] = np.nan
+    x4[1, 1, 0, 2] = x4[1, 1, 1, 3] = 5.0
+    x4[1, 2] = -np.inf
+    for dtype in DTYPES:
+        f, r = F.Pooling(2, 2, 2), R.Pooling(2, 2, 2)
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(f.forward(x4.astype(dtype)), r.forward(x4.astype(dtype)))
+        np.testing.assert_array_equal(f.arg_max, r.arg_max)
 
 
 def test_pooling_bad_inputs_and_default_stride():
