@@ -17,7 +17,7 @@
 #   fixed order (sample by sample), so results do not depend on how the work is cut.
 cimport cython
 from libc.string cimport memset, memcpy
-from libc.stdint cimport int32_t
+from libc.stdint cimport int32_t, intptr_t
 cimport numpy as cnp
 import numpy as np
 
@@ -259,127 +259,280 @@ def col2im(col, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GEMM rows <-> NCHW
+# BLAS and blocks of samples
 # ---------------------------------------------------------------------------------------------------------------
-cdef void _rows_to_nchw(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t P, Py_ssize_t F,
-                        const floating *rows,   # IN  (N*P, F)
-                        const floating *b,      # IN  (F,) or NULL
-                        floating *out           # OUT (N, F, P)
-                        ) noexcept nogil:
-    """out[n, f, p] = rows[n*P + p, f] + b[f] for n in [lo, hi) (tiles of 32 positions)."""
-    cdef Py_ssize_t n, f, p, p0, p1
-    cdef const floating *r
+# Until fastbp._gemm (the shared kernel API, branch `kernels`) is merged, the per-sample GEMMs call the cblas_?gemm
+# entry points of fastbp's own OpenBLAS directly (single-threaded in fastbp's default "split" threading), and
+# parallel_blocks below is a serial stand-in with the contract's signature and block boundaries.
+ctypedef void (*sgemm_ptr)(int order, int transa, int transb, int m, int n, int k, float alpha,
+                           const float *a, int lda, const float *b, int ldb, float beta,
+                           float *c, int ldc) noexcept nogil
+ctypedef void (*dgemm_ptr)(int order, int transa, int transb, int m, int n, int k, double alpha,
+                           const double *a, int lda, const double *b, int ldb, double beta,
+                           double *c, int ldc) noexcept nogil
+cdef sgemm_ptr _sgemm = NULL
+cdef dgemm_ptr _dgemm = NULL
+cdef enum:
+    RowMajor = 101
+    NoTrans = 111
+    Trans = 112
+    INT_MAX = 2147483647
+
+
+def _set_blas(intptr_t sgemm_address, intptr_t dgemm_address):
+    """Install cblas_sgemm / cblas_dgemm (addresses of fastbp's OpenBLAS, see _require_blas)."""
+    global _sgemm, _dgemm
+    if sgemm_address == 0 or dgemm_address == 0:
+        raise ValueError("null BLAS entry point")
+    _sgemm = <sgemm_ptr>sgemm_address
+    _dgemm = <dgemm_ptr>dgemm_address
+
+
+def _require_blas():
+    if _sgemm != NULL:
+        return
+    import ctypes
+    from fastbp import _blas
+    lib = _blas.ensure_loaded()["lib"]
+    _set_blas(ctypes.cast(lib.scipy_cblas_sgemm, ctypes.c_void_p).value,
+              ctypes.cast(lib.scipy_cblas_dgemm, ctypes.c_void_p).value)
+
+
+cdef inline void _gemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
+                       const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,
+                       floating *c, Py_ssize_t ldc) noexcept nogil:
+    """Row-major C = alpha op(A) op(B) + beta C; dims checked < 2**31 by the wrappers; k = 0 scales C."""
+    cdef Py_ssize_t i
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        for i in range(m * n):
+            c[i] = 0 if beta == 0 else beta * c[i]
+        return
+    if floating is float:
+        _sgemm(RowMajor, ta, tb, <int>m, <int>n, <int>k, alpha, a, <int>lda, b, <int>ldb, beta, c, <int>ldc)
+    else:
+        _dgemm(RowMajor, ta, tb, <int>m, <int>n, <int>k, alpha, a, <int>lda, b, <int>ldb, beta, c, <int>ldc)
+
+
+ctypedef void (*block_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t block) noexcept nogil
+
+
+cdef void parallel_blocks(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ctx) noexcept nogil:
+    """fn(ctx, lo, hi, j) for the blocks [j*block, min(n, (j+1)*block)) (serial stand-in, see above)."""
+    cdef Py_ssize_t j = 0, lo = 0
+    while lo < n:
+        fn(ctx, lo, lo + block if lo + block < n else n, j)
+        lo += block
+        j += 1
+
+
+cdef Py_ssize_t SAMPLE_BLOCKS = 16        # a batch is cut into at most this many blocks of samples
+
+
+def sample_block(Py_ssize_t n):
+    """(samples per block, number of blocks) for a batch of n: depends on n only, never on the thread count."""
+    cdef Py_ssize_t b = (n + SAMPLE_BLOCKS - 1) // SAMPLE_BLOCKS if n > 0 else 1
+    return b, (n + b - 1) // b if n > 0 else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Convolution: im2col + one GEMM per sample, straight into NCHW
+# ---------------------------------------------------------------------------------------------------------------
+ctypedef struct ConvCtx:
+    int t                       # 0 float32, 1 float64
+    Py_ssize_t C, H, W, fh, fw, s, pad, oh, ow, FN, K, P
+    void *x                     # IN  (N, C, H, W)
+    void *W2                    # IN  (FN, K)
+    void *b                     # IN  (FN,)
+    void *col                   # OUT forward / IN backward: (N*P, K), the book's column matrix
+    void *out                   # OUT (N, FN, P)
+    void *dout                  # IN  (N, FN, P)
+    void *dW_part               # OUT (nblocks, FN, K) per-block partial weight gradients
+    double *db_part             # OUT (nblocks, FN)
+    void *dcol                  # scratch (nblocks, P, K): one sample's dcol per block
+    void *dx                    # OUT (N, C, H, W) or NULL
+
+
+cdef void _conv_fwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, floating *x) noexcept nogil:
+    """Samples lo .. hi-1: col_n = im2col(x_n); out_n (FN, P) = b + W2 @ col_n^T."""
+    cdef floating *col = <floating*>c.col
+    cdef floating *out = <floating*>c.out
+    cdef const floating *b = <floating*>c.b
+    cdef Py_ssize_t n, f, p, P = c.P, K = c.K, FN = c.FN
     cdef floating *o
-    cdef floating bf
     for n in range(lo, hi):
-        r = rows + n * P * F
-        o = out + n * F * P
-        p0 = 0
-        while p0 < P:
-            p1 = p0 + 32 if p0 + 32 < P else P
-            for f in range(F):
-                bf = b[f] if b != NULL else 0
-                for p in range(p0, p1):
-                    o[f * P + p] = r[p * F + f] + bf
-            p0 = p1
+        _im2col(n, n + 1, c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, x, col)
+        o = out + n * FN * P
+        for f in range(FN):
+            for p in range(P):
+                o[f * P + p] = b[f]
+        _gemm(NoTrans, Trans, FN, P, K, <floating>1, <floating*>c.W2, K, col + n * P * K, K, <floating>1, o, P)
 
 
-cdef void _nchw_to_rows(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t P, Py_ssize_t F,
-                        const floating *d,      # IN  (N, F, P)
-                        floating *rows,         # OUT (N*P, F)
-                        double *db              # OUT (F,) accumulated (+=) in sample order, or NULL
-                        ) noexcept nogil:
-    """rows[n*P + p, f] = d[n, f, p];  db[f] += sum over n in [lo, hi), p of d[n, f, p]."""
-    cdef Py_ssize_t n, f, p, p0, p1
-    cdef const floating *s
-    cdef floating *r
+cdef void _conv_fwd_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef ConvCtx *c = <ConvCtx*>ctx
+    if c.t == 0:
+        _conv_fwd_range(c, lo, hi, <float*>c.x)
+    else:
+        _conv_fwd_range(c, lo, hi, <double*>c.x)
+
+
+cdef void _conv_bwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j, floating *dout) noexcept nogil:
+    """Block j = samples lo .. hi-1: partial db, dW = sum dout_n @ col_n (in sample order); if dx is wanted,
+    dcol_n = dout_n^T @ W2 and dx_n = col2im(dcol_n)."""
+    cdef Py_ssize_t n, f, p, P = c.P, K = c.K, FN = c.FN
+    cdef floating *dWp = <floating*>c.dW_part + j * FN * K
+    cdef double *dbp = c.db_part + j * FN
+    cdef floating *dc = <floating*>c.dcol + j * P * K if c.dx != NULL else NULL
+    cdef const floating *col = <floating*>c.col
+    cdef const floating *d
     cdef double acc
+    for f in range(FN):
+        dbp[f] = 0
     for n in range(lo, hi):
-        s = d + n * F * P
-        r = rows + n * P * F
-        if db != NULL:
-            for f in range(F):
-                acc = 0
-                for p in range(P):
-                    acc += s[f * P + p]
-                db[f] += acc
-        p0 = 0
-        while p0 < P:
-            p1 = p0 + 32 if p0 + 32 < P else P
-            for f in range(F):
-                for p in range(p0, p1):
-                    r[p * F + f] = s[f * P + p]
-            p0 = p1
+        d = dout + n * FN * P
+        for f in range(FN):
+            acc = 0
+            for p in range(P):
+                acc += d[f * P + p]
+            dbp[f] += acc
+        _gemm(NoTrans, NoTrans, FN, K, P, <floating>1, d, P, col + n * P * K, K,
+              <floating>(0 if n == lo else 1), dWp, K)
+        if dc != NULL:
+            _gemm(Trans, NoTrans, P, K, FN, <floating>1, d, P, <floating*>c.W2, K, <floating>0, dc, K)
+            _col2im(0, 1, c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, dc,
+                    <floating*>c.dx + n * c.C * c.H * c.W)
 
 
-def rows_to_nchw(rows, b, out):
-    """out (N, F, OH, OW)[n, f] = rows (N*OH*OW, F)[n-th block, f] + b[f] (b may be None)."""
-    cdef int t = _ftype(rows, "rows")
-    _same(t, out, "out")
-    cdef cnp.ndarray R = <cnp.ndarray>rows, O = <cnp.ndarray>out, B = None
-    if cnp.PyArray_NDIM(O) != 4:
-        raise ValueError(f"out must be 4-D (N, F, OH, OW), got shape {_s(O)}")
-    cdef Py_ssize_t N = _s(O)[0], F = _s(O)[1], P = _s(O)[2] * _s(O)[3]
-    _shape(R, (N * P, F), "rows")
-    _contig(R, "rows", False)
-    _contig(O, "out", True)
-    _no_overlap(O, R, "out", "rows")
-    cdef void *bp = NULL
-    if b is not None:
-        _same(t, b, "b")
-        B = <cnp.ndarray>b
-        _shape(B, (F,), "b")
-        _contig(B, "b", False)
-        _no_overlap(O, B, "out", "b")
-        bp = cnp.PyArray_DATA(B)
-    cdef void *rp = cnp.PyArray_DATA(R)
-    cdef void *op = cnp.PyArray_DATA(O)
+cdef void _conv_bwd_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef ConvCtx *c = <ConvCtx*>ctx
+    if c.t == 0:
+        _conv_bwd_range(c, lo, hi, j, <float*>c.dout)
+    else:
+        _conv_bwd_range(c, lo, hi, j, <double*>c.dout)
+
+
+cdef void _conv_reduce(Py_ssize_t nblocks, Py_ssize_t FN, Py_ssize_t K, const floating *dW_part,
+                       const double *db_part, floating *dW, floating *db) noexcept nogil:
+    """dW, db = the per-block partials added in block order (in double)."""
+    cdef Py_ssize_t j, i
+    cdef double acc
+    for i in range(FN * K):
+        acc = 0
+        for j in range(nblocks):
+            acc += dW_part[j * FN * K + i]
+        dW[i] = <floating>acc
+    for i in range(FN):
+        acc = 0
+        for j in range(nblocks):
+            acc += db_part[j * FN + i]
+        db[i] = <floating>acc
+
+
+cdef _conv_dims(tuple x_shape, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, ConvCtx *c,
+                str xname):
+    """Fill c's geometry from the input shape (N, C, H, W) and W2 (FN, C*fh*fw); returns N."""
+    cdef cnp.ndarray A = <cnp.ndarray>W2
+    if len(x_shape) != 4:
+        raise ValueError(f"{xname} must be 4-D (N, C, H, W), got shape {x_shape}")
+    if cnp.PyArray_NDIM(A) != 2:
+        raise ValueError(f"W2 must be 2-D (FN, C*FH*FW), got shape {_s(A)}")
+    c.C = x_shape[1]; c.H = x_shape[2]; c.W = x_shape[3]
+    c.fh = fh; c.fw = fw; c.s = stride; c.pad = pad
+    _geometry(c.H, c.W, fh, fw, stride, pad, &c.oh, &c.ow)
+    c.FN = A.shape[0]
+    c.K = c.C * fh * fw
+    c.P = c.oh * c.ow
+    _shape(A, (c.FN, c.K), "W2")
+    _contig(A, "W2", False)
+    if c.FN > INT_MAX or c.K > INT_MAX or c.P > INT_MAX:
+        raise ValueError("convolution dimension exceeds the 32-bit BLAS interface (2**31 - 1)")
+    return x_shape[0]
+
+
+def conv_forward(x, W2, b, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, col, out):
+    """col = im2col(x) (N*OH*OW, C*fh*fw); out[n] (FN, OH, OW) = b + W2 @ col_n^T;  x (N,C,H,W), W2 (FN, C*fh*fw)."""
+    _require_blas()
+    cdef ConvCtx c
+    c.t = _ftype(x, "x")
+    _same(c.t, W2, "W2"); _same(c.t, b, "b"); _same(c.t, col, "col"); _same(c.t, out, "out")
+    cdef cnp.ndarray X = <cnp.ndarray>x, A = <cnp.ndarray>W2, B = <cnp.ndarray>b
+    cdef cnp.ndarray COL = <cnp.ndarray>col, O = <cnp.ndarray>out
+    cdef Py_ssize_t N = _conv_dims(_s(X), W2, fh, fw, stride, pad, &c, "x")
+    _contig(X, "x", False)
+    _shape(B, (c.FN,), "b"); _contig(B, "b", False)
+    _shape(COL, (N * c.P, c.K), "col"); _contig(COL, "col", True)
+    _shape(O, (N, c.FN, c.oh, c.ow), "out"); _contig(O, "out", True)
+    for a, nm in ((X, "x"), (A, "W2"), (B, "b")):
+        _no_overlap(COL, a, "col", nm)
+        _no_overlap(O, a, "out", nm)
+    _no_overlap(O, COL, "out", "col")
+    c.x = cnp.PyArray_DATA(X); c.W2 = cnp.PyArray_DATA(A); c.b = cnp.PyArray_DATA(B)
+    c.col = cnp.PyArray_DATA(COL); c.out = cnp.PyArray_DATA(O)
+    cdef Py_ssize_t blk = sample_block(N)[0]
     with nogil:
-        if t == 0:
-            _rows_to_nchw[float](0, N, P, F, <float*>rp, <float*>bp, <float*>op)
-        else:
-            _rows_to_nchw[double](0, N, P, F, <double*>rp, <double*>bp, <double*>op)
+        parallel_blocks(N, blk, _conv_fwd_block, &c)
     return out
 
 
-def nchw_to_rows(d, rows, db):
-    """rows (N*OH*OW, F) = d (N, F, OH, OW) moved to rows;  db[f] = sum of d[:, f] (accumulated in double)."""
-    cdef int t = _ftype(d, "dout")
-    _same(t, rows, "rows")
-    cdef cnp.ndarray D = <cnp.ndarray>d, R = <cnp.ndarray>rows, G = None
-    if cnp.PyArray_NDIM(D) != 4:
-        raise ValueError(f"dout must be 4-D (N, F, OH, OW), got shape {_s(D)}")
-    cdef Py_ssize_t N = _s(D)[0], F = _s(D)[1], P = _s(D)[2] * _s(D)[3], f
-    _shape(R, (N * P, F), "rows")
-    _contig(D, "dout", False)
-    _contig(R, "rows", True)
-    _no_overlap(R, D, "rows", "dout")
-    if db is not None:
-        _same(t, db, "db")
-        G = <cnp.ndarray>db
-        _shape(G, (F,), "db")
-        _contig(G, "db", True)
-        _no_overlap(G, D, "db", "dout")
-        _no_overlap(G, R, "db", "rows")
-    cdef double[::1] acc = np.zeros(F if db is not None else 0, np.float64)
-    cdef double *ap = &acc[0] if db is not None and F > 0 else NULL
-    cdef void *dp = cnp.PyArray_DATA(D)
-    cdef void *rp = cnp.PyArray_DATA(R)
+def conv_backward(dout, col, W2, tuple x_shape, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
+                  dW2, db, dx, dW_part, db_part, dcol):
+    """db = sum of dout over (N, OH, OW); dW2 (FN, K) = sum_n dout_n @ col_n; dx (x_shape) = col2im(dout_n^T @ W2)
+    unless dx is None.  Scratch: dW_part (nblocks, FN, K), db_part float64 (nblocks, FN), dcol (nblocks, OH*OW, K)
+    (None without dx), nblocks = sample_block(N)[1].  The partials are added in block order, so the result has
+    the same bits for any thread count.  Returns dx."""
+    _require_blas()
+    cdef ConvCtx c
+    c.t = _ftype(dout, "dout")
+    _same(c.t, col, "col"); _same(c.t, W2, "W2"); _same(c.t, dW2, "dW2"); _same(c.t, db, "db")
+    _same(c.t, dW_part, "dW_part")
+    cdef cnp.ndarray D = <cnp.ndarray>dout, COL = <cnp.ndarray>col, A = <cnp.ndarray>W2
+    cdef cnp.ndarray G = <cnp.ndarray>dW2, GB = <cnp.ndarray>db, WP = <cnp.ndarray>dW_part, BP, DC, DX
+    cdef Py_ssize_t N = _conv_dims(x_shape, W2, fh, fw, stride, pad, &c, "x_shape")
+    cdef Py_ssize_t blk, nb
+    blk, nb = sample_block(N)
+    _shape(D, (N, c.FN, c.oh, c.ow), "dout"); _contig(D, "dout", False)
+    _shape(COL, (N * c.P, c.K), "col"); _contig(COL, "col", False)
+    _shape(G, (c.FN, c.K), "dW2"); _contig(G, "dW2", True)
+    _shape(GB, (c.FN,), "db"); _contig(GB, "db", True)
+    _shape(WP, (nb, c.FN, c.K), "dW_part"); _contig(WP, "dW_part", True)
+    if not cnp.PyArray_Check(db_part) or cnp.PyArray_TYPE(<cnp.ndarray>db_part) != cnp.NPY_FLOAT64:
+        raise TypeError("db_part must be a float64 array")
+    BP = <cnp.ndarray>db_part
+    _shape(BP, (nb, c.FN), "db_part"); _contig(BP, "db_part", True)
+    cdef list outs = [(G, "dW2"), (GB, "db"), (WP, "dW_part"), (BP, "db_part")]
+    c.dx = NULL
+    c.dcol = NULL
+    if dx is not None:
+        _same(c.t, dx, "dx")
+        DX = <cnp.ndarray>dx
+        _shape(DX, x_shape, "dx"); _contig(DX, "dx", True)
+        if dcol is None:
+            raise ValueError("conv_backward: the dcol scratch is required with dx")
+        _same(c.t, dcol, "dcol")
+        DC = <cnp.ndarray>dcol
+        _shape(DC, (nb, c.P, c.K), "dcol"); _contig(DC, "dcol", True)
+        outs += [(DX, "dx"), (DC, "dcol")]
+        c.dx = cnp.PyArray_DATA(DX)
+        c.dcol = cnp.PyArray_DATA(DC)
+    cdef Py_ssize_t i, k
+    for i in range(len(outs)):
+        for a, nm in ((D, "dout"), (COL, "col"), (A, "W2")):
+            _no_overlap(outs[i][0], a, outs[i][1], nm)
+        for k in range(i):
+            _no_overlap(outs[i][0], outs[k][0], outs[i][1], outs[k][1])
+    c.dout = cnp.PyArray_DATA(D); c.col = cnp.PyArray_DATA(COL); c.W2 = cnp.PyArray_DATA(A)
+    c.dW_part = cnp.PyArray_DATA(WP); c.db_part = <double*>cnp.PyArray_DATA(BP)
+    cdef void *pg = cnp.PyArray_DATA(G)
+    cdef void *pgb = cnp.PyArray_DATA(GB)
     with nogil:
-        if t == 0:
-            _nchw_to_rows[float](0, N, P, F, <float*>dp, <float*>rp, ap)
+        parallel_blocks(N, blk, _conv_bwd_block, &c)
+        if c.t == 0:
+            _conv_reduce(nb, c.FN, c.K, <float*>c.dW_part, c.db_part, <float*>pg, <float*>pgb)
         else:
-            _nchw_to_rows[double](0, N, P, F, <double*>dp, <double*>rp, ap)
-    if ap != NULL:
-        if t == 0:
-            for f in range(F):
-                (<float*>cnp.PyArray_DATA(G))[f] = <float>acc[f]
-        else:
-            for f in range(F):
-                (<double*>cnp.PyArray_DATA(G))[f] = acc[f]
-    elif db is not None:
-        G[...] = 0
-    return rows
+            _conv_reduce(nb, c.FN, c.K, <double*>c.dW_part, c.db_part, <double*>pg, <double*>pgb)
+    return dx
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -627,13 +627,10 @@ class Convolution(_ref.Convolution):
         n = x.shape[0]
         fn, c, fh, fw = W.shape
         k = c * fh * fw
-        col = ws.scratch("col", (n * oh * ow, k), dt)
-        _ck.im2col(xk, fh, fw, self.stride, self.pad, col)
         W2 = Wk.reshape(fn, k)
-        rows = ws.scratch("rows", (n * oh * ow, fn), dt)
-        _k.gemm(col, W2, rows, trans_b=True)
+        col = ws.scratch("col", (n * oh * ow, k), dt)
         out = ws.get("out", (n, fn, oh, ow), dt)
-        _ck.rows_to_nchw(rows, bk, out)
+        _ck.conv_forward(xk, W2, bk, fh, fw, self.stride, self.pad, col, out)
         self.x = x
         self.col = col
         self.col_W = W2.T
@@ -662,21 +659,19 @@ class Convolution(_ref.Convolution):
         dk = ws.as_dtype("dout", dout, dt)
         fn, k = W2.shape
         x_shape = self._xk.shape
-        rows = ws.scratch("drows", (col.shape[0], fn), dt)
-        db = _grad_target(self.grads, 1, (fn,), dt, ws, "db")
-        _ck.nchw_to_rows(dk, rows, db)
-        _store(self.grads, 1, db)
         W_shape = self._W_shape
         fh, fw = W_shape[2:]
+        blk, nb = _ck.sample_block(x_shape[0])
+        db = _grad_target(self.grads, 1, (fn,), dt, ws, "db")
         dW = _grad_target(self.grads, 0, W_shape, dt, ws, "dW")
-        _k.gemm(rows, col, dW.reshape(fn, k), trans_a=True)
+        dx = dcol = None
+        if self.need_dx:
+            dx = ws.get("dx", x_shape, dt)
+            dcol = ws.scratch("dcol", (nb, self._out_shape[2] * self._out_shape[3], k), dt)
+        _ck.conv_backward(dk, col, W2, x_shape, fh, fw, self.stride, self.pad, dW.reshape(fn, k), db, dx,
+                          ws.scratch("dW_part", (nb, fn, k), dt), ws.scratch("db_part", (nb, fn), _F64), dcol)
+        _store(self.grads, 1, db)
         _store(self.grads, 0, dW)
-        if not self.need_dx:
-            return None
-        dcol = ws.scratch("dcol", col.shape, dt)
-        _k.gemm(rows, W2, dcol)
-        dx = ws.get("dx", x_shape, dt)
-        _ck.col2im(dcol, fh, fw, self.stride, self.pad, dx)
         return dx
 
 
