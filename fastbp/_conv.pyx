@@ -2,22 +2,26 @@
 # ------
 # Kernels of book 1's Convolution and Pooling layers (chapter 7) on NCHW float32/float64 buffers.
 #
-# * Convolution is im2col + GEMM, as the book computes it: `im2col` writes the book's column matrix
-#   col[(n, i, j), (c, dy, dx)] = x_padded[n, c, i*stride + dy, j*stride + dx] (zeros in the padding), a GEMM with
-#   W.reshape(FN, -1) gives the output, and `col2im` adds a column matrix back into an image (its adjoint).
-#   `rows_to_nchw` / `nchw_to_rows` move the GEMM's (N*OH*OW, FN) rows to NCHW and back (adding the bias on the way
-#   out, summing the bias gradient on the way back), so the layer's results have the book's layout in one pass.
-# * Max pooling is direct (no column matrix): each output reads its window of the input once and keeps the
-#   window position of the first maximum (the book's `np.argmax` over the zero-padded window: padding counts as
-#   0, a NaN wins as it does in np.argmax/np.max); backward zeroes each sample's dx and adds dout at the kept
-#   positions (overlapping windows add up, like the book's col2im).
-# * Every kernel is a `noexcept nogil` function over a range [lo, hi) of samples (or rows), so the work can be cut
-#   into blocks of samples that touch disjoint memory; the `def` wrappers check ndim, dtype, shape, layout,
-#   writability and overlap, and then run the kernel.  Reductions (the bias gradient) accumulate in double in a
-#   fixed order (sample by sample), so results do not depend on how the work is cut.
+# * Convolution is im2col + GEMM, as the book computes it, but one sample at a time: `im2col` writes the book's
+#   column matrix col[(n, i, j), (c, dy, dx)] = x_padded[n, c, i*stride + dy, j*stride + dx] (zeros in the
+#   padding), and one GEMM per sample, out_n (FN, OH*OW) = b + W2 @ col_n^T (W2 = W.reshape(FN, -1)), writes the
+#   output straight in NCHW (the book's single GEMM gives (N*OH*OW, FN) rows that it then transposes).  Backward:
+#   dW = sum_n dout_n @ col_n and, per sample, dcol_n = dout_n^T @ W2 added back into dx by `col2im` (im2col's
+#   adjoint) while it is still in cache.  So no transposed copy of anything is ever made.
+# * Samples are cut into blocks whose size depends on N only (sample_block), run by fastbp's thread driver
+#   (_threads.parallel_blocks); the GEMMs inside a block run single-threaded (fastbp._gemm's rule inside a
+#   parallel region).  dW and db are reduced per block into partials (db in double) that are added in block
+#   order, so the gradients have the same bits for any thread count.
+# * Max pooling is direct (no column matrix): each output reads its window once and keeps the window position of
+#   the first maximum (the book's np.argmax over the zero-padded window: padding counts as 0, the first NaN wins
+#   as in np.argmax/np.max); the book's 2x2 stride-2 case is a branch-free vectorised row kernel.  Backward
+#   writes dx once per cell for disjoint windows, else zeroes each plane and adds dout at the kept positions
+#   (overlapping windows add up, like the book's col2im).  Planes are spread over the threads in even blocks.
+# * The `def` wrappers check ndim, dtype, shape, layout, writability, overlap and BLAS's 32-bit dimensions, then
+#   run `noexcept nogil` kernels that touch only the validated buffers.
 cimport cython
 from libc.string cimport memset, memcpy
-from libc.stdint cimport int32_t, intptr_t
+from libc.stdint cimport int32_t
 cimport numpy as cnp
 import numpy as np
 
@@ -68,9 +72,9 @@ cdef extern from *:
     void fb_pool2b_f32(long ow, const float *g, const int32_t *arg, float *r0, float *r1) noexcept nogil
     void fb_pool2b_f64(long ow, const double *g, const int32_t *arg, double *r0, double *r1) noexcept nogil
 
-ctypedef fused floating:
-    float
-    double
+from fastbp._typedefs cimport floating
+from fastbp._gemm cimport gemm, check_blas_dims, FB_NOTRANS, FB_TRANS
+from fastbp._threads cimport parallel_blocks, parallel_blocks_nt, even_block, num_threads
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,104 +234,59 @@ cdef _check_im2col(x, col, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_s
     return t
 
 
+ctypedef struct ColCtx:
+    int t
+    Py_ssize_t C, H, W, fh, fw, s, pad, oh, ow
+    void *x
+    void *col
+    bint forward
+
+
+cdef void _col_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef ColCtx *c = <ColCtx*>ctx
+    if c.forward:
+        if c.t == 0:
+            _im2col(lo, hi, c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, <float*>c.x, <float*>c.col)
+        else:
+            _im2col(lo, hi, c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, <double*>c.x, <double*>c.col)
+    else:
+        if c.t == 0:
+            _col2im(lo, hi, c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, <float*>c.col, <float*>c.x)
+        else:
+            _col2im(lo, hi, c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, <double*>c.col, <double*>c.x)
+
+
+cdef _run_col(x, col, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, bint forward):
+    cdef Py_ssize_t d[6]
+    cdef ColCtx c
+    c.t = _check_im2col(x, col, fh, fw, stride, pad, forward, d)
+    c.C = d[1]; c.H = d[2]; c.W = d[3]; c.oh = d[4]; c.ow = d[5]
+    c.fh = fh; c.fw = fw; c.s = stride; c.pad = pad; c.forward = forward
+    c.x = cnp.PyArray_DATA(<cnp.ndarray>x)
+    c.col = cnp.PyArray_DATA(<cnp.ndarray>col)
+    cdef Py_ssize_t per = d[1] * d[2] * d[3] + d[4] * d[5] * d[1] * fh * fw
+    with nogil:
+        parallel_blocks(d[0], even_block(d[0], 1 + (1 << 16) // (per if per > 0 else 1)), _col_block, &c)
+
+
 def im2col(x, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, col):
     """col[(n,i,j), (c,dy,dx)] = x_padded[n, c, i*stride+dy, j*stride+dx];  x (N,C,H,W), col (N*OH*OW, C*fh*fw)."""
-    cdef Py_ssize_t d[6]
-    cdef int t = _check_im2col(x, col, fh, fw, stride, pad, True, d)
-    cdef void *xp = cnp.PyArray_DATA(<cnp.ndarray>x)
-    cdef void *cp = cnp.PyArray_DATA(<cnp.ndarray>col)
-    with nogil:
-        if t == 0:
-            _im2col[float](0, d[0], d[1], d[2], d[3], fh, fw, stride, pad, d[4], d[5], <float*>xp, <float*>cp)
-        else:
-            _im2col[double](0, d[0], d[1], d[2], d[3], fh, fw, stride, pad, d[4], d[5], <double*>xp, <double*>cp)
+    _run_col(x, col, fh, fw, stride, pad, True)
     return col
 
 
 def col2im(col, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, dx):
     """dx (N,C,H,W) = the adjoint of im2col applied to col (N*OH*OW, C*fh*fw): entries summed where they came from."""
-    cdef Py_ssize_t d[6]
-    cdef int t = _check_im2col(dx, col, fh, fw, stride, pad, False, d)
-    cdef void *xp = cnp.PyArray_DATA(<cnp.ndarray>dx)
-    cdef void *cp = cnp.PyArray_DATA(<cnp.ndarray>col)
-    with nogil:
-        if t == 0:
-            _col2im[float](0, d[0], d[1], d[2], d[3], fh, fw, stride, pad, d[4], d[5], <float*>cp, <float*>xp)
-        else:
-            _col2im[double](0, d[0], d[1], d[2], d[3], fh, fw, stride, pad, d[4], d[5], <double*>cp, <double*>xp)
+    _run_col(dx, col, fh, fw, stride, pad, False)
     return dx
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# BLAS and blocks of samples
+# Blocks of samples
 # ---------------------------------------------------------------------------------------------------------------
-# Until fastbp._gemm (the shared kernel API, branch `kernels`) is merged, the per-sample GEMMs call the cblas_?gemm
-# entry points of fastbp's own OpenBLAS directly (single-threaded in fastbp's default "split" threading), and
-# parallel_blocks below is a serial stand-in with the contract's signature and block boundaries.
-ctypedef void (*sgemm_ptr)(int order, int transa, int transb, int m, int n, int k, float alpha,
-                           const float *a, int lda, const float *b, int ldb, float beta,
-                           float *c, int ldc) noexcept nogil
-ctypedef void (*dgemm_ptr)(int order, int transa, int transb, int m, int n, int k, double alpha,
-                           const double *a, int lda, const double *b, int ldb, double beta,
-                           double *c, int ldc) noexcept nogil
-cdef sgemm_ptr _sgemm = NULL
-cdef dgemm_ptr _dgemm = NULL
-cdef enum:
-    RowMajor = 101
-    NoTrans = 111
-    Trans = 112
-    INT_MAX = 2147483647
-
-
-def _set_blas(intptr_t sgemm_address, intptr_t dgemm_address):
-    """Install cblas_sgemm / cblas_dgemm (addresses of fastbp's OpenBLAS, see _require_blas)."""
-    global _sgemm, _dgemm
-    if sgemm_address == 0 or dgemm_address == 0:
-        raise ValueError("null BLAS entry point")
-    _sgemm = <sgemm_ptr>sgemm_address
-    _dgemm = <dgemm_ptr>dgemm_address
-
-
-def _require_blas():
-    if _sgemm != NULL:
-        return
-    import ctypes
-    from fastbp import _blas
-    lib = _blas.ensure_loaded()["lib"]
-    _set_blas(ctypes.cast(lib.scipy_cblas_sgemm, ctypes.c_void_p).value,
-              ctypes.cast(lib.scipy_cblas_dgemm, ctypes.c_void_p).value)
-
-
-cdef inline void _gemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
-                       const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,
-                       floating *c, Py_ssize_t ldc) noexcept nogil:
-    """Row-major C = alpha op(A) op(B) + beta C; dims checked < 2**31 by the wrappers; k = 0 scales C."""
-    cdef Py_ssize_t i
-    if m == 0 or n == 0:
-        return
-    if k == 0:
-        for i in range(m * n):
-            c[i] = 0 if beta == 0 else beta * c[i]
-        return
-    if floating is float:
-        _sgemm(RowMajor, ta, tb, <int>m, <int>n, <int>k, alpha, a, <int>lda, b, <int>ldb, beta, c, <int>ldc)
-    else:
-        _dgemm(RowMajor, ta, tb, <int>m, <int>n, <int>k, alpha, a, <int>lda, b, <int>ldb, beta, c, <int>ldc)
-
-
-ctypedef void (*block_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t block) noexcept nogil
-
-
-cdef void parallel_blocks(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ctx) noexcept nogil:
-    """fn(ctx, lo, hi, j) for the blocks [j*block, min(n, (j+1)*block)) (serial stand-in, see above)."""
-    cdef Py_ssize_t j = 0, lo = 0
-    while lo < n:
-        fn(ctx, lo, lo + block if lo + block < n else n, j)
-        lo += block
-        j += 1
-
-
 cdef Py_ssize_t SAMPLE_BLOCKS = 16        # a batch is cut into at most this many blocks of samples
+cdef double CONV_PARALLEL_MIN = 1 << 18   # N*OH*OW*K*FN multiply-adds below this: the blocks run on one thread
+
 
 
 def sample_block(Py_ssize_t n):
@@ -354,6 +313,11 @@ ctypedef struct ConvCtx:
     void *dx                    # OUT (N, C, H, W) or NULL
 
 
+cdef inline int _conv_threads(Py_ssize_t N, ConvCtx *c) noexcept nogil:
+    """Threads for a convolution's blocks: one for small work (the fork/join would cost more), else all."""
+    return 1 if <double>N * c.P * c.K * c.FN < CONV_PARALLEL_MIN else num_threads()
+
+
 cdef void _conv_fwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, floating *x) noexcept nogil:
     """Samples lo .. hi-1: col_n = im2col(x_n); out_n (FN, P) = b + W2 @ col_n^T."""
     cdef floating *col = <floating*>c.col
@@ -367,7 +331,7 @@ cdef void _conv_fwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, floating *x)
         for f in range(FN):
             for p in range(P):
                 o[f * P + p] = b[f]
-        _gemm(NoTrans, Trans, FN, P, K, <floating>1, <floating*>c.W2, K, col + n * P * K, K, <floating>1, o, P)
+        gemm(FB_NOTRANS, FB_TRANS, FN, P, K, <floating>1, <floating*>c.W2, K, col + n * P * K, K, <floating>1, o, P)
 
 
 cdef void _conv_fwd_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
@@ -397,10 +361,10 @@ cdef void _conv_bwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
             for p in range(P):
                 acc += d[f * P + p]
             dbp[f] += acc
-        _gemm(NoTrans, NoTrans, FN, K, P, <floating>1, d, P, col + n * P * K, K,
+        gemm(FB_NOTRANS, FB_NOTRANS, FN, K, P, <floating>1, d, P, col + n * P * K, K,
               <floating>(0 if n == lo else 1), dWp, K)
         if dc != NULL:
-            _gemm(Trans, NoTrans, P, K, FN, <floating>1, d, P, <floating*>c.W2, K, <floating>0, dc, K)
+            gemm(FB_TRANS, FB_NOTRANS, P, K, FN, <floating>1, d, P, <floating*>c.W2, K, <floating>0, dc, K)
             _col2im(0, 1, c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, dc,
                     <floating*>c.dx + n * c.C * c.H * c.W)
 
@@ -446,14 +410,12 @@ cdef _conv_dims(tuple x_shape, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stri
     c.P = c.oh * c.ow
     _shape(A, (c.FN, c.K), "W2")
     _contig(A, "W2", False)
-    if c.FN > INT_MAX or c.K > INT_MAX or c.P > INT_MAX:
-        raise ValueError("convolution dimension exceeds the 32-bit BLAS interface (2**31 - 1)")
+    check_blas_dims(c.FN, c.P, c.K)
     return x_shape[0]
 
 
 def conv_forward(x, W2, b, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, col, out):
     """col = im2col(x) (N*OH*OW, C*fh*fw); out[n] (FN, OH, OW) = b + W2 @ col_n^T;  x (N,C,H,W), W2 (FN, C*fh*fw)."""
-    _require_blas()
     cdef ConvCtx c
     c.t = _ftype(x, "x")
     _same(c.t, W2, "W2"); _same(c.t, b, "b"); _same(c.t, col, "col"); _same(c.t, out, "out")
@@ -472,7 +434,7 @@ def conv_forward(x, W2, b, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_s
     c.col = cnp.PyArray_DATA(COL); c.out = cnp.PyArray_DATA(O)
     cdef Py_ssize_t blk = sample_block(N)[0]
     with nogil:
-        parallel_blocks(N, blk, _conv_fwd_block, &c)
+        parallel_blocks_nt(N, blk, _conv_fwd_block, &c, _conv_threads(N, &c))
     return out
 
 
@@ -482,7 +444,6 @@ def conv_backward(dout, col, W2, tuple x_shape, Py_ssize_t fh, Py_ssize_t fw, Py
     unless dx is None.  Scratch: dW_part (nblocks, FN, K), db_part float64 (nblocks, FN), dcol (nblocks, OH*OW, K)
     (None without dx), nblocks = sample_block(N)[1].  The partials are added in block order, so the result has
     the same bits for any thread count.  Returns dx."""
-    _require_blas()
     cdef ConvCtx c
     c.t = _ftype(dout, "dout")
     _same(c.t, col, "col"); _same(c.t, W2, "W2"); _same(c.t, dW2, "dW2"); _same(c.t, db, "db")
@@ -527,7 +488,7 @@ def conv_backward(dout, col, W2, tuple x_shape, Py_ssize_t fh, Py_ssize_t fw, Py
     cdef void *pg = cnp.PyArray_DATA(G)
     cdef void *pgb = cnp.PyArray_DATA(GB)
     with nogil:
-        parallel_blocks(N, blk, _conv_bwd_block, &c)
+        parallel_blocks_nt(N, blk, _conv_bwd_block, &c, _conv_threads(N, &c))
         if c.t == 0:
             _conv_reduce(nb, c.FN, c.K, <float*>c.dW_part, c.db_part, <float*>pg, <float*>pgb)
         else:
@@ -655,40 +616,59 @@ cdef _check_pool(x, out, arg, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t stride, P
     return t
 
 
+ctypedef struct PoolCtx:
+    int t
+    Py_ssize_t H, W, ph, pw, s, pad, oh, ow
+    void *x          # forward: x; backward: dx
+    void *out        # forward: out; backward: dout
+    int32_t *arg
+    bint forward
+
+
+cdef void _pool_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef PoolCtx *c = <PoolCtx*>ctx
+    if c.forward:
+        if c.t == 0:
+            _pool_fwd(lo, hi, c.H, c.W, c.ph, c.pw, c.s, c.pad, c.oh, c.ow, <float*>c.x, <float*>c.out, c.arg)
+        else:
+            _pool_fwd(lo, hi, c.H, c.W, c.ph, c.pw, c.s, c.pad, c.oh, c.ow, <double*>c.x, <double*>c.out, c.arg)
+    else:
+        if c.t == 0:
+            _pool_bwd(lo, hi, c.H, c.W, c.ph, c.pw, c.s, c.pad, c.oh, c.ow, <float*>c.out, c.arg, <float*>c.x)
+        else:
+            _pool_bwd(lo, hi, c.H, c.W, c.ph, c.pw, c.s, c.pad, c.oh, c.ow, <double*>c.out, c.arg, <double*>c.x)
+
+
+cdef _run_pool(x, out, arg, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t stride, Py_ssize_t pad, bint forward):
+    cdef Py_ssize_t d[5]
+    cdef PoolCtx c
+    c.t = _check_pool(x, out, arg, ph, pw, stride, pad, forward, d)
+    c.H = d[1]; c.W = d[2]; c.oh = d[3]; c.ow = d[4]
+    c.ph = ph; c.pw = pw; c.s = stride; c.pad = pad; c.forward = forward
+    c.x = cnp.PyArray_DATA(<cnp.ndarray>x)
+    c.out = cnp.PyArray_DATA(<cnp.ndarray>out)
+    c.arg = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>arg)
+    cdef Py_ssize_t i, bad = -1, m = d[0] * d[3] * d[4], plane = d[1] * d[2] + d[3] * d[4]
+    cdef int32_t lim = <int32_t>(ph * pw)
+    if not forward:
+        with nogil:
+            for i in range(m):
+                if c.arg[i] < 0 or c.arg[i] >= lim:
+                    bad = i
+                    break
+        if bad >= 0:
+            raise ValueError(f"arg_max entry {c.arg[bad]} is out of range [0, {lim})")
+    with nogil:
+        parallel_blocks(d[0], even_block(d[0], 1 + (1 << 16) // (plane if plane > 0 else 1)), _pool_block, &c)
+
+
 def maxpool_forward(x, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t stride, Py_ssize_t pad, out, arg_max):
     """out[n, c, i, j] = max of x's zero-padded (ph, pw) window at (i*stride, j*stride); arg_max = its position."""
-    cdef Py_ssize_t d[5]
-    cdef int t = _check_pool(x, out, arg_max, ph, pw, stride, pad, True, d)
-    cdef void *xp = cnp.PyArray_DATA(<cnp.ndarray>x)
-    cdef void *op = cnp.PyArray_DATA(<cnp.ndarray>out)
-    cdef int32_t *ap = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>arg_max)
-    with nogil:
-        if t == 0:
-            _pool_fwd[float](0, d[0], d[1], d[2], ph, pw, stride, pad, d[3], d[4], <float*>xp, <float*>op, ap)
-        else:
-            _pool_fwd[double](0, d[0], d[1], d[2], ph, pw, stride, pad, d[3], d[4], <double*>xp, <double*>op, ap)
+    _run_pool(x, out, arg_max, ph, pw, stride, pad, True)
     return out
 
 
 def maxpool_backward(dout, arg_max, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t stride, Py_ssize_t pad, dx):
     """dx = 0; dx[n, c, window (i, j) at arg_max] += dout[n, c, i, j];  arg_max entries must be in [0, ph*pw)."""
-    cdef Py_ssize_t d[5]
-    cdef int t = _check_pool(dx, dout, arg_max, ph, pw, stride, pad, False, d)
-    cdef int32_t *ap = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>arg_max)
-    cdef Py_ssize_t i, bad = -1, m = d[0] * d[3] * d[4]
-    cdef int32_t lim = <int32_t>(ph * pw)
-    with nogil:
-        for i in range(m):
-            if ap[i] < 0 or ap[i] >= lim:
-                bad = i
-                break
-    if bad >= 0:
-        raise ValueError(f"arg_max entry {ap[bad]} is out of range [0, {lim})")
-    cdef void *gp = cnp.PyArray_DATA(<cnp.ndarray>dout)
-    cdef void *xp = cnp.PyArray_DATA(<cnp.ndarray>dx)
-    with nogil:
-        if t == 0:
-            _pool_bwd[float](0, d[0], d[1], d[2], ph, pw, stride, pad, d[3], d[4], <float*>gp, ap, <float*>xp)
-        else:
-            _pool_bwd[double](0, d[0], d[1], d[2], ph, pw, stride, pad, d[3], d[4], <double*>gp, ap, <double*>xp)
+    _run_pool(dx, dout, arg_max, ph, pw, stride, pad, False)
     return dx
