@@ -512,3 +512,28 @@ def test_layers_export_the_book_names():
     for name in ("Dropout", "BatchNormalization", "Convolution", "Pooling"):
         assert name in F.__all__ and name in R.__all__
         assert issubclass(getattr(F, name), getattr(R, name))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_results_do_not_depend_on_the_thread_count(dtype):
+    """Blocks of samples depend on N only and the partial gradients are added in block order: same bits."""
+    from fastbp import _threads
+    old = _threads._get_num_threads()
+    rng = _rng(9)
+    x = rng.standard_normal((21, 3, 16, 16)).astype(dtype)     # big enough for the blocks to run in parallel
+    W = rng.standard_normal((8, 3, 3, 3)).astype(dtype)
+    b = rng.standard_normal(8).astype(dtype)
+    results = []
+    try:
+        for nt in (1, 3, 4):
+            _threads._set_num_threads(nt)
+            conv, pool = F.Convolution(W, b, 1, 1), F.Pooling(2, 2, 2)
+            out = conv.forward(x)
+            p = pool.forward(out)
+            dx = conv.backward(pool.backward(np.ones_like(p)))
+            results.append([a.copy() for a in (out, p, dx, conv.dW, conv.db)])
+    finally:
+        _threads._set_num_threads(old)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            np.testing.assert_array_equal(a, c)
