@@ -30,23 +30,38 @@ cnp.import_array()
 cdef extern from *:
     """
     #include <stdint.h>
-    /* 2x2 stride-2 max pooling of one output row, branch-free so that it vectorises: the max of each row pair,
-       then of the two (strict >, so the first maximum wins ties).  NaN: a NaN at the window's first cell wins
-       here as in np.argmax; a NaN elsewhere is not taken, so the function returns nonzero when the row has one
-       and the caller redoes that row with the exact rule. */
+    /* 2x2 stride-2 max pooling of one plane, branch-free so that it vectorises: per output row, the max of the
+       two input rows over contiguous memory (top wins ties), then of neighbouring pairs (the smaller window
+       position wins ties: the book's np.argmax order 0, 1, 2, 3).  A NaN at a window's first cell wins here as
+       in np.argmax; a NaN elsewhere may not, so the function returns nonzero when the plane holds one and the
+       caller redoes the plane with the exact rule.  2*ow <= FB_POOL2_MAXW. */
+    #define FB_POOL2_MAXW 1024
     #define FB_POOL2(NAME, T)                                                                                 \
-    static int NAME(long ow, const T *restrict r0, const T *restrict r1, T *restrict out,                     \
-                    int32_t *restrict arg) {                                                                  \
-        long j;                                                                                               \
+    static int NAME(long oh, long ow, long W, const T *restrict p, T *restrict out, int32_t *restrict arg) {  \
+        T v[FB_POOL2_MAXW];                                                                                   \
+        int32_t kv[FB_POOL2_MAXW];                                                                            \
         int nan = 0;                                                                                          \
-        _Pragma("omp simd reduction(|:nan)")                                                                  \
-        for (j = 0; j < ow; j++) {                                                                            \
-            T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];                             \
-            T m1 = b > a ? b : a, m2 = d > c ? d : c;                                                         \
-            int32_t k1 = b > a ? 1 : 0, k2 = d > c ? 3 : 2;                                                   \
-            out[j] = m2 > m1 ? m2 : m1;                                                                       \
-            arg[j] = m2 > m1 ? k2 : k1;                                                                       \
-            nan |= (b != b) | (c != c) | (d != d);                                                            \
+        long i, e, j;                                                                                         \
+        for (i = 0; i < oh; i++) {                                                                            \
+            const T *r0 = p + 2 * i * W, *r1 = r0 + W;                                                        \
+            T *o = out + i * ow;                                                                              \
+            int32_t *g = arg + i * ow;                                                                        \
+            _Pragma("omp simd reduction(|:nan)")                                                              \
+            for (e = 0; e < 2 * ow; e++) {                                                                    \
+                T a = r0[e], c = r1[e];                                                                       \
+                int t = c > a;                                                                                \
+                v[e] = t ? c : a;                                                                             \
+                kv[e] = t ? 2 : 0;                                                                            \
+                nan |= (c != c) | ((e & 1) & (a != a));                                                       \
+            }                                                                                                 \
+            _Pragma("omp simd")                                                                               \
+            for (j = 0; j < ow; j++) {                                                                        \
+                T l = v[2 * j], r = v[2 * j + 1];                                                             \
+                int32_t kl = kv[2 * j], kr = kv[2 * j + 1] + 1;                                               \
+                int t = (r > l) | ((r == l) & (kr < kl));                                                     \
+                o[j] = t ? r : l;                                                                             \
+                g[j] = t ? kr : kl;                                                                           \
+            }                                                                                                 \
         }                                                                                                     \
         return nan;                                                                                           \
     }
@@ -67,8 +82,9 @@ cdef extern from *:
     FB_POOL2B(fb_pool2b_f32, float)
     FB_POOL2B(fb_pool2b_f64, double)
     """
-    int fb_pool2_f32(long ow, const float *r0, const float *r1, float *out, int32_t *arg) noexcept nogil
-    int fb_pool2_f64(long ow, const double *r0, const double *r1, double *out, int32_t *arg) noexcept nogil
+    int FB_POOL2_MAXW
+    int fb_pool2_f32(long oh, long ow, long W, const float *p, float *out, int32_t *arg) noexcept nogil
+    int fb_pool2_f64(long oh, long ow, long W, const double *p, double *out, int32_t *arg) noexcept nogil
     void fb_pool2b_f32(long ow, const float *g, const int32_t *arg, float *r0, float *r1) noexcept nogil
     void fb_pool2b_f64(long ow, const double *g, const int32_t *arg, double *r0, double *r1) noexcept nogil
 
@@ -534,19 +550,17 @@ cdef void _pool_fwd(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t H, Py_ssize_t W, Py
     cdef Py_ssize_t q, i
     cdef const floating *p
     cdef int nan
-    cdef bint two = ph == 2 and pw == 2 and s == 2 and pad == 0
+    cdef bint two = ph == 2 and pw == 2 and s == 2 and pad == 0 and 2 * ow <= FB_POOL2_MAXW
     for q in range(lo, hi):
         p = x + q * H * W
+        if two:          # the book's 2x2 stride-2 pooling, vectorised; the exact rule only for planes with a NaN
+            if floating is float:
+                nan = fb_pool2_f32(oh, ow, W, p, out + q * oh * ow, arg + q * oh * ow)
+            else:
+                nan = fb_pool2_f64(oh, ow, W, p, out + q * oh * ow, arg + q * oh * ow)
+            if not nan:
+                continue
         for i in range(oh):
-            if two:      # the book's 2x2 stride-2 pooling: two input rows per output row, vectorised
-                if floating is float:
-                    nan = fb_pool2_f32(ow, p + 2 * i * W, p + (2 * i + 1) * W, out + (q * oh + i) * ow,
-                                       arg + (q * oh + i) * ow)
-                else:
-                    nan = fb_pool2_f64(ow, p + 2 * i * W, p + (2 * i + 1) * W, out + (q * oh + i) * ow,
-                                       arg + (q * oh + i) * ow)
-                if not nan:
-                    continue
             _pool_row(i, H, W, ph, pw, s, pad, ow, p, out + (q * oh + i) * ow, arg + (q * oh + i) * ow)
 
 
