@@ -603,6 +603,8 @@ class Convolution(_ref.Convolution):
     """
 
     def __init__(self, W, b, stride=1, pad=0, *, reuse=False, need_dx=True):
+        self._colT = None
+        self._book_col = None
         super().__init__(W, b, stride, pad)
         self.need_dx = need_dx
         self._ws = _Workspace(reuse)
@@ -611,6 +613,20 @@ class Convolution(_ref.Convolution):
         self._xk = None
 
     reuse = _Layer.reuse
+
+    @property
+    def col(self):
+        """The book's column matrix (N*OH*OW, C*FH*FW) of the last forward (built on first access from the
+        kernels' per-sample transposed copy)."""
+        if self._book_col is None and self._colT is not None:
+            colT = self._colT
+            self._book_col = colT.transpose(0, 2, 1).reshape(colT.shape[0] * colT.shape[2], colT.shape[1])
+        return self._book_col
+
+    @col.setter
+    def col(self, value):
+        self._book_col = value
+        self._colT = None
 
     def forward(self, x):
         W, b = self.params
@@ -628,11 +644,12 @@ class Convolution(_ref.Convolution):
         fn, c, fh, fw = W.shape
         k = c * fh * fw
         W2 = Wk.reshape(fn, k)
-        col = ws.scratch("col", (n * oh * ow, k), dt)
+        colT = ws.scratch("colT", (n, k, oh * ow), dt)
         out = ws.get("out", (n, fn, oh, ow), dt)
-        _ck.conv_forward(xk, W2, bk, fh, fw, self.stride, self.pad, col, out)
+        _ck.conv_forward(xk, W2, bk, fh, fw, self.stride, self.pad, colT, out)
         self.x = x
-        self.col = col
+        self._colT = colT
+        self._book_col = None
         self.col_W = W2.T
         self._W2 = W2
         self._W_shape = W.shape
@@ -648,13 +665,13 @@ class Convolution(_ref.Convolution):
         if dout.shape != self._out_shape:
             raise ValueError(f"Convolution.backward: dout must have the forward output's shape {self._out_shape}, "
                              f"got {dout.shape}")
-        col, W2 = self.col, self._W2
+        col, W2 = self._colT, self._W2
         dt = _kernel_dtype(dout, col)
         if dt is None:
             return super().backward(dout)
         ws = self._ws
         if dt != col.dtype:              # a wider dout widens the gradients, as NumPy would
-            col = ws.as_dtype("col64", col, dt)
+            col = ws.as_dtype("colT64", col, dt)
             W2 = ws.as_dtype("W64", W2, dt)
         dk = ws.as_dtype("dout", dout, dt)
         fn, k = W2.shape
@@ -667,7 +684,7 @@ class Convolution(_ref.Convolution):
         dx = dcol = None
         if self.need_dx:
             dx = ws.get("dx", x_shape, dt)
-            dcol = ws.scratch("dcol", (nb, self._out_shape[2] * self._out_shape[3], k), dt)
+            dcol = ws.scratch("dcol", (nb, k, self._out_shape[2] * self._out_shape[3]), dt)
         _ck.conv_backward(dk, col, W2, x_shape, fh, fw, self.stride, self.pad, dW.reshape(fn, k), db, dx,
                           ws.scratch("dW_part", (nb, fn, k), dt), ws.scratch("db_part", (nb, fn), _F64), dcol)
         _store(self.grads, 1, db)
