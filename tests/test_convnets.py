@@ -238,3 +238,17 @@ def test_simpleconvnet_trains_on_the_bundled_digits():
         opt.update(net.params, net.gradient(xtr[idx], ttr[idx]))
     assert net.loss(xte, tte) < 0.6 * before
     assert net.accuracy(xte, tte) > 0.6        # measured 0.70 after these 40 steps (chance: 0.1)
+
+
+@pytest.mark.parametrize("net", ["simpleconvnet"])      # deepconvnet takes the same path (2 s more)
+def test_cli_trains_the_convolutional_nets(net, tmp_path, capsys):
+    from fastbp import cli
+    out = tmp_path / "run.json"
+    rc = cli.main(["train", "--net", net, "--iters", "2", "--batch-size", "20", "--source", "sample",
+                   "--no-train-acc", "--optimizer", "adam", "--lr", "0.001", "--dtype", "float32", "-q",
+                   "--json", str(out)])
+    assert rc == 0
+    import json
+    summary = json.loads(out.read_text())
+    assert summary["net"] == net and summary["iterations"] == 2 and 0 <= summary["final_test_accuracy"] <= 1
+    assert ("SimpleConvNet" if net == "simpleconvnet" else "DeepConvNet") in capsys.readouterr().out
