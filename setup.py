@@ -62,6 +62,15 @@ ext = Extension(
     extra_link_args=link_args,
 )
 
+# book 2's layers (helper rnn): embedding gather/scatter and the recurrent time loops
+ext_book2 = [
+    Extension(name, [src], depends=deps, include_dirs=list(ext.include_dirs), define_macros=list(ext.define_macros),
+              extra_compile_args=compile_args, extra_link_args=link_args)
+    for name, src, deps in (("fastbp._embedding", "fastbp/_embedding.pyx", []),
+                            ("fastbp._recurrent", "fastbp/_recurrent.pyx",
+                             ["fastbp/_recurrent.h", "fastbp/_simd.h"]))
+]
+
 setup(
-    ext_modules=cythonize([ext], compiler_directives=directives),
+    ext_modules=cythonize([ext] + ext_book2, compiler_directives=directives),
 )

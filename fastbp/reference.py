@@ -539,3 +539,5 @@ class Sum(_Layer):
             raise _backward_before_forward("Sum")
         dout = _check_dout(dout, (1,) + self._x_shape[1:], "Sum")
         return np.repeat(dout, self._x_shape[0], axis=0)
+
+from fastbp.reference_time import *  # noqa: E402,F401,F403  book 2's layers (Embedding, Time*, negative sampling)
