@@ -230,6 +230,14 @@ def _is_transpose_view(a, b):
             and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
 
 
+def _transposes_equal(a, b):
+    """np.all(a.T == b) (the book's test), after a cheap look at a's first column vs b's first row: when those
+    differ the full comparison is False anyway (NaN compares unequal in both)."""
+    if a.shape[0] and a.shape[1] and not np.array_equal(a[:, 0], b[0, :]):
+        return False
+    return bool(np.all(a.T == b))
+
+
 def remove_duplicate(params, grads):
     """Book 2's remove_duplicate: merge parameters that are the same array (``grads[i] += grads[j]``) or whose
     transposes are equal (weight tying, ``grads[i] += grads[j].T``), keeping the first; returns new lists and
@@ -245,7 +253,7 @@ def remove_duplicate(params, grads):
                     grads[i] += grads[j]
                     found = True
                 elif (pi.ndim == 2 and pj.ndim == 2 and pi.T.shape == pj.shape
-                      and (_is_transpose_view(pi, pj) or np.all(pi.T == pj))):
+                      and (_is_transpose_view(pi, pj) or _transposes_equal(pi, pj))):
                     grads[i] += grads[j].T
                     found = True
                 if found:
