@@ -520,6 +520,12 @@ cdef inline void _gemm_safe(int ta, int tb, int m, int n, int k, floating alpha,
         nt = 1
     if pieces > lim:
         pieces = lim
+    # Every piece non-empty: with chunk = ceil(lim / pieces), only ceil(lim / chunk) pieces hold any of the lim
+    # rows/columns (lim = 225 in 16 pieces: chunk 15, so 15 pieces).  Then every thread t < nt owns piece t and
+    # writes its K-split scratch, which is summed into C whether or not a thread was given work.
+    if pieces > 1:
+        chunk = (lim + pieces - 1) // pieces
+        pieces = (lim + chunk - 1) // chunk
     if nt > pieces:
         nt = pieces
     if pieces <= 1:

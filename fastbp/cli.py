@@ -618,7 +618,8 @@ def collect_info():
     except Exception:
         flags = set()
     simd = sorted(f for f in flags if f in ("sse4_2", "avx", "avx2", "fma") or f.startswith("avx512"))
-    out["cpu"] = {"model": _cpu_model(), "cores": os.cpu_count(), "simd": simd}
+    out["cpu"] = {"model": _cpu_model(), "cores": os.cpu_count(), "simd": simd,
+                  "disabled": os.environ.get("FASTBP_DISABLE_CPU_FEATURES", "").strip()}
     return out
 
 
@@ -649,7 +650,8 @@ def cmd_info(args):
     for i, line in enumerate(info["numpy_blas"]):
         print(("BLAS     numpy: " if i == 0 else "         ") + line)
     print(f"CPU      {cpu['model']} ({cpu['cores']} logical cores)")
-    print(f"SIMD     {' '.join(cpu['simd']) or 'none reported'}")
+    off = f" (FASTBP_DISABLE_CPU_FEATURES={cpu['disabled']})" if cpu.get("disabled") else ""
+    print(f"SIMD     {' '.join(cpu['simd']) or 'none reported'}{off}")
     return 0
 
 
@@ -704,6 +706,13 @@ def main(argv=None):
     if func is None:
         parser.print_help()
         return 2
+    if func is not cmd_info:                 # (info reports a bad setting in its BLAS line instead)
+        try:
+            from fastbp import _blas         # a FASTBP_* setting fastbp cannot use fails its import
+            _blas.check_environment()
+        except ValueError as e:
+            _err(str(e))
+            return 2
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:

@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 
+from fastbp import _blas  # noqa: F401  (checks the FASTBP_* settings at import)
 from fastbp import _kernels as _k
 from fastbp import reference as _ref
 from fastbp.reference import AddLayer, MulLayer, Repeat, Sum  # scalar/broadcast nodes: no hot loop to speed up

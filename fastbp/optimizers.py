@@ -20,13 +20,25 @@ memory order than its parameter is converted once per step into a buffer the opt
 
 State arrays (``v``, ``h``, ``m``) are created at the first update, zeros like each parameter (same memory
 order), and keyed like the parameters: a dict for dict parameters, a list for list parameters, as in the
-books.  After the first step an update allocates no NumPy array.
+books.  After the first step an update allocates no NumPy array.  The state attributes are the truth: resetting
+them as the book's readers do (``o.v = None``, ``o.v['W1'] = np.zeros(...)``, ``o.m = o.v = None; o.iter = 0``)
+takes effect at the next update; a missing entry starts again from zeros, an array put there is updated in
+place (any float dtype; another dtype or memory order than the parameter takes the NumPy path).
+
+Every (parameter, gradient) pair and every state array is checked before anything is written, so an update that
+raises leaves the parameters, the state and ``iter`` as they were.  A gradient may share memory with its
+parameter (the book computes ``p -= lr * p`` without complaint): the gradient is then read in full before the
+parameter is written.  Deliberate difference: the book's ``Nesterov`` reads ``grads[key]`` again after its first
+in-place statement on ``params[key]``, so with such aliasing it would mix the old and the half-updated values;
+fastbp uses the gradient as it was when ``update`` was called throughout.  Pairs are updated in key order, so a
+gradient that is *another* parameter's array sees that parameter updated if its key comes first, as in the book.
 """
 import math
 import numbers
 
 import numpy as np
 
+from fastbp import _blas  # noqa: F401  (checks the FASTBP_* settings at import)
 from fastbp import _kernels as _k
 
 __all__ = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "EPS"]
@@ -82,58 +94,102 @@ class _Optimizer:
         for name in self._state_names:
             setattr(self, name, None)
         self._gbuf = None       # converted-gradient buffers, keyed like the parameters
-        self._plan = None       # [(key, param, grad, s1, s2)] of the last all-kernel step (see update)
+        # The last step's arrays when every pair went straight to the kernel: (*state containers,
+        # [(key, param, grad, state1, state2)]).  It stands for the attributes it was built from and is used only
+        # while those attributes still hold the very same objects (checked at every step, see update).
+        self._plan = None
 
     # -- hooks -----------------------------------------------------------------------------------------
     def _coefficients(self):
-        """(lr, a, b) handed to the kernel for this step (called once per update)."""
+        """(lr, a, b) handed to the kernel for this step (called once per update, after validation)."""
         raise NotImplementedError
+
+    def _uncount_step(self):
+        """Undo what _coefficients counted (a step that failed before writing anything)."""
 
     # -- public ----------------------------------------------------------------------------------------
     def update(self, params, grads):
-        """Update every array of `params` in place from `grads` (two dicts with the same keys or two lists)."""
+        """Update every array of `params` in place from `grads` (two dicts with the same keys or two lists).
+
+        Every pair and every state array is checked before anything is written: a step that raises leaves the
+        parameters, the state and ``iter`` as they were."""
         kind = self._kind
         plan = self._plan
-        if plan is not None and self._same_arrays(plan, params, grads):
-            # Same parameter and gradient objects as the last step, which all went through the kernel: skip the
-            # Python-level checks (the kernel still checks dtype, shape, layout and writability of each array).
+        if plan is not None and self._plan_holds(plan, params, grads):
+            # The same parameter, gradient and state objects as the last step, which all went through the
+            # kernel: skip the Python-level checks (the kernel still checks dtype, shape, layout, writability and
+            # overlap of each array, which only an in-place change of an array's flags could alter).
             lr, a, b = self._coefficients()
-            for _, p, g, s1, s2 in plan:
-                _k.optimizer_update(kind, p, g, s1, s2, lr, a, b, EPS)
+            done = 0
+            try:
+                for _, p, g, s1, s2 in plan[-1]:
+                    _k.optimizer_update(kind, p, g, s1, s2, lr, a, b, EPS)
+                    done += 1
+            except BaseException:
+                self._plan = None
+                if done == 0:
+                    self._uncount_step()
+                raise
             return None
+        self._plan = None
         pairs = self._pairs(params, grads)
-        states = self._states(params, pairs)
+        containers, states = self._check_states(params, pairs)
+        # -- nothing has been written up to here; from here on nothing can fail but the allocation of state --
+        containers = self._create_states(params, pairs, containers, states)
         lr, a, b = self._coefficients()
         new_plan = []
-        for key, p, g in pairs:
-            s1 = states[0][key] if self._n_states >= 1 else None
-            s2 = states[1][key] if self._n_states >= 2 else None
+        for (key, p, g), (s1, s2) in zip(pairs, states):
+            if s1 is None and self._n_states >= 1:
+                s1 = containers[0][key]
+            if s2 is None and self._n_states >= 2:
+                s2 = containers[1][key]
+            # A gradient that shares memory with its parameter or its state (the book computes p -= lr * p
+            # without complaint) is copied first: every element of it is read before any is written.
+            aliased = (np.may_share_memory(g, p) or (s1 is not None and np.may_share_memory(g, s1))
+                       or (s2 is not None and np.may_share_memory(g, s2)))
             order = _kernel_order(p)
             if (order is not None
-                    and (s1 is None or _contiguous_as(s1, order))
-                    and (s2 is None or _contiguous_as(s2, order))
-                    and (s1 is None or s1.dtype == p.dtype) and (s2 is None or s2.dtype == p.dtype)):
-                if not (g.dtype == p.dtype and g.dtype.isnative and _contiguous_as(g, order)):
+                    and (s1 is None or (s1.dtype == p.dtype and _contiguous_as(s1, order)))
+                    and (s2 is None or (s2.dtype == p.dtype and _contiguous_as(s2, order)))):
+                if aliased or not (g.dtype == p.dtype and g.dtype.isnative and _contiguous_as(g, order)):
                     g = self._converted(key, g, p, order)
                     new_plan = None
                 _k.optimizer_update(kind, p, g, s1, s2, lr, a, b, EPS)
                 if new_plan is not None:
                     new_plan.append((key, p, g, s1, s2))
             else:
-                self._numpy_update(key, p, g, s1, s2, lr, a, b)
+                self._numpy_update(key, p, g.copy() if aliased else g, s1, s2, lr, a, b)
                 new_plan = None
-        self._plan = new_plan if new_plan else None
+        if new_plan:
+            self._plan = tuple(containers) + (new_plan,)
         return None
 
-    @staticmethod
-    def _same_arrays(plan, params, grads):
-        """True when params/grads hold exactly the arrays of `plan`, key for key (identity, not equality)."""
-        if len(params) != len(plan) or len(grads) != len(plan):
+    def _plan_holds(self, plan, params, grads):
+        """True when params, grads and the state attributes hold exactly the objects of `plan`, key for key
+        (identity, not equality)."""
+        entries = plan[-1]
+        if len(params) != len(entries) or len(grads) != len(entries):
             return False
         try:
-            for key, p, g, _, _ in plan:
-                if params[key] is not p or grads[key] is not g:
+            n = self._n_states
+            if n == 0:
+                for key, p, g, _, _ in entries:
+                    if params[key] is not p or grads[key] is not g:
+                        return False
+            elif n == 1:
+                c1 = plan[0]
+                if getattr(self, self._state_names[0]) is not c1:
                     return False
+                for key, p, g, s1, _ in entries:
+                    if params[key] is not p or grads[key] is not g or c1[key] is not s1:
+                        return False
+            else:
+                c1, c2 = plan[0], plan[1]
+                if getattr(self, self._state_names[0]) is not c1 or getattr(self, self._state_names[1]) is not c2:
+                    return False
+                for key, p, g, s1, s2 in entries:
+                    if params[key] is not p or grads[key] is not g or c1[key] is not s1 or c2[key] is not s2:
+                        return False
         except (KeyError, IndexError, TypeError):
             return False
         return True
@@ -181,39 +237,78 @@ class _Optimizer:
             pairs.append((key, p, g))
         return pairs
 
-    def _states(self, params, pairs):
-        """The state containers (created or extended lazily), checked against the parameters."""
+    def _check_states(self, params, pairs):
+        """(the state containers as they are, [(state1, state2)] per pair, None where still to be created),
+        after checking every existing state array against its parameter.  Changes nothing."""
         n = self._n_states
         if n == 0:
-            return ()
+            return (), [(None, None)] * len(pairs)
         containers = [getattr(self, name) for name in self._state_names]
         is_dict = isinstance(params, dict)
-        for j, c in enumerate(containers):
+        for name, c in zip(self._state_names, containers):
             if c is None:
-                c = {} if is_dict else []
-                containers[j] = c
-                setattr(self, self._state_names[j], c)
-            elif isinstance(c, dict) != is_dict:
+                continue
+            if not isinstance(c, (dict, list)):
+                raise TypeError(f"optimizer state {name!r} must be None, a dict or a list, got {type(c).__name__}")
+            if isinstance(c, dict) != is_dict:
                 raise TypeError(f"this optimizer holds state for {'a dict' if isinstance(c, dict) else 'a list'} "
                                 f"of parameters but was given {'a dict' if is_dict else 'a list'}; "
                                 f"use one optimizer per network")
+        states = []
         for key, p, _ in pairs:
-            for c in containers:
-                if is_dict:
+            found = []
+            for name, c in zip(self._state_names, containers):
+                if c is None:
+                    s = None
+                elif is_dict:
                     s = c.get(key)
-                    if s is None:
-                        c[key] = self._new_state(p)
-                        continue
                 else:
-                    if key >= len(c):
-                        c.append(self._new_state(p))
-                        continue
-                    s = c[key]
-                if not isinstance(s, np.ndarray) or s.shape != p.shape:
-                    raise ValueError(
-                        f"optimizer state for parameter {key!r} has shape "
-                        f"{getattr(s, 'shape', None)} but the parameter now has shape {p.shape}; "
-                        f"use one optimizer per network")
+                    s = c[key] if key < len(c) else None
+                if s is not None:
+                    self._check_state(name, key, s, p, found)
+                found.append(s)
+            states.append((found + [None])[:2])
+        return containers, states
+
+    @staticmethod
+    def _check_state(name, key, s, p, others):
+        where = f"optimizer state {name}[{key!r}]"
+        if not isinstance(s, np.ndarray):
+            raise TypeError(f"{where} must be a numpy.ndarray (or absent, to start from zeros), "
+                            f"got {type(s).__name__}")
+        if s.shape != p.shape:
+            raise ValueError(f"{where} has shape {s.shape} but the parameter now has shape {p.shape}; "
+                             f"use one optimizer per network")
+        if s.dtype.kind != "f":
+            raise TypeError(f"{where} must be a floating-point array (it is updated in place), got dtype {s.dtype}")
+        if not s.flags.writeable:
+            raise ValueError(f"{where} is read-only (it is updated in place)")
+        if np.may_share_memory(s, p) and np.shares_memory(s, p, max_work=1000):
+            raise ValueError(f"{where} shares memory with its parameter")
+        for o in others:
+            if o is not None and np.may_share_memory(s, o) and np.shares_memory(s, o, max_work=1000):
+                raise ValueError(f"{where} shares memory with another state array of the same parameter")
+
+    def _create_states(self, params, pairs, containers, states):
+        """Create the missing state containers and arrays (zeros like each parameter); returns the containers."""
+        n = self._n_states
+        if n == 0:
+            return ()
+        is_dict = isinstance(params, dict)
+        for j, name in enumerate(self._state_names):
+            if containers[j] is None:
+                containers[j] = {} if is_dict else []
+                setattr(self, name, containers[j])
+        for (key, p, _), found in zip(pairs, states):
+            for j, c in enumerate(containers):
+                if found[j] is not None:
+                    continue
+                if is_dict:
+                    c[key] = self._new_state(p)
+                else:
+                    while len(c) <= key:
+                        c.append(None)
+                    c[key] = self._new_state(p)
         return containers
 
     @staticmethod
@@ -358,6 +453,9 @@ class Adam(_Optimizer):
         self.beta1 = _check_real(beta1, "beta1", unit=True)
         self.beta2 = _check_real(beta2, "beta2", unit=True)
         self.iter = 0
+
+    def _uncount_step(self):
+        self.iter -= 1
 
     def _coefficients(self):
         self.iter += 1

@@ -192,3 +192,43 @@ def test_forked_children_do_not_hang_and_run_single_threaded():
     r = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str([(True, True, 1)] * 4)
+
+
+def _poison_heap():
+    """Fill and free a few MB so that memory malloc hands out next holds 1e30, not zeros."""
+    junk = np.full(300_000, 1e30)
+    del junk
+
+
+@pytest.mark.parametrize("threads", [16, 48, 64])
+def test_k_split_with_more_threads_than_filled_pieces_is_exact(threads):
+    # Issue 7 item 1: K = 225 over 16 threads is cut into chunks of 15, so only 15 pieces hold rows; the 16th
+    # thread's scratch was allocated, never written and still summed into C (values like 1e30).
+    import fastbp.layers as L
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((225, 100))
+    W = rng.standard_normal((100, 100))
+    d = rng.standard_normal((225, 100))
+    _blas.ensure_loaded()
+    old, old_small = K._get_gemm_threads(), K._get_small_mnk()
+    try:
+        K._set_gemm_threads(threads)
+        for small in (old_small, 0.0):
+            K._set_small_mnk(small)
+            for _ in range(4):
+                _poison_heap()
+                a = L.Affine(W, np.zeros(100))
+                a.forward(x)
+                a.backward(d)
+                np.testing.assert_allclose(a.dW, x.T @ d, **TOL[np.float64])
+                _poison_heap()
+                C = np.empty((100, 100))
+                K.gemm(x, d, C, trans_a=True)
+                np.testing.assert_allclose(C, x.T @ d, **TOL[np.float64])
+                _poison_heap()
+                C32 = np.empty((100, 100), np.float32)
+                K.gemm(x.astype(np.float32), d.astype(np.float32), C32, trans_a=True)
+                np.testing.assert_allclose(C32, x.T @ d, **TOL[np.float32])
+    finally:
+        K._set_gemm_threads(old)
+        K._set_small_mnk(old_small)

@@ -275,3 +275,12 @@ def test_example_ch06_optimizer_compare():
     losses = [float(ln.split(":")[1]) for ln in r.stdout.splitlines()
               if ln.split(":")[0] in ("SGD", "Momentum", "AdaGrad", "Adam")]
     assert all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("text", ["abc", "99999999999", "0", "-1"])
+def test_train_with_a_bad_num_threads_prints_one_line_and_exits_2(text, monkeypatch):
+    monkeypatch.setenv("FASTBP_NUM_THREADS", text)
+    r = run("train", "--iters", 1, "--source", "sample", "-q")
+    assert r.returncode == 2
+    assert r.stderr == f"fastbp: FASTBP_NUM_THREADS must be an integer in 1..1024 (or unset), got {text!r}\n"
+    assert "data:" not in r.stdout                            # before any work
