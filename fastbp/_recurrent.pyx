@@ -16,9 +16,13 @@
 #
 # GEMM: cblas_?gemm of fastbp's own OpenBLAS (the copy fastbp._blas loads, single-threaded in fastbp's default
 # "split" threading), reached through function pointers installed by _set_blas() at import of
-# fastbp.time_layers.  Once fastbp/_gemm.pxd exists (branch `kernels`), `_gemm` below becomes its `gemm`.
+# fastbp.time_layers; a per-step product of at least 2**19 multiply-adds (BetterRnnlm's 20 x 650 x 2600) is cut
+# along its columns over the OpenMP threads.  Once fastbp/_gemm.pxd exists (branch `kernels`), `_gemm` below
+# becomes its `gemm`.
 cimport numpy as cnp
 import numpy as np
+import os as _os
+from cython.parallel cimport prange
 from libc.stdint cimport intptr_t
 
 cnp.import_array()
@@ -79,6 +83,57 @@ cdef extern from "_recurrent.h" nogil:
                          const double *dhr, double *acc, double *da, long ldda) noexcept
 
 
+cdef extern from *:
+    """
+    #if FASTBP_OPENMP
+    #include <omp.h>
+    static int fb_rec_omp_threads(void) { return omp_get_max_threads(); }
+    static int fb_rec_in_parallel(void) { return omp_in_parallel(); }
+    #else
+    static int fb_rec_omp_threads(void) { return 1; }
+    static int fb_rec_in_parallel(void) { return 0; }
+    #endif
+    """
+    int fb_rec_omp_threads() noexcept nogil
+    int fb_rec_in_parallel() noexcept nogil
+
+# Threads for the per-step GEMMs: FASTBP_NUM_THREADS (else OpenMP's count); 1 in a forked child (GNU OpenMP
+# cannot start a team there).  A product of at least PAR_MIN multiply-adds is cut along the columns of C into one
+# piece per thread (no K split: each entry of C is one BLAS dot product, so the result does not depend on the
+# thread count).
+cdef int _omp_ok = 1
+cdef int _nthreads = 0
+cdef double PAR_MIN = 1 << 19
+
+
+def _after_fork_in_child():
+    global _omp_ok
+    _omp_ok = 0
+
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _set_num_threads(int n):
+    """Threads for the per-step GEMMs (0: OpenMP's default)."""
+    global _nthreads
+    if n < 0:
+        raise ValueError(f"thread count must be >= 0, got {n}")
+    _nthreads = n if n <= 256 else 256
+
+
+_env = _os.environ.get("FASTBP_NUM_THREADS", "").strip()
+if _env.isdigit() and int(_env) > 0:
+    _set_num_threads(int(_env))
+
+
+cdef inline int _threads() noexcept nogil:
+    if not _omp_ok or fb_rec_in_parallel():
+        return 1
+    return _nthreads if _nthreads > 0 else fb_rec_omp_threads()
+
+
 def _set_blas(intptr_t sgemm_address, intptr_t dgemm_address):
     """Install cblas_sgemm / cblas_dgemm (addresses of fastbp's OpenBLAS, from fastbp._blas)."""
     global _sgemm, _dgemm
@@ -92,16 +147,43 @@ def _blas_ready():
     return _sgemm != NULL and _dgemm != NULL
 
 
-cdef inline void _gemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
-                       const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,
-                       floating *c, Py_ssize_t ldc) noexcept nogil:
-    """Row-major C[m, n] = alpha op(A) op(B) + beta C (dims validated < 2**31 by the wrappers); m == 0: no-op."""
+cdef inline void _gemm1(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
+                        const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,
+                        floating *c, Py_ssize_t ldc) noexcept nogil:
+    """One BLAS call: row-major C[m, n] = alpha op(A) op(B) + beta C."""
     if m == 0 or n == 0:
         return
     if floating is float:
         _sgemm(RowMajor, ta, tb, <int>m, <int>n, <int>k, alpha, a, <int>lda, b, <int>ldb, beta, c, <int>ldc)
     else:
         _dgemm(RowMajor, ta, tb, <int>m, <int>n, <int>k, alpha, a, <int>lda, b, <int>ldb, beta, c, <int>ldc)
+
+
+cdef void _gemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
+               const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,
+               floating *c, Py_ssize_t ldc) noexcept nogil:
+    """Row-major C[m, n] = alpha op(A) op(B) + beta C (dims validated < 2**31 by the wrappers); m or n == 0: no-op.
+    Large products are cut along n over the threads (column block j of op(B) is b + j0 for NoTrans, b + j0*ldb
+    for Trans)."""
+    cdef int nt = 1, q
+    cdef Py_ssize_t chunk, j0, j1
+    if m == 0 or n == 0:
+        return
+    if <double>m * n * k >= PAR_MIN:
+        nt = _threads()
+    if nt > n // 16:
+        nt = <int>(n // 16)
+    if nt <= 1:
+        _gemm1(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        return
+    chunk = (n + nt - 1) // nt
+    chunk = (chunk + 15) // 16 * 16
+    for q in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        j0 = q * chunk
+        j1 = j0 + chunk if j0 + chunk < n else n
+        if j0 < j1:
+            _gemm1(ta, tb, m, j1 - j0, k, alpha, a, lda, b + (j0 if tb == NoTrans else j0 * ldb), ldb, beta,
+                   c + j0, ldc)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -419,3 +419,26 @@ def test_bad_input_raises():
     for bad in (TL.TimeAffine(np.zeros((3, 2)), np.zeros(2)), TL.TimeEmbedding(W)):
         with pytest.raises(RuntimeError, match="before"):
             bad.backward(np.zeros((1, 1, 2)))
+
+
+def test_recurrent_large_steps_split_over_threads_same_bits():
+    """Per-step GEMMs of >= 2**19 multiply-adds are cut over threads: same bits for any thread count."""
+    from fastbp import _recurrent as _rec
+    rng = _rng(16)
+    N, T, D, H = 20, 3, 30, 100
+    results = []
+    for nt in (1, 3, 16, 64):
+        _rec._set_num_threads(nt)
+        layer = _recurrent(TL, "lstm", D, H, np.float32, _rng(17))
+        xs = rng.standard_normal((N, T, D)).astype(np.float32) if not results else xs
+        dhs = rng.standard_normal((N, T, H)).astype(np.float32) if not results else dhs
+        hs = layer.forward(xs).copy()
+        dxs = layer.backward(dhs).copy()
+        results.append((hs, dxs, [g.copy() for g in layer.grads]))
+    _rec._set_num_threads(0)
+    for hs, dxs, grads in results[1:]:
+        np.testing.assert_array_equal(hs, results[0][0])
+        np.testing.assert_array_equal(dxs, results[0][1])
+    ref = _recurrent(REF, "lstm", D, H, np.float32, _rng(17))
+    np.testing.assert_allclose(ref.forward(xs), results[0][0], **TOL[np.float32])
+    np.testing.assert_allclose(ref.backward(dhs), results[0][1], **TOL[np.float32])
