@@ -100,10 +100,12 @@ cdef extern from *:
 # Threads for the per-step GEMMs: FASTBP_NUM_THREADS (else OpenMP's count); 1 in a forked child (GNU OpenMP
 # cannot start a team there).  A product of at least PAR_MIN multiply-adds is cut along the columns of C into one
 # piece per thread (no K split: each entry of C is one BLAS dot product, so the result does not depend on the
-# thread count).
+# thread count).  The cut is into fixed column blocks (COL_BLOCK), never into one piece per thread, so the
+# same BLAS calls compute every entry whatever the thread count: the same bits.
 cdef int _omp_ok = 1
 cdef int _nthreads = 0
 cdef double PAR_MIN = 1 << 19
+cdef Py_ssize_t COL_BLOCK = 256
 
 
 def _after_fork_in_child():
@@ -163,27 +165,32 @@ cdef void _gemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floati
                const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,
                floating *c, Py_ssize_t ldc) noexcept nogil:
     """Row-major C[m, n] = alpha op(A) op(B) + beta C (dims validated < 2**31 by the wrappers); m or n == 0: no-op.
-    Large products are cut along n over the threads (column block j of op(B) is b + j0 for NoTrans, b + j0*ldb
-    for Trans)."""
-    cdef int nt = 1, q
-    cdef Py_ssize_t chunk, j0, j1
+    A product of at least PAR_MIN multiply-adds is cut into column blocks of COL_BLOCK (a cut that depends only
+    on the sizes, so every entry is computed by the same BLAS call whatever the thread count), and the blocks
+    are spread over the threads.  Column block [j0, j1) of op(B) is b + j0 (NoTrans) or b + j0*ldb (Trans)."""
+    cdef int nt = 1
+    cdef Py_ssize_t nb, q, j0, j1
     if m == 0 or n == 0:
         return
-    if <double>m * n * k >= PAR_MIN:
-        nt = _threads()
-    if nt > n // 16:
-        nt = <int>(n // 16)
-    if nt <= 1:
+    if <double>m * n * k < PAR_MIN or n <= COL_BLOCK:
         _gemm1(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
         return
-    chunk = (n + nt - 1) // nt
-    chunk = (chunk + 15) // 16 * 16
-    for q in prange(nt, nogil=True, schedule="static", num_threads=nt):
-        j0 = q * chunk
-        j1 = j0 + chunk if j0 + chunk < n else n
-        if j0 < j1:
+    nb = (n + COL_BLOCK - 1) // COL_BLOCK
+    nt = _threads()
+    if nt > nb:
+        nt = <int>nb
+    if nt <= 1:
+        for q in range(nb):
+            j0 = q * COL_BLOCK
+            j1 = j0 + COL_BLOCK if j0 + COL_BLOCK < n else n
             _gemm1(ta, tb, m, j1 - j0, k, alpha, a, lda, b + (j0 if tb == NoTrans else j0 * ldb), ldb, beta,
                    c + j0, ldc)
+        return
+    for q in prange(nb, nogil=True, schedule="static", num_threads=nt):
+        j0 = q * COL_BLOCK
+        j1 = j0 + COL_BLOCK if j0 + COL_BLOCK < n else n
+        _gemm1(ta, tb, m, j1 - j0, k, alpha, a, lda, b + (j0 if tb == NoTrans else j0 * ldb), ldb, beta,
+               c + j0, ldc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
