@@ -98,10 +98,9 @@ cdef extern from *:
     int fb_rec_in_parallel() noexcept nogil
 
 # Threads for the per-step GEMMs: FASTBP_NUM_THREADS (else OpenMP's count); 1 in a forked child (GNU OpenMP
-# cannot start a team there).  A product of at least PAR_MIN multiply-adds is cut along the columns of C into one
-# piece per thread (no K split: each entry of C is one BLAS dot product, so the result does not depend on the
-# thread count).  The cut is into fixed column blocks (COL_BLOCK), never into one piece per thread, so the
-# same BLAS calls compute every entry whatever the thread count: the same bits.
+# cannot start a team there).  A product of at least PAR_MIN multiply-adds is cut along the columns of C into
+# fixed blocks of COL_BLOCK columns spread over the threads (no K split, and a cut that depends only on the sizes,
+# never on the thread count, so the same BLAS calls compute every entry: the same bits for any thread count).
 cdef int _omp_ok = 1
 cdef int _nthreads = 0
 cdef double PAR_MIN = 1 << 19
