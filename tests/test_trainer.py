@@ -181,3 +181,75 @@ def test_corpus_helpers_match_book():
     assert co[1, 0] == 1 and co[1, 2] == 1 and co[1, 4] == 1 and co[1, 5] == 1 and co.sum() == 14
     oh = util.convert_one_hot(ctx, 7)
     assert oh.shape == (6, 2, 7) and oh.sum() == 12 and oh[0, 1, 2] == 1
+
+
+ADDITION = "/work/shared/data/book/book2-addition.txt"
+
+
+def _seq2seq_data(n):
+    chars, qs, ans = {}, [], []
+    with open(ADDITION) as f:
+        for line in list(f)[:n]:
+            q, a = line.rstrip("\n").split("_")
+            qs.append(q)
+            ans.append("_" + a)
+    for s in qs + ans:
+        for ch in s:
+            chars.setdefault(ch, len(chars))
+    x = np.array([[chars[c] for c in q] for q in qs])
+    t = np.array([[chars[c] for c in a] for a in ans])
+    return x, t, len(chars)
+
+
+class _Seq2seq:
+    """ch07/seq2seq.py's Encoder/Decoder/Seq2seq, written against a module of time layers."""
+
+    def __init__(self, M, V, D, H, seed=0):
+        rng = np.random.default_rng(seed)
+        rn = rng.standard_normal
+        self.enc = [M.TimeEmbedding((rn((V, D)) / 100).astype("f")),
+                    M.TimeLSTM((rn((D, 4 * H)) / np.sqrt(D)).astype("f"),
+                               (rn((H, 4 * H)) / np.sqrt(H)).astype("f"), np.zeros(4 * H, "f"), stateful=False)]
+        self.dec = [M.TimeEmbedding((rn((V, D)) / 100).astype("f")),
+                    M.TimeLSTM((rn((D, 4 * H)) / np.sqrt(D)).astype("f"),
+                               (rn((H, 4 * H)) / np.sqrt(H)).astype("f"), np.zeros(4 * H, "f"), stateful=True),
+                    M.TimeAffine((rn((H, V)) / np.sqrt(H)).astype("f"), np.zeros(V, "f"))]
+        self.loss_layer = M.TimeSoftmaxWithLoss()
+        self.params, self.grads = [], []
+        for layer in self.enc + self.dec:
+            self.params += layer.params
+            self.grads += layer.grads
+
+    def forward(self, xs, ts):
+        hs = self.enc[1].forward(self.enc[0].forward(xs))
+        self.hs = hs
+        h = hs[:, -1, :]
+        self.dec[1].set_state(h)
+        out = ts[:, :-1]
+        for layer in self.dec:
+            out = layer.forward(out)
+        return self.loss_layer.forward(out, ts[:, 1:])
+
+    def backward(self, dout=1):
+        dout = self.loss_layer.backward(dout)
+        for layer in reversed(self.dec):
+            dout = layer.backward(dout)
+        dh = self.dec[1].dh
+        dhs = np.zeros_like(self.hs)
+        dhs[:, -1, :] = dh
+        self.enc[0].backward(self.enc[1].backward(dhs))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(ADDITION), reason="book data not available")
+def test_seq2seq_trains_like_reference_through_trainer(capsys):
+    import fastbp.reference as REF
+    x, t, V = _seq2seq_data(200)
+    curves = []
+    for M in (TL, REF):
+        np.random.seed(1)
+        tr = Trainer(_Seq2seq(M, V, 8, 16), optimizers.Adam())
+        tr.fit(x, t, max_epoch=2, batch_size=32, max_grad=5.0, eval_interval=2)
+        curves.append(tr.loss_list)
+    capsys.readouterr()
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
+    assert curves[0][-1] < curves[0][0]
