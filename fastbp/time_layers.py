@@ -223,6 +223,12 @@ class _Recurrent(_Base):
             hp[:, 1:] = hs[:, :-1]
         return hp
 
+    def _last(self, name, seq, first, N, T, H, dt):
+        """The state after the last step (a new array, or a workspace with reuse=True): seq[:, -1] or first."""
+        out = self._ws.get(name, (N, H), dt)
+        np.copyto(out, seq[:, -1] if T else first)
+        return out
+
     def _finish_backward(self, dA, dh, N, T, D, H, dt):
         """dWx, dWh (except GRU's), db, dxs from dA (N, T, G*H)."""
         c = self._cache
@@ -270,7 +276,7 @@ class TimeRNN(_Recurrent):
         _rec.rnn_forward(A, Whk, h0, hs)
         self._cache = dict(xk=xk, Wxk=Wxk, Whk=Whk, hs=hs.copy() if not self._ws.reuse else hs,
                            hprev=self._hprev(h0, hs, N, T, H, dt), shape=(N, T, D, H), dt=dt)
-        self.h = hs[:, -1].copy() if T else h0.copy()
+        self.h = self._last("hT", hs, h0, N, T, H, dt)
         return hs
 
     def backward(self, dhs):
@@ -320,11 +326,8 @@ class TimeLSTM(_Recurrent):
         _rec.lstm_forward(A, Whk, h0, c0, hs, cs)
         self._cache = dict(xk=xk, Wxk=Wxk, Whk=Whk, A=A, cs=cs, c0=c0, hprev=self._hprev(h0, hs, N, T, H, dt),
                            shape=(N, T, D, H), dt=dt)
-        if T:
-            self.h = hs[:, -1].copy()
-            self.c = cs[:, -1].copy()
-        else:
-            self.h, self.c = h0.copy(), c0.copy()
+        self.h = self._last("hT", hs, h0, N, T, H, dt)
+        self.c = self._last("cT", cs, c0, N, T, H, dt)
         return hs
 
     def backward(self, dhs):
@@ -373,7 +376,7 @@ class TimeGRU(_Recurrent):
         _rec.gru_forward(A, Whk, h0, hs, rhs, work)
         self._cache = dict(xk=xk, Wxk=Wxk, Whk=Whk, A=A, rhs=rhs, h0=h0, hs=hs.copy() if not self._ws.reuse else hs,
                            hprev=self._hprev(h0, hs, N, T, H, dt), shape=(N, T, D, H), dt=dt)
-        self.h = hs[:, -1].copy() if T else h0.copy()
+        self.h = self._last("hT", hs, h0, N, T, H, dt)
         return hs
 
     def backward(self, dhs):
@@ -689,18 +692,18 @@ class TimeSoftmaxWithLoss(_Base):
         np.copyto(t, ts.reshape(N * T), casting="unsafe")
         mask = None
         ignore = self.ignore_label
-        if ignore is not None and N * T:
-            m = t == ignore
-            if m.any():
-                mask = ~m
-        if mask is not None:
-            valid = t[mask]
-        else:
-            valid = t
-        if valid.size and (valid.min() < 0 or valid.max() >= V):
-            bad = valid.min() if valid.min() < 0 else valid.max()
-            raise IndexError(f"TimeSoftmaxWithLoss: label {bad} is out of range for {V} classes "
-                             f"(and is not the ignore label {ignore})")
+        lo, hi = (int(t.min()), int(t.max())) if N * T else (0, 0)
+        valid = t
+        if lo < 0 or hi >= V:                    # ignored positions, or a bad label: look closer
+            if ignore is not None:
+                m = t == ignore
+                if m.any():
+                    mask = ~m
+                    valid = t[mask]
+            if valid.size and (valid.min() < 0 or valid.max() >= V):
+                bad = valid.min() if valid.min() < 0 else valid.max()
+                raise IndexError(f"TimeSoftmaxWithLoss: label {bad} is out of range for {V} classes "
+                                 f"(and is not the ignore label {ignore})")
         n_valid = valid.size
         y = ws.scratch("y", (N * T, V), dt)
         g = ws.get("g", (N, T, V), dt)

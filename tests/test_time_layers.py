@@ -442,3 +442,52 @@ def test_recurrent_large_steps_split_over_threads_same_bits():
     ref = _recurrent(REF, "lstm", D, H, np.float32, _rng(17))
     np.testing.assert_allclose(ref.forward(xs), results[0][0], **TOL[np.float32])
     np.testing.assert_allclose(ref.backward(dhs), results[0][1], **TOL[np.float32])
+
+
+def _rnnlm_step_peak(V, D, H, N, T):
+    import gc
+    import tracemalloc
+    from fastbp.optimizers import SGD
+    from fastbp.trainer import remove_duplicate
+    from fastbp.util import clip_grads
+    rng = _rng(18)
+    init = [(rng.standard_normal(s) / 10).astype("f") for s in [(V, D), (D, 4 * H), (H, 4 * H), (4 * H,), (H, V), (V,)]]
+    model = _Rnnlm(TL, init)
+    for layer in model.layers + [model.loss_layer]:
+        layer.reuse = True
+    opt = SGD(0.1)
+    xs = rng.integers(0, V, (N, T)).astype(np.int32)
+    ts = rng.integers(0, V, (N, T)).astype(np.int32)
+
+    def step():
+        model.forward(xs, ts)
+        model.backward()
+        params, grads = remove_duplicate(model.params, model.grads)
+        clip_grads(grads, 0.25)
+        opt.update(params, grads)
+
+    for _ in range(3):
+        step()
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        step()
+        tracemalloc.reset_peak()
+        cur0, _ = tracemalloc.get_traced_memory()
+        for _ in range(2):
+            step()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    return peak - cur0
+
+
+def test_rnnlm_step_with_reuse_allocates_no_arrays():
+    """With reuse=True a training step's NumPy allocations do not grow with the model: a 4x larger model has the
+    same (small, Python-object) peak."""
+    small = _rnnlm_step_peak(40, 8, 8, 4, 5)
+    big = _rnnlm_step_peak(160, 32, 32, 8, 10)
+    assert small < 8192, f"a step allocated {small} bytes"
+    assert abs(big - small) <= 512, f"step peak {small} B (small model) vs {big} B (4x model)"
