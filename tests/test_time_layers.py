@@ -427,11 +427,11 @@ def test_recurrent_large_steps_split_over_threads_same_bits():
     rng = _rng(16)
     N, T, D, H = 20, 3, 30, 100
     results = []
+    xs = rng.standard_normal((N, T, D)).astype(np.float32)
+    dhs = rng.standard_normal((N, T, H)).astype(np.float32)
     for nt in (1, 3, 16, 64):
         _rec._set_num_threads(nt)
         layer = _recurrent(TL, "lstm", D, H, np.float32, _rng(17))
-        xs = rng.standard_normal((N, T, D)).astype(np.float32) if not results else xs
-        dhs = rng.standard_normal((N, T, H)).astype(np.float32) if not results else dhs
         hs = layer.forward(xs).copy()
         dxs = layer.backward(dhs).copy()
         results.append((hs, dxs, [g.copy() for g in layer.grads]))
