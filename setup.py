@@ -1,10 +1,11 @@
-"""Build of fastbp's Cython extension.
+"""Build of fastbp's Cython extensions (one per fastbp/*.pyx).
 
 Compiler directives live here, not in the .pyx: bounds checks, wraparound and initialized checks are off and
 C division is on.  Set FASTBP_DEBUG=1 at build time to turn bounds/wraparound/initialized checks back on and
 build without optimisation (-O0 -g).  OpenMP is optional: it is used only when the compiler accepts -fopenmp
 (set FASTBP_NO_OPENMP=1 to build without it).
 """
+import glob
 import os
 import sys
 import tempfile
@@ -51,26 +52,23 @@ directives = {
     "embedsignature": True,
 }
 
-ext = Extension(
-    "fastbp._kernels",
-    ["fastbp/_kernels.pyx"],
-    depends=["fastbp/_simd.h"],
-    include_dirs=[np.get_include()],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
-                   ("FASTBP_OPENMP", "1" if use_openmp else "0")],
-    extra_compile_args=compile_args,
-    extra_link_args=link_args,
-)
-
-# book 2's layers (helper rnn): embedding gather/scatter and the recurrent time loops
-ext_book2 = [
-    Extension(name, [src], depends=deps, include_dirs=list(ext.include_dirs), define_macros=list(ext.define_macros),
-              extra_compile_args=compile_args, extra_link_args=link_args)
-    for name, src, deps in (("fastbp._embedding", "fastbp/_embedding.pyx", []),
-                            ("fastbp._recurrent", "fastbp/_recurrent.pyx",
-                             ["fastbp/_recurrent.h", "fastbp/_simd.h"]))
+# One extension per fastbp/*.pyx (a module per idea: _threads, _gemm, _kernels, _optim, ...), all built with the
+# same flags; every one depends on all the package's headers and .pxd files (cimports), so an edit rebuilds it.
+headers = sorted(glob.glob("fastbp/*.h") + glob.glob("fastbp/*.pxd"))
+extensions = [
+    Extension(
+        "fastbp." + os.path.splitext(os.path.basename(src))[0],
+        [src],
+        depends=headers,
+        include_dirs=[np.get_include(), "fastbp"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+                       ("FASTBP_OPENMP", "1" if use_openmp else "0")],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    )
+    for src in sorted(glob.glob("fastbp/*.pyx"))
 ]
 
 setup(
-    ext_modules=cythonize([ext] + ext_book2, compiler_directives=directives),
+    ext_modules=cythonize(extensions, compiler_directives=directives),
 )

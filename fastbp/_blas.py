@@ -245,10 +245,12 @@ def ensure_loaded():
     """Load fastbp's OpenBLAS (once) and hand its GEMM entry points to the kernels; returns the info dict."""
     if _state:
         return _state
+    # Importing fastbp._gemm loads the library: its last statement calls this function, which then finds _gemm
+    # (with all its functions) in sys.modules.  So import it before taking the lock, never under it.
+    from fastbp import _gemm
     with _lock:
         if _state:
             return _state
-        from fastbp import _kernels
         path = _library_path()
         coretype, reason, refused = _choose_coretype(cpu_flags())
         if refused is not None:
@@ -261,7 +263,7 @@ def ensure_loaded():
             elif coretype is not None:
                 os.environ["OPENBLAS_CORETYPE"] = coretype
             lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_LOCAL", 0) | getattr(os, "RTLD_NOW", 2))
-            mode = _choose_threading(lib, _kernels)
+            mode = _choose_threading(lib, _gemm)
             # OpenBLAS may pick its kernels lazily, at the first call: make that call while the variable is set.
             lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
             lib.scipy_openblas_get_corename()
@@ -279,11 +281,11 @@ def ensure_loaded():
                      for name in ("scipy_cblas_sgemm", "scipy_cblas_dgemm", "scipy_cblas_sgemv", "scipy_cblas_dgemv")]
         lib.scipy_openblas_get_config.restype = ctypes.c_char_p
         lib.scipy_openblas_get_num_threads.restype = ctypes.c_int
-        _kernels._set_gemm(*addresses)
+        _gemm._set_gemm(*addresses)
         # OpenBLAS's SkylakeX-family cores run products of up to 10^6 multiply-adds with a small-matrix kernel
         # that skips packing (measured: 20% faster in float32, 55% in float64 at 100 x 200 x 50): aim for it.
         core = lib.scipy_openblas_get_corename().decode()
-        _kernels._set_small_mnk(SMALL_MATRIX_MNK if core.lower() in SMALL_MATRIX_CORES else 0)
+        _gemm._set_small_mnk(SMALL_MATRIX_MNK if core.lower() in SMALL_MATRIX_CORES else 0)
         _state.update(
             library=path,
             lib=lib,

@@ -5,9 +5,9 @@
 #
 #   1. a stable counting sort of the n indices by destination row (counts over the V rows, prefix sums, then
 #      the positions in index order) -- O(n + V), serial, small;
-#   2. the V destination rows are cut into blocks that go to the OpenMP threads; each thread writes whole rows
-#      of dW: zero for a row no index hits, else the sum of its source rows IN INDEX ORDER (accumulated in double
-#      for float32, then rounded once).
+#   2. the V destination rows are cut into fixed blocks of ROW_BLOCK rows that _threads.parallel_blocks spreads
+#      over fastbp's threads; each block writes whole rows of dW: zero for a row no index hits, else the sum of
+#      its source rows IN INDEX ORDER (accumulated in double for float32, then rounded once).
 #
 # No atomics, no per-thread partial matrices: each row is written by exactly one thread with the same sum order
 # whatever the thread count, so the result is bitwise independent of FASTBP_NUM_THREADS.  The zeroing is part
@@ -15,72 +15,22 @@
 # EmbeddingDot's backward without materialising s * h.
 #
 # Indices: int32 or int64 (book 2 uses int32), any shape, validated 0 <= idx < V before any kernel runs.
-cimport cython
-from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset, memcpy
 from libc.stdint cimport int64_t, int32_t
 cimport numpy as cnp
 import numpy as np
-import os as _os
+from fastbp._typedefs cimport floating
+from fastbp._threads cimport parallel_blocks, even_block
 
 cnp.import_array()
-
-ctypedef fused floating:
-    float
-    double
 
 ctypedef fused index_t:
     int32_t
     int64_t
 
-cdef extern from *:
-    """
-    #if FASTBP_OPENMP
-    #include <omp.h>
-    static int fb_emb_omp_threads(void) { return omp_get_max_threads(); }
-    #else
-    static int fb_emb_omp_threads(void) { return 1; }
-    #endif
-    """
-    int fb_emb_omp_threads() noexcept nogil
-
-# GNU OpenMP cannot start a team in a child forked from a process whose team ran: run serially there.
-cdef int _omp_ok = 1
-cdef int _nthreads_override = 0
-cdef Py_ssize_t PARALLEL_MIN = 1 << 16      # elements written below which one thread does the whole pass
-cdef Py_ssize_t MAX_THREADS = 256
-
-
-def _after_fork_in_child():
-    global _omp_ok
-    _omp_ok = 0
-
-
-if hasattr(_os, "register_at_fork"):
-    _os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-cdef int _num_threads() noexcept nogil:
-    """fastbp's thread count: FASTBP_NUM_THREADS if set (installed by _set_num_threads), else OpenMP's."""
-    if not _omp_ok:
-        return 1
-    if _nthreads_override > 0:
-        return _nthreads_override
-    return fb_emb_omp_threads()
-
-
-def _set_num_threads(int n):
-    """Set the thread count the kernels use (0: OpenMP's default)."""
-    global _nthreads_override
-    if n < 0:
-        raise ValueError(f"thread count must be >= 0, got {n}")
-    _nthreads_override = n if n <= MAX_THREADS else MAX_THREADS
-
-
-_env = _os.environ.get("FASTBP_NUM_THREADS", "").strip()
-if _env.isdigit() and int(_env) > 0:
-    _set_num_threads(int(_env))
+cdef Py_ssize_t PARALLEL_MIN = 1 << 16      # elements written below which one block does the whole pass
+cdef Py_ssize_t ROW_BLOCK = 256             # destination rows per block of the scatter (fixed: any thread count)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,23 +104,32 @@ cdef _check_indices(cnp.ndarray I, int it, Py_ssize_t V):
 # ---------------------------------------------------------------------------------------------------------------
 # Gather
 # ---------------------------------------------------------------------------------------------------------------
-cdef void _gather(const floating *w, Py_ssize_t D, const index_t *idx, Py_ssize_t n, floating *out) noexcept nogil:
-    cdef Py_ssize_t i, k, lo, hi, chunk
-    cdef int nt = 1
-    if n * D >= PARALLEL_MIN:
-        nt = _num_threads()
-    if nt > n:
-        nt = <int>n
-    if nt <= 1:
-        for i in range(n):
-            memcpy(out + i * D, w + idx[i] * D, D * sizeof(floating))
-        return
-    chunk = (n + nt - 1) // nt
-    for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
-        lo = k * chunk
-        hi = lo + chunk if lo + chunk < n else n
-        for i in range(lo, hi):
-            memcpy(out + i * D, w + idx[i] * D, D * sizeof(floating))
+ctypedef struct _gather_ctx:
+    const void *w
+    const void *idx
+    void *out
+    Py_ssize_t row_bytes
+    bint i64
+
+
+cdef void _gather_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _gather_ctx *g = <_gather_ctx*>ctx
+    cdef Py_ssize_t i, r
+    for i in range(lo, hi):
+        r = (<const int64_t*>g.idx)[i] if g.i64 else (<const int32_t*>g.idx)[i]
+        memcpy(<char*>g.out + i * g.row_bytes, <const char*>g.w + r * g.row_bytes, g.row_bytes)
+
+
+cdef void _gather(const void *w, Py_ssize_t row_bytes, const void *idx, bint i64, Py_ssize_t n,
+                  void *out) noexcept nogil:
+    """out[i] = W[idx[i]] (rows of row_bytes bytes); blocks of rows over the threads (elementwise: no order)."""
+    cdef _gather_ctx g
+    g.w = w
+    g.idx = idx
+    g.out = out
+    g.row_bytes = row_bytes
+    g.i64 = i64
+    parallel_blocks(n, even_block(n, PARALLEL_MIN // (row_bytes // 4 + 1) + 1), _gather_block, &g)
 
 
 def gather(W, idx, out):
@@ -189,20 +148,8 @@ def gather(W, idx, out):
         raise ValueError("out overlaps W or idx")
     _check_indices(I, it, V)
     with nogil:
-        if ft == 0:
-            if it == 0:
-                _gather[float, int32_t](<float*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(I), n,
-                                        <float*>cnp.PyArray_DATA(O))
-            else:
-                _gather[float, int64_t](<float*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(I), n,
-                                        <float*>cnp.PyArray_DATA(O))
-        else:
-            if it == 0:
-                _gather[double, int32_t](<double*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(I), n,
-                                         <double*>cnp.PyArray_DATA(O))
-            else:
-                _gather[double, int64_t](<double*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(I), n,
-                                         <double*>cnp.PyArray_DATA(O))
+        _gather(cnp.PyArray_DATA(Wa), D * cnp.PyArray_ITEMSIZE(Wa), cnp.PyArray_DATA(I), it == 1, n,
+                cnp.PyArray_DATA(O))
     return out
 
 
@@ -241,15 +188,46 @@ cdef inline void _rows(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t D, const floatin
             dst[j] = <floating>acc[j]
 
 
+ctypedef struct _scatter_ctx:
+    const void *src
+    const void *scale
+    const int64_t *start
+    const int64_t *order
+    void *dw
+    Py_ssize_t D
+    int failed
+
+
+cdef void _scatter_block_f(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _scatter_ctx *g = <_scatter_ctx*>ctx
+    cdef double *acc = <double*>malloc((g.D if g.D > 0 else 1) * sizeof(double))
+    if acc == NULL:
+        g.failed = 1
+        return
+    _rows[float](lo, hi, g.D, <const float*>g.src, <const float*>g.scale, g.start, g.order, <float*>g.dw, acc)
+    free(acc)
+
+
+cdef void _scatter_block_d(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _scatter_ctx *g = <_scatter_ctx*>ctx
+    cdef double *acc = <double*>malloc((g.D if g.D > 0 else 1) * sizeof(double))
+    if acc == NULL:
+        g.failed = 1
+        return
+    _rows[double](lo, hi, g.D, <const double*>g.src, <const double*>g.scale, g.start, g.order, <double*>g.dw,
+                  acc)
+    free(acc)
+
+
 cdef int _scatter(const floating *src, const floating *scale, Py_ssize_t n, Py_ssize_t D, const index_t *idx,
                   Py_ssize_t V, floating *dw) noexcept nogil:
     """dW = 0; dW[idx[i]] += (scale[i] *) src[i] in index order.  Returns -1 when out of memory."""
     cdef int64_t *start = <int64_t*>malloc((V + 1) * sizeof(int64_t))
     cdef int64_t *order = <int64_t*>malloc((n if n > 0 else 1) * sizeof(int64_t))
     cdef int64_t *fill = <int64_t*>malloc((V if V > 0 else 1) * sizeof(int64_t))
-    cdef double *acc = NULL
-    cdef Py_ssize_t i, r, k, lo, hi, chunk
-    cdef int nt = 1, rc = 0
+    cdef Py_ssize_t i, r, block
+    cdef int rc = 0
+    cdef _scatter_ctx g
     if start == NULL or order == NULL or fill == NULL:
         rc = -1
     else:
@@ -263,28 +241,24 @@ cdef int _scatter(const floating *src, const floating *scale, Py_ssize_t n, Py_s
         for i in range(n):
             order[fill[idx[i]]] = i
             fill[idx[i]] += 1
-        if V * D + n * D >= PARALLEL_MIN:
-            nt = _num_threads()
-        if nt > V:
-            nt = <int>V
-        if nt < 1:
-            nt = 1
-        acc = <double*>malloc(nt * (D if D > 0 else 1) * sizeof(double))
-        if acc == NULL:
-            rc = -1
-        elif nt == 1:
-            _rows(0, V, D, src, scale, start, order, dw, acc)
+        g.src = src
+        g.scale = scale
+        g.start = start
+        g.order = order
+        g.dw = dw
+        g.D = D
+        g.failed = 0
+        # a fixed block of rows (any thread count); the whole pass in one block when it is small
+        block = ROW_BLOCK if (V + n) * D >= PARALLEL_MIN else V
+        if floating is float:
+            parallel_blocks(V, block, _scatter_block_f, &g)
         else:
-            chunk = (V + nt - 1) // nt
-            for k in prange(nt, nogil=True, schedule="static", num_threads=nt):
-                lo = k * chunk
-                hi = lo + chunk if lo + chunk < V else V
-                if lo < hi:
-                    _rows(lo, hi, D, src, scale, start, order, dw, acc + k * D)
+            parallel_blocks(V, block, _scatter_block_d, &g)
+        if g.failed:
+            rc = -1
     free(start)
     free(order)
     free(fill)
-    free(acc)
     return rc
 
 
@@ -472,18 +446,34 @@ cdef double _block_sq(const floating *a, Py_ssize_t lo, Py_ssize_t hi) noexcept 
     return (s0 + s1) + (s2 + s3)
 
 
+ctypedef struct _sq_ctx:
+    const void *a
+    Py_ssize_t n
+    double *partials
+
+
+cdef void _sq_block_f(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _sq_ctx *g = <_sq_ctx*>ctx
+    g.partials[j] = _block_sq[float](<const float*>g.a, lo, hi)
+
+
+cdef void _sq_block_d(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _sq_ctx *g = <_sq_ctx*>ctx
+    g.partials[j] = _block_sq[double](<const double*>g.a, lo, hi)
+
+
 cdef double _sum_sq(const floating *a, Py_ssize_t n, double *partials) noexcept nogil:
+    """Partials of fixed blocks of SQ_BLOCK elements (any thread count), added in block order."""
     cdef Py_ssize_t nb = (n + SQ_BLOCK - 1) // SQ_BLOCK, j
-    cdef int nt = 1
     cdef double s = 0
-    if nb > 1:
-        nt = _num_threads()
-    if nt > 1:
-        for j in prange(nb, nogil=True, schedule="static", num_threads=nt):
-            partials[j] = _block_sq(a, j * SQ_BLOCK, (j + 1) * SQ_BLOCK if (j + 1) * SQ_BLOCK < n else n)
+    cdef _sq_ctx g
+    g.a = a
+    g.n = n
+    g.partials = partials
+    if floating is float:
+        parallel_blocks(n, SQ_BLOCK, _sq_block_f, &g)
     else:
-        for j in range(nb):
-            partials[j] = _block_sq(a, j * SQ_BLOCK, (j + 1) * SQ_BLOCK if (j + 1) * SQ_BLOCK < n else n)
+        parallel_blocks(n, SQ_BLOCK, _sq_block_d, &g)
     for j in range(nb):
         s += partials[j]
     return s

@@ -11,41 +11,22 @@
 #
 # (the book's GRU needs two GEMMs per step each way, because its candidate reads (r * h) @ Whh).  Every operand
 # is a C-contiguous buffer; step t of an (N, T, K) buffer is read in place with leading dimension T*K, so nothing
-# is copied per step.  Results do not depend on the thread count: the loops are sequential and each GEMM is a
-# fixed-order BLAS call.  float32 and float64 through the fused type `floating`.
+# is copied per step.  float32 and float64 through the fused type `floating`.
 #
-# GEMM: cblas_?gemm of fastbp's own OpenBLAS (the copy fastbp._blas loads, single-threaded in fastbp's default
-# "split" threading), reached through function pointers installed by _set_blas() at import of
-# fastbp.time_layers; a per-step product of at least 2**19 multiply-adds (BetterRnnlm's 20 x 650 x 2600) is cut
-# along its columns over the OpenMP threads.  Once fastbp/_gemm.pxd exists (branch `kernels`), `_gemm` below
-# becomes its `gemm`.
+# GEMM: fastbp._gemm's `gemm` (cimported), which splits a large per-step product (BetterRnnlm's 20 x 650 x 2600)
+# over fastbp's threads itself.  The loops add no thread-dependent order of their own: with one thread count the
+# results are reproducible bit for bit; across thread counts they are as close as the split GEMM's results.
 cimport numpy as cnp
 import numpy as np
-import os as _os
-from cython.parallel cimport prange
-from libc.stdint cimport intptr_t
+from fastbp._typedefs cimport floating
+from fastbp._gemm cimport gemm as fb_gemm, FB_NOTRANS, FB_TRANS, FB_INT_MAX
 
 cnp.import_array()
 
-ctypedef fused floating:
-    float
-    double
-
-ctypedef void (*sgemm_ptr)(int order, int transa, int transb, int m, int n, int k, float alpha,
-                           const float *a, int lda, const float *b, int ldb, float beta,
-                           float *c, int ldc) noexcept nogil
-ctypedef void (*dgemm_ptr)(int order, int transa, int transb, int m, int n, int k, double alpha,
-                           const double *a, int lda, const double *b, int ldb, double beta,
-                           double *c, int ldc) noexcept nogil
-
-cdef sgemm_ptr _sgemm = NULL
-cdef dgemm_ptr _dgemm = NULL
-
 cdef enum:
-    RowMajor = 101
-    NoTrans = 111
-    Trans = 112
-    INT_MAX = 2147483647
+    NoTrans = FB_NOTRANS
+    Trans = FB_TRANS
+    INT_MAX = FB_INT_MAX
 
 cdef extern from "_recurrent.h" nogil:
     void fb_lstm_fwd_f32(long N, long H, float *a, long lda, const float *cprev, long ldcp, float *c, long ldc,
@@ -83,113 +64,13 @@ cdef extern from "_recurrent.h" nogil:
                          const double *dhr, double *acc, double *da, long ldda) noexcept
 
 
-cdef extern from *:
-    """
-    #if FASTBP_OPENMP
-    #include <omp.h>
-    static int fb_rec_omp_threads(void) { return omp_get_max_threads(); }
-    static int fb_rec_in_parallel(void) { return omp_in_parallel(); }
-    #else
-    static int fb_rec_omp_threads(void) { return 1; }
-    static int fb_rec_in_parallel(void) { return 0; }
-    #endif
-    """
-    int fb_rec_omp_threads() noexcept nogil
-    int fb_rec_in_parallel() noexcept nogil
-
-# Threads for the per-step GEMMs: FASTBP_NUM_THREADS (else OpenMP's count); 1 in a forked child (GNU OpenMP
-# cannot start a team there).  A product of at least PAR_MIN multiply-adds is cut along the columns of C into
-# fixed blocks of COL_BLOCK columns spread over the threads (no K split, and a cut that depends only on the sizes,
-# never on the thread count, so the same BLAS calls compute every entry: the same bits for any thread count).
-cdef int _omp_ok = 1
-cdef int _nthreads = 0
-cdef double PAR_MIN = 1 << 19
-cdef Py_ssize_t COL_BLOCK = 256
-
-
-def _after_fork_in_child():
-    global _omp_ok
-    _omp_ok = 0
-
-
-if hasattr(_os, "register_at_fork"):
-    _os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _set_num_threads(int n):
-    """Threads for the per-step GEMMs (0: OpenMP's default)."""
-    global _nthreads
-    if n < 0:
-        raise ValueError(f"thread count must be >= 0, got {n}")
-    _nthreads = n if n <= 256 else 256
-
-
-_env = _os.environ.get("FASTBP_NUM_THREADS", "").strip()
-if _env.isdigit() and int(_env) > 0:
-    _set_num_threads(int(_env))
-
-
-cdef inline int _threads() noexcept nogil:
-    if not _omp_ok or fb_rec_in_parallel():
-        return 1
-    return _nthreads if _nthreads > 0 else fb_rec_omp_threads()
-
-
-def _set_blas(intptr_t sgemm_address, intptr_t dgemm_address):
-    """Install cblas_sgemm / cblas_dgemm (addresses of fastbp's OpenBLAS, from fastbp._blas)."""
-    global _sgemm, _dgemm
-    if sgemm_address == 0 or dgemm_address == 0:
-        raise ValueError("null BLAS address")
-    _sgemm = <sgemm_ptr>sgemm_address
-    _dgemm = <dgemm_ptr>dgemm_address
-
-
-def _blas_ready():
-    return _sgemm != NULL and _dgemm != NULL
-
-
-cdef inline void _gemm1(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
-                        const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,
-                        floating *c, Py_ssize_t ldc) noexcept nogil:
-    """One BLAS call: row-major C[m, n] = alpha op(A) op(B) + beta C."""
+cdef inline void _gemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
+                       const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,
+                       floating *c, Py_ssize_t ldc) noexcept nogil:
+    """Row-major C[m, n] = alpha op(A) op(B) + beta C through fastbp._gemm (dims validated by the wrappers)."""
     if m == 0 or n == 0:
         return
-    if floating is float:
-        _sgemm(RowMajor, ta, tb, <int>m, <int>n, <int>k, alpha, a, <int>lda, b, <int>ldb, beta, c, <int>ldc)
-    else:
-        _dgemm(RowMajor, ta, tb, <int>m, <int>n, <int>k, alpha, a, <int>lda, b, <int>ldb, beta, c, <int>ldc)
-
-
-cdef void _gemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
-               const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,
-               floating *c, Py_ssize_t ldc) noexcept nogil:
-    """Row-major C[m, n] = alpha op(A) op(B) + beta C (dims validated < 2**31 by the wrappers); m or n == 0: no-op.
-    A product of at least PAR_MIN multiply-adds is cut into column blocks of COL_BLOCK (a cut that depends only
-    on the sizes, so every entry is computed by the same BLAS call whatever the thread count), and the blocks
-    are spread over the threads.  Column block [j0, j1) of op(B) is b + j0 (NoTrans) or b + j0*ldb (Trans)."""
-    cdef int nt = 1
-    cdef Py_ssize_t nb, q, j0, j1
-    if m == 0 or n == 0:
-        return
-    if <double>m * n * k < PAR_MIN or n <= COL_BLOCK:
-        _gemm1(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-        return
-    nb = (n + COL_BLOCK - 1) // COL_BLOCK
-    nt = _threads()
-    if nt > nb:
-        nt = <int>nb
-    if nt <= 1:
-        for q in range(nb):
-            j0 = q * COL_BLOCK
-            j1 = j0 + COL_BLOCK if j0 + COL_BLOCK < n else n
-            _gemm1(ta, tb, m, j1 - j0, k, alpha, a, lda, b + (j0 if tb == NoTrans else j0 * ldb), ldb, beta,
-                   c + j0, ldc)
-        return
-    for q in prange(nb, nogil=True, schedule="static", num_threads=nt):
-        j0 = q * COL_BLOCK
-        j1 = j0 + COL_BLOCK if j0 + COL_BLOCK < n else n
-        _gemm1(ta, tb, m, j1 - j0, k, alpha, a, lda, b + (j0 if tb == NoTrans else j0 * ldb), ldb, beta,
-               c + j0, ldc)
+    fb_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,8 +128,6 @@ cdef _disjoint(list arrays, list names):
 cdef _dims(Py_ssize_t N, Py_ssize_t T, Py_ssize_t K):
     if N * T * K >= INT_MAX or T * K >= INT_MAX:
         raise ValueError(f"sequence buffer (N={N}, T={T}, {K}) is too large for BLAS's 32-bit dimensions")
-    if _sgemm == NULL:
-        raise RuntimeError("fastbp._recurrent: BLAS not installed (import fastbp.time_layers first)")
 
 
 cdef inline void *_p(cnp.ndarray a) noexcept:

@@ -1,4 +1,4 @@
-/* Vectorisable row kernels for fastbp/_kernels.pyx.
+/* Vectorisable row kernels for fastbp/_kernels.pyx (the optimizer updates are in _optim.h).
  *
  * Why C: the exponential is the cost of softmax and sigmoid.  libm's exp/expf is a scalar call, so a loop over
  * it cannot be vectorised; here exp is a branch-free Cody-Waite range reduction plus a polynomial, which GCC
@@ -16,10 +16,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifndef FB_CLONES
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(FASTBP_NO_CLONES)
 #define FB_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FB_CLONES
+#endif
 #endif
 
 static inline float fb_expf(float x)
@@ -187,54 +189,5 @@ FB_CLONES static void NAME(long n, long m, const T *restrict dout, T *restrict d
 
 FB_COLSUM(fb_colsum_f32, float)
 FB_COLSUM(fb_colsum_f64, double)
-
-/* One optimizer step over n elements, in place (formulas of the book's common/optimizer.py):
- * 0 SGD p -= lr g; 1 Momentum v = a v - lr g, p += v; 2 Nesterov v = a v - lr g, p += a a v - (1 + a) lr g;
- * 3 AdaGrad h += g g, p -= lr g / (sqrt(h) + eps); 4 RMSprop h = a h + (1 - a) g g, p -= lr g / (sqrt(h) + eps);
- * 5 Adam m += (1 - a)(g - m), v += (1 - b)(g g - v), p -= lr m / (sqrt(v) + eps) (lr is Adam's lr_t). */
-#define FB_OPT(NAME, T, SQRT)                                                                                 \
-FB_CLONES static void NAME(int kind, long n, T *restrict p, const T *restrict g, T *restrict s1,              \
-                           T *restrict s2, T lr, T a, T b, T eps)                                             \
-{                                                                                                             \
-    long i;                                                                                                   \
-    switch (kind) {                                                                                           \
-    case 0:                                                                                                   \
-        _Pragma("omp simd")                                                                                   \
-        for (i = 0; i < n; i++) p[i] -= lr * g[i];                                                            \
-        break;                                                                                                \
-    case 1:                                                                                                   \
-        _Pragma("omp simd")                                                                                   \
-        for (i = 0; i < n; i++) { T v = a * s1[i] - lr * g[i]; s1[i] = v; p[i] += v; }                       \
-        break;                                                                                                \
-    case 2:                                                                                                   \
-        _Pragma("omp simd")                                                                                   \
-        for (i = 0; i < n; i++) {                                                                             \
-            T gi = g[i], v = a * s1[i] - lr * gi;                                                             \
-            s1[i] = v; p[i] = p[i] + a * a * v - (1 + a) * lr * gi;                                           \
-        }                                                                                                     \
-        break;                                                                                                \
-    case 3:                                                                                                   \
-        _Pragma("omp simd")                                                                                   \
-        for (i = 0; i < n; i++) { T gi = g[i], v = s1[i] + gi * gi; s1[i] = v; p[i] -= lr * gi / (SQRT(v) + eps); } \
-        break;                                                                                                \
-    case 4:                                                                                                   \
-        _Pragma("omp simd")                                                                                   \
-        for (i = 0; i < n; i++) {                                                                             \
-            T gi = g[i], v = a * s1[i] + (1 - a) * gi * gi;                                                   \
-            s1[i] = v; p[i] -= lr * gi / (SQRT(v) + eps);                                                     \
-        }                                                                                                     \
-        break;                                                                                                \
-    case 5:                                                                                                   \
-        _Pragma("omp simd")                                                                                   \
-        for (i = 0; i < n; i++) {                                                                             \
-            T gi = g[i], m = s1[i] + (1 - a) * (gi - s1[i]), v = s2[i] + (1 - b) * (gi * gi - s2[i]);         \
-            s1[i] = m; s2[i] = v; p[i] -= lr * m / (SQRT(v) + eps);                                           \
-        }                                                                                                     \
-        break;                                                                                                \
-    }                                                                                                         \
-}
-
-FB_OPT(fb_opt_f32, float, sqrtf)
-FB_OPT(fb_opt_f64, double, sqrt)
 
 #endif

@@ -33,11 +33,8 @@ Differences from the book, on purpose (also in each class's docstring):
 Every layer takes ``reuse=False``; with ``reuse=True`` returned arrays are workspaces overwritten by the layer's
 next call of the same shape (no allocation after warm-up).
 """
-import ctypes
-
 import numpy as np
 
-from fastbp import _blas
 from fastbp import _embedding as _emb
 from fastbp import _kernels as _k
 from fastbp import _recurrent as _rec
@@ -59,16 +56,6 @@ if "Dropout" in globals():
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _I64 = np.dtype(np.int64)
-
-
-def _install_blas():
-    if not _rec._blas_ready():
-        lib = _blas.ensure_loaded()["lib"]
-        _rec._set_blas(ctypes.cast(lib.scipy_cblas_sgemm, ctypes.c_void_p).value,
-                       ctypes.cast(lib.scipy_cblas_dgemm, ctypes.c_void_p).value)
-
-
-_install_blas()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,11 +37,11 @@ def test_clip_grads_matches_book(dtype, max_norm):
 def test_sum_squares_thread_independent():
     from fastbp import _embedding as _emb
     a = np.random.default_rng(1).standard_normal(300001).astype(np.float32)
+    from test_time_layers import _threads_set
     vals = []
     for nt in (1, 3, 16, 64):
-        _emb._set_num_threads(nt)
-        vals.append(_emb.sum_squares(a))
-    _emb._set_num_threads(0)
+        with _threads_set(nt):
+            vals.append(_emb.sum_squares(a))
     assert len(set(vals)) == 1
     assert abs(vals[0] - np.sum(a.astype(np.float64) ** 2)) < 1e-9 * vals[0]
 
