@@ -29,7 +29,10 @@ ctypedef fused index_t:
     int32_t
     int64_t
 
-cdef Py_ssize_t PARALLEL_MIN = 1 << 16      # elements written below which one block does the whole pass
+# Elements written below which one block does the whole pass.  Both passes are memory-bound: measured on the
+# 2-core EPYC, the 10000 x 100 float32 scatter of 700 rows takes 104 us on one thread and 96 us on two (and far
+# more when the machine is loaded and a woken thread waits for a core), so only large passes are split.
+cdef Py_ssize_t PARALLEL_MIN = 1 << 22
 cdef Py_ssize_t ROW_BLOCK = 256             # destination rows per block of the scatter (fixed: any thread count)
 
 

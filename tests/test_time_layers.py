@@ -378,8 +378,9 @@ def test_lstm_matches_torch():
 @with_dtypes
 def test_scatter_add_deterministic_across_threads(dtype):
     rng = _rng(13)
-    V, D, n = 300, 70, 5000
+    V, D, n = 40000, 110, 5000                              # (V + n) * D above the kernel's parallel threshold
     idx = rng.integers(0, 20, n).astype(np.int32)          # heavy duplication
+    idx[::7] = rng.integers(0, V, idx[::7].size)
     src = rng.standard_normal((n, D)).astype(dtype)
     results = []
     for nt in (1, 3, 16, 64):
