@@ -172,7 +172,7 @@ def torch_rnnlm_step(model, lr, max_grad):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
     return step
 
 
@@ -314,7 +314,7 @@ def case_cbow(rounds):
             t_opt.zero_grad()
             loss.backward()
             t_opt.step()
-            return float(loss)
+            return float(loss.detach())
 
         def t_step():
             c, t = batch()
@@ -381,7 +381,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for fastbp and PyTorch alike (default: each library's own default)")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        from fastbp import _blas, _threads
+        _threads._set_num_threads(args.threads)
+        _blas.set_num_threads(args.threads)
+        if torch is not None:
+            torch.set_num_threads(args.threads)
     cpu = "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -390,7 +398,9 @@ def main(argv=None):
         cpu += ", AVX-512" if "avx512f" in info else ", no AVX-512"
     except (OSError, StopIteration):
         pass
-    print(f"CPU: {cpu} ({platform.machine()}); torch {torch.__version__ if torch else 'not installed'}"
+    from fastbp import _threads
+    print(f"CPU: {cpu} ({platform.machine()}); fastbp {_threads._get_num_threads()} threads; "
+          f"torch {torch.__version__ if torch else 'not installed'}"
           f"{f', {torch.get_num_threads()} threads' if torch else ''}; {args.rounds} interleaved rounds, medians")
     rows = []
     for name in args.cases.split(","):

@@ -3,8 +3,8 @@
 # Book 2's Embedding: a gather (out[i] = W[idx[i]]) and, for the backward, a scatter-add into a zeroed gradient
 # (dW[...] = 0; dW[idx[i]] += dout[i] -- the book's np.add.at).  The scatter is deterministic and parallel:
 #
-#   1. a stable counting sort of the n indices by destination row (counts over the V rows, prefix sums, then
-#      the positions in index order) -- O(n + V), serial, small;
+#   1. per destination row, the list of its source positions in index order (head[V], next[n], built back to
+#      front) -- O(n) plus one memset of V entries, serial, small;
 #   2. the V destination rows are cut into fixed blocks of ROW_BLOCK rows that _threads.parallel_blocks spreads
 #      over fastbp's threads; each block writes whole rows of dW: zero for a row no index hits, else the sum of
 #      its source rows IN INDEX ORDER (accumulated in double for float32, then rounded once).
@@ -24,6 +24,18 @@ from fastbp._typedefs cimport floating
 from fastbp._threads cimport parallel_blocks, even_block
 
 cnp.import_array()
+
+cdef extern from "_embedding.h" nogil:
+    void fb_zero_f32(float *p, long n) noexcept
+    void fb_zero_f64(double *p, long n) noexcept
+
+
+cdef inline void _zero(floating *p, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        fb_zero_f32(p, n)
+    else:
+        fb_zero_f64(p, n)
+
 
 ctypedef fused index_t:
     int32_t
@@ -160,25 +172,30 @@ def gather(W, idx, out):
 # Deterministic scatter-add
 # ---------------------------------------------------------------------------------------------------------------
 cdef inline void _rows(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t D, const floating *src, const floating *scale,
-                       const int64_t *start, const int64_t *order, floating *dw, double *acc) noexcept nogil:
-    """dW rows lo..hi-1: zero, or the in-order sum of the source rows sorted into them."""
-    cdef Py_ssize_t r, p, j, i
+                       const int64_t *head, const int64_t *nxt, floating *dw, double *acc) noexcept nogil:
+    """dW rows lo..hi-1: zero (runs of empty rows in one pass), or the in-order sum of the source rows listed
+    for them (head[r] -> nxt[...] -> ... -> -1, in index order)."""
+    cdef Py_ssize_t r = lo, r0, j
+    cdef int64_t i
     cdef double s
     cdef const floating *row
     cdef floating *dst
-    for r in range(lo, hi):
-        dst = dw + r * D
-        if start[r] == start[r + 1]:
-            memset(dst, 0, D * sizeof(floating))
+    while r < hi:
+        if head[r] < 0:
+            r0 = r
+            while r < hi and head[r] < 0:
+                r += 1
+            _zero(dw + r0 * D, (r - r0) * D)
             continue
-        if floating is double:
-            if start[r + 1] - start[r] == 1 and scale == NULL:
-                memcpy(dst, src + order[start[r]] * D, D * sizeof(double))
-                continue
+        dst = dw + r * D
+        i = head[r]
+        if nxt[i] < 0 and scale == NULL:
+            memcpy(dst, src + i * D, D * sizeof(floating))
+            r += 1
+            continue
         for j in range(D):
             acc[j] = 0.0
-        for p in range(start[r], start[r + 1]):
-            i = order[p]
+        while i >= 0:
             row = src + i * D
             if scale == NULL:
                 for j in range(D):
@@ -187,15 +204,17 @@ cdef inline void _rows(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t D, const floatin
                 s = scale[i]
                 for j in range(D):
                     acc[j] += s * row[j]
+            i = nxt[i]
         for j in range(D):
             dst[j] = <floating>acc[j]
+        r += 1
 
 
 ctypedef struct _scatter_ctx:
     const void *src
     const void *scale
-    const int64_t *start
-    const int64_t *order
+    const int64_t *head
+    const int64_t *nxt
     void *dw
     Py_ssize_t D
     int failed
@@ -207,7 +226,7 @@ cdef void _scatter_block_f(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
     if acc == NULL:
         g.failed = 1
         return
-    _rows[float](lo, hi, g.D, <const float*>g.src, <const float*>g.scale, g.start, g.order, <float*>g.dw, acc)
+    _rows[float](lo, hi, g.D, <const float*>g.src, <const float*>g.scale, g.head, g.nxt, <float*>g.dw, acc)
     free(acc)
 
 
@@ -217,37 +236,30 @@ cdef void _scatter_block_d(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
     if acc == NULL:
         g.failed = 1
         return
-    _rows[double](lo, hi, g.D, <const double*>g.src, <const double*>g.scale, g.start, g.order, <double*>g.dw,
-                  acc)
+    _rows[double](lo, hi, g.D, <const double*>g.src, <const double*>g.scale, g.head, g.nxt, <double*>g.dw, acc)
     free(acc)
 
 
 cdef int _scatter(const floating *src, const floating *scale, Py_ssize_t n, Py_ssize_t D, const index_t *idx,
                   Py_ssize_t V, floating *dw) noexcept nogil:
     """dW = 0; dW[idx[i]] += (scale[i] *) src[i] in index order.  Returns -1 when out of memory."""
-    cdef int64_t *start = <int64_t*>malloc((V + 1) * sizeof(int64_t))
-    cdef int64_t *order = <int64_t*>malloc((n if n > 0 else 1) * sizeof(int64_t))
-    cdef int64_t *fill = <int64_t*>malloc((V if V > 0 else 1) * sizeof(int64_t))
-    cdef Py_ssize_t i, r, block
+    cdef int64_t *head = <int64_t*>malloc((V if V > 0 else 1) * sizeof(int64_t))
+    cdef int64_t *nxt = <int64_t*>malloc((n if n > 0 else 1) * sizeof(int64_t))
+    cdef Py_ssize_t i, block
     cdef int rc = 0
     cdef _scatter_ctx g
-    if start == NULL or order == NULL or fill == NULL:
+    if head == NULL or nxt == NULL:
         rc = -1
     else:
-        # stable counting sort of positions by destination row
-        memset(start, 0, (V + 1) * sizeof(int64_t))
-        for i in range(n):
-            start[idx[i] + 1] += 1
-        for r in range(V):
-            start[r + 1] += start[r]
-        memcpy(fill, start, V * sizeof(int64_t))
-        for i in range(n):
-            order[fill[idx[i]]] = i
-            fill[idx[i]] += 1
+        # per destination row, the list of its source positions in index order (built back to front)
+        memset(head, 0xFF, V * sizeof(int64_t))          # all -1
+        for i in range(n - 1, -1, -1):
+            nxt[i] = head[idx[i]]
+            head[idx[i]] = i
         g.src = src
         g.scale = scale
-        g.start = start
-        g.order = order
+        g.head = head
+        g.nxt = nxt
         g.dw = dw
         g.D = D
         g.failed = 0
@@ -259,9 +271,8 @@ cdef int _scatter(const floating *src, const floating *scale, Py_ssize_t n, Py_s
             parallel_blocks(V, block, _scatter_block_d, &g)
         if g.failed:
             rc = -1
-    free(start)
-    free(order)
-    free(fill)
+    free(head)
+    free(nxt)
     return rc
 
 
