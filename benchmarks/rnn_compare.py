@@ -6,7 +6,9 @@ vs PyTorch eager (CPU), float32, interleaved rounds, median of per-round ratios.
 
 Cases (one "iteration" is what the book's trainers do per mini-batch):
   rnnlm    Rnnlm (vocab 10000, wordvec 100, hidden 100), batch 20, time 35: forward, backward, clip_grads(0.25),
-           SGD(lr 20).  fastbp: fastbp.time_layers + fastbp.util.clip_grads + fastbp.optimizers.SGD.  NumPy: the
+           SGD(lr 20).  fastbp: fastbp.time_layers + fastbp.util.clip_grads + fastbp.optimizers.SGD (also with
+           the layers' reuse=True workspaces: its ratio is reuse=True time over default time, < 1 when the
+           workspaces help).  NumPy: the
            same model on fastbp.reference_time + the book's clip_grads and SGD.  PyTorch: nn.Embedding, nn.LSTM,
            nn.Linear, F.cross_entropy, clip_grad_norm_, optim.SGD (hidden state carried and detached).
   better   BetterRnnlm (2 LSTM layers, hidden/wordvec 650, dropout 0.5, weight tying), batch 20, time 35, same step.
@@ -222,8 +224,13 @@ def case_rnnlm(rounds, better=False):
     cls = BetterRnnlm if better else Rnnlm
     lr, max_grad = 20.0, 0.25
     f_step = make_step(cls(TL), FO.SGD(lr), fast_clip, max_grad)
+    reused = cls(TL)
+    for layer in reused.layers + [reused.loss_layer]:
+        layer.reuse = True
+    r_step = make_step(reused, FO.SGD(lr), fast_clip, max_grad)
     n_step = make_step(cls(REF), BookSGD(lr), book_clip_grads, max_grad)
-    impls = [("fastbp", lambda: f_step(*batch())), ("NumPy", lambda: n_step(*batch()))]
+    impls = [("fastbp", lambda: f_step(*batch())), ("NumPy", lambda: n_step(*batch())),
+             ("fastbp reuse=True", lambda: r_step(*batch()))]
     if torch is not None:
         D = H = 650 if better else 100
         tm = TorchRnnlm(V, D, H, layers=2 if better else 1, dropout=0.5 if better else 0.0, tie=better)
