@@ -44,6 +44,7 @@ from fastbp._workspace import Workspace as _Workspace
 from fastbp.reference import AddLayer, MulLayer, Repeat, Sum  # scalar/broadcast nodes: no hot loop to speed up
 
 __all__ = ["MulLayer", "AddLayer", "Relu", "Sigmoid", "Affine", "MatMul", "SoftmaxWithLoss", "Repeat", "Sum"]
+__all__ += ["Softmax", "SigmoidWithLoss", "Embedding"]   # book 2 (defined at the end of this file)
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -853,3 +854,85 @@ class BatchNormalization(_ref.BatchNormalization):
         _store(self.grads, 0, dg)
         _store(self.grads, 1, db)
         return dx.reshape(self.input_shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Book 2: Softmax, SigmoidWithLoss, Embedding (reference twins in fastbp.reference_time)
+# ---------------------------------------------------------------------------------------------------------------
+from fastbp import _embedding as _emb  # noqa: E402
+from fastbp import reference_time as _ref2  # noqa: E402
+
+
+class Softmax(_ref2.Softmax):
+    """Book 2's Softmax: out = softmax(x) over the last axis; dx = out * (dout - sum(out * dout)).
+
+    Not a hot path in the book's models (they use the fused softmax-with-loss): this is the NumPy twin."""
+
+
+class SigmoidWithLoss(_ref2.SigmoidWithLoss):
+    """Book 2's SigmoidWithLoss: mean binary cross-entropy of sigmoid(x) against 0/1 labels; dx = dout (y - t) / N.
+
+    The loss is the exact ``log(1 + exp(-|x|)) + max(x, 0) - t x``, not the book's ``-log(y + 1e-7)`` (equal to
+    about 1e-7 except where the book's value is capped at 16.1).  Its batch is (N,) scores: a NumPy pass over N
+    numbers; ``fastbp.negative_sampling_layer`` fuses it with the scores of all samples."""
+
+
+def _index_array(idx, ws):
+    """idx as a C-contiguous native int32/int64 array (a copy into the layer's scratch when it is not one)."""
+    idx = np.asarray(idx)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"Embedding: indices must be integers, got dtype {idx.dtype}")
+    if (idx.dtype == np.int32 or idx.dtype == np.int64) and idx.dtype.isnative and idx.flags.c_contiguous:
+        return idx
+    if idx.dtype.kind == "u" and idx.size and idx.max() > np.iinfo(np.int64).max:
+        raise IndexError(f"Embedding: index {idx.max()} is out of range")
+    out = ws.scratch("idx", idx.shape, _I64)
+    np.copyto(out, idx, casting="unsafe")
+    return out
+
+
+class Embedding(_ref2.Embedding):
+    """Book 2's Embedding: out = W[idx] (any index shape); backward: dW = 0, then dW[idx] += dout, duplicates
+    summed in index order (the book's ``np.add.at``), written into ``grads[0]`` in place; returns None.
+
+    Gather and scatter run in fastbp._embedding (parallel over rows; the scatter is deterministic: no atomics,
+    each destination row summed by one thread in index order, in double for float32).  ``W`` is held by
+    reference.  Indices outside ``[0, V)`` raise IndexError (the book's NumPy indexing would wrap negatives).
+    Other dtypes than float32/float64 (or a non-contiguous ``W``) take the NumPy twin's path.
+    """
+
+    def __init__(self, W, *, reuse=False):
+        super().__init__(W)
+        self._ws = _Workspace(reuse)
+        self._idx = None
+
+    reuse = _Fast.reuse
+
+    def forward(self, idx):
+        W = self.params[0]
+        if (type(W) is np.ndarray and (W.dtype is _F32 or W.dtype is _F64) and W.ndim == 2
+                and W.flags.c_contiguous):
+            ik = _index_array(idx, self._ws)
+            D = W.shape[1]
+            out = self._ws.get("out", ik.shape + (D,), W.dtype)
+            _emb.gather(W, ik, out.reshape(-1, D))
+            self.idx = idx
+            self._idx = ik
+            return out
+        self._idx = None
+        return super().forward(idx)
+
+    def backward(self, dout):
+        ik = self._idx
+        if ik is None:
+            return super().backward(dout)
+        dW = self.grads[0]
+        D = dW.shape[1] if dW.ndim == 2 else -1
+        dout = np.asarray(dout)
+        if dout.shape != ik.shape + (D,):
+            raise ValueError(f"Embedding.backward: dout must have shape {ik.shape + (D,)}, got {dout.shape}")
+        if (dW.dtype is _F32 or dW.dtype is _F64) and dW.flags.c_contiguous and dW.flags.writeable:
+            d2 = self._ws.as_dtype("dout", dout, dW.dtype).reshape(-1, D)
+            _emb.scatter_add(d2, ik, dW)
+            return None
+        return super().backward(dout)

@@ -932,3 +932,5 @@ class Pooling(_Layer):
         dmax = np.zeros((d.size, size), _float_of(d))
         dmax[np.arange(self.arg_max.size), self.arg_max.reshape(-1)] = d.reshape(-1)
         return col2im_np(dmax, self.x.shape, self.pool_h, self.pool_w, self.stride, self.pad)
+
+from fastbp.reference_time import *  # noqa: E402,F401,F403  book 2's layers (Embedding, Time*, negative sampling)
