@@ -270,3 +270,6 @@ class MultiLayerNet(_FullyConnectedNet):
                  weight_decay_lambda=0, dtype=np.float64, backend="fastbp"):
         self._build(input_size, hidden_size_list, output_size, activation, weight_init_std,
                     weight_decay_lambda, dtype, backend)
+
+from fastbp.convnets import SimpleConvNet, DeepConvNet, MultiLayerNetExtend  # noqa: E402  (book 1, chapters 6-8)
+__all__ += ["SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"]
