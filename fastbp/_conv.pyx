@@ -22,11 +22,9 @@
 #   (overlapping windows add up, like the book's col2im).  Planes are spread over the threads in even blocks.
 # * The `def` wrappers check ndim, dtype, shape, layout, writability, overlap and BLAS's 32-bit dimensions, then
 #   run `noexcept nogil` kernels that touch only the validated buffers.
-cimport cython
 from libc.string cimport memset, memcpy
 from libc.stdint cimport int32_t
 cimport numpy as cnp
-import numpy as np
 
 cnp.import_array()
 

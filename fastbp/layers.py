@@ -678,7 +678,7 @@ class Convolution(_ref.Convolution):
         x_shape = self._xk.shape
         W_shape = self._W_shape
         fh, fw = W_shape[2:]
-        blk, nb = _ck.sample_block(x_shape[0])
+        nb = _ck.sample_block(x_shape[0])[1]
         db = _grad_target(self.grads, 1, (fn,), dt, ws, "db")
         dW = _grad_target(self.grads, 0, W_shape, dt, ws, "dW")
         dx = dcol = None
