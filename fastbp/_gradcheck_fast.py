@@ -161,3 +161,65 @@ def _layer_problem(layer, x, t, dout, rng, state):
             grads["x"] = np.array(dx, dtype=np.float64)
         return grads
     return named, f, analytic
+
+
+def book1_cnn_cases(seed=0):
+    """[(name, check)] in the format of ``fastbp.cli.gradcheck_cases`` (check() -> {array: max relative error}),
+    float64: Convolution, Pooling, BatchNormalization (2-D, 4-D) against element-wise central differences;
+    Dropout, SimpleConvNet on real 28x28 digits, DeepConvNet and MultiLayerNetExtend (batch norm, dropout,
+    weight decay) with the fast directional check.  Biases start away from 0 so that all-background windows of a
+    digit do not sit on the ReLU kink."""
+    import os
+
+    from fastbp import layers as L
+    from fastbp.convnets import DeepConvNet, MultiLayerNetExtend, SimpleConvNet
+    from fastbp.gradient import gradient_check_layer
+
+    rng = np.random.default_rng(seed)
+    data = np.load(os.path.join(os.path.dirname(__file__), "data", "mnist-5k.npz"))
+    digits = (data["images"][::1250] / 255).reshape(-1, 1, 28, 28)
+    labels = data["labels"][::1250]
+
+    def distinct(shape):
+        size = int(np.prod(shape))
+        return ((rng.permutation(size) - size / 2 + 0.5) * 0.01).reshape(shape)
+
+    def layer(make, x):
+        return lambda: gradient_check_layer(make(), x, raise_on_failure=False)
+
+    def fast(make, x, t=None):
+        def run():
+            state = np.random.get_state()
+            np.random.seed(seed)
+            try:
+                target = make()
+            finally:
+                np.random.set_state(state)
+            return gradient_check_fast(target, x, t, seed=seed, raise_on_failure=False)
+        return run
+
+    def lift_biases(net, n):
+        for i in range(1, n + 1):
+            b = net.params[f"b{i}"]
+            b[...] = 0.05 + 0.05 * np.random.rand(b.size)
+        return net
+
+    W = rng.standard_normal((3, 2, 3, 2))
+    b = rng.standard_normal(3)
+    xc = rng.standard_normal((2, 2, 6, 5))
+    return [
+        ("Convolution stride 2 pad 1", layer(lambda: L.Convolution(W.copy(), b.copy(), 2, 1), xc)),
+        ("Pooling 2x2 stride 2", layer(lambda: L.Pooling(2, 2, 2), distinct((2, 3, 6, 5)))),
+        ("Pooling 3x3 stride 2 pad 1", layer(lambda: L.Pooling(3, 3, 2, 1), distinct((2, 2, 7, 7)))),
+        ("BatchNormalization 2-D", layer(lambda: L.BatchNormalization(1 + rng.random(4), rng.random(4)),
+                                         rng.standard_normal((5, 4)))),
+        ("BatchNormalization 4-D", layer(lambda: L.BatchNormalization(1 + rng.random(12), rng.random(12)),
+                                         rng.standard_normal((3, 3, 2, 2)))),
+        ("Dropout (fast, vTJu)", fast(lambda: L.Dropout(0.4), rng.standard_normal((4, 6)))),
+        ("SimpleConvNet 28x28 digits (fast, vTJu)",
+         fast(lambda: lift_biases(SimpleConvNet(weight_init_std=0.1), 1), digits, labels)),
+        ("DeepConvNet 28x28 digits (fast, vTJu)", fast(lambda: lift_biases(DeepConvNet(), 6), digits[:2], labels[:2])),
+        ("MultiLayerNetExtend bn+dropout+decay (fast, vTJu)",
+         fast(lambda: MultiLayerNetExtend(12, [8, 6], 4, weight_decay_lambda=0.1, use_dropout=True,
+                                          use_batchnorm=True), rng.random((5, 12)), rng.integers(0, 4, 5))),
+    ]
