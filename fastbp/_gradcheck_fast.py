@@ -36,8 +36,8 @@ def _unit(rng, shape):
     return u / n if n > 0 else u
 
 
-def _rel(a, n, floor, noise):
-    return max(abs(a - n) - noise, 0.0) / max(abs(a), abs(n), floor)
+def _rel(a, n, floor):
+    return abs(a - n) / max(abs(a), abs(n), floor)
 
 
 def gradient_check_fast(target, x, t=None, dout=None, *, n_dirs=2, h=None, threshold=None, floor=1e-3,
@@ -45,11 +45,11 @@ def gradient_check_fast(target, x, t=None, dout=None, *, n_dirs=2, h=None, thres
     """{name: worst relative error over n_dirs random unit directions} of backprop's directional derivative
     against a central difference along the same direction; raises GradientCheckError above ``threshold``.
 
-    The relative error is ``|a - n| / max(|a|, |n|, floor * max(||grad||, 1e-6 * largest ||grad|| checked))``: a
-    direction almost orthogonal to the gradient compares absolutely, at ``floor`` times the gradient's norm (the
-    largest directional derivative), and a gradient that is zero in exact arithmetic (an Affine bias feeding a
-    batch norm) at a millionth of the largest gradient's; a difference within the rounding noise of the
-    difference quotient (64 eps |f| / h) is not counted.
+    The relative error is ``|a - n| / max(|a|, |n|, floor * max(||grad||, 1e-6 * largest ||grad|| checked),
+    noise / threshold)``: a direction almost orthogonal to the gradient compares absolutely, at ``floor`` times the
+    gradient's norm (the largest directional derivative); a gradient that is zero in exact arithmetic (an Affine
+    bias feeding a batch norm) at a millionth of the largest gradient's; and a difference within the rounding
+    noise of the difference quotient (noise = 8 eps |f| / h) stays within the threshold.
     ``h`` defaults to 1e-5 (float64 parameters; small, so that a perturbation of every element at once rarely
     crosses a ReLU or max-pooling kink) or 1e-2 (float32); ``threshold`` to 1e-6 / 5e-2.  ``dout`` (a
     layer's output gradient) defaults to a random unit array ``v``.
@@ -71,17 +71,17 @@ def gradient_check_fast(target, x, t=None, dout=None, *, n_dirs=2, h=None, thres
         grads = {k: np.asarray(g, np.float64) for k, g in analytic().items()}
         biggest = max([float(np.linalg.norm(grads[name])) for name, _ in named] + [0.0])
         # rounding noise of a difference quotient of f: what no numerical derivative resolves
-        noise = 64 * np.finfo(np.float64 if f64 else np.float32).eps * max(abs(f()), 1.0) / h
+        noise = 8 * np.finfo(np.float64 if f64 else np.float32).eps * max(abs(f()), 1.0) / h
         errors = {}
         for name, arr in named:
             g = grads[name]
-            scale = floor * max(float(np.linalg.norm(g)), 1e-6 * biggest) or 1e-300
+            scale = max(floor * max(float(np.linalg.norm(g)), 1e-6 * biggest), noise / threshold) or 1e-300
             worst = 0.0
             for _ in range(n_dirs):
                 u = _unit(rng, arr.shape)
                 a = float(np.vdot(g, u))
                 num = _directional(f, arr, u, h)
-                worst = max(worst, _rel(a, num, scale, noise))
+                worst = max(worst, _rel(a, num, scale))
             errors[name] = worst
     finally:
         np.random.set_state(state)
