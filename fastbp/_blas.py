@@ -7,7 +7,7 @@ untouched: different file, different globals, different thread pool.
 Why a copy of our own: OpenBLAS picks its kernels once, when the library is loaded, from ``OPENBLAS_CORETYPE``
 or from CPUID.  On some machines (this project's development machines among them) the environment pins NumPy's
 OpenBLAS to the AVX2 "Haswell" kernels, which reach about half the float32 GEMM rate of the AVX-512 "SkylakeX"
-kernels on a CPU that has AVX-512 (measured: 2048^3 sgemm 215 vs 435-460 GFLOP/s; 100x784x50 47 vs 30 us).
+kernels on a CPU that has AVX-512 (the measured rates are in the README, the one place figures are kept).
 Loading a second copy lets fastbp choose for itself without changing NumPy's behaviour:
 
 * ``FASTBP_BLAS_CORETYPE=<name>`` forces a core type for fastbp's copy (e.g. ``Haswell``, ``SkylakeX``).
@@ -16,6 +16,18 @@ Loading a second copy lets fastbp choose for itself without changing NumPy's beh
   fastbp's copy loads with ``SkylakeX``; otherwise ``OPENBLAS_CORETYPE`` is left as it is, so a CPU without
   AVX-512 gets OpenBLAS's own choice (never an instruction it lacks).
 
+A core type the CPU cannot run -- forced, or inherited from ``OPENBLAS_CORETYPE`` (OpenBLAS itself does not check
+a forced type: ``SkylakeX`` on a CPU without AVX-512 dies of SIGILL at the first GEMM) -- is refused with a
+``RuntimeWarning`` naming the missing CPU flags, and fastbp's copy loads with OpenBLAS's own choice instead
+(``OPENBLAS_CORETYPE`` removed around the load).  :data:`CORE_FLAGS` lists what each x86-64 core type needs; an
+x86-64 name OpenBLAS does not know is refused the same way.  Elsewhere (aarch64, ...) the name is passed on.
+
+The CPU flags come from ``/proc/cpuinfo`` (NumPy's runtime CPU features elsewhere), less any listed in
+``FASTBP_DISABLE_CPU_FEATURES`` (comma- or space-separated flag names as ``/proc/cpuinfo`` spells them, shell
+patterns allowed, e.g. ``avx512*``): fastbp then chooses as on a CPU without them, and since OpenBLAS's own choice
+would still see them, loads its copy with the best core type the remaining flags allow (``Haswell`` for
+``avx512*`` on an AVX-512 machine).  This is how the tests simulate an AVX2-only CPU on an AVX-512 one.
+
 The environment variable is set only around the ``dlopen`` call (and the first BLAS call, which is when OpenBLAS
 picks its kernels) and restored at once.  If another package of the same process has already loaded the
 scipy-openblas32 library, ``dlopen`` returns that instance: its kernel type is then whatever it was loaded with
@@ -23,9 +35,13 @@ scipy-openblas32 library, ``dlopen`` returns that instance: its kernel type is t
 is decided by :func:`_choose_threading` (``FASTBP_BLAS_THREADING``, ``FASTBP_NUM_THREADS``).
 """
 import ctypes
+import fnmatch
 import glob
 import os
+import platform
+import re
 import threading
+import warnings
 
 _lock = threading.Lock()
 _state = {}
@@ -38,8 +54,47 @@ SMALL_MATRIX_MNK = 1_000_000
 SKYLAKEX_FLAGS = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
 
 
-def cpu_flags():
-    """The CPU feature flags Linux reports in /proc/cpuinfo (empty set elsewhere)."""
+#: Largest FASTBP_NUM_THREADS / set_num_threads value accepted.
+MAX_THREADS = 1024
+
+#: CPU flags (as /proc/cpuinfo names them) the kernels of each x86-64 OpenBLAS core type execute, beyond the
+#: SSE2 every x86-64 CPU has (names are matched case-insensitively, as OpenBLAS does).  The 32-bit-only core
+#: types are aliases of Prescott on x86-64.
+CORE_FLAGS = {
+    "Katmai": ("pni",), "Coppermine": ("pni",), "Northwood": ("pni",), "Banias": ("pni",), "Athlon": ("pni",),
+    "Prescott": ("pni",), "Opteron": (), "Opteron_SSE3": ("pni",), "Nano": ("pni",),
+    "Atom": ("pni", "ssse3"), "Core2": ("pni", "ssse3"), "Bobcat": ("pni", "ssse3"),
+    "Penryn": ("pni", "ssse3", "sse4_1"), "Dunnington": ("pni", "ssse3", "sse4_1"),
+    "Barcelona": ("pni", "sse4a"),
+    "Nehalem": ("pni", "ssse3", "sse4_1", "sse4_2"),
+    "Sandybridge": ("sse4_2", "avx"),
+    "Bulldozer": ("sse4_2", "avx", "fma4"),
+    "Piledriver": ("sse4_2", "avx", "fma", "fma4"), "Steamroller": ("sse4_2", "avx", "fma", "fma4"),
+    "Excavator": ("sse4_2", "avx", "avx2", "fma", "fma4"),
+    "Haswell": ("sse4_2", "avx", "avx2", "fma"), "Zen": ("sse4_2", "avx", "avx2", "fma"),
+    "SkylakeX": ("avx", "avx2", "fma") + SKYLAKEX_FLAGS,
+    "Cooperlake": ("avx", "avx2", "fma") + SKYLAKEX_FLAGS + ("avx512_bf16",),
+    "SapphireRapids": ("avx", "avx2", "fma") + SKYLAKEX_FLAGS + ("avx512_bf16", "avx512_fp16", "amx_tile",
+                                                                 "amx_bf16"),
+}
+
+#: Core types tried, best first, when fastbp must name one itself (features disabled by the environment).
+_FALLBACK_ORDER = ("Cooperlake", "SkylakeX", "Haswell", "Sandybridge", "Nehalem", "Core2", "Prescott")
+
+# NumPy's names of its runtime CPU features -> /proc/cpuinfo names (for systems without /proc/cpuinfo).
+_NUMPY_FEATURES = {
+    "SSE3": "pni", "SSSE3": "ssse3", "SSE41": "sse4_1", "SSE42": "sse4_2", "AVX": "avx", "FMA3": "fma",
+    "FMA4": "fma4", "AVX2": "avx2", "AVX512F": "avx512f", "AVX512CD": "avx512cd", "AVX512BW": "avx512bw",
+    "AVX512DQ": "avx512dq", "AVX512VL": "avx512vl", "AVX512BF16": "avx512_bf16", "AVX512FP16": "avx512_fp16",
+}
+
+
+def _is_x86():
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
+
+
+def _raw_cpu_flags():
+    """The CPU feature flags Linux reports in /proc/cpuinfo; NumPy's runtime CPU features elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -47,19 +102,129 @@ def cpu_flags():
                     return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as feats
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as feats
+        except ImportError:
+            return set()
+    return {name for key, name in _NUMPY_FEATURES.items() if feats.get(key)}
 
 
-def _choose_coretype(flags):
-    """(coretype to load with or None to leave the environment alone, reason)."""
-    want = os.environ.get("FASTBP_BLAS_CORETYPE", "auto").strip()
+def disabled_cpu_features(environ=None):
+    """The patterns of FASTBP_DISABLE_CPU_FEATURES (lower case), empty when unset."""
+    text = (os.environ if environ is None else environ).get("FASTBP_DISABLE_CPU_FEATURES", "")
+    return tuple(p.lower() for p in re.split(r"[\s,]+", text) if p)
+
+
+def cpu_flags(environ=None):
+    """The CPU feature flags fastbp goes by: what the CPU reports, less FASTBP_DISABLE_CPU_FEATURES."""
+    flags = _raw_cpu_flags()
+    off = disabled_cpu_features(environ)
+    if off:
+        flags = {f for f in flags if not any(fnmatch.fnmatchcase(f.lower(), p) for p in off)}
+    return flags
+
+
+def core_flags(name):
+    """(canonical OpenBLAS name, flags it needs) for an x86-64 core type name (any case); KeyError if unknown."""
+    for canon, need in CORE_FLAGS.items():
+        if canon.lower() == name.strip().lower():
+            return canon, need
+    raise KeyError(name)
+
+
+#: _choose_coretype's answer when OPENBLAS_CORETYPE must be removed around the load (OpenBLAS's own choice).
+CPUID = "<cpuid>"
+
+
+def _check_runnable(name, flags, origin):
+    """None when core type `name` can run on a CPU with `flags`, else the warning text."""
+    if not _is_x86() or not flags:
+        return None             # not x86 (OpenBLAS checks its own names there), or flags unknown: not checked
+    try:
+        canon, need = core_flags(name)
+    except KeyError:
+        return (f"{origin}={name!r} is not a core type of OpenBLAS for x86-64 (known: "
+                f"{', '.join(CORE_FLAGS)}); ignored")
+    missing = [f for f in need if f not in flags]
+    if missing:
+        also = " (NumPy's own OpenBLAS still follows it)" if origin == "OPENBLAS_CORETYPE" else ""
+        return f"{origin}={name} needs CPU flags this CPU lacks ({' '.join(missing)}); ignored{also}"
+    return None
+
+
+def _best_core(flags):
+    for name in _FALLBACK_ORDER:
+        if all(f in flags for f in CORE_FLAGS[name]):
+            return name
+    return "Prescott"
+
+
+def _fallback(flags, environ):
+    """What to load with when fastbp does not take a core type from the environment: OpenBLAS's own choice,
+    unless features were disabled, which OpenBLAS's CPUID detection would not know."""
+    if disabled_cpu_features(environ) and _is_x86() and flags:
+        best = _best_core(flags)
+        return best, f"{best}: the best core type without FASTBP_DISABLE_CPU_FEATURES"
+    return CPUID, "OpenBLAS's own choice"
+
+
+def _choose_coretype(flags, environ=None):
+    """(coretype, reason, warning): coretype is a name to load with, None to leave OPENBLAS_CORETYPE alone, or
+    CPUID to remove it around the load (OpenBLAS's own choice); warning is None or the refusal text."""
+    env = os.environ if environ is None else environ
+    want = env.get("FASTBP_BLAS_CORETYPE", "auto").strip()
+    inherited = env.get("OPENBLAS_CORETYPE", "").strip()
+    if want and want.lower() not in ("auto", "inherit"):
+        refused = _check_runnable(want, flags, "FASTBP_BLAS_CORETYPE")
+        if refused is None:
+            return want, "FASTBP_BLAS_CORETYPE", None
+        core, why = _fallback(flags, env)
+        return core, f"FASTBP_BLAS_CORETYPE={want} refused: {why}", refused
+    if want.lower() != "inherit" and all(f in flags for f in SKYLAKEX_FLAGS):
+        return "SkylakeX", "CPU has AVX-512 F/CD/BW/DQ/VL", None
+    if inherited:
+        refused = _check_runnable(inherited, flags, "OPENBLAS_CORETYPE")
+        if refused is None:
+            if disabled_cpu_features(env) and _is_x86() and flags:
+                return inherited, "OPENBLAS_CORETYPE", None
+            return None, f"OPENBLAS_CORETYPE={inherited}", None
+        core, why = _fallback(flags, env)
+        return core, f"OPENBLAS_CORETYPE={inherited} refused: {why}", refused
     if want.lower() == "inherit":
-        return None, "FASTBP_BLAS_CORETYPE=inherit"
-    if want and want.lower() != "auto":
-        return want, "FASTBP_BLAS_CORETYPE"
-    if all(f in flags for f in SKYLAKEX_FLAGS):
-        return "SkylakeX", "CPU has AVX-512 F/CD/BW/DQ/VL"
-    return None, "CPU lacks AVX-512: OpenBLAS's own choice"
+        core, why = _fallback(flags, env)
+        return (None if core == CPUID else core), f"FASTBP_BLAS_CORETYPE=inherit: {why}", None
+    core, why = _fallback(flags, env)
+    return (None if core == CPUID else core), f"CPU lacks AVX-512: {why}", None
+
+
+def env_num_threads(environ=None):
+    """FASTBP_NUM_THREADS as an int in 1..MAX_THREADS, None when unset or empty; ValueError naming the variable
+    and the accepted range otherwise."""
+    text = (os.environ if environ is None else environ).get("FASTBP_NUM_THREADS")
+    if text is None or not text.strip():
+        return None
+    t = text.strip()
+    n = int(t) if re.fullmatch(r"\+?[0-9]{1,7}", t) else None
+    if n is None or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"FASTBP_NUM_THREADS must be an integer in 1..{MAX_THREADS} (or unset), got {text!r}")
+    return n
+
+
+def env_threading(environ=None):
+    """FASTBP_BLAS_THREADING (lower case, default 'split'); ValueError if it is not one of THREADING_MODES."""
+    mode = (os.environ if environ is None else environ).get("FASTBP_BLAS_THREADING", "split").strip().lower()
+    if mode not in THREADING_MODES:
+        raise ValueError(f"FASTBP_BLAS_THREADING must be one of {THREADING_MODES}, got {mode!r}")
+    return mode
+
+
+def check_environment(environ=None):
+    """Raise ValueError for a FASTBP_NUM_THREADS or FASTBP_BLAS_THREADING fastbp cannot use (done at import)."""
+    env_num_threads(environ)
+    env_threading(environ)
 
 
 def _library_path():
@@ -88,10 +253,15 @@ def ensure_loaded():
         if _state:
             return _state
         path = _library_path()
-        coretype, reason = _choose_coretype(cpu_flags())
+        coretype, reason, refused = _choose_coretype(cpu_flags())
+        if refused is not None:
+            warnings.warn(f"fastbp: {refused}; fastbp's OpenBLAS loads with {reason.split(': ', 1)[-1]}",
+                          RuntimeWarning, stacklevel=2)
         old = os.environ.get("OPENBLAS_CORETYPE")
         try:
-            if coretype is not None:
+            if coretype == CPUID:
+                os.environ.pop("OPENBLAS_CORETYPE", None)
+            elif coretype is not None:
                 os.environ["OPENBLAS_CORETYPE"] = coretype
             lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_LOCAL", 0) | getattr(os, "RTLD_NOW", 2))
             mode = _choose_threading(lib, _gemm)
@@ -114,14 +284,15 @@ def ensure_loaded():
         lib.scipy_openblas_get_num_threads.restype = ctypes.c_int
         _gemm._set_gemm(*addresses)
         # OpenBLAS's SkylakeX-family cores run products of up to 10^6 multiply-adds with a small-matrix kernel
-        # that skips packing (measured: 20% faster in float32, 55% in float64 at 100 x 200 x 50): aim for it.
+        # that skips packing (faster on the book's small products, see the README's figures): aim for it.
         core = lib.scipy_openblas_get_corename().decode()
         _gemm._set_small_mnk(SMALL_MATRIX_MNK if core.lower() in SMALL_MATRIX_CORES else 0)
         _state.update(
             library=path,
             lib=lib,
-            requested_coretype=coretype,
+            requested_coretype=None if coretype == CPUID else coretype,
             reason=reason,
+            refused=refused,
             threading=mode,
         )
         return _state
@@ -141,13 +312,10 @@ def _choose_threading(lib, kernels):
     FASTBP_BLAS_THREADING picks one; FASTBP_NUM_THREADS sets the thread count (default: the OpenMP count).
     """
     openmp = kernels.build_info()["openmp"]
-    mode = os.environ.get("FASTBP_BLAS_THREADING", "split").strip().lower()
-    if mode not in THREADING_MODES:
-        raise ValueError(f"FASTBP_BLAS_THREADING must be one of {THREADING_MODES}, got {mode!r}")
+    mode = env_threading()
     if not openmp:
         mode = "openblas"
-    env_n = os.environ.get("FASTBP_NUM_THREADS", "").strip()
-    n = max(1, int(env_n)) if env_n else None
+    n = env_num_threads()
     if mode == "split":
         lib.scipy_openblas_set_num_threads(ctypes.c_int(1))
         kernels._set_gemm_threads(n or kernels.build_info()["openmp_max_threads"])
@@ -165,6 +333,8 @@ def set_num_threads(n):
     n = int(n)
     if n < 1:
         raise ValueError(f"number of threads must be >= 1, got {n}")
+    if n > MAX_THREADS:
+        raise ValueError(f"number of threads must be <= {MAX_THREADS}, got {n}")
     st = ensure_loaded()
     if st["threading"] == "split":
         from fastbp import _kernels
@@ -192,6 +362,12 @@ def info():
         "corename": lib.scipy_openblas_get_corename().decode(),
         "requested_coretype": st["requested_coretype"],
         "reason": st["reason"],
+        "refused": st.get("refused"),
         "num_threads": get_num_threads(),
         "threading": st["threading"],
     }
+
+
+# A setting fastbp cannot use is an error at import (the modules that run kernels import this one), not a bare
+# int() error at the first GEMM.
+check_environment()

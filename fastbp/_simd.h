@@ -77,11 +77,17 @@ static inline double fb_exp(double x)
 
 /* Softmax with cross-entropy over a block of `rows` rows of `c` classes.  y = softmax(x) row-wise;
  * g = scale * (y - target) unless g is NULL; target is onehot (rows x c) when onehot != NULL, else the one-hot
- * vector of labels[i].  rowloss[i] = sum_j target_j * (logsumexp(x_i) - x_ij), as log(sum) + (max - x_ij).
+ * vector of labels[i].  rowloss[i] = sum_j target_j * (logsumexp(x_i) - x_ij).  With has_ignore, a row whose
+ * label is `ignore` gets y but rowloss 0 and a zero gradient row.
+ * Accuracy: with e_j = exp(x_j - max) (e = 1 at the max) and r = sum of the e_j other than one 1, the sum is 1 + r,
+ *   logsumexp - x_t = (max - x_t) + log1p(r)       in double: no cancellation when the max dominates (tiny loss),
+ *                                                  and finite for float32 logits whose loss is beyond float32;
+ *   g_t = -scale * (sum_{j != t} e_j) / (1 + r)    in double, where y_t - 1 would cancel in float32.
  * The exponentials run over the whole block in one loop, so short rows (C = 10) still fill the vector lanes. */
 #define FB_SOFTMAX_BLOCK(NAME, T, EXP)                                                                        \
 FB_CLONES static void NAME(const T *restrict x, T *restrict y, T *restrict g, long rows, long c, T scale,     \
-                           const T *restrict onehot, const int64_t *restrict labels, double *restrict rowloss) \
+                           const T *restrict onehot, const int64_t *restrict labels, int has_ignore,          \
+                           int64_t ignore, double *restrict rowloss)                                          \
 {                                                                                                             \
     long i, j;                                                                                                \
     for (i = 0; i < rows; i++) {                                                                              \
@@ -95,12 +101,12 @@ FB_CLONES static void NAME(const T *restrict x, T *restrict y, T *restrict g, lo
         _Pragma("omp simd")                                                                                   \
         for (j = 0; j < c; j++) yr[j] = xr[j] - m;                                                            \
         if (onehot == NULL) {                                                                                 \
-            rowloss[i] = -(double)yr[labels[i]];                                                              \
+            rowloss[i] = (has_ignore && labels[i] == ignore) ? 0.0 : (double)m - (double)xr[labels[i]];      \
         } else {                                                                                              \
             const T *tr = onehot + i * c;                                                                     \
             double acc = 0.0;                                                                                 \
-            for (j = 0; j < c; j++) if (tr[j] != 0) acc += (double)tr[j] * (double)yr[j];                     \
-            rowloss[i] = -acc;                                                                                \
+            for (j = 0; j < c; j++) if (tr[j] != 0) acc += (double)tr[j] * ((double)m - (double)xr[j]);       \
+            rowloss[i] = acc;                                                                                 \
         }                                                                                                     \
     }                                                                                                         \
     long total = rows * c;                                                                                    \
@@ -108,20 +114,30 @@ FB_CLONES static void NAME(const T *restrict x, T *restrict y, T *restrict g, lo
     for (i = 0; i < total; i++) y[i] = EXP(y[i]);                                                             \
     for (i = 0; i < rows; i++) {                                                                              \
         T *yr = y + i * c;                                                                                    \
-        double s = 0.0;                                                                                       \
-        _Pragma("omp simd reduction(+:s)")                                                                    \
-        for (j = 0; j < c; j++) s += (double)yr[j];                                                           \
+        double r = 0.0, ones = 0.0;                                                                           \
+        _Pragma("omp simd reduction(+:r,ones)")                                                               \
+        for (j = 0; j < c; j++) { double e = (double)yr[j]; r += e == 1.0 ? 0.0 : e; ones += e == 1.0; }     \
+        r += ones - 1.0;                            /* the sum of the e_j but one 1 (the max's) */           \
+        double s = 1.0 + r;                                                                                   \
         T inv = (T)(1.0 / s);                                                                                 \
-        double logs = log(s);                                                                                 \
+        double logs = log1p(r);                                                                               \
+        int skip = onehot == NULL && has_ignore && labels[i] == ignore;                                       \
+        double et = onehot == NULL && !skip ? (double)yr[labels[i]] : 0.0;                                    \
         _Pragma("omp simd")                                                                                   \
         for (j = 0; j < c; j++) yr[j] *= inv;                                                                 \
         if (onehot == NULL) {                                                                                 \
+            if (skip) {                                                                                       \
+                if (g != NULL) memset(g + i * c, 0, (size_t)c * sizeof(T));                                   \
+                continue;                                                                                     \
+            }                                                                                                 \
             rowloss[i] += logs;                                                                               \
             if (g != NULL) {                                                                                  \
                 T *gr = g + i * c;                                                                            \
                 _Pragma("omp simd")                                                                           \
                 for (j = 0; j < c; j++) gr[j] = scale * yr[j];                                                \
-                gr[labels[i]] -= scale;                                                                       \
+                /* the e_j other than e_t: r when e_t is a 1 (r holds the other ones), else 1 + r - e_t */   \
+                double others = et == 1.0 ? r : s - et;                                                       \
+                gr[labels[i]] = (T)(-(double)scale * others / s);                                             \
             }                                                                                                 \
         } else {                                                                                              \
             const T *tr = onehot + i * c;                                                                     \

@@ -22,6 +22,7 @@ cdef extern from "_threads.h" nogil:
     int FASTBP_OPENMP
     int fb_omp_max_threads() noexcept
     int fb_in_parallel() noexcept
+    int fb_thread_num() noexcept
     void *fb_blas_threads_address() noexcept
 
 cdef int _nthreads = 1
@@ -149,6 +150,21 @@ def _block_owners(Py_ssize_t n, Py_ssize_t block, int nthreads=0):
         else:
             parallel_blocks(n, block, _record_block, p)
     return [v - 1 for v in owners]
+
+
+cdef void _record_thread(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    (<long long*>ctx)[j] = fb_thread_num()
+
+
+def _block_threads(Py_ssize_t nblocks):
+    """For tests: the OpenMP thread that ran each of nblocks one-element blocks of parallel_blocks."""
+    import array
+    got = array.array("q", [-1]) * nblocks if nblocks > 0 else array.array("q")
+    cdef long long[::1] o = got
+    cdef void *p = &o[0] if nblocks > 0 else NULL
+    with nogil:
+        parallel_blocks(nblocks, 1, _record_thread, p)
+    return list(got)
 
 
 def _reduce_blocks(partials, Py_ssize_t nblocks, Py_ssize_t width):

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import math
 import http.client
 import os
 import pickle
+import pickletools
 import sys
 import urllib.error
 import urllib.request
@@ -409,11 +411,36 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+#: Largest mnist.pkl read (the book's is about 55 MB: 70,000 uint8 images of 784 bytes and their labels).
+MAX_PICKLE_BYTES = 1 << 30
+
+
+def _check_pickle_ops(raw):
+    """Walk the pickle's opcodes without building anything: every counted string, bytes object and frame must
+    fit in the file (a damaged or hostile header claiming 2**40 bytes would otherwise be allocated first)."""
+    size = len(raw)
+    stream = io.BytesIO(raw)
+    for op, arg, pos in pickletools.genops(stream):   # (short counted strings raise ValueError here)
+        if op.name == "FRAME" and pos + 9 + arg > size:
+            raise ValueError(f"frame at byte {pos} claims {arg} bytes but only {size - pos - 9} remain")
+        if op.name == "STOP":
+            return
+
+
 def _load_pickle(path):
+    size = os.path.getsize(path)
+    if size > MAX_PICKLE_BYTES:
+        raise ValueError(f"{path}: cannot read the book's {PICKLE_NAME}: the file has {size} bytes, more than "
+                         f"any MNIST pickle ({MAX_PICKLE_BYTES} bytes at most)")
     try:
         with open(path, "rb") as f:
-            obj = _NumpyOnlyUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+            raw = f.read(size + 1)
+        if len(raw) > MAX_PICKLE_BYTES:
+            raise ValueError(f"the file grew past {MAX_PICKLE_BYTES} bytes while being read")
+        _check_pickle_ops(raw)
+        obj = _NumpyOnlyUnpickler(io.BytesIO(raw)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            OverflowError, RecursionError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read the book's {PICKLE_NAME}: "
                          f"{type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict) or not all(k in obj for k in PICKLE_KEYS):

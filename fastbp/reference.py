@@ -13,7 +13,21 @@ from Scratch* (books 1 and 2) with these deliberate differences:
   the expected and the actual shape/dtype/value.
 
 Every layer has ``params``/``grads`` lists (book 2) and ``__call__`` is
-``forward``.
+``forward``.  Gradients of parameters are written into the ``grads`` arrays
+in place (``grads[0][...] = dW``, converted to their dtype, as book 2 does):
+they are created once (like the parameter for a float parameter, float64 for
+an integer one) and never replaced unless the parameter changes shape.
+
+dtypes follow NumPy's rules: the dtype of a result is NumPy's for the book's
+formula.  Where a layer takes ``exp`` of its input (``Sigmoid``,
+``SoftmaxWithLoss``), integer and bool inputs promote as ``np.exp`` promotes
+them (int8/uint8/bool -> float16, int16/uint16 -> float32, wider -> float64);
+:func:`exp_dtype` is that rule, shared by :mod:`fastbp.layers` and
+:mod:`fastbp.functions`.
+
+A layer instance holds the state of its last forward pass, so it is not
+thread-safe (as in NumPy-based frameworks): use one instance per thread.
+Separate instances share nothing and may run in parallel.
 """
 
 import warnings
@@ -47,12 +61,45 @@ def _numeric(a, name, owner):
     return a
 
 
+def exp_dtype(dtype):
+    """The dtype np.exp gives for an array of `dtype` (native byte order): floats keep theirs, bool and integers
+    promote as NumPy promotes them with float16 (bool/int8/uint8 -> float16, int16/uint16 -> float32, wider
+    integers -> float64).  The one promotion rule of the layers and functions that take exp of their input."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return dtype.newbyteorder("=")
+    return np.result_type(dtype, np.float16)
+
+
 def _floating(a, name, owner):
     """np.asarray(a) as a floating array; bool/int promoted as np.exp promotes them (int16 -> float32, ...)."""
     a = _numeric(a, name, owner)
     if a.dtype.kind != "f":
-        a = a.astype(np.result_type(a.dtype, np.float16))
+        a = a.astype(exp_dtype(a.dtype))
     return a
+
+
+def _grad_like(p):
+    """The gradient array of parameter `p`: zeros of p's shape and dtype (float64 for an integer/bool `p`)."""
+    dt = p.dtype
+    if dt.kind != "f":
+        dt = np.dtype(np.float64)
+    elif not dt.isnative:
+        dt = np.dtype(dt.type)          # NumPy's own native dtype object (what `is` checks expect)
+    return np.zeros(p.shape, dt)
+
+
+def _store_grad(grads, i, value, owner):
+    """grads[i][...] = value (converted to its dtype), in place: book 2 keeps its own list of the grads arrays.
+
+    Only a gradient of a new shape (the parameter was replaced by one of another shape) replaces grads[i]."""
+    g = grads[i]
+    if not isinstance(g, np.ndarray) or g.shape != np.shape(value):
+        grads[i] = np.array(value, dtype=value.dtype if value.dtype.kind == "f" else np.float64)
+        return
+    if not g.flags.writeable:
+        raise ValueError(f"{owner}.backward: grads[{i}] is read-only; gradients are written into it in place")
+    np.copyto(g, value, casting="unsafe")
 
 
 def _check_dout(dout, shape, owner):
@@ -239,7 +286,10 @@ class Affine(_Layer):
     W and b are kept by reference (``params = [W, b]``) and re-read at every
     forward, so in-place updates such as ``W -= lr * dW`` are seen.  ``W``/``b``
     and ``dW``/``db`` are views onto ``params``/``grads``; the gradients are
-    written in place into the arrays preallocated with ``np.zeros_like``.
+    written in place (``grads[0][...] = dW``, converted to their dtype, as book
+    2 does) into the arrays created once like W and b (float64 for integer
+    ones), whatever the dtypes of x and dout: book 2 keeps its own list of
+    them.  A read-only grads array raises ValueError.
     """
 
     def __init__(self, W, b):
@@ -247,7 +297,7 @@ class Affine(_Layer):
         W = _check_weight(W, "Affine")
         b = _check_bias(b, W, "Affine")
         self.params = [W, b]
-        self.grads = [np.zeros_like(W), np.zeros_like(b)]
+        self.grads = [_grad_like(W), _grad_like(b)]
         self.x = None
         self.original_x_shape = None
 
@@ -293,18 +343,8 @@ class Affine(_Layer):
         x2 = self.x
         dout = _check_dout(dout, (x2.shape[0], W.shape[1]), "Affine")
         dx = (dout @ W.T).reshape(self.original_x_shape)
-
-        dW_dtype = np.result_type(x2, dout)
-        g = self.grads[0]
-        if isinstance(g, np.ndarray) and g.shape == W.shape and g.dtype == dW_dtype:
-            np.matmul(x2.T, dout, out=g)
-        else:
-            self.grads[0] = x2.T @ dout
-        g = self.grads[1]
-        if isinstance(g, np.ndarray) and g.shape == (dout.shape[1],) and g.dtype == dout.dtype:
-            np.sum(dout, axis=0, out=g)
-        else:
-            self.grads[1] = np.sum(dout, axis=0)
+        _store_grad(self.grads, 0, x2.T @ dout, "Affine")
+        _store_grad(self.grads, 1, np.sum(dout, axis=0), "Affine")
         return dx
 
 
@@ -315,7 +355,7 @@ class MatMul(_Layer):
         super().__init__()
         W = _check_weight(W, "MatMul")
         self.params = [W]
-        self.grads = [np.zeros_like(W)]
+        self.grads = [_grad_like(W)]
         self.x = None
 
     W = property(lambda self: self.params[0],
@@ -343,11 +383,7 @@ class MatMul(_Layer):
         x = self.x
         dout = _check_dout(dout, (x.shape[0], W.shape[1]), "MatMul")
         dx = dout @ W.T
-        g = self.grads[0]
-        if isinstance(g, np.ndarray) and g.shape == W.shape and g.dtype == np.result_type(x, dout):
-            np.matmul(x.T, dout, out=g)
-        else:
-            self.grads[0] = x.T @ dout
+        _store_grad(self.grads, 0, x.T @ dout, "MatMul")
         return dx
 
 
@@ -426,13 +462,26 @@ class SoftmaxWithLoss(_Layer):
 
     @staticmethod
     def _check_targets(x, t, n, c):
-        """Return (labels (N,), None) or (None, target rows (N, C)) after validation."""
-        label_shape = x.shape[:-1]
+        """Return (labels (N,), None) or (None, target rows (N, C)) after validation.
+
+        Every form the book's ``cross_entropy_error`` accepts: labels (N,) or (N, 1); one-hot rows (N, C), bool
+        included (the book's ``t.size == y.size`` rule); for one sample (1-D logits, or logits (1, C)) a scalar
+        label or a one-element label array, and for 1-D logits a one-hot (C,) or (1, C).  Integer and bool rows
+        are converted to the logits' dtype (exact for one-hot rows)."""
         owner = "SoftmaxWithLoss.forward"
-        if x.ndim == 1 and t.shape == (1,) and t.dtype.kind in "iu" and c != 1:
-            t = t.reshape(())          # a one-element label array for a single sample, as the book accepts
+        integer = t.dtype.kind in "iu"
+        if x.ndim == 1:
+            if integer and t.size == 1 and t.ndim <= 2 and c != 1:
+                t = t.reshape(())                # a scalar label, or a one-element label array
+            elif t.ndim in (1, 2) and t.shape[:-1] in ((), (1,)):
+                t = t.reshape(1, t.shape[-1])    # a one-hot vector (the book reshapes t to (1, t.size))
+        elif integer and c != 1 and t.ndim == 2 and t.shape == (n, 1):
+            t = t.reshape(n)                     # labels (N, 1), e.g. the book's ch07 t.reshape((1, 1))
+        elif integer and n == 1 and t.ndim == 0:
+            t = t.reshape(1)                     # one sample (1, C) with a scalar label
+        label_shape = x.shape[:-1]
         if t.ndim == x.ndim - 1:
-            if t.dtype.kind not in "iu":
+            if not integer:
                 raise TypeError(
                     f"{owner}: class labels must be integers, got dtype {t.dtype}"
                     + (" (convert with t.astype(int))" if t.dtype.kind == "f" else "")
@@ -445,17 +494,17 @@ class SoftmaxWithLoss(_Layer):
             if t.size:
                 lo, hi = t.min(), t.max()
                 if lo < 0:
-                    raise ValueError(f"{owner}: labels must be >= 0, got {lo}")
+                    raise ValueError(f"{owner}: labels must be >= 0, got {lo} (labels are in [0, {c - 1}])")
                 if hi >= c:
                     raise ValueError(
                         f"{owner}: label {hi} out of range for C={c} classes "
                         f"(labels must be in [0, {c - 1}])"
                     )
             return t.reshape(n).astype(np.intp, copy=False), None
-        if t.ndim == x.ndim:
+        if t.ndim == max(x.ndim, 2):
             if t.dtype.kind not in "biuf":
                 raise TypeError(f"{owner}: one-hot targets must be numeric, got dtype {t.dtype}")
-            if x.ndim == 2 and t.shape[0] != n:
+            if t.shape[0] != n:
                 raise ValueError(
                     f"{owner}: expected {n} one-hot row(s) for logits of shape {x.shape}, "
                     f"got {t.shape[0]} (t shape {t.shape})"
@@ -465,7 +514,10 @@ class SoftmaxWithLoss(_Layer):
                     f"{owner}: one-hot width mismatch: logits have C={c} classes "
                     f"(shape {x.shape}) but t has shape {t.shape}"
                 )
-            return None, t.reshape(n, c)
+            t = t.reshape(n, c)
+            if t.dtype.kind != "f":
+                t = t.astype(exp_dtype(x.dtype))
+            return None, t
         raise ValueError(
             f"{owner}: t must be integer labels of shape {label_shape} or one-hot "
             f"targets of shape {x.shape}, got shape {t.shape}"
@@ -603,13 +655,9 @@ def col2im_np(col, input_shape, filter_h, filter_w, stride=1, pad=0):
     return img[:, :, pad:H + pad, pad:W + pad]
 
 
-def _write_grad(grads, i, value):
-    """grads[i][...] = value (converted to its dtype); a new array only when the shape changed."""
-    g = grads[i]
-    if isinstance(g, np.ndarray) and g.shape == value.shape and g.flags.writeable:
-        g[...] = value
-    else:
-        grads[i] = np.array(value, copy=True)
+def _write_grad(grads, i, value, owner="layer"):
+    """grads[i][...] = value in place (see _store_grad)."""
+    _store_grad(grads, i, np.asarray(value), owner)
 
 
 class Dropout(_Layer):

@@ -625,3 +625,36 @@ def test_book_positional_call_and_return_structure():
     result = load_mnist(True, True, False, source="sample")
     assert isinstance(result, tuple) and len(result) == 2
     assert all(isinstance(pair, tuple) and len(pair) == 2 for pair in result)
+
+
+def _hostile_pickles():
+    """Small damaged mnist.pkl files whose headers claim huge strings or frames (issue 7 item 10)."""
+    big = (2 ** 40).to_bytes(8, "little")
+    yield "bytes8", b"\x80\x04\x8e" + big + b"abcdefghi"                    # 20 bytes claiming 2**40 bytes
+    yield "unicode8", b"\x80\x04\x8d" + big + b"abcdefghi"
+    yield "bytearray8", b"\x80\x05\x96" + big + b"abcdefghi"
+    yield "frame", b"\x80\x04\x95" + big + b"N."
+    yield "binstring", b"\x80\x02T" + (2 ** 31 - 1).to_bytes(4, "little") + b"abcdefghi"
+    yield "binunicode", b"\x80\x02X" + (2 ** 32 - 1).to_bytes(4, "little") + b"abcdefghi"
+    yield "long4", b"\x80\x02\x8b" + (2 ** 31 - 1).to_bytes(4, "little") + b"abcdefghi"
+    yield "empty", b""
+    yield "not a pickle", b"PK\x03\x04 this is a zip file"
+
+
+@pytest.mark.parametrize("what,raw", list(_hostile_pickles()), ids=[w for w, _ in _hostile_pickles()])
+def test_hostile_or_damaged_pickle_is_a_value_error_naming_the_file(tmp_path, what, raw):
+    path = tmp_path / "mnist.pkl"
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=r"mnist\.pkl: cannot read the book's mnist\.pkl") as e:
+        load_mnist(source="full", data_dir=tmp_path)
+    assert str(path) in str(e.value)
+
+
+def test_pickle_larger_than_any_mnist_is_refused_before_reading(tmp_path, monkeypatch):
+    import fastbp.datasets as D
+    path = write_pickle(tmp_path / "mnist.pkl", fake_mnist(4, 3))
+    monkeypatch.setattr(D, "MAX_PICKLE_BYTES", path.stat().st_size - 1)
+    with pytest.raises(ValueError, match=r"mnist\.pkl: .* bytes, more than any"):
+        load_mnist(source="full", data_dir=tmp_path)
+    monkeypatch.setattr(D, "MAX_PICKLE_BYTES", path.stat().st_size)
+    load_mnist(source="full", data_dir=tmp_path)

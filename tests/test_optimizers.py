@@ -1,11 +1,11 @@
-"""fastbp.optimizers against a plain transcription of the book's formulas (common/optimizer.py)."""
+"""fastbp.optimizer (alias fastbp.optimizers) against a transcription of the book's formulas (common/optimizer.py)."""
 import tracemalloc
 import zlib
 
 import numpy as np
 import pytest
 
-from fastbp import optimizers as O
+from fastbp import optimizer as O
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: dict(rtol=2e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-14),
@@ -283,3 +283,170 @@ def test_bad_hyperparameters(cls, kw):
 def test_hyperparameter_type():
     with pytest.raises(TypeError, match="lr"):
         O.SGD(lr="0.1")
+
+
+# -- issue 7 item 3: the cached update plan never disagrees with the state attributes ---------------------
+STATEFUL = ["Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam"]
+
+
+def _state_names(opt):
+    return ("m", "v") if isinstance(opt, O.Adam) else ("v",) if hasattr(opt, "momentum") else ("h",)
+
+
+def _reset(opt, how, params):
+    names = _state_names(opt)
+    if how == "attribute":                    # o.v = None (Adam: o.m = o.v = None; o.iter = 0)
+        for n in names:
+            setattr(opt, n, None)
+        if isinstance(opt, O.Adam):
+            opt.iter = 0
+    elif how == "entry":                      # o.v['W1'] = np.zeros(...) for every state container
+        for n in names:
+            getattr(opt, n)["W1"] = np.zeros_like(params["W1"])
+    elif how == "new_dict":                   # o.v = {k: zeros}
+        for n in names:
+            setattr(opt, n, {k: np.zeros_like(p) for k, p in params.items()})
+
+
+@pytest.mark.parametrize("how", ["attribute", "entry", "new_dict"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", STATEFUL)
+def test_state_reset_by_the_user_is_honoured(name, dtype, how):
+    rng = np.random.default_rng(zlib.crc32(f"{name}{how}".encode()))
+    params = _params(rng, dtype)
+    grad_seq = [_grads(rng, params) for _ in range(6)]
+    ours, book = getattr(O, name)(**HYPER[name]), BookOptimizer(name, **HYPER[name])
+    mine, theirs = params, {k: v.copy() for k, v in params.items()}
+    grads = {k: np.empty_like(g) for k, g in grad_seq[0].items()}   # the same arrays at every step, as a
+    for i, step_grads in enumerate(grad_seq):                          # network's grads (so the plan is used)
+        for k in grads:
+            grads[k][...] = step_grads[k]
+        if i == 3:                            # after the plan has been cached (steps 2 and 3 use it)
+            _reset(ours, how, mine)
+            if how == "entry":
+                book.s1["W1"] = np.zeros_like(theirs["W1"])
+                book.s2["W1"] = np.zeros_like(theirs["W1"])
+            else:
+                book.s1, book.s2 = {}, {}
+                if how == "attribute":
+                    book.iter = 0
+        ours.update(mine, grads)
+        book.update(theirs, {k: g.copy() for k, g in grads.items()})
+        for k in params:
+            np.testing.assert_allclose(mine[k], theirs[k], **TOL[dtype], err_msg=f"step {i} {k}")
+    for n in _state_names(ours):              # the attributes hold the arrays that were updated
+        assert not np.array_equal(getattr(ours, n)["W1"], 0)
+
+
+def test_state_entry_replaced_by_another_dtype_is_used():
+    rng = np.random.default_rng(11)
+    params = _params(rng, np.float32)
+    opt = O.Momentum(lr=0.1, momentum=0.5)
+    g = _grads(rng, params)
+    for _ in range(3):
+        opt.update(params, g)
+    v = np.zeros(params["W1"].shape, np.float64)        # float64 state for a float32 parameter
+    opt.v["W1"] = v
+    before = params["W1"].copy()
+    opt.update(params, g)
+    assert opt.v["W1"] is v
+    np.testing.assert_allclose(v, -0.1 * g["W1"].astype(np.float64), rtol=1e-6)
+    np.testing.assert_allclose(params["W1"], before - 0.1 * g["W1"], rtol=1e-5, atol=1e-6)
+
+
+# -- issue 7 item 4: every pair is validated before anything is touched; a param may be its own grad ------
+def _bad_steps():
+    """(params, grads) where only the LAST pair is wrong: nothing may be updated."""
+    a = lambda: np.ones(4)                                              # noqa: E731
+    ro = np.ones(4)
+    ro.flags.writeable = False
+    yield "shape", {"a": a(), "b": np.ones(3)}, {"a": np.ones(4), "b": np.ones(4)}
+    yield "read-only", {"a": a(), "b": ro}, {"a": np.ones(4), "b": np.ones(4)}
+    yield "complex grad", {"a": a(), "b": np.ones(4)}, {"a": np.ones(4), "b": np.ones(4, complex)}
+    yield "missing", {"a": a(), "b": np.ones(4)}, {"a": np.ones(4)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_bad_pair_anywhere_leaves_everything_untouched(name):
+    for what, params, grads in _bad_steps():
+        opt = getattr(O, name)()
+        before = {k: v.copy() for k, v in params.items()}
+        with pytest.raises((ValueError, TypeError)):
+            opt.update(params, grads)
+        for k in params:
+            np.testing.assert_array_equal(params[k], before[k], err_msg=what)
+        assert getattr(opt, "iter", 0) == 0
+        for n in ("v", "h", "m"):
+            assert getattr(opt, n, None) in (None, {}), (what, n)
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_a_bad_state_entry_is_refused_before_any_update(name):
+    params = {"a": np.ones(4), "b": np.ones(4)}
+    grads = {"a": np.ones(4), "b": np.ones(4)}
+    opt = getattr(O, name)()
+    opt.update(params, grads)
+    it = getattr(opt, "iter", None)
+    state = getattr(opt, _state_names(opt)[0])
+    for bad in (np.zeros(5), np.zeros(4, np.int64), "zeros", params["b"]):   # shape, dtype, type, the param
+        state["b"] = bad
+        before = {k: v.copy() for k, v in params.items()}
+        with pytest.raises((ValueError, TypeError), match="'b'"):
+            opt.update(params, grads)
+        for k in params:
+            np.testing.assert_array_equal(params[k], before[k])
+        assert getattr(opt, "iter", None) == it
+
+
+@pytest.mark.parametrize("form", ["dict", "list"])
+@pytest.mark.parametrize("dtype", DTYPES + [np.float16])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_param_that_is_its_own_grad_updates_as_in_the_book(name, dtype, form):
+    # The book's optimizers compute p -= lr * p (etc.) without complaint: the gradient is read before the
+    # parameter is written.  Full aliasing, a partial overlap (grad a shifted view of the param) and the same
+    # array as another key's gradient all give the book's numbers.
+    rng = np.random.default_rng(zlib.crc32(f"{name}{form}".encode()))
+    base = np.asarray(rng.standard_normal(12), dtype=dtype)
+    other = np.asarray(rng.standard_normal(6), dtype=dtype)
+    ref_base, ref_other = base.copy(), other.copy()
+    ours, book = getattr(O, name)(**HYPER[name]), BookOptimizer(name, **HYPER[name])
+    for _ in range(3):
+        mine = {"p": base[:6], "q": other, "r": base[6:]}
+        g_mine = {"p": base[:6], "q": base[3:9], "r": other}         # own grad / overlaps p and r / q's array
+        theirs = {"p": ref_base[:6], "q": ref_other, "r": ref_base[6:]}
+        g_theirs = {"p": ref_base[:6], "q": ref_base[3:9], "r": ref_other}
+        if form == "list":
+            ours.update(list(mine.values()), list(g_mine.values()))
+            book.update(list(theirs.values()), list(g_theirs.values()))
+        else:
+            ours.update(mine, g_mine)
+            book.update(theirs, g_theirs)
+    np.testing.assert_allclose(base.astype(np.float64), ref_base.astype(np.float64), **TOL[dtype])
+    np.testing.assert_allclose(other.astype(np.float64), ref_other.astype(np.float64), **TOL[dtype])
+
+
+def test_the_issue_reproducer_updates_both_params_as_the_book_does():
+    # Adam().update({'a': a, 'b': b}, {'a': np.ones(4), 'b': b}) used to raise for b only after a was updated.
+    a, b = np.full(4, 2.0), np.full(4, 3.0)
+    ra, rb = a.copy(), b.copy()
+    opt, book = O.Adam(), BookOptimizer("Adam")
+    for _ in range(2):
+        opt.update({"a": a, "b": b}, {"a": np.ones(4), "b": b})
+        book.update({"a": ra, "b": rb}, {"a": np.ones(4), "b": rb})
+    assert opt.iter == 2
+    np.testing.assert_allclose(a, ra, rtol=1e-12)
+    np.testing.assert_allclose(b, rb, rtol=1e-12)
+    assert not np.array_equal(b, np.full(4, 3.0))
+
+
+def test_the_books_module_name_and_the_old_alias_are_one_module():
+    import importlib
+    import fastbp.optimizer as singular
+    import fastbp.optimizers as plural
+    assert plural is singular and importlib.import_module("fastbp.optimizers") is singular
+    ns = {}
+    exec("from fastbp.optimizer import *", ns)           # the book's import line, swapped
+    for name in ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam"):
+        assert ns[name] is getattr(plural, name)
+    from fastbp.optimizers import Adam
+    assert isinstance(singular.Adam(), Adam)
