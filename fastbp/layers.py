@@ -639,8 +639,10 @@ class Convolution(_ref.Convolution):
         if self.need_dx:
             dx = ws.get("dx", x_shape, dt)
             dcol = ws.scratch("dcol", (nb, k, self._out_shape[2] * self._out_shape[3]), dt)
+        P = self._out_shape[2] * self._out_shape[3]
         _ck.conv_backward(dk, col, W2, x_shape, fh, fw, self.stride, self.pad, dW.reshape(fn, k), db, dx,
-                          ws.scratch("dW_part", (nb, fn, k), dt), ws.scratch("db_part", (nb, fn), _F64), dcol)
+                          ws.scratch("dW_part", (nb, k, fn), dt), ws.scratch("db_part", (nb, fn), _F64), dcol,
+                          ws.scratch("dT", (nb, P, fn), dt))
         _store(self.grads, 1, db)
         _store(self.grads, 0, dW)
         return dx
