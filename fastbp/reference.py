@@ -883,7 +883,6 @@ class Convolution(_Layer):
             raise _backward_before_forward("Convolution")
         W = self.params[0]
         fn, c, fh, fw = W.shape
-        n = self.x.shape[0]
         shape = self._out_shape
         dout = _numeric(dout, "dout", "Convolution")
         if dout.shape != shape:
