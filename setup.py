@@ -54,7 +54,7 @@ directives = {
 
 # One extension per fastbp/*.pyx (a module per idea: _threads, _gemm, _kernels, _optim, ...), all built with the
 # same flags; every one depends on all the package's headers and .pxd files (cimports), so an edit rebuilds it.
-headers = sorted(glob.glob("fastbp/*.h") + glob.glob("fastbp/*.pxd"))
+headers = sorted(glob.glob("fastbp/*.h") + glob.glob("fastbp/*.pxd") + glob.glob("fastbp/*.pxi"))
 extensions = [
     Extension(
         "fastbp." + os.path.splitext(os.path.basename(src))[0],

@@ -699,6 +699,11 @@ def collect_info():
         out["fastbp_blas"] = {"error": f"{type(e).__name__}: {e}"}
     out["numpy_blas"] = _numpy_blas(out["fastbp_blas"].get("library"))
     try:
+        from fastbp import _kernels
+        out["simd_path"] = _kernels.simd_info()
+    except Exception as e:
+        out["simd_path"] = {"error": f"{type(e).__name__}: {e}"}
+    try:
         from fastbp._blas import cpu_flags
         flags = cpu_flags()
     except Exception:
@@ -738,6 +743,14 @@ def cmd_info(args):
     print(f"CPU      {cpu['model']} ({cpu['cores']} logical cores)")
     off = f" (FASTBP_DISABLE_CPU_FEATURES={cpu['disabled']})" if cpu.get("disabled") else ""
     print(f"SIMD     {' '.join(cpu['simd']) or 'none reported'}{off}")
+    sp = info["simd_path"]
+    if "error" in sp:
+        print(f"         fastbp's kernels: path unknown ({sp['error']})")
+    else:
+        why = "" if sp["path"] == sp["cpu"] else "FASTBP_DISABLE_CPU_FEATURES; "
+        core = f"; fastbp's OpenBLAS: core {blas['corename']}" if "error" not in blas else ""
+        print(f"         fastbp's kernels: {sp['path']} path ({why}best for this CPU and build: {sp['cpu']}; "
+              f"compiled: {' '.join(sp['compiled'])}){core}")
     return 0
 
 
