@@ -60,6 +60,10 @@ use_openmp_simd = _compiles(["-fopenmp-simd"], "int f(void){return 0;}\n", link=
 use_target_attr = _compiles([], _TARGET_PROBE)
 
 compile_args = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno"]
+# Without it GCC does not vectorise the exponential's loops for AVX2 or the baseline (it will not speculate a
+# multiply past a compare, see fb_expf in _simd.h); fastbp reads no floating-point exception flags.
+if _compiles(["-fno-trapping-math"], "int f(void){return 0;}\n", link=False):
+    compile_args.append("-fno-trapping-math")
 if use_openmp_simd:
     compile_args.append("-fopenmp-simd")   # "omp simd" loop pragmas (vector reductions); no runtime needed
 link_args = []

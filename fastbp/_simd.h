@@ -188,8 +188,9 @@ static inline float fb_expf(float x)
 {
     /* exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n ln2 (two-part ln2 keeps r exact) */
     const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    float xc = x < -87.3f ? -87.3f : x;
-    float n = (xc * log2e + 12582912.0f) - 12582912.0f;   /* round to nearest: 1.5 * 2^23 trick */
+    float xc = x < -87.3f ? -87.3f : x;                  /* NaN stays NaN, and gives NaN below */
+    float t = xc * log2e + 12582912.0f;                  /* round to nearest: 1.5 * 2^23 trick */
+    float n = t - 12582912.0f;
     float r = xc - n * ln2_hi;
     r = r - n * ln2_lo;
     float p = 1.0f / 5040.0f;
@@ -200,11 +201,16 @@ static inline float fb_expf(float x)
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    union { int32_t i; float f; } u = { bits };
+    /* 2^n without a float -> int conversion: t + 127 holds n + 127 in its low mantissa bits; shifted up, they
+     * are the exponent field. */
+    union { float f; uint32_t i; } u = { t + 127.0f };
+    u.i <<= 23;
     float scale = u.f;
     float v = p * scale;
-    return x < -87.3f ? 0.0f : v;
+    /* zero below the range (NaN stays NaN).  Under the default -ftrapping-math GCC branches around the
+     * polynomial here and then cannot vectorise the loop for AVX2 (it may not speculate the multiplies): setup.py
+     * builds with -fno-trapping-math. */
+    return v * (float)!(x < -87.3f);
 }
 
 static inline double fb_exp(double x)
@@ -212,7 +218,8 @@ static inline double fb_exp(double x)
     const double log2e = 1.4426950408889634074, ln2_hi = 6.93147180369123816490e-01,
                  ln2_lo = 1.90821492927058770002e-10;
     double xc = x < -708.0 ? -708.0 : x;
-    double n = (xc * log2e + 6755399441055744.0) - 6755399441055744.0;   /* 1.5 * 2^52 */
+    double t = xc * log2e + 6755399441055744.0;                          /* 1.5 * 2^52 */
+    double n = t - 6755399441055744.0;
     double r = xc - n * ln2_hi;
     r = r - n * ln2_lo;
     double p = 1.0 / 479001600.0;            /* 1/12! */
@@ -228,11 +235,11 @@ static inline double fb_exp(double x)
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    int64_t bits = ((int64_t)n + 1023) << 52;
-    union { int64_t i; double f; } u = { bits };
+    union { double f; uint64_t i; } u = { t + 1023.0 };   /* 2^n as in fb_expf: AVX2 has no double -> int64 */
+    u.i <<= 52;
     double scale = u.f;
     double v = p * scale;
-    return x < -708.0 ? 0.0 : v;
+    return v * (double)!(x < -708.0);
 }
 
 /* Softmax with cross-entropy over a block of `rows` rows of `c` classes.  y = softmax(x) row-wise;
@@ -245,8 +252,8 @@ static inline double fb_exp(double x)
  *   g_t = -scale * (sum_{j != t} e_j) / (1 + r)    in double, where y_t - 1 would cancel in float32.
  * The exponentials run over the whole block in one loop, so short rows (C = 10) still fill the vector lanes. */
 #define FB_SOFTMAX_BLOCK(NAME, TARGET, T, EXP)                                                                \
-TARGET static void NAME(const T *restrict x, T *restrict y, T *restrict g, long rows, long c, T scale,     \
-                           const T *restrict onehot, const int64_t *restrict labels, int has_ignore,          \
+TARGET static inline void NAME##_rows(const T *restrict x, T *restrict y, T *restrict g, long rows, long c,  \
+                           T scale, const T *restrict onehot, const int64_t *restrict labels, int has_ignore, \
                            int64_t ignore, double *restrict rowloss)                                          \
 {                                                                                                             \
     long i, j;                                                                                                \
@@ -313,8 +320,26 @@ TARGET static void NAME(const T *restrict x, T *restrict y, T *restrict g, long 
     }                                                                                                         \
 }
 
-FB_VARIANTS(FB_SOFTMAX_BLOCK, fb_softmax_block_f32, float, fb_expf)
-FB_VARIANTS(FB_SOFTMAX_BLOCK, fb_softmax_block_f64, double, fb_exp)
+/* ... over chunks of about FB_SOFTMAX_CHUNK elements (whole rows), so that the passes over a chunk (max,
+ * exponentials, sums, scaling, gradient) run in L1 instead of streaming a large block through memory five times;
+ * each row's results do not depend on the chunking. */
+#define FB_SOFTMAX_CHUNK 2048
+#define FB_SOFTMAX_CHUNKED(NAME, TARGET, T, EXP)                                                              \
+FB_SOFTMAX_BLOCK(NAME, TARGET, T, EXP)                                                                        \
+TARGET static void NAME(const T *x, T *y, T *g, long rows, long c, T scale, const T *onehot,                  \
+                        const int64_t *labels, int has_ignore, int64_t ignore, double *rowloss)               \
+{                                                                                                             \
+    long step = c > 0 && c < FB_SOFTMAX_CHUNK ? FB_SOFTMAX_CHUNK / c : 1, r0;                                 \
+    for (r0 = 0; r0 < rows; r0 += step) {                                                                     \
+        long nr = rows - r0 < step ? rows - r0 : step;                                                        \
+        NAME##_rows(x + r0 * c, y + r0 * c, g == NULL ? NULL : g + r0 * c, nr, c, scale,                      \
+                    onehot == NULL ? NULL : onehot + r0 * c, labels == NULL ? NULL : labels + r0, has_ignore,  \
+                    ignore, rowloss + r0);                                                                    \
+    }                                                                                                         \
+}
+
+FB_VARIANTS(FB_SOFTMAX_CHUNKED, fb_softmax_block_f32, float, fb_expf)
+FB_VARIANTS(FB_SOFTMAX_CHUNKED, fb_softmax_block_f64, double, fb_exp)
 FB_DISPATCH(fb_softmax_block_f32, (const float *x, float *y, float *g, long rows, long c, float scale,
                                    const float *onehot, const int64_t *labels, int has_ignore, int64_t ignore,
                                    double *rowloss), (x, y, g, rows, c, scale, onehot, labels, has_ignore, ignore, rowloss))

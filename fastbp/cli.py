@@ -698,6 +698,8 @@ def collect_info():
     except Exception as e:
         out["fastbp_blas"] = {"error": f"{type(e).__name__}: {e}"}
     out["numpy_blas"] = _numpy_blas(out["fastbp_blas"].get("library"))
+    from fastbp import _runtime
+    out["openmp_wait"] = _runtime.info()
     try:
         from fastbp import _kernels
         out["simd_path"] = _kernels.simd_info()
@@ -731,6 +733,10 @@ def cmd_info(args):
         omp = f"yes, {ext['openmp_max_threads']} threads" if ext["openmp"] else "no"
         print(f"kernels  {ext['file']}")
         print(f"         OpenMP: {omp}; compiler: {ext['compiler']}")
+        w = info["openmp_wait"]
+        if ext["openmp"] and w:
+            print(f"         OpenMP workers after a region: {w['setting']} (set by {w['by']}); NumPy's BLAS "
+                  f"settings untouched")
     if "error" in blas:
         print(f"BLAS     fastbp's OpenBLAS unavailable: {blas['error']}")
     else:
