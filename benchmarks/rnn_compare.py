@@ -17,7 +17,8 @@ Cases (one "iteration" is what the book's trainers do per mini-batch):
            context, sample_size + 1 EmbeddingDot, remove_duplicate) on the reference twins + the book's Adam.
            PyTorch: two nn.Embedding, negatives by torch.multinomial without replacement with the target's
            probability zeroed (the book's rule), logsigmoid losses, optim.Adam; and "PyTorch (given negatives)",
-           the same model fed negatives drawn by fastbp's sampler (model cost alone).
+           the same model fed negatives drawn by fastbp's sampler (model cost alone).  Where JAX is installed,
+           "JAX jit (given negatives)": the same model and Adam as one jitted step, fed fastbp's negatives.
   embed    Embedding backward, dout (700, 100) into a (10000, 100) gradient: fastbp Embedding.backward (zero +
            deterministic scatter) vs the book's dW[...] = 0; np.add.at vs torch dW.zero_(); dW.index_add_.
   book     The book's own Rnnlm class (ch06/rnnlm.py's structure) with fastbp.time_layers swapped in, trained with
@@ -337,6 +338,41 @@ def case_cbow(rounds):
             return t_model(torch.from_numpy(c.astype(np.int64)), torch.from_numpy(t.astype(np.int64)),
                            torch.from_numpy(neg.astype(np.int64)))
         impls += [("PyTorch", t_step), ("PyTorch (given negatives)", t_step_given)]
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        jax = None
+    if jax is not None:
+        def j_loss(params, c, t, neg):
+            W_in, W_out = params
+            h = W_in[c].mean(axis=1)
+            idx = jnp.concatenate([t[:, None], neg], axis=1)
+            s = (W_out[idx] * h[:, None, :]).sum(-1)
+            return -(jax.nn.log_sigmoid(s[:, 0]).mean() + jax.nn.log_sigmoid(-s[:, 1:]).mean(0).sum())
+
+        @jax.jit
+        def j_step(params, m, v, it, c, t, neg):
+            loss, g = jax.value_and_grad(j_loss)(params, c, t, neg)
+            it = it + 1
+            lr_t = 0.001 * jnp.sqrt(1 - 0.999 ** it) / (1 - 0.9 ** it)
+            m = [mi + 0.1 * (gi - mi) for mi, gi in zip(m, g)]
+            v = [vi + 0.001 * (gi * gi - vi) for vi, gi in zip(v, g)]
+            params = [p - lr_t * mi / (jnp.sqrt(vi) + 1e-7) for p, mi, vi in zip(params, m, v)]
+            return loss, params, m, v, it
+
+        jst = {"p": [jnp.asarray(fast.params[0]), jnp.asarray(fast.params[1])]}
+        jst["m"] = [jnp.zeros_like(p) for p in jst["p"]]
+        jst["v"] = [jnp.zeros_like(p) for p in jst["p"]]
+        jst["it"] = jnp.float32(0)
+
+        def j_run():
+            c, t = batch()
+            neg = fast.ns_loss.sampler.get_negative_sample(t)
+            loss, jst["p"], jst["m"], jst["v"], jst["it"] = j_step(jst["p"], jst["m"], jst["v"], jst["it"],
+                                                                    c, t, neg)
+            return float(jax.block_until_ready(loss))
+        impls.append(("JAX jit (given negatives)", j_run))
     return run_case("CBOW negative sampling iteration, b100 V10000 H100 window 5 (Adam)", impls, rounds, 3)
 
 

@@ -36,8 +36,8 @@ def _unit(rng, shape):
     return u / n if n > 0 else u
 
 
-def _rel(a, n, floor, noise):
-    return max(abs(a - n) - noise, 0.0) / max(abs(a), abs(n), floor)
+def _rel(a, n, floor):
+    return abs(a - n) / max(abs(a), abs(n), floor)
 
 
 def gradient_check_fast(target, x, t=None, dout=None, *, n_dirs=2, h=None, threshold=None, floor=1e-3,
@@ -45,11 +45,11 @@ def gradient_check_fast(target, x, t=None, dout=None, *, n_dirs=2, h=None, thres
     """{name: worst relative error over n_dirs random unit directions} of backprop's directional derivative
     against a central difference along the same direction; raises GradientCheckError above ``threshold``.
 
-    The relative error is ``|a - n| / max(|a|, |n|, floor * max(||grad||, 1e-6 * largest ||grad|| checked))``: a
-    direction almost orthogonal to the gradient compares absolutely, at ``floor`` times the gradient's norm (the
-    largest directional derivative), and a gradient that is zero in exact arithmetic (an Affine bias feeding a
-    batch norm) at a millionth of the largest gradient's; a difference within the rounding noise of the
-    difference quotient (64 eps |f| / h) is not counted.
+    The relative error is ``|a - n| / max(|a|, |n|, floor * max(||grad||, 1e-6 * largest ||grad|| checked),
+    noise / threshold)``: a direction almost orthogonal to the gradient compares absolutely, at ``floor`` times the
+    gradient's norm (the largest directional derivative); a gradient that is zero in exact arithmetic (an Affine
+    bias feeding a batch norm) at a millionth of the largest gradient's; and a difference within the rounding
+    noise of the difference quotient (noise = 8 eps |f| / h) stays within the threshold.
     ``h`` defaults to 1e-5 (float64 parameters; small, so that a perturbation of every element at once rarely
     crosses a ReLU or max-pooling kink) or 1e-2 (float32); ``threshold`` to 1e-6 / 5e-2.  ``dout`` (a
     layer's output gradient) defaults to a random unit array ``v``.
@@ -71,17 +71,17 @@ def gradient_check_fast(target, x, t=None, dout=None, *, n_dirs=2, h=None, thres
         grads = {k: np.asarray(g, np.float64) for k, g in analytic().items()}
         biggest = max([float(np.linalg.norm(grads[name])) for name, _ in named] + [0.0])
         # rounding noise of a difference quotient of f: what no numerical derivative resolves
-        noise = 64 * np.finfo(np.float64 if f64 else np.float32).eps * max(abs(f()), 1.0) / h
+        noise = 8 * np.finfo(np.float64 if f64 else np.float32).eps * max(abs(f()), 1.0) / h
         errors = {}
         for name, arr in named:
             g = grads[name]
-            scale = floor * max(float(np.linalg.norm(g)), 1e-6 * biggest) or 1e-300
+            scale = max(floor * max(float(np.linalg.norm(g)), 1e-6 * biggest), noise / threshold) or 1e-300
             worst = 0.0
             for _ in range(n_dirs):
                 u = _unit(rng, arr.shape)
                 a = float(np.vdot(g, u))
                 num = _directional(f, arr, u, h)
-                worst = max(worst, _rel(a, num, scale, noise))
+                worst = max(worst, _rel(a, num, scale))
             errors[name] = worst
     finally:
         np.random.set_state(state)
@@ -161,3 +161,65 @@ def _layer_problem(layer, x, t, dout, rng, state):
             grads["x"] = np.array(dx, dtype=np.float64)
         return grads
     return named, f, analytic
+
+
+def book1_cnn_cases(seed=0):
+    """[(name, check)] in the format of ``fastbp.cli.gradcheck_cases`` (check() -> {array: max relative error}),
+    float64: Convolution, Pooling, BatchNormalization (2-D, 4-D) against element-wise central differences;
+    Dropout, SimpleConvNet on real 28x28 digits, DeepConvNet and MultiLayerNetExtend (batch norm, dropout,
+    weight decay) with the fast directional check.  Biases start away from 0 so that all-background windows of a
+    digit do not sit on the ReLU kink."""
+    import os
+
+    from fastbp import layers as L
+    from fastbp.convnets import DeepConvNet, MultiLayerNetExtend, SimpleConvNet
+    from fastbp.gradient import gradient_check_layer
+
+    rng = np.random.default_rng(seed)
+    data = np.load(os.path.join(os.path.dirname(__file__), "data", "mnist-5k.npz"))
+    digits = (data["images"][::1250] / 255).reshape(-1, 1, 28, 28)
+    labels = data["labels"][::1250]
+
+    def distinct(shape):
+        size = int(np.prod(shape))
+        return ((rng.permutation(size) - size / 2 + 0.5) * 0.01).reshape(shape)
+
+    def layer(make, x):
+        return lambda: gradient_check_layer(make(), x, raise_on_failure=False)
+
+    def fast(make, x, t=None):
+        def run():
+            state = np.random.get_state()
+            np.random.seed(seed)
+            try:
+                target = make()
+            finally:
+                np.random.set_state(state)
+            return gradient_check_fast(target, x, t, seed=seed, raise_on_failure=False)
+        return run
+
+    def lift_biases(net, n):
+        for i in range(1, n + 1):
+            b = net.params[f"b{i}"]
+            b[...] = 0.05 + 0.05 * np.random.rand(b.size)
+        return net
+
+    W = rng.standard_normal((3, 2, 3, 2))
+    b = rng.standard_normal(3)
+    xc = rng.standard_normal((2, 2, 6, 5))
+    return [
+        ("Convolution stride 2 pad 1", layer(lambda: L.Convolution(W.copy(), b.copy(), 2, 1), xc)),
+        ("Pooling 2x2 stride 2", layer(lambda: L.Pooling(2, 2, 2), distinct((2, 3, 6, 5)))),
+        ("Pooling 3x3 stride 2 pad 1", layer(lambda: L.Pooling(3, 3, 2, 1), distinct((2, 2, 7, 7)))),
+        ("BatchNormalization 2-D", layer(lambda: L.BatchNormalization(1 + rng.random(4), rng.random(4)),
+                                         rng.standard_normal((5, 4)))),
+        ("BatchNormalization 4-D", layer(lambda: L.BatchNormalization(1 + rng.random(12), rng.random(12)),
+                                         rng.standard_normal((3, 3, 2, 2)))),
+        ("Dropout (fast, vTJu)", fast(lambda: L.Dropout(0.4), rng.standard_normal((4, 6)))),
+        ("SimpleConvNet 28x28 digits (fast, vTJu)",
+         fast(lambda: lift_biases(SimpleConvNet(weight_init_std=0.1), 1), digits, labels)),
+        ("DeepConvNet 28x28 digits (fast, vTJu)", fast(lambda: lift_biases(DeepConvNet(), 6), digits[:2], labels[:2])),
+        ("MultiLayerNetExtend bn+dropout+decay (fast, vTJu)",
+         fast(lambda: MultiLayerNetExtend(12, [8, 6], 4, weight_decay_lambda=0.1, use_dropout=True,
+                                          use_batchnorm=True), rng.random((5, 12)), rng.integers(0, 4, 5))),
+    ]

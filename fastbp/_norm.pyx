@@ -12,7 +12,6 @@
 #   next_double, one number per element in C order -- exactly the numbers `np.random.rand(*x.shape)` would return
 #   -- so `np.random.seed(s)` gives the book's mask; mask = u > ratio and out = x * mask in the same pass.  The
 #   caller holds the generator's lock.
-cimport cython
 from libc.math cimport sqrt
 from libc.stdint cimport uint8_t
 from cpython.pycapsule cimport PyCapsule_GetPointer
@@ -22,9 +21,7 @@ import numpy as np
 
 cnp.import_array()
 
-ctypedef fused floating:
-    float
-    double
+from fastbp._typedefs cimport floating
 
 
 cdef inline object _s(cnp.ndarray a):

@@ -712,6 +712,13 @@ def collect_info():
     except Exception as e:
         out["fastbp_blas"] = {"error": f"{type(e).__name__}: {e}"}
     out["numpy_blas"] = _numpy_blas(out["fastbp_blas"].get("library"))
+    from fastbp import _runtime
+    out["openmp_wait"] = _runtime.info()
+    try:
+        from fastbp import _kernels
+        out["simd_path"] = _kernels.simd_info()
+    except Exception as e:
+        out["simd_path"] = {"error": f"{type(e).__name__}: {e}"}
     try:
         from fastbp._blas import cpu_flags
         flags = cpu_flags()
@@ -740,6 +747,10 @@ def cmd_info(args):
         omp = f"yes, {ext['openmp_max_threads']} threads" if ext["openmp"] else "no"
         print(f"kernels  {ext['file']}")
         print(f"         OpenMP: {omp}; compiler: {ext['compiler']}")
+        w = info["openmp_wait"]
+        if ext["openmp"] and w:
+            print(f"         OpenMP workers after a region: {w['setting']} (set by {w['by']}); NumPy's BLAS "
+                  f"settings untouched")
     if "error" in blas:
         print(f"BLAS     fastbp's OpenBLAS unavailable: {blas['error']}")
     else:
@@ -752,6 +763,14 @@ def cmd_info(args):
     print(f"CPU      {cpu['model']} ({cpu['cores']} logical cores)")
     off = f" (FASTBP_DISABLE_CPU_FEATURES={cpu['disabled']})" if cpu.get("disabled") else ""
     print(f"SIMD     {' '.join(cpu['simd']) or 'none reported'}{off}")
+    sp = info["simd_path"]
+    if "error" in sp:
+        print(f"         fastbp's kernels: path unknown ({sp['error']})")
+    else:
+        why = "" if sp["path"] == sp["cpu"] else "FASTBP_DISABLE_CPU_FEATURES; "
+        core = f"; fastbp's OpenBLAS: core {blas['corename']}" if "error" not in blas else ""
+        print(f"         fastbp's kernels: {sp['path']} path ({why}best for this CPU and build: {sp['cpu']}; "
+              f"compiled: {' '.join(sp['compiled'])}){core}")
     return 0
 
 

@@ -507,11 +507,16 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
 # * results keep the computation dtype (NumPy's promotion of x, W, b): the book's im2col/col2im always allocate
 #   float64, so its float32-only convolution comes out float64; fastbp's stays float32;
 # * Pooling.arg_max is built on first access from the kernel's int32 (N, C, OH, OW) window positions (same
-#   values and order as the book's int64 array);
+#   values and order as the book's int64 array); likewise Convolution.col (the book's (N*OH*OW, C*FH*FW) column
+#   matrix) is built on first access from the kernels' per-sample transposed copy, and col_W is the book's
+#   W.reshape(FN, -1).T view;
 # * BatchNormalization.xc is computed on access as xn * std (the kernels keep xn and std only); at test time the
 #   float64 running statistics do not promote a float32 input to float64 (the book's would);
-# * with reuse=True, Convolution.col, Pooling's positions, Dropout.mask and BatchNormalization.xn live in
-#   workspaces overwritten by the next forward, and BatchNormalization updates running_mean/running_var in place.
+# * the column matrix, Pooling's positions (and so .col and .arg_max), and with reuse=True Dropout.mask and
+#   BatchNormalization.xn live in workspaces overwritten by the next forward; with reuse=True BatchNormalization
+#   also updates running_mean/running_var in place (the book rebinds new arrays; so does reuse=False);
+# * Dropout draws its mask in the kernel from NumPy's global generator (the numbers np.random.rand would return,
+#   the generator advanced the same way), so np.random.seed reproduces the book's masks.
 from fastbp import _conv as _ck   # noqa: E402
 from fastbp import _norm as _nk   # noqa: E402
 
@@ -628,15 +633,17 @@ class Convolution(_ref.Convolution):
         x_shape = self._xk.shape
         W_shape = self._W_shape
         fh, fw = W_shape[2:]
-        blk, nb = _ck.sample_block(x_shape[0])
+        nb = _ck.sample_block(x_shape[0])[1]
         db = _grad_target(self.grads, 1, (fn,), dt, ws, "db")
         dW = _grad_target(self.grads, 0, W_shape, dt, ws, "dW")
         dx = dcol = None
         if self.need_dx:
             dx = ws.get("dx", x_shape, dt)
             dcol = ws.scratch("dcol", (nb, k, self._out_shape[2] * self._out_shape[3]), dt)
+        P = self._out_shape[2] * self._out_shape[3]
         _ck.conv_backward(dk, col, W2, x_shape, fh, fw, self.stride, self.pad, dW.reshape(fn, k), db, dx,
-                          ws.scratch("dW_part", (nb, fn, k), dt), ws.scratch("db_part", (nb, fn), _F64), dcol)
+                          ws.scratch("dW_part", (nb, k, fn), dt), ws.scratch("db_part", (nb, fn), _F64), dcol,
+                          ws.scratch("dT", (nb, P, fn), dt))
         _store(self.grads, 1, db)
         _store(self.grads, 0, dW)
         return dx

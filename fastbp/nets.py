@@ -271,5 +271,13 @@ class MultiLayerNet(_FullyConnectedNet):
         self._build(input_size, hidden_size_list, output_size, activation, weight_init_std,
                     weight_decay_lambda, dtype, backend)
 
-from fastbp.convnets import SimpleConvNet, DeepConvNet, MultiLayerNetExtend  # noqa: E402  (book 1, chapters 6-8)
+# book 1, chapters 6-8: SimpleConvNet, DeepConvNet, MultiLayerNetExtend live in fastbp.convnets (which imports this
+# module's helpers), re-exported here on first access
 __all__ += ["SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"]
+
+
+def __getattr__(name):
+    if name in ("SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"):
+        from fastbp import convnets
+        return getattr(convnets, name)
+    raise AttributeError(f"module 'fastbp.nets' has no attribute {name!r}")

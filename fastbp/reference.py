@@ -102,6 +102,16 @@ def _store_grad(grads, i, value, owner):
     np.copyto(g, value, casting="unsafe")
 
 
+def _matmul_grad(grads, i, a, b, owner):
+    """grads[i][...] = a @ b, computed straight into grads[i] when it has the product's dtype (no temporary)."""
+    g = grads[i]
+    if (isinstance(g, np.ndarray) and g.shape == (a.shape[0], b.shape[1]) and g.dtype == np.result_type(a, b)
+            and g.flags.writeable):
+        np.matmul(a, b, out=g)
+    else:
+        _store_grad(grads, i, a @ b, owner)
+
+
 def _check_dout(dout, shape, owner):
     """Validate that dout is numeric and has the forward output's shape."""
     dout = _numeric(dout, "dout", owner)
@@ -343,8 +353,12 @@ class Affine(_Layer):
         x2 = self.x
         dout = _check_dout(dout, (x2.shape[0], W.shape[1]), "Affine")
         dx = (dout @ W.T).reshape(self.original_x_shape)
-        _store_grad(self.grads, 0, x2.T @ dout, "Affine")
-        _store_grad(self.grads, 1, np.sum(dout, axis=0), "Affine")
+        _matmul_grad(self.grads, 0, x2.T, dout, "Affine")
+        g = self.grads[1]
+        if isinstance(g, np.ndarray) and g.shape == (dout.shape[1],) and g.dtype == dout.dtype and g.flags.writeable:
+            np.sum(dout, axis=0, out=g)
+        else:
+            _store_grad(self.grads, 1, np.sum(dout, axis=0), "Affine")
         return dx
 
 
@@ -383,7 +397,7 @@ class MatMul(_Layer):
         x = self.x
         dout = _check_dout(dout, (x.shape[0], W.shape[1]), "MatMul")
         dx = dout @ W.T
-        _store_grad(self.grads, 0, x.T @ dout, "MatMul")
+        _matmul_grad(self.grads, 0, x.T, dout, "MatMul")
         return dx
 
 
@@ -869,7 +883,6 @@ class Convolution(_Layer):
             raise _backward_before_forward("Convolution")
         W = self.params[0]
         fn, c, fh, fw = W.shape
-        n = self.x.shape[0]
         shape = self._out_shape
         dout = _numeric(dout, "dout", "Convolution")
         if dout.shape != shape:

@@ -537,3 +537,55 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
     for other in results[1:]:
         for a, c in zip(results[0], other):
             np.testing.assert_array_equal(a, c)
+
+
+def _layout(base, w, layout):
+    return {"C": np.ascontiguousarray(base[..., :w]), "F": np.asfortranarray(base[..., :w]),
+            "strided": base[..., ::2], "negative": base[..., ::-2]}[layout]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), c=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), ph=st.integers(1, 3),
+       pw=st.integers(1, 3), s=st.integers(1, 3), p=st.integers(0, 1),
+       layout=st.sampled_from(["C", "F", "strided", "negative"]), dtype=st.sampled_from(DTYPES))
+def test_pooling_any_shape_and_layout(n, c, h, w, ph, pw, s, p, layout, dtype):
+    if ph > h + 2 * p or pw > w + 2 * p:
+        with pytest.raises(ValueError, match="larger than the padded input"):
+            F.Pooling(ph, pw, s, p).forward(np.zeros((n, c, h, w), dtype))
+        return
+    x = _layout(_rng(h * 31 + w).standard_normal((n, c, h, 2 * w)).astype(dtype), w, layout)
+    f, r = F.Pooling(ph, pw, s, p), R.Pooling(ph, pw, s, p)
+    of = f.forward(x)
+    np.testing.assert_array_equal(of, r.forward(np.ascontiguousarray(x)))
+    np.testing.assert_array_equal(f.arg_max, r.arg_max)
+    d = _layout(_rng(5).standard_normal(of.shape[:3] + (2 * of.shape[3],)).astype(dtype), of.shape[3], layout)
+    np.testing.assert_allclose(f.backward(d), r.backward(np.ascontiguousarray(d)), **TOL[dtype])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 6), shape=st.sampled_from([(4,), (7,), (2, 2, 3), (1, 3, 3)]),
+       layout=st.sampled_from(["C", "F", "strided", "negative"]), dtype=st.sampled_from(DTYPES),
+       train=st.booleans())
+def test_batchnorm_and_dropout_any_shape_and_layout(n, shape, layout, dtype, train):
+    last = shape[-1]
+    x = _layout(_rng(n).standard_normal((n,) + shape[:-1] + (2 * last,)).astype(dtype), last, layout)
+    d = int(np.prod(shape))
+    g = (1 + 0.1 * _rng(1).standard_normal(d)).astype(dtype)
+    b = (0.1 * _rng(2).standard_normal(d)).astype(dtype)
+    f, r = F.BatchNormalization(g, b), R.BatchNormalization(g.copy(), b.copy())
+    f.running_mean, f.running_var = np.full(d, 0.5), np.full(d, 2.0)
+    r.running_mean, r.running_var = np.full(d, 0.5), np.full(d, 2.0)
+    tol = dict(rtol=1e-3, atol=1e-3) if dtype == np.float32 else dict(rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(f.forward(x, train), r.forward(np.ascontiguousarray(x), train), **tol)
+    if train:
+        dout = _layout(_rng(3).standard_normal((n,) + shape[:-1] + (2 * last,)).astype(dtype), last, layout)
+        np.testing.assert_allclose(f.backward(dout), r.backward(np.ascontiguousarray(dout)), **tol)
+        np.testing.assert_allclose(f.dgamma, r.dgamma, **tol)
+    np.random.seed(n)
+    fd = F.Dropout(0.3)
+    od = fd.forward(x, train)
+    np.random.seed(n)
+    rd = R.Dropout(0.3)
+    np.testing.assert_array_equal(od, rd.forward(np.ascontiguousarray(x), train))
+    if train:
+        np.testing.assert_array_equal(fd.backward(x), rd.backward(np.ascontiguousarray(x)))

@@ -85,3 +85,12 @@ def test_bad_arguments():
     x, W, b = _conv_input()
     with pytest.raises(ValueError, match="n_dirs"):
         gradient_check_fast(F.Convolution(W, b), x, n_dirs=0)
+
+
+def test_book1_cnn_cases_pass_in_the_cli_table():
+    from fastbp import cli
+    from fastbp._gradcheck_fast import book1_cnn_cases
+    rows = cli.run_gradcheck(book1_cnn_cases(0), threshold=1e-6)
+    table = cli.format_gradcheck(rows, 1e-6)
+    assert all(r[3] for r in rows), table
+    assert "SimpleConvNet 28x28 digits" in table and "DeepConvNet" in table and len(rows) >= 30

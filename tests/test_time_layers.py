@@ -522,3 +522,47 @@ def test_rnnlm_step_with_reuse_allocates_no_arrays():
     big = _rnnlm_step_peak(160, 32, 32, 8, 10)
     assert small < 8192, f"a step allocated {small} bytes"
     assert abs(big - small) <= 512, f"step peak {small} B (small model) vs {big} B (4x model)"
+
+
+class _BetterRnnlm(_Rnnlm):
+    """ch06/better_rnnlm.py's structure: two LSTMs, dropout, weight tying (TimeAffine(embed_W.T, b))."""
+
+    def __init__(self, M, V, H, seed):
+        rn = _rng(seed).standard_normal
+        E = (rn((V, H)) / 10).astype("f")
+        lstm = lambda: ((rn((H, 4 * H)) / 3).astype("f"), (rn((H, 4 * H)) / 3).astype("f"),  # noqa: E731
+                        np.zeros(4 * H, "f"))
+        self.layers = [M.TimeEmbedding(E), M.TimeDropout(0.3), M.TimeLSTM(*lstm(), stateful=True),
+                       M.TimeDropout(0.3), M.TimeLSTM(*lstm(), stateful=True), M.TimeDropout(0.3),
+                       M.TimeAffine(E.T, np.zeros(V, "f"))]
+        self.loss_layer = M.TimeSoftmaxWithLoss()
+        self.params, self.grads = [], []
+        for layer in self.layers:
+            self.params += layer.params
+            self.grads += layer.grads
+
+
+def test_better_rnnlm_tied_dropout_trains_like_reference():
+    from fastbp.optimizers import SGD
+    from fastbp.trainer import remove_duplicate
+    from fastbp.util import clip_grads
+    V, H = 25, 12
+    corpus = _rng(20).integers(0, V, 300).astype(np.int32)
+    curves = []
+    for M in (TL, REF):
+        model = _BetterRnnlm(M, V, H, seed=21)
+        opt = SGD(1.0)
+        np.random.seed(22)                       # the dropout masks: the book's np.random.rand draws
+        losses = []
+        for it in range(8):
+            xs = corpus[it * 24: it * 24 + 24].reshape(4, 6)
+            ts = corpus[it * 24 + 1: it * 24 + 25].reshape(4, 6)
+            losses.append(model.forward(xs, ts))
+            model.backward()
+            params, grads = remove_duplicate(model.params, model.grads)
+            assert len(params) == len(model.params) - 1      # the tied W.T merged into the embedding
+            clip_grads(grads, 1.0)
+            opt.update(params, grads)
+        curves.append(losses)
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
+    assert curves[0][-1] < curves[0][0]
