@@ -21,7 +21,7 @@ from libc.stdint cimport int64_t, uint8_t
 cimport numpy as cnp
 import numpy as np
 from fastbp._typedefs cimport floating
-from fastbp._threads cimport parallel_blocks, even_block
+from fastbp._threads cimport parallel_blocks, even_block, reduce_blocks_d
 from fastbp._gemm cimport gemm as split_gemm, flip_trans, blas_operand, check_blas_dims, FB_NOTRANS
 from fastbp._validate cimport (shape_of, dtype_of, ftype, same_type, check_ndim, check_out, check_contig,
                                check_shape2, check_same_shape, check_no_overlap)
@@ -111,30 +111,72 @@ def affine_forward(x, W, b, out):
     return out
 
 
-cdef inline void _bias_backward(Py_ssize_t n, Py_ssize_t m, const floating *dout, floating *db,
-                                double *acc) noexcept nogil:
-    """db[j] = sum_i dout[i, j], accumulated in double (acc is an m-long scratch row)."""
+ctypedef struct _colsum_ctx:
+    Py_ssize_t m
+    const void *dout       # IN  (n, m)
+    void *rows             # OUT scratch: each block's sums cast to the dtype (fb_colsum writes them; unused)
+    double *partials       # OUT each block's column sums, in double (nblocks, m)
+
+
+cdef void _colsum_f32(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _colsum_ctx *c = <_colsum_ctx*>ctx
+    fb_colsum_f32(hi - lo, c.m, <const float*>c.dout + lo * c.m, <float*>c.rows + j * c.m, c.partials + j * c.m)
+
+
+cdef void _colsum_f64(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _colsum_ctx *c = <_colsum_ctx*>ctx
+    fb_colsum_f64(hi - lo, c.m, <const double*>c.dout + lo * c.m, <double*>c.rows + j * c.m, c.partials + j * c.m)
+
+
+cdef int _bias_backward(Py_ssize_t n, Py_ssize_t m, const floating *dout, floating *db) noexcept nogil:
+    """db[j] = sum_i dout[i, j], accumulated in double.  The rows are cut into blocks of a fixed size (at least
+    MIN_BLOCK elements, from n and m only), summed over fastbp's threads, and the blocks' partial sums added in
+    block order (reduce_blocks_d): the same bits for any thread count.  -1 if out of memory."""
+    cdef Py_ssize_t i, mm = m if m > 0 else 1
+    cdef Py_ssize_t block = (MIN_BLOCK + mm - 1) // mm
+    cdef Py_ssize_t nb = (n + block - 1) // block if n > 0 else 1
+    cdef double *acc
+    cdef _colsum_ctx c
+    if nb <= 1:
+        acc = <double*>malloc(mm * sizeof(double))
+        if acc == NULL:
+            return -1
+        if floating is float:
+            fb_colsum_f32(n, m, dout, db, acc)
+        else:
+            fb_colsum_f64(n, m, dout, db, acc)
+        free(acc)
+        return 0
+    c.m = m
+    c.dout = dout
+    c.partials = <double*>malloc(<size_t>(nb + 1) * mm * sizeof(double))
+    c.rows = malloc(<size_t>nb * mm * sizeof(floating))
+    if c.partials == NULL or c.rows == NULL:
+        free(c.partials)
+        free(c.rows)
+        return -1
     if floating is float:
-        fb_colsum_f32(n, m, dout, db, acc)
+        parallel_blocks(n, block, _colsum_f32, &c)
     else:
-        fb_colsum_f64(n, m, dout, db, acc)
+        parallel_blocks(n, block, _colsum_f64, &c)
+    acc = c.partials + nb * mm
+    reduce_blocks_d(c.partials, nb, m, acc)
+    for i in range(m):
+        db[i] = <floating>acc[i]
+    free(c.partials)
+    free(c.rows)
+    return 0
 
 
 cdef int _affine_backward(int tx, Py_ssize_t ldx, int tw, Py_ssize_t ldw, Py_ssize_t n, Py_ssize_t d, Py_ssize_t m,
                           const floating *dout, const floating *x, const floating *w,
                           floating *dx, floating *dw, floating *db) noexcept nogil:
     """dx = dout @ W.T (skipped when dx is NULL), dW = x.T @ dout, db = sum_rows(dout).  -1 if out of memory."""
-    cdef double *acc
     cdef Py_ssize_t ldd = m if m > 1 else 1
     if dx != NULL:
         split_gemm(FB_NOTRANS, flip_trans(tw), n, d, m, <floating>1, dout, ldd, w, ldw, <floating>0, dx, d if d > 1 else 1)
     split_gemm(flip_trans(tx), FB_NOTRANS, d, m, n, <floating>1, x, ldx, dout, ldd, <floating>0, dw, ldd)
-    acc = <double*>malloc((m if m > 0 else 1) * sizeof(double))
-    if acc == NULL:
-        return -1
-    _bias_backward(n, m, dout, db, acc)
-    free(acc)
-    return 0
+    return _bias_backward(n, m, dout, db)
 
 
 def affine_backward(dout, x, W, dx, dW, db):
@@ -196,15 +238,14 @@ def bias_backward(dout, db):
         raise ValueError(f"db must have length {m}, got {cnp.PyArray_DIM(DB, 0)}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(D):
         D = np.ascontiguousarray(D)
-    cdef double *acc = <double*>malloc((m if m > 0 else 1) * sizeof(double))
-    if acc == NULL:
-        raise MemoryError()
+    cdef int rc
     with nogil:
         if t == 0:
-            _bias_backward[float](n, m, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(DB), acc)
+            rc = _bias_backward[float](n, m, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(DB))
         else:
-            _bias_backward[double](n, m, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(DB), acc)
-    free(acc)
+            rc = _bias_backward[double](n, m, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(DB))
+    if rc != 0:
+        raise MemoryError()
     return db
 
 

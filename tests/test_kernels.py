@@ -937,3 +937,24 @@ def test_fastbp_num_threads_sets_the_team_of_every_kernel(value):
     got = r.stdout.split()
     want = value or got[4]                      # unset: OpenMP's default
     assert got[:4] == [want] * 4
+
+
+@with_dtypes
+@pytest.mark.parametrize("n,m", [(100, 50), (4096, 1000), (70_000, 3), (3, 70_000)])
+def test_bias_backward_same_bits_for_every_thread_count(dtype, n, m):
+    # fixed row blocks summed over threads, partials added in block order (the deterministic reducer)
+    rng = np.random.default_rng(n + m)
+    dout = (rng.standard_normal((n, m)) * 10.0 ** rng.integers(-3, 4, (n, m))).astype(dtype)
+    old = T._get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2, 3, 16, 64):
+            T._set_num_threads(threads)
+            got.append(K.bias_backward(dout, np.full(m, np.nan, dtype)).copy())
+    finally:
+        T._set_num_threads(old)
+    for g in got[1:]:
+        assert np.array_equal(g, got[0])
+    want = dout.astype(F64).sum(axis=0)
+    np.testing.assert_allclose(got[0], want, rtol=1e-12 if dtype == F64 else 1e-6,
+                               atol=1e-12 * np.abs(dout).astype(F64).sum(axis=0).max())
