@@ -32,6 +32,8 @@ cnp.import_array()
 # are at least PARALLEL_MIN / 2 elements (so at least PARALLEL_MIN elements are split in two).
 cdef Py_ssize_t PARALLEL_MIN = 1 << 17
 cdef Py_ssize_t MIN_BLOCK = PARALLEL_MIN // 2
+# Column sums read memory once per element (bandwidth-bound): their row blocks are much larger.
+cdef Py_ssize_t COLSUM_BLOCK = 1 << 22
 
 
 include "_simd_query.pxi"
@@ -130,10 +132,10 @@ cdef void _colsum_f64(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noe
 
 cdef int _bias_backward(Py_ssize_t n, Py_ssize_t m, const floating *dout, floating *db) noexcept nogil:
     """db[j] = sum_i dout[i, j], accumulated in double.  The rows are cut into blocks of a fixed size (at least
-    MIN_BLOCK elements, from n and m only), summed over fastbp's threads, and the blocks' partial sums added in
+    COLSUM_BLOCK elements, from n and m only), summed over fastbp's threads, and the blocks' partial sums added in
     block order (reduce_blocks_d): the same bits for any thread count.  -1 if out of memory."""
     cdef Py_ssize_t i, mm = m if m > 0 else 1
-    cdef Py_ssize_t block = (MIN_BLOCK + mm - 1) // mm
+    cdef Py_ssize_t block = (COLSUM_BLOCK + mm - 1) // mm
     cdef Py_ssize_t nb = (n + block - 1) // block if n > 0 else 1
     cdef double *acc
     cdef _colsum_ctx c
