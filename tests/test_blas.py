@@ -305,7 +305,7 @@ def _layout(a, kind):
     return np.ascontiguousarray(a[::-1, ::-1])[::-1, ::-1]   # "reversed": negative strides, copied for BLAS
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=_DIM, n=_DIM, k=_DIM, ta=st.booleans(), tb=st.booleans(),
        la=st.sampled_from(["C", "F", "strided", "reversed"]), lb=st.sampled_from(["C", "F", "strided", "reversed"]),
        threads=st.integers(1, 64), small=st.sampled_from([0.0, 1e6, 3.0, 16.0]),
