@@ -17,11 +17,11 @@ sys.modules.setdefault("fastbp_tests", sys.modules[__name__])
 F16, F32, F64 = np.float16, np.float32, np.float64
 
 TOL = {
-    F16: dict(rtol=1e-2, atol=1e-2),
-    F32: dict(rtol=1e-4, atol=1e-5),
-    F64: dict(rtol=1e-10, atol=1e-12),
+    F16: {"rtol": 1e-2, "atol": 1e-2},
+    F32: {"rtol": 1e-4, "atol": 1e-5},
+    F64: {"rtol": 1e-10, "atol": 1e-12},
 }
-NUM_TOL = {F32: dict(rtol=2e-2, atol=2e-2), F64: dict(rtol=1e-7, atol=1e-8)}
+NUM_TOL = {F32: {"rtol": 2e-2, "atol": 2e-2}, F64: {"rtol": 1e-7, "atol": 1e-8}}
 
 
 def tol(dtype):
