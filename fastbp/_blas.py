@@ -112,10 +112,17 @@ def _raw_cpu_flags():
     return {name for key, name in _NUMPY_FEATURES.items() if feats.get(key)}
 
 
+#: NumPy's names (NPY_DISABLE_CPU_FEATURES) of features /proc/cpuinfo spells otherwise, as patterns; the kernels'
+#: path chooser in _simd.h knows the same table.
+_NUMPY_ALIASES = {"fma3": "fma", "sse41": "sse4_1", "sse42": "sse4_2", "sse3": "pni", "avx512_skx": "avx512*",
+                  "bmi": "bmi1"}
+
+
 def disabled_cpu_features(environ=None):
-    """The patterns of FASTBP_DISABLE_CPU_FEATURES (lower case), empty when unset."""
+    """The patterns of FASTBP_DISABLE_CPU_FEATURES (lower case, NumPy's names translated to /proc/cpuinfo's),
+    empty when unset.  The same variable picks the SIMD path of fastbp's own kernels (see _simd.h)."""
     text = (os.environ if environ is None else environ).get("FASTBP_DISABLE_CPU_FEATURES", "")
-    return tuple(p.lower() for p in re.split(r"[\s,]+", text) if p)
+    return tuple(_NUMPY_ALIASES.get(p.lower(), p.lower()) for p in re.split(r"[\s,]+", text) if p)
 
 
 def cpu_flags(environ=None):
@@ -150,7 +157,8 @@ def _check_runnable(name, flags, origin):
                 f"{', '.join(CORE_FLAGS)}); ignored")
     missing = [f for f in need if f not in flags]
     if missing:
-        return f"{origin}={name} needs CPU flags this CPU lacks ({' '.join(missing)}); ignored"
+        also = " (NumPy's own OpenBLAS still follows it)" if origin == "OPENBLAS_CORETYPE" else ""
+        return f"{origin}={name} needs CPU flags this CPU lacks ({' '.join(missing)}); ignored{also}"
     return None
 
 
@@ -182,7 +190,7 @@ def _choose_coretype(flags, environ=None):
             return want, "FASTBP_BLAS_CORETYPE", None
         core, why = _fallback(flags, env)
         return core, f"FASTBP_BLAS_CORETYPE={want} refused: {why}", refused
-    if want.lower() != "inherit" and all(f in flags for f in SKYLAKEX_FLAGS):
+    if want.lower() != "inherit" and all(f in flags for f in CORE_FLAGS["SkylakeX"]):
         return "SkylakeX", "CPU has AVX-512 F/CD/BW/DQ/VL", None
     if inherited:
         refused = _check_runnable(inherited, flags, "OPENBLAS_CORETYPE")
@@ -361,6 +369,7 @@ def info():
         "corename": lib.scipy_openblas_get_corename().decode(),
         "requested_coretype": st["requested_coretype"],
         "reason": st["reason"],
+        "refused": st.get("refused"),
         "num_threads": get_num_threads(),
         "threading": st["threading"],
     }

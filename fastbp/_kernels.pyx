@@ -34,6 +34,9 @@ cdef Py_ssize_t PARALLEL_MIN = 1 << 17
 cdef Py_ssize_t MIN_BLOCK = PARALLEL_MIN // 2
 
 
+include "_simd_query.pxi"
+
+
 def build_info():
     """Compile-time facts about the kernels: OpenMP use and thread counts (1 in a forked child), PARALLEL_MIN."""
     from fastbp import _threads

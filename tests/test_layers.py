@@ -1637,6 +1637,10 @@ CONSTRUCT = {
     "Affine": lambda M: M.Affine(np.ones((3, 2)), np.zeros(2)),
     "MatMul": lambda M: M.MatMul(np.ones((3, 2))),
     "Repeat": lambda M: M.Repeat(2),
+    "BatchNormalization": lambda M: M.BatchNormalization(np.ones(3), np.zeros(3)),
+    "Convolution": lambda M: M.Convolution(np.ones((2, 1, 3, 3)), np.zeros(2)),
+    "Pooling": lambda M: M.Pooling(2, 2),
+    "Embedding": lambda M: M.Embedding(np.ones((5, 3))),
 }
 
 

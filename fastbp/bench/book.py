@@ -156,3 +156,73 @@ class BookSGD:
     def update(self, params, grads):
         for key in params.keys():
             params[key] -= self.lr * grads[key]
+
+
+class BookMultiLayerNet:
+    """The book's ``common/multi_layer_net.py`` (ReLU, He init, L2 weight decay computed in the loss as the book
+    does even at lambda 0), the layers module as a parameter like BookTwoLayerNet."""
+
+    def __init__(self, input_size, hidden_size_list, output_size, weight_decay_lambda=0, layers=BookLayers):
+        self.hidden_layer_num = len(hidden_size_list)
+        self.weight_decay_lambda = weight_decay_lambda
+        self.params = {}
+        sizes = [input_size] + list(hidden_size_list) + [output_size]
+        for idx in range(1, len(sizes)):
+            scale = np.sqrt(2.0 / sizes[idx - 1])
+            self.params["W" + str(idx)] = scale * np.random.randn(sizes[idx - 1], sizes[idx])
+            self.params["b" + str(idx)] = np.zeros(sizes[idx])
+        self.layers = OrderedDict()
+        for idx in range(1, self.hidden_layer_num + 1):
+            self.layers["Affine" + str(idx)] = layers.Affine(self.params["W" + str(idx)], self.params["b" + str(idx)])
+            self.layers["Activation_function" + str(idx)] = layers.Relu()
+        idx = self.hidden_layer_num + 1
+        self.layers["Affine" + str(idx)] = layers.Affine(self.params["W" + str(idx)], self.params["b" + str(idx)])
+        self.last_layer = layers.SoftmaxWithLoss()
+
+    def predict(self, x):
+        for layer in self.layers.values():
+            x = layer.forward(x)
+        return x
+
+    def loss(self, x, t):
+        y = self.predict(x)
+        weight_decay = 0
+        for idx in range(1, self.hidden_layer_num + 2):
+            W = self.params["W" + str(idx)]
+            weight_decay += 0.5 * self.weight_decay_lambda * np.sum(W ** 2)
+        return self.last_layer.forward(y, t) + weight_decay
+
+    def gradient(self, x, t):
+        self.loss(x, t)
+        dout = self.last_layer.backward(1)
+        for layer in reversed(list(self.layers.values())):
+            dout = layer.backward(dout)
+        grads = {}
+        for idx in range(1, self.hidden_layer_num + 2):
+            grads["W" + str(idx)] = self.layers["Affine" + str(idx)].dW + \
+                self.weight_decay_lambda * self.layers["Affine" + str(idx)].W
+            grads["b" + str(idx)] = self.layers["Affine" + str(idx)].db
+        return grads
+
+
+class BookAdam:
+    """The book's Adam (common/optimizer.py), in NumPy."""
+
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999):
+        self.lr, self.beta1, self.beta2 = lr, beta1, beta2
+        self.iter = 0
+        self.m = None
+        self.v = None
+
+    def update(self, params, grads):
+        if self.m is None:
+            self.m, self.v = {}, {}
+            for key, val in params.items():
+                self.m[key] = np.zeros_like(val)
+                self.v[key] = np.zeros_like(val)
+        self.iter += 1
+        lr_t = self.lr * np.sqrt(1.0 - self.beta2 ** self.iter) / (1.0 - self.beta1 ** self.iter)
+        for key in params.keys():
+            self.m[key] += (1 - self.beta1) * (grads[key] - self.m[key])
+            self.v[key] += (1 - self.beta2) * (grads[key] ** 2 - self.v[key])
+            params[key] -= lr_t * self.m[key] / (np.sqrt(self.v[key]) + 1e-7)
