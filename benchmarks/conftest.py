@@ -12,7 +12,7 @@ leaves pytest-benchmark's own timing options alone.  Explicit ``--benchmark-max-
 
 NumPy's OpenBLAS, fastbp's own OpenBLAS copy, OpenMP and PyTorch keep separate thread pools whose workers spin
 for about 0.1 s after a call; on a small machine that steals a core from the next benchmark.  So every
-benchmark starts after an idle gap (``--bench-gap``, default 0.15 s); see ``fastbp/bench.py`` for the
+benchmark starts after an idle gap (``--bench-gap``, default 0.15 s); see ``fastbp/bench/harness.py`` for the
 measurement of that effect.
 """
 import os

@@ -1,11 +1,12 @@
 """Training-step and gradient benchmarks.
 
 * train-step groups: one step = ``net.gradient(x, t)`` + ``optimizer.update(net.params, grads)`` with SGD
-  (fastbp: ``fastbp.nets`` + ``fastbp.optimizers.SGD``; numpy: the same net on ``fastbp.reference`` + the
+  (fastbp: ``fastbp.nets`` + ``fastbp.optimizer.SGD``; numpy: the same net on ``fastbp.reference`` + the
   book's ``p -= lr * g``; torch: Linear/ReLU/Linear forward, CrossEntropyLoss, backward, torch.optim.SGD.step
   with ``zero_grad(set_to_none=False)``).  All start from the same weights and the gradients are compared
   once before timing.  Cases: TwoLayerNet 784-50-10 at batch 100 (the book's setting) and 1, MultiLayerNet
   784-1024-1024-10 at batch 256.
+  The cases are ``fastbp bench``'s own (:mod:`fastbp.bench.cases`): one setup, one check, for both.
 * book-step group: the book's own ch05 TwoLayerNet with fastbp.layers dropped in vs with its NumPy layers.
 * gradient group: backpropagation vs the numerical gradient on the book's 3-sample gradient check
   (TwoLayerNet 784-50-10, float64 weights, float32 images, one-hot labels).
@@ -14,9 +15,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastbp.nets")
-pytest.importorskip("fastbp.optimizers")
+pytest.importorskip("fastbp.optimizer")
 
-from fastbp import bench  # noqa: E402
+from fastbp.bench import cases  # noqa: E402
 
 IMPLS = ["fastbp", "numpy", "torch"]
 TRAIN_CASES = {
@@ -39,7 +40,7 @@ def test_train_step(benchmark, request, torch_or_none, impl, case, dtype):
         pytest.skip("MultiLayerNet float64 runs with --bench-full only")
     _require_torch(request, impl)
     benchmark.group = f"train-step {case} {np.dtype(dtype).name}"
-    c = bench.train_case(case, case, sizes, batch, dtype, torch_or_none, [])
+    c = cases.train_case(case, case, sizes, batch, dtype, torch_or_none, [])
     c.check()
     benchmark(c.impls[impl])
 
@@ -53,14 +54,14 @@ def test_book_train_step(benchmark, impl):
     """The book's ch05 TwoLayerNet and loop step (gradient + params[key] -= lr * grad[key]), batch 100,
     fastbp.layers vs the book's common/layers.py."""
     benchmark.group = "book-train-step TwoLayerNet-784-50-10-b100 (f64 weights, f32 images)"
-    c = bench.book_case(100)
+    c = cases.book_case(100)
     c.check()
     benchmark(c.impls[impl])
 
 
 @pytest.fixture(scope="module")
 def gradient_check_data():
-    x, t = bench.mnist_batch(3, one_hot=True)        # the book's x_train[:3], t_train[:3]
+    x, t = cases.mnist_batch(3, one_hot=True)        # the book's x_train[:3], t_train[:3]
     return x, t
 
 

@@ -1,1 +1,8 @@
 __version__ = "0.1.0"
+
+from fastbp import _runtime as _rt
+
+try:
+    _rt.apply()          # before any kernel module loads libgomp (see fastbp/_runtime.py)
+except ImportError:      # extensions not built: fastbp.reference and the pure-Python parts still import
+    pass

@@ -7,7 +7,7 @@ untouched: different file, different globals, different thread pool.
 Why a copy of our own: OpenBLAS picks its kernels once, when the library is loaded, from ``OPENBLAS_CORETYPE``
 or from CPUID.  On some machines (this project's development machines among them) the environment pins NumPy's
 OpenBLAS to the AVX2 "Haswell" kernels, which reach about half the float32 GEMM rate of the AVX-512 "SkylakeX"
-kernels on a CPU that has AVX-512 (measured: 2048^3 sgemm 215 vs 435-460 GFLOP/s; 100x784x50 47 vs 30 us).
+kernels on a CPU that has AVX-512 (the measured rates are in the README, the one place figures are kept).
 Loading a second copy lets fastbp choose for itself without changing NumPy's behaviour:
 
 * ``FASTBP_BLAS_CORETYPE=<name>`` forces a core type for fastbp's copy (e.g. ``Haswell``, ``SkylakeX``).
@@ -112,10 +112,17 @@ def _raw_cpu_flags():
     return {name for key, name in _NUMPY_FEATURES.items() if feats.get(key)}
 
 
+#: NumPy's names (NPY_DISABLE_CPU_FEATURES) of features /proc/cpuinfo spells otherwise, as patterns; the kernels'
+#: path chooser in _simd.h knows the same table.
+_NUMPY_ALIASES = {"fma3": "fma", "sse41": "sse4_1", "sse42": "sse4_2", "sse3": "pni", "avx512_skx": "avx512*",
+                  "bmi": "bmi1"}
+
+
 def disabled_cpu_features(environ=None):
-    """The patterns of FASTBP_DISABLE_CPU_FEATURES (lower case), empty when unset."""
+    """The patterns of FASTBP_DISABLE_CPU_FEATURES (lower case, NumPy's names translated to /proc/cpuinfo's),
+    empty when unset.  The same variable picks the SIMD path of fastbp's own kernels (see _simd.h)."""
     text = (os.environ if environ is None else environ).get("FASTBP_DISABLE_CPU_FEATURES", "")
-    return tuple(p.lower() for p in re.split(r"[\s,]+", text) if p)
+    return tuple(_NUMPY_ALIASES.get(p.lower(), p.lower()) for p in re.split(r"[\s,]+", text) if p)
 
 
 def cpu_flags(environ=None):
@@ -150,7 +157,8 @@ def _check_runnable(name, flags, origin):
                 f"{', '.join(CORE_FLAGS)}); ignored")
     missing = [f for f in need if f not in flags]
     if missing:
-        return f"{origin}={name} needs CPU flags this CPU lacks ({' '.join(missing)}); ignored"
+        also = " (NumPy's own OpenBLAS still follows it)" if origin == "OPENBLAS_CORETYPE" else ""
+        return f"{origin}={name} needs CPU flags this CPU lacks ({' '.join(missing)}); ignored{also}"
     return None
 
 
@@ -182,7 +190,7 @@ def _choose_coretype(flags, environ=None):
             return want, "FASTBP_BLAS_CORETYPE", None
         core, why = _fallback(flags, env)
         return core, f"FASTBP_BLAS_CORETYPE={want} refused: {why}", refused
-    if want.lower() != "inherit" and all(f in flags for f in SKYLAKEX_FLAGS):
+    if want.lower() != "inherit" and all(f in flags for f in CORE_FLAGS["SkylakeX"]):
         return "SkylakeX", "CPU has AVX-512 F/CD/BW/DQ/VL", None
     if inherited:
         refused = _check_runnable(inherited, flags, "OPENBLAS_CORETYPE")
@@ -283,7 +291,7 @@ def ensure_loaded():
         lib.scipy_openblas_get_num_threads.restype = ctypes.c_int
         _gemm._set_gemm(*addresses)
         # OpenBLAS's SkylakeX-family cores run products of up to 10^6 multiply-adds with a small-matrix kernel
-        # that skips packing (measured: 20% faster in float32, 55% in float64 at 100 x 200 x 50): aim for it.
+        # that skips packing (faster on the book's small products, see the README's figures): aim for it.
         core = lib.scipy_openblas_get_corename().decode()
         _gemm._set_small_mnk(SMALL_MATRIX_MNK if core.lower() in SMALL_MATRIX_CORES else 0)
         _state.update(
@@ -361,6 +369,7 @@ def info():
         "corename": lib.scipy_openblas_get_corename().decode(),
         "requested_coretype": st["requested_coretype"],
         "reason": st["reason"],
+        "refused": st.get("refused"),
         "num_threads": get_num_threads(),
         "threading": st["threading"],
     }

@@ -34,6 +34,9 @@ cdef Py_ssize_t PARALLEL_MIN = 1 << 17
 cdef Py_ssize_t MIN_BLOCK = PARALLEL_MIN // 2
 
 
+include "_simd_query.pxi"
+
+
 def build_info():
     """Compile-time facts about the kernels: OpenMP use and thread counts (1 in a forked child), PARALLEL_MIN."""
     from fastbp import _threads
@@ -44,9 +47,11 @@ def build_info():
 
 cdef extern from "_simd.h" nogil:
     void fb_softmax_block_f32(const float *x, float *y, float *g, long rows, long c, float scale,
-                              const float *onehot, const int64_t *labels, double *rowloss) noexcept
+                              const float *onehot, const int64_t *labels, int has_ignore, int64_t ignore,
+                              double *rowloss) noexcept
     void fb_softmax_block_f64(const double *x, double *y, double *g, long rows, long c, double scale,
-                              const double *onehot, const int64_t *labels, double *rowloss) noexcept
+                              const double *onehot, const int64_t *labels, int has_ignore, int64_t ignore,
+                              double *rowloss) noexcept
     void fb_relu_forward_f32(long n, const float *x, float *out, uint8_t *mask) noexcept
     void fb_relu_forward_f64(long n, const double *x, double *out, uint8_t *mask) noexcept
     void fb_relu_backward_f32(long n, const float *dout, const uint8_t *mask, float *dx) noexcept
@@ -354,6 +359,8 @@ ctypedef struct _sm_ctx:
     Py_ssize_t c
     const void *x          # IN  logits (n, c)
     const int64_t *t       # IN  labels (n,), or NULL
+    int has_ignore         # IN  rows labelled `ignore` add no loss and get a zero gradient row
+    int64_t ignore
     const void *onehot     # IN  targets (n, c), or NULL
     void *y                # OUT softmax (n, c)
     void *g                # OUT scale * (y - target) (n, c), or NULL
@@ -367,11 +374,11 @@ cdef inline void _softmax_block(const _sm_ctx *s, Py_ssize_t lo, Py_ssize_t hi, 
     if floating is float:
         fb_softmax_block_f32(x + off, y + off, NULL if g == NULL else g + off, hi - lo, s.c, <float>s.scale,
                              NULL if onehot == NULL else onehot + off, NULL if s.t == NULL else s.t + lo,
-                             s.rows + lo)
+                             s.has_ignore, s.ignore, s.rows + lo)
     else:
         fb_softmax_block_f64(x + off, y + off, NULL if g == NULL else g + off, hi - lo, s.c, s.scale,
                              NULL if onehot == NULL else onehot + off, NULL if s.t == NULL else s.t + lo,
-                             s.rows + lo)
+                             s.has_ignore, s.ignore, s.rows + lo)
 
 
 cdef void _softmax_rows_f32(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
@@ -400,19 +407,28 @@ cdef double _softmax_ce(int ft, Py_ssize_t n, _sm_ctx *s) noexcept nogil:
     return loss
 
 
-cdef Py_ssize_t _first_bad_label(Py_ssize_t n, const int64_t *t, int64_t c) noexcept nogil:
-    cdef Py_ssize_t i
+cdef Py_ssize_t _first_bad_label(Py_ssize_t n, const int64_t *t, int64_t c, bint has_ignore, int64_t ignore,
+                                 Py_ssize_t *nignored) noexcept nogil:
+    """Index of the first label outside [0, c) that is not `ignore` (-1 if none); counts the ignored labels."""
+    cdef Py_ssize_t i, k = 0
     for i in range(n):
-        if t[i] < 0 or t[i] >= c:
+        if has_ignore and t[i] == ignore:
+            k += 1
+        elif t[i] < 0 or t[i] >= c:
             return i
+    nignored[0] = k
     return -1
 
 
-def softmax_cross_entropy(x, t, y, grad, double scale):
-    """y = softmax(x) row-wise; grad = scale * (y - onehot(t)) (grad may be None); returns sum of row losses.
+def softmax_cross_entropy(x, t, y, grad, double scale, ignore_label=None):
+    """y = softmax(x) row-wise; grad = scale * (y - onehot(t)) (grad may be None); returns the mean row loss.
 
     x, y, grad: C-contiguous (N, C) of one float dtype.  t: int64 labels (N,) with 0 <= t < C, or a one-hot /
-    probability matrix (N, C) of x's dtype.  The row loss is the exact log-sum-exp form lse(x) - x[t].
+    probability matrix (N, C) of x's dtype.  The row loss is the exact log-sum-exp form lse(x) - x[t], computed
+    and returned in double (so float32 logits such as +-3e38, whose loss 6e38 is beyond float32, give a finite
+    loss).  With integer labels, rows whose label == ignore_label (book 2's -1) add no loss and get a zero
+    gradient row (y is still their softmax); the mean divides by the number of other rows (0 rows -> 0.0).
+    `scale` multiplies the gradient: pass dout / (number of rows counted).
     """
     cdef int ft = ftype(x, "x")
     same_type(ft, y, "y")
@@ -440,15 +456,15 @@ def softmax_cross_entropy(x, t, y, grad, double scale):
     if rows == NULL:
         raise MemoryError()
     try:
-        return _softmax_ce_dispatch(ft, X, T, Y, gp, n, c, scale, rows)
+        return _softmax_ce_dispatch(ft, X, T, Y, gp, n, c, scale, rows, ignore_label)
     finally:
         if rows != &small[0]:
             free(rows)
 
 
 cdef double _softmax_ce_dispatch(int ft, cnp.ndarray X, cnp.ndarray T, cnp.ndarray Y, void *gp, Py_ssize_t n,
-                                 Py_ssize_t c, double scale, double *rows) except? -1.0:
-    cdef Py_ssize_t bad
+                                 Py_ssize_t c, double scale, double *rows, object ignore_label) except? -1.0:
+    cdef Py_ssize_t bad, nignored = 0
     cdef double loss
     cdef _sm_ctx s
     s.c = c
@@ -459,6 +475,16 @@ cdef double _softmax_ce_dispatch(int ft, cnp.ndarray X, cnp.ndarray T, cnp.ndarr
     s.g = gp
     s.scale = scale
     s.rows = rows
+    s.has_ignore = ignore_label is not None
+    s.ignore = 0
+    if s.has_ignore:
+        if cnp.PyArray_NDIM(T) != 1:
+            raise ValueError("ignore_label applies to integer labels t (N,), not to one-hot targets")
+        if isinstance(ignore_label, (bool, np.bool_)) or not isinstance(ignore_label, (int, np.integer)):
+            raise TypeError(f"ignore_label must be an int or None, got {type(ignore_label).__name__}")
+        if not -2**63 <= ignore_label < 2**63:
+            raise ValueError(f"ignore_label must fit int64, got {ignore_label}")
+        s.ignore = ignore_label
     if cnp.PyArray_NDIM(T) == 1:
         if cnp.PyArray_TYPE(T) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(T):
             raise TypeError(f"labels must be native int64 here, got {dtype_of(T)}")
@@ -466,9 +492,10 @@ cdef double _softmax_ce_dispatch(int ft, cnp.ndarray X, cnp.ndarray T, cnp.ndarr
             raise ValueError(f"expected {n} labels (one per row of x {shape_of(X)}), got {cnp.PyArray_DIM(T, 0)}")
         s.t = <const int64_t*>cnp.PyArray_DATA(T)
         with nogil:
-            bad = _first_bad_label(n, s.t, c)
+            bad = _first_bad_label(n, s.t, c, s.has_ignore, s.ignore, &nignored)
         if bad >= 0:
-            raise ValueError(f"label {T[bad]} at index {bad} is out of range: labels must be in [0, {c - 1}]")
+            raise ValueError(f"label {T[bad]} at index {bad} is out of range: labels must be in [0, {c - 1}]"
+                             + (f" or equal ignore_label {s.ignore}" if s.has_ignore else ""))
     elif cnp.PyArray_NDIM(T) == 2:
         same_type(ft, T, "t (one-hot)")
         check_same_shape(T, X, "t (one-hot)", "x")
@@ -477,7 +504,7 @@ cdef double _softmax_ce_dispatch(int ft, cnp.ndarray X, cnp.ndarray T, cnp.ndarr
         raise ValueError(f"t must be labels (N,) or one-hot (N, C), got {cnp.PyArray_NDIM(T)}-D shape {shape_of(T)}")
     with nogil:
         loss = _softmax_ce(ft, n, &s)
-    return loss
+    return loss / (n - nignored) if n > nignored else 0.0
 
 
 def scale_into(src, double alpha, dst):

@@ -18,6 +18,9 @@ cdef extern from "_optim.h" nogil:
     void fb_opt_f64(int kind, long n, double *p, const double *g, double *s1, double *s2, double lr, double a,
                     double b, double eps) noexcept
 
+include "_simd_query.pxi"
+
+
 cdef enum:
     OPT_SGD = 0
     OPT_MOMENTUM = 1

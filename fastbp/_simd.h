@@ -1,35 +1,196 @@
-/* Vectorisable row kernels for fastbp/_kernels.pyx (the optimizer updates are in _optim.h).
+/* Vectorisable row kernels for fastbp/_kernels.pyx, and the machinery that runs each of them in the variant for
+ * the CPU's instruction set (the optimizer updates in _optim.h use it too).
  *
  * Why C: the exponential is the cost of softmax and sigmoid.  libm's exp/expf is a scalar call, so a loop over
- * it cannot be vectorised; here exp is a branch-free Cody-Waite range reduction plus a polynomial, which GCC
- * vectorises.  Why multiversioned: a portable build may only assume SSE2, so on x86-64 with GCC the loops are
- * compiled three times (AVX-512, AVX2+FMA, baseline) with `target_clones`, and the dynamic loader picks the
- * clone the CPU supports once, at load time.  Cython cannot attach that attribute, hence this header.
+ * it cannot be vectorised; here exp is a branch-free Cody-Waite range reduction plus a polynomial, which the
+ * compiler vectorises.  Cython cannot attach target attributes, hence this header.
  *
- * Accuracy: fb_expf is within 2 ulp of expf on [-87.3, 0] (degree-7 polynomial on |r| <= ln2/2) and fb_exp within
- * 2 ulp of exp on [-708, 0] (degree-12); below those ranges they return 0 (the true values are subnormal), NaN in
- * gives NaN out.  They are only called on arguments <= 0 (x - max(x), -|x|).  Sums are accumulated in double.
+ * SIMD paths.  A portable build may only assume the baseline (SSE2 on x86-64), so every kernel is compiled up to
+ * three times: FB_VARIANTS(DEF, NAME, ...) expands DEF(NAME_avx512, <target attribute>, ...),
+ * DEF(NAME_avx2, ...) and DEF(NAME_base, <nothing>, ...), and FB_DISPATCH(NAME, (params), (args)) defines NAME
+ * itself, which calls the variant of the path chosen once per extension module (at its first kernel call, or at
+ * import through fb_simd_level()):
+ *   2 "avx512"   AVX-512 F/CD/BW/DQ/VL + AVX2/FMA/BMI1/BMI2   (the CPU has them all)
+ *   1 "avx2"     AVX2/FMA/BMI1/BMI2 (+ AVX)
+ *   0 "baseline" what the compiler targets by default
+ * less what FASTBP_DISABLE_CPU_FEATURES turns off (NumPy's NPY_DISABLE_CPU_FEATURES convention: a comma or space
+ * separated list of feature names or patterns with * and ?, any case; /proc/cpuinfo names, or NumPy's FMA3,
+ * SSE41, SSE42, SSE3, AVX512_SKX).  A path is off when any of its features, or of the paths below it, is named:
+ * "AVX512F" gives the avx2 path, "AVX2" or "AVX" the baseline.  fastbp._blas reads the same variable for the
+ * core type of its OpenBLAS, so one setting moves both.  The variants exist only on x86 with a compiler that
+ * takes target attributes (setup.py probes it: FASTBP_TARGET_ATTR); elsewhere the baseline is the only path.
+ * fb_simd_count(1) makes every dispatch count the variant it runs (fb_simd_calls[path]), so tests can show the
+ * path really changed; off, it costs one predictable branch.
  */
 #ifndef FASTBP_SIMD_H
 #define FASTBP_SIMD_H
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
+#ifndef FASTBP_TARGET_ATTR
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define FASTBP_TARGET_ATTR 1
+#else
+#define FASTBP_TARGET_ATTR 0
+#endif
+#endif
+
+#if FASTBP_TARGET_ATTR && (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define FB_HAVE_VARIANTS 1
+#define FB_TARGET_AVX2 __attribute__((target("avx,avx2,fma,bmi,bmi2")))
+#define FB_TARGET_AVX512 __attribute__((target("avx,avx2,fma,bmi,bmi2,avx512f,avx512cd,avx512bw,avx512dq,avx512vl")))
+#define FB_VARIANTS(DEF, NAME, ...)                                                                           \
+    DEF(NAME##_avx512, FB_TARGET_AVX512, __VA_ARGS__)                                                         \
+    DEF(NAME##_avx2, FB_TARGET_AVX2, __VA_ARGS__)                                                             \
+    DEF(NAME##_base, , __VA_ARGS__)
+#define FB_DISPATCH(NAME, PARAMS, ARGS)                                                                       \
+static inline void NAME PARAMS                                                                                \
+{                                                                                                             \
+    int l_ = fb_simd_pick();                                                                                  \
+    if (l_ == 2) NAME##_avx512 ARGS;                                                                          \
+    else if (l_ == 1) NAME##_avx2 ARGS;                                                                       \
+    else NAME##_base ARGS;                                                                                    \
+}
+#else
+#define FB_HAVE_VARIANTS 0
+#define FB_VARIANTS(DEF, NAME, ...) DEF(NAME##_base, , __VA_ARGS__)
+#define FB_DISPATCH(NAME, PARAMS, ARGS)                                                                       \
+static inline void NAME PARAMS { (void)fb_simd_pick(); NAME##_base ARGS; }
+#endif
+
+/* Kept for kernels not yet converted to FB_VARIANTS/FB_DISPATCH: GCC's target_clones, resolved by the dynamic
+ * loader from the CPU alone (FASTBP_DISABLE_CPU_FEATURES cannot reach them).  Convert, do not add more. */
 #ifndef FB_CLONES
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(FASTBP_NO_CLONES)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && FASTBP_TARGET_ATTR
 #define FB_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FB_CLONES
 #endif
 #endif
 
+static const char *const fb_simd_names[3] = {"baseline", "avx2", "avx512"};
+static int fb_simd_level_ = -1;        /* the path of this extension module, -1 until chosen */
+static int fb_simd_counting = 0;
+static long long fb_simd_calls[3];
+
+/* The features each path needs, by /proc/cpuinfo name (a path needs its own and those of the paths below). */
+static const char *const fb_simd_avx2_features[] = {"avx", "avx2", "fma", "bmi1", "bmi2", NULL};
+static const char *const fb_simd_avx512_features[] = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl",
+                                                     NULL};
+
+/* Case-insensitive match of a name against a pattern with * and ? (fnmatch's rule for those two). */
+static int fb_glob(const char *p, const char *s)
+{
+    const char *star = NULL, *resume = NULL;
+    while (*s) {
+        char a = *p >= 'A' && *p <= 'Z' ? (char)(*p + 32) : *p;
+        char b = *s >= 'A' && *s <= 'Z' ? (char)(*s + 32) : *s;
+        if (*p == '*') { star = p++; resume = s; continue; }
+        if (*p && (*p == '?' || a == b)) { p++; s++; continue; }
+        if (star) { p = star + 1; s = ++resume; continue; }
+        return 0;
+    }
+    while (*p == '*') p++;
+    return *p == 0;
+}
+
+/* NumPy's names of features that /proc/cpuinfo spells otherwise. */
+static const char *fb_simd_alias(const char *w)
+{
+    static const char *const pairs[][2] = {{"fma3", "fma"}, {"sse41", "sse4_1"}, {"sse42", "sse4_2"},
+                                           {"sse3", "pni"}, {"avx512_skx", "avx512*"}, {"bmi", "bmi1"}};
+    size_t i;
+    for (i = 0; i < sizeof(pairs) / sizeof(pairs[0]); i++)
+        if (fb_glob(pairs[i][0], w) && strlen(w) == strlen(pairs[i][0])) return pairs[i][1];
+    return w;
+}
+
+static int fb_simd_named(const char *disabled, const char *const *features)
+{
+    char word[64];
+    const char *s = disabled;
+    while (s && *s) {
+        size_t n = 0;
+        while (*s == ',' || *s == ' ' || *s == '\t' || *s == '\n') s++;
+        while (*s && *s != ',' && *s != ' ' && *s != '\t' && *s != '\n') {
+            if (n < sizeof(word) - 1) word[n++] = *s;
+            s++;
+        }
+        word[n] = 0;
+        if (n) {
+            const char *pat = fb_simd_alias(word);
+            const char *const *f;
+            for (f = features; *f; f++)
+                if (fb_glob(pat, *f)) return 1;
+        }
+    }
+    return 0;
+}
+
+/* The best path the CPU runs (and this build has), 0..2. */
+static int fb_simd_hw_level(void)
+{
+#if FB_HAVE_VARIANTS
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+          && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")))
+        return 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+        return 2;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* min(hw, the best path none of whose features `disabled` names). */
+static int fb_simd_level_for(int hw, const char *disabled)
+{
+    if (disabled == NULL) return hw;
+    if (fb_simd_named(disabled, fb_simd_avx2_features)) return 0;
+    if (hw >= 2 && fb_simd_named(disabled, fb_simd_avx512_features)) return 1;
+    return hw;
+}
+
+/* Choose this module's path (once; every later call returns the same). */
+static int fb_simd_level(void)
+{
+    if (fb_simd_level_ < 0)
+        fb_simd_level_ = fb_simd_level_for(fb_simd_hw_level(), getenv("FASTBP_DISABLE_CPU_FEATURES"));
+    return fb_simd_level_;
+}
+
+static inline int fb_simd_pick(void)
+{
+    int l = fb_simd_level_;
+    if (l < 0) l = fb_simd_level();
+    if (fb_simd_counting) {
+#if defined(__GNUC__) || defined(__clang__)
+        __atomic_fetch_add(&fb_simd_calls[l], 1, __ATOMIC_RELAXED);
+#else
+        fb_simd_calls[l]++;
+#endif
+    }
+    return l;
+}
+
+/* Start (1) or stop (0) counting dispatches, zeroing the counts when starting. */
+static void fb_simd_count(int on)
+{
+    if (on) memset(fb_simd_calls, 0, sizeof(fb_simd_calls));
+    fb_simd_counting = on;
+}
+
 static inline float fb_expf(float x)
 {
     /* exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n ln2 (two-part ln2 keeps r exact) */
     const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    float xc = x < -87.3f ? -87.3f : x;
-    float n = (xc * log2e + 12582912.0f) - 12582912.0f;   /* round to nearest: 1.5 * 2^23 trick */
+    float xc = x < -87.3f ? -87.3f : x;                  /* NaN stays NaN, and gives NaN below */
+    float t = xc * log2e + 12582912.0f;                  /* round to nearest: 1.5 * 2^23 trick */
+    float n = t - 12582912.0f;
     float r = xc - n * ln2_hi;
     r = r - n * ln2_lo;
     float p = 1.0f / 5040.0f;
@@ -40,11 +201,16 @@ static inline float fb_expf(float x)
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    union { int32_t i; float f; } u = { bits };
+    /* 2^n without a float -> int conversion: t + 127 holds n + 127 in its low mantissa bits; shifted up, they
+     * are the exponent field. */
+    union { float f; uint32_t i; } u = { t + 127.0f };
+    u.i <<= 23;
     float scale = u.f;
     float v = p * scale;
-    return x < -87.3f ? 0.0f : v;
+    /* zero below the range (NaN stays NaN).  Under the default -ftrapping-math GCC branches around the
+     * polynomial here and then cannot vectorise the loop for AVX2 (it may not speculate the multiplies): setup.py
+     * builds with -fno-trapping-math. */
+    return v * (float)!(x < -87.3f);
 }
 
 static inline double fb_exp(double x)
@@ -52,7 +218,8 @@ static inline double fb_exp(double x)
     const double log2e = 1.4426950408889634074, ln2_hi = 6.93147180369123816490e-01,
                  ln2_lo = 1.90821492927058770002e-10;
     double xc = x < -708.0 ? -708.0 : x;
-    double n = (xc * log2e + 6755399441055744.0) - 6755399441055744.0;   /* 1.5 * 2^52 */
+    double t = xc * log2e + 6755399441055744.0;                          /* 1.5 * 2^52 */
+    double n = t - 6755399441055744.0;
     double r = xc - n * ln2_hi;
     r = r - n * ln2_lo;
     double p = 1.0 / 479001600.0;            /* 1/12! */
@@ -68,20 +235,26 @@ static inline double fb_exp(double x)
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    int64_t bits = ((int64_t)n + 1023) << 52;
-    union { int64_t i; double f; } u = { bits };
+    union { double f; uint64_t i; } u = { t + 1023.0 };   /* 2^n as in fb_expf: AVX2 has no double -> int64 */
+    u.i <<= 52;
     double scale = u.f;
     double v = p * scale;
-    return x < -708.0 ? 0.0 : v;
+    return v * (double)!(x < -708.0);
 }
 
 /* Softmax with cross-entropy over a block of `rows` rows of `c` classes.  y = softmax(x) row-wise;
  * g = scale * (y - target) unless g is NULL; target is onehot (rows x c) when onehot != NULL, else the one-hot
- * vector of labels[i].  rowloss[i] = sum_j target_j * (logsumexp(x_i) - x_ij), as log(sum) + (max - x_ij).
+ * vector of labels[i].  rowloss[i] = sum_j target_j * (logsumexp(x_i) - x_ij).  With has_ignore, a row whose
+ * label is `ignore` gets y but rowloss 0 and a zero gradient row.
+ * Accuracy: with e_j = exp(x_j - max) (e = 1 at the max) and r = sum of the e_j other than one 1, the sum is 1 + r,
+ *   logsumexp - x_t = (max - x_t) + log1p(r)       in double: no cancellation when the max dominates (tiny loss),
+ *                                                  and finite for float32 logits whose loss is beyond float32;
+ *   g_t = -scale * (sum_{j != t} e_j) / (1 + r)    in double, where y_t - 1 would cancel in float32.
  * The exponentials run over the whole block in one loop, so short rows (C = 10) still fill the vector lanes. */
-#define FB_SOFTMAX_BLOCK(NAME, T, EXP)                                                                        \
-FB_CLONES static void NAME(const T *restrict x, T *restrict y, T *restrict g, long rows, long c, T scale,     \
-                           const T *restrict onehot, const int64_t *restrict labels, double *restrict rowloss) \
+#define FB_SOFTMAX_BLOCK(NAME, TARGET, T, EXP)                                                                \
+TARGET static inline void NAME##_rows(const T *restrict x, T *restrict y, T *restrict g, long rows, long c,  \
+                           T scale, const T *restrict onehot, const int64_t *restrict labels, int has_ignore, \
+                           int64_t ignore, double *restrict rowloss)                                          \
 {                                                                                                             \
     long i, j;                                                                                                \
     for (i = 0; i < rows; i++) {                                                                              \
@@ -95,12 +268,12 @@ FB_CLONES static void NAME(const T *restrict x, T *restrict y, T *restrict g, lo
         _Pragma("omp simd")                                                                                   \
         for (j = 0; j < c; j++) yr[j] = xr[j] - m;                                                            \
         if (onehot == NULL) {                                                                                 \
-            rowloss[i] = -(double)yr[labels[i]];                                                              \
+            rowloss[i] = (has_ignore && labels[i] == ignore) ? 0.0 : (double)m - (double)xr[labels[i]];      \
         } else {                                                                                              \
             const T *tr = onehot + i * c;                                                                     \
             double acc = 0.0;                                                                                 \
-            for (j = 0; j < c; j++) if (tr[j] != 0) acc += (double)tr[j] * (double)yr[j];                     \
-            rowloss[i] = -acc;                                                                                \
+            for (j = 0; j < c; j++) if (tr[j] != 0) acc += (double)tr[j] * ((double)m - (double)xr[j]);       \
+            rowloss[i] = acc;                                                                                 \
         }                                                                                                     \
     }                                                                                                         \
     long total = rows * c;                                                                                    \
@@ -108,20 +281,32 @@ FB_CLONES static void NAME(const T *restrict x, T *restrict y, T *restrict g, lo
     for (i = 0; i < total; i++) y[i] = EXP(y[i]);                                                             \
     for (i = 0; i < rows; i++) {                                                                              \
         T *yr = y + i * c;                                                                                    \
-        double s = 0.0;                                                                                       \
-        _Pragma("omp simd reduction(+:s)")                                                                    \
-        for (j = 0; j < c; j++) s += (double)yr[j];                                                           \
-        T inv = (T)(1.0 / s);                                                                                 \
-        double logs = log(s);                                                                                 \
+        double s = 0.0, r = 0.0;                                                                              \
+        /* s: all e_j; r: those below 1 (two sums vectorise; counting the 1s in the loop does not) */        \
+        _Pragma("omp simd reduction(+:s,r)")                                                                  \
+        for (j = 0; j < c; j++) { double e = (double)yr[j]; s += e; r += e < 1.0 ? e : 0.0; }               \
+        r += nearbyint(s - r) - 1.0;                /* + the 1s but one (ties at the max): the e_j but one 1 */ \
+        s = 1.0 + r;                                                                                          \
+        double invs = 1.0 / s;                                                                                \
+        T inv = (T)invs;                                                                                      \
+        double logs = r < 0.5 ? log1p(r) : log(s);  /* log(s) loses digits only when s is near 1 */          \
+        int skip = onehot == NULL && has_ignore && labels[i] == ignore;                                       \
+        double et = onehot == NULL && !skip ? (double)yr[labels[i]] : 0.0;                                    \
         _Pragma("omp simd")                                                                                   \
         for (j = 0; j < c; j++) yr[j] *= inv;                                                                 \
         if (onehot == NULL) {                                                                                 \
+            if (skip) {                                                                                       \
+                if (g != NULL) memset(g + i * c, 0, (size_t)c * sizeof(T));                                   \
+                continue;                                                                                     \
+            }                                                                                                 \
             rowloss[i] += logs;                                                                               \
             if (g != NULL) {                                                                                  \
                 T *gr = g + i * c;                                                                            \
                 _Pragma("omp simd")                                                                           \
                 for (j = 0; j < c; j++) gr[j] = scale * yr[j];                                                \
-                gr[labels[i]] -= scale;                                                                       \
+                /* the e_j other than e_t: r when e_t is a 1 (r holds the other ones), else 1 + r - e_t */   \
+                double others = et == 1.0 ? r : s - et;                                                       \
+                gr[labels[i]] = (T)(-(double)scale * others * invs);                                          \
             }                                                                                                 \
         } else {                                                                                              \
             const T *tr = onehot + i * c;                                                                     \
@@ -137,12 +322,36 @@ FB_CLONES static void NAME(const T *restrict x, T *restrict y, T *restrict g, lo
     }                                                                                                         \
 }
 
-FB_SOFTMAX_BLOCK(fb_softmax_block_f32, float, fb_expf)
-FB_SOFTMAX_BLOCK(fb_softmax_block_f64, double, fb_exp)
+/* ... over chunks of about FB_SOFTMAX_CHUNK elements (whole rows), so that the passes over a chunk (max,
+ * exponentials, sums, scaling, gradient) run in L1 instead of streaming a large block through memory five times;
+ * each row's results do not depend on the chunking. */
+#define FB_SOFTMAX_CHUNK 2048
+#define FB_SOFTMAX_CHUNKED(NAME, TARGET, T, EXP)                                                              \
+FB_SOFTMAX_BLOCK(NAME, TARGET, T, EXP)                                                                        \
+TARGET static void NAME(const T *x, T *y, T *g, long rows, long c, T scale, const T *onehot,                  \
+                        const int64_t *labels, int has_ignore, int64_t ignore, double *rowloss)               \
+{                                                                                                             \
+    long step = c > 0 && c < FB_SOFTMAX_CHUNK ? FB_SOFTMAX_CHUNK / c : 1, r0;                                 \
+    for (r0 = 0; r0 < rows; r0 += step) {                                                                     \
+        long nr = rows - r0 < step ? rows - r0 : step;                                                        \
+        NAME##_rows(x + r0 * c, y + r0 * c, g == NULL ? NULL : g + r0 * c, nr, c, scale,                      \
+                    onehot == NULL ? NULL : onehot + r0 * c, labels == NULL ? NULL : labels + r0, has_ignore,  \
+                    ignore, rowloss + r0);                                                                    \
+    }                                                                                                         \
+}
+
+FB_VARIANTS(FB_SOFTMAX_CHUNKED, fb_softmax_block_f32, float, fb_expf)
+FB_VARIANTS(FB_SOFTMAX_CHUNKED, fb_softmax_block_f64, double, fb_exp)
+FB_DISPATCH(fb_softmax_block_f32, (const float *x, float *y, float *g, long rows, long c, float scale,
+                                   const float *onehot, const int64_t *labels, int has_ignore, int64_t ignore,
+                                   double *rowloss), (x, y, g, rows, c, scale, onehot, labels, has_ignore, ignore, rowloss))
+FB_DISPATCH(fb_softmax_block_f64, (const double *x, double *y, double *g, long rows, long c, double scale,
+                                   const double *onehot, const int64_t *labels, int has_ignore, int64_t ignore,
+                                   double *rowloss), (x, y, g, rows, c, scale, onehot, labels, has_ignore, ignore, rowloss))
 
 /* out = 1 / (1 + exp(-x)) without overflow: e = exp(-|x|) <= 1; out = 1/(1+e) or e/(1+e). */
-#define FB_SIGMOID(NAME, T, EXP)                                                                              \
-FB_CLONES static void NAME(long n, const T *x, T *out)                                                        \
+#define FB_SIGMOID(NAME, TARGET, T, EXP)                                                                      \
+TARGET static void NAME(long n, const T *x, T *out)                                                        \
 {                                                                                                             \
     _Pragma("omp simd")                                                                                       \
     for (long i = 0; i < n; i++) {                                                                            \
@@ -153,29 +362,38 @@ FB_CLONES static void NAME(long n, const T *x, T *out)                          
     }                                                                                                         \
 }
 
-FB_SIGMOID(fb_sigmoid_f32, float, fb_expf)
-FB_SIGMOID(fb_sigmoid_f64, double, fb_exp)
+FB_VARIANTS(FB_SIGMOID, fb_sigmoid_f32, float, fb_expf)
+FB_VARIANTS(FB_SIGMOID, fb_sigmoid_f64, double, fb_exp)
+FB_DISPATCH(fb_sigmoid_f32, (long n, const float *x, float *out), (n, x, out))
+FB_DISPATCH(fb_sigmoid_f64, (long n, const double *x, double *out), (n, x, out))
 
 /* ReLU, branch-free so that random signs cost nothing: mask = x <= 0; out = mask ? 0 : x; dx = mask ? 0 : dout
  * (NaN: mask false, passes through). */
-#define FB_RELU(NAME_F, NAME_B, T)                                                                            \
-FB_CLONES static void NAME_F(long n, const T *restrict x, T *out, unsigned char *restrict mask)               \
+#define FB_RELU_F(NAME, TARGET, T)                                                                            \
+TARGET static void NAME(long n, const T *restrict x, T *out, unsigned char *restrict mask)                    \
 {                                                                                                             \
     _Pragma("omp simd")                                                                                       \
     for (long i = 0; i < n; i++) { T v = x[i]; int m = v <= 0; mask[i] = (unsigned char)m; out[i] = m ? (T)0 : v; } \
-}                                                                                                             \
-FB_CLONES static void NAME_B(long n, const T *dout, const unsigned char *restrict mask, T *dx)               \
+}
+#define FB_RELU_B(NAME, TARGET, T)                                                                            \
+TARGET static void NAME(long n, const T *dout, const unsigned char *restrict mask, T *dx)                     \
 {                                                                                                             \
     _Pragma("omp simd")                                                                                       \
     for (long i = 0; i < n; i++) { T d = dout[i]; dx[i] = mask[i] ? (T)0 : d; }                               \
 }
 
-FB_RELU(fb_relu_forward_f32, fb_relu_backward_f32, float)
-FB_RELU(fb_relu_forward_f64, fb_relu_backward_f64, double)
+FB_VARIANTS(FB_RELU_F, fb_relu_forward_f32, float)
+FB_VARIANTS(FB_RELU_F, fb_relu_forward_f64, double)
+FB_VARIANTS(FB_RELU_B, fb_relu_backward_f32, float)
+FB_VARIANTS(FB_RELU_B, fb_relu_backward_f64, double)
+FB_DISPATCH(fb_relu_forward_f32, (long n, const float *x, float *out, unsigned char *mask), (n, x, out, mask))
+FB_DISPATCH(fb_relu_forward_f64, (long n, const double *x, double *out, unsigned char *mask), (n, x, out, mask))
+FB_DISPATCH(fb_relu_backward_f32, (long n, const float *dout, const unsigned char *mask, float *dx), (n, dout, mask, dx))
+FB_DISPATCH(fb_relu_backward_f64, (long n, const double *dout, const unsigned char *mask, double *dx), (n, dout, mask, dx))
 
 /* db[j] = sum_i dout[i, j] over a C-contiguous (n, m) block, accumulated in double in acc (m entries). */
-#define FB_COLSUM(NAME, T)                                                                                    \
-FB_CLONES static void NAME(long n, long m, const T *restrict dout, T *restrict db, double *restrict acc)      \
+#define FB_COLSUM(NAME, TARGET, T)                                                                            \
+TARGET static void NAME(long n, long m, const T *restrict dout, T *restrict db, double *restrict acc)      \
 {                                                                                                             \
     long i, j;                                                                                                \
     for (j = 0; j < m; j++) acc[j] = 0.0;                                                                     \
@@ -187,7 +405,9 @@ FB_CLONES static void NAME(long n, long m, const T *restrict dout, T *restrict d
     for (j = 0; j < m; j++) db[j] = (T)acc[j];                                                                \
 }
 
-FB_COLSUM(fb_colsum_f32, float)
-FB_COLSUM(fb_colsum_f64, double)
+FB_VARIANTS(FB_COLSUM, fb_colsum_f32, float)
+FB_VARIANTS(FB_COLSUM, fb_colsum_f64, double)
+FB_DISPATCH(fb_colsum_f32, (long n, long m, const float *dout, float *db, double *acc), (n, m, dout, db, acc))
+FB_DISPATCH(fb_colsum_f64, (long n, long m, const double *dout, double *db, double *acc), (n, m, dout, db, acc))
 
 #endif

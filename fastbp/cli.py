@@ -41,6 +41,19 @@ def _err(msg):
     sys.stderr.write(f"fastbp: {msg}\n")
 
 
+#: Largest hidden layer `fastbp train` builds (a 784 x 65536 float64 weight is 411 MB).
+MAX_HIDDEN = 65536
+#: Seeds np.random.seed takes.
+MAX_SEED = 2 ** 32 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the usage is one `--help` away), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _hidden_sizes(text):
     """'100' or '100,100' -> [100] / [100, 100] (argparse type)."""
     try:
@@ -49,7 +62,57 @@ def _hidden_sizes(text):
         raise argparse.ArgumentTypeError(f"hidden sizes must be comma-separated integers, got {text!r}")
     if not sizes or any(s < 1 for s in sizes):
         raise argparse.ArgumentTypeError(f"hidden sizes must be positive integers, got {text!r}")
+    if any(s > MAX_HIDDEN for s in sizes):
+        raise argparse.ArgumentTypeError(f"hidden sizes must be at most {MAX_HIDDEN}, got {text!r}")
     return sizes
+
+
+def _seed(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED}, got {text!r}")
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED} (what np.random.seed takes), "
+                                         f"got {v}")
+    return v
+
+
+def _physical_memory():
+    """Bytes of RAM, or None when the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _train_memory(n_in, hidden, n_out, batch, itemsize):
+    """Rough bytes a training run holds: parameters, gradients and up to two optimizer states (4 copies of the
+    weights), and a few activation arrays per layer for a batch and for the evaluation batches."""
+    sizes = [n_in] + list(hidden) + [n_out]
+    weights = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    activations = 4 * batch * sum(sizes)
+    return (4 * weights + activations) * itemsize
+
+
+def _check_output_path(path, option):
+    """None when `path` can be written (tried by opening it for appending; a file created by the check is
+    removed again), else the one-line error."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        return f"{option} {p}: is a directory"
+    existed = os.path.exists(p)
+    try:
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        return f"{option} {p}: cannot write there ({e.strerror or e})"
+    if not existed:
+        try:
+            os.remove(p)
+        except OSError:
+            pass
+    return None
 
 
 def _positive_int(text):
@@ -150,6 +213,10 @@ def _add_train_parser(sub):
         description="Train an MLP (Affine/ReLU or Sigmoid, softmax cross-entropy) with mini-batches on MNIST: "
                     "full MNIST if it is on disk, else the 5,000 digits bundled with fastbp. Per-epoch "
                     "train/test accuracy on stdout, a progress bar with the running loss on stderr.")
+    p.add_argument("--net", choices=("mlp", "simpleconvnet", "deepconvnet"), default="mlp",
+                   help="mlp (MultiLayerNet, default), or the book's chapter-7/8 SimpleConvNet / DeepConvNet on "
+                        "28x28 images (--hidden/--activation/--weight-init/--weight-decay do not apply; the book "
+                        "trains them with --optimizer adam --lr 0.001)")
     p.add_argument("--hidden", type=_hidden_sizes, default=_hidden_sizes(DEFAULT_HIDDEN), metavar="SIZES",
                    help=f"hidden layer sizes, comma-separated (default {DEFAULT_HIDDEN}; e.g. 100,100)")
     p.add_argument("--activation", choices=("relu", "sigmoid"), default="relu", help="default relu")
@@ -170,7 +237,7 @@ def _add_train_parser(sub):
                    help="parameter dtype (default float64, as in the book)")
     p.add_argument("--backend", choices=("fastbp", "reference"), default="fastbp",
                    help="fastbp kernels (default) or the plain-NumPy reference layers")
-    p.add_argument("--seed", type=int, default=0, help="seed of np.random (weights and batches; default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of np.random (weights and batches; default 0)")
     p.add_argument("--source", choices=("auto", "full", "sample"), default="auto",
                    help="MNIST source: auto (full if on disk, else the bundled sample), full, sample")
     p.add_argument("--data-dir", default=None, help="directory of the full MNIST files")
@@ -185,8 +252,8 @@ def _add_train_parser(sub):
 
 
 def make_optimizer(name, lr=None):
-    """An optimizer of fastbp.optimizers by CLI name, with DEFAULT_LR when lr is None."""
-    from fastbp import optimizers as O
+    """An optimizer of fastbp.optimizer by CLI name, with DEFAULT_LR when lr is None."""
+    from fastbp import optimizer as O
     cls = {"sgd": O.SGD, "momentum": O.Momentum, "nesterov": O.Nesterov, "adagrad": O.AdaGrad,
            "rmsprop": O.RMSprop, "adam": O.Adam}[name]
     return cls(lr=DEFAULT_LR[name] if lr is None else lr)
@@ -232,6 +299,25 @@ def cmd_train(args):
             _err("--plot needs matplotlib, which is not installed (pip install matplotlib, or "
                  "pip install 'fastbp[plot]')")
             return 2
+        ext = os.path.splitext(os.fspath(args.plot))[1].lstrip(".").lower()
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        formats = FigureCanvasAgg.get_supported_filetypes()
+        if ext not in formats:
+            _err(f"--plot {args.plot}: the file name must end in one of "
+                 f"{', '.join('.' + f for f in sorted(formats))}")
+            return 2
+    # Output paths are checked before any training, not after it.
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = path and _check_output_path(path, option)
+        if problem:
+            _err(problem)
+            return 2
+    itemsize = np.dtype(args.dtype).itemsize
+    need, have = _train_memory(784, args.hidden, 10, max(args.batch_size, 100), itemsize), _physical_memory()
+    if have and need > have:
+        _err(f"--hidden {','.join(map(str, args.hidden))}: training this network takes about "
+             f"{need / 1e9:.3g} GB, more than this machine's {have / 1e9:.3g} GB of memory")
+        return 2
     from fastbp.datasets import load_mnist
     from fastbp.nets import MultiLayerNet
 
@@ -252,17 +338,27 @@ def cmd_train(args):
 
     np.random.seed(args.seed)
     init = args.weight_init if args.weight_init is not None else args.activation
-    net = MultiLayerNet(x_train.shape[1], args.hidden, 10, activation=args.activation, weight_init_std=init,
-                        weight_decay_lambda=args.weight_decay, dtype=np.dtype(args.dtype), backend=args.backend)
+    if getattr(args, "net", "mlp") != "mlp":          # book 1, chapters 7-8 (fastbp.convnets)
+        from fastbp.nets import DeepConvNet, SimpleConvNet
+        x_train, x_test = x_train.reshape(-1, 1, 28, 28), x_test.reshape(-1, 1, 28, 28)
+        net = (SimpleConvNet if args.net == "simpleconvnet" else DeepConvNet)(dtype=np.dtype(args.dtype),
+                                                                             backend=args.backend)
+    else:
+        net = MultiLayerNet(x_train.shape[1], args.hidden, 10, activation=args.activation, weight_init_std=init,
+                            weight_decay_lambda=args.weight_decay, dtype=np.dtype(args.dtype), backend=args.backend)
     opt = make_optimizer(args.optimizer, args.lr)
     iter_per_epoch = max(n // bs, 1)
     if args.iters is not None:
         total = args.iters
     else:
         total = (args.epochs if args.epochs is not None else DEFAULT_EPOCHS) * iter_per_epoch
-    arch = "-".join(str(s) for s in [x_train.shape[1]] + args.hidden + [10])
-    print(f"net: MultiLayerNet {arch} {args.activation}, init {init}, weight decay {args.weight_decay:g}, "
-          f"{args.dtype}, backend {args.backend}")
+    if getattr(args, "net", "mlp") != "mlp":
+        arch = {"simpleconvnet": "SimpleConvNet", "deepconvnet": "DeepConvNet"}[args.net]
+        print(f"net: {arch} (the book's), {args.dtype}, backend {args.backend}")
+    else:
+        arch = "-".join(str(s) for s in [x_train.shape[1]] + args.hidden + [10])
+        print(f"net: MultiLayerNet {arch} {args.activation}, init {init}, weight decay {args.weight_decay:g}, "
+              f"{args.dtype}, backend {args.backend}")
     print(f"training: {type(opt).__name__}(lr={opt.lr:g}), batch {bs}, {total} iterations "
           f"({total / iter_per_epoch:.4g} epochs of {iter_per_epoch}), seed {args.seed}")
     sys.stdout.flush()
@@ -332,7 +428,7 @@ def cmd_train(args):
 
     summary = {
         "fastbp_version": fastbp.__version__, "data": str(info), "data_source": info.source,
-        "n_train": int(n), "n_test": int(x_test.shape[0]),
+        "n_train": int(n), "n_test": int(x_test.shape[0]), "net": getattr(args, "net", "mlp"),
         "hidden": args.hidden, "activation": args.activation, "weight_init_std": init,
         "weight_decay": args.weight_decay, "dtype": args.dtype, "backend": args.backend,
         "optimizer": args.optimizer, "lr": opt.lr, "batch_size": bs, "iterations": total,
@@ -342,14 +438,18 @@ def cmd_train(args):
         "last_epoch_loss": running, "train_time_s": train_time, "eval_time_s": eval_time, "wall_time_s": wall,
         "time_per_iteration_s": train_time / total,
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-        print(f"summary written to {args.json}")
-    if plt is not None:
-        title = f"{arch} {args.optimizer} lr={opt.lr:g} ({info.source} MNIST)"
-        _save_plot(plt, args.plot, losses, epochs_done, train_accs, test_accs, title)
-        print(f"plot written to {args.plot}")
+    try:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=2)
+            print(f"summary written to {args.json}")
+        if plt is not None:
+            title = f"{arch} {args.optimizer} lr={opt.lr:g} ({info.source} MNIST)"
+            _save_plot(plt, args.plot, losses, epochs_done, train_accs, test_accs, title)
+            print(f"plot written to {args.plot}")
+    except OSError as e:                     # checked before training, but the disk may have filled since
+        _err(f"cannot write {e.filename or 'the output'}: {e.strerror or e}")
+        return 1
     return 0
 
 
@@ -539,7 +639,7 @@ def _add_gradcheck_parser(sub):
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                    help="float64: backprop vs central differences; float32: the float32 kernels' backprop vs "
                         "float64 central differences (default float64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (default 0)")
     p.set_defaults(func=cmd_gradcheck)
 
 
@@ -612,6 +712,13 @@ def collect_info():
     except Exception as e:
         out["fastbp_blas"] = {"error": f"{type(e).__name__}: {e}"}
     out["numpy_blas"] = _numpy_blas(out["fastbp_blas"].get("library"))
+    from fastbp import _runtime
+    out["openmp_wait"] = _runtime.info()
+    try:
+        from fastbp import _kernels
+        out["simd_path"] = _kernels.simd_info()
+    except Exception as e:
+        out["simd_path"] = {"error": f"{type(e).__name__}: {e}"}
     try:
         from fastbp._blas import cpu_flags
         flags = cpu_flags()
@@ -640,6 +747,10 @@ def cmd_info(args):
         omp = f"yes, {ext['openmp_max_threads']} threads" if ext["openmp"] else "no"
         print(f"kernels  {ext['file']}")
         print(f"         OpenMP: {omp}; compiler: {ext['compiler']}")
+        w = info["openmp_wait"]
+        if ext["openmp"] and w:
+            print(f"         OpenMP workers after a region: {w['setting']} (set by {w['by']}); NumPy's BLAS "
+                  f"settings untouched")
     if "error" in blas:
         print(f"BLAS     fastbp's OpenBLAS unavailable: {blas['error']}")
     else:
@@ -652,6 +763,14 @@ def cmd_info(args):
     print(f"CPU      {cpu['model']} ({cpu['cores']} logical cores)")
     off = f" (FASTBP_DISABLE_CPU_FEATURES={cpu['disabled']})" if cpu.get("disabled") else ""
     print(f"SIMD     {' '.join(cpu['simd']) or 'none reported'}{off}")
+    sp = info["simd_path"]
+    if "error" in sp:
+        print(f"         fastbp's kernels: path unknown ({sp['error']})")
+    else:
+        why = "" if sp["path"] == sp["cpu"] else "FASTBP_DISABLE_CPU_FEATURES; "
+        core = f"; fastbp's OpenBLAS: core {blas['corename']}" if "error" not in blas else ""
+        print(f"         fastbp's kernels: {sp['path']} path ({why}best for this CPU and build: {sp['cpu']}; "
+              f"compiled: {' '.join(sp['compiled'])}){core}")
     return 0
 
 
@@ -675,7 +794,7 @@ def _add_unavailable(sub, name, error):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastbp", description="fastbp: the layers of 'Deep Learning from Scratch' on fast kernels.")
     parser.add_argument("--version", action="version", version=f"fastbp {fastbp.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

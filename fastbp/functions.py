@@ -2,6 +2,11 @@
 
 Same names and semantics as *Deep Learning from Scratch* book 1, except that
 ``sigmoid`` and ``softmax`` never overflow and bad inputs raise clear errors.
+Integer and bool inputs promote as ``np.exp`` promotes them (the book's
+formulas do exactly that): int8/uint8/bool -> float16, int16/uint16 ->
+float32, wider integers -> float64 -- the rule of
+:func:`fastbp.reference.exp_dtype`, shared with the layers, so
+``sigmoid(x)`` and ``fastbp.layers.Sigmoid().forward(x)`` have one dtype.
 ``cross_entropy_error`` (and so ``softmax_loss``) deliberately keeps the book's
 ``log(y + 1e-7)``; the layer ``SoftmaxWithLoss`` uses the exact log-sum-exp
 loss instead.
@@ -11,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from fastbp.reference import _floating, _stable_sigmoid
 from fastbp.reference import _numeric as _real   # np.asarray restricted to bool/int/float, TypeError otherwise
 
 __all__ = [
@@ -27,9 +33,8 @@ __all__ = [
 
 
 def _float(x, name, func):
-    """np.asarray(x) as floating point (bool/int promoted to float64)."""
-    x = _real(x, name, func)
-    return x if x.dtype.kind == "f" else x.astype(np.float64)
+    """np.asarray(x) as floating point (bool/int promoted as np.exp promotes them: int16 -> float32, ...)."""
+    return _floating(x, name, func)
 
 
 def identity_function(x):
@@ -49,12 +54,7 @@ def sigmoid(x):
         from fastbp import _kernels
         xc = x if x.flags.c_contiguous else x.copy()      # (ascontiguousarray would make a 0-d input 1-d)
         return _kernels.sigmoid_forward(xc, np.empty(xc.shape, xc.dtype))
-    flat = x.reshape(-1)
-    e = np.exp(-np.abs(flat))               # in (0, 1]
-    d = e + 1
-    out = np.divide(e, d)                   # x < 0: exp(x) / (1 + exp(x))
-    np.divide(1, d, out=out, where=flat >= 0)  # x >= 0: 1 / (1 + exp(-x))
-    return out.reshape(x.shape)
+    return _stable_sigmoid(x)               # float16 and other byte orders: the reference's NumPy form
 
 
 def sigmoid_grad(x):

@@ -245,7 +245,11 @@ def gradient_check_layer(layer, x, dout=None, *, t=None, h=None, order=2,
     """errors[name] = relative_error(backprop, numerical d(sum(forward(x) * dout))/d name).
 
     ``x`` is one input or a tuple of inputs (``forward(*x)``; names ``x0``,
-    ``x1``, ...); floating inputs are copied and checked.  ``dout`` defaults to
+    ``x1``, ...); floating inputs are copied and checked.  Integer or bool
+    inputs of a layer without floating parameters (``Relu()`` fed integers)
+    are converted to float64 and checked; an integer input of a layer with
+    parameters (indices) is passed as it is and not differentiated.  A check
+    with nothing floating to compare raises ``ValueError`` (never ``{}``).  ``dout`` defaults to
     a seeded standard-normal array of the output's shape.  With ``t`` given the
     layer is a loss layer: ``f = dout * forward(x, t)`` with scalar ``dout``
     (default 1) and ``backward(dout)``.  Parameters come from ``layer.params``/
@@ -271,6 +275,9 @@ def _check_layer(layer, x, dout, t, h, order, threshold, floor, raise_on_failure
     """Body of gradient_check_layer; select restricts the parameter names checked."""
     multi = isinstance(x, tuple)
     xs = [np.array(xi, copy=True) for xi in (x if multi else (x,))]
+    if check_inputs and not any(xi.dtype.kind == "f" for xi in xs) and not _layer_params(layer):
+        # integer/bool input of a layer without floating parameters: checked in float64 (nothing else to check)
+        xs = [xi.astype(np.float64) if xi.dtype.kind in "biu" else xi for xi in xs]
     names = [f"x{i}" for i in range(len(xs))] if multi else ["x"]
     loss_layer = t is not None
 
@@ -325,7 +332,13 @@ def _check_layer(layer, x, dout, t, h, order, threshold, floor, raise_on_failure
         if select is None or name in select:
             checked.append((name, pget(), gi))
 
-    precision = _precision([arr for _, arr, _ in checked] or [np.empty(0)])
+    if not checked:
+        raise ValueError(
+            f"gradient_check_layer: nothing to check for {type(layer).__name__}: no floating-point input "
+            f"(inputs: {', '.join(str(xi.dtype) for xi in xs)}) and no floating-point parameter"
+            + ("" if select is None else f" among {sorted(select)}")
+        )
+    precision = _precision([arr for _, arr, _ in checked])
     if h is None:
         h = _DEFAULT_H[(precision, order)]
     try:

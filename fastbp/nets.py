@@ -32,6 +32,7 @@ from collections import OrderedDict
 import numpy as np
 
 from fastbp import reference as _reference
+from fastbp._workspace import Workspace as _Workspace
 from fastbp.gradient import numerical_gradient as _numerical_gradient
 
 __all__ = ["TwoLayerNet", "MultiLayerNet"]
@@ -140,7 +141,7 @@ class _FullyConnectedNet:
             if idx < n_affine:
                 self.layers[f"{act_name}{idx}"] = act_cls(**kw)
         self.lastLayer = L.SoftmaxWithLoss(**kw)
-        self._bufs = {}
+        self._ws = _Workspace()            # the inputs and targets converted to the network's dtype
 
     # the book names it lastLayer in TwoLayerNet and last_layer in MultiLayerNet
     last_layer = property(lambda self: self.lastLayer, lambda self, v: setattr(self, "lastLayer", v))
@@ -156,13 +157,9 @@ class _FullyConnectedNet:
             return a
         if not isinstance(a, np.ndarray):
             a = np.asarray(a)
-        if a.dtype is self.dtype or a.dtype == self.dtype or a.dtype.kind not in "fiub" or (name == "t" and a.dtype.kind != "f"):
+        if a.dtype is self.dtype or a.dtype.kind not in "fiub" or (name == "t" and a.dtype.kind != "f"):
             return a            # integer labels stay labels
-        buf = self._bufs.get(name)
-        if buf is None or buf.shape != a.shape:
-            buf = self._bufs[name] = np.empty(a.shape, self.dtype)
-        np.copyto(buf, a, casting="unsafe")
-        return buf
+        return self._ws.cast(name, a, self.dtype)
 
     def predict(self, x):
         """Scores (logits) of the network for x: the layers' forward in order."""
@@ -273,3 +270,14 @@ class MultiLayerNet(_FullyConnectedNet):
                  weight_decay_lambda=0, dtype=np.float64, backend="fastbp"):
         self._build(input_size, hidden_size_list, output_size, activation, weight_init_std,
                     weight_decay_lambda, dtype, backend)
+
+# book 1, chapters 6-8: SimpleConvNet, DeepConvNet, MultiLayerNetExtend live in fastbp.convnets (which imports this
+# module's helpers), re-exported here on first access
+__all__ += ["SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"]
+
+
+def __getattr__(name):
+    if name in ("SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"):
+        from fastbp import convnets
+        return getattr(convnets, name)
+    raise AttributeError(f"module 'fastbp.nets' has no attribute {name!r}")

@@ -614,34 +614,13 @@ class TimeAffine(_Base):
         return dx
 
 
-_CE_IGNORE = None       # does fastbp._kernels.softmax_cross_entropy take ignore_label (branch `kernels`)?
-
-
 def _softmax_ce(x2, t, y, g, scale, ignore, mask):
     """Sum of the valid rows' losses; y = softmax(x2); g = scale (y - onehot) on valid rows, 0 on ignored ones.
 
-    Uses the kernel's ignore_label when it has one (it then returns the mean over valid rows); otherwise runs the
-    kernel with label 0 on the ignored rows and removes their loss and gradient afterwards."""
-    global _CE_IGNORE
-    n_valid = int(mask.sum()) if mask is not None else t.shape[0]
+    The kernel returns the mean over the valid rows (it skips rows labelled `ignore`), so the sum is mean * n_valid."""
     if mask is None:
-        return _k.softmax_cross_entropy(x2, t, y, g, scale)
-    if _CE_IGNORE is None or _CE_IGNORE:
-        try:
-            mean = _k.softmax_cross_entropy(x2, t, y, g, scale, ignore_label=ignore)
-            _CE_IGNORE = True
-            return mean * n_valid
-        except TypeError:
-            _CE_IGNORE = False
-    tk = np.where(mask, t, 0)
-    total = _k.softmax_cross_entropy(x2, tk, y, g, scale)
-    ign = ~mask
-    xi = x2[ign].astype(np.float64)
-    m = xi.max(axis=1)
-    lse = m + np.log(np.exp(xi - m[:, None]).sum(axis=1))
-    total -= float(np.sum(lse - xi[:, 0]))
-    g[ign] = 0
-    return total
+        return _k.softmax_cross_entropy(x2, t, y, g, scale) * t.shape[0]
+    return _k.softmax_cross_entropy(x2, t, y, g, scale, ignore_label=ignore) * int(mask.sum())
 
 
 class TimeSoftmaxWithLoss(_Base):

@@ -300,7 +300,7 @@ def test_run_reports_a_failed_check_as_error(monkeypatch, tmp_path):
     def broken(*a, **k):
         return bench.Case("softmax-100x10", "broken row", {"fastbp": lambda: None, "numpy": lambda: None},
                           lambda: (_ for _ in ()).throw(AssertionError("dx differs")))
-    monkeypatch.setattr(bench, "softmax_case", broken)
+    monkeypatch.setattr(bench.cases, "softmax_case", broken)
     args = argparse.Namespace(quick=True, rounds=1, gap=0.0, json=None, plot=None, sweep=False,
                               cases=["softmax-100x10"], peak_size=0, no_torch=True, no_probe=True,
                               no_alloc=True, quiet=True)

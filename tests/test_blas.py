@@ -232,3 +232,109 @@ def test_k_split_with_more_threads_than_filled_pieces_is_exact(threads):
     finally:
         K._set_gemm_threads(old)
         K._set_small_mnk(old_small)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dimensions near 2**31 (issue 7 item 5): piece arithmetic in Py_ssize_t, clear refusal of what BLAS cannot take
+# ---------------------------------------------------------------------------------------------------------------
+from fastbp import _gemm  # noqa: E402
+
+
+def _check_plan(m, n, k, ta, tb, threads, small):
+    split, nt, bounds = _gemm._gemm_plan(m, n, k, ta, tb, threads, small)
+    lim = {"M": m, "N": n, "K": k}[split]
+    assert bounds[0][0] == 0 and bounds[-1][1] == lim
+    assert all(lo < hi for lo, hi in bounds), "every piece holds at least one row/column"
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])), "pieces tile the dimension"
+    assert 1 <= nt <= min(threads, len(bounds)) or (nt == 1 and len(bounds) == 1)
+    return split, nt, bounds
+
+
+@pytest.mark.parametrize("threads", [2, 3, 16, 64])
+def test_gemm_pieces_of_a_dimension_near_2_31_are_not_empty(threads):
+    # (size + pieces - 1) overflowed int for size 2**31 - 1: every piece was empty and C stayed 0.  Split N here
+    # (op(A) is the smallest operand): the shape of MatMul with W (1, 2**31 - 1) and a batch of 4.
+    split, nt, bounds = _check_plan(4, 2**31 - 1, 1, False, False, threads, 0.0)
+    assert split == "N" and nt == threads and len(bounds) == threads
+    split, nt, bounds = _check_plan(2**31 - 1, 4, 1, False, False, threads, 1e6)
+    assert split == "M" and len(bounds) == threads
+    split, nt, bounds = _check_plan(3, 2, 2**31 - 1, True, False, threads, 0.0)
+    assert split == "K" and len(bounds) == threads
+    # the arithmetic itself is 64-bit: sizes BLAS could never take still cut correctly
+    _check_plan(2, 2**40 + 3, 5, False, True, threads, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_refuses_dimensions_blas_32_bit_interface_cannot_take(dtype):
+    from numpy.lib.stride_tricks import as_strided
+    big = 2**31
+    z = np.zeros(1, dtype)
+    a = as_strided(z, shape=(2, big), strides=(0, 0))          # virtual: no memory behind the 2**31 columns
+    b = as_strided(z, shape=(big, 3), strides=(0, 0))
+    with pytest.raises(ValueError, match=r"(?s)dimension k = 2147483648 is >= 2\*\*31"):
+        K.gemm(a, b, np.zeros((2, 3), dtype))
+    with pytest.raises(ValueError, match=r"dimension k = 2147483648"):
+        K.affine_forward(a, b, np.zeros(3, dtype), np.zeros((2, 3), dtype))
+    with pytest.raises(ValueError, match=r"dimension m = 2147483648"):
+        K.gemm(b, np.zeros((3, 2), dtype), as_strided(z, shape=(big, 2), strides=(0, 0)))
+    with pytest.raises(ValueError, match=r"dimension n = 2147483648"):
+        _gemm.check_blas_dims(1, big, 1)
+    with pytest.raises(ValueError, match=r"ldc = 2147483648"):
+        _gemm.check_blas_dims(1, 1, 1, 1, 1, big)
+    _gemm.check_blas_dims(big - 1, big - 1, big - 1, big - 1, big - 1, big - 1)   # the largest BLAS takes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Property: every split of a product (issue 7 "Done when")
+# ---------------------------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_PRIMES = [p for p in range(2, 300) if all(p % q for q in range(2, int(p**0.5) + 1))]
+_DIM = st.one_of(st.sampled_from([0, 1, 1, 2, 3]), st.sampled_from(_PRIMES))
+
+
+def _layout(a, kind):
+    if kind == "C":
+        return np.ascontiguousarray(a)
+    if kind == "F":
+        return np.asfortranarray(a)
+    if kind == "strided":                       # unit stride inside rows, a gap between rows: read in place
+        big = np.zeros((a.shape[0], a.shape[1] + 3), a.dtype)
+        big[:, : a.shape[1]] = a
+        return big[:, : a.shape[1]]
+    return np.ascontiguousarray(a[::-1, ::-1])[::-1, ::-1]   # "reversed": negative strides, copied for BLAS
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=_DIM, n=_DIM, k=_DIM, ta=st.booleans(), tb=st.booleans(),
+       la=st.sampled_from(["C", "F", "strided", "reversed"]), lb=st.sampled_from(["C", "F", "strided", "reversed"]),
+       threads=st.integers(1, 64), small=st.sampled_from([0.0, 1e6, 3.0, 16.0]),
+       dtype=st.sampled_from([np.float32, np.float64]), beta=st.sampled_from([0.0, 1.0, -0.5]),
+       seed=st.integers(0, 2**16))
+def test_every_gemm_split_matches_numpy(m, n, k, ta, tb, la, lb, threads, small, dtype, beta, seed):
+    # small = 3 or 16 aims pieces at mnk / 3 or mnk / 16 multiply-adds, so even tiny products are cut along M, N
+    # or K into pieces of one row/column; 1e6 is the SkylakeX setting; 0 means one piece per thread past 2**19.
+    mnk = m * n * k
+    small_mnk = small if small in (0.0, 1e6) else max(1.0, mnk / small)
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+    B = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+    C0 = rng.standard_normal((m, n)).astype(dtype)
+    opA, opB = _op(A, ta).astype(np.float64), _op(B, tb).astype(np.float64)
+    want = 0.75 * (opA @ opB) + beta * C0
+    bound = np.abs(0.75) * (np.abs(opA) @ np.abs(opB)) + abs(beta) * np.abs(C0)
+    eps = np.finfo(dtype).eps
+    if m and n and k:
+        _check_plan(m, n, k, ta, tb, threads, small_mnk)
+    old, old_small = K._get_gemm_threads(), K._get_small_mnk()
+    try:
+        K._set_gemm_threads(threads)
+        K._set_small_mnk(small_mnk)
+        C = C0.copy()
+        K.gemm(_layout(A, la), _layout(B, lb), C, trans_a=ta, trans_b=tb, alpha=0.75, beta=beta)
+    finally:
+        K._set_gemm_threads(old)
+        K._set_small_mnk(old_small)
+    err = np.abs(C.astype(np.float64) - want)
+    assert np.all(err <= 2 * (k + 2) * eps * bound + np.finfo(dtype).tiny), \
+        f"max error {err.max()} for split {_gemm._gemm_plan(max(m, 1), max(n, 1), max(k, 1), ta, tb, threads, small_mnk)}"

@@ -277,10 +277,67 @@ def test_example_ch06_optimizer_compare():
     assert all(np.isfinite(losses))
 
 
+def run_here(capsys, *args):
+    """(exit code, stdout, stderr) of fastbp.cli.main(args) in this process."""
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("text", ["abc", "99999999999", "0", "-1"])
-def test_train_with_a_bad_num_threads_prints_one_line_and_exits_2(text, monkeypatch):
+def test_train_with_a_bad_num_threads_prints_one_line_and_exits_2(text, monkeypatch, capsys):
     monkeypatch.setenv("FASTBP_NUM_THREADS", text)
-    r = run("train", "--iters", 1, "--source", "sample", "-q")
+    code, out, err = run_here(capsys, "train", "--iters", 1, "--source", "sample", "-q")
+    assert code == 2
+    assert err == f"fastbp: FASTBP_NUM_THREADS must be an integer in 1..1024 (or unset), got {text!r}\n"
+    assert "data:" not in out                                 # before any work
+
+
+def test_train_with_a_bad_num_threads_in_a_fresh_process():
+    env = dict(os.environ, FASTBP_NUM_THREADS="abc")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "fastbp", "train", "--iters", "1", "-q"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr == f"fastbp: FASTBP_NUM_THREADS must be an integer in 1..1024 (or unset), got {text!r}\n"
-    assert "data:" not in r.stdout                            # before any work
+    assert r.stderr == "fastbp: FASTBP_NUM_THREADS must be an integer in 1..1024 (or unset), got 'abc'\n"
+
+
+# -- issue 7 item 11: bad values and unwritable outputs: one line, exit 2, before any training --------------------
+@pytest.mark.parametrize("args,message", [
+    (["--seed", "-1"], "argument --seed: expected an integer in 0..4294967295 (what np.random.seed takes), got -1"),
+    (["--seed", "4294967296"], "expected an integer in 0..4294967295 (what np.random.seed takes), got 4294967296"),
+    (["--seed", "x"], "expected an integer in 0..4294967295, got 'x'"),
+    (["--hidden", "100000000"], "hidden sizes must be at most 65536, got '100000000'"),
+    (["--hidden", ",".join(["65536"] * 8)], "training this network takes about"),   # about 1.1 TB
+    (["--json", "{tmp}"], "--json {tmp}: is a directory"),
+    (["--json", "{tmp}/no/such/dir/run.json"], "--json {tmp}/no/such/dir/run.json: cannot write there"),
+    (["--json", "{file}/run.json"], "cannot write there"),
+    (["--plot", "{tmp}/no/such/dir/c.png"], "--plot {tmp}/no/such/dir/c.png: cannot write there"),
+    (["--plot", "{tmp}/curves.xyz"], "the file name must end in one of"),
+    (["--plot", "{tmp}/c.png", "--json", "{tmp}"], "--json {tmp}: is a directory"),
+])
+def test_train_bad_values_and_paths_one_line_exit_2_before_training(tmp_path, capsys, args, message):
+    if "--plot" in args and not _has_matplotlib():
+        pytest.skip("matplotlib is not installed")
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    fill = dict(tmp=tmp_path, file=f)
+    code, out, err = run_here(capsys, "train", "--iters", 1, "--source", "sample", "-q",
+                              *[a.format(**fill) for a in args])
+    assert code == 2, err
+    assert message.format(**fill) in err
+    assert len(err.splitlines()) == 1, err
+    assert out == ""                                          # nothing loaded, nothing trained
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]   # and nothing left behind
+
+
+def test_train_output_check_keeps_an_existing_file_until_the_run_overwrites_it(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    out.write_text("old")
+    code, _, err = run_here(capsys, "train", "--iters", 3, "--hidden", 10, "--source", "sample", "-q",
+                            "--json", out, "--lr", "1e308")                     # diverges at once
+    assert code == 1 and "diverged" in err
+    assert out.read_text() == "old"                         # the check opened it for appending, no more

@@ -11,8 +11,9 @@ from fastbp import functions as F
 from fastbp import reference as R
 from fastbp.gradient import numerical_gradient_5pt
 
+from fastbp_tests import TOL
+
 DTYPES = [np.float32, np.float64]
-TOL = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
 
 # book 1, section 4.2.2
 Y_BOOK = np.array([0.1, 0.05, 0.6, 0.0, 0.05, 0.1, 0.0, 0.1, 0.0, 0.0])
@@ -212,3 +213,20 @@ def test_softmax_cross_entropy_shapes_hypothesis(n, c, seed, dtype):
     expected = -math.fsum(math.log(float(y[i, t]) + 1e-7) for i, t in enumerate(labels)) / n
     assert e == pytest.approx(expected, rel=TOL[dtype]["rtol"], abs=TOL[dtype]["atol"])
     assert -1e-6 <= e <= -math.log(1e-7) + 1e-6
+
+
+@pytest.mark.parametrize("dt", [np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.int64, np.float16])
+def test_sigmoid_promotes_like_np_exp_and_agrees_with_the_layers(dt):
+    """One promotion rule (np.exp's) for functions.sigmoid, reference.Sigmoid and layers.Sigmoid (issue 8: on main
+    functions.sigmoid gave float64 for int16 where the layers gave float32)."""
+    import fastbp.layers as FL
+    x = (np.arange(-6, 6) % 3).astype(dt) if dt is not np.bool_ else np.array([True, False, True])
+    want_dt = np.exp(x).dtype
+    got = F.sigmoid(x)
+    assert got.dtype == want_dt
+    for layer in (R.Sigmoid(), FL.Sigmoid()):
+        out = layer.forward(x)
+        assert out.dtype == want_dt, type(layer).__module__
+        np.testing.assert_allclose(out.astype(np.float64), got.astype(np.float64), rtol=1e-3 if want_dt == np.float16 else 1e-6)
+    np.testing.assert_allclose(got.astype(np.float64), 1 / (1 + np.exp(-x.astype(np.float64))),
+                               **TOL[np.float16 if want_dt == np.float16 else np.float32])

@@ -10,9 +10,10 @@ from fastbp.gradient import (GradientCheckError, gradient_check, gradient_check_
                              gradient_check_model, numerical_gradient, numerical_gradient_5pt,
                              relative_error)
 
+from fastbp_tests import NUM_TOL
+
 DTYPES = [np.float32, np.float64]
 # central differences with h = 1e-4: O(h^2) truncation, O(eps/h) rounding
-NUM_TOL = {np.float32: dict(rtol=2e-2, atol=2e-2), np.float64: dict(rtol=1e-7, atol=1e-8)}
 
 
 def rng(seed=0):

@@ -513,7 +513,7 @@ def test_softmax_cross_entropy(dtype, n, c, target):
     y, g = np.full((n, c), np.nan, dtype), np.full((n, c), np.nan, dtype)
     loss = K.softmax_cross_entropy(x, t, y, g, scale)
     assert isinstance(loss, float)
-    assert loss == pytest.approx(want_loss, rel=TOL[dtype]["rtol"], abs=TOL[dtype]["atol"] * n)
+    assert loss == pytest.approx(want_loss / n, rel=TOL[dtype]["rtol"], abs=TOL[dtype]["atol"])  # the mean
     assert_close(y, want_y, dtype)
     assert_close(g, scale * (want_y - t64), dtype)
     # grad=None computes only y and the loss; repeated calls are bit-for-bit the same (threads or not)
@@ -530,7 +530,7 @@ def test_softmax_cross_entropy_extremes(dtype):
     y, g = np.empty_like(x), np.empty_like(x)
     with np.errstate(over="raise", invalid="raise", divide="raise"):
         loss = K.softmax_cross_entropy(x, np.array([1, 1, 0]), y, g, 1.0)
-    assert loss == 2 * big  # + log(2) from the last row vanishes next to 2e30
+    assert loss == 2 * big / 3  # the mean; + log(2) from the last row vanishes next to 2e30
     assert_close(g, np.array([[1, -1], [0, 0], [-0.5, 0.5]]), dtype)
     assert_close(y, np.array([[1, 0], [0, 1], [0.5, 0.5]]), dtype)
     nan = x.copy()
@@ -613,7 +613,7 @@ def test_softmax_cross_entropy_outputs_aliasing_x(alias):
     loss = []
     _refuse_or_right(lambda: loss.append(K.softmax_cross_entropy(x, t, y, g, 1.0)),
                      lambda: [np.array(loss[0]), y] + ([g] if alias == "grad" else []),
-                     [want_loss, want_y, want_y - t64], f"softmax_cross_entropy {alias} is x (loss, y, grad)")
+                     [want_loss / 4, want_y, want_y - t64], f"softmax_cross_entropy {alias} is x (loss, y, grad)")
 
 
 @with_dtypes
@@ -768,3 +768,172 @@ assert not bad, f"loss differs between identical calls: {bad}"
     env = dict(os.environ, OMP_NUM_THREADS="8", PYTHONPATH=root)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# softmax cross-entropy accuracy where the max dominates (issue 7 item 7) and ignore_label / scale (issue 8)
+# ---------------------------------------------------------------------------------------------------------------
+@with_dtypes
+@pytest.mark.parametrize("c,margin", [(2, 12.0), (2, 15.0), (1000, 30.0), (10, 20.0)])
+def test_softmax_target_gradient_and_loss_exact_when_the_max_dominates(dtype, c, margin):
+    # y_t - 1 cancels in float32 (0 at C=1000, margin 30, so the row did not sum to 0); log(sum) of 1 + tiny lost
+    # digits in float64.  Both now come from the sum of the other exponentials, in double.
+    n = 3
+    x = np.zeros((n, c), dtype)
+    t = np.array([c - 1, 0, c // 2], np.int64)
+    x[np.arange(n), t] = margin
+    y, g = np.empty_like(x), np.empty_like(x)
+    loss = K.softmax_cross_entropy(x, t, y, g, 0.5)
+    others = (c - 1) * np.exp(-margin)               # exact, in float64
+    want_loss = np.log1p(others)
+    want_gt = -0.5 * others / (1 + others)
+    rel = 1e-5 if dtype == F32 else 1e-12
+    assert abs(loss - want_loss) <= rel * want_loss
+    np.testing.assert_allclose(g[np.arange(n), t], want_gt, rtol=rel)
+    # every gradient row sums to 0 up to rounding of its own entries
+    assert np.all(np.abs(g.astype(F64).sum(axis=1)) <= 10 * rel * abs(want_gt))
+
+
+def test_softmax_float32_loss_beyond_float32_range_is_finite():
+    # +-3e38 logits: the exact loss 6e38 is finite in double (the kernel's loss type), not in float32
+    x = np.array([[3e38, -3e38], [-3e38, 3e38]], F32)
+    y, g = np.empty_like(x), np.empty_like(x)
+    with np.errstate(over="raise", invalid="raise"):
+        loss = K.softmax_cross_entropy(x, np.array([1, 1]), y, g, 1.0)
+    assert np.isfinite(loss) and loss == pytest.approx(3e38, rel=1e-6)   # mean of 6e38 and 0
+    np.testing.assert_array_equal(y, [[1, 0], [0, 1]])
+    np.testing.assert_array_equal(g, [[1, -1], [0, 0]])
+
+
+def _ignore_truth(x, t, ignore, dout=1.0):
+    """Book 2's TimeSoftmaxWithLoss on (N, C) rows: mean over rows whose label != ignore."""
+    x = x.astype(F64)
+    mx = x.max(axis=1, keepdims=True)
+    e = np.exp(x - mx)
+    y = e / e.sum(axis=1, keepdims=True)
+    valid = t != ignore
+    nv = int(valid.sum())
+    tt = np.where(valid, t, 0)
+    rows = -np.log(y[np.arange(len(t)), tt]) * valid
+    loss = rows.sum() / nv if nv else 0.0
+    g = y.copy()
+    g[np.arange(len(t)), tt] -= 1
+    g *= valid[:, None] * (dout / nv if nv else 0.0)
+    return loss, y, g
+
+
+@with_dtypes
+@pytest.mark.parametrize("n,c", [(1, 3), (7, 5), (64, 10), (1100, 1000)])
+def test_softmax_ignore_label_rows_add_nothing(dtype, n, c):
+    rng = np.random.default_rng(n + c)
+    x = (rng.standard_normal((n, c)) * 3).astype(dtype)
+    t = rng.integers(0, c, n)
+    t[rng.random(n) < 0.3] = -1
+    t[0] = -1
+    nv = int((t != -1).sum())
+    want_loss, want_y, want_g = _ignore_truth(x, t, -1, dout=2.0)
+    y, g = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    loss = K.softmax_cross_entropy(x, t, y, g, 2.0 / nv if nv else 0.0, ignore_label=-1)
+    assert loss == pytest.approx(want_loss, rel=TOL[dtype]["rtol"], abs=TOL[dtype]["atol"])
+    assert_close(y, want_y, dtype)
+    assert_close(g, want_g, dtype)
+    assert np.all(g[t == -1] == 0)
+    # without ignore_label the same -1 is an out-of-range label
+    with pytest.raises(ValueError, match="out of range"):
+        K.softmax_cross_entropy(x, t, y, g, 1.0)
+
+
+@with_dtypes
+def test_softmax_ignore_label_every_row_ignored_gives_zero(dtype):
+    x = np.arange(12, dtype=dtype).reshape(4, 3)
+    t = np.full(4, 7, np.int64)                 # any int64 value can be the ignored label, even one in [0, C)
+    y, g = np.empty_like(x), np.full_like(x, np.nan)
+    assert K.softmax_cross_entropy(x, t, y, g, 1.0, ignore_label=7) == 0.0
+    assert np.all(g == 0)
+    assert_close(y, _softmax_truth(x, np.zeros(4, int))[1], dtype)
+    t = np.array([0, 1, 1, 2])
+    assert K.softmax_cross_entropy(x, t, y, g, 1.0, ignore_label=1) == pytest.approx(
+        _ignore_truth(x, t, 1)[0], rel=TOL[dtype]["rtol"])
+
+
+def test_softmax_ignore_label_gradient_is_the_derivative_of_the_mean_loss():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 4))
+    t = np.array([1, -1, 3, 0, -1, 2])
+    nv = 4
+    y, g = np.empty_like(x), np.empty_like(x)
+    K.softmax_cross_entropy(x, t, y, g, 1.0 / nv, ignore_label=-1)
+    h = 1e-6
+    num = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += h
+        xm[idx] -= h
+        num[idx] = (K.softmax_cross_entropy(xp, t, y.copy(), None, 1.0, ignore_label=-1)
+                    - K.softmax_cross_entropy(xm, t, y.copy(), None, 1.0, ignore_label=-1)) / (2 * h)
+    np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-9)
+
+
+def test_softmax_ignore_label_validation():
+    x, y, g = np.zeros((3, 4)), np.zeros((3, 4)), np.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"(?s)(?=.*-2)(?=.*ignore_label -1)"):
+        K.softmax_cross_entropy(x, np.array([0, -2, 1]), y, g, 1.0, ignore_label=-1)
+    with pytest.raises(ValueError, match="one-hot"):
+        K.softmax_cross_entropy(x, np.eye(4)[[0, 1, 2]], y, g, 1.0, ignore_label=-1)
+    for bad in (1.5, "x", True):
+        with pytest.raises(TypeError, match="ignore_label"):
+            K.softmax_cross_entropy(x, np.array([0, 1, 2]), y, g, 1.0, ignore_label=bad)
+    with pytest.raises(ValueError, match="int64"):
+        K.softmax_cross_entropy(x, np.array([0, 1, 2]), y, g, 1.0, ignore_label=2**63)
+    # np.integer ignore labels work like int
+    assert K.softmax_cross_entropy(x, np.array([0, -1, 1]), y, g, 1.0, ignore_label=np.int32(-1)) == \
+        pytest.approx(np.log(4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The thread driver (fastbp._threads) and FASTBP_NUM_THREADS
+# ---------------------------------------------------------------------------------------------------------------
+from fastbp import _threads as T  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1000, 100_003])
+@pytest.mark.parametrize("block", [1, 3, 64, 100_003, 200_000])
+@pytest.mark.parametrize("nthreads", [0, 1, 3, 16, 64])
+def test_parallel_blocks_cover_every_element_once_with_fixed_boundaries(n, block, nthreads):
+    # boundaries j*block depend on n and block only, whatever the team (0: fastbp's thread count)
+    assert T._block_owners(n, block, nthreads) == [i // block for i in range(n)]
+
+
+def test_reduce_blocks_adds_partials_in_block_order():
+    # 1e16 + 1 rounds back to 1e16: in block order the sum is 0, in any other order it is 1
+    assert T._reduce_blocks([1e16, 1.0, -1e16], 3, 1) == [0.0]
+    rng = np.random.default_rng(0)
+    parts = rng.standard_normal((7, 5)) * 10.0 ** rng.integers(-8, 8, (7, 5))
+    want = [0.0] * 5
+    for row in parts:
+        want = [w + p for w, p in zip(want, row)]
+    assert T._reduce_blocks(parts.ravel().tolist(), 7, 5) == want
+    assert T._reduce_blocks([], 0, 3) == [0.0, 0.0, 0.0]
+
+
+_NUM_THREADS_SCRIPT = """
+from fastbp import _blas, _threads, _kernels
+print(_threads._get_num_threads(), _blas.get_num_threads(), len(set(_threads._block_threads(256))),
+      _kernels.build_info()["num_threads"], _kernels.build_info()["openmp_max_threads"])
+"""
+
+
+@pytest.mark.skipif(not K.build_info()["openmp"], reason="a build without OpenMP runs one thread")
+@pytest.mark.parametrize("value", ["1", "3", "16", "64", ""])
+def test_fastbp_num_threads_sets_the_team_of_every_kernel(value):
+    """FASTBP_NUM_THREADS is read by the library: GEMM splits and parallel_blocks teams have that many threads
+    (so CI's runs under 1, 3, 16 and 64 threads really test those thread counts on a 2-core machine)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(K.__file__)))
+    env = dict(os.environ, PYTHONPATH=root, FASTBP_NUM_THREADS=value, FASTBP_BLAS_THREADING="split")
+    env.pop("OMP_NUM_THREADS", None)
+    r = subprocess.run([sys.executable, "-c", _NUM_THREADS_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = r.stdout.split()
+    want = value or got[4]                      # unset: OpenMP's default
+    assert got[:4] == [want] * 4

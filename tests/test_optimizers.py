@@ -1,11 +1,11 @@
-"""fastbp.optimizers against a plain transcription of the book's formulas (common/optimizer.py)."""
+"""fastbp.optimizer (alias fastbp.optimizers) against a transcription of the book's formulas (common/optimizer.py)."""
 import tracemalloc
 import zlib
 
 import numpy as np
 import pytest
 
-from fastbp import optimizers as O
+from fastbp import optimizer as O
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: dict(rtol=2e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-14),
@@ -437,3 +437,16 @@ def test_the_issue_reproducer_updates_both_params_as_the_book_does():
     np.testing.assert_allclose(a, ra, rtol=1e-12)
     np.testing.assert_allclose(b, rb, rtol=1e-12)
     assert not np.array_equal(b, np.full(4, 3.0))
+
+
+def test_the_books_module_name_and_the_old_alias_are_one_module():
+    import importlib
+    import fastbp.optimizer as singular
+    import fastbp.optimizers as plural
+    assert plural is singular and importlib.import_module("fastbp.optimizers") is singular
+    ns = {}
+    exec("from fastbp.optimizer import *", ns)           # the book's import line, swapped
+    for name in ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam"):
+        assert ns[name] is getattr(plural, name)
+    from fastbp.optimizers import Adam
+    assert isinstance(singular.Adam(), Adam)

@@ -10,8 +10,9 @@ from hypothesis import given, settings, strategies as st
 from fastbp import reference as R
 from fastbp.gradient import numerical_gradient_5pt, relative_error
 
+from fastbp_tests import TOL
+
 DTYPES = [np.float32, np.float64]
-TOL = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
 NUM_MAX_REL = 1e-7      # backprop vs 5-point numerical derivative, float64
 
 
@@ -260,13 +261,15 @@ def test_mixed_dtypes_follow_result_type():
     layer.backward(np.ones((4, 2)))
     assert layer.dW.dtype == np.float64
 
-    # float32 weights with float64 data: computed in float64; grads reallocated, still aliased
+    # float32 weights with float64 data: computed in float64, written into the float32 grads in place (book 2)
     W32, b32 = W64.astype(np.float32), b64.astype(np.float32)
     layer = R.Affine(W32, b32)
+    kept = list(layer.grads)
     out = layer.forward(x32.astype(np.float64))
     assert out.dtype == np.float64
     layer.backward(np.ones((4, 2)))
-    assert layer.dW.dtype == np.float64 and layer.grads[0] is layer.dW
+    assert layer.dW.dtype == np.float32 and layer.grads[0] is layer.dW is kept[0] and layer.db is kept[1]
+    np.testing.assert_allclose(layer.dW, x32.astype(np.float64).T @ np.ones((4, 2)), **TOL[np.float32])
 
     # int images promote with float weights; labels do not change the logits dtype
     assert R.Affine(W32, b32).forward(np.ones((2, 3), dtype=np.uint8)).dtype == np.float32

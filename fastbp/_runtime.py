@@ -1,0 +1,71 @@
+"""How long fastbp's OpenMP worker threads spin after a parallel region before they sleep (issue 11 item 1).
+
+GNU OpenMP reads OMP_WAIT_POLICY / GOMP_SPINCOUNT once, when libgomp is loaded.  Its default (spin about 300,000
+rounds, roughly a millisecond or more) keeps fastbp's worker spinning on the other core while the book's NumPy
+code runs between fastbp's layers.  So, unless the user has set either variable, fastbp sets GOMP_SPINCOUNT to
+SPINCOUNT for exactly the moment its extension modules load libgomp and then removes it again: later processes
+and other OpenMP runtimes (PyTorch's own libgomp copy, say) never see it.  NumPy's OpenBLAS uses pthreads, not
+OpenMP, and is never touched.  FASTBP_OMP_SPIN=<n> picks another count, FASTBP_OMP_SPIN=keep leaves libgomp's
+default.  The figures behind SPINCOUNT are in the README (measured with python -m fastbp.bench.loops).
+"""
+import os
+
+#: GOMP_SPINCOUNT fastbp uses for its own OpenMP runtime when the user sets neither OMP_WAIT_POLICY nor
+#: GOMP_SPINCOUNT (None: libgomp's default).  About 25 µs of spinning: long enough to bridge the Python between
+#: two kernels of a layer sequence, short enough that the worker sleeps while NumPy code runs.  Chosen by
+#: python -m fastbp.bench.loops (README): under load, libgomp's default made the book's ch05 step with fastbp's
+#: layers ~50x slower than 1000 did; 0 (passive) and 1000 were within the noise of each other, 3000 and above
+#: slower, one thread slower still on ch05/ch06.
+SPINCOUNT = 1000
+
+_USER_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_info = {}
+
+
+def _libgomp_loaded():
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libgomp" in line and "libgomp-" not in line for line in f)
+    except OSError:
+        return None
+
+
+def apply():
+    """Load fastbp's OpenMP runtime (the _threads extension) with fastbp's spin setting; once per process."""
+    if _info:
+        return _info
+    user = {k: os.environ[k] for k in _USER_VARS if k in os.environ}
+    want = os.environ.get("FASTBP_OMP_SPIN", "").strip().lower()
+    spin = SPINCOUNT if want in ("", "auto") else (None if want == "keep" else want)
+    bad = spin is not None and not str(spin).isdigit()
+    if bad:
+        import warnings
+        warnings.warn(f"fastbp: FASTBP_OMP_SPIN must be a spin count >= 0, 'keep' or 'auto', got {want!r}; "
+                      f"using the default", RuntimeWarning, stacklevel=3)
+        spin = SPINCOUNT
+    preloaded = _libgomp_loaded()
+    if user:
+        _info.update(setting=" ".join(f"{k}={v}" for k, v in user.items()), by="the user")
+        spin = None
+    elif spin is None:
+        _info.update(setting="libgomp's default", by="FASTBP_OMP_SPIN=keep" if want == "keep" else "fastbp")
+    elif want not in ("", "auto") and not bad:
+        _info.update(setting=f"GOMP_SPINCOUNT={spin}", by="FASTBP_OMP_SPIN, for fastbp's OpenMP runtime only")
+    else:
+        _info.update(setting=f"GOMP_SPINCOUNT={spin}", by="fastbp, for its own OpenMP runtime only")
+    if spin is not None:
+        os.environ["GOMP_SPINCOUNT"] = str(spin)
+    try:
+        from fastbp import _threads  # noqa: F401  (loads libgomp, which reads the variables now)
+    finally:
+        if spin is not None:
+            os.environ.pop("GOMP_SPINCOUNT", None)
+    if preloaded and spin is not None:
+        _info.update(setting="libgomp's setting at its earlier load",
+                     by=f"nobody: libgomp was loaded before fastbp, GOMP_SPINCOUNT={spin} came too late")
+    return _info
+
+
+def info():
+    """{'setting': what fastbp's OpenMP workers do after a region, 'by': who chose it}."""
+    return dict(_info)

@@ -1,0 +1,444 @@
+"""The rows of ``fastbp bench`` (and the cases of the pytest-benchmark suite in ``benchmarks/``): each a
+:class:`Case` of zero-argument callables -- fastbp, the NumPy baseline (:mod:`fastbp.reference` or the book's
+code of :mod:`fastbp.bench.book`) and the PyTorch eager equivalent when torch is installed -- on the same inputs,
+with a check that they compute the same thing and the speed targets of the project."""
+import math
+import os
+from collections import OrderedDict
+
+import numpy as np
+
+from fastbp.bench.book import BookLayers, BookSGD, BookTwoLayerNet, book_train_step
+from fastbp.bench.harness import numpy_alloc_per_call
+
+SWEEP_BATCHES = (1, 4, 16, 64, 100, 256, 1024)
+
+
+def step_gemm_flops(batch, sizes):
+    """FLOPs of the matrix products of one training step of an MLP with layer sizes `sizes` (input first):
+    forward x @ W for every layer, dW = x.T @ dout for every layer, dx = dout @ W.T for all but the first."""
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    fwd = sum(2.0 * batch * d * m for d, m in pairs)
+    dx = sum(2.0 * batch * d * m for d, m in pairs[1:])
+    return 2 * fwd + dx
+
+
+def _close(a, b, rtol, what):
+    """max |a - b| <= rtol * max |b| (a scale-aware allclose); returns the relative difference."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"{what}: shapes differ {a.shape} vs {b.shape}")
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    rel = diff / scale if scale > 0 else diff
+    if not rel <= rtol:
+        raise AssertionError(f"{what}: max |diff| = {diff:.3g} is {rel:.3g} of max |value| {scale:.3g} "
+                             f"(allowed {rtol:g})")
+    return rel
+
+
+
+_RTOL = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-9}
+
+
+def _import_torch():
+    try:
+        import torch
+    except Exception:                      # not installed, or broken: the torch columns are skipped
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+_MNIST = {}
+
+
+def mnist_batch(n, one_hot=False, dtype=np.float32, offset=0):
+    """n rows of the bundled MNIST sample (normalized float32 images, cycling if n > 4000) as `dtype`, with
+    int64 labels or float64 one-hot rows; random data of the same kind if the sample cannot be loaded."""
+    if "x" not in _MNIST:
+        try:
+            from fastbp.datasets import load_mnist
+            (x, t), _ = load_mnist(normalize=True, one_hot_label=False, source="sample", verbose=False)
+        except Exception:
+            rng = np.random.default_rng(0)
+            x = rng.random((4000, 784), dtype=np.float32)
+            t = rng.integers(0, 10, 4000)
+        _MNIST["x"] = np.ascontiguousarray(x, dtype=np.float32)
+        _MNIST["t"] = np.asarray(t, dtype=np.int64)
+    if n < 0:
+        raise ValueError(f"batch size must be >= 0, got {n}")
+    idx = (offset + np.arange(n)) % _MNIST["x"].shape[0]
+    x = np.ascontiguousarray(_MNIST["x"][idx], dtype=dtype)
+    t = _MNIST["t"][idx]
+    if one_hot:
+        oh = np.zeros((n, 10))
+        oh[np.arange(n), t] = 1.0
+        t = oh
+    return x, t
+
+
+def net_batch(n, sizes, dtype=np.float32):
+    """(x, int64 labels) for an MLP with layer sizes `sizes`: MNIST rows for 784 inputs and 10 classes, else
+    uniform [0, 1) inputs with random labels (tiny test nets)."""
+    if sizes[0] == 784 and sizes[-1] == 10:
+        return mnist_batch(n, dtype=dtype)
+    rng = np.random.default_rng(7)
+    return rng.random((n, sizes[0])).astype(dtype), rng.integers(0, sizes[-1], n).astype(np.int64)
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# targets and cases
+# ---------------------------------------------------------------------------------------------------------
+class Target:
+    """A speed target: kind 'speedup' (median t_vs / t_fastbp >= threshold), 'floor' (t_fastbp / floor <=
+    threshold) or 'alloc' (NumPy bytes per step <= threshold)."""
+
+    def __init__(self, kind, threshold, vs=None):
+        if kind not in ("speedup", "floor", "alloc"):
+            raise ValueError(f"unknown target kind {kind!r}")
+        self.kind, self.threshold, self.vs = kind, threshold, vs
+
+    def describe(self):
+        if self.kind == "speedup":
+            return f">={self.threshold:g}x {self.vs}"
+        if self.kind == "floor":
+            return f"<={self.threshold:g}x GEMM floor"
+        return f"<={self.threshold:g} B/step"
+
+    def evaluate(self, row):
+        """(value, 'PASS' | 'MISS' | 'SKIP')."""
+        if self.kind == "speedup":
+            v = row.get("speedup", {}).get(self.vs)
+            if v is None or not math.isfinite(v):
+                return None, "SKIP"
+            return v, "PASS" if v >= self.threshold else "MISS"
+        if self.kind == "floor":
+            v = row.get("floor_ratio")
+            if v is None or not math.isfinite(v):
+                return None, "SKIP"
+            return v, "PASS" if v <= self.threshold else "MISS"
+        v = row.get("bytes_per_step")
+        if v is None:
+            return None, "SKIP"
+        return v, "PASS" if v <= self.threshold else "MISS"
+
+    def to_json(self):
+        return {"kind": self.kind, "threshold": self.threshold, "vs": self.vs, "text": self.describe()}
+
+
+class Case:
+    """One row: implementations (name -> zero-argument callable, fastbp first), a check run once before
+    timing (returns a short text, raises AssertionError on a mismatch), GEMM FLOPs per call, targets."""
+
+    def __init__(self, key, title, impls, check=None, flops=None, targets=(), extra=None, note=None):
+        self.key, self.title, self.impls, self.check = key, title, impls, check
+        self.flops, self.targets, self.extra, self.note = flops, list(targets), extra or {}, note
+
+
+def _torch_mlp(torch, params, n_layers, dtype):
+    """nn.Sequential(Linear, ReLU, ..., Linear) holding copies of params W1..Wn (transposed), b1..bn."""
+    tdt = torch.float32 if np.dtype(dtype) == np.float32 else torch.float64
+    mods = []
+    for i in range(1, n_layers + 1):
+        W, b = params[f"W{i}"], params[f"b{i}"]
+        lin = torch.nn.Linear(W.shape[0], W.shape[1], dtype=tdt)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(W.T)))
+            lin.bias.copy_(torch.from_numpy(b))
+        mods.append(lin)
+        if i < n_layers:
+            mods.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*mods)
+
+
+def train_case(key, title, sizes, batch, dtype, torch, targets, lr=0.1, with_gemm_only=False):
+    """Training step (gradient + SGD update) of an MLP with layer sizes `sizes` and ReLU: fastbp.nets +
+    fastbp.optimizers.SGD vs the reference-backend net + the book's SGD vs torch (Linear/ReLU, CrossEntropyLoss,
+    backward, optim.SGD), all from the same initial weights; `with_gemm_only` adds the step's GEMMs alone."""
+    from fastbp import nets, optimizers
+    dtype = np.dtype(dtype)
+    np.random.seed(1)
+    hidden = list(sizes[1:-1])
+    if len(hidden) == 1:
+        make = lambda backend: nets.TwoLayerNet(sizes[0], hidden[0], sizes[-1], dtype=dtype,  # noqa: E731
+                                                backend=backend)
+    else:
+        make = lambda backend: nets.MultiLayerNet(sizes[0], hidden, sizes[-1], dtype=dtype,  # noqa: E731
+                                                  backend=backend)
+    fnet = make("fastbp")
+    rnet = make("reference")
+    for k in fnet.params:
+        rnet.params[k][...] = fnet.params[k]
+    x, t = net_batch(batch, sizes, dtype)
+    fopt = optimizers.SGD(lr=lr)
+    ropt = BookSGD(lr=lr)
+    n_layers = len(sizes) - 1
+
+    def fastbp_step():
+        fopt.update(fnet.params, fnet.gradient(x, t))
+
+    def numpy_step():
+        ropt.update(rnet.params, rnet.gradient(x, t))
+
+    impls = OrderedDict([("fastbp", fastbp_step), ("numpy", numpy_step)])
+    model = None
+    if torch is not None:
+        model = _torch_mlp(torch, fnet.params, n_layers, dtype)
+        crit = torch.nn.CrossEntropyLoss()
+        topt = torch.optim.SGD(model.parameters(), lr=lr)
+        xt = torch.from_numpy(x)
+        tt = torch.from_numpy(t)
+
+        def torch_step():
+            topt.zero_grad(set_to_none=False)
+            loss = crit(model(xt), tt)
+            loss.backward()
+            topt.step()
+
+        impls["torch"] = torch_step
+
+    def check():
+        fg = {k: np.array(v) for k, v in fnet.gradient(x, t).items()}
+        rg = rnet.gradient(x, t)
+        rtol = _RTOL[dtype]
+        worst = 0.0
+        for k in rg:
+            worst = max(worst, _close(fg[k], rg[k], rtol, f"fastbp {k} vs numpy"))
+        worst = max(worst, _close(fnet.lastLayer.loss, rnet.lastLayer.loss, rtol, "loss fastbp vs numpy"))
+        text = f"grads fastbp~numpy {worst:.1e}"
+        if model is not None:
+            model.zero_grad(set_to_none=False)
+            crit(model(xt), tt).backward()
+            tw = 0.0
+            lin = [m for m in model if isinstance(m, torch.nn.Linear)]
+            for i, m in enumerate(lin, 1):
+                tw = max(tw, _close(m.weight.grad.numpy().T, rg[f"W{i}"], rtol, f"torch W{i} vs numpy"))
+                tw = max(tw, _close(m.bias.grad.numpy(), rg[f"b{i}"], rtol, f"torch b{i} vs numpy"))
+            model.zero_grad(set_to_none=False)
+            text += f", torch~numpy {tw:.1e}"
+        return text
+
+    flops = step_gemm_flops(batch, sizes)
+    if with_gemm_only:
+        impls["gemm-only"] = gemm_only_step(sizes, batch, dtype)
+    return Case(key, title, impls, check, flops, targets)
+
+
+def gemm_only_step(sizes, batch, dtype):
+    """The matrix products of one training step alone, same shapes and transposes, via fastbp._kernels.gemm."""
+    from fastbp import _kernels
+    rng = np.random.default_rng(2)
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    xs = [rng.standard_normal((batch, d)).astype(dtype) for d, _ in pairs]
+    Ws = [rng.standard_normal((d, m)).astype(dtype) for d, m in pairs]
+    outs = [np.empty((batch, m), dtype) for _, m in pairs]
+    dWs = [np.empty((d, m), dtype) for d, m in pairs]
+    dxs = [np.empty((batch, d), dtype) for d, _ in pairs]
+    gemm = _kernels.gemm
+    L = len(pairs)
+
+    def step():
+        for i in range(L):
+            gemm(xs[i], Ws[i], outs[i])
+        for i in reversed(range(L)):
+            if i > 0:
+                gemm(outs[i], Ws[i], dxs[i], trans_b=True)
+            gemm(xs[i], outs[i], dWs[i], trans_a=True)
+    return step
+
+
+def book_case(batch=100, lr=0.1):
+    """The book's TwoLayerNet 784-50-10 and loop step (float64 weights, float32 images, one-hot labels):
+    fastbp.layers dropped in vs the book's own layers (BookLayers), same initial weights."""
+    from fastbp import layers as fast_layers
+    np.random.seed(3)
+    fnet = BookTwoLayerNet(784, 50, 10, layers=fast_layers)
+    bnet = BookTwoLayerNet(784, 50, 10, layers=BookLayers)
+    for k in fnet.params:
+        bnet.params[k][...] = fnet.params[k]
+    x, t = mnist_batch(batch, one_hot=True)         # float32 images, float64 one-hot (as load_mnist gives)
+
+    impls = OrderedDict([("fastbp", lambda: book_train_step(fnet, x, t, lr)),
+                         ("numpy", lambda: book_train_step(bnet, x, t, lr))])
+
+    def check():
+        fg = fnet.gradient(x, t)
+        fg = {k: np.array(v) for k, v in fg.items()}
+        bg = bnet.gradient(x, t)
+        worst = max(_close(fg[k], bg[k], 1e-9, f"book net: fastbp layers {k} vs book layers") for k in bg)
+        return f"grads fastbp~book {worst:.1e}"
+
+    flops = step_gemm_flops(batch, (784, 50, 10))
+    return Case("book-2l-b100", f"book TwoLayerNet 784-50-10 b{batch} (f64 W, f32 x)", impls, check, flops,
+                [Target("speedup", 2.0, "numpy")],
+                note="the book's ch05 TwoLayerNet + loop step; fastbp.layers vs the book's common/layers.py")
+
+
+def softmax_case(n, c, torch, targets, reuse=False):
+    """SoftmaxWithLoss forward + backward on (n, c) float32 logits with int64 labels: fastbp.layers vs
+    fastbp.reference vs torch (F.cross_entropy + autograd.grad)."""
+    from fastbp import layers as L, reference as R
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((n, c)) * 3).astype(np.float32)
+    t = rng.integers(0, c, n).astype(np.int64)
+    fl = L.SoftmaxWithLoss(reuse=reuse)
+    rl = R.SoftmaxWithLoss()
+
+    def fastbp_fn():
+        fl.forward(x, t)
+        return fl.backward(1)
+
+    def numpy_fn():
+        rl.forward(x, t)
+        return rl.backward(1)
+
+    impls = OrderedDict([("fastbp", fastbp_fn), ("numpy", numpy_fn)])
+    if torch is not None:
+        import torch.nn.functional as F
+        xt = torch.from_numpy(x).requires_grad_(True)
+        tt = torch.from_numpy(t)
+
+        def torch_fn():
+            loss = F.cross_entropy(xt, tt)
+            return torch.autograd.grad(loss, xt)[0]
+
+        impls["torch"] = torch_fn
+
+    def check():
+        a = np.array(fastbp_fn())
+        b = numpy_fn()
+        rel = _close(a, b, 2e-4, "softmax-CE dx fastbp vs numpy")
+        _close(fl.loss, rl.loss, 2e-5, "softmax-CE loss fastbp vs numpy")
+        text = f"dx fastbp~numpy {rel:.1e}"
+        if torch is not None:
+            text += f", torch~numpy {_close(torch_fn().numpy(), b, 2e-4, 'softmax-CE dx torch vs numpy'):.1e}"
+        return text
+
+    key = f"softmax-{n}x{c}" + ("-reuse" if reuse else "")
+    title = f"softmax-CE fwd+bwd ({n}, {c}) f32" + (" reuse=True" if reuse else "")
+    return Case(key, title, impls, check, None, targets)
+
+
+def relu_case(n, m, torch, targets, reuse=False):
+    """Relu forward + backward on (n, m) float32: fastbp.layers vs fastbp.reference vs torch (F.relu +
+    autograd.grad)."""
+    from fastbp import layers as L, reference as R
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((n, m)).astype(np.float32)
+    dout = rng.standard_normal((n, m)).astype(np.float32)
+    fl = L.Relu(reuse=reuse)
+    rl = R.Relu()
+
+    def fastbp_fn():
+        fl.forward(x)
+        return fl.backward(dout)
+
+    def numpy_fn():
+        rl.forward(x)
+        return rl.backward(dout)
+
+    impls = OrderedDict([("fastbp", fastbp_fn), ("numpy", numpy_fn)])
+    if torch is not None:
+        import torch.nn.functional as F
+        xt = torch.from_numpy(x).requires_grad_(True)
+        dt = torch.from_numpy(dout)
+
+        def torch_fn():
+            y = F.relu(xt)
+            return torch.autograd.grad(y, xt, dt)[0]
+
+        impls["torch"] = torch_fn
+
+    def check():
+        a = fastbp_fn()
+        b = numpy_fn()
+        if not np.array_equal(a, b):
+            raise AssertionError("ReLU dx differs between fastbp and numpy")
+        if not np.array_equal(fl.mask, rl.mask):
+            raise AssertionError("ReLU mask differs between fastbp and numpy")
+        if torch is not None and not np.array_equal(torch_fn().numpy(), b):
+            raise AssertionError("ReLU dx differs between torch and numpy")
+        return "dx identical"
+
+    key = f"relu-{n}x{m}" + ("-reuse" if reuse else "")
+    title = f"ReLU fwd+bwd ({n}, {m}) f32" + (" reuse=True" if reuse else "")
+    return Case(key, title, impls, check, None, targets)
+
+
+def build_cases(torch=None, select=None):
+    """The curated cases (the issue's speed targets), optionally only those whose key contains a word of
+    `select`; built lazily so an unselected case costs nothing."""
+    T = Target
+    specs = [
+        ("train-2l-b100-f32", lambda: train_case(
+            "train-2l-b100-f32", "train step TwoLayerNet 784-50-10 b100 f32", (784, 50, 10), 100, np.float32,
+            torch, [T("speedup", 3.0, "numpy"), T("speedup", 3.0, "torch")])),
+        ("train-2l-b100-f64", lambda: train_case(
+            "train-2l-b100-f64", "train step TwoLayerNet 784-50-10 b100 f64", (784, 50, 10), 100, np.float64,
+            torch, [T("speedup", 2.5, "numpy")])),
+        ("train-2l-b1-f32", lambda: train_case(
+            "train-2l-b1-f32", "train step TwoLayerNet 784-50-10 b1 f32", (784, 50, 10), 1, np.float32,
+            torch, [T("speedup", 3.0, "numpy")])),
+        ("train-mlp-b256-f32", lambda: train_case(
+            "train-mlp-b256-f32", "train step MultiLayerNet 784-1024-1024-10 b256 f32", (784, 1024, 1024, 10),
+            256, np.float32, torch, [T("floor", 1.4)], with_gemm_only=True)),
+        ("book-2l-b100", lambda: book_case(100)),
+        ("softmax-100x10", lambda: softmax_case(100, 10, torch, [T("speedup", 4.0, "numpy")])),
+        ("softmax-4096x1000", lambda: softmax_case(4096, 1000, torch, [T("speedup", 2.0, "numpy")])),
+        ("softmax-4096x1000-reuse", lambda: softmax_case(4096, 1000, torch, [], reuse=True)),
+        ("relu-4096x4096", lambda: relu_case(4096, 4096, torch, [T("speedup", 1.5, "numpy")])),
+        ("relu-4096x4096-reuse", lambda: relu_case(4096, 4096, torch, [], reuse=True)),
+    ]
+    if select:
+        specs = [s for s in specs if any(w in s[0] for w in select)]
+    return specs
+
+
+def sweep_cases(torch, batches=SWEEP_BATCHES):
+    """Train step TwoLayerNet 784-50-10 f32 at several batch sizes (for --plot)."""
+    return [(f"sweep-b{b}", (lambda b=b: train_case(f"sweep-b{b}", f"train step 784-50-10 b{b} f32",
+                                                       (784, 50, 10), b, np.float32, torch, [])))
+            for b in batches]
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NumPy allocation per training step
+# ---------------------------------------------------------------------------------------------------------
+def _alloc_rows(torch):
+    """NumPy allocation per training step after warm-up, fastbp nets vs the reference nets."""
+    from fastbp import nets, optimizers
+    rows = []
+    for key, title, sizes, batch, dtype in (
+            ("alloc-2l-b100-f32", "TwoLayerNet 784-50-10 b100 f32", (784, 50, 10), 100, np.float32),
+            ("alloc-2l-b1-f64", "TwoLayerNet 784-50-10 b1 f64", (784, 50, 10), 1, np.float64),
+            ("alloc-mlp-b256-f32", "MultiLayerNet 784-1024-1024-10 b256 f32", (784, 1024, 1024, 10), 256,
+             np.float32)):
+        res = {}
+        for backend in ("fastbp", "reference"):
+            np.random.seed(1)
+            if len(sizes) == 3:
+                net = nets.TwoLayerNet(sizes[0], sizes[1], sizes[2], dtype=dtype, backend=backend)
+            else:
+                net = nets.MultiLayerNet(sizes[0], list(sizes[1:-1]), sizes[-1], dtype=dtype, backend=backend)
+            opt = optimizers.SGD(lr=0.01) if backend == "fastbp" else BookSGD(lr=0.01)
+            x, t = mnist_batch(batch, dtype=dtype)
+
+            def step(net=net, opt=opt, x=x, t=t):
+                opt.update(net.params, net.gradient(x, t))
+            res[backend] = numpy_alloc_per_call(step, calls=10, warmup=3)
+        rows.append({"key": key, "title": f"NumPy bytes allocated per step, {title}",
+                     "bytes_per_step": res["fastbp"]["bytes_per_call"],
+                     "numpy_high_water": res["fastbp"]["numpy_high_water"],
+                     "traced_peak_per_step": res["fastbp"]["traced_peak_per_call"],
+                     "reference_bytes_per_step": res["reference"]["bytes_per_call"],
+                     "reference_traced_peak_per_step": res["reference"]["traced_peak_per_call"],
+                     "targets": [Target("alloc", 0)]})
+    return rows

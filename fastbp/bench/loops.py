@@ -1,0 +1,204 @@
+"""The book's own training loops with fastbp's layers dropped in, against the untouched book (issue 11 item 1),
+and the process-wide settings that decide whether fastbp's threads fight NumPy's code between its calls.
+
+Loops (one iteration each: the book's batch draw with np.random.choice and fancy indexing, the gradient, the
+update -- no idle gap anywhere, as in the book's scripts):
+
+* ``ch05``: the book's ch05 TwoLayerNet 784-50-10 (float64 weights, float32 images, one-hot labels), batch 100,
+  the book's NumPy SGD update ``params[key] -= lr * grad[key]``; fastbp = the same code on ``fastbp.layers``.
+* ``ch06``: the book's MultiLayerNet 784-100-100-100-100-10 with the book's NumPy ``Adam``, batch 128 (ch06's
+  optimizer_compare_mnist); fastbp = the same code on ``fastbp.layers``.
+* ``own``: fastbp's own ``nets.TwoLayerNet`` float32 with ``fastbp.optimizer.SGD`` inside the book's loop (the
+  batch draw and indexing in NumPy between steps), against the book's ch05 loop: the standalone gain, in a loop.
+
+Settings ("configs") are process-wide (read when libgomp loads), so each runs in its own subprocess; the driver
+runs the configs one after the other in every repetition (interleaved), and each subprocess times the fastbp
+and the book loop in interleaved rounds.  The figure per (config, loop) is the median over all rounds of
+book time / fastbp time for the same round.
+
+    python -m fastbp.bench.loops --reps 3            # every config
+    python -m fastbp.bench.loops --configs default passive --reps 5
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+#: Process settings measured: environment of the worker subprocess (none of them is NumPy's).
+CONFIGS = {
+    "default": {},                                   # whatever fastbp does by itself
+    "gomp-libdefault": {"FASTBP_OMP_SPIN": "keep"},  # libgomp's own default spin, untouched by fastbp
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},       # fastbp's OpenMP workers sleep at once after a region
+    "spin1k": {"GOMP_SPINCOUNT": "1000"},
+    "spin3k": {"GOMP_SPINCOUNT": "3000"},
+    "spin10k": {"GOMP_SPINCOUNT": "10000"},
+    "spin30k": {"GOMP_SPINCOUNT": "30000"},
+    "active": {"OMP_WAIT_POLICY": "ACTIVE"},         # workers spin (practically) for ever
+    "1thread": {"FASTBP_NUM_THREADS": "1"},          # every product and kernel single-threaded
+}
+
+
+def _mnist():
+    import numpy as np
+    from pathlib import Path
+    d = np.load(Path(__file__).resolve().parents[1] / "data" / "mnist-5k.npz")
+    x = (d["images"].reshape(len(d["images"]), -1).astype(np.float32) / 255.0)
+    t = d["labels"].astype(np.int64)
+    onehot = np.zeros((len(t), 10), np.float32)
+    onehot[np.arange(len(t)), t] = 1
+    return x, t, onehot
+
+
+def make_loops(seed=0):
+    """{loop: {"fastbp": step, "book": step}}, each step one iteration of the loop."""
+    import numpy as np
+    import fastbp.layers as FL
+    from fastbp import nets, optimizer
+    from fastbp.bench.book import BookAdam, BookLayers, BookMultiLayerNet, BookTwoLayerNet
+
+    x_train, t_train, t_onehot = _mnist()
+    n = x_train.shape[0]
+    loops = {}
+
+    def ch05(layers):
+        np.random.seed(seed)
+        net = BookTwoLayerNet(784, 50, 10, layers=layers)
+
+        def step():
+            mask = np.random.choice(n, 100)
+            xb, tb = x_train[mask], t_onehot[mask]
+            grad = net.gradient(xb, tb)
+            for key in ("W1", "b1", "W2", "b2"):
+                net.params[key] -= 0.1 * grad[key]
+        return step
+
+    def ch06(layers):
+        np.random.seed(seed)
+        net = BookMultiLayerNet(784, [100, 100, 100, 100], 10, layers=layers)
+        opt = BookAdam(0.001)
+
+        def step():
+            mask = np.random.choice(n, 128)
+            xb, tb = x_train[mask], t_train[mask]
+            grads = net.gradient(xb, tb)
+            opt.update(net.params, grads)
+        return step
+
+    def own():
+        np.random.seed(seed)
+        net = nets.TwoLayerNet(784, 50, 10, dtype=np.float32)
+        opt = optimizer.SGD(0.1)
+
+        def step():
+            mask = np.random.choice(n, 100)
+            xb, tb = x_train[mask], t_train[mask]
+            grads = net.gradient(xb, tb)
+            opt.update(net.params, grads)
+        return step
+
+    loops["ch05"] = {"fastbp": ch05(FL), "book": ch05(BookLayers)}
+    loops["ch06"] = {"fastbp": ch06(FL), "book": ch06(BookLayers)}
+    loops["own"] = {"fastbp": own(), "book": ch05(BookLayers)}
+    return loops
+
+
+def worker(rounds, seconds, loops_wanted):
+    """Time each loop's fastbp and book steps in `rounds` interleaved rounds of about `seconds` each."""
+    from fastbp.bench.harness import _time_batch, calibrate
+    loops = make_loops()
+    out = {}
+    for name in loops_wanted:
+        impls = loops[name]
+        numbers = {k: calibrate(f, seconds)[0] for k, f in impls.items()}
+        times = {k: [] for k in impls}
+        for r in range(rounds):
+            order = list(impls) if r % 2 == 0 else list(impls)[::-1]
+            for k in order:
+                times[k].append(_time_batch(impls[k], numbers[k]))
+        out[name] = {"fastbp_s": times["fastbp"], "book_s": times["book"],
+                     "ratio": [b / f for b, f in zip(times["book"], times["fastbp"])]}
+    from fastbp import _runtime
+    out["_runtime"] = _runtime.info()
+    return out
+
+
+def _child_env(extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "FASTBP_NUM_THREADS", "FASTBP_OMP_SPIN")}
+    env.update(extra)
+    return env
+
+
+def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr):
+    results = {c: {} for c in configs}
+    for rep in range(reps):
+        order = configs[rep % len(configs):] + configs[:rep % len(configs)]
+        for c in order:
+            cmd = [sys.executable, "-m", "fastbp.bench.loops", "--worker", "--rounds", str(rounds),
+                   "--seconds", str(seconds), "--loops", *loops_wanted]
+            r = subprocess.run(cmd, env=_child_env(CONFIGS[c]), capture_output=True, text=True, timeout=900)
+            if r.returncode != 0:
+                raise RuntimeError(f"config {c}: {r.stderr[-2000:]}")
+            got = json.loads(r.stdout.strip().splitlines()[-1])
+            results[c]["_runtime"] = got.pop("_runtime")
+            for loop, v in got.items():
+                acc = results[c].setdefault(loop, {"fastbp_s": [], "book_s": [], "ratio": []})
+                for k in acc:
+                    acc[k] += v[k]
+            if log:
+                log.write(f"rep {rep + 1}/{reps} {c}: " + ", ".join(
+                    f"{loop} {statistics.median(v['ratio']):.2f}x" for loop, v in got.items()) + "\n")
+                log.flush()
+    return results
+
+
+def _q(xs):
+    xs = sorted(xs)
+    if len(xs) < 4:
+        return xs[0], xs[-1]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
+
+
+def report(results, loops_wanted):
+    lines = ["| config | " + " | ".join(f"{l} book/fastbp (IQR); fastbp step" for l in loops_wanted) + " |",
+             "|---|" + "---|" * len(loops_wanted)]
+    for c, res in results.items():
+        cells = []
+        for l in loops_wanted:
+            v = res[l]
+            lo, hi = _q(v["ratio"])
+            cells.append(f"{statistics.median(v['ratio']):.2f}x ({lo:.2f}-{hi:.2f}); "
+                         f"{statistics.median(v['fastbp_s']) * 1e6:.0f} µs")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fastbp.bench.loops", description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--loops", nargs="+", default=["ch05", "ch06", "own"], choices=["ch05", "ch06", "own"])
+    p.add_argument("--reps", type=int, default=3, help="repetitions of the whole set of configs")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per subprocess")
+    p.add_argument("--seconds", type=float, default=0.15, help="time per timed batch")
+    p.add_argument("--json", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        print(json.dumps(worker(a.rounds, a.seconds, a.loops)))
+        return 0
+    t0 = time.time()
+    res = drive(a.configs, a.reps, a.rounds, a.seconds, a.loops)
+    print(report(res, a.loops))
+    print(f"({a.reps} reps x {a.rounds} rounds per config, {time.time() - t0:.0f} s)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shared test helpers: ONE tolerance table per dtype and ``assert_close``.
+
+Test modules import them with ``from fastbp_tests import TOL, assert_close, tol``: this module registers itself
+under that name, because ``import conftest`` is ambiguous when pytest also loads ``benchmarks/conftest.py``.
+
+``TOL[dtype]`` is how close a result computed in ``dtype`` must be to the float64 truth (or to the other
+implementation): ``rtol`` relative to the expected value, ``atol`` relative to ``max(1, max|expected|)`` (so a
+result that is a sum of large terms is allowed the rounding of those terms).  ``NUM_TOL`` is for numerical
+derivatives (finite differences) against exact ones, looser by the step's truncation and rounding error.
+"""
+import sys
+
+import numpy as np
+
+sys.modules.setdefault("fastbp_tests", sys.modules[__name__])
+
+F16, F32, F64 = np.float16, np.float32, np.float64
+
+TOL = {
+    F16: dict(rtol=1e-2, atol=1e-2),
+    F32: dict(rtol=1e-4, atol=1e-5),
+    F64: dict(rtol=1e-10, atol=1e-12),
+}
+NUM_TOL = {F32: dict(rtol=2e-2, atol=2e-2), F64: dict(rtol=1e-7, atol=1e-8)}
+
+
+def tol(dtype):
+    """The TOL entry of `dtype` (any dtype-like: np.float32, 'f4', np.dtype('>f8'), an array's dtype)."""
+    return TOL[np.dtype(dtype).type]
+
+
+def assert_close(actual, expected, dtype=None, err_msg=""):
+    """|actual - expected| <= rtol |expected| + atol max(1, max|expected|) with the tolerances of `dtype`
+    (default: actual's dtype).  Shapes must match exactly; NaN matches NaN and infinities match themselves."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != expected {expected.shape} {err_msg}"
+    t = tol(dtype if dtype is not None else actual.dtype)
+    finite = np.abs(expected[np.isfinite(expected)].astype(F64))
+    scale = max(1.0, float(np.max(finite, initial=0.0)))
+    np.testing.assert_allclose(actual.astype(F64), expected.astype(F64), rtol=t["rtol"], atol=t["atol"] * scale,
+                               err_msg=err_msg)

@@ -1,0 +1,85 @@
+"""fastbp's OpenMP spin setting (fastbp/_runtime.py, issue 11 item 1): applied to fastbp's own libgomp only when the
+user set neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT, never left in the environment (children, other runtimes and
+NumPy never see it), reported by `fastbp info`, and really read by libgomp (the worker's CPU time after a region)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastbp import _kernels, _runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "FASTBP_OMP_SPIN", "FASTBP_NUM_THREADS")
+
+# After fastbp's import: the environment, what fastbp reports, and the CPU seconds the process's threads other
+# than the main one use during an idle 0.3 s right after a parallel kernel (a spinning OpenMP worker shows).
+_PROBE = r"""
+import json, os, time, threading, numpy as np
+import fastbp
+from fastbp import _runtime, _kernels as K
+def others():
+    me, tot = str(threading.get_native_id()), 0
+    for tid in os.listdir("/proc/self/task"):
+        if tid != me:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                tot += int(f.read().split()[0])
+    return tot / 1e9
+x = np.random.default_rng(0).standard_normal(1 << 21).astype(np.float32)
+out = np.empty_like(x); mask = np.empty(x.shape, bool)
+spins = []
+for _ in range(3):
+    K.relu_forward(x, out, mask)
+    c0 = others(); time.sleep(0.3); spins.append(others() - c0)
+print(json.dumps({"env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+                  "info": _runtime.info(), "idle_worker_cpu_s": min(spins), "threads": K.build_info()["num_threads"]}))
+"""
+
+
+def _run(**env):
+    e = {k: v for k, v in os.environ.items() if k not in VARS}
+    e.update(env)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+needs_omp = pytest.mark.skipif(not _kernels.build_info()["openmp"] or not os.path.isdir("/proc/self/task"),
+                               reason="no OpenMP in this build, or no /proc")
+
+
+@needs_omp
+def test_fastbp_setting_is_applied_to_its_runtime_and_not_left_in_the_environment():
+    got = _run(FASTBP_NUM_THREADS="2")
+    assert got["env"] == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}
+    if _runtime.SPINCOUNT is None:
+        assert got["info"]["setting"] == "libgomp's default"
+    else:
+        assert got["info"] == {"setting": f"GOMP_SPINCOUNT={_runtime.SPINCOUNT}",
+                               "by": "fastbp, for its own OpenMP runtime only"}
+        # the worker sleeps within a few ms of the region's end: far less than the 0.3 s idle
+        assert got["idle_worker_cpu_s"] < 0.05, got
+
+
+@needs_omp
+def test_the_users_settings_win_and_are_kept():
+    got = _run(FASTBP_NUM_THREADS="2", OMP_WAIT_POLICY="active")
+    assert got["env"] == {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": None}
+    assert got["info"] == {"setting": "OMP_WAIT_POLICY=active", "by": "the user"}
+    passive = _run(FASTBP_NUM_THREADS="2", FASTBP_OMP_SPIN="0")
+    assert passive["info"]["setting"] == "GOMP_SPINCOUNT=0" and passive["env"]["GOMP_SPINCOUNT"] is None
+    # the variable reaches libgomp: an ACTIVE worker spins through the idle time, a spin count of 0 does not
+    assert passive["idle_worker_cpu_s"] < 0.05
+    assert got["idle_worker_cpu_s"] > passive["idle_worker_cpu_s"] + 0.02, (got, passive)
+
+
+def test_keep_and_bad_values():
+    assert _run(FASTBP_OMP_SPIN="keep")["info"] == {"setting": "libgomp's default", "by": "FASTBP_OMP_SPIN=keep"}
+    e = {k: v for k, v in os.environ.items() if k not in VARS}
+    e.update(FASTBP_OMP_SPIN="lots", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", "import fastbp"], cwd=ROOT, env=e, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "FASTBP_OMP_SPIN must be a spin count" in r.stderr
