@@ -83,3 +83,20 @@ def test_keep_and_bad_values():
     r = subprocess.run([sys.executable, "-c", "import fastbp"], cwd=ROOT, env=e, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "FASTBP_OMP_SPIN must be a spin count" in r.stderr
+
+
+def test_blas_thread_timeout_reaches_only_fastbps_copy_and_is_validated():
+    from fastbp import _blas
+    assert _blas.blas_thread_timeout({}) == _blas.BLAS_THREAD_TIMEOUT
+    assert _blas.blas_thread_timeout({"FASTBP_BLAS_THREAD_TIMEOUT": " 6 "}) == 6
+    for bad in ("3", "31", "x", "-5", "1e1"):
+        with pytest.raises(ValueError, match=r"FASTBP_BLAS_THREAD_TIMEOUT must be an integer in 4\.\.30"):
+            _blas.blas_thread_timeout({"FASTBP_BLAS_THREAD_TIMEOUT": bad})
+    e = {k: v for k, v in os.environ.items() if k not in VARS + ("OPENBLAS_THREAD_TIMEOUT",)}
+    e.update(FASTBP_BLAS_THREAD_TIMEOUT="6", FASTBP_BLAS_THREADING="openblas", PYTHONPATH=str(ROOT))
+    code = ("import os, json, numpy as np; from fastbp import _blas, _kernels as K; a = np.ones((64, 64)); "
+            "c = np.empty((64, 64)); K.gemm(a, a, c); assert (c == 64).all(); "
+            "print(json.dumps([_blas.info()['thread_timeout'], os.environ.get('OPENBLAS_THREAD_TIMEOUT')]))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [6, None]
