@@ -157,7 +157,8 @@ def _check_runnable(name, flags, origin):
                 f"{', '.join(CORE_FLAGS)}); ignored")
     missing = [f for f in need if f not in flags]
     if missing:
-        return f"{origin}={name} needs CPU flags this CPU lacks ({' '.join(missing)}); ignored"
+        also = " (NumPy's own OpenBLAS still follows it)" if origin == "OPENBLAS_CORETYPE" else ""
+        return f"{origin}={name} needs CPU flags this CPU lacks ({' '.join(missing)}); ignored{also}"
     return None
 
 
@@ -399,6 +400,7 @@ def info():
         "corename": lib.scipy_openblas_get_corename().decode(),
         "requested_coretype": st["requested_coretype"],
         "reason": st["reason"],
+        "refused": st.get("refused"),
         "num_threads": get_num_threads(),
         "threading": st["threading"],
         "thread_timeout": st["thread_timeout"],

@@ -20,7 +20,7 @@ from fastbp._typedefs cimport floating
 from fastbp._threads cimport parallel_blocks_nt, threads_usable
 from fastbp._validate cimport ftype, same_type, check_ndim, check_out, check_shape2, check_no_overlap
 import numpy as np
-from fastbp._threads import build_info, _blas_threads_callback
+from fastbp._threads import build_info, _blas_threads_callback  # noqa: F401  (fastbp._blas reads them here)
 
 cnp.import_array()
 

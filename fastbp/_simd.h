@@ -281,13 +281,15 @@ TARGET static inline void NAME##_rows(const T *restrict x, T *restrict y, T *res
     for (i = 0; i < total; i++) y[i] = EXP(y[i]);                                                             \
     for (i = 0; i < rows; i++) {                                                                              \
         T *yr = y + i * c;                                                                                    \
-        double r = 0.0, ones = 0.0;                                                                           \
-        _Pragma("omp simd reduction(+:r,ones)")                                                               \
-        for (j = 0; j < c; j++) { double e = (double)yr[j]; r += e == 1.0 ? 0.0 : e; ones += e == 1.0; }     \
-        r += ones - 1.0;                            /* the sum of the e_j but one 1 (the max's) */           \
-        double s = 1.0 + r;                                                                                   \
-        T inv = (T)(1.0 / s);                                                                                 \
-        double logs = log1p(r);                                                                               \
+        double s = 0.0, r = 0.0;                                                                              \
+        /* s: all e_j; r: those below 1 (two sums vectorise; counting the 1s in the loop does not) */        \
+        _Pragma("omp simd reduction(+:s,r)")                                                                  \
+        for (j = 0; j < c; j++) { double e = (double)yr[j]; s += e; r += e < 1.0 ? e : 0.0; }               \
+        r += nearbyint(s - r) - 1.0;                /* + the 1s but one (ties at the max): the e_j but one 1 */ \
+        s = 1.0 + r;                                                                                          \
+        double invs = 1.0 / s;                                                                                \
+        T inv = (T)invs;                                                                                      \
+        double logs = r < 0.5 ? log1p(r) : log(s);  /* log(s) loses digits only when s is near 1 */          \
         int skip = onehot == NULL && has_ignore && labels[i] == ignore;                                       \
         double et = onehot == NULL && !skip ? (double)yr[labels[i]] : 0.0;                                    \
         _Pragma("omp simd")                                                                                   \
@@ -304,7 +306,7 @@ TARGET static inline void NAME##_rows(const T *restrict x, T *restrict y, T *res
                 for (j = 0; j < c; j++) gr[j] = scale * yr[j];                                                \
                 /* the e_j other than e_t: r when e_t is a 1 (r holds the other ones), else 1 + r - e_t */   \
                 double others = et == 1.0 ? r : s - et;                                                       \
-                gr[labels[i]] = (T)(-(double)scale * others / s);                                             \
+                gr[labels[i]] = (T)(-(double)scale * others * invs);                                          \
             }                                                                                                 \
         } else {                                                                                              \
             const T *tr = onehot + i * c;                                                                     \

@@ -22,9 +22,11 @@ static int fb_omp_ok = 1;
 #include <omp.h>
 static int fb_omp_max_threads(void) { return fb_omp_ok ? omp_get_max_threads() : 1; }
 static int fb_in_parallel(void) { return omp_in_parallel(); }
+static int fb_thread_num(void) { return omp_get_thread_num(); }
 #else
 static int fb_omp_max_threads(void) { return 1; }
 static int fb_in_parallel(void) { return 0; }
+static int fb_thread_num(void) { return 0; }
 #endif
 
 typedef void (*fb_dojob_t)(int thread_num, void *jobdata, int dojob_data);

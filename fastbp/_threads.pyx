@@ -7,9 +7,9 @@
 # gives the same bits whatever the number of threads.  Elementwise kernels (no reduction) size their blocks with
 # even_block: one block per thread, but never smaller than the work that pays for a fork/join.
 #
-# * Thread count: FASTBP_NUM_THREADS when it holds an integer >= 1 (fastbp._blas validates the variable and
-#   reports a bad value), else OpenMP's default; 1 in a build without OpenMP and in a forked child (GNU OpenMP
-#   cannot start a team there: it hangs).
+# * Thread count: FASTBP_NUM_THREADS (parsed and validated by fastbp._blas.env_num_threads: a bad value fails
+#   the import), else OpenMP's default; 1 in a build without OpenMP and in a forked child (GNU OpenMP cannot start
+#   a team there: it hangs).
 # * Called from inside a parallel region (a kernel run by another kernel's block), parallel_blocks runs its blocks
 #   serially in block order on the calling thread.
 # * The C of the OpenBLAS threads callback (the "callback" threading mode of fastbp._blas) is in _threads.h.
@@ -22,6 +22,7 @@ cdef extern from "_threads.h" nogil:
     int FASTBP_OPENMP
     int fb_omp_max_threads() noexcept
     int fb_in_parallel() noexcept
+    int fb_thread_num() noexcept
     void *fb_blas_threads_address() noexcept
 
 cdef int _nthreads = 1
@@ -92,12 +93,10 @@ cdef void reduce_blocks_d(const double *partials, Py_ssize_t nblocks, Py_ssize_t
 # Python level: state, fork hook, introspection
 # ---------------------------------------------------------------------------------------------------------------
 def _env_num_threads():
-    """FASTBP_NUM_THREADS as an int >= 1, or None when unset or not such an int (fastbp._blas reports bad values)."""
-    s = _os.environ.get("FASTBP_NUM_THREADS", "").strip()
-    if not s.isdigit():
-        return None
-    v = int(s)
-    return v if 1 <= v <= 1 << 16 else None
+    """FASTBP_NUM_THREADS as an int, None when unset (fastbp._blas parses it, and refuses a bad value with a
+    ValueError naming the variable and the accepted range, at import)."""
+    from fastbp import _blas
+    return _blas.env_num_threads()
 
 
 def _set_num_threads(int n):
@@ -149,6 +148,21 @@ def _block_owners(Py_ssize_t n, Py_ssize_t block, int nthreads=0):
         else:
             parallel_blocks(n, block, _record_block, p)
     return [v - 1 for v in owners]
+
+
+cdef void _record_thread(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    (<long long*>ctx)[j] = fb_thread_num()
+
+
+def _block_threads(Py_ssize_t nblocks):
+    """For tests: the OpenMP thread that ran each of nblocks one-element blocks of parallel_blocks."""
+    import array
+    got = array.array("q", [-1]) * nblocks if nblocks > 0 else array.array("q")
+    cdef long long[::1] o = got
+    cdef void *p = &o[0] if nblocks > 0 else NULL
+    with nogil:
+        parallel_blocks(nblocks, 1, _record_thread, p)
+    return list(got)
 
 
 def _reduce_blocks(partials, Py_ssize_t nblocks, Py_ssize_t width):

@@ -23,12 +23,14 @@ class Workspace:
         self.reuse = bool(reuse)
         self._bufs = {}
 
-    def scratch(self, name, shape, dtype):
-        """A private buffer: the same array at every call with the same name, shape and dtype."""
-        a = self._bufs.get(name)
+    def scratch(self, name, shape, dtype, order="C"):
+        """A private buffer: the same array at every call with the same name, shape, dtype and memory order
+        ("C" or "F", e.g. an optimizer's gradient converted into its parameter's layout)."""
+        key = name if order == "C" else (name, order)
+        a = self._bufs.get(key)
         if a is None or a.shape != shape or (a.dtype is not dtype and a.dtype != dtype):
-            a = np.empty(shape, dtype)
-            self._bufs[name] = a
+            a = np.empty(shape, dtype, order=order)
+            self._bufs[key] = a
         return a
 
     def result(self, name, shape, dtype, src=None):
@@ -44,6 +46,8 @@ class Workspace:
         if src is not None and (src is a or src.base is a):
             a = self.scratch(name + "'", shape, dtype)
         return a
+
+    get = result      # the name layers used before this module existed
 
     def as_dtype(self, name, a, dtype):
         """`a` as a C-contiguous array of `dtype` (a native dtype): itself if it is one, else a copy into scratch."""

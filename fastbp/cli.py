@@ -213,6 +213,10 @@ def _add_train_parser(sub):
         description="Train an MLP (Affine/ReLU or Sigmoid, softmax cross-entropy) with mini-batches on MNIST: "
                     "full MNIST if it is on disk, else the 5,000 digits bundled with fastbp. Per-epoch "
                     "train/test accuracy on stdout, a progress bar with the running loss on stderr.")
+    p.add_argument("--net", choices=("mlp", "simpleconvnet", "deepconvnet"), default="mlp",
+                   help="mlp (MultiLayerNet, default), or the book's chapter-7/8 SimpleConvNet / DeepConvNet on "
+                        "28x28 images (--hidden/--activation/--weight-init/--weight-decay do not apply; the book "
+                        "trains them with --optimizer adam --lr 0.001)")
     p.add_argument("--hidden", type=_hidden_sizes, default=_hidden_sizes(DEFAULT_HIDDEN), metavar="SIZES",
                    help=f"hidden layer sizes, comma-separated (default {DEFAULT_HIDDEN}; e.g. 100,100)")
     p.add_argument("--activation", choices=("relu", "sigmoid"), default="relu", help="default relu")
@@ -334,17 +338,27 @@ def cmd_train(args):
 
     np.random.seed(args.seed)
     init = args.weight_init if args.weight_init is not None else args.activation
-    net = MultiLayerNet(x_train.shape[1], args.hidden, 10, activation=args.activation, weight_init_std=init,
-                        weight_decay_lambda=args.weight_decay, dtype=np.dtype(args.dtype), backend=args.backend)
+    if getattr(args, "net", "mlp") != "mlp":          # book 1, chapters 7-8 (fastbp.convnets)
+        from fastbp.nets import DeepConvNet, SimpleConvNet
+        x_train, x_test = x_train.reshape(-1, 1, 28, 28), x_test.reshape(-1, 1, 28, 28)
+        net = (SimpleConvNet if args.net == "simpleconvnet" else DeepConvNet)(dtype=np.dtype(args.dtype),
+                                                                             backend=args.backend)
+    else:
+        net = MultiLayerNet(x_train.shape[1], args.hidden, 10, activation=args.activation, weight_init_std=init,
+                            weight_decay_lambda=args.weight_decay, dtype=np.dtype(args.dtype), backend=args.backend)
     opt = make_optimizer(args.optimizer, args.lr)
     iter_per_epoch = max(n // bs, 1)
     if args.iters is not None:
         total = args.iters
     else:
         total = (args.epochs if args.epochs is not None else DEFAULT_EPOCHS) * iter_per_epoch
-    arch = "-".join(str(s) for s in [x_train.shape[1]] + args.hidden + [10])
-    print(f"net: MultiLayerNet {arch} {args.activation}, init {init}, weight decay {args.weight_decay:g}, "
-          f"{args.dtype}, backend {args.backend}")
+    if getattr(args, "net", "mlp") != "mlp":
+        arch = {"simpleconvnet": "SimpleConvNet", "deepconvnet": "DeepConvNet"}[args.net]
+        print(f"net: {arch} (the book's), {args.dtype}, backend {args.backend}")
+    else:
+        arch = "-".join(str(s) for s in [x_train.shape[1]] + args.hidden + [10])
+        print(f"net: MultiLayerNet {arch} {args.activation}, init {init}, weight decay {args.weight_decay:g}, "
+              f"{args.dtype}, backend {args.backend}")
     print(f"training: {type(opt).__name__}(lr={opt.lr:g}), batch {bs}, {total} iterations "
           f"({total / iter_per_epoch:.4g} epochs of {iter_per_epoch}), seed {args.seed}")
     sys.stdout.flush()
@@ -414,7 +428,7 @@ def cmd_train(args):
 
     summary = {
         "fastbp_version": fastbp.__version__, "data": str(info), "data_source": info.source,
-        "n_train": int(n), "n_test": int(x_test.shape[0]),
+        "n_train": int(n), "n_test": int(x_test.shape[0]), "net": getattr(args, "net", "mlp"),
         "hidden": args.hidden, "activation": args.activation, "weight_init_std": init,
         "weight_decay": args.weight_decay, "dtype": args.dtype, "backend": args.backend,
         "optimizer": args.optimizer, "lr": opt.lr, "batch_size": bs, "iterations": total,

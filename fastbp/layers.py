@@ -44,6 +44,7 @@ from fastbp._workspace import Workspace as _Workspace
 from fastbp.reference import AddLayer, MulLayer, Repeat, Sum  # scalar/broadcast nodes: no hot loop to speed up
 
 __all__ = ["MulLayer", "AddLayer", "Relu", "Sigmoid", "Affine", "MatMul", "SoftmaxWithLoss", "Repeat", "Sum"]
+__all__ += ["Softmax", "SigmoidWithLoss", "Embedding"]   # book 2 (defined at the end of this file)
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -293,8 +294,9 @@ class Affine(_GemmLayer, _ref.Affine):
 
     def _backward_any(self, dout):
         xk = self._xk
-        if xk is None:
-            return super().backward(dout)         # before forward (the reference raises), or a NumPy forward
+        if xk is None:                            # before forward (the reference raises), or a NumPy forward
+            dx = super().backward(dout)
+            return dx if self.need_dx else None
         self._grads_checked()                     # the next backward of the kernels' dtypes takes the fast path
         W = self.params[0]
         d = _ref._numeric(dout, "dout", "Affine")
@@ -493,3 +495,451 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
         if d.ndim != 0:
             return super().backward(dout)        # the reference's error: dout must be a scalar
         return _k.scale_into(g, float(d), ws.result("dx", g.shape, g.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# book 1, chapters 6-7: Dropout, BatchNormalization, Convolution, Pooling
+# ---------------------------------------------------------------------------------------------------------------
+# Fast subclasses of the plain-NumPy classes of fastbp.reference: float32/float64 inputs run on the kernels of
+# fastbp._conv / fastbp._norm (and the BLAS GEMM); other dtypes take the reference path (super()).  Deliberate
+# differences from the book, besides those of fastbp.reference (errors for a filter larger than the padded input,
+# stride < 1, pad < 0, channel mismatch; gradients written in place):
+# * results keep the computation dtype (NumPy's promotion of x, W, b): the book's im2col/col2im always allocate
+#   float64, so its float32-only convolution comes out float64; fastbp's stays float32;
+# * Pooling.arg_max is built on first access from the kernel's int32 (N, C, OH, OW) window positions (same
+#   values and order as the book's int64 array); likewise Convolution.col (the book's (N*OH*OW, C*FH*FW) column
+#   matrix) is built on first access from the kernels' per-sample transposed copy, and col_W is the book's
+#   W.reshape(FN, -1).T view;
+# * BatchNormalization.xc is computed on access as xn * std (the kernels keep xn and std only); at test time the
+#   float64 running statistics do not promote a float32 input to float64 (the book's would);
+# * the column matrix, Pooling's positions (and so .col and .arg_max), and with reuse=True Dropout.mask and
+#   BatchNormalization.xn live in workspaces overwritten by the next forward; with reuse=True BatchNormalization
+#   also updates running_mean/running_var in place (the book rebinds new arrays; so does reuse=False);
+# * Dropout draws its mask in the kernel from NumPy's global generator (the numbers np.random.rand would return,
+#   the generator advanced the same way), so np.random.seed reproduces the book's masks.
+from fastbp import _conv as _ck   # noqa: E402
+from fastbp import _norm as _nk   # noqa: E402
+
+__all__ += ["Dropout", "BatchNormalization", "Convolution", "Pooling"]
+
+
+_KERNEL_DTYPES = (_F32, _F64)
+
+
+def _result_kernel_dtype(*arrays):
+    """np.result_type of the operands when the kernels compute in it, else None (the reference path)."""
+    try:
+        dt = np.result_type(*arrays)
+    except TypeError:
+        return None
+    return dt if dt in _KERNEL_DTYPES else None
+
+
+def _grad_target(grads, i, shape, dtype, ws, name):
+    """grads[i] itself when the kernels can write it in place, else a scratch array (copied back by _store)."""
+    g = grads[i]
+    if (type(g) is np.ndarray and g.dtype == dtype and g.dtype.isnative and g.shape == shape
+            and g.flags.c_contiguous and g.flags.writeable):
+        return g
+    return ws.scratch(name, shape, dtype)
+
+
+def _store(grads, i, value):
+    if grads[i] is not value:
+        _ref._write_grad(grads, i, value)
+
+
+class Convolution(_ref.Convolution):
+    """out = conv(x, W) + b (NCHW, stride, pad) by im2col + GEMM;  backward: dW, db in place, dx by col2im.
+
+    The book's interface (``W`` (FN, C, FH, FW) and ``b`` held by reference, ``x``, ``col``, ``col_W``, ``dW``,
+    ``db``, ``params``/``grads``).  ``need_dx=False`` skips dx (first layer of a network); ``reuse=True`` keeps
+    every result in workspaces.
+    """
+
+    def __init__(self, W, b, stride=1, pad=0, *, reuse=False, need_dx=True):
+        self._colT = None
+        self._book_col = None
+        super().__init__(W, b, stride, pad)
+        self.need_dx = need_dx
+        self._ws = _Workspace(reuse)
+        self._fast = False
+        self._W2 = None
+        self._xk = None
+
+    reuse = _Fast.reuse
+
+    @property
+    def col(self):
+        """The book's column matrix (N*OH*OW, C*FH*FW) of the last forward (built on first access from the
+        kernels' per-sample transposed copy)."""
+        if self._book_col is None and self._colT is not None:
+            colT = self._colT
+            self._book_col = colT.transpose(0, 2, 1).reshape(colT.shape[0] * colT.shape[2], colT.shape[1])
+        return self._book_col
+
+    @col.setter
+    def col(self, value):
+        self._book_col = value
+        self._colT = None
+
+    def forward(self, x):
+        W, b = self.params
+        x = np.asarray(x)
+        dt = _result_kernel_dtype(x, W, b) if type(W) is np.ndarray and type(b) is np.ndarray else None
+        if dt is None:
+            self._fast = False
+            return super().forward(x)
+        W, b, x, oh, ow = self._geometry(x)
+        ws = self._ws
+        xk = ws.as_dtype("x", x, dt)
+        Wk = ws.as_dtype("W", W, dt)
+        bk = ws.as_dtype("b", b, dt)
+        n = x.shape[0]
+        fn, c, fh, fw = W.shape
+        k = c * fh * fw
+        W2 = Wk.reshape(fn, k)
+        colT = ws.scratch("colT", (n, k, oh * ow), dt)
+        out = ws.get("out", (n, fn, oh, ow), dt)
+        _ck.conv_forward(xk, W2, bk, fh, fw, self.stride, self.pad, colT, out)
+        self.x = x
+        self._colT = colT
+        self._book_col = None
+        self.col_W = W2.T
+        self._W2 = W2
+        self._W_shape = W.shape
+        self._xk = xk
+        self._out_shape = out.shape
+        self._fast = True
+        return out
+
+    def backward(self, dout):
+        if not self._fast:
+            return super().backward(dout)
+        dout = np.asarray(dout)
+        if dout.shape != self._out_shape:
+            raise ValueError(f"Convolution.backward: dout must have the forward output's shape {self._out_shape}, "
+                             f"got {dout.shape}")
+        col, W2 = self._colT, self._W2
+        dt = _result_kernel_dtype(dout, col)
+        if dt is None:
+            return super().backward(dout)
+        ws = self._ws
+        if dt != col.dtype:              # a wider dout widens the gradients, as NumPy would
+            col = ws.as_dtype("colT64", col, dt)
+            W2 = ws.as_dtype("W64", W2, dt)
+        dk = ws.as_dtype("dout", dout, dt)
+        fn, k = W2.shape
+        x_shape = self._xk.shape
+        W_shape = self._W_shape
+        fh, fw = W_shape[2:]
+        nb = _ck.sample_block(x_shape[0])[1]
+        db = _grad_target(self.grads, 1, (fn,), dt, ws, "db")
+        dW = _grad_target(self.grads, 0, W_shape, dt, ws, "dW")
+        dx = dcol = None
+        if self.need_dx:
+            dx = ws.get("dx", x_shape, dt)
+            dcol = ws.scratch("dcol", (nb, k, self._out_shape[2] * self._out_shape[3]), dt)
+        P = self._out_shape[2] * self._out_shape[3]
+        _ck.conv_backward(dk, col, W2, x_shape, fh, fw, self.stride, self.pad, dW.reshape(fn, k), db, dx,
+                          ws.scratch("dW_part", (nb, k, fn), dt), ws.scratch("db_part", (nb, fn), _F64), dcol,
+                          ws.scratch("dT", (nb, P, fn), dt))
+        _store(self.grads, 1, db)
+        _store(self.grads, 0, dW)
+        return dx
+
+
+class Pooling(_ref.Pooling):
+    """Max pooling (pool_h, pool_w, stride, pad) with the book's ``arg_max``; direct kernels, no im2col."""
+
+    def __init__(self, pool_h, pool_w, stride=1, pad=0, *, reuse=False):
+        self._arg = None
+        self._book_arg = None
+        super().__init__(pool_h, pool_w, stride, pad)
+        self._ws = _Workspace(reuse)
+
+    reuse = _Fast.reuse
+
+    @property
+    def arg_max(self):
+        """Window position of each output's maximum, flat over (N, OH, OW, C) like the book's (int64)."""
+        if self._book_arg is None and self._arg is not None:
+            self._book_arg = self._arg.transpose(0, 2, 3, 1).reshape(-1).astype(np.intp)
+        return self._book_arg
+
+    @arg_max.setter
+    def arg_max(self, value):
+        self._book_arg = value
+        self._arg = None
+
+    def forward(self, x):
+        x = np.asarray(x)
+        dt = x.dtype
+        if dt not in _KERNEL_DTYPES:
+            if dt.kind in "biu":
+                dt = _F64                # the book's im2col puts any integer image into float64
+            else:
+                return super().forward(x)
+        x, oh, ow = self._geometry(x)
+        ws = self._ws
+        xk = ws.as_dtype("x", x, dt)
+        shape = x.shape[:2] + (oh, ow)
+        out = ws.get("out", shape, dt)
+        arg = ws.scratch("arg", shape, np.dtype(np.int32))
+        _ck.maxpool_forward(xk, self.pool_h, self.pool_w, self.stride, self.pad, out, arg)
+        self.x = x
+        self._arg = arg
+        self._book_arg = None
+        self._out_shape = shape
+        return out
+
+    def backward(self, dout):
+        arg = self._arg
+        if arg is None:
+            return super().backward(dout)
+        dout = np.asarray(dout)
+        if dout.shape != self._out_shape:
+            raise ValueError(f"Pooling.backward: dout must have the forward output's shape {self._out_shape}, "
+                             f"got {dout.shape}")
+        dt = dout.dtype
+        if dt not in _KERNEL_DTYPES:
+            if dt.kind not in "biuf" or dt == np.float16:
+                return super().backward(dout)
+            dt = _F64 if dt.kind != "f" else dt
+            if dt not in _KERNEL_DTYPES:
+                return super().backward(dout)
+        ws = self._ws
+        dk = ws.as_dtype("dout", dout, dt)
+        dx = ws.get("dx", self.x.shape, dt)
+        _ck.maxpool_backward(dk, arg, self.pool_h, self.pool_w, self.stride, self.pad, dx)
+        return dx
+
+
+def _numpy_bit_generator():
+    """The bit generator behind np.random.rand (NumPy's global RandomState), or None if it cannot be had."""
+    rs = getattr(getattr(np.random, "mtrand", None), "_rand", None)
+    bg = getattr(rs, "_bit_generator", None)
+    return bg if bg is not None and hasattr(bg, "capsule") and hasattr(bg, "lock") else None
+
+
+class Dropout(_ref.Dropout):
+    """train: mask = np.random.rand(*x.shape) > ratio, out = x * mask;  test: out = x * (1 - ratio);
+    dx = dout * mask.  The mask is drawn in the kernel from the very numbers ``np.random.rand`` would return
+    (NumPy's global generator, advanced the same way), so ``np.random.seed`` gives the book's mask."""
+
+    def __init__(self, dropout_ratio=0.5, *, reuse=False):
+        super().__init__(dropout_ratio)
+        self._ws = _Workspace(reuse)
+
+    reuse = _Fast.reuse
+
+    def forward(self, x, train_flg=True):
+        x = np.asarray(x)
+        if x.dtype not in _KERNEL_DTYPES or not x.dtype.isnative:
+            return super().forward(x, train_flg)
+        ws = self._ws
+        xk = ws.as_dtype("x", x, x.dtype)
+        out = ws.get("out", x.shape, x.dtype)
+        if not train_flg:
+            np.multiply(xk, 1.0 - self.dropout_ratio, out=out)
+            return out
+        bg = _numpy_bit_generator()
+        if bg is None:
+            return super().forward(x, train_flg)
+        mask = ws.get("mask", x.shape, _BOOL)
+        with bg.lock:
+            _nk.dropout_forward(xk, out, mask, float(self.dropout_ratio), bg)
+        self.mask = mask
+        return out
+
+    def backward(self, dout):
+        mask = self.mask
+        dout = np.asarray(dout)
+        if (mask is None or dout.dtype not in _KERNEL_DTYPES or not dout.dtype.isnative
+                or dout.shape != mask.shape or not mask.flags.c_contiguous):
+            return super().backward(dout)
+        dk = self._ws.as_dtype("dout", dout, dout.dtype)
+        dx = self._ws.get("dx", dout.shape, dout.dtype)
+        _nk.dropout_backward(dk, mask, dx)
+        return dx
+
+
+class BatchNormalization(_ref.BatchNormalization):
+    """Batch normalization over the features of x flattened to (N, -1), like the book (2-D and 4-D input);
+    fused per-feature kernels, float32 statistics accumulated in double in a fixed order."""
+
+    def __init__(self, gamma, beta, momentum=0.9, running_mean=None, running_var=None, *, reuse=False):
+        self._xc = None
+        self._fast = False
+        super().__init__(gamma, beta, momentum, running_mean, running_var)
+        self._ws = _Workspace(reuse)
+        self._gk = None
+
+    reuse = _Fast.reuse
+
+    @property
+    def xc(self):
+        """x - batch mean of the last training forward (computed on access as xn * std)."""
+        if self._xc is None and self._fast and self.xn is not None:
+            self._xc = self.xn * self.std
+        return self._xc
+
+    @xc.setter
+    def xc(self, value):
+        self._xc = value
+
+    def _running(self, d):
+        """The running statistics as float64 (D,) arrays the kernels read (zeros at the first call, as the book)."""
+        if self.running_mean is None:
+            self.running_mean = np.zeros(d)
+            self.running_var = np.zeros(d)
+        return (self._ws.as_dtype("rm", np.asarray(self.running_mean), _F64),
+                self._ws.as_dtype("rv", np.asarray(self.running_var), _F64))
+
+    def forward(self, x, train_flg=True):
+        x = np.asarray(x)
+        gamma, beta = self.params
+        dt = _result_kernel_dtype(x, gamma, beta) if x.ndim >= 2 else None
+        if dt is None:
+            self._fast = False
+            return super().forward(x, train_flg)
+        x2, gamma, beta = self._flatten(x)
+        n, d = x2.shape
+        if train_flg and n == 0:
+            return super().forward(x, train_flg)       # raises the reference's error
+        ws = self._ws
+        xk = ws.as_dtype("x", x2, dt)
+        gk = ws.as_dtype("gamma", gamma, dt)
+        bk = ws.as_dtype("beta", beta, dt)
+        rm, rv = self._running(d)
+        out = ws.get("out", (n, d), dt)
+        self.input_shape = x.shape
+        if train_flg:
+            xn = ws.scratch("xn", (n, d), dt) if ws.reuse else np.empty((n, d), dt)
+            std = ws.scratch("std", (d,), dt) if ws.reuse else np.empty((d,), dt)
+            mean = ws.scratch("mean", (d,), _F64)
+            var = ws.scratch("var", (d,), _F64)
+            _nk.bn_forward_train(xk, gk, bk, out, xn, std, mean, var)
+            m = self.momentum
+            cur_m, cur_v = self.running_mean, self.running_var
+            if (ws.reuse and type(cur_m) is np.ndarray and cur_m is rm and type(cur_v) is np.ndarray
+                    and cur_v is rv and cur_m.flags.writeable and cur_v.flags.writeable):
+                _nk.running_update(cur_m, mean, m)
+                _nk.running_update(cur_v, var, m)
+            else:
+                self.running_mean = m * rm + (1 - m) * mean
+                self.running_var = m * rv + (1 - m) * var
+            self.batch_size = n
+            self.xn = xn
+            self.std = std
+            self._xc = None
+            self._fast = True
+        else:
+            _nk.bn_forward_test(xk, gk, bk, rm, rv, out)
+        return out.reshape(x.shape)
+
+    def backward(self, dout):
+        if not self._fast:
+            return super().backward(dout)
+        dout = np.asarray(dout)
+        if dout.shape != self.input_shape:
+            raise ValueError(f"BatchNormalization.backward: dout must have the forward input's shape "
+                             f"{self.input_shape}, got {dout.shape}")
+        xn = self.xn
+        dt = xn.dtype
+        gamma = self.params[0]
+        if _result_kernel_dtype(dout, xn, gamma) != dt or np.shape(gamma) != (xn.shape[1],):
+            return super().backward(dout)
+        n, d = xn.shape
+        ws = self._ws
+        dk = ws.as_dtype("dout", dout.reshape(n, d), dt)
+        gk = ws.as_dtype("gamma", np.asarray(gamma), dt)
+        dg = _grad_target(self.grads, 0, (d,), dt, ws, "dgamma")
+        db = _grad_target(self.grads, 1, (d,), dt, ws, "dbeta")
+        dx = ws.get("dx", (n, d), dt)
+        _nk.bn_backward(dk, xn, gk, self.std, dx, dg, db)
+        _store(self.grads, 0, dg)
+        _store(self.grads, 1, db)
+        return dx.reshape(self.input_shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Book 2: Softmax, SigmoidWithLoss, Embedding (reference twins in fastbp.reference_time)
+# ---------------------------------------------------------------------------------------------------------------
+from fastbp import _embedding as _emb  # noqa: E402
+from fastbp import reference_time as _ref2  # noqa: E402
+
+
+class Softmax(_ref2.Softmax):
+    """Book 2's Softmax: out = softmax(x) over the last axis; dx = out * (dout - sum(out * dout)).
+
+    Not a hot path in the book's models (they use the fused softmax-with-loss): this is the NumPy twin."""
+
+
+class SigmoidWithLoss(_ref2.SigmoidWithLoss):
+    """Book 2's SigmoidWithLoss: mean binary cross-entropy of sigmoid(x) against 0/1 labels; dx = dout (y - t) / N.
+
+    The loss is the exact ``log(1 + exp(-|x|)) + max(x, 0) - t x``, not the book's ``-log(y + 1e-7)`` (equal to
+    about 1e-7 except where the book's value is capped at 16.1).  Its batch is (N,) scores: a NumPy pass over N
+    numbers; ``fastbp.negative_sampling_layer`` fuses it with the scores of all samples."""
+
+
+def _index_array(idx, ws):
+    """idx as a C-contiguous native int32/int64 array (a copy into the layer's scratch when it is not one)."""
+    idx = np.asarray(idx)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"Embedding: indices must be integers, got dtype {idx.dtype}")
+    if (idx.dtype == np.int32 or idx.dtype == np.int64) and idx.dtype.isnative and idx.flags.c_contiguous:
+        return idx
+    if idx.dtype.kind == "u" and idx.size and idx.max() > np.iinfo(np.int64).max:
+        raise IndexError(f"Embedding: index {idx.max()} is out of range")
+    out = ws.scratch("idx", idx.shape, _I64)
+    np.copyto(out, idx, casting="unsafe")
+    return out
+
+
+class Embedding(_ref2.Embedding):
+    """Book 2's Embedding: out = W[idx] (any index shape); backward: dW = 0, then dW[idx] += dout, duplicates
+    summed in index order (the book's ``np.add.at``), written into ``grads[0]`` in place; returns None.
+
+    Gather and scatter run in fastbp._embedding (parallel over rows; the scatter is deterministic: no atomics,
+    each destination row summed by one thread in index order, in double for float32).  ``W`` is held by
+    reference.  Indices outside ``[0, V)`` raise IndexError (the book's NumPy indexing would wrap negatives).
+    Other dtypes than float32/float64 (or a non-contiguous ``W``) take the NumPy twin's path.
+    """
+
+    def __init__(self, W, *, reuse=False):
+        super().__init__(W)
+        self._ws = _Workspace(reuse)
+        self._idx = None
+
+    reuse = _Fast.reuse
+
+    def forward(self, idx):
+        W = self.params[0]
+        if (type(W) is np.ndarray and (W.dtype is _F32 or W.dtype is _F64) and W.ndim == 2
+                and W.flags.c_contiguous):
+            ik = _index_array(idx, self._ws)
+            D = W.shape[1]
+            out = self._ws.get("out", ik.shape + (D,), W.dtype)
+            _emb.gather(W, ik, out.reshape(-1, D))
+            self.idx = idx
+            self._idx = ik
+            return out
+        self._idx = None
+        return super().forward(idx)
+
+    def backward(self, dout):
+        ik = self._idx
+        if ik is None:
+            return super().backward(dout)
+        dW = self.grads[0]
+        D = dW.shape[1] if dW.ndim == 2 else -1
+        dout = np.asarray(dout)
+        if dout.shape != ik.shape + (D,):
+            raise ValueError(f"Embedding.backward: dout must have shape {ik.shape + (D,)}, got {dout.shape}")
+        if (dW.dtype is _F32 or dW.dtype is _F64) and dW.flags.c_contiguous and dW.flags.writeable:
+            d2 = self._ws.as_dtype("dout", dout, dW.dtype).reshape(-1, D)
+            _emb.scatter_add(d2, ik, dW)
+            return None
+        return super().backward(dout)

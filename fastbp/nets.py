@@ -270,3 +270,14 @@ class MultiLayerNet(_FullyConnectedNet):
                  weight_decay_lambda=0, dtype=np.float64, backend="fastbp"):
         self._build(input_size, hidden_size_list, output_size, activation, weight_init_std,
                     weight_decay_lambda, dtype, backend)
+
+# book 1, chapters 6-8: SimpleConvNet, DeepConvNet, MultiLayerNetExtend live in fastbp.convnets (which imports this
+# module's helpers), re-exported here on first access
+__all__ += ["SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"]
+
+
+def __getattr__(name):
+    if name in ("SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"):
+        from fastbp import convnets
+        return getattr(convnets, name)
+    raise AttributeError(f"module 'fastbp.nets' has no attribute {name!r}")

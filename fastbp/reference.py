@@ -102,6 +102,16 @@ def _store_grad(grads, i, value, owner):
     np.copyto(g, value, casting="unsafe")
 
 
+def _matmul_grad(grads, i, a, b, owner):
+    """grads[i][...] = a @ b, computed straight into grads[i] when it has the product's dtype (no temporary)."""
+    g = grads[i]
+    if (isinstance(g, np.ndarray) and g.shape == (a.shape[0], b.shape[1]) and g.dtype == np.result_type(a, b)
+            and g.flags.writeable):
+        np.matmul(a, b, out=g)
+    else:
+        _store_grad(grads, i, a @ b, owner)
+
+
 def _check_dout(dout, shape, owner):
     """Validate that dout is numeric and has the forward output's shape."""
     dout = _numeric(dout, "dout", owner)
@@ -343,8 +353,12 @@ class Affine(_Layer):
         x2 = self.x
         dout = _check_dout(dout, (x2.shape[0], W.shape[1]), "Affine")
         dx = (dout @ W.T).reshape(self.original_x_shape)
-        _store_grad(self.grads, 0, x2.T @ dout, "Affine")
-        _store_grad(self.grads, 1, np.sum(dout, axis=0), "Affine")
+        _matmul_grad(self.grads, 0, x2.T, dout, "Affine")
+        g = self.grads[1]
+        if isinstance(g, np.ndarray) and g.shape == (dout.shape[1],) and g.dtype == dout.dtype and g.flags.writeable:
+            np.sum(dout, axis=0, out=g)
+        else:
+            _store_grad(self.grads, 1, np.sum(dout, axis=0), "Affine")
         return dx
 
 
@@ -383,7 +397,7 @@ class MatMul(_Layer):
         x = self.x
         dout = _check_dout(dout, (x.shape[0], W.shape[1]), "MatMul")
         dx = dout @ W.T
-        _store_grad(self.grads, 0, x.T @ dout, "MatMul")
+        _matmul_grad(self.grads, 0, x.T, dout, "MatMul")
         return dx
 
 
@@ -591,3 +605,345 @@ class Sum(_Layer):
             raise _backward_before_forward("Sum")
         dout = _check_dout(dout, (1,) + self._x_shape[1:], "Sum")
         return np.repeat(dout, self._x_shape[0], axis=0)
+
+
+# --------------------------------------------------------------------------
+# book 1, chapters 6-7: Dropout, BatchNormalization, Convolution, Pooling
+# --------------------------------------------------------------------------
+# The book's algorithms in plain NumPy (im2col/col2im with a loop over the
+# filter positions), with these deliberate differences: im2col/col2im keep a
+# float input's dtype (the book's always allocate float64), output sizes that
+# do not divide evenly are floored like the book's im2col but a filter larger
+# than the padded input, stride <= 0, pad < 0 or a channel mismatch raise
+# ValueError; Pooling's output size counts the padding (the book's formula
+# ignores `pad` and then fails to reshape); gradients are written in place into
+# `grads` (converted to their dtype).
+
+__all__ += ["Dropout", "BatchNormalization", "Convolution", "Pooling"]
+
+
+def _check_int(value, name, owner, minimum):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _conv_out_size(size, filt, stride, pad, what, owner):
+    """(size + 2*pad - filt) // stride + 1, or ValueError when the filter does not fit the padded input."""
+    if filt > size + 2 * pad:
+        raise ValueError(
+            f"{owner}: the {what} filter size {filt} is larger than the padded input "
+            f"({size} + 2*{pad} = {size + 2 * pad})"
+        )
+    return (size + 2 * pad - filt) // stride + 1
+
+
+def _float_of(a):
+    """The dtype im2col/col2im compute in: a float input's own, else float64 (as the book)."""
+    return a.dtype if a.dtype.kind == "f" else np.dtype(np.float64)
+
+
+def im2col_np(x, filter_h, filter_w, stride=1, pad=0):
+    """(N, C, H, W) -> (N*OH*OW, C*FH*FW): row (n, i, j) holds the padded window at (i*stride, j*stride)."""
+    N, C, H, W = x.shape
+    oh = (H + 2 * pad - filter_h) // stride + 1
+    ow = (W + 2 * pad - filter_w) // stride + 1
+    img = np.pad(x, [(0, 0), (0, 0), (pad, pad), (pad, pad)], "constant")
+    col = np.zeros((N, C, filter_h, filter_w, oh, ow), _float_of(x))
+    for dy in range(filter_h):
+        for dx in range(filter_w):
+            col[:, :, dy, dx, :, :] = img[:, :, dy:dy + stride * oh:stride, dx:dx + stride * ow:stride]
+    return col.transpose(0, 4, 5, 1, 2, 3).reshape(N * oh * ow, C * filter_h * filter_w)
+
+
+def col2im_np(col, input_shape, filter_h, filter_w, stride=1, pad=0):
+    """Adjoint of im2col_np: every column entry added back to the input position it was read from."""
+    N, C, H, W = input_shape
+    oh = (H + 2 * pad - filter_h) // stride + 1
+    ow = (W + 2 * pad - filter_w) // stride + 1
+    col = col.reshape(N, oh, ow, C, filter_h, filter_w).transpose(0, 3, 4, 5, 1, 2)
+    img = np.zeros((N, C, H + 2 * pad + stride - 1, W + 2 * pad + stride - 1), _float_of(col))
+    for dy in range(filter_h):
+        for dx in range(filter_w):
+            img[:, :, dy:dy + stride * oh:stride, dx:dx + stride * ow:stride] += col[:, :, dy, dx, :, :]
+    return img[:, :, pad:H + pad, pad:W + pad]
+
+
+def _write_grad(grads, i, value, owner="layer"):
+    """grads[i][...] = value in place (see _store_grad)."""
+    _store_grad(grads, i, np.asarray(value), owner)
+
+
+class Dropout(_Layer):
+    """train: mask = rand(*x.shape) > ratio, out = x * mask;  test: out = x * (1 - ratio);  dx = dout * mask.
+
+    The mask is drawn exactly as the book draws it (``np.random.rand``), so
+    ``np.random.seed`` reproduces the book's masks.
+    """
+
+    def __init__(self, dropout_ratio=0.5):
+        super().__init__()
+        if isinstance(dropout_ratio, (bool, np.bool_)) or not isinstance(dropout_ratio, (int, float, np.number)) \
+                or not 0 <= dropout_ratio <= 1:
+            raise ValueError(f"Dropout: dropout_ratio must be a number in [0, 1], got {dropout_ratio!r}")
+        self.dropout_ratio = dropout_ratio
+        self.mask = None
+
+    def forward(self, x, train_flg=True):
+        x = _numeric(x, "x", "Dropout")
+        if train_flg:
+            self.mask = np.random.rand(*x.shape) > self.dropout_ratio
+            return x * self.mask
+        return x * (1.0 - self.dropout_ratio)
+
+    def backward(self, dout):
+        if self.mask is None:
+            raise _backward_before_forward("Dropout")
+        dout = _check_dout(dout, self.mask.shape, "Dropout")
+        return dout * self.mask
+
+
+def _check_gamma_beta(gamma, beta, owner):
+    gamma = _numeric(gamma, "gamma", owner)
+    beta = _numeric(beta, "beta", owner)
+    if gamma.ndim != 1 or beta.shape != gamma.shape:
+        raise ValueError(f"{owner}: gamma and beta must be 1-D of the same length, got shapes "
+                         f"{gamma.shape} and {beta.shape}")
+    return gamma, beta
+
+
+class BatchNormalization(_Layer):
+    """train: xn = (x - mean) / sqrt(var + 1e-6), out = gamma * xn + beta, running stats
+    m <- momentum * m + (1 - momentum) * batch stat;  test: the running stats instead.
+
+    Input (N, D) or (N, C, H, W) (flattened to (N, C*H*W) like the book: one
+    gamma per C*H*W feature).  Attributes as the book's: ``running_mean``,
+    ``running_var`` (float64 zeros at the first forward unless given),
+    ``xc``, ``xn``, ``std``, ``batch_size``, ``input_shape``, ``dgamma``,
+    ``dbeta``; ``params = [gamma, beta]``, ``grads = [dgamma, dbeta]``.
+    """
+
+    def __init__(self, gamma, beta, momentum=0.9, running_mean=None, running_var=None):
+        super().__init__()
+        gamma, beta = _check_gamma_beta(gamma, beta, "BatchNormalization")
+        self.params = [gamma, beta]
+        self.grads = [np.zeros(gamma.shape, _float_of(gamma)), np.zeros(beta.shape, _float_of(beta))]
+        self.momentum = momentum
+        self.input_shape = None
+        self.running_mean = running_mean
+        self.running_var = running_var
+        self.batch_size = None
+        self.xc = None
+        self.xn = None
+        self.std = None
+
+    gamma = property(lambda self: self.params[0], lambda self, v: self.params.__setitem__(0, v))
+    beta = property(lambda self: self.params[1], lambda self, v: self.params.__setitem__(1, v))
+    dgamma = property(lambda self: self.grads[0], lambda self, v: self.grads.__setitem__(0, v))
+    dbeta = property(lambda self: self.grads[1], lambda self, v: self.grads.__setitem__(1, v))
+
+    def _flatten(self, x):
+        """(x as (N, D), gamma, beta) after the shape checks."""
+        owner = "BatchNormalization"
+        x = _numeric(x, "x", owner)
+        if x.ndim < 2:
+            raise ValueError(f"{owner}.forward: x must be (N, D) or (N, C, H, W), got shape {x.shape}")
+        gamma, beta = _check_gamma_beta(self.params[0], self.params[1], owner)
+        x2 = x.reshape(x.shape[0], int(np.prod(x.shape[1:], dtype=np.int64)))
+        if x2.shape[1] != gamma.shape[0]:
+            raise ValueError(f"{owner}.forward: x of shape {x.shape} has {x2.shape[1]} features per sample "
+                             f"but gamma has {gamma.shape[0]}")
+        for name in ("running_mean", "running_var"):
+            r = getattr(self, name)
+            if r is not None and np.shape(r) != (x2.shape[1],):
+                raise ValueError(f"{owner}.forward: {name} must have shape ({x2.shape[1]},), got {np.shape(r)}")
+        return x2, gamma, beta
+
+    def forward(self, x, train_flg=True):
+        x2, gamma, beta = self._flatten(x)
+        self.input_shape = np.shape(x)
+        n, d = x2.shape
+        if self.running_mean is None:
+            self.running_mean = np.zeros(d)
+            self.running_var = np.zeros(d)
+        if train_flg:
+            if n == 0:
+                raise ValueError("BatchNormalization.forward: training needs a non-empty batch")
+            mu = x2.mean(axis=0)
+            xc = x2 - mu
+            var = np.mean(xc ** 2, axis=0)
+            std = np.sqrt(var + 10e-7)
+            xn = xc / std
+            self.batch_size = n
+            self.xc = xc
+            self.xn = xn
+            self.std = std
+            m = self.momentum
+            self.running_mean = m * self.running_mean + (1 - m) * mu
+            self.running_var = m * self.running_var + (1 - m) * var
+        else:
+            dt = np.result_type(x2, gamma, beta, np.float16)
+            xc = x2 - self.running_mean.astype(dt, copy=False)
+            xn = xc / np.sqrt(self.running_var.astype(dt, copy=False) + 10e-7)
+        out = gamma * xn + beta
+        return out.reshape(self.input_shape)
+
+    def backward(self, dout):
+        if self.xn is None:
+            raise _backward_before_forward("BatchNormalization")
+        dout = _check_dout(dout, self.input_shape, "BatchNormalization")
+        dout = dout.reshape(self.xn.shape)
+        gamma = self.params[0]
+        n = self.batch_size
+        dbeta = dout.sum(axis=0)
+        dgamma = np.sum(self.xn * dout, axis=0)
+        dxn = gamma * dout
+        dxc = dxn / self.std
+        dstd = -np.sum((dxn * self.xc) / (self.std * self.std), axis=0)
+        dvar = 0.5 * dstd / self.std
+        dxc += (2.0 / n) * self.xc * dvar
+        dmu = np.sum(dxc, axis=0)
+        dx = dxc - dmu / n
+        _write_grad(self.grads, 0, dgamma)
+        _write_grad(self.grads, 1, dbeta)
+        return dx.reshape(self.input_shape)
+
+
+def _check_conv_weight(W, b, owner):
+    W = _numeric(W, "W", owner)
+    b = _numeric(b, "b", owner)
+    if W.ndim != 4:
+        raise ValueError(f"{owner}: W must be 4-D (FN, C, FH, FW), got shape {W.shape}")
+    if b.shape != (W.shape[0],):
+        raise ValueError(f"{owner}: b must have shape ({W.shape[0]},) to match W of shape {W.shape}, got {b.shape}")
+    return W, b
+
+
+def _check_image(x, owner, channels=None):
+    x = _numeric(x, "x", owner)
+    if x.ndim != 4:
+        raise ValueError(f"{owner}.forward: x must be 4-D (N, C, H, W), got shape {x.shape}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{owner}.forward: x has {x.shape[1]} channels (shape {x.shape}) but W expects "
+                         f"{channels}")
+    return x
+
+
+class Convolution(_Layer):
+    """out[n, f] = sum over c, window of W[f, c] * x_padded[n, c, window] + b[f] (stride, pad), via im2col.
+
+    ``W`` (FN, C, FH, FW) and ``b`` (FN,) are held by reference and read at
+    every forward.  Attributes as the book's: ``x``, ``col`` (N*OH*OW, C*FH*FW),
+    ``col_W`` (C*FH*FW, FN), ``dW``, ``db``; ``params = [W, b]``,
+    ``grads = [dW, db]`` written in place.
+    """
+
+    def __init__(self, W, b, stride=1, pad=0):
+        super().__init__()
+        W, b = _check_conv_weight(W, b, "Convolution")
+        self.stride = _check_int(stride, "stride", "Convolution", 1)
+        self.pad = _check_int(pad, "pad", "Convolution", 0)
+        self.params = [W, b]
+        self.grads = [np.zeros(W.shape, _float_of(W)), np.zeros(b.shape, _float_of(b))]
+        self.x = None
+        self.col = None
+        self.col_W = None
+        self._out_shape = None
+
+    W = property(lambda self: self.params[0], lambda self, v: self.params.__setitem__(0, v))
+    b = property(lambda self: self.params[1], lambda self, v: self.params.__setitem__(1, v))
+    dW = property(lambda self: self.grads[0], lambda self, v: self.grads.__setitem__(0, v))
+    db = property(lambda self: self.grads[1], lambda self, v: self.grads.__setitem__(1, v))
+
+    def _geometry(self, x):
+        """(W, b, x, OH, OW) after the checks."""
+        W, b = _check_conv_weight(self.params[0], self.params[1], "Convolution")
+        x = _check_image(x, "Convolution", W.shape[1])
+        fh, fw = W.shape[2:]
+        oh = _conv_out_size(x.shape[2], fh, self.stride, self.pad, "height", "Convolution.forward")
+        ow = _conv_out_size(x.shape[3], fw, self.stride, self.pad, "width", "Convolution.forward")
+        return W, b, x, oh, ow
+
+    def forward(self, x):
+        W, b, x, oh, ow = self._geometry(x)
+        fn, _, fh, fw = W.shape
+        n = x.shape[0]
+        col = im2col_np(x, fh, fw, self.stride, self.pad)
+        col_W = W.reshape(fn, -1).T
+        out = col @ col_W + b
+        out = out.reshape(n, oh, ow, fn).transpose(0, 3, 1, 2)
+        self._out_shape = out.shape
+        self.x = x
+        self.col = col
+        self.col_W = col_W
+        return out
+
+    def backward(self, dout):
+        if self.col is None:
+            raise _backward_before_forward("Convolution")
+        W = self.params[0]
+        fn, c, fh, fw = W.shape
+        shape = self._out_shape
+        dout = _numeric(dout, "dout", "Convolution")
+        if dout.shape != shape:
+            raise ValueError(f"Convolution.backward: dout must have the forward output's shape {shape}, "
+                             f"got {dout.shape}")
+        d2 = dout.transpose(0, 2, 3, 1).reshape(-1, fn)
+        _write_grad(self.grads, 1, np.sum(d2, axis=0))
+        _write_grad(self.grads, 0, (self.col.T @ d2).T.reshape(fn, c, fh, fw))
+        dcol = d2 @ self.col_W.T
+        return col2im_np(dcol, self.x.shape, fh, fw, self.stride, self.pad)
+
+
+class Pooling(_Layer):
+    """Max pooling: out[n, c, i, j] = max of the (pool_h, pool_w) window at (i*stride, j*stride) of the
+    zero-padded input; backward sends dout to the window's (first) arg-max.
+
+    ``arg_max`` is the book's: the position of the max inside each window, flat
+    over (pool_h, pool_w), one entry per output in (N, OH, OW, C) order.
+    Padding is zeros, as the book's im2col pads.
+    """
+
+    def __init__(self, pool_h, pool_w, stride=1, pad=0):
+        super().__init__()
+        self.pool_h = _check_int(pool_h, "pool_h", "Pooling", 1)
+        self.pool_w = _check_int(pool_w, "pool_w", "Pooling", 1)
+        self.stride = _check_int(stride, "stride", "Pooling", 1)
+        self.pad = _check_int(pad, "pad", "Pooling", 0)
+        self.x = None
+        self.arg_max = None
+        self._out_shape = None
+
+    def _geometry(self, x):
+        x = _check_image(x, "Pooling")
+        oh = _conv_out_size(x.shape[2], self.pool_h, self.stride, self.pad, "height", "Pooling.forward")
+        ow = _conv_out_size(x.shape[3], self.pool_w, self.stride, self.pad, "width", "Pooling.forward")
+        return x, oh, ow
+
+    def forward(self, x):
+        x, oh, ow = self._geometry(x)
+        n, c = x.shape[:2]
+        col = im2col_np(x, self.pool_h, self.pool_w, self.stride, self.pad)
+        col = col.reshape(-1, self.pool_h * self.pool_w)
+        arg_max = np.argmax(col, axis=1)
+        out = np.max(col, axis=1).reshape(n, oh, ow, c).transpose(0, 3, 1, 2)
+        self.x = x
+        self.arg_max = arg_max
+        self._out_shape = out.shape
+        return out
+
+    def backward(self, dout):
+        if self.arg_max is None:
+            raise _backward_before_forward("Pooling")
+        n, c = self.x.shape[:2]
+        dout = _numeric(dout, "dout", "Pooling")
+        if dout.shape != self._out_shape:
+            raise ValueError(f"Pooling.backward: dout must have the forward output's shape {self._out_shape}, "
+                             f"got {dout.shape}")
+        d = dout.transpose(0, 2, 3, 1)
+        size = self.pool_h * self.pool_w
+        dmax = np.zeros((d.size, size), _float_of(d))
+        dmax[np.arange(self.arg_max.size), self.arg_max.reshape(-1)] = d.reshape(-1)
+        return col2im_np(dmax, self.x.shape, self.pool_h, self.pool_w, self.stride, self.pad)
+
+from fastbp.reference_time import *  # noqa: E402,F401,F403  book 2's layers (Embedding, Time*, negative sampling)

@@ -282,3 +282,59 @@ def test_gemm_refuses_dimensions_blas_32_bit_interface_cannot_take(dtype):
     with pytest.raises(ValueError, match=r"ldc = 2147483648"):
         _gemm.check_blas_dims(1, 1, 1, 1, 1, big)
     _gemm.check_blas_dims(big - 1, big - 1, big - 1, big - 1, big - 1, big - 1)   # the largest BLAS takes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Property: every split of a product (issue 7 "Done when")
+# ---------------------------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_PRIMES = [p for p in range(2, 300) if all(p % q for q in range(2, int(p**0.5) + 1))]
+_DIM = st.one_of(st.sampled_from([0, 1, 1, 2, 3]), st.sampled_from(_PRIMES))
+
+
+def _layout(a, kind):
+    if kind == "C":
+        return np.ascontiguousarray(a)
+    if kind == "F":
+        return np.asfortranarray(a)
+    if kind == "strided":                       # unit stride inside rows, a gap between rows: read in place
+        big = np.zeros((a.shape[0], a.shape[1] + 3), a.dtype)
+        big[:, : a.shape[1]] = a
+        return big[:, : a.shape[1]]
+    return np.ascontiguousarray(a[::-1, ::-1])[::-1, ::-1]   # "reversed": negative strides, copied for BLAS
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=_DIM, n=_DIM, k=_DIM, ta=st.booleans(), tb=st.booleans(),
+       la=st.sampled_from(["C", "F", "strided", "reversed"]), lb=st.sampled_from(["C", "F", "strided", "reversed"]),
+       threads=st.integers(1, 64), small=st.sampled_from([0.0, 1e6, 3.0, 16.0]),
+       dtype=st.sampled_from([np.float32, np.float64]), beta=st.sampled_from([0.0, 1.0, -0.5]),
+       seed=st.integers(0, 2**16))
+def test_every_gemm_split_matches_numpy(m, n, k, ta, tb, la, lb, threads, small, dtype, beta, seed):
+    # small = 3 or 16 aims pieces at mnk / 3 or mnk / 16 multiply-adds, so even tiny products are cut along M, N
+    # or K into pieces of one row/column; 1e6 is the SkylakeX setting; 0 means one piece per thread past 2**19.
+    mnk = m * n * k
+    small_mnk = small if small in (0.0, 1e6) else max(1.0, mnk / small)
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+    B = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+    C0 = rng.standard_normal((m, n)).astype(dtype)
+    opA, opB = _op(A, ta).astype(np.float64), _op(B, tb).astype(np.float64)
+    want = 0.75 * (opA @ opB) + beta * C0
+    bound = np.abs(0.75) * (np.abs(opA) @ np.abs(opB)) + abs(beta) * np.abs(C0)
+    eps = np.finfo(dtype).eps
+    if m and n and k:
+        _check_plan(m, n, k, ta, tb, threads, small_mnk)
+    old, old_small = K._get_gemm_threads(), K._get_small_mnk()
+    try:
+        K._set_gemm_threads(threads)
+        K._set_small_mnk(small_mnk)
+        C = C0.copy()
+        K.gemm(_layout(A, la), _layout(B, lb), C, trans_a=ta, trans_b=tb, alpha=0.75, beta=beta)
+    finally:
+        K._set_gemm_threads(old)
+        K._set_small_mnk(old_small)
+    err = np.abs(C.astype(np.float64) - want)
+    assert np.all(err <= 2 * (k + 2) * eps * bound + np.finfo(dtype).tiny), \
+        f"max error {err.max()} for split {_gemm._gemm_plan(max(m, 1), max(n, 1), max(k, 1), ta, tb, threads, small_mnk)}"

@@ -11,6 +11,9 @@ import pytest
 from fastbp import _blas
 
 ROOT = Path(__file__).resolve().parents[1]
+X86 = _blas._is_x86()                                          # (the real machine, before the fixture below)
+HAS_AVX2 = X86 and all(f in _blas.cpu_flags() for f in _blas.CORE_FLAGS["Haswell"])
+needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="the subprocess checks load Haswell kernels: x86-64 AVX2 CPU")
 AVX2_CPU = {"sse2", "pni", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma"}     # e.g. a Zen 2 laptop
 SKX_CPU = AVX2_CPU | set(_blas.SKYLAKEX_FLAGS)                                   # Skylake-SP: no bf16, no AMX
 ZEN4_CPU = SKX_CPU | {"avx512_bf16"}
@@ -99,6 +102,7 @@ _GEMM = ("import warnings, numpy as np; from fastbp import _blas, _kernels as K;
          "assert np.allclose(c, a @ a.T); i = _blas.info(); print(i['corename'], i['requested_coretype'])")
 
 
+@needs_avx2
 @pytest.mark.parametrize("env,core,warned", [
     ({"FASTBP_BLAS_CORETYPE": "Haswell"}, "Haswell", None),
     # an AVX2-only CPU, simulated: SkylakeX (forced, or inherited from OPENBLAS_CORETYPE) is refused
@@ -117,6 +121,7 @@ def test_the_loaded_core_type_and_the_warning(env, core, warned):
         assert "Warning" not in r.stderr
 
 
+@needs_avx2
 @pytest.mark.parametrize("coretype", ["Haswell", "SkylakeX"])
 def test_fastbp_info_runs_under_a_forced_core_type(coretype):
     r = _run(["-m", "fastbp", "info"], FASTBP_BLAS_CORETYPE=coretype)
@@ -141,7 +146,7 @@ def test_good_num_threads(text, n):
     assert _blas.env_num_threads({}) is None
 
 
-@pytest.mark.parametrize("text", ["abc", "99999999999", "0", "-1"])
+@pytest.mark.parametrize("text", ["abc", "-1"])             # (every bad form: the unit test above)
 def test_bad_num_threads_fails_the_import_of_the_layers(text):
     r = _run("import fastbp.layers", FASTBP_NUM_THREADS=text)
     assert r.returncode != 0

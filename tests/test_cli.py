@@ -277,13 +277,32 @@ def test_example_ch06_optimizer_compare():
     assert all(np.isfinite(losses))
 
 
+def run_here(capsys, *args):
+    """(exit code, stdout, stderr) of fastbp.cli.main(args) in this process."""
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("text", ["abc", "99999999999", "0", "-1"])
-def test_train_with_a_bad_num_threads_prints_one_line_and_exits_2(text, monkeypatch):
+def test_train_with_a_bad_num_threads_prints_one_line_and_exits_2(text, monkeypatch, capsys):
     monkeypatch.setenv("FASTBP_NUM_THREADS", text)
-    r = run("train", "--iters", 1, "--source", "sample", "-q")
+    code, out, err = run_here(capsys, "train", "--iters", 1, "--source", "sample", "-q")
+    assert code == 2
+    assert err == f"fastbp: FASTBP_NUM_THREADS must be an integer in 1..1024 (or unset), got {text!r}\n"
+    assert "data:" not in out                                 # before any work
+
+
+def test_train_with_a_bad_num_threads_in_a_fresh_process():
+    env = dict(os.environ, FASTBP_NUM_THREADS="abc")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "fastbp", "train", "--iters", "1", "-q"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr == f"fastbp: FASTBP_NUM_THREADS must be an integer in 1..1024 (or unset), got {text!r}\n"
-    assert "data:" not in r.stdout                            # before any work
+    assert r.stderr == "fastbp: FASTBP_NUM_THREADS must be an integer in 1..1024 (or unset), got 'abc'\n"
 
 
 # -- issue 7 item 11: bad values and unwritable outputs: one line, exit 2, before any training --------------------
@@ -300,23 +319,25 @@ def test_train_with_a_bad_num_threads_prints_one_line_and_exits_2(text, monkeypa
     (["--plot", "{tmp}/curves.xyz"], "the file name must end in one of"),
     (["--plot", "{tmp}/c.png", "--json", "{tmp}"], "--json {tmp}: is a directory"),
 ])
-def test_train_bad_values_and_paths_one_line_exit_2_before_training(tmp_path, args, message):
+def test_train_bad_values_and_paths_one_line_exit_2_before_training(tmp_path, capsys, args, message):
     if "--plot" in args and not _has_matplotlib():
         pytest.skip("matplotlib is not installed")
     f = tmp_path / "a_file"
     f.write_text("x")
     fill = dict(tmp=tmp_path, file=f)
-    r = run("train", "--iters", 1, "--source", "sample", "-q", *[a.format(**fill) for a in args])
-    assert r.returncode == 2, r.stderr
-    assert message.format(**fill) in r.stderr
-    assert len(r.stderr.splitlines()) == 1, r.stderr
-    assert r.stdout == ""                                     # nothing loaded, nothing trained
+    code, out, err = run_here(capsys, "train", "--iters", 1, "--source", "sample", "-q",
+                              *[a.format(**fill) for a in args])
+    assert code == 2, err
+    assert message.format(**fill) in err
+    assert len(err.splitlines()) == 1, err
+    assert out == ""                                          # nothing loaded, nothing trained
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]   # and nothing left behind
 
 
-def test_train_output_check_keeps_an_existing_file_until_the_run_overwrites_it(tmp_path):
+def test_train_output_check_keeps_an_existing_file_until_the_run_overwrites_it(tmp_path, capsys):
     out = tmp_path / "run.json"
     out.write_text("old")
-    r = run("train", "--iters", 3, "--source", "sample", "-q", "--json", out, "--lr", "1e308")  # diverges
-    assert r.returncode == 1 and "diverged" in r.stderr
+    code, _, err = run_here(capsys, "train", "--iters", 3, "--hidden", 10, "--source", "sample", "-q",
+                            "--json", out, "--lr", "1e308")                     # diverges at once
+    assert code == 1 and "diverged" in err
     assert out.read_text() == "old"                         # the check opened it for appending, no more

@@ -888,3 +888,52 @@ def test_softmax_ignore_label_validation():
     # np.integer ignore labels work like int
     assert K.softmax_cross_entropy(x, np.array([0, -1, 1]), y, g, 1.0, ignore_label=np.int32(-1)) == \
         pytest.approx(np.log(4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The thread driver (fastbp._threads) and FASTBP_NUM_THREADS
+# ---------------------------------------------------------------------------------------------------------------
+from fastbp import _threads as T  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1000, 100_003])
+@pytest.mark.parametrize("block", [1, 3, 64, 100_003, 200_000])
+@pytest.mark.parametrize("nthreads", [0, 1, 3, 16, 64])
+def test_parallel_blocks_cover_every_element_once_with_fixed_boundaries(n, block, nthreads):
+    # boundaries j*block depend on n and block only, whatever the team (0: fastbp's thread count)
+    assert T._block_owners(n, block, nthreads) == [i // block for i in range(n)]
+
+
+def test_reduce_blocks_adds_partials_in_block_order():
+    # 1e16 + 1 rounds back to 1e16: in block order the sum is 0, in any other order it is 1
+    assert T._reduce_blocks([1e16, 1.0, -1e16], 3, 1) == [0.0]
+    rng = np.random.default_rng(0)
+    parts = rng.standard_normal((7, 5)) * 10.0 ** rng.integers(-8, 8, (7, 5))
+    want = [0.0] * 5
+    for row in parts:
+        want = [w + p for w, p in zip(want, row)]
+    assert T._reduce_blocks(parts.ravel().tolist(), 7, 5) == want
+    assert T._reduce_blocks([], 0, 3) == [0.0, 0.0, 0.0]
+
+
+_NUM_THREADS_SCRIPT = """
+from fastbp import _blas, _threads, _kernels
+print(_threads._get_num_threads(), _blas.get_num_threads(), len(set(_threads._block_threads(256))),
+      _kernels.build_info()["num_threads"], _kernels.build_info()["openmp_max_threads"])
+"""
+
+
+@pytest.mark.skipif(not K.build_info()["openmp"], reason="a build without OpenMP runs one thread")
+@pytest.mark.parametrize("value", ["1", "3", "16", "64", ""])
+def test_fastbp_num_threads_sets_the_team_of_every_kernel(value):
+    """FASTBP_NUM_THREADS is read by the library: GEMM splits and parallel_blocks teams have that many threads
+    (so CI's runs under 1, 3, 16 and 64 threads really test those thread counts on a 2-core machine)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(K.__file__)))
+    env = dict(os.environ, PYTHONPATH=root, FASTBP_NUM_THREADS=value, FASTBP_BLAS_THREADING="split")
+    env.pop("OMP_NUM_THREADS", None)
+    r = subprocess.run([sys.executable, "-c", _NUM_THREADS_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = r.stdout.split()
+    want = value or got[4]                      # unset: OpenMP's default
+    assert got[:4] == [want] * 4

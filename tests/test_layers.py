@@ -1638,6 +1638,10 @@ CONSTRUCT = {
     "Affine": lambda M: M.Affine(np.ones((3, 2)), np.zeros(2)),
     "MatMul": lambda M: M.MatMul(np.ones((3, 2))),
     "Repeat": lambda M: M.Repeat(2),
+    "BatchNormalization": lambda M: M.BatchNormalization(np.ones(3), np.zeros(3)),
+    "Convolution": lambda M: M.Convolution(np.ones((2, 1, 3, 3)), np.zeros(2)),
+    "Pooling": lambda M: M.Pooling(2, 2),
+    "Embedding": lambda M: M.Embedding(np.ones((5, 3))),
 }
 
 
@@ -1707,3 +1711,29 @@ def test_separate_instances_in_threads_give_the_single_thread_results(M):
     assert not errors, errors
     for i, got in enumerate(results):
         assert np.array_equal(got, want if i % 2 == 0 else want64), f"thread {i} differs"
+
+
+def test_workspace_contract():
+    """fastbp._workspace.Workspace (also fastbp.layers._Workspace): results new per call unless reuse, scratch
+    always reused, a layer's own previous output never used as its next output buffer."""
+    from fastbp._workspace import Workspace
+    assert FL._Workspace is Workspace
+    ws = Workspace(reuse=False)
+    assert ws.result("out", (2, 3), F32) is not ws.result("out", (2, 3), F32)
+    s = ws.scratch("x", (2, 3), F32)
+    assert ws.scratch("x", (2, 3), F32) is s and ws.scratch("x", (3, 2), F32) is not s
+    f = ws.scratch("g", (4, 5), F64, order="F")
+    assert f.flags.f_contiguous and ws.scratch("g", (4, 5), F64, order="F") is f
+    assert ws.scratch("g", (4, 5), F64).flags.c_contiguous
+    ws.reuse = True
+    a = ws.result("out", (2, 3), F32)
+    assert ws.result("out", (2, 3), F32) is a
+    b = ws.result("out", (2, 3), F32, src=a)          # fed its own output: the other buffer
+    assert b is not a and not np.shares_memory(a, b)
+    assert ws.result("out", (2, 3), F32, src=b) is a   # and back
+    assert ws.result("out", (2, 3), F32, src=a[:1]) is b
+    x = np.arange(6.0).reshape(2, 3)
+    assert ws.as_dtype("c", x, F64) is x
+    c = ws.as_dtype("c", x.T, F64)
+    assert c.flags.c_contiguous and np.array_equal(c, x.T) and ws.as_dtype("c", x.T, F64) is c
+    assert ws.cast("d", x, F64) is x and ws.cast("d", x, F32).dtype == F32

@@ -1,0 +1,404 @@
+# Design
+# ------
+# The time loops of book 2's recurrent layers (RNN, LSTM, GRU over a whole (N, T) sequence), with no Python call
+# per time step.  The layer (fastbp/time_layers.py) computes the input projection of ALL steps with one GEMM
+# (A = xs @ Wx + b, shape (N, T, G*H)) and, after the backward loop, the weight gradients with one GEMM each
+# (dWx = xs^T dA, dWh = hprev^T dA, db = colsum dA, dxs = dA Wx^T).  The loops here do what must be sequential:
+#
+#   forward,  per step t:  A_t += h_{t-1} @ Wh   (one GEMM, written in place into A's rows of step t)
+#                          one fused gate kernel (fastbp/_recurrent.h): activations, cell update, h_t
+#   backward, per step t (T-1 .. 0): one fused gate-backward kernel -> dA_t;  dh_{t-1} = dA_t @ Wh^T (one GEMM)
+#
+# (the book's GRU needs two GEMMs per step each way, because its candidate reads (r * h) @ Whh).  Every operand
+# is a C-contiguous buffer; step t of an (N, T, K) buffer is read in place with leading dimension T*K, so nothing
+# is copied per step.  float32 and float64 through the fused type `floating`.
+#
+# GEMM: fastbp._gemm's `gemm` (cimported), which splits a large per-step product (BetterRnnlm's 20 x 650 x 2600)
+# over fastbp's threads itself.  The loops add no thread-dependent order of their own: with one thread count the
+# results are reproducible bit for bit; across thread counts they are as close as the split GEMM's results.
+cimport numpy as cnp
+import numpy as np
+from fastbp._typedefs cimport floating
+from fastbp._gemm cimport gemm as fb_gemm, FB_NOTRANS, FB_TRANS, FB_INT_MAX
+
+cnp.import_array()
+
+cdef enum:
+    NoTrans = FB_NOTRANS
+    Trans = FB_TRANS
+    INT_MAX = FB_INT_MAX
+
+cdef extern from "_recurrent.h" nogil:
+    void fb_lstm_fwd_f32(long N, long H, float *a, long lda, const float *cprev, long ldcp, float *c, long ldc,
+                         float *h, long ldh) noexcept
+    void fb_lstm_fwd_f64(long N, long H, double *a, long lda, const double *cprev, long ldcp, double *c, long ldc,
+                         double *h, long ldh) noexcept
+    void fb_lstm_bwd_f32(long N, long H, const float *gates, long ldg, const float *c, long ldc,
+                         const float *cprev, long ldcp, const float *dhs, long ldd, const float *dhn,
+                         float *dc, float *da, long ldda) noexcept
+    void fb_lstm_bwd_f64(long N, long H, const double *gates, long ldg, const double *c, long ldc,
+                         const double *cprev, long ldcp, const double *dhs, long ldd, const double *dhn,
+                         double *dc, double *da, long ldda) noexcept
+    void fb_rnn_fwd_f32(long N, long H, const float *a, long lda, float *h, long ldh) noexcept
+    void fb_rnn_fwd_f64(long N, long H, const double *a, long lda, double *h, long ldh) noexcept
+    void fb_rnn_bwd_f32(long N, long H, const float *h, long ldh, const float *dhs, long ldd, const float *dhn,
+                        float *da, long ldda) noexcept
+    void fb_rnn_bwd_f64(long N, long H, const double *h, long ldh, const double *dhs, long ldd,
+                        const double *dhn, double *da, long ldda) noexcept
+    void fb_gru_fwd1_f32(long N, long H, float *a, long lda, const float *b, const float *hp, long ldhp,
+                         float *rh, long ldrh) noexcept
+    void fb_gru_fwd1_f64(long N, long H, double *a, long lda, const double *b, const double *hp, long ldhp,
+                         double *rh, long ldrh) noexcept
+    void fb_gru_fwd2_f32(long N, long H, float *a, long lda, const float *q, const float *hp, long ldhp,
+                         float *h, long ldh) noexcept
+    void fb_gru_fwd2_f64(long N, long H, double *a, long lda, const double *q, const double *hp, long ldhp,
+                         double *h, long ldh) noexcept
+    void fb_gru_bwd1_f32(long N, long H, const float *g, long ldg, const float *hp, long ldhp, const float *dhs,
+                         long ldd, const float *dhn, float *acc, float *da, long ldda) noexcept
+    void fb_gru_bwd1_f64(long N, long H, const double *g, long ldg, const double *hp, long ldhp,
+                         const double *dhs, long ldd, const double *dhn, double *acc, double *da,
+                         long ldda) noexcept
+    void fb_gru_bwd2_f32(long N, long H, const float *g, long ldg, const float *hp, long ldhp, const float *dhr,
+                         float *acc, float *da, long ldda) noexcept
+    void fb_gru_bwd2_f64(long N, long H, const double *g, long ldg, const double *hp, long ldhp,
+                         const double *dhr, double *acc, double *da, long ldda) noexcept
+
+
+cdef inline void _gemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
+                       const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,
+                       floating *c, Py_ssize_t ldc) noexcept nogil:
+    """Row-major C[m, n] = alpha op(A) op(B) + beta C through fastbp._gemm (dims validated by the wrappers)."""
+    if m == 0 or n == 0:
+        return
+    fb_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation (once per call, Python level)
+# ---------------------------------------------------------------------------------------------------------------
+cdef int _ftype(object a, str name) except -1:
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    if t == cnp.NPY_FLOAT32 and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
+        return 0
+    if t == cnp.NPY_FLOAT64 and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
+        return 1
+    raise TypeError(f"{name} must be native float32 or float64, got {(<cnp.ndarray>a).dtype}")
+
+
+cdef cnp.ndarray _arr(object a, str name, int ft, tuple shape, bint out):
+    """a as a C-contiguous ndarray of float type ft and exactly `shape` (writable when out)."""
+    if _ftype(a, name) != ft:
+        raise TypeError(f"{name} must be {'float32' if ft == 0 else 'float64'} like the first operand, "
+                        f"got {(<cnp.ndarray>a).dtype}")
+    cdef cnp.ndarray A = <cnp.ndarray>a
+    if (<object>A).shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {(<object>A).shape}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(A):
+        raise ValueError(f"{name} must be C-contiguous")
+    if out and not cnp.PyArray_ISWRITEABLE(A):
+        raise ValueError(f"{name} must be writable")
+    return A
+
+
+cdef void _extent(cnp.ndarray a, char **lo, char **hi) noexcept:
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(a)
+    lo[0] = <char*>cnp.PyArray_DATA(a)
+    hi[0] = lo[0] + n * cnp.PyArray_ITEMSIZE(a)
+
+
+cdef _disjoint(list arrays, list names):
+    """ValueError when two of the (C-contiguous) buffers overlap: outputs must not alias anything."""
+    cdef Py_ssize_t i, j
+    cdef char *lo1
+    cdef char *hi1
+    cdef char *lo2
+    cdef char *hi2
+    for i in range(len(arrays)):
+        _extent(<cnp.ndarray>arrays[i], &lo1, &hi1)
+        if lo1 == hi1:
+            continue
+        for j in range(i + 1, len(arrays)):
+            _extent(<cnp.ndarray>arrays[j], &lo2, &hi2)
+            if lo2 != hi2 and lo1 < hi2 and lo2 < hi1:
+                raise ValueError(f"{names[i]} and {names[j]} overlap in memory")
+
+
+cdef _dims(Py_ssize_t N, Py_ssize_t T, Py_ssize_t K):
+    if N * T * K >= INT_MAX or T * K >= INT_MAX:
+        raise ValueError(f"sequence buffer (N={N}, T={T}, {K}) is too large for BLAS's 32-bit dimensions")
+
+
+cdef inline void *_p(cnp.ndarray a) noexcept:
+    return cnp.PyArray_DATA(a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LSTM
+# ---------------------------------------------------------------------------------------------------------------
+cdef void _lstm_fwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, floating *a, const floating *wh, const floating *h0,
+                    const floating *c0, floating *hs, floating *cs) noexcept nogil:
+    cdef Py_ssize_t t, G = 4 * H
+    cdef const floating *hp = h0
+    cdef const floating *cp = c0
+    cdef Py_ssize_t ldh = H, ldc = H
+    for t in range(T):
+        _gemm(NoTrans, NoTrans, N, G, H, <floating>1, hp, ldh, wh, G, <floating>1, a + t * G, T * G)
+        if floating is float:
+            fb_lstm_fwd_f32(N, H, a + t * G, T * G, cp, ldc, cs + t * H, T * H, hs + t * H, T * H)
+        else:
+            fb_lstm_fwd_f64(N, H, a + t * G, T * G, cp, ldc, cs + t * H, T * H, hs + t * H, T * H)
+        hp = hs + t * H
+        cp = cs + t * H
+        ldh = T * H
+        ldc = T * H
+
+
+def lstm_forward(A, Wh, h0, c0, hs, cs):
+    """Whole-sequence LSTM forward.  A (N, T, 4H): in xs Wx + b, out the activated gates [f|g|i|o];
+    Wh (H, 4H); h0, c0 (N, H); hs, cs (N, T, H) out: h_t and c_t (c_t = f c_{t-1} + g i, h_t = o tanh c_t)."""
+    cdef int ft = _ftype(A, "A")
+    cdef cnp.ndarray Aa = <cnp.ndarray>A
+    if Aa.ndim != 3 or Aa.shape[2] % 4:
+        raise ValueError(f"A must be (N, T, 4H), got shape {(<object>Aa).shape}")
+    cdef Py_ssize_t N = Aa.shape[0], T = Aa.shape[1], H = Aa.shape[2] // 4
+    Aa = _arr(A, "A", ft, (N, T, 4 * H), True)
+    cdef cnp.ndarray W = _arr(Wh, "Wh", ft, (H, 4 * H), False)
+    cdef cnp.ndarray H0 = _arr(h0, "h0", ft, (N, H), False), C0 = _arr(c0, "c0", ft, (N, H), False)
+    cdef cnp.ndarray HS = _arr(hs, "hs", ft, (N, T, H), True), CS = _arr(cs, "cs", ft, (N, T, H), True)
+    _disjoint([Aa, HS, CS, W, H0, C0], ["A", "hs", "cs", "Wh", "h0", "c0"])
+    _dims(N, T, 4 * H)
+    with nogil:
+        if ft == 0:
+            _lstm_fwd[float](N, T, H, <float*>cnp.PyArray_DATA(Aa), <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(H0), <float*>cnp.PyArray_DATA(C0),
+                             <float*>cnp.PyArray_DATA(HS), <float*>cnp.PyArray_DATA(CS))
+        else:
+            _lstm_fwd[double](N, T, H, <double*>cnp.PyArray_DATA(Aa), <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(H0), <double*>cnp.PyArray_DATA(C0),
+                              <double*>cnp.PyArray_DATA(HS), <double*>cnp.PyArray_DATA(CS))
+
+
+cdef void _lstm_bwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, const floating *dhs, const floating *g,
+                    const floating *cs, const floating *c0, const floating *wh, floating *dh, floating *dc,
+                    floating *da) noexcept nogil:
+    cdef Py_ssize_t t, G = 4 * H
+    cdef const floating *cp
+    cdef Py_ssize_t ldcp
+    for t in range(T - 1, -1, -1):
+        if t > 0:
+            cp = cs + (t - 1) * H
+            ldcp = T * H
+        else:
+            cp = c0
+            ldcp = H
+        if floating is float:
+            fb_lstm_bwd_f32(N, H, g + t * G, T * G, cs + t * H, T * H, cp, ldcp, dhs + t * H, T * H, dh, dc,
+                            da + t * G, T * G)
+        else:
+            fb_lstm_bwd_f64(N, H, g + t * G, T * G, cs + t * H, T * H, cp, ldcp, dhs + t * H, T * H, dh, dc,
+                            da + t * G, T * G)
+        # dh_{t-1} = dA_t @ Wh^T
+        _gemm(NoTrans, Trans, N, H, G, <floating>1, da + t * G, T * G, wh, G, <floating>0, dh, H)
+
+
+def lstm_backward(dhs, gates, cs, c0, Wh, dh, dc, dA):
+    """Whole-sequence LSTM backward.  dhs (N, T, H) upstream gradients; gates, cs from lstm_forward; c0 (N, H);
+    dh, dc (N, H): in the gradients flowing into the last step (zeros in the book), out dh0 and dc0;
+    dA (N, T, 4H) out: gradient of the gate pre-activations."""
+    cdef int ft = _ftype(dhs, "dhs")
+    cdef cnp.ndarray D = <cnp.ndarray>dhs
+    if D.ndim != 3:
+        raise ValueError(f"dhs must be (N, T, H), got shape {(<object>D).shape}")
+    cdef Py_ssize_t N = D.shape[0], T = D.shape[1], H = D.shape[2]
+    D = _arr(dhs, "dhs", ft, (N, T, H), False)
+    cdef cnp.ndarray Gt = _arr(gates, "gates", ft, (N, T, 4 * H), False)
+    cdef cnp.ndarray CS = _arr(cs, "cs", ft, (N, T, H), False), C0 = _arr(c0, "c0", ft, (N, H), False)
+    cdef cnp.ndarray W = _arr(Wh, "Wh", ft, (H, 4 * H), False)
+    cdef cnp.ndarray DH = _arr(dh, "dh", ft, (N, H), True), DC = _arr(dc, "dc", ft, (N, H), True)
+    cdef cnp.ndarray DA = _arr(dA, "dA", ft, (N, T, 4 * H), True)
+    _disjoint([DH, DC, DA, D, Gt, CS, C0, W], ["dh", "dc", "dA", "dhs", "gates", "cs", "c0", "Wh"])
+    _dims(N, T, 4 * H)
+    with nogil:
+        if ft == 0:
+            _lstm_bwd[float](N, T, H, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(Gt), <float*>cnp.PyArray_DATA(CS), <float*>cnp.PyArray_DATA(C0),
+                             <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(DH), <float*>cnp.PyArray_DATA(DC), <float*>cnp.PyArray_DATA(DA))
+        else:
+            _lstm_bwd[double](N, T, H, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(Gt), <double*>cnp.PyArray_DATA(CS), <double*>cnp.PyArray_DATA(C0),
+                              <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(DH), <double*>cnp.PyArray_DATA(DC), <double*>cnp.PyArray_DATA(DA))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RNN (tanh)
+# ---------------------------------------------------------------------------------------------------------------
+cdef void _rnn_fwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, floating *a, const floating *wh, const floating *h0,
+                   floating *hs) noexcept nogil:
+    cdef Py_ssize_t t
+    cdef const floating *hp = h0
+    cdef Py_ssize_t ldh = H
+    for t in range(T):
+        _gemm(NoTrans, NoTrans, N, H, H, <floating>1, hp, ldh, wh, H, <floating>1, a + t * H, T * H)
+        if floating is float:
+            fb_rnn_fwd_f32(N, H, a + t * H, T * H, hs + t * H, T * H)
+        else:
+            fb_rnn_fwd_f64(N, H, a + t * H, T * H, hs + t * H, T * H)
+        hp = hs + t * H
+        ldh = T * H
+
+
+def rnn_forward(A, Wh, h0, hs):
+    """Whole-sequence RNN forward: A (N, T, H) in xs Wx + b (overwritten with the pre-activations);
+    Wh (H, H); h0 (N, H); hs (N, T, H) out: h_t = tanh(A_t + h_{t-1} Wh)."""
+    cdef int ft = _ftype(A, "A")
+    cdef cnp.ndarray Aa = <cnp.ndarray>A
+    if Aa.ndim != 3:
+        raise ValueError(f"A must be (N, T, H), got shape {(<object>Aa).shape}")
+    cdef Py_ssize_t N = Aa.shape[0], T = Aa.shape[1], H = Aa.shape[2]
+    Aa = _arr(A, "A", ft, (N, T, H), True)
+    cdef cnp.ndarray W = _arr(Wh, "Wh", ft, (H, H), False), H0 = _arr(h0, "h0", ft, (N, H), False)
+    cdef cnp.ndarray HS = _arr(hs, "hs", ft, (N, T, H), True)
+    _disjoint([Aa, HS, W, H0], ["A", "hs", "Wh", "h0"])
+    _dims(N, T, H)
+    with nogil:
+        if ft == 0:
+            _rnn_fwd[float](N, T, H, <float*>cnp.PyArray_DATA(Aa), <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(H0), <float*>cnp.PyArray_DATA(HS))
+        else:
+            _rnn_fwd[double](N, T, H, <double*>cnp.PyArray_DATA(Aa), <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(H0), <double*>cnp.PyArray_DATA(HS))
+
+
+cdef void _rnn_bwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, const floating *dhs, const floating *hs,
+                   const floating *wh, floating *dh, floating *da) noexcept nogil:
+    cdef Py_ssize_t t
+    for t in range(T - 1, -1, -1):
+        if floating is float:
+            fb_rnn_bwd_f32(N, H, hs + t * H, T * H, dhs + t * H, T * H, dh, da + t * H, T * H)
+        else:
+            fb_rnn_bwd_f64(N, H, hs + t * H, T * H, dhs + t * H, T * H, dh, da + t * H, T * H)
+        _gemm(NoTrans, Trans, N, H, H, <floating>1, da + t * H, T * H, wh, H, <floating>0, dh, H)
+
+
+def rnn_backward(dhs, hs, Wh, dh, dA):
+    """Whole-sequence RNN backward: dA_t = (dhs_t + dh_t) (1 - h_t^2), dh_{t-1} = dA_t Wh^T.
+    dh (N, H): in the gradient into the last step, out dh0.  dA (N, T, H) out."""
+    cdef int ft = _ftype(dhs, "dhs")
+    cdef cnp.ndarray D = <cnp.ndarray>dhs
+    if D.ndim != 3:
+        raise ValueError(f"dhs must be (N, T, H), got shape {(<object>D).shape}")
+    cdef Py_ssize_t N = D.shape[0], T = D.shape[1], H = D.shape[2]
+    D = _arr(dhs, "dhs", ft, (N, T, H), False)
+    cdef cnp.ndarray HS = _arr(hs, "hs", ft, (N, T, H), False), W = _arr(Wh, "Wh", ft, (H, H), False)
+    cdef cnp.ndarray DH = _arr(dh, "dh", ft, (N, H), True), DA = _arr(dA, "dA", ft, (N, T, H), True)
+    _disjoint([DH, DA, D, HS, W], ["dh", "dA", "dhs", "hs", "Wh"])
+    _dims(N, T, H)
+    with nogil:
+        if ft == 0:
+            _rnn_bwd[float](N, T, H, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(HS), <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(DH), <float*>cnp.PyArray_DATA(DA))
+        else:
+            _rnn_bwd[double](N, T, H, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(HS), <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(DH),
+                             <double*>cnp.PyArray_DATA(DA))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GRU (the book's: no bias, h~ = tanh(x Wxh + (r h) Whh), h = (1 - z) h + z h~)
+# ---------------------------------------------------------------------------------------------------------------
+cdef void _gru_fwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, floating *a, const floating *wh, const floating *h0,
+                   floating *hs, floating *rhs, floating *work) noexcept nogil:
+    # work: (N, 2H) for h Wh[:, :2H], then its first N*H entries for (r h) Wh[:, 2H:]
+    cdef Py_ssize_t t, G = 3 * H
+    cdef const floating *hp = h0
+    cdef Py_ssize_t ldh = H
+    for t in range(T):
+        _gemm(NoTrans, NoTrans, N, 2 * H, H, <floating>1, hp, ldh, wh, G, <floating>0, work, 2 * H)
+        if floating is float:
+            fb_gru_fwd1_f32(N, H, a + t * G, T * G, work, hp, ldh, rhs + t * H, T * H)
+        else:
+            fb_gru_fwd1_f64(N, H, a + t * G, T * G, work, hp, ldh, rhs + t * H, T * H)
+        _gemm(NoTrans, NoTrans, N, H, H, <floating>1, rhs + t * H, T * H, wh + 2 * H, G, <floating>0, work, H)
+        if floating is float:
+            fb_gru_fwd2_f32(N, H, a + t * G, T * G, work, hp, ldh, hs + t * H, T * H)
+        else:
+            fb_gru_fwd2_f64(N, H, a + t * G, T * G, work, hp, ldh, hs + t * H, T * H)
+        hp = hs + t * H
+        ldh = T * H
+
+
+def gru_forward(A, Wh, h0, hs, rhs, work):
+    """Whole-sequence GRU forward.  A (N, T, 3H): in xs Wx, out the gates [z|r|h~]; Wh (H, 3H); h0 (N, H);
+    hs (N, T, H) out; rhs (N, T, H) out: r_t h_{t-1} (read by the backward); work (N, 2H) scratch."""
+    cdef int ft = _ftype(A, "A")
+    cdef cnp.ndarray Aa = <cnp.ndarray>A
+    if Aa.ndim != 3 or Aa.shape[2] % 3:
+        raise ValueError(f"A must be (N, T, 3H), got shape {(<object>Aa).shape}")
+    cdef Py_ssize_t N = Aa.shape[0], T = Aa.shape[1], H = Aa.shape[2] // 3
+    Aa = _arr(A, "A", ft, (N, T, 3 * H), True)
+    cdef cnp.ndarray W = _arr(Wh, "Wh", ft, (H, 3 * H), False), H0 = _arr(h0, "h0", ft, (N, H), False)
+    cdef cnp.ndarray HS = _arr(hs, "hs", ft, (N, T, H), True), RH = _arr(rhs, "rhs", ft, (N, T, H), True)
+    cdef cnp.ndarray WK = _arr(work, "work", ft, (N, 2 * H), True)
+    _disjoint([Aa, HS, RH, WK, W, H0], ["A", "hs", "rhs", "work", "Wh", "h0"])
+    _dims(N, T, 3 * H)
+    with nogil:
+        if ft == 0:
+            _gru_fwd[float](N, T, H, <float*>cnp.PyArray_DATA(Aa), <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(H0), <float*>cnp.PyArray_DATA(HS),
+                            <float*>cnp.PyArray_DATA(RH), <float*>cnp.PyArray_DATA(WK))
+        else:
+            _gru_fwd[double](N, T, H, <double*>cnp.PyArray_DATA(Aa), <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(H0), <double*>cnp.PyArray_DATA(HS),
+                             <double*>cnp.PyArray_DATA(RH), <double*>cnp.PyArray_DATA(WK))
+
+
+cdef void _gru_bwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, const floating *dhs, const floating *g,
+                   const floating *hs, const floating *h0, const floating *wh, floating *dh, floating *da,
+                   floating *acc, floating *dhr) noexcept nogil:
+    cdef Py_ssize_t t, G = 3 * H, ldhp
+    cdef const floating *hp
+    for t in range(T - 1, -1, -1):
+        if t > 0:
+            hp = hs + (t - 1) * H
+            ldhp = T * H
+        else:
+            hp = h0
+            ldhp = H
+        if floating is float:
+            fb_gru_bwd1_f32(N, H, g + t * G, T * G, hp, ldhp, dhs + t * H, T * H, dh, acc, da + t * G, T * G)
+        else:
+            fb_gru_bwd1_f64(N, H, g + t * G, T * G, hp, ldhp, dhs + t * H, T * H, dh, acc, da + t * G, T * G)
+        # dhr = da_h @ Whh^T
+        _gemm(NoTrans, Trans, N, H, H, <floating>1, da + t * G + 2 * H, T * G, wh + 2 * H, G, <floating>0, dhr, H)
+        if floating is float:
+            fb_gru_bwd2_f32(N, H, g + t * G, T * G, hp, ldhp, dhr, acc, da + t * G, T * G)
+        else:
+            fb_gru_bwd2_f64(N, H, g + t * G, T * G, hp, ldhp, dhr, acc, da + t * G, T * G)
+        # acc += [da_z | da_r] @ [Whz | Whr]^T ; then dh = acc
+        _gemm(NoTrans, Trans, N, H, 2 * H, <floating>1, da + t * G, T * G, wh, G, <floating>1, acc, H)
+        _copy(N * H, acc, dh)
+
+
+cdef inline void _copy(Py_ssize_t n, const floating *src, floating *dst) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] = src[i]
+
+
+def gru_backward(dhs, gates, hs, h0, Wh, dh, dA, work):
+    """Whole-sequence GRU backward (the book's formulas).  dh (N, H): in the gradient into the last step,
+    out dh0; dA (N, T, 3H) out: gradients of the pre-activations [z|r|h~]; work (N, 2H) scratch."""
+    cdef int ft = _ftype(dhs, "dhs")
+    cdef cnp.ndarray D = <cnp.ndarray>dhs
+    if D.ndim != 3:
+        raise ValueError(f"dhs must be (N, T, H), got shape {(<object>D).shape}")
+    cdef Py_ssize_t N = D.shape[0], T = D.shape[1], H = D.shape[2]
+    D = _arr(dhs, "dhs", ft, (N, T, H), False)
+    cdef cnp.ndarray Gt = _arr(gates, "gates", ft, (N, T, 3 * H), False)
+    cdef cnp.ndarray HS = _arr(hs, "hs", ft, (N, T, H), False), H0 = _arr(h0, "h0", ft, (N, H), False)
+    cdef cnp.ndarray W = _arr(Wh, "Wh", ft, (H, 3 * H), False)
+    cdef cnp.ndarray DH = _arr(dh, "dh", ft, (N, H), True), DA = _arr(dA, "dA", ft, (N, T, 3 * H), True)
+    cdef cnp.ndarray WK = _arr(work, "work", ft, (N, 2 * H), True)
+    _disjoint([DH, DA, WK, D, Gt, HS, H0, W], ["dh", "dA", "work", "dhs", "gates", "hs", "h0", "Wh"])
+    _dims(N, T, 3 * H)
+    with nogil:
+        if ft == 0:
+            _gru_bwd[float](N, T, H, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(Gt), <float*>cnp.PyArray_DATA(HS), <float*>cnp.PyArray_DATA(H0),
+                            <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(DH), <float*>cnp.PyArray_DATA(DA), <float*>cnp.PyArray_DATA(WK),
+                            <float*>cnp.PyArray_DATA(WK) + N * H)
+        else:
+            _gru_bwd[double](N, T, H, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(Gt), <double*>cnp.PyArray_DATA(HS), <double*>cnp.PyArray_DATA(H0),
+                             <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(DH), <double*>cnp.PyArray_DATA(DA), <double*>cnp.PyArray_DATA(WK),
+                             <double*>cnp.PyArray_DATA(WK) + N * H)
