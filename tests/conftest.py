@@ -8,11 +8,17 @@ implementation): ``rtol`` relative to the expected value, ``atol`` relative to `
 result that is a sum of large terms is allowed the rounding of those terms).  ``NUM_TOL`` is for numerical
 derivatives (finite differences) against exact ones, looser by the step's truncation and rounding error.
 """
+import os
 import sys
 
 import numpy as np
 
 sys.modules.setdefault("fastbp_tests", sys.modules[__name__])
+
+#: The books' trained pickles and datasets (shared/data/book beside the project root, as on the developers' machines
+#: and in CI; FASTBP_BOOK_DATA points elsewhere).  Tests that need a file skip when it is absent.
+BOOK_DATA = os.environ.get("FASTBP_BOOK_DATA") or os.path.normpath(
+    os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "shared", "data", "book"))
 
 F16, F32, F64 = np.float16, np.float32, np.float64
 

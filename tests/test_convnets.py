@@ -16,8 +16,9 @@ from fastbp import layers as F
 from fastbp import reference as R
 from fastbp.nets import DeepConvNet, MultiLayerNetExtend, SimpleConvNet
 from fastbp.optimizers import SGD, Adam
+from fastbp_tests import BOOK_DATA
 
-BOOK_DIR = os.environ.get("FASTBP_BOOK_DATA", "/work/shared/data/book")
+BOOK_DIR = BOOK_DATA
 MNIST = os.path.join(os.path.dirname(__file__), os.pardir, "fastbp", "data", "mnist-5k.npz")
 
 
