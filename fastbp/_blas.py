@@ -207,6 +207,26 @@ def _choose_coretype(flags, environ=None):
     return (None if core == CPUID else core), f"CPU lacks AVX-512: {why}", None
 
 
+#: OPENBLAS_THREAD_TIMEOUT (idle OpenBLAS workers spin 2**N cycles before they sleep) for fastbp's own copy
+#: when FASTBP_BLAS_THREAD_TIMEOUT is not set; None would leave OpenBLAS's default (N = 28, about 0.1 s).  It
+#: matters only where fastbp's OpenBLAS runs its own thread pool (threading mode "openblas", e.g. a build without
+#: OpenMP); NumPy's copy, loaded before fastbp's, never sees it.  16 (about 25 µs, like fastbp's OpenMP spin):
+#: measured with python -m fastbp.bench.loops in that mode, the book's ch05/ch06 steps with fastbp's layers took
+#: 28/31 ms with 16 and 31/37 ms with 4 against 51/123 ms with OpenBLAS's default, on the loaded machine.
+BLAS_THREAD_TIMEOUT = 16
+
+
+def blas_thread_timeout(environ=None):
+    """The OPENBLAS_THREAD_TIMEOUT fastbp's OpenBLAS loads with (FASTBP_BLAS_THREAD_TIMEOUT, an integer 4..30,
+    else BLAS_THREAD_TIMEOUT); None: OpenBLAS's own default, or what OPENBLAS_THREAD_TIMEOUT says."""
+    text = (os.environ if environ is None else environ).get("FASTBP_BLAS_THREAD_TIMEOUT", "").strip()
+    if not text:
+        return BLAS_THREAD_TIMEOUT
+    if not re.fullmatch(r"[0-9]{1,2}", text) or not 4 <= int(text) <= 30:
+        raise ValueError(f"FASTBP_BLAS_THREAD_TIMEOUT must be an integer in 4..30 (or unset), got {text!r}")
+    return int(text)
+
+
 def env_num_threads(environ=None):
     """FASTBP_NUM_THREADS as an int in 1..MAX_THREADS, None when unset or empty; ValueError naming the variable
     and the accepted range otherwise."""
@@ -232,6 +252,7 @@ def check_environment(environ=None):
     """Raise ValueError for a FASTBP_NUM_THREADS or FASTBP_BLAS_THREADING fastbp cannot use (done at import)."""
     env_num_threads(environ)
     env_threading(environ)
+    blas_thread_timeout(environ)
 
 
 def _library_path():
@@ -265,7 +286,11 @@ def ensure_loaded():
             warnings.warn(f"fastbp: {refused}; fastbp's OpenBLAS loads with {reason.split(': ', 1)[-1]}",
                           RuntimeWarning, stacklevel=2)
         old = os.environ.get("OPENBLAS_CORETYPE")
+        timeout = blas_thread_timeout()
+        old_timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
         try:
+            if timeout is not None:          # read by OpenBLAS when it loads: reaches fastbp's copy only
+                os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(timeout)
             if coretype == CPUID:
                 os.environ.pop("OPENBLAS_CORETYPE", None)
             elif coretype is not None:
@@ -280,6 +305,11 @@ def ensure_loaded():
             lib.scipy_cblas_sgemm(101, 111, 111, 1, 1, 1, ctypes.c_float(1.0), one, 1, one, 1,
                                   ctypes.c_float(0.0), res, 1)
         finally:
+            if timeout is not None:
+                if old_timeout is None:
+                    os.environ.pop("OPENBLAS_THREAD_TIMEOUT", None)
+                else:
+                    os.environ["OPENBLAS_THREAD_TIMEOUT"] = old_timeout
             if coretype is not None:
                 if old is None:
                     os.environ.pop("OPENBLAS_CORETYPE", None)
@@ -301,6 +331,7 @@ def ensure_loaded():
             reason=reason,
             refused=refused,
             threading=mode,
+            thread_timeout=timeout,
         )
         return _state
 
@@ -372,6 +403,7 @@ def info():
         "refused": st.get("refused"),
         "num_threads": get_num_threads(),
         "threading": st["threading"],
+        "thread_timeout": st["thread_timeout"],
     }
 
 

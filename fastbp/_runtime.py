@@ -4,7 +4,8 @@ GNU OpenMP reads OMP_WAIT_POLICY / GOMP_SPINCOUNT once, when libgomp is loaded. 
 rounds, roughly a millisecond or more) keeps fastbp's worker spinning on the other core while the book's NumPy
 code runs between fastbp's layers.  So, unless the user has set either variable, fastbp sets GOMP_SPINCOUNT to
 SPINCOUNT for exactly the moment its extension modules load libgomp and then removes it again: later processes
-and other OpenMP runtimes (PyTorch's own libgomp copy, say) never see it.  NumPy's OpenBLAS uses pthreads, not
+and other OpenMP runtimes (PyTorch's own libgomp copy, say) never see it.  A clang build against LLVM's libomp
+gets KMP_BLOCKTIME=KMP_BLOCKTIME the same way (libomp spins 200 ms by default).  NumPy's OpenBLAS uses pthreads, not
 OpenMP, and is never touched.  FASTBP_OMP_SPIN=<n> picks another count, FASTBP_OMP_SPIN=keep leaves libgomp's
 default.  The figures behind SPINCOUNT are in the README (measured with python -m fastbp.bench.loops).
 """
@@ -18,14 +19,23 @@ import os
 #: slower, one thread slower still on ch05/ch06.
 SPINCOUNT = 1000
 
-_USER_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+#: The same for a build against LLVM's libomp (clang): KMP_BLOCKTIME, in milliseconds; 0 = no spinning, the
+#: nearest to SPINCOUNT's ~25 µs (libomp's default is 200 ms).
+KMP_BLOCKTIME = 0
+
+_USER_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 _info = {}
 
 
 def _libgomp_loaded():
+    """True when GNU OpenMP (libgomp.so, not a vendored libgomp-<hash> such as PyTorch's) is in the process."""
+    return _mapped("libgomp.so")
+
+
+def _mapped(name):
     try:
         with open("/proc/self/maps") as f:
-            return any("libgomp" in line and "libgomp-" not in line for line in f)
+            return any(name in line for line in f)
     except OSError:
         return None
 
@@ -53,14 +63,24 @@ def apply():
         _info.update(setting=f"GOMP_SPINCOUNT={spin}", by="FASTBP_OMP_SPIN, for fastbp's OpenMP runtime only")
     else:
         _info.update(setting=f"GOMP_SPINCOUNT={spin}", by="fastbp, for its own OpenMP runtime only")
+    llvm_preloaded = _mapped("libomp.so")
     if spin is not None:
         os.environ["GOMP_SPINCOUNT"] = str(spin)
+        os.environ["KMP_BLOCKTIME"] = str(KMP_BLOCKTIME)
     try:
-        from fastbp import _threads  # noqa: F401  (loads libgomp, which reads the variables now)
+        from fastbp import _threads  # noqa: F401  (loads the OpenMP runtime, which reads the variables now)
     finally:
         if spin is not None:
             os.environ.pop("GOMP_SPINCOUNT", None)
-    if preloaded and spin is not None:
+            os.environ.pop("KMP_BLOCKTIME", None)
+    if spin is not None and not _mapped("libgomp.so") and _mapped("libomp.so"):
+        if llvm_preloaded:
+            _info.update(setting="libomp's setting at its earlier load",
+                         by="nobody: LLVM's libomp was loaded before fastbp, KMP_BLOCKTIME came too late")
+        else:
+            _info.update(setting=f"KMP_BLOCKTIME={KMP_BLOCKTIME} (LLVM's libomp)",
+                         by="fastbp, for its own OpenMP runtime only")
+    elif preloaded and spin is not None:
         _info.update(setting="libgomp's setting at its earlier load",
                      by=f"nobody: libgomp was loaded before fastbp, GOMP_SPINCOUNT={spin} came too late")
     return _info

@@ -756,7 +756,9 @@ def cmd_info(args):
     else:
         print(f"BLAS     fastbp: {blas['library']}")
         print(f"         core {blas['corename']} (requested {blas['requested_coretype'] or 'none'}: "
-              f"{blas['reason']}), {blas['num_threads']} threads, threading: {blas.get('threading')}")
+              f"{blas['reason']}), {blas['num_threads']} threads, threading: {blas.get('threading')}"
+              + (f", OPENBLAS_THREAD_TIMEOUT={blas['thread_timeout']} for this copy only"
+                 if blas.get("thread_timeout") is not None else ""))
         print(f"         {blas['config']}")
     for i, line in enumerate(info["numpy_blas"]):
         print(("BLAS     numpy: " if i == 0 else "         ") + line)

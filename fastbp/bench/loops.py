@@ -38,6 +38,11 @@ CONFIGS = {
     "spin30k": {"GOMP_SPINCOUNT": "30000"},
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},         # workers spin (practically) for ever
     "1thread": {"FASTBP_NUM_THREADS": "1"},          # every product and kernel single-threaded
+    # fastbp's OpenBLAS spin before its idle workers sleep (only where that pool runs: threading mode
+    # "openblas", e.g. a build without OpenMP); NumPy's copy keeps its own setting
+    "openblas-mode": {"FASTBP_BLAS_THREADING": "openblas"},
+    "openblas-mode-timeout4": {"FASTBP_BLAS_THREADING": "openblas", "FASTBP_BLAS_THREAD_TIMEOUT": "4"},
+    "openblas-mode-timeout16": {"FASTBP_BLAS_THREADING": "openblas", "FASTBP_BLAS_THREAD_TIMEOUT": "16"},
 }
 
 
@@ -127,7 +132,8 @@ def worker(rounds, seconds, loops_wanted):
 
 def _child_env(extra):
     env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "FASTBP_NUM_THREADS", "FASTBP_OMP_SPIN")}
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "FASTBP_NUM_THREADS", "FASTBP_OMP_SPIN",
+                        "FASTBP_BLAS_THREADING", "FASTBP_BLAS_THREAD_TIMEOUT")}
     env.update(extra)
     return env
 
