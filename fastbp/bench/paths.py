@@ -99,7 +99,8 @@ def main(argv=None):
         if PATH_ENV[path]:
             env["FASTBP_DISABLE_CPU_FEATURES"] = PATH_ENV[path]
         r = subprocess.run([sys.executable, "-m", "fastbp.bench.paths", "--worker", "--rounds", str(a.rounds),
-                            "--seconds", str(a.seconds)], env=env, capture_output=True, text=True, timeout=1800, check=False)
+                            "--seconds", str(a.seconds)], env=env, capture_output=True, text=True, timeout=1800,
+                           check=False)
         if r.returncode != 0:
             raise SystemExit(f"path {path}: {r.stderr[-2000:]}")
         res[path] = json.loads(r.stdout.strip().splitlines()[-1])
