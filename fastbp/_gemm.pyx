@@ -17,7 +17,7 @@ cimport numpy as cnp
 from libc.stdlib cimport malloc, free
 from libc.stdint cimport intptr_t
 from fastbp._typedefs cimport floating
-from fastbp._threads cimport parallel_blocks_nt, threads_usable
+from fastbp._threads cimport parallel_blocks, parallel_blocks_nt, threads_usable
 from fastbp._validate cimport ftype, same_type, check_ndim, check_out, check_shape2, check_no_overlap
 import numpy as np
 from fastbp._threads import build_info, _blas_threads_callback  # noqa: F401  (fastbp._blas reads them here)
@@ -411,6 +411,44 @@ def gemm_py(a, b, out, bint trans_a=False, bint trans_b=False, double alpha=1.0,
         else:
             dgemm(ta, tb, m, n, k, alpha, <double*>cnp.PyArray_DATA(A), lda,
                   <double*>cnp.PyArray_DATA(B), ldb, beta, <double*>cnp.PyArray_DATA(C), ldc)
+    return out
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Test hook: GEMMs run from inside a parallel region (each block of parallel_blocks computes one product)
+# ---------------------------------------------------------------------------------------------------------------
+ctypedef struct _nested_ctx:
+    Py_ssize_t m
+    Py_ssize_t n
+    Py_ssize_t k
+    const double *a
+    const double *b
+    double *c            # OUT nblocks products of (m, n), one after the other
+
+
+cdef void _nested_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _nested_ctx *x = <_nested_ctx*>ctx
+    dgemm(FB_NOTRANS, FB_NOTRANS, x.m, x.n, x.k, 1.0, x.a, x.k, x.b, x.n, 0.0, x.c + j * x.m * x.n, x.n)
+
+
+def _gemm_in_blocks(double[:, ::1] a, double[:, ::1] b, Py_ssize_t nblocks):
+    """For tests: nblocks copies of a @ b, each computed by dgemm inside one block of parallel_blocks."""
+    if a.shape[1] != b.shape[0] or a.shape[0] < 1 or a.shape[1] < 1 or b.shape[1] < 1 or nblocks < 1:
+        raise ValueError("need a (m, k) and b (k, n) with m, n, k >= 1 and nblocks >= 1")
+    check_blas_dims(a.shape[0], b.shape[1], a.shape[1])
+    out = np.empty((nblocks, a.shape[0], b.shape[1]))
+    cdef double[:, :, ::1] o = out
+    cdef _nested_ctx ctx
+    ctx.m = a.shape[0]
+    ctx.n = b.shape[1]
+    ctx.k = a.shape[1]
+    ctx.a = &a[0, 0]
+    ctx.b = &b[0, 0]
+    ctx.c = &o[0, 0, 0]
+    with nogil:
+        parallel_blocks(nblocks, 1, _nested_block, &ctx)
     return out
 
 

@@ -17,7 +17,7 @@ __all__ = ["Workspace"]
 
 class Workspace:
     """Named arrays reused between calls of the same shape and dtype (see the module docstring)."""
-    __slots__ = ("reuse", "_bufs")
+    __slots__ = ("_bufs", "reuse")
 
     def __init__(self, reuse=True):
         self.reuse = bool(reuse)

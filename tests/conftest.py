@@ -8,20 +8,26 @@ implementation): ``rtol`` relative to the expected value, ``atol`` relative to `
 result that is a sum of large terms is allowed the rounding of those terms).  ``NUM_TOL`` is for numerical
 derivatives (finite differences) against exact ones, looser by the step's truncation and rounding error.
 """
+import os
 import sys
 
 import numpy as np
 
 sys.modules.setdefault("fastbp_tests", sys.modules[__name__])
 
+#: The books' trained pickles and datasets (shared/data/book beside the project root, as on the developers' machines
+#: and in CI; FASTBP_BOOK_DATA points elsewhere).  Tests that need a file skip when it is absent.
+BOOK_DATA = os.environ.get("FASTBP_BOOK_DATA") or os.path.normpath(
+    os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "shared", "data", "book"))
+
 F16, F32, F64 = np.float16, np.float32, np.float64
 
 TOL = {
-    F16: dict(rtol=1e-2, atol=1e-2),
-    F32: dict(rtol=1e-4, atol=1e-5),
-    F64: dict(rtol=1e-10, atol=1e-12),
+    F16: {"rtol": 1e-2, "atol": 1e-2},
+    F32: {"rtol": 1e-4, "atol": 1e-5},
+    F64: {"rtol": 1e-10, "atol": 1e-12},
 }
-NUM_TOL = {F32: dict(rtol=2e-2, atol=2e-2), F64: dict(rtol=1e-7, atol=1e-8)}
+NUM_TOL = {F32: {"rtol": 2e-2, "atol": 2e-2}, F64: {"rtol": 1e-7, "atol": 1e-8}}
 
 
 def tol(dtype):

@@ -338,3 +338,25 @@ def test_every_gemm_split_matches_numpy(m, n, k, ta, tb, la, lb, threads, small,
     err = np.abs(C.astype(np.float64) - want)
     assert np.all(err <= 2 * (k + 2) * eps * bound + np.finfo(dtype).tiny), \
         f"max error {err.max()} for split {_gemm._gemm_plan(max(m, 1), max(n, 1), max(k, 1), ta, tb, threads, small_mnk)}"
+
+
+@pytest.mark.parametrize("threads", [1, 3, 16, 64])
+@pytest.mark.parametrize("mkn", [(60, 2000, 50), (784, 100, 50), (50, 100, 784), (1, 300, 7)])
+def test_gemm_called_inside_a_parallel_region_runs_single_threaded_and_right(threads, mkn):
+    # a kernel's block calling the split GEMM (as convolution and recurrent kernels do): the GEMM must not open a
+    # nested team, and a K split's scratch must still be written and summed
+    m, k, n = mkn
+    rng = np.random.default_rng(m + k)
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    old, old_small = K._get_gemm_threads(), K._get_small_mnk()
+    try:
+        K._set_gemm_threads(threads)
+        for small in (old_small, 0.0):
+            K._set_small_mnk(small)
+            _poison_heap()
+            out = _gemm._gemm_in_blocks(a, b, 6)
+            for c in out:
+                np.testing.assert_allclose(c, a @ b, **TOL[np.float64])
+    finally:
+        K._set_gemm_threads(old)
+        K._set_small_mnk(old_small)

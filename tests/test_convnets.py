@@ -16,8 +16,9 @@ from fastbp import layers as F
 from fastbp import reference as R
 from fastbp.nets import DeepConvNet, MultiLayerNetExtend, SimpleConvNet
 from fastbp.optimizers import SGD, Adam
+from fastbp_tests import BOOK_DATA
 
-BOOK_DIR = os.environ.get("FASTBP_BOOK_DATA", "/work/shared/data/book")
+BOOK_DIR = BOOK_DATA
 MNIST = os.path.join(os.path.dirname(__file__), os.pardir, "fastbp", "data", "mnist-5k.npz")
 
 
@@ -252,3 +253,15 @@ def test_cli_trains_the_convolutional_nets(net, tmp_path, capsys):
     summary = json.loads(out.read_text())
     assert summary["net"] == net and summary["iterations"] == 2 and 0 <= summary["final_test_accuracy"] <= 1
     assert ("SimpleConvNet" if net == "simpleconvnet" else "DeepConvNet") in capsys.readouterr().out
+
+
+def test_bench_conv_cases_check_out():
+    """fastbp.bench.conv_cases (issue 9's rows of `fastbp bench`): the implementations agree before timing."""
+    from fastbp.bench.conv_cases import conv_case_specs
+    from fastbp.bench.harness import check_case
+    specs = dict(conv_case_specs(None))
+    assert set(specs) >= {"train-simpleconvnet-b100-f32", "train-deepconvnet-b100-f32", "book-simpleconvnet-b100",
+                          "maxpool-100x30x24x24"}
+    for key in ("maxpool-100x30x24x24", "train-simpleconvnet-b100-f64"):
+        row = check_case(specs[key]())
+        assert "error" not in row, row["check"]

@@ -5,13 +5,13 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from fastbp_tests import TOL
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastbp import functions as F
 from fastbp import reference as R
 from fastbp.gradient import numerical_gradient_5pt
-
-from fastbp_tests import TOL
 
 DTYPES = [np.float32, np.float64]
 

@@ -4,13 +4,18 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+from fastbp_tests import NUM_TOL
 
 from fastbp import reference as R
-from fastbp.gradient import (GradientCheckError, gradient_check, gradient_check_layer,
-                             gradient_check_model, numerical_gradient, numerical_gradient_5pt,
-                             relative_error)
-
-from fastbp_tests import NUM_TOL
+from fastbp.gradient import (
+    GradientCheckError,
+    gradient_check,
+    gradient_check_layer,
+    gradient_check_model,
+    numerical_gradient,
+    numerical_gradient_5pt,
+    relative_error,
+)
 
 DTYPES = [np.float32, np.float64]
 # central differences with h = 1e-4: O(h^2) truncation, O(eps/h) rounding

@@ -12,14 +12,13 @@ import zlib
 import numpy as np
 import pytest
 import scipy.special
+from fastbp_tests import TOL, assert_close
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import fastbp.layers as FL
 import fastbp.reference as REF
 from fastbp import gradient as G
-
-from fastbp_tests import TOL, assert_close
 
 F16, F32, F64 = np.float16, np.float32, np.float64
 DTYPES = [F32, F64]
@@ -1691,7 +1690,7 @@ def test_separate_instances_in_threads_give_the_single_thread_results(M):
     """Issue 7 item 16: an instance is not thread-safe (documented); separate instances used concurrently are."""
     assert "thread-safe" in (M.__doc__ or "")
     n_threads = 6
-    want = [_book2_train(M, F32, F32, epochs=3)[0] for _ in range(1)][0]
+    want = _book2_train(M, F32, F32, epochs=3)[0]
     want64 = _book2_train(M, F64, F32, epochs=3)[0]
     results, errors = [None] * n_threads, []
     barrier = threading.Barrier(n_threads)

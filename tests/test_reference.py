@@ -5,12 +5,12 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from fastbp_tests import TOL
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastbp import reference as R
 from fastbp.gradient import numerical_gradient_5pt, relative_error
-
-from fastbp_tests import TOL
 
 DTYPES = [np.float32, np.float64]
 NUM_MAX_REL = 1e-7      # backprop vs 5-point numerical derivative, float64

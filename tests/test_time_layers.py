@@ -11,13 +11,14 @@ import fastbp.layers as FL
 import fastbp.reference as REF
 import fastbp.time_layers as TL
 from fastbp import _embedding as _emb
+from fastbp_tests import BOOK_DATA
 
 DTYPES = [np.float32, np.float64]
 with_dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 MODULES = [pytest.param(TL, id="fastbp"), pytest.param(REF, id="reference")]
 with_modules = pytest.mark.parametrize("M", MODULES)
 TOL = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-9, atol=1e-11)}
-PICKLE = "/work/shared/data/book/book2-ch06-Rnnlm.pkl"
+PICKLE = os.path.join(BOOK_DATA, "book2-ch06-Rnnlm.pkl")
 
 
 class _threads_set:

@@ -1,5 +1,7 @@
 """fastbp.trainer (both books' Trainer, RnnlmTrainer, remove_duplicate) and fastbp.util (clip_grads,
 eval_perplexity, the corpus helpers) against the books' definitions."""
+import os
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,7 @@ import fastbp.time_layers as TL
 from fastbp import optimizers
 from fastbp import util
 from fastbp.trainer import Book1Trainer, Book2Trainer, RnnlmTrainer, Trainer, remove_duplicate
+from fastbp_tests import BOOK_DATA
 
 
 def _book_clip(grads, max_norm):
@@ -183,7 +186,7 @@ def test_corpus_helpers_match_book():
     assert oh.shape == (6, 2, 7) and oh.sum() == 12 and oh[0, 1, 2] == 1
 
 
-ADDITION = "/work/shared/data/book/book2-addition.txt"
+ADDITION = os.path.join(BOOK_DATA, "book2-addition.txt")
 
 
 def _seq2seq_data(n):
