@@ -873,7 +873,14 @@ from fastbp import reference_time as _ref2  # noqa: E402
 class Softmax(_ref2.Softmax):
     """Book 2's Softmax: out = softmax(x) over the last axis; dx = out * (dout - sum(out * dout)).
 
-    Not a hot path in the book's models (they use the fused softmax-with-loss): this is the NumPy twin."""
+    Not a hot path in the book's models (they use the fused softmax-with-loss): this is the NumPy twin, with
+    ``dout`` checked to have the output's shape (the book's broadcasts, e.g. a (N, 1) dout, give wrong dx)."""
+
+    def backward(self, dout):
+        if self.out is not None and np.shape(dout) != self.out.shape:
+            raise ValueError(f"Softmax.backward: dout must have the output's shape {self.out.shape}, "
+                             f"got {np.shape(dout)}")
+        return super().backward(dout)
 
 
 class SigmoidWithLoss(_ref2.SigmoidWithLoss):

@@ -405,6 +405,15 @@ class _Step(_Base):
             raise ValueError(f"{type(self).__name__}: x must be (N, D), got shape {x.shape}")
         return x[:, None, :]
 
+    def _dnext(self, d, name):
+        """An upstream gradient of the step's (N, H) output, shape-checked against the last forward."""
+        N, H = self._t._cache["shape"][0], self._t._cache["shape"][3]
+        d = np.asarray(d)
+        if d.shape != (N, H):
+            raise ValueError(f"{type(self).__name__}.backward: {name} must have shape {(N, H)} (N, H), "
+                             f"got {d.shape}")
+        return d
+
     def _check_h(self, h, N, H, name="h_prev"):
         h = np.asarray(h)
         if h.shape != (N, H):
@@ -431,7 +440,7 @@ class RNN(_Step):
     def backward(self, dh_next):
         if self.cache is None:
             raise _not_ready("RNN")
-        dxs = self._t.backward(np.asarray(dh_next)[:, None, :])
+        dxs = self._t.backward(self._dnext(dh_next, "dh_next")[:, None, :])
         return dxs[:, 0], self._t.dh
 
 
@@ -462,11 +471,12 @@ class LSTM(_Step):
         c = t._cache
         N, T, D, H = c["shape"]
         dt = c["dt"]
-        dk = t._dhs(np.asarray(dh_next)[:, None, :], N, 1, H, dt)
+        dk = t._dhs(self._dnext(dh_next, "dh_next")[:, None, :], N, 1, H, dt)
+        dc_next = self._dnext(dc_next, "dc_next")
         dh = t._ws.get("dh", (N, H), dt)
         dh.fill(0)
         dc = np.zeros((N, H), dt)
-        dc[...] = dc_next
+        np.copyto(dc, dc_next, casting="same_kind")
         dA = t._ws.scratch("dA", (N, 1, 4 * H), dt)
         _rec.lstm_backward(dk, c["A"], c["cs"], c["c0"], c["Whk"], dh, dc, dA)
         dxs = t._finish_backward(dA, dh, N, 1, D, H, dt)
@@ -499,7 +509,7 @@ class GRU(_Step):
     def backward(self, dh_next):
         if self.cache is None:
             raise _not_ready("GRU")
-        dxs = self._t.backward(np.asarray(dh_next)[:, None, :])
+        dxs = self._t.backward(self._dnext(dh_next, "dh_next")[:, None, :])
         return dxs[:, 0], self._t.dh
 
 
@@ -654,6 +664,9 @@ class TimeSoftmaxWithLoss(_Base):
         dt = xs.dtype if xs.dtype in (_F32, _F64) else _compute_dtype("TimeSoftmaxWithLoss", xs, np.float32)
         ws = self._ws
         x2 = ws.as_dtype("x", xs, dt).reshape(N * T, V)
+        if ts.dtype.kind == "u" and ts.size and ts.max() >= V:   # checked before the int64 cast can wrap it
+            raise IndexError(f"TimeSoftmaxWithLoss: label {ts.max()} is out of range for {V} classes "
+                             f"(valid: 0 .. {V - 1})")
         t = ws.scratch("t", (N * T,), _I64)
         np.copyto(t, ts.reshape(N * T), casting="unsafe")
         mask = None
