@@ -888,7 +888,13 @@ class SigmoidWithLoss(_ref2.SigmoidWithLoss):
 
     The loss is the exact ``log(1 + exp(-|x|)) + max(x, 0) - t x``, not the book's ``-log(y + 1e-7)`` (equal to
     about 1e-7 except where the book's value is capped at 16.1).  Its batch is (N,) scores: a NumPy pass over N
-    numbers; ``fastbp.negative_sampling_layer`` fuses it with the scores of all samples."""
+    numbers; ``fastbp.negative_sampling_layer`` fuses it with the scores of all samples.  ``dout`` must be a
+    scalar (an array would broadcast into a wrong gradient)."""
+
+    def backward(self, dout=1):
+        if np.ndim(dout) != 0:
+            raise ValueError(f"SigmoidWithLoss.backward takes a scalar dout, got shape {np.shape(dout)}")
+        return super().backward(dout)
 
 
 def _index_array(idx, ws):

@@ -218,6 +218,8 @@ class NegativeSamplingLoss:
         if self._cache is None:
             raise RuntimeError("NegativeSamplingLoss.backward called before NegativeSamplingLoss.forward")
         hk, idx, y, N = self._cache
+        if np.ndim(dout) != 0:
+            raise ValueError(f"NegativeSamplingLoss.backward takes a scalar dout, got shape {np.shape(dout)}")
         W = self.params[0]
         ds = (y * (dout / N)).astype(W.dtype, copy=False)
         ds[:, 0] -= dout / N

@@ -74,6 +74,13 @@ def _grad_zeros(p):
     return np.zeros_like(p, dtype=p.dtype if p.dtype in (_F32, _F64) else _F64)
 
 
+def _scalar_dout(owner, dout):
+    """The loss layers' upstream gradient: a scalar (an array would broadcast into a wrong gradient)."""
+    if np.ndim(dout) != 0:
+        raise ValueError(f"{owner}.backward takes a scalar dout, got shape {np.shape(dout)}")
+    return dout
+
+
 def _not_ready(owner):
     return RuntimeError(f"{owner}.backward called before {owner}.forward")
 
@@ -732,13 +739,18 @@ class TimeSigmoidWithLoss(_ref.TimeSigmoidWithLoss):
         if self.xs_shape is None:
             raise _not_ready("TimeSigmoidWithLoss")
         N, T = self.xs_shape
-        return (self._y - self._t) * (dout / (N * T))
+        return (self._y - self._t) * (_scalar_dout("TimeSigmoidWithLoss", dout) / (N * T))
 
 
 class TimeDropout(_ref.TimeDropout):
     """Book 2's TimeDropout (inverted dropout while ``train_flg``): mask = (np.random.rand(*xs.shape) >
     ratio) / (1 - ratio), the book's draw, so a fixed ``np.random.seed`` gives the book's masks; the mask is kept
-    in the input's dtype (the book's is float32)."""
+    in the input's dtype (the book's is float32).  ``backward`` checks that dout has the mask's shape."""
+
+    def backward(self, dout):
+        if self.mask is not None and np.shape(dout) != self.mask.shape:
+            raise ValueError(f"TimeDropout.backward: dout must have shape {self.mask.shape}, got {np.shape(dout)}")
+        return super().backward(dout)
 
 
 class TimeBiLSTM(_ref.TimeBiLSTM):

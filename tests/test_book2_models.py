@@ -393,6 +393,29 @@ def test_step_layers_check_upstream_gradient_shapes():
         sm.backward(np.ones((N, 1)))                                   # used to broadcast into a wrong dx
 
 
+def test_loss_layers_take_scalar_dout_and_dropout_checks_shape():
+    """An array dout used to broadcast into a wrong gradient (or a bare numpy error)."""
+    rng = np.random.default_rng(10)
+    s = FL.SigmoidWithLoss()
+    s.forward(rng.standard_normal(4), np.array([0, 1, 1, 0]))
+    with pytest.raises(ValueError, match=r"scalar dout, got shape \(4,\)"):
+        s.backward(np.ones(4))
+    assert s.backward(np.float32(2)).shape == (4,)
+    ts = TL.TimeSigmoidWithLoss()
+    ts.forward(rng.standard_normal((2, 3)), np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"scalar dout, got shape \(2, 1\)"):
+        ts.backward(np.ones((2, 1)))
+    d = TL.TimeDropout(0.5)
+    d.forward(np.ones((2, 3, 4), "f"))
+    with pytest.raises(ValueError, match=r"dout must have shape \(2, 3, 4\), got \(2, 3, 1\)"):
+        d.backward(np.ones((2, 3, 1), "f"))
+    corpus = np.arange(8, dtype=np.int32)
+    ns = NS.NegativeSamplingLoss(rng.standard_normal((8, 3)).astype("f"), corpus, 0.75, 2)
+    ns.forward(np.ones((2, 3), "f"), np.array([1, 2]))
+    with pytest.raises(ValueError, match=r"scalar dout, got shape \(2,\)"):
+        ns.backward(np.ones(2))
+
+
 def test_softmax_loss_unsigned_labels_checked_before_cast():
     """A uint64 label 2**64-1 used to wrap to -1 in the int64 cast and be silently ignored as book 2's -1."""
     sm = TL.TimeSoftmaxWithLoss()
