@@ -486,3 +486,33 @@ def test_same_bits_for_any_thread_count():
         for key, tol in (("f", dict(rtol=2e-5, atol=1e-6)), ("d", dict(rtol=1e-11, atol=1e-13))):
             for a, b in zip(res[n][key], res[1][key]):
                 np.testing.assert_allclose(a, b, **tol, err_msg=f"{key}: {n} threads vs 1")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_recurrent_loop_small_steps_same_bits_any_threads(dtype):
+    """The Rnnlm's per-step products (20 x 100 x 400, below fastbp._recurrent's SERIAL_MNK) run as one BLAS call
+    on the calling thread: the time loops give the same bits for 1, 3, 16, 64 threads (they were split over the
+    threads, and at 16 threads came out differently rounded)."""
+    from fastbp import _recurrent as _rec
+    from test_time_layers import _threads_set
+    rng = np.random.default_rng(11)
+    N, T, H = 20, 6, 100
+    assert N * 4 * H * H < _rec._serial_mnk()
+    A0 = rng.standard_normal((N, T, 4 * H)).astype(dtype)
+    Wh = (rng.standard_normal((H, 4 * H)) / 10).astype(dtype)
+    h0, c0 = rng.standard_normal((N, H)).astype(dtype), rng.standard_normal((N, H)).astype(dtype)
+    dhs = rng.standard_normal((N, T, H)).astype(dtype)
+    outs = {}
+    for n in (1, 3, 16, 64):
+        with _threads_set(n):
+            A, hs, cs = A0.copy(), np.empty((N, T, H), dtype), np.empty((N, T, H), dtype)
+            _rec.lstm_forward(A, Wh, h0, c0, hs, cs)
+            dh, dc, dA = np.zeros((N, H), dtype), np.zeros((N, H), dtype), np.empty((N, T, 4 * H), dtype)
+            _rec.lstm_backward(dhs, A, cs, c0, Wh, dh, dc, dA)
+            R = A0[..., :H].copy()
+            hr = np.empty((N, T, H), dtype)
+            _rec.rnn_forward(R, Wh[:, :H].copy(), h0, hr)
+            outs[n] = (hs, cs, dh, dc, dA, hr)
+    for n in (3, 16, 64):
+        for a, b in zip(outs[n], outs[1]):
+            np.testing.assert_array_equal(a, b, err_msg=f"{n} threads vs 1")
