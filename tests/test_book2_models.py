@@ -16,7 +16,7 @@ import fastbp.time_layers as TL
 from fastbp import layers as FL
 from fastbp import negative_sampling_layer as NS
 
-TOL = {np.float32: dict(rtol=3e-4, atol=3e-6), np.float64: dict(rtol=1e-9, atol=1e-12)}
+TOL = {np.float32: {"rtol": 3e-4, "atol": 3e-6}, np.float64: {"rtol": 1e-9, "atol": 1e-12}}
 with_dtypes = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 
 
@@ -376,7 +376,7 @@ def test_step_layers_check_upstream_gradient_shapes():
         lstm.backward(np.ones((N, H), "f"), np.ones((N, 1), "f"))     # used to broadcast silently
     with pytest.raises(ValueError, match=r"dh_next must have shape \(2, 4\).*got \(2, 5\)"):
         lstm.backward(np.ones((N, H + 1), "f"), np.ones((N, H), "f"))
-    dx, dh, dc = lstm.backward(np.ones((N, H)), np.ones((N, H)))      # float64 upstream into float32 layer
+    dx, _, dc = lstm.backward(np.ones((N, H)), np.ones((N, H)))       # float64 upstream into float32 layer
     assert dx.shape == (N, D) and dc.shape == (N, H)
     rnn = TL.RNN(rng.standard_normal((D, H)).astype("f"), rng.standard_normal((H, H)).astype("f"),
                  np.zeros(H, "f"))
@@ -475,7 +475,7 @@ def test_same_bits_for_any_thread_count():
     for n in (1, 3, 16, 64):
         env = dict(os.environ, FASTBP_NUM_THREADS=str(n))
         p = subprocess.run([sys.executable, "-c", _CHILD, root, here], env=env, capture_output=True, text=True,
-                           timeout=300)
+                           timeout=300, check=False)
         assert p.returncode == 0, p.stderr[-2000:]
         res[n] = json.loads(p.stdout.strip().splitlines()[-1])
     for n in (3, 16, 64):
@@ -483,7 +483,7 @@ def test_same_bits_for_any_thread_count():
         assert res[n]["ns"] == res[1]["ns"], f"negative sampling: {n} threads differ from 1 thread"
         # the models: GEMM pieces of fastbp._gemm differ by thread count (K splits summed per thread, and
         # OpenBLAS's small-matrix kernels on narrow N/M pieces round differently), so rounding apart only
-        for key, tol in (("f", dict(rtol=2e-5, atol=1e-6)), ("d", dict(rtol=1e-11, atol=1e-13))):
+        for key, tol in (("f", {"rtol": 2e-5, "atol": 1e-6}), ("d", {"rtol": 1e-11, "atol": 1e-13})):
             for a, b in zip(res[n][key], res[1][key]):
                 np.testing.assert_allclose(a, b, **tol, err_msg=f"{key}: {n} threads vs 1")
 
@@ -493,8 +493,9 @@ def test_recurrent_loop_small_steps_same_bits_any_threads(dtype):
     """The Rnnlm's per-step products (20 x 100 x 400, below fastbp._recurrent's SERIAL_MNK) run as one BLAS call
     on the calling thread: the time loops give the same bits for 1, 3, 16, 64 threads (they were split over the
     threads, and at 16 threads came out differently rounded)."""
-    from fastbp import _recurrent as _rec
     from test_time_layers import _threads_set
+
+    from fastbp import _recurrent as _rec
     rng = np.random.default_rng(11)
     N, T, H = 20, 6, 100
     assert N * 4 * H * H < _rec._serial_mnk()
