@@ -680,7 +680,8 @@ class TimeSoftmaxWithLoss(_Base):
         ignore = self.ignore_label
         lo, hi = (int(t.min()), int(t.max())) if N * T else (0, 0)
         valid = t
-        if lo < 0 or hi >= V:                    # ignored positions, or a bad label: look closer
+        in_range_ignore = ignore is not None and 0 <= ignore < V   # the book masks ts == ignore_label, whatever it is
+        if lo < 0 or hi >= V or in_range_ignore:   # ignored positions, or a bad label: look closer
             if ignore is not None:
                 m = t == ignore
                 if m.any():

@@ -416,6 +416,23 @@ def test_loss_layers_take_scalar_dout_and_dropout_checks_shape():
         ns.backward(np.ones(2))
 
 
+@with_dtypes
+def test_softmax_loss_in_range_ignore_label(dtype):
+    """The book masks ts == ignore_label whatever its value: an ignore_label inside [0, V) was not honoured (the
+    positions were only looked at when some label was outside [0, V))."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 3, 6)).astype(dtype)
+    t = np.array([[0, 5, 1], [5, 2, 3]], np.int32)
+    got = []
+    for M in (TL, REF):
+        s = M.TimeSoftmaxWithLoss()
+        s.ignore_label = 5
+        got.append((s.forward(x, t), np.array(s.backward())))
+    np.testing.assert_allclose(got[0][0], got[1][0], **TOL[dtype])
+    np.testing.assert_allclose(got[0][1], got[1][1], **TOL[dtype])
+    assert not got[0][1][0, 1].any() and not got[0][1][1, 0].any()
+
+
 def test_softmax_loss_unsigned_labels_checked_before_cast():
     """A uint64 label 2**64-1 used to wrap to -1 in the int64 cast and be silently ignored as book 2's -1."""
     sm = TL.TimeSoftmaxWithLoss()
