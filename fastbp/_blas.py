@@ -210,7 +210,7 @@ def _choose_coretype(flags, environ=None):
 #: OPENBLAS_THREAD_TIMEOUT (idle OpenBLAS workers spin 2**N cycles before they sleep) for fastbp's own copy
 #: when FASTBP_BLAS_THREAD_TIMEOUT is not set; None would leave OpenBLAS's default (N = 28, about 0.1 s).  It
 #: matters only where fastbp's OpenBLAS runs its own thread pool (threading mode "openblas", e.g. a build without
-#: OpenMP); NumPy's copy, loaded before fastbp's, never sees it.  16 (about 25 µs, like fastbp's OpenMP spin):
+#: OpenMP); NumPy's copy, loaded before fastbp's, never sees it.  16 (about 25 µs of spinning):
 #: measured with python -m fastbp.bench.loops in that mode, the book's ch05/ch06 steps with fastbp's layers took
 #: 28/31 ms with 16 and 31/37 ms with 4 against 51/123 ms with OpenBLAS's default, on the loaded machine.
 BLAS_THREAD_TIMEOUT = 16

@@ -13,15 +13,48 @@
 # is a C-contiguous buffer; step t of an (N, T, K) buffer is read in place with leading dimension T*K, so nothing
 # is copied per step.  float32 and float64 through the fused type `floating`.
 #
-# GEMM: fastbp._gemm's `gemm` (cimported), which splits a large per-step product (BetterRnnlm's 20 x 650 x 2600)
-# over fastbp's threads itself.  The loops add no thread-dependent order of their own: with one thread count the
-# results are reproducible bit for bit; across thread counts they are as close as the split GEMM's results.
+# GEMM: a per-step product below SERIAL_MNK multiply-adds (the Rnnlm's 20 x 100 x 400) is ONE BLAS call on the
+# calling thread (the leaf cblas_?gemm of fastbp's OpenBLAS, whose addresses fastbp._blas hands out): splitting
+# it over threads opened ~140 parallel regions per Rnnlm step, and at 2 threads on the loaded 2-core EPYC made
+# the LSTM's forward+backward 21-23 ms against 9 ms on one thread.  Those products give the same bits for any
+# thread count.  Larger per-step products (BetterRnnlm's 20 x 650 x 2600) go through fastbp._gemm's `gemm`,
+# which splits them over fastbp's threads (there 2 threads win: 316-365 ms vs 367-385 ms); across thread counts
+# they are as close as the split GEMM's results.  The loops add no thread-dependent order of their own.
 cimport numpy as cnp
 import numpy as np
 from fastbp._typedefs cimport floating
-from fastbp._gemm cimport gemm as fb_gemm, FB_NOTRANS, FB_TRANS, FB_INT_MAX
+from libc.stdint cimport intptr_t
+from fastbp._gemm cimport gemm as fb_gemm, FB_NOTRANS, FB_TRANS, FB_INT_MAX, FB_ROWMAJOR, sgemm_fn, dgemm_fn
+from fastbp import _blas as _blas_py
 
 cnp.import_array()
+
+# per-step products below this many multiply-adds: one BLAS call on the calling thread (see the Design note)
+cdef double SERIAL_MNK = 4e6
+cdef sgemm_fn _leaf_sgemm = NULL
+cdef dgemm_fn _leaf_dgemm = NULL
+
+
+def _set_leaf_gemm(intptr_t sgemm_address, intptr_t dgemm_address):
+    """Install the leaf cblas_sgemm / cblas_dgemm of fastbp's OpenBLAS (done at import)."""
+    global _leaf_sgemm, _leaf_dgemm
+    if sgemm_address == 0 or dgemm_address == 0:
+        raise ValueError("null BLAS address")
+    _leaf_sgemm = <sgemm_fn>sgemm_address
+    _leaf_dgemm = <dgemm_fn>dgemm_address
+
+
+def _serial_mnk():
+    """For tests: per-step products below this many multiply-adds run as one BLAS call on the calling thread."""
+    return SERIAL_MNK
+
+
+def _set_serial_mnk(double mnk):
+    """For tests and A/B timings: set SERIAL_MNK (0: every per-step product through the split GEMM)."""
+    global SERIAL_MNK
+    if not mnk >= 0:
+        raise ValueError(f"mnk must be >= 0, got {mnk}")
+    SERIAL_MNK = mnk
 
 cdef enum:
     NoTrans = FB_NOTRANS
@@ -67,8 +100,17 @@ cdef extern from "_recurrent.h" nogil:
 cdef inline void _gemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
                        const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,
                        floating *c, Py_ssize_t ldc) noexcept nogil:
-    """Row-major C[m, n] = alpha op(A) op(B) + beta C through fastbp._gemm (dims validated by the wrappers)."""
+    """Row-major C[m, n] = alpha op(A) op(B) + beta C: one leaf BLAS call below SERIAL_MNK, else fastbp._gemm's
+    split GEMM (dims validated below 2**31 by the wrappers; k >= 1 and leading dims >= n or k there)."""
     if m == 0 or n == 0:
+        return
+    if k > 0 and <double>m * <double>n * <double>k < SERIAL_MNK:
+        if floating is float:
+            _leaf_sgemm(FB_ROWMAJOR, ta, tb, <int>m, <int>n, <int>k, alpha, a, <int>lda, b, <int>ldb, beta, c,
+                        <int>ldc)
+        else:
+            _leaf_dgemm(FB_ROWMAJOR, ta, tb, <int>m, <int>n, <int>k, alpha, a, <int>lda, b, <int>ldb, beta, c,
+                        <int>ldc)
         return
     fb_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
@@ -402,3 +444,13 @@ def gru_backward(dhs, gates, hs, h0, Wh, dh, dA, work):
             _gru_bwd[double](N, T, H, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(Gt), <double*>cnp.PyArray_DATA(HS), <double*>cnp.PyArray_DATA(H0),
                              <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(DH), <double*>cnp.PyArray_DATA(DA), <double*>cnp.PyArray_DATA(WK),
                              <double*>cnp.PyArray_DATA(WK) + N * H)
+
+
+def _install_leaf_gemm():
+    import ctypes
+    lib = _blas_py.ensure_loaded()["lib"]
+    _set_leaf_gemm(*[ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+                     for name in ("scipy_cblas_sgemm", "scipy_cblas_dgemm")])
+
+
+_install_leaf_gemm()

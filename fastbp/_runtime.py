@@ -2,25 +2,26 @@
 
 GNU OpenMP reads OMP_WAIT_POLICY / GOMP_SPINCOUNT once, when libgomp is loaded.  Its default (spin about 300,000
 rounds, roughly a millisecond or more) keeps fastbp's worker spinning on the other core while the book's NumPy
-code runs between fastbp's layers.  So, unless the user has set either variable, fastbp sets GOMP_SPINCOUNT to
-SPINCOUNT for exactly the moment its extension modules load libgomp and then removes it again: later processes
-and other OpenMP runtimes (PyTorch's own libgomp copy, say) never see it.  A clang build against LLVM's libomp
-gets KMP_BLOCKTIME=KMP_BLOCKTIME the same way (libomp spins 200 ms by default).  NumPy's OpenBLAS uses pthreads, not
-OpenMP, and is never touched.  FASTBP_OMP_SPIN=<n> picks another count, FASTBP_OMP_SPIN=keep leaves libgomp's
-default.  The figures behind SPINCOUNT are in the README (measured with python -m fastbp.bench.loops).
+code runs between fastbp's layers.  So, unless the user has set one of them (or KMP_BLOCKTIME), fastbp sets
+GOMP_SPINCOUNT to SPINCOUNT for exactly the moment its extension modules load libgomp and then removes it again:
+later processes and other OpenMP runtimes (PyTorch's own libgomp copy, say) never see it.  A clang build against
+LLVM's libomp gets KMP_BLOCKTIME the same way (libomp spins 200 ms by default).  NumPy's OpenBLAS uses pthreads,
+not OpenMP, and is never touched.  FASTBP_OMP_SPIN=<n> picks another count, FASTBP_OMP_SPIN=keep leaves libgomp's
+default.  The figures behind SPINCOUNT: python -m fastbp.bench.loops (see the README).
 """
 import os
 
 #: GOMP_SPINCOUNT fastbp uses for its own OpenMP runtime when the user sets neither OMP_WAIT_POLICY nor
-#: GOMP_SPINCOUNT (None: libgomp's default).  About 25 µs of spinning: long enough to bridge the Python between
-#: two kernels of a layer sequence, short enough that the worker sleeps while NumPy code runs.  Chosen by
-#: python -m fastbp.bench.loops (README): under load, libgomp's default made the book's ch05 step with fastbp's
-#: layers ~50x slower than 1000 did; 0 (passive) and 1000 were within the noise of each other, 3000 and above
-#: slower, one thread slower still on ch05/ch06.
-SPINCOUNT = 1000
+#: GOMP_SPINCOUNT (None: libgomp's default).  0: a worker sleeps as soon as a region ends, so it never holds a
+#: core while the book's NumPy code runs.  Chosen with python -m fastbp.bench.loops and `fastbp bench` (figures
+#: in the README; a loaded 2-core machine): in the book's ch05/ch06 loops with fastbp's layers libgomp's default
+#: made each step 30-100x slower than 0 or 1000 (fastbp slower than the book), 0 beat 1000 in 2 of 3 runs and
+#: 3000/10000 were slower; in the bench's gap-separated TwoLayerNet step 0 beat 200 and 1000 in every round and
+#: was within the noise of libgomp's default.
+SPINCOUNT = 0
 
-#: The same for a build against LLVM's libomp (clang): KMP_BLOCKTIME, in milliseconds; 0 = no spinning, the
-#: nearest to SPINCOUNT's ~25 µs (libomp's default is 200 ms).
+#: The same for a build against LLVM's libomp (clang): KMP_BLOCKTIME, in milliseconds; 0 = no spinning, as
+#: SPINCOUNT (libomp's default is 200 ms).
 KMP_BLOCKTIME = 0
 
 _USER_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")

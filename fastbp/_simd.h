@@ -344,10 +344,12 @@ FB_VARIANTS(FB_SOFTMAX_CHUNKED, fb_softmax_block_f32, float, fb_expf)
 FB_VARIANTS(FB_SOFTMAX_CHUNKED, fb_softmax_block_f64, double, fb_exp)
 FB_DISPATCH(fb_softmax_block_f32, (const float *x, float *y, float *g, long rows, long c, float scale,
                                    const float *onehot, const int64_t *labels, int has_ignore, int64_t ignore,
-                                   double *rowloss), (x, y, g, rows, c, scale, onehot, labels, has_ignore, ignore, rowloss))
+                                   double *rowloss),
+            (x, y, g, rows, c, scale, onehot, labels, has_ignore, ignore, rowloss))
 FB_DISPATCH(fb_softmax_block_f64, (const double *x, double *y, double *g, long rows, long c, double scale,
                                    const double *onehot, const int64_t *labels, int has_ignore, int64_t ignore,
-                                   double *rowloss), (x, y, g, rows, c, scale, onehot, labels, has_ignore, ignore, rowloss))
+                                   double *rowloss),
+            (x, y, g, rows, c, scale, onehot, labels, has_ignore, ignore, rowloss))
 
 /* out = 1 / (1 + exp(-x)) without overflow: e = exp(-|x|) <= 1; out = 1/(1+e) or e/(1+e). */
 #define FB_SIGMOID(NAME, TARGET, T, EXP)                                                                      \
@@ -388,8 +390,10 @@ FB_VARIANTS(FB_RELU_B, fb_relu_backward_f32, float)
 FB_VARIANTS(FB_RELU_B, fb_relu_backward_f64, double)
 FB_DISPATCH(fb_relu_forward_f32, (long n, const float *x, float *out, unsigned char *mask), (n, x, out, mask))
 FB_DISPATCH(fb_relu_forward_f64, (long n, const double *x, double *out, unsigned char *mask), (n, x, out, mask))
-FB_DISPATCH(fb_relu_backward_f32, (long n, const float *dout, const unsigned char *mask, float *dx), (n, dout, mask, dx))
-FB_DISPATCH(fb_relu_backward_f64, (long n, const double *dout, const unsigned char *mask, double *dx), (n, dout, mask, dx))
+FB_DISPATCH(fb_relu_backward_f32, (long n, const float *dout, const unsigned char *mask, float *dx),
+            (n, dout, mask, dx))
+FB_DISPATCH(fb_relu_backward_f64, (long n, const double *dout, const unsigned char *mask, double *dx),
+            (n, dout, mask, dx))
 
 /* db[j] = sum_i dout[i, j] over a C-contiguous (n, m) block, accumulated in double in acc (m entries). */
 #define FB_COLSUM(NAME, TARGET, T)                                                                            \

@@ -469,6 +469,7 @@ def gradcheck_cases(seed=0):
     in float64, backpropagation against central differences."""
     from fastbp import layers as L
     from fastbp.gradient import gradient_check_layer, gradient_check_model
+    from fastbp._gradcheck_fast import book1_cnn_cases
     from fastbp.nets import MultiLayerNet, TwoLayerNet
 
     rng = np.random.default_rng(seed)
@@ -512,7 +513,7 @@ def gradcheck_cases(seed=0):
             lambda: MultiLayerNet(12, [8, 6], c, "relu", "he", weight_decay_lambda=0.1), xin, labels)),
         ("MultiLayerNet sigmoid (one-hot)", net_case(
             lambda: MultiLayerNet(12, [8, 6], c, "sigmoid", "xavier"), xin, onehot)),
-    ]
+    ] + book1_cnn_cases(seed)
 
 
 def float32_cases(seed=0):

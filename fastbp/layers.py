@@ -873,7 +873,14 @@ from fastbp import reference_time as _ref2  # noqa: E402
 class Softmax(_ref2.Softmax):
     """Book 2's Softmax: out = softmax(x) over the last axis; dx = out * (dout - sum(out * dout)).
 
-    Not a hot path in the book's models (they use the fused softmax-with-loss): this is the NumPy twin."""
+    Not a hot path in the book's models (they use the fused softmax-with-loss): this is the NumPy twin, with
+    ``dout`` checked to have the output's shape (the book's broadcasts, e.g. a (N, 1) dout, give wrong dx)."""
+
+    def backward(self, dout):
+        if self.out is not None and np.shape(dout) != self.out.shape:
+            raise ValueError(f"Softmax.backward: dout must have the output's shape {self.out.shape}, "
+                             f"got {np.shape(dout)}")
+        return super().backward(dout)
 
 
 class SigmoidWithLoss(_ref2.SigmoidWithLoss):
@@ -881,7 +888,13 @@ class SigmoidWithLoss(_ref2.SigmoidWithLoss):
 
     The loss is the exact ``log(1 + exp(-|x|)) + max(x, 0) - t x``, not the book's ``-log(y + 1e-7)`` (equal to
     about 1e-7 except where the book's value is capped at 16.1).  Its batch is (N,) scores: a NumPy pass over N
-    numbers; ``fastbp.negative_sampling_layer`` fuses it with the scores of all samples."""
+    numbers; ``fastbp.negative_sampling_layer`` fuses it with the scores of all samples.  ``dout`` must be a
+    scalar (an array would broadcast into a wrong gradient)."""
+
+    def backward(self, dout=1):
+        if np.ndim(dout) != 0:
+            raise ValueError(f"SigmoidWithLoss.backward takes a scalar dout, got shape {np.shape(dout)}")
+        return super().backward(dout)
 
 
 def _index_array(idx, ws):

@@ -126,6 +126,12 @@ class UnigramSampler:
 
     def get_negative_sample(self, target):
         target = np.asarray(target).reshape(-1)
+        if target.dtype.kind not in "iu":
+            raise TypeError(f"UnigramSampler: target must be integer word ids, got dtype {target.dtype}")
+        if target.size and (target.min() < 0 or target.max() >= self.vocab_size):
+            bad = target.min() if target.min() < 0 else target.max()
+            raise IndexError(f"UnigramSampler: target {bad} is out of range for the corpus's {self.vocab_size} "
+                             f"words (valid: 0 .. {self.vocab_size - 1})")
         N, S = target.shape[0], self.sample_size
         if S > self._nonzero - 1:
             raise ValueError(f"UnigramSampler: cannot draw {S} distinct words other than the target from "
@@ -212,6 +218,8 @@ class NegativeSamplingLoss:
         if self._cache is None:
             raise RuntimeError("NegativeSamplingLoss.backward called before NegativeSamplingLoss.forward")
         hk, idx, y, N = self._cache
+        if np.ndim(dout) != 0:
+            raise ValueError(f"NegativeSamplingLoss.backward takes a scalar dout, got shape {np.shape(dout)}")
         W = self.params[0]
         ds = (y * (dout / N)).astype(W.dtype, copy=False)
         ds[:, 0] -= dout / N

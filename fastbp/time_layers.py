@@ -74,6 +74,13 @@ def _grad_zeros(p):
     return np.zeros_like(p, dtype=p.dtype if p.dtype in (_F32, _F64) else _F64)
 
 
+def _scalar_dout(owner, dout):
+    """The loss layers' upstream gradient: a scalar (an array would broadcast into a wrong gradient)."""
+    if np.ndim(dout) != 0:
+        raise ValueError(f"{owner}.backward takes a scalar dout, got shape {np.shape(dout)}")
+    return dout
+
+
 def _not_ready(owner):
     return RuntimeError(f"{owner}.backward called before {owner}.forward")
 
@@ -405,6 +412,15 @@ class _Step(_Base):
             raise ValueError(f"{type(self).__name__}: x must be (N, D), got shape {x.shape}")
         return x[:, None, :]
 
+    def _dnext(self, d, name):
+        """An upstream gradient of the step's (N, H) output, shape-checked against the last forward."""
+        N, H = self._t._cache["shape"][0], self._t._cache["shape"][3]
+        d = np.asarray(d)
+        if d.shape != (N, H):
+            raise ValueError(f"{type(self).__name__}.backward: {name} must have shape {(N, H)} (N, H), "
+                             f"got {d.shape}")
+        return d
+
     def _check_h(self, h, N, H, name="h_prev"):
         h = np.asarray(h)
         if h.shape != (N, H):
@@ -431,7 +447,7 @@ class RNN(_Step):
     def backward(self, dh_next):
         if self.cache is None:
             raise _not_ready("RNN")
-        dxs = self._t.backward(np.asarray(dh_next)[:, None, :])
+        dxs = self._t.backward(self._dnext(dh_next, "dh_next")[:, None, :])
         return dxs[:, 0], self._t.dh
 
 
@@ -462,11 +478,12 @@ class LSTM(_Step):
         c = t._cache
         N, T, D, H = c["shape"]
         dt = c["dt"]
-        dk = t._dhs(np.asarray(dh_next)[:, None, :], N, 1, H, dt)
+        dk = t._dhs(self._dnext(dh_next, "dh_next")[:, None, :], N, 1, H, dt)
+        dc_next = self._dnext(dc_next, "dc_next")
         dh = t._ws.get("dh", (N, H), dt)
         dh.fill(0)
         dc = np.zeros((N, H), dt)
-        dc[...] = dc_next
+        np.copyto(dc, dc_next, casting="same_kind")
         dA = t._ws.scratch("dA", (N, 1, 4 * H), dt)
         _rec.lstm_backward(dk, c["A"], c["cs"], c["c0"], c["Whk"], dh, dc, dA)
         dxs = t._finish_backward(dA, dh, N, 1, D, H, dt)
@@ -499,7 +516,7 @@ class GRU(_Step):
     def backward(self, dh_next):
         if self.cache is None:
             raise _not_ready("GRU")
-        dxs = self._t.backward(np.asarray(dh_next)[:, None, :])
+        dxs = self._t.backward(self._dnext(dh_next, "dh_next")[:, None, :])
         return dxs[:, 0], self._t.dh
 
 
@@ -654,13 +671,17 @@ class TimeSoftmaxWithLoss(_Base):
         dt = xs.dtype if xs.dtype in (_F32, _F64) else _compute_dtype("TimeSoftmaxWithLoss", xs, np.float32)
         ws = self._ws
         x2 = ws.as_dtype("x", xs, dt).reshape(N * T, V)
+        if ts.dtype.kind == "u" and ts.size and ts.max() >= V:   # checked before the int64 cast can wrap it
+            raise IndexError(f"TimeSoftmaxWithLoss: label {ts.max()} is out of range for {V} classes "
+                             f"(valid: 0 .. {V - 1})")
         t = ws.scratch("t", (N * T,), _I64)
         np.copyto(t, ts.reshape(N * T), casting="unsafe")
         mask = None
         ignore = self.ignore_label
         lo, hi = (int(t.min()), int(t.max())) if N * T else (0, 0)
         valid = t
-        if lo < 0 or hi >= V:                    # ignored positions, or a bad label: look closer
+        in_range_ignore = ignore is not None and 0 <= ignore < V   # the book masks ts == ignore_label, whatever it is
+        if lo < 0 or hi >= V or in_range_ignore:   # ignored positions, or a bad label: look closer
             if ignore is not None:
                 m = t == ignore
                 if m.any():
@@ -719,13 +740,18 @@ class TimeSigmoidWithLoss(_ref.TimeSigmoidWithLoss):
         if self.xs_shape is None:
             raise _not_ready("TimeSigmoidWithLoss")
         N, T = self.xs_shape
-        return (self._y - self._t) * (dout / (N * T))
+        return (self._y - self._t) * (_scalar_dout("TimeSigmoidWithLoss", dout) / (N * T))
 
 
 class TimeDropout(_ref.TimeDropout):
     """Book 2's TimeDropout (inverted dropout while ``train_flg``): mask = (np.random.rand(*xs.shape) >
     ratio) / (1 - ratio), the book's draw, so a fixed ``np.random.seed`` gives the book's masks; the mask is kept
-    in the input's dtype (the book's is float32)."""
+    in the input's dtype (the book's is float32).  ``backward`` checks that dout has the mask's shape."""
+
+    def backward(self, dout):
+        if self.mask is not None and np.shape(dout) != self.mask.shape:
+            raise ValueError(f"TimeDropout.backward: dout must have shape {self.mask.shape}, got {np.shape(dout)}")
+        return super().backward(dout)
 
 
 class TimeBiLSTM(_ref.TimeBiLSTM):

@@ -139,10 +139,11 @@ def test_gradcheck_command_passes():
     r = run("gradcheck")
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("Affine", "Relu", "Sigmoid", "SoftmaxWithLoss (labels)", "SoftmaxWithLoss (one-hot)", "MatMul",
-                 "TwoLayerNet", "MultiLayerNet relu + decay", "MultiLayerNet sigmoid"):
+                 "TwoLayerNet", "MultiLayerNet relu + decay", "MultiLayerNet sigmoid", "Convolution", "Pooling",
+                 "BatchNormalization", "Dropout", "SimpleConvNet 28x28 digits", "DeepConvNet", "MultiLayerNetExtend"):
         assert name in r.stdout
     assert "FAIL" not in r.stdout
-    assert "28/28 passed" in r.stdout
+    assert "72/72 passed" in r.stdout
 
 
 def test_gradcheck_float32_command_passes():

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fastbp import _blas, _kernels, _optim
@@ -60,7 +59,8 @@ for dt in (np.float32, np.float64):
     x = rng.standard_normal((64, 37)).astype(dt)
     out = np.empty_like(x); mask = np.empty(x.shape, bool); dx = np.empty_like(x)
     K.relu_forward(x, out, mask); K.relu_backward(x, mask, dx)
-    ok[f"relu {dt.__name__}"] = bool(np.array_equal(out, np.maximum(x, 0)) and np.array_equal(dx, np.where(x > 0, x, 0)))
+    ok[f"relu {dt.__name__}"] = bool(np.array_equal(out, np.maximum(x, 0))
+                                     and np.array_equal(dx, np.where(x > 0, x, 0)))
     K.sigmoid_forward(x, out)
     ok[f"sigmoid {dt.__name__}"] = bool(np.allclose(out, 1 / (1 + np.exp(-x.astype(np.float64))), rtol=tol, atol=0))
     t = rng.integers(0, 37, 64)
@@ -88,7 +88,7 @@ def _run_path(disabled):
         env["FASTBP_DISABLE_CPU_FEATURES"] = disabled
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 

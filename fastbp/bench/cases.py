@@ -375,6 +375,7 @@ def relu_case(n, m, torch, targets, reuse=False):
 def build_cases(torch=None, select=None):
     """The curated cases (the issue's speed targets), optionally only those whose key contains a word of
     `select`; built lazily so an unselected case costs nothing."""
+    from fastbp.bench.conv_cases import conv_case_specs   # it builds on this module's Case and Target
     T = Target
     specs = [
         ("train-2l-b100-f32", lambda: train_case(
@@ -395,7 +396,7 @@ def build_cases(torch=None, select=None):
         ("softmax-4096x1000-reuse", lambda: softmax_case(4096, 1000, torch, [], reuse=True)),
         ("relu-4096x4096", lambda: relu_case(4096, 4096, torch, [T("speedup", 1.5, "numpy")])),
         ("relu-4096x4096-reuse", lambda: relu_case(4096, 4096, torch, [], reuse=True)),
-    ]
+    ] + conv_case_specs(torch)
     if select:
         specs = [s for s in specs if any(w in s[0] for w in select)]
     return specs

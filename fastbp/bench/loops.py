@@ -47,8 +47,9 @@ CONFIGS = {
 
 
 def _mnist():
-    import numpy as np
     from pathlib import Path
+
+    import numpy as np
     d = np.load(Path(__file__).resolve().parents[1] / "data" / "mnist-5k.npz")
     x = (d["images"].reshape(len(d["images"]), -1).astype(np.float32) / 255.0)
     t = d["labels"].astype(np.int64)
@@ -60,9 +61,15 @@ def _mnist():
 def make_loops(seed=0):
     """{loop: {"fastbp": step, "book": step}}, each step one iteration of the loop."""
     import numpy as np
+
     import fastbp.layers as FL
     from fastbp import nets, optimizer
-    from fastbp.bench.book import BookAdam, BookLayers, BookMultiLayerNet, BookTwoLayerNet
+    from fastbp.bench.book import (
+        BookAdam,
+        BookLayers,
+        BookMultiLayerNet,
+        BookTwoLayerNet,
+    )
 
     x_train, t_train, t_onehot = _mnist()
     n = x_train.shape[0]
@@ -145,7 +152,8 @@ def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr):
         for c in order:
             cmd = [sys.executable, "-m", "fastbp.bench.loops", "--worker", "--rounds", str(rounds),
                    "--seconds", str(seconds), "--loops", *loops_wanted]
-            r = subprocess.run(cmd, env=_child_env(CONFIGS[c]), capture_output=True, text=True, timeout=900)
+            r = subprocess.run(cmd, env=_child_env(CONFIGS[c]),
+                               capture_output=True, text=True, timeout=900, check=False)
             if r.returncode != 0:
                 raise RuntimeError(f"config {c}: {r.stderr[-2000:]}")
             got = json.loads(r.stdout.strip().splitlines()[-1])

@@ -225,7 +225,7 @@ def run(args, out=None):
         if probe is None and not args.no_probe and key.startswith("train-2l-b100") and "error" not in row:
             probe = interference_probe(case, reps=3 if args.quick else 5, gap=args.gap)
         row = measure_case(case, sweep_rounds if key.startswith("sweep-") else args.rounds, args.gap, row=row)
-        if key == "train-mlp-b256-f32" and peak and "median_s" in row:
+        if peak and "median_s" in row and any(t.kind == "floor" for t in case.targets):
             floor = case.flops / (peak["best_sgemm_gflops"] * 1e9)
             row["floor_s"] = floor
             row["floor_ratio"] = row["median_s"]["fastbp"] / floor
