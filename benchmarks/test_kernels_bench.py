@@ -266,13 +266,13 @@ class _BookOptimizer:
 
 
 def _torch_optimizer(torch, name, params, lr):
-    O = torch.optim
-    return {"SGD": lambda: O.SGD(params, lr=lr),
-            "Momentum": lambda: O.SGD(params, lr=lr, momentum=0.9),
-            "Nesterov": lambda: O.SGD(params, lr=lr, momentum=0.9, nesterov=True),
-            "AdaGrad": lambda: O.Adagrad(params, lr=lr, eps=1e-7),
-            "RMSprop": lambda: O.RMSprop(params, lr=lr, alpha=0.99, eps=1e-7),
-            "Adam": lambda: O.Adam(params, lr=lr, eps=1e-7)}[name]()
+    optim = torch.optim
+    return {"SGD": lambda: optim.SGD(params, lr=lr),
+            "Momentum": lambda: optim.SGD(params, lr=lr, momentum=0.9),
+            "Nesterov": lambda: optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+            "AdaGrad": lambda: optim.Adagrad(params, lr=lr, eps=1e-7),
+            "RMSprop": lambda: optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-7),
+            "Adam": lambda: optim.Adam(params, lr=lr, eps=1e-7)}[name]()
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)

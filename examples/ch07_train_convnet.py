@@ -25,7 +25,8 @@ from fastbp.trainer import Trainer
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--epochs", type=int, default=20, help="epochs (book: 20; 0: only evaluate)")
 parser.add_argument("--source", choices=("sample", "auto", "full"), default="sample")
-parser.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="parameter dtype (book: float64)")
+parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                    help="parameter dtype (book: float64)")
 parser.add_argument("--params", default=None, help="load a params pickle (the book's format) before training")
 parser.add_argument("--save", default=None, help="save the trained params (the book writes params.pkl)")
 parser.add_argument("--seed", type=int, default=None, help="np.random seed (default: unseeded, like the book)")

@@ -2,8 +2,8 @@
 
 ``gradient_check_fast(target, x, t=None, dout=None)`` checks, for every input and parameter array ``p`` of a layer
 or network, that backpropagation's directional derivative ``<grad_p, u>`` along a random unit direction ``u``
-equals a five-point central difference along ``u`` (``(8 (f(p + h u) - f(p - h u)) - (f(p + 2h u) - f(p - 2h u))) / 12h``,
-error O(h^4)) -- the idea of
+equals a five-point central difference along ``u``
+(``(8 (f(p + h u) - f(p - h u)) - (f(p + 2h u) - f(p - 2h u))) / 12h``, error O(h^4)) -- the idea of
 ``torch.autograd.gradcheck(fast_mode=True)``, which compares ``vᵀ J u`` for random unit ``u`` and ``v``.  Here
 ``f`` is the scalar ``vᵀ forward(x)`` of a layer (``v`` a random unit array of the output's shape, which
 backward receives as ``dout``), or the loss of a network (``v = 1``).  Two forward passes per direction and

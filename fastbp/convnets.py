@@ -69,7 +69,8 @@ class _BookNet:
             a = np.asarray(a)
         if name == "t" and a.dtype.kind in "iu" and a.ndim == 2 and a.shape[1] == 1 and self.output_size != 1:
             return a.reshape(-1)
-        if not self._fast or a.dtype == self.dtype or a.dtype.kind not in "fiub" or (name == "t" and a.dtype.kind != "f"):
+        if (not self._fast or a.dtype == self.dtype or a.dtype.kind not in "fiub"
+                or (name == "t" and a.dtype.kind != "f")):
             return a
         buf = self._bufs.get(name)
         if buf is None or buf.shape != a.shape:

@@ -165,7 +165,8 @@ class Sigmoid(_Fast, _ref.Sigmoid):
 
     def backward(self, dout):
         y = self.out
-        if (type(dout) is np.ndarray and y is not None and dout.dtype is y.dtype and (y.dtype is _F32 or y.dtype is _F64)
+        if (type(dout) is np.ndarray and y is not None and dout.dtype is y.dtype
+                and (y.dtype is _F32 or y.dtype is _F64)
                 and dout.shape == y.shape and dout.flags.c_contiguous and y.flags.c_contiguous):
             dx = self._ws.result("dx", dout.shape, dout.dtype, dout)
             _k.sigmoid_backward(dout, y, dx)

@@ -273,7 +273,8 @@ class MultiLayerNet(_FullyConnectedNet):
 
 # book 1, chapters 6-8: SimpleConvNet, DeepConvNet, MultiLayerNetExtend live in fastbp.convnets (which imports this
 # module's helpers), re-exported here on first access
-__all__ += ["SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"]
+# (F822: the names are resolved by the module-level __getattr__ below, a lazy re-export, not defined here)
+__all__ += ["SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"]  # noqa: F822
 
 
 def __getattr__(name):

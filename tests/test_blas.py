@@ -337,7 +337,8 @@ def test_every_gemm_split_matches_numpy(m, n, k, ta, tb, la, lb, threads, small,
         K._set_small_mnk(old_small)
     err = np.abs(C.astype(np.float64) - want)
     assert np.all(err <= 2 * (k + 2) * eps * bound + np.finfo(dtype).tiny), \
-        f"max error {err.max()} for split {_gemm._gemm_plan(max(m, 1), max(n, 1), max(k, 1), ta, tb, threads, small_mnk)}"
+        f"max error {err.max()} for split " \
+        f"{_gemm._gemm_plan(max(m, 1), max(n, 1), max(k, 1), ta, tb, threads, small_mnk)}"
 
 
 @pytest.mark.parametrize("threads", [1, 3, 16, 64])

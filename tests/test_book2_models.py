@@ -480,7 +480,8 @@ corpus = np.random.randint(0, 200, 5000).astype(np.int32)
 W = (np.random.randn(200, 50) * 0.1).astype("f")
 ns = NS.NegativeSamplingLoss(W, corpus, 0.75, 5)
 h = np.random.randn(100, 50).astype("f")
-out["ns"] = [ns.forward(h, corpus[:100]), ns.backward().ravel()[::7].tolist()] + [g.ravel()[::31].tolist() for g in ns.grads]
+out["ns"] = [ns.forward(h, corpus[:100]), ns.backward().ravel()[::7].tolist()] + \
+            [g.ravel()[::31].tolist() for g in ns.grads]
 print(json.dumps(out))
 """
 

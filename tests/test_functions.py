@@ -227,6 +227,7 @@ def test_sigmoid_promotes_like_np_exp_and_agrees_with_the_layers(dt):
     for layer in (R.Sigmoid(), FL.Sigmoid()):
         out = layer.forward(x)
         assert out.dtype == want_dt, type(layer).__module__
-        np.testing.assert_allclose(out.astype(np.float64), got.astype(np.float64), rtol=1e-3 if want_dt == np.float16 else 1e-6)
+        np.testing.assert_allclose(out.astype(np.float64), got.astype(np.float64),
+                                   rtol=1e-3 if want_dt == np.float16 else 1e-6)
     np.testing.assert_allclose(got.astype(np.float64), 1 / (1 + np.exp(-x.astype(np.float64))),
                                **TOL[np.float16 if want_dt == np.float16 else np.float32])
