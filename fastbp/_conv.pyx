@@ -373,7 +373,6 @@ cdef Py_ssize_t SAMPLE_BLOCKS = 16        # a batch is cut into at most this man
 cdef double CONV_PARALLEL_MIN = 1 << 18   # N*OH*OW*K*FN multiply-adds below this: the blocks run on one thread
 
 
-
 def sample_block(Py_ssize_t n):
     """(samples per block, number of blocks) for a batch of n: depends on n only, never on the thread count."""
     cdef Py_ssize_t b = (n + SAMPLE_BLOCKS - 1) // SAMPLE_BLOCKS if n > 0 else 1
@@ -517,18 +516,18 @@ def conv_forward(x, W2, b, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_s
     c.t = _ftype(x, "x")
     _same(c.t, W2, "W2"); _same(c.t, b, "b"); _same(c.t, col, "col"); _same(c.t, out, "out")
     cdef cnp.ndarray X = <cnp.ndarray>x, A = <cnp.ndarray>W2, B = <cnp.ndarray>b
-    cdef cnp.ndarray COL = <cnp.ndarray>col, O = <cnp.ndarray>out
+    cdef cnp.ndarray COL = <cnp.ndarray>col, Out = <cnp.ndarray>out
     cdef Py_ssize_t N = _conv_dims(_s(X), W2, fh, fw, stride, pad, &c, "x")
     _contig(X, "x", False)
     _shape(B, (c.FN,), "b"); _contig(B, "b", False)
     _shape(COL, (N, c.K, c.P), "colT"); _contig(COL, "colT", True)
-    _shape(O, (N, c.FN, c.oh, c.ow), "out"); _contig(O, "out", True)
+    _shape(Out, (N, c.FN, c.oh, c.ow), "out"); _contig(Out, "out", True)
     for a, nm in ((X, "x"), (A, "W2"), (B, "b")):
         _no_overlap(COL, a, "col", nm)
-        _no_overlap(O, a, "out", nm)
-    _no_overlap(O, COL, "out", "col")
+        _no_overlap(Out, a, "out", nm)
+    _no_overlap(Out, COL, "out", "col")
     c.x = cnp.PyArray_DATA(X); c.W2 = cnp.PyArray_DATA(A); c.b = cnp.PyArray_DATA(B)
-    c.col = cnp.PyArray_DATA(COL); c.out = cnp.PyArray_DATA(O)
+    c.col = cnp.PyArray_DATA(COL); c.out = cnp.PyArray_DATA(Out)
     cdef Py_ssize_t blk = sample_block(N)[0]
     with nogil:
         parallel_blocks_nt(N, blk, _conv_fwd_block, &c, _conv_threads(N, &c))
@@ -539,8 +538,8 @@ def conv_backward(dout, col, W2, tuple x_shape, Py_ssize_t fh, Py_ssize_t fw, Py
                   dW2, db, dx, dW_part, db_part, dcol, dT):
     """db = sum of dout over (N, OH, OW); dW2 (FN, K) = sum_n dout_n @ colT[n]^T; dx (x_shape) = col2im(W2^T @ dout_n)
     unless dx is None.  Scratch: dW_part (nblocks, K, FN), db_part float64 (nblocks, FN), dcol (nblocks, K, OH*OW)
-    (None without dx), dT (nblocks, OH*OW, FN), nblocks = sample_block(N)[1].  The partials are added in block order, so the result has
-    the same bits for any thread count.  Returns dx."""
+    (None without dx), dT (nblocks, OH*OW, FN), nblocks = sample_block(N)[1].  The partials are added in block order,
+    so the result has the same bits for any thread count.  Returns dx."""
     cdef ConvCtx c
     c.t = _ftype(dout, "dout")
     _same(c.t, col, "col"); _same(c.t, W2, "W2"); _same(c.t, dW2, "dW2"); _same(c.t, db, "db")
@@ -686,22 +685,22 @@ cdef _check_pool(x, out, arg, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t stride, P
     if not cnp.PyArray_Check(arg) or cnp.PyArray_TYPE(<cnp.ndarray>arg) != cnp.NPY_INT32 \
             or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>arg):
         raise TypeError(f"arg_max must be a native int32 array, got {getattr(arg, 'dtype', type(arg).__name__)}")
-    cdef cnp.ndarray X = <cnp.ndarray>x, O = <cnp.ndarray>out, A = <cnp.ndarray>arg
+    cdef cnp.ndarray X = <cnp.ndarray>x, Out = <cnp.ndarray>out, A = <cnp.ndarray>arg
     if cnp.PyArray_NDIM(X) != 4:
         raise ValueError(f"{xn} must be 4-D (N, C, H, W), got shape {_s(X)}")
     cdef Py_ssize_t N = _s(X)[0], C = _s(X)[1], H = _s(X)[2], W = _s(X)[3], oh, ow
     _geometry(H, W, ph, pw, stride, pad, &oh, &ow)
-    _shape(O, (N, C, oh, ow), on)
+    _shape(Out, (N, C, oh, ow), on)
     _shape(A, (N, C, oh, ow), "arg_max")
     _contig(X, xn, not forward)
-    _contig(O, on, forward)
+    _contig(Out, on, forward)
     _contig(A, "arg_max", forward)
     if forward:
-        _no_overlap(O, X, "out", "x")
+        _no_overlap(Out, X, "out", "x")
         _no_overlap(A, X, "arg_max", "x")
-        _no_overlap(A, O, "arg_max", "out")
+        _no_overlap(A, Out, "arg_max", "out")
     else:
-        _no_overlap(X, O, "dx", "dout")
+        _no_overlap(X, Out, "dx", "dout")
         _no_overlap(X, A, "dx", "arg_max")
     dims[0] = N * C; dims[1] = H; dims[2] = W; dims[3] = oh; dims[4] = ow
     return t

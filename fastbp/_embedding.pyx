@@ -19,7 +19,6 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memset, memcpy
 from libc.stdint cimport int64_t, int32_t
 cimport numpy as cnp
-import numpy as np
 from fastbp._typedefs cimport floating
 from fastbp._threads cimport parallel_blocks, even_block
 
@@ -150,21 +149,21 @@ cdef void _gather(const void *w, Py_ssize_t row_bytes, const void *idx, bint i64
 def gather(W, idx, out):
     """out[i] = W[idx.flat[i]] for W (V, D) (rows C-contiguous), idx int32/int64 any shape, out (idx.size, D)."""
     cdef int ft = _ftype(W, "W"), it = _itype(idx, "idx")
-    cdef cnp.ndarray Wa = <cnp.ndarray>W, I = <cnp.ndarray>idx, O
+    cdef cnp.ndarray Wa = <cnp.ndarray>W, Idx = <cnp.ndarray>idx, Out
     if cnp.PyArray_NDIM(Wa) != 2:
         raise ValueError(f"W must be 2-D (V, D), got shape {(<object>Wa).shape}")
-    cdef Py_ssize_t V = Wa.shape[0], D = Wa.shape[1], n = cnp.PyArray_SIZE(I)
+    cdef Py_ssize_t V = Wa.shape[0], D = Wa.shape[1], n = cnp.PyArray_SIZE(Idx)
     _check_2d(Wa, "W", V, D, False)
     if _ftype(out, "out") != ft:
         raise TypeError(f"out must have W's dtype {Wa.dtype}, got {out.dtype}")
-    O = <cnp.ndarray>out
-    _check_2d(O, "out", n, D, True)
-    if _overlap(O, Wa) or _overlap(O, I):
+    Out = <cnp.ndarray>out
+    _check_2d(Out, "out", n, D, True)
+    if _overlap(Out, Wa) or _overlap(Out, Idx):
         raise ValueError("out overlaps W or idx")
-    _check_indices(I, it, V)
+    _check_indices(Idx, it, V)
     with nogil:
-        _gather(cnp.PyArray_DATA(Wa), D * cnp.PyArray_ITEMSIZE(Wa), cnp.PyArray_DATA(I), it == 1, n,
-                cnp.PyArray_DATA(O))
+        _gather(cnp.PyArray_DATA(Wa), D * cnp.PyArray_ITEMSIZE(Wa), cnp.PyArray_DATA(Idx), it == 1, n,
+                cnp.PyArray_DATA(Out))
     return out
 
 
@@ -283,10 +282,10 @@ def scatter_add(src, idx, dW, scale=None):
     float dtype.  Duplicate indices are summed in index order (in double for float32), so the result does not
     depend on the thread count.  Returns dW."""
     cdef int ft = _ftype(dW, "dW"), it = _itype(idx, "idx")
-    cdef cnp.ndarray DW = <cnp.ndarray>dW, I = <cnp.ndarray>idx, S, SC = None
+    cdef cnp.ndarray DW = <cnp.ndarray>dW, Idx = <cnp.ndarray>idx, S, SC = None
     if cnp.PyArray_NDIM(DW) != 2:
         raise ValueError(f"dW must be 2-D (V, D), got shape {(<object>DW).shape}")
-    cdef Py_ssize_t V = DW.shape[0], D = DW.shape[1], n = cnp.PyArray_SIZE(I)
+    cdef Py_ssize_t V = DW.shape[0], D = DW.shape[1], n = cnp.PyArray_SIZE(Idx)
     _check_2d(DW, "dW", V, D, True)
     if _ftype(src, "src") != ft:
         raise TypeError(f"src must have dW's dtype {DW.dtype}, got {src.dtype}")
@@ -300,26 +299,26 @@ def scatter_add(src, idx, dW, scale=None):
             raise ValueError(f"scale must be C-contiguous with {n} entries, got shape {(<object>SC).shape}")
         if _overlap(DW, SC):
             raise ValueError("dW overlaps scale")
-    if _overlap(DW, S) or _overlap(DW, I):
+    if _overlap(DW, S) or _overlap(DW, Idx):
         raise ValueError("dW overlaps src or idx")
-    _check_indices(I, it, V)
+    _check_indices(Idx, it, V)
     cdef int rc
     cdef void *sp = NULL if SC is None else cnp.PyArray_DATA(SC)
     with nogil:
         if ft == 0:
             if it == 0:
                 rc = _scatter[float, int32_t](<float*>cnp.PyArray_DATA(S), <float*>sp, n, D,
-                                              <int32_t*>cnp.PyArray_DATA(I), V, <float*>cnp.PyArray_DATA(DW))
+                                              <int32_t*>cnp.PyArray_DATA(Idx), V, <float*>cnp.PyArray_DATA(DW))
             else:
                 rc = _scatter[float, int64_t](<float*>cnp.PyArray_DATA(S), <float*>sp, n, D,
-                                              <int64_t*>cnp.PyArray_DATA(I), V, <float*>cnp.PyArray_DATA(DW))
+                                              <int64_t*>cnp.PyArray_DATA(Idx), V, <float*>cnp.PyArray_DATA(DW))
         else:
             if it == 0:
                 rc = _scatter[double, int32_t](<double*>cnp.PyArray_DATA(S), <double*>sp, n, D,
-                                               <int32_t*>cnp.PyArray_DATA(I), V, <double*>cnp.PyArray_DATA(DW))
+                                               <int32_t*>cnp.PyArray_DATA(Idx), V, <double*>cnp.PyArray_DATA(DW))
             else:
                 rc = _scatter[double, int64_t](<double*>cnp.PyArray_DATA(S), <double*>sp, n, D,
-                                               <int64_t*>cnp.PyArray_DATA(I), V, <double*>cnp.PyArray_DATA(DW))
+                                               <int64_t*>cnp.PyArray_DATA(Idx), V, <double*>cnp.PyArray_DATA(DW))
     if rc != 0:
         raise MemoryError()
     return dW
@@ -372,45 +371,45 @@ cdef void _rowdot_back(const floating *w, Py_ssize_t D, const index_t *idx, Py_s
 def rowdot(W, idx, h, out):
     """out[i, j] = W[idx[i, j]] . h[i]: W (V, D), idx (n, k) int32/int64, h (n, D), out (n, k); returns out."""
     cdef int ft = _ftype(W, "W"), it = _itype(idx, "idx")
-    cdef cnp.ndarray Wa = <cnp.ndarray>W, I = <cnp.ndarray>idx, Hh, O
-    if cnp.PyArray_NDIM(Wa) != 2 or cnp.PyArray_NDIM(I) != 2:
-        raise ValueError(f"W must be (V, D) and idx (n, k), got {(<object>Wa).shape} and {(<object>I).shape}")
-    cdef Py_ssize_t V = Wa.shape[0], D = Wa.shape[1], n = I.shape[0], k = I.shape[1]
+    cdef cnp.ndarray Wa = <cnp.ndarray>W, Idx = <cnp.ndarray>idx, Hh, Out
+    if cnp.PyArray_NDIM(Wa) != 2 or cnp.PyArray_NDIM(Idx) != 2:
+        raise ValueError(f"W must be (V, D) and idx (n, k), got {(<object>Wa).shape} and {(<object>Idx).shape}")
+    cdef Py_ssize_t V = Wa.shape[0], D = Wa.shape[1], n = Idx.shape[0], k = Idx.shape[1]
     _check_2d(Wa, "W", V, D, False)
     if _ftype(h, "h") != ft or _ftype(out, "out") != ft:
         raise TypeError("W, h and out must share one float dtype")
     Hh = <cnp.ndarray>h
-    O = <cnp.ndarray>out
+    Out = <cnp.ndarray>out
     _check_2d(Hh, "h", n, D, False)
-    _check_2d(O, "out", n, k, True)
-    if _overlap(O, Wa) or _overlap(O, Hh) or _overlap(O, I):
+    _check_2d(Out, "out", n, k, True)
+    if _overlap(Out, Wa) or _overlap(Out, Hh) or _overlap(Out, Idx):
         raise ValueError("out overlaps an input")
-    _check_indices(I, it, V)
+    _check_indices(Idx, it, V)
     with nogil:
         if ft == 0:
             if it == 0:
-                _rowdot[float, int32_t](<float*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(I), n, k,
-                                        <float*>cnp.PyArray_DATA(Hh), <float*>cnp.PyArray_DATA(O))
+                _rowdot[float, int32_t](<float*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(Idx), n, k,
+                                        <float*>cnp.PyArray_DATA(Hh), <float*>cnp.PyArray_DATA(Out))
             else:
-                _rowdot[float, int64_t](<float*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(I), n, k,
-                                        <float*>cnp.PyArray_DATA(Hh), <float*>cnp.PyArray_DATA(O))
+                _rowdot[float, int64_t](<float*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(Idx), n, k,
+                                        <float*>cnp.PyArray_DATA(Hh), <float*>cnp.PyArray_DATA(Out))
         else:
             if it == 0:
-                _rowdot[double, int32_t](<double*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(I), n, k,
-                                         <double*>cnp.PyArray_DATA(Hh), <double*>cnp.PyArray_DATA(O))
+                _rowdot[double, int32_t](<double*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(Idx), n, k,
+                                         <double*>cnp.PyArray_DATA(Hh), <double*>cnp.PyArray_DATA(Out))
             else:
-                _rowdot[double, int64_t](<double*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(I), n, k,
-                                         <double*>cnp.PyArray_DATA(Hh), <double*>cnp.PyArray_DATA(O))
+                _rowdot[double, int64_t](<double*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(Idx), n, k,
+                                         <double*>cnp.PyArray_DATA(Hh), <double*>cnp.PyArray_DATA(Out))
     return out
 
 
 def rowdot_backward(W, idx, dscore, dh):
     """dh[i] = sum_j dscore[i, j] W[idx[i, j]]: W (V, D), idx (n, k), dscore (n, k), dh (n, D); returns dh."""
     cdef int ft = _ftype(W, "W"), it = _itype(idx, "idx")
-    cdef cnp.ndarray Wa = <cnp.ndarray>W, I = <cnp.ndarray>idx, DS, DH
-    if cnp.PyArray_NDIM(Wa) != 2 or cnp.PyArray_NDIM(I) != 2:
-        raise ValueError(f"W must be (V, D) and idx (n, k), got {(<object>Wa).shape} and {(<object>I).shape}")
-    cdef Py_ssize_t V = Wa.shape[0], D = Wa.shape[1], n = I.shape[0], k = I.shape[1]
+    cdef cnp.ndarray Wa = <cnp.ndarray>W, Idx = <cnp.ndarray>idx, DS, DH
+    if cnp.PyArray_NDIM(Wa) != 2 or cnp.PyArray_NDIM(Idx) != 2:
+        raise ValueError(f"W must be (V, D) and idx (n, k), got {(<object>Wa).shape} and {(<object>Idx).shape}")
+    cdef Py_ssize_t V = Wa.shape[0], D = Wa.shape[1], n = Idx.shape[0], k = Idx.shape[1]
     _check_2d(Wa, "W", V, D, False)
     if _ftype(dscore, "dscore") != ft or _ftype(dh, "dh") != ft:
         raise TypeError("W, dscore and dh must share one float dtype")
@@ -418,23 +417,23 @@ def rowdot_backward(W, idx, dscore, dh):
     DH = <cnp.ndarray>dh
     _check_2d(DS, "dscore", n, k, False)
     _check_2d(DH, "dh", n, D, True)
-    if _overlap(DH, Wa) or _overlap(DH, DS) or _overlap(DH, I):
+    if _overlap(DH, Wa) or _overlap(DH, DS) or _overlap(DH, Idx):
         raise ValueError("dh overlaps an input")
-    _check_indices(I, it, V)
+    _check_indices(Idx, it, V)
     with nogil:
         if ft == 0:
             if it == 0:
-                _rowdot_back[float, int32_t](<float*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(I), n, k,
+                _rowdot_back[float, int32_t](<float*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(Idx), n, k,
                                              <float*>cnp.PyArray_DATA(DS), <float*>cnp.PyArray_DATA(DH))
             else:
-                _rowdot_back[float, int64_t](<float*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(I), n, k,
+                _rowdot_back[float, int64_t](<float*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(Idx), n, k,
                                              <float*>cnp.PyArray_DATA(DS), <float*>cnp.PyArray_DATA(DH))
         else:
             if it == 0:
-                _rowdot_back[double, int32_t](<double*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(I), n,
+                _rowdot_back[double, int32_t](<double*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(Idx), n,
                                               k, <double*>cnp.PyArray_DATA(DS), <double*>cnp.PyArray_DATA(DH))
             else:
-                _rowdot_back[double, int64_t](<double*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(I), n,
+                _rowdot_back[double, int64_t](<double*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(Idx), n,
                                               k, <double*>cnp.PyArray_DATA(DS), <double*>cnp.PyArray_DATA(DH))
     return dh
 

@@ -20,7 +20,8 @@ from fastbp._typedefs cimport floating
 from fastbp._threads cimport parallel_blocks, parallel_blocks_nt, threads_usable
 from fastbp._validate cimport ftype, same_type, check_ndim, check_out, check_shape2, check_no_overlap
 import numpy as np
-from fastbp._threads import build_info, _blas_threads_callback  # noqa: F401  (fastbp._blas reads them here)
+# re-exported: fastbp._blas reads them here (no-cython-lint marks the deliberate unused imports)
+from fastbp._threads import build_info, _blas_threads_callback  # no-cython-lint
 
 cnp.import_array()
 
@@ -345,26 +346,26 @@ cdef int _blas_layout(cnp.ndarray a, int *trans, Py_ssize_t *ld) except -1:
     """Describe a 2-D operand to row-major CBLAS: (trans, ld).  Returns 0, or 1 if it needs a contiguous copy."""
     cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(a)
     cdef Py_ssize_t r = cnp.PyArray_DIM(a, 0), c = cnp.PyArray_DIM(a, 1)
-    cdef Py_ssize_t s0 = cnp.PyArray_STRIDE(a, 0), s1 = cnp.PyArray_STRIDE(a, 1), l
+    cdef Py_ssize_t s0 = cnp.PyArray_STRIDE(a, 0), s1 = cnp.PyArray_STRIDE(a, 1), lead
     if s0 % isz or s1 % isz:
         return 1
     s0 //= isz
     s1 //= isz
     # row-major: unit column stride (irrelevant for one column), row stride >= columns (irrelevant for one row)
     if (s1 == 1 or c <= 1) and (r <= 1 or s0 >= c):
-        l = s0 if r > 1 else c
+        lead = s0 if r > 1 else c
         trans[0] = FB_NOTRANS
     # column-major: the row-major transpose of a (c, r) matrix
     elif (s0 == 1 or r <= 1) and (c <= 1 or s1 >= r):
-        l = s1 if c > 1 else r
+        lead = s1 if c > 1 else r
         trans[0] = FB_TRANS
     else:
         return 1
-    if l < 1:
-        l = 1
-    if l > FB_INT_MAX:
+    if lead < 1:
+        lead = 1
+    if lead > FB_INT_MAX:
         return 1
-    ld[0] = l
+    ld[0] = lead
     return 0
 
 
@@ -412,8 +413,6 @@ def gemm_py(a, b, out, bint trans_a=False, bint trans_b=False, double alpha=1.0,
             dgemm(ta, tb, m, n, k, alpha, <double*>cnp.PyArray_DATA(A), lda,
                   <double*>cnp.PyArray_DATA(B), ldb, beta, <double*>cnp.PyArray_DATA(C), ldc)
     return out
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -83,18 +83,18 @@ def affine_forward(x, W, b, out):
     """out = x @ W + b for x (N, D), W (D, M), b (M,) of one float dtype; out (N, M) C-contiguous; returns out."""
     cdef int t = ftype(x, "x")
     same_type(t, W, "W"); same_type(t, b, "b"); same_type(t, out, "out")
-    cdef cnp.ndarray X = <cnp.ndarray>x, Wa = <cnp.ndarray>W, B = <cnp.ndarray>b, O = <cnp.ndarray>out
-    check_ndim(X, 2, "x"); check_ndim(Wa, 2, "W"); check_ndim(B, 1, "b"); check_ndim(O, 2, "out")
+    cdef cnp.ndarray X = <cnp.ndarray>x, Wa = <cnp.ndarray>W, B = <cnp.ndarray>b, Out = <cnp.ndarray>out
+    check_ndim(X, 2, "x"); check_ndim(Wa, 2, "W"); check_ndim(B, 1, "b"); check_ndim(Out, 2, "out")
     cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0), d = cnp.PyArray_DIM(X, 1), m = cnp.PyArray_DIM(Wa, 1)
     if cnp.PyArray_DIM(Wa, 0) != d:
         raise ValueError(f"x has {d} features per sample but W has {cnp.PyArray_DIM(Wa, 0)} rows "
                          f"(x {shape_of(X)}, W {shape_of(Wa)})")
     if cnp.PyArray_DIM(B, 0) != m:
         raise ValueError(f"b must have length {m} (the columns of W {shape_of(Wa)}), got {cnp.PyArray_DIM(B, 0)}")
-    check_shape2(O, n, m, "out")
-    check_out(O, "out")
+    check_shape2(Out, n, m, "out")
+    check_out(Out, "out")
     check_blas_dims(n, m, d)
-    check_no_overlap(O, X, "out", "x"); check_no_overlap(O, Wa, "out", "W"); check_no_overlap(O, B, "out", "b")
+    check_no_overlap(Out, X, "out", "x"); check_no_overlap(Out, Wa, "out", "W"); check_no_overlap(Out, B, "out", "b")
     if not cnp.PyArray_IS_C_CONTIGUOUS(B):
         B = np.ascontiguousarray(B)
     cdef int tx, tw
@@ -105,11 +105,11 @@ def affine_forward(x, W, b, out):
         if t == 0:
             _affine_forward[float](tx, ldx, tw, ldw, n, d, m, <float*>cnp.PyArray_DATA(X),
                                    <float*>cnp.PyArray_DATA(Wa), <float*>cnp.PyArray_DATA(B),
-                                   <float*>cnp.PyArray_DATA(O))
+                                   <float*>cnp.PyArray_DATA(Out))
         else:
             _affine_forward[double](tx, ldx, tw, ldw, n, d, m, <double*>cnp.PyArray_DATA(X),
                                     <double*>cnp.PyArray_DATA(Wa), <double*>cnp.PyArray_DATA(B),
-                                    <double*>cnp.PyArray_DATA(O))
+                                    <double*>cnp.PyArray_DATA(Out))
     return out
 
 
@@ -176,7 +176,8 @@ cdef int _affine_backward(int tx, Py_ssize_t ldx, int tw, Py_ssize_t ldw, Py_ssi
     """dx = dout @ W.T (skipped when dx is NULL), dW = x.T @ dout, db = sum_rows(dout).  -1 if out of memory."""
     cdef Py_ssize_t ldd = m if m > 1 else 1
     if dx != NULL:
-        split_gemm(FB_NOTRANS, flip_trans(tw), n, d, m, <floating>1, dout, ldd, w, ldw, <floating>0, dx, d if d > 1 else 1)
+        split_gemm(FB_NOTRANS, flip_trans(tw), n, d, m, <floating>1, dout, ldd, w, ldw, <floating>0, dx,
+                   d if d > 1 else 1)
     split_gemm(flip_trans(tx), FB_NOTRANS, d, m, n, <floating>1, x, ldx, dout, ldd, <floating>0, dw, ldd)
     return _bias_backward(n, m, dout, db)
 
@@ -311,7 +312,8 @@ cdef void _sigmoid_b_f64(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) 
 
 cdef inline _check_mask(object mask, cnp.ndarray ref):
     if not cnp.PyArray_Check(mask) or cnp.PyArray_TYPE(<cnp.ndarray>mask) != cnp.NPY_BOOL:
-        raise TypeError(f"mask must be a numpy bool array, got {type(mask).__name__ if not cnp.PyArray_Check(mask) else (<cnp.ndarray>mask).dtype}")
+        got = type(mask).__name__ if not cnp.PyArray_Check(mask) else (<cnp.ndarray>mask).dtype
+        raise TypeError(f"mask must be a numpy bool array, got {got}")
     check_same_shape(<cnp.ndarray>mask, ref, "mask", "x")
 
 
@@ -319,16 +321,16 @@ def relu_forward(x, out, mask):
     """out = max(x, 0), mask = (x <= 0); all C-contiguous of one shape; returns out."""
     cdef int t = ftype(x, "x")
     same_type(t, out, "out")
-    cdef cnp.ndarray X = <cnp.ndarray>x, O = <cnp.ndarray>out
-    check_contig(X, "x"); check_same_shape(O, X, "out", "x"); check_out(O, "out")
+    cdef cnp.ndarray X = <cnp.ndarray>x, Out = <cnp.ndarray>out
+    check_contig(X, "x"); check_same_shape(Out, X, "out", "x"); check_out(Out, "out")
     _check_mask(mask, X); check_out(<cnp.ndarray>mask, "mask")
-    check_no_overlap(O, X, "out", "x", True); check_no_overlap(mask, X, "mask", "x")
-    check_no_overlap(mask, O, "mask", "out")
+    check_no_overlap(Out, X, "out", "x", True); check_no_overlap(mask, X, "mask", "x")
+    check_no_overlap(mask, Out, "mask", "out")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(X)
     cdef _ew_ctx c
     c.a = cnp.PyArray_DATA(X)
     c.b = NULL
-    c.out = cnp.PyArray_DATA(O)
+    c.out = cnp.PyArray_DATA(Out)
     c.mask = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>mask)
     with nogil:
         # mask = x <= 0; out = 0 where mask else x (NaN passes through with mask False)
@@ -360,14 +362,14 @@ def sigmoid_forward(x, out):
     """out = 1 / (1 + exp(-x)), stable for any finite x; returns out."""
     cdef int t = ftype(x, "x")
     same_type(t, out, "out")
-    cdef cnp.ndarray X = <cnp.ndarray>x, O = <cnp.ndarray>out
-    check_contig(X, "x"); check_same_shape(O, X, "out", "x"); check_out(O, "out")
-    check_no_overlap(O, X, "out", "x", True)
+    cdef cnp.ndarray X = <cnp.ndarray>x, Out = <cnp.ndarray>out
+    check_contig(X, "x"); check_same_shape(Out, X, "out", "x"); check_out(Out, "out")
+    check_no_overlap(Out, X, "out", "x", True)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(X)
     cdef _ew_ctx c
     c.a = cnp.PyArray_DATA(X)
     c.b = NULL
-    c.out = cnp.PyArray_DATA(O)
+    c.out = cnp.PyArray_DATA(Out)
     c.mask = NULL
     with nogil:
         # the exponential costs: blocks 4x larger than the other elementwise kernels'
@@ -599,7 +601,9 @@ def _exp_kernel(x):
 # ---------------------------------------------------------------------------------------------------------------
 # Names that moved to the other kernel modules, re-exported so `fastbp._kernels.X` keeps working
 # ---------------------------------------------------------------------------------------------------------------
-from fastbp._gemm import (gemm_py as gemm, _set_gemm, _set_gemm_threads, _get_gemm_threads, _set_small_mnk,
-                          _get_small_mnk, _blas_threads_callback)
-from fastbp._threads import _after_fork_in_child
-from fastbp._optim import optimizer_update
+# (deliberately unused here: `# no-cython-lint` keeps cython-lint's unused-import check off these lines only)
+from fastbp._gemm import gemm_py as gemm  # no-cython-lint
+from fastbp._gemm import _set_gemm, _set_gemm_threads, _get_gemm_threads  # no-cython-lint
+from fastbp._gemm import _set_small_mnk, _get_small_mnk, _blas_threads_callback  # no-cython-lint
+from fastbp._threads import _after_fork_in_child  # no-cython-lint
+from fastbp._optim import optimizer_update  # no-cython-lint

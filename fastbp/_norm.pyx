@@ -176,10 +176,10 @@ def bn_forward_train(x, gamma, beta, out, xn, std, mean, var, double eps=1e-6):
         raise ValueError("batch normalization in training needs at least one sample, got N = 0")
     _arr(X, (n, d), "x", False)
     cdef cnp.ndarray G = _arr(gamma, (d,), "gamma", False), B = _arr(beta, (d,), "beta", False)
-    cdef cnp.ndarray O = _arr(out, (n, d), "out", True), XN = _arr(xn, (n, d), "xn", True)
+    cdef cnp.ndarray Out = _arr(out, (n, d), "out", True), XN = _arr(xn, (n, d), "xn", True)
     cdef cnp.ndarray S = _arr(std, (d,), "std", True)
     cdef cnp.ndarray M = _f64(mean, d, "mean"), V = _f64(var, d, "var")
-    cdef list outs = [O, XN, S, M, V]
+    cdef list outs = [Out, XN, S, M, V]
     cdef list ins = [X, G, B]
     cdef int i, k
     for i in range(5):
@@ -190,7 +190,7 @@ def bn_forward_train(x, gamma, beta, out, xn, std, mean, var, double eps=1e-6):
     cdef void *px = cnp.PyArray_DATA(X)
     cdef void *pg = cnp.PyArray_DATA(G)
     cdef void *pb = cnp.PyArray_DATA(B)
-    cdef void *po = cnp.PyArray_DATA(O)
+    cdef void *po = cnp.PyArray_DATA(Out)
     cdef void *pn = cnp.PyArray_DATA(XN)
     cdef void *ps = cnp.PyArray_DATA(S)
     cdef double *pm = <double*>cnp.PyArray_DATA(M)
@@ -214,18 +214,18 @@ def bn_forward_test(x, gamma, beta, running_mean, running_var, out, double eps=1
     cdef Py_ssize_t n = _s(X)[0], d = _s(X)[1]
     _arr(X, (n, d), "x", False)
     cdef cnp.ndarray G = _arr(gamma, (d,), "gamma", False), B = _arr(beta, (d,), "beta", False)
-    cdef cnp.ndarray O = _arr(out, (n, d), "out", True)
+    cdef cnp.ndarray Out = _arr(out, (n, d), "out", True)
     if not cnp.PyArray_Check(running_mean) or not cnp.PyArray_Check(running_var) \
             or running_mean.dtype != np.float64 or running_var.dtype != np.float64:
         raise TypeError("running_mean and running_var must be native float64 arrays")
     cdef cnp.ndarray M = _arr(running_mean, (d,), "running_mean", False)
     cdef cnp.ndarray V = _arr(running_var, (d,), "running_var", False)
     for a, nm in ((X, "x"), (G, "gamma"), (B, "beta"), (M, "running_mean"), (V, "running_var")):
-        _no_overlap(O, a, "out", nm)
+        _no_overlap(Out, a, "out", nm)
     cdef void *px = cnp.PyArray_DATA(X)
     cdef void *pg = cnp.PyArray_DATA(G)
     cdef void *pb = cnp.PyArray_DATA(B)
-    cdef void *po = cnp.PyArray_DATA(O)
+    cdef void *po = cnp.PyArray_DATA(Out)
     cdef double *pm = <double*>cnp.PyArray_DATA(M)
     cdef double *pv = <double*>cnp.PyArray_DATA(V)
     with nogil:
@@ -259,9 +259,9 @@ def bn_backward(dout, xn, gamma, std, dx, dgamma, dbeta):
         DX = _arr(dx, (n, d), "dx", True)
         outs.append(DX)
     cdef str on
-    for O, on in zip(outs, ("dgamma", "dbeta", "dx")):
+    for Out, on in zip(outs, ("dgamma", "dbeta", "dx")):
         for a, nm in ((D, "dout"), (XN, "xn"), (G, "gamma"), (S, "std")):
-            _no_overlap(O, a, on, nm)
+            _no_overlap(Out, a, on, nm)
     _no_overlap(DG, DB, "dgamma", "dbeta")
     if DX is not None:
         _no_overlap(DX, DG, "dx", "dgamma")
@@ -336,17 +336,17 @@ def dropout_forward(x, out, mask, double ratio, bit_generator):
     _same(t, out, "out")
     cdef cnp.ndarray X = <cnp.ndarray>x
     _arr(X, _s(X), "x", False)
-    cdef cnp.ndarray O = _arr(out, _s(X), "out", True)
+    cdef cnp.ndarray Out = _arr(out, _s(X), "out", True)
     cdef cnp.ndarray M = _mask(mask, X)
     if not cnp.PyArray_ISWRITEABLE(M):
         raise ValueError("mask is read-only")
-    _no_overlap(O, X, "out", "x")
+    _no_overlap(Out, X, "out", "x")
     _no_overlap(M, X, "mask", "x")
-    _no_overlap(M, O, "mask", "out")
+    _no_overlap(M, Out, "mask", "out")
     cdef bitgen_t *rng = <bitgen_t*>PyCapsule_GetPointer(bit_generator.capsule, "BitGenerator")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(X)
     cdef void *px = cnp.PyArray_DATA(X)
-    cdef void *po = cnp.PyArray_DATA(O)
+    cdef void *po = cnp.PyArray_DATA(Out)
     cdef uint8_t *pm = <uint8_t*>cnp.PyArray_DATA(M)
     with nogil:
         if t == 0:

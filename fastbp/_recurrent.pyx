@@ -21,7 +21,6 @@
 # which splits them over fastbp's threads (there 2 threads win: 316-365 ms vs 367-385 ms); across thread counts
 # they are as close as the split GEMM's results.  The loops add no thread-dependent order of their own.
 cimport numpy as cnp
-import numpy as np
 from fastbp._typedefs cimport floating
 from libc.stdint cimport intptr_t
 from fastbp._gemm cimport gemm as fb_gemm, FB_NOTRANS, FB_TRANS, FB_INT_MAX, FB_ROWMAJOR, sgemm_fn, dgemm_fn
@@ -55,6 +54,7 @@ def _set_serial_mnk(double mnk):
     if not mnk >= 0:
         raise ValueError(f"mnk must be >= 0, got {mnk}")
     SERIAL_MNK = mnk
+
 
 cdef enum:
     NoTrans = FB_NOTRANS
@@ -213,10 +213,12 @@ def lstm_forward(A, Wh, h0, c0, hs, cs):
     _dims(N, T, 4 * H)
     with nogil:
         if ft == 0:
-            _lstm_fwd[float](N, T, H, <float*>cnp.PyArray_DATA(Aa), <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(H0), <float*>cnp.PyArray_DATA(C0),
+            _lstm_fwd[float](N, T, H, <float*>cnp.PyArray_DATA(Aa), <float*>cnp.PyArray_DATA(W),
+                             <float*>cnp.PyArray_DATA(H0), <float*>cnp.PyArray_DATA(C0),
                              <float*>cnp.PyArray_DATA(HS), <float*>cnp.PyArray_DATA(CS))
         else:
-            _lstm_fwd[double](N, T, H, <double*>cnp.PyArray_DATA(Aa), <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(H0), <double*>cnp.PyArray_DATA(C0),
+            _lstm_fwd[double](N, T, H, <double*>cnp.PyArray_DATA(Aa), <double*>cnp.PyArray_DATA(W),
+                              <double*>cnp.PyArray_DATA(H0), <double*>cnp.PyArray_DATA(C0),
                               <double*>cnp.PyArray_DATA(HS), <double*>cnp.PyArray_DATA(CS))
 
 
@@ -262,11 +264,15 @@ def lstm_backward(dhs, gates, cs, c0, Wh, dh, dc, dA):
     _dims(N, T, 4 * H)
     with nogil:
         if ft == 0:
-            _lstm_bwd[float](N, T, H, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(Gt), <float*>cnp.PyArray_DATA(CS), <float*>cnp.PyArray_DATA(C0),
-                             <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(DH), <float*>cnp.PyArray_DATA(DC), <float*>cnp.PyArray_DATA(DA))
+            _lstm_bwd[float](N, T, H, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(Gt),
+                             <float*>cnp.PyArray_DATA(CS), <float*>cnp.PyArray_DATA(C0),
+                             <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(DH), <float*>cnp.PyArray_DATA(DC),
+                             <float*>cnp.PyArray_DATA(DA))
         else:
-            _lstm_bwd[double](N, T, H, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(Gt), <double*>cnp.PyArray_DATA(CS), <double*>cnp.PyArray_DATA(C0),
-                              <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(DH), <double*>cnp.PyArray_DATA(DC), <double*>cnp.PyArray_DATA(DA))
+            _lstm_bwd[double](N, T, H, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(Gt),
+                              <double*>cnp.PyArray_DATA(CS), <double*>cnp.PyArray_DATA(C0),
+                              <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(DH),
+                              <double*>cnp.PyArray_DATA(DC), <double*>cnp.PyArray_DATA(DA))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,9 +308,11 @@ def rnn_forward(A, Wh, h0, hs):
     _dims(N, T, H)
     with nogil:
         if ft == 0:
-            _rnn_fwd[float](N, T, H, <float*>cnp.PyArray_DATA(Aa), <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(H0), <float*>cnp.PyArray_DATA(HS))
+            _rnn_fwd[float](N, T, H, <float*>cnp.PyArray_DATA(Aa), <float*>cnp.PyArray_DATA(W),
+                            <float*>cnp.PyArray_DATA(H0), <float*>cnp.PyArray_DATA(HS))
         else:
-            _rnn_fwd[double](N, T, H, <double*>cnp.PyArray_DATA(Aa), <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(H0), <double*>cnp.PyArray_DATA(HS))
+            _rnn_fwd[double](N, T, H, <double*>cnp.PyArray_DATA(Aa), <double*>cnp.PyArray_DATA(W),
+                             <double*>cnp.PyArray_DATA(H0), <double*>cnp.PyArray_DATA(HS))
 
 
 cdef void _rnn_bwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, const floating *dhs, const floating *hs,
@@ -333,9 +341,11 @@ def rnn_backward(dhs, hs, Wh, dh, dA):
     _dims(N, T, H)
     with nogil:
         if ft == 0:
-            _rnn_bwd[float](N, T, H, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(HS), <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(DH), <float*>cnp.PyArray_DATA(DA))
+            _rnn_bwd[float](N, T, H, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(HS),
+                            <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(DH), <float*>cnp.PyArray_DATA(DA))
         else:
-            _rnn_bwd[double](N, T, H, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(HS), <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(DH),
+            _rnn_bwd[double](N, T, H, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(HS),
+                             <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(DH),
                              <double*>cnp.PyArray_DATA(DA))
 
 
@@ -379,10 +389,12 @@ def gru_forward(A, Wh, h0, hs, rhs, work):
     _dims(N, T, 3 * H)
     with nogil:
         if ft == 0:
-            _gru_fwd[float](N, T, H, <float*>cnp.PyArray_DATA(Aa), <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(H0), <float*>cnp.PyArray_DATA(HS),
+            _gru_fwd[float](N, T, H, <float*>cnp.PyArray_DATA(Aa), <float*>cnp.PyArray_DATA(W),
+                            <float*>cnp.PyArray_DATA(H0), <float*>cnp.PyArray_DATA(HS),
                             <float*>cnp.PyArray_DATA(RH), <float*>cnp.PyArray_DATA(WK))
         else:
-            _gru_fwd[double](N, T, H, <double*>cnp.PyArray_DATA(Aa), <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(H0), <double*>cnp.PyArray_DATA(HS),
+            _gru_fwd[double](N, T, H, <double*>cnp.PyArray_DATA(Aa), <double*>cnp.PyArray_DATA(W),
+                             <double*>cnp.PyArray_DATA(H0), <double*>cnp.PyArray_DATA(HS),
                              <double*>cnp.PyArray_DATA(RH), <double*>cnp.PyArray_DATA(WK))
 
 
@@ -437,12 +449,16 @@ def gru_backward(dhs, gates, hs, h0, Wh, dh, dA, work):
     _dims(N, T, 3 * H)
     with nogil:
         if ft == 0:
-            _gru_bwd[float](N, T, H, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(Gt), <float*>cnp.PyArray_DATA(HS), <float*>cnp.PyArray_DATA(H0),
-                            <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(DH), <float*>cnp.PyArray_DATA(DA), <float*>cnp.PyArray_DATA(WK),
+            _gru_bwd[float](N, T, H, <float*>cnp.PyArray_DATA(D), <float*>cnp.PyArray_DATA(Gt),
+                            <float*>cnp.PyArray_DATA(HS), <float*>cnp.PyArray_DATA(H0),
+                            <float*>cnp.PyArray_DATA(W), <float*>cnp.PyArray_DATA(DH), <float*>cnp.PyArray_DATA(DA),
+                            <float*>cnp.PyArray_DATA(WK),
                             <float*>cnp.PyArray_DATA(WK) + N * H)
         else:
-            _gru_bwd[double](N, T, H, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(Gt), <double*>cnp.PyArray_DATA(HS), <double*>cnp.PyArray_DATA(H0),
-                             <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(DH), <double*>cnp.PyArray_DATA(DA), <double*>cnp.PyArray_DATA(WK),
+            _gru_bwd[double](N, T, H, <double*>cnp.PyArray_DATA(D), <double*>cnp.PyArray_DATA(Gt),
+                             <double*>cnp.PyArray_DATA(HS), <double*>cnp.PyArray_DATA(H0),
+                             <double*>cnp.PyArray_DATA(W), <double*>cnp.PyArray_DATA(DH), <double*>cnp.PyArray_DATA(DA),
+                             <double*>cnp.PyArray_DATA(WK),
                              <double*>cnp.PyArray_DATA(WK) + N * H)
 
 

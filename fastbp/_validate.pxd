@@ -67,21 +67,21 @@ cdef inline void extent(cnp.ndarray a, char **lo, char **hi) noexcept:
     """Byte range [lo, hi) spanned by `a` (lo == hi when it is empty)."""
     cdef int i, nd = cnp.PyArray_NDIM(a)
     cdef Py_ssize_t d, s
-    cdef char *l = <char*>cnp.PyArray_DATA(a)
-    cdef char *h = l
+    cdef char *low = <char*>cnp.PyArray_DATA(a)
+    cdef char *high = low
     for i in range(nd):
         d = cnp.PyArray_DIM(a, i)
         if d == 0:
-            lo[0] = l
-            hi[0] = l
+            lo[0] = low
+            hi[0] = low
             return
         s = cnp.PyArray_STRIDE(a, i) * (d - 1)
         if s > 0:
-            h += s
+            high += s
         else:
-            l += s
-    lo[0] = l
-    hi[0] = h + cnp.PyArray_ITEMSIZE(a)
+            low += s
+    lo[0] = low
+    hi[0] = high + cnp.PyArray_ITEMSIZE(a)
 
 
 cdef inline check_no_overlap(object out, object inp, str outname, str inname, bint allow_same=False):
