@@ -23,6 +23,8 @@ from fastbp._gemm cimport gemm as fb_gemm, FB_NOTRANS, FB_TRANS, FB_INT_MAX
 
 cnp.import_array()
 
+include "_simd_query.pxi"
+
 cdef enum:
     NoTrans = FB_NOTRANS
     Trans = FB_TRANS
