@@ -56,6 +56,9 @@ def _set_serial_mnk(double mnk):
         raise ValueError(f"mnk must be >= 0, got {mnk}")
     SERIAL_MNK = mnk
 
+
+include "_simd_query.pxi"
+
 cdef enum:
     NoTrans = FB_NOTRANS
     Trans = FB_TRANS
