@@ -24,6 +24,8 @@ from fastbp._threads cimport parallel_blocks, even_block
 
 cnp.import_array()
 
+include "_simd_query.pxi"
+
 cdef extern from "_embedding.h" nogil:
     void fb_zero_f32(float *p, long n) noexcept
     void fb_zero_f64(double *p, long n) noexcept

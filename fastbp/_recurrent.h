@@ -3,7 +3,8 @@
  * Each function handles one time step for all N rows of the batch: rows of an operand are `ld` elements apart
  * (a (N, T, K) sequence buffer read at step t has ld = T*K), the H columns of a row are contiguous.  The inner
  * loops over j < H are plain, branch-free and use fastbp's vectorisable exponential (fb_expf / fb_exp from
- * _simd.h), so GCC vectorises them; FB_CLONES compiles them for AVX-512, AVX2+FMA and baseline x86-64.
+ * _simd.h), so GCC vectorises them; FB_REC_KERNELS compiles them for each SIMD path of _simd.h (AVX-512, AVX2+FMA,
+ * baseline) and FB_REC_DISPATCH runs the chosen one.
  *
  *   sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0, with e = exp(-|x|)   (no overflow)
  *   tanh(x)    = sign(x) (1 - e) / (1 + e), with e = exp(-2|x|)
@@ -31,10 +32,10 @@ static inline T fb_tanh_##SUF(T x)                                              
 FB_REC_ACT(float, fb_expf, f32)
 FB_REC_ACT(double, fb_exp, f64)
 
-#define FB_REC_KERNELS(T, SUF)                                                                               \
+#define FB_REC_KERNELS(T, SUF, ISA, TARGET)                                                                             \
 /* LSTM forward: a (pre-activations x Wx + b + h Wh) -> activated gates in place;                            \
    c = f * cprev + g * i; h = o * tanh(c). */                                                                 \
-FB_CLONES static void fb_lstm_fwd_##SUF(long N, long H, T *a, long lda, const T *cprev, long ldcp,          \
+TARGET static void fb_lstm_fwd_##SUF##_##ISA(long N, long H, T *a, long lda, const T *cprev, long ldcp,          \
                                          T *c, long ldc, T *h, long ldh)                                      \
 {                                                                                                             \
     for (long n = 0; n < N; n++) {                                                                            \
@@ -53,7 +54,7 @@ FB_CLONES static void fb_lstm_fwd_##SUF(long N, long H, T *a, long lda, const T 
 }                                                                                                             \
 /* LSTM backward: dh = dhs + dhn; tc = tanh(c); ds = dc + dh o (1 - tc^2); dc <- ds f;                       \
    da = [ds cprev f(1-f) | ds i (1-g^2) | ds g i(1-i) | dh tc o(1-o)]. dc and dhn are (N, H) contiguous. */    \
-FB_CLONES static void fb_lstm_bwd_##SUF(long N, long H, const T *gates, long ldg, const T *c, long ldc,      \
+TARGET static void fb_lstm_bwd_##SUF##_##ISA(long N, long H, const T *gates, long ldg, const T *c, long ldc,      \
                                          const T *cprev, long ldcp, const T *dhs, long ldd, const T *dhn,    \
                                          T *dc, T *da, long ldda)                                            \
 {                                                                                                             \
@@ -79,7 +80,7 @@ FB_CLONES static void fb_lstm_bwd_##SUF(long N, long H, const T *gates, long ldg
     }                                                                                                         \
 }                                                                                                             \
 /* RNN forward: h = tanh(a) (a = x Wx + b + hprev Wh). */                                                     \
-FB_CLONES static void fb_rnn_fwd_##SUF(long N, long H, const T *a, long lda, T *h, long ldh)                \
+TARGET static void fb_rnn_fwd_##SUF##_##ISA(long N, long H, const T *a, long lda, T *h, long ldh)                \
 {                                                                                                             \
     for (long n = 0; n < N; n++) {                                                                            \
         const T *restrict ar = a + n * lda;                                                                   \
@@ -89,7 +90,7 @@ FB_CLONES static void fb_rnn_fwd_##SUF(long N, long H, const T *a, long lda, T *
     }                                                                                                         \
 }                                                                                                             \
 /* RNN backward: da = (dhs + dhn) (1 - h^2). */                                                               \
-FB_CLONES static void fb_rnn_bwd_##SUF(long N, long H, const T *h, long ldh, const T *dhs, long ldd,        \
+TARGET static void fb_rnn_bwd_##SUF##_##ISA(long N, long H, const T *h, long ldh, const T *dhs, long ldd,        \
                                         const T *dhn, T *da, long ldda)                                       \
 {                                                                                                             \
     for (long n = 0; n < N; n++) {                                                                            \
@@ -101,7 +102,7 @@ FB_CLONES static void fb_rnn_bwd_##SUF(long N, long H, const T *h, long ldh, con
 }                                                                                                             \
 /* GRU forward, first half: b = hprev [Whz | Whr] (N, 2H contiguous); z = sig(az + bz), r = sig(ar + br)     \
    stored in a; rh = r hprev. */                                                                              \
-FB_CLONES static void fb_gru_fwd1_##SUF(long N, long H, T *a, long lda, const T *b, const T *hp, long ldhp, \
+TARGET static void fb_gru_fwd1_##SUF##_##ISA(long N, long H, T *a, long lda, const T *b, const T *hp, long ldhp, \
                                          T *rh, long ldrh)                                                    \
 {                                                                                                             \
     for (long n = 0; n < N; n++) {                                                                            \
@@ -117,7 +118,7 @@ FB_CLONES static void fb_gru_fwd1_##SUF(long N, long H, T *a, long lda, const T 
 }                                                                                                             \
 /* GRU forward, second half: q = (r hprev) Whh (N, H contiguous); h~ = tanh(ah + q) stored in a;             \
    h = (1 - z) hprev + z h~. */                                                                               \
-FB_CLONES static void fb_gru_fwd2_##SUF(long N, long H, T *a, long lda, const T *q, const T *hp, long ldhp, \
+TARGET static void fb_gru_fwd2_##SUF##_##ISA(long N, long H, T *a, long lda, const T *q, const T *hp, long ldhp, \
                                          T *h, long ldh)                                                      \
 {                                                                                                             \
     for (long n = 0; n < N; n++) {                                                                            \
@@ -134,7 +135,7 @@ FB_CLONES static void fb_gru_fwd2_##SUF(long N, long H, T *a, long lda, const T 
 }                                                                                                             \
 /* GRU backward, first half: dh = dhs + dhn; da_h = dh z (1 - h~^2); da_z = dh (h~ - hprev) z (1 - z);      \
    acc = dh (1 - z)  (acc: (N, H) contiguous, becomes dhprev). */                                              \
-FB_CLONES static void fb_gru_bwd1_##SUF(long N, long H, const T *g, long ldg, const T *hp, long ldhp,       \
+TARGET static void fb_gru_bwd1_##SUF##_##ISA(long N, long H, const T *g, long ldg, const T *hp, long ldhp,       \
                                          const T *dhs, long ldd, const T *dhn, T *acc, T *da, long ldda)     \
 {                                                                                                             \
     for (long n = 0; n < N; n++) {                                                                            \
@@ -152,7 +153,7 @@ FB_CLONES static void fb_gru_bwd1_##SUF(long N, long H, const T *g, long ldg, co
 }                                                                                                             \
 /* GRU backward, second half: dhr = da_h Whh^T (N, H contiguous); acc += r dhr;                              \
    da_r = dhr hprev r (1 - r). */                                                                             \
-FB_CLONES static void fb_gru_bwd2_##SUF(long N, long H, const T *g, long ldg, const T *hp, long ldhp,       \
+TARGET static void fb_gru_bwd2_##SUF##_##ISA(long N, long H, const T *g, long ldg, const T *hp, long ldhp,       \
                                          const T *dhr, T *acc, T *da, long ldda)                             \
 {                                                                                                             \
     for (long n = 0; n < N; n++) {                                                                            \
@@ -167,7 +168,36 @@ FB_CLONES static void fb_gru_bwd2_##SUF(long N, long H, const T *g, long ldg, co
     }                                                                                                         \
 }
 
-FB_REC_KERNELS(float, f32)
-FB_REC_KERNELS(double, f64)
+/* Each kernel in the variant of every SIMD path, and the dispatcher that runs the chosen one (see _simd.h). */
+#if FB_HAVE_VARIANTS
+FB_REC_KERNELS(float, f32, avx512, FB_TARGET_AVX512)
+FB_REC_KERNELS(double, f64, avx512, FB_TARGET_AVX512)
+FB_REC_KERNELS(float, f32, avx2, FB_TARGET_AVX2)
+FB_REC_KERNELS(double, f64, avx2, FB_TARGET_AVX2)
+#endif
+FB_REC_KERNELS(float, f32, base, )
+FB_REC_KERNELS(double, f64, base, )
+
+#define FB_REC_DISPATCH(T, SUF)                                                                              \
+FB_DISPATCH(fb_lstm_fwd_##SUF, (long N, long H, T *a, long lda, const T *cprev, long ldcp, T *c, long ldc,    \
+                                T *h, long ldh), (N, H, a, lda, cprev, ldcp, c, ldc, h, ldh))                 \
+FB_DISPATCH(fb_lstm_bwd_##SUF, (long N, long H, const T *gates, long ldg, const T *c, long ldc,               \
+                                const T *cprev, long ldcp, const T *dhs, long ldd, const T *dhn, T *dc, T *da, \
+                                long ldda), (N, H, gates, ldg, c, ldc, cprev, ldcp, dhs, ldd, dhn, dc, da, ldda)) \
+FB_DISPATCH(fb_rnn_fwd_##SUF, (long N, long H, const T *a, long lda, T *h, long ldh), (N, H, a, lda, h, ldh)) \
+FB_DISPATCH(fb_rnn_bwd_##SUF, (long N, long H, const T *h, long ldh, const T *dhs, long ldd, const T *dhn,   \
+                               T *da, long ldda), (N, H, h, ldh, dhs, ldd, dhn, da, ldda))                   \
+FB_DISPATCH(fb_gru_fwd1_##SUF, (long N, long H, T *a, long lda, const T *b, const T *hp, long ldhp, T *rh,    \
+                                long ldrh), (N, H, a, lda, b, hp, ldhp, rh, ldrh))                            \
+FB_DISPATCH(fb_gru_fwd2_##SUF, (long N, long H, T *a, long lda, const T *q, const T *hp, long ldhp, T *h,     \
+                                long ldh), (N, H, a, lda, q, hp, ldhp, h, ldh))                               \
+FB_DISPATCH(fb_gru_bwd1_##SUF, (long N, long H, const T *g, long ldg, const T *hp, long ldhp, const T *dhs,   \
+                                long ldd, const T *dhn, T *acc, T *da, long ldda),                            \
+            (N, H, g, ldg, hp, ldhp, dhs, ldd, dhn, acc, da, ldda))                                           \
+FB_DISPATCH(fb_gru_bwd2_##SUF, (long N, long H, const T *g, long ldg, const T *hp, long ldhp, const T *dhr,   \
+                                T *acc, T *da, long ldda), (N, H, g, ldg, hp, ldhp, dhr, acc, da, ldda))
+
+FB_REC_DISPATCH(float, f32)
+FB_REC_DISPATCH(double, f64)
 
 #endif

@@ -56,6 +56,9 @@ def _set_serial_mnk(double mnk):
     SERIAL_MNK = mnk
 
 
+include "_simd_query.pxi"
+
+
 cdef enum:
     NoTrans = FB_NOTRANS
     Trans = FB_TRANS

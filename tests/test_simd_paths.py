@@ -76,7 +76,10 @@ for dt in (np.float32, np.float64):
     want = pm - dt(0.1) * gm
     O.optimizer_update(0, pm, gm, None, None, 0.1)
     ok[f"sgd {dt.__name__}"] = bool(np.allclose(pm, want, rtol=tol, atol=tol))
+from fastbp import _recurrent, _embedding
+others = [m.simd_info()["path"] for m in (O, _recurrent, _embedding)]
 print(json.dumps({"kernels": K._simd_count(False), "optim": O._simd_count(False), "info": K.simd_info(),
+                  "other_modules": others,
                   "core": _blas.info()["corename"], "ok": ok}))
 """
 
@@ -103,6 +106,7 @@ def test_each_path_runs_its_own_variants_and_blas_core(disabled, path, cores):
         pytest.skip(f"this CPU (or build) has no {path} path")
     got = _run_path(disabled)
     assert got["info"]["path"] == path
+    assert got["other_modules"] == [path] * 3      # _optim, _recurrent, _embedding chose the same path
     for module in ("kernels", "optim"):
         counts = got[module]
         assert counts[path] > 0, (module, counts)
