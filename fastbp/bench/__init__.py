@@ -13,8 +13,8 @@ How the numbers are taken (interleaved rounds)
   speedup ``fastbp vs X`` is the median over the rounds of the per-round ratio ``t_X / t_fastbp``.  A median
   ignores the rounds spoilt by other processes of a shared machine.
 * Thread pools do not leak into each other's timings.  NumPy's OpenBLAS pool, fastbp's OpenMP team (which also
-  runs fastbp's GEMM pieces, see :mod:`fastbp._blas`) and PyTorch's pool are separate sets of threads; an OpenBLAS worker
-  keeps spinning on a core for about 0.1 s after a GEMM, and on a 2-core machine that steals a core from
+  runs fastbp's GEMM pieces, see :mod:`fastbp._blas`) and PyTorch's pool are separate sets of threads; an
+  OpenBLAS worker keeps spinning on a core for about 0.1 s after a GEMM, and on a 2-core machine that steals a core from
   whatever runs next (the ``interference`` line of the header measures it: fastbp's step timed right after a
   NumPy batch against after an idle gap, and the reverse).  Measured on the project's 2-core machine: the
   TwoLayerNet batch-100 step of fastbp ran 1.9-2.0x slower right after a NumPy batch, NumPy's 1.85-2.4x slower

@@ -178,12 +178,12 @@ def _q(xs):
 
 
 def report(results, loops_wanted):
-    lines = ["| config | " + " | ".join(f"{l} book/fastbp (IQR); fastbp step" for l in loops_wanted) + " |",
+    lines = ["| config | " + " | ".join(f"{loop} book/fastbp (IQR); fastbp step" for loop in loops_wanted) + " |",
              "|---|" + "---|" * len(loops_wanted)]
     for c, res in results.items():
         cells = []
-        for l in loops_wanted:
-            v = res[l]
+        for loop in loops_wanted:
+            v = res[loop]
             lo, hi = _q(v["ratio"])
             cells.append(f"{statistics.median(v['ratio']):.2f}x ({lo:.2f}-{hi:.2f}); "
                          f"{statistics.median(v['fastbp_s']) * 1e6:.0f} µs")
