@@ -15,6 +15,7 @@ for about 0.1 s after a call; on a small machine that steals a core from the nex
 benchmark starts after an idle gap (``--bench-gap``, default 0.15 s); see ``fastbp/bench/harness.py`` for the
 measurement of that effect.
 """
+
 import os
 import time
 
@@ -46,10 +47,18 @@ QUICK_TIMING = dict(max_time=0.1, min_rounds=5, warmup=True, warmup_iterations=2
 
 def pytest_addoption(parser):
     g = parser.getgroup("fastbp benchmarks")
-    g.addoption("--bench-full", action="store_true", default=False,
-                help="fastbp benchmarks: full size grid and pytest-benchmark's default timing")
-    g.addoption("--bench-gap", type=float, default=0.15,
-                help="fastbp benchmarks: idle seconds before each benchmark (thread pools spin down)")
+    g.addoption(
+        "--bench-full",
+        action="store_true",
+        default=False,
+        help="fastbp benchmarks: full size grid and pytest-benchmark's default timing",
+    )
+    g.addoption(
+        "--bench-gap",
+        type=float,
+        default=0.15,
+        help="fastbp benchmarks: idle seconds before each benchmark (thread pools spin down)",
+    )
 
 
 def full_mode(config):
@@ -81,8 +90,7 @@ def pytest_collection_modifyitems(config, items):
     if full_mode(config):
         return
     given = " ".join(str(a) for a in config.invocation_params.args)
-    timing = {k: v for k, v in QUICK_TIMING.items()
-              if f"--benchmark-{k.replace('_', '-')}" not in given}
+    timing = {k: v for k, v in QUICK_TIMING.items() if f"--benchmark-{k.replace('_', '-')}" not in given}
     here = os.path.dirname(__file__)
     for item in items:
         if str(item.fspath).startswith(here) and "benchmark" in getattr(item, "fixturenames", ()):

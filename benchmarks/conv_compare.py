@@ -16,6 +16,7 @@ median of the per-round ratios.  A training step is ``net.gradient(x, t)`` plus 
 "floor" times only the matrix products of the fastbp float32 SimpleConvNet / DeepConvNet steps (same shapes,
 same GEMM calls, preallocated operands).
 """
+
 import argparse
 import gc
 import statistics
@@ -31,7 +32,7 @@ from fastbp.optimizers import SGD
 
 try:
     import torch
-except ImportError:      # torch is optional
+except ImportError:  # torch is optional
     torch = None
 
 
@@ -60,13 +61,21 @@ def torch_step(model, x, t, lr=0.01):
         loss = loss_fn(model(x), t)
         loss.backward()
         opt.step()
+
     return step
 
 
 def torch_simple(dtype):
     nn = torch.nn
-    return nn.Sequential(nn.Conv2d(1, 30, 5), nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(), nn.Linear(30 * 12 * 12, 100),
-                         nn.ReLU(), nn.Linear(100, 10)).to(dtype)
+    return nn.Sequential(
+        nn.Conv2d(1, 30, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2, 2),
+        nn.Flatten(),
+        nn.Linear(30 * 12 * 12, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    ).to(dtype)
 
 
 def torch_deep(dtype):
@@ -90,7 +99,7 @@ def measure(impls, rounds, calls, warmup=2):
     for _ in range(rounds):
         for name, f in impls.items():
             gc.collect()
-            time.sleep(0.05)       # let other thread pools spin down
+            time.sleep(0.05)  # let other thread pools spin down
             t0 = time.perf_counter()
             for _ in range(calls[name] if isinstance(calls, dict) else calls):
                 f()
@@ -101,8 +110,11 @@ def measure(impls, rounds, calls, warmup=2):
 def report(title, times, base="fastbp"):
     med = {k: statistics.median(v) for k, v in times.items()}
     cols = [f"{k} {med[k] * 1e3:8.2f} ms" for k in times]
-    ratios = [f"{k}/{base} {statistics.median(o / b for o, b in zip(times[k], times[base])):5.2f}x"
-              for k in times if k != base]
+    ratios = [
+        f"{k}/{base} {statistics.median(o / b for o, b in zip(times[k], times[base])):5.2f}x"
+        for k in times
+        if k != base
+    ]
     print(f"{title:58s} " + " | ".join(cols) + ("  ||  " + ", ".join(ratios) if ratios else ""), flush=True)
     return med
 
@@ -143,7 +155,7 @@ def case_book(rounds):
     """The book's SimpleConvNet (float64 weights from randn, float32 images) with the layers module swapped."""
     x, t = _digits(100, np.float32)
     np.random.seed(0)
-    swapped = SimpleConvNet(backend=fast_layers)         # fastbp.layers, default arguments (no reuse)
+    swapped = SimpleConvNet(backend=fast_layers)  # fastbp.layers, default arguments (no reuse)
     np.random.seed(0)
     book = SimpleConvNet(backend="reference")
     impls = {"fastbp": net_step(swapped, None, x, t), "numpy": net_step(book, None, x, t)}
@@ -156,9 +168,9 @@ def case_pool(rounds, dtype=np.float32):
     d = rng.standard_normal((100, 30, 12, 12)).astype(dtype)
     fast = fast_layers.Pooling(2, 2, 2, reuse=True)
     from fastbp import reference
+
     ref = reference.Pooling(2, 2, 2)
-    impls = {"fastbp": lambda: (fast.forward(x), fast.backward(d)),
-             "numpy": lambda: (ref.forward(x), ref.backward(d))}
+    impls = {"fastbp": lambda: (fast.forward(x), fast.backward(d)), "numpy": lambda: (ref.forward(x), ref.backward(d))}
     calls = {"fastbp": 50, "numpy": 2}
     if torch is not None:
         xt = torch.from_numpy(x).requires_grad_(True)
@@ -168,6 +180,7 @@ def case_pool(rounds, dtype=np.float32):
             xt.grad = None
             out = torch.nn.functional.max_pool2d(xt, 2, 2)
             out.backward(dt)
+
         impls["torch"] = tstep
         calls["torch"] = 20
     report("max pooling 2x2 fwd+bwd (100, 30, 24, 24) float32", measure(impls, rounds, calls))
@@ -203,8 +216,11 @@ def _affine_gemms(n, d, m, dtype, need_dx=True):
 def case_floor(rounds):
     dt = np.float32
     x, t = _digits(100, dt)
-    simple = _conv_gemms(100, 1, 28, 28, 30, 5, 0, dt, False) + _affine_gemms(100, 4320, 100, dt) \
+    simple = (
+        _conv_gemms(100, 1, 28, 28, 30, 5, 0, dt, False)
+        + _affine_gemms(100, 4320, 100, dt)
         + _affine_gemms(100, 100, 10, dt)
+    )
     deep = []
     c, s = 1, 28
     for i, (f, pad) in enumerate([(16, 1), (16, 1), (32, 1), (32, 2), (64, 1), (64, 1)]):
@@ -255,16 +271,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--cases", default=",".join(CASES))
-    p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch.set_num_threads (default: torch's own; match FASTBP_NUM_THREADS for a fair table)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads (default: torch's own; match FASTBP_NUM_THREADS for a fair table)",
+    )
     args = p.parse_args(argv)
     if torch is not None and args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     with open("/proc/cpuinfo") as f:
         info = f.read()
     model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    print(f"CPU: {model}, AVX-512: {'avx512f' in info}; threads: torch {torch.get_num_threads() if torch else '-'}, "
-          f"fastbp GEMM {_kernels._get_gemm_threads()}; {args.rounds} interleaved rounds, medians")
+    print(
+        f"CPU: {model}, AVX-512: {'avx512f' in info}; threads: torch {torch.get_num_threads() if torch else '-'}, "
+        f"fastbp GEMM {_kernels._get_gemm_threads()}; {args.rounds} interleaved rounds, medians"
+    )
     for name in args.cases.split(","):
         CASES[name](args.rounds)
 

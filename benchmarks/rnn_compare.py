@@ -25,6 +25,7 @@ Cases (one "iteration" is what the book's trainers do per mini-batch):
   book     The book's own Rnnlm class (ch06/rnnlm.py's structure) with fastbp.time_layers swapped in, trained with
            the book's NumPy SGD and clip_grads, vs the same class on the NumPy twins.
 """
+
 import argparse
 import platform
 import time
@@ -41,7 +42,7 @@ from fastbp.util import clip_grads as fast_clip
 try:
     import torch
     import torch.nn.functional as TF
-except ImportError:                                      # pragma: no cover
+except ImportError:  # pragma: no cover
     torch = None
 
 
@@ -51,7 +52,7 @@ except ImportError:                                      # pragma: no cover
 def book_clip_grads(grads, max_norm):
     total_norm = 0
     for grad in grads:
-        total_norm += np.sum(grad ** 2)
+        total_norm += np.sum(grad**2)
     total_norm = np.sqrt(total_norm)
     rate = max_norm / (total_norm + 1e-6)
     if rate < 1:
@@ -79,7 +80,7 @@ class BookAdam:
             self.m = [np.zeros_like(p) for p in params]
             self.v = [np.zeros_like(p) for p in params]
         self.iter += 1
-        lr_t = self.lr * np.sqrt(1.0 - self.beta2 ** self.iter) / (1.0 - self.beta1 ** self.iter)
+        lr_t = self.lr * np.sqrt(1.0 - self.beta2**self.iter) / (1.0 - self.beta1**self.iter)
         for i in range(len(params)):
             self.m[i] += (1 - self.beta1) * (grads[i] - self.m[i])
             self.v[i] += (1 - self.beta2) * (grads[i] ** 2 - self.v[i])
@@ -95,8 +96,12 @@ class Rnnlm:
         rn = np.random.default_rng(seed).standard_normal
         self.layers = [
             M.TimeEmbedding((rn((V, D)) / 100).astype("f")),
-            M.TimeLSTM((rn((D, 4 * H)) / np.sqrt(D)).astype("f"), (rn((H, 4 * H)) / np.sqrt(H)).astype("f"),
-                       np.zeros(4 * H, "f"), stateful=True),
+            M.TimeLSTM(
+                (rn((D, 4 * H)) / np.sqrt(D)).astype("f"),
+                (rn((H, 4 * H)) / np.sqrt(H)).astype("f"),
+                np.zeros(4 * H, "f"),
+                stateful=True,
+            ),
             M.TimeAffine((rn((H, V)) / np.sqrt(H)).astype("f"), np.zeros(V, "f")),
         ]
         self.loss_layer = M.TimeSoftmaxWithLoss()
@@ -122,12 +127,21 @@ class BetterRnnlm(Rnnlm):
         V, D, H = vocab_size, wordvec_size, hidden_size
         rn = np.random.default_rng(seed).standard_normal
         embed_W = (rn((V, D)) / 100).astype("f")
-        lstm = lambda d: ((rn((d, 4 * H)) / np.sqrt(d)).astype("f"),  # noqa: E731
-                          (rn((H, 4 * H)) / np.sqrt(H)).astype("f"), np.zeros(4 * H, "f"))
+
+        def lstm(d):
+            return (
+                (rn((d, 4 * H)) / np.sqrt(d)).astype("f"),
+                (rn((H, 4 * H)) / np.sqrt(H)).astype("f"),
+                np.zeros(4 * H, "f"),
+            )
+
         self.layers = [
-            M.TimeEmbedding(embed_W), M.TimeDropout(dropout_ratio),
-            M.TimeLSTM(*lstm(D), stateful=True), M.TimeDropout(dropout_ratio),
-            M.TimeLSTM(*lstm(H), stateful=True), M.TimeDropout(dropout_ratio),
+            M.TimeEmbedding(embed_W),
+            M.TimeDropout(dropout_ratio),
+            M.TimeLSTM(*lstm(D), stateful=True),
+            M.TimeDropout(dropout_ratio),
+            M.TimeLSTM(*lstm(H), stateful=True),
+            M.TimeDropout(dropout_ratio),
             M.TimeAffine(embed_W.T, np.zeros(V, "f")),
         ]
         self.loss_layer = M.TimeSoftmaxWithLoss()
@@ -145,6 +159,7 @@ def make_step(model, optimizer, clip, max_grad):
         clip(grads, max_grad)
         optimizer.update(params, grads)
         return loss
+
     return step
 
 
@@ -177,6 +192,7 @@ def torch_rnnlm_step(model, lr, max_grad):
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad)
         opt.step()
         return float(loss.detach())
+
     return step
 
 
@@ -186,7 +202,7 @@ def torch_rnnlm_step(model, lr, max_grad):
 def run_case(name, impls, rounds, reps):
     """impls: list of (label, fn); each round times every fn (reps calls, best of them), in turn."""
     times = {label: [] for label, _ in impls}
-    for label, fn in impls:                               # warm-up
+    for label, fn in impls:  # warm-up
         fn()
         fn()
     for _ in range(rounds):
@@ -204,9 +220,10 @@ def run_case(name, impls, rounds, reps):
         row[label] = float(np.median(t))
         if label != impls[0][0]:
             row[f"ratio {label}"] = float(np.median(t / np.array(base)))
-    if "fastbp reuse=True" in times and "PyTorch" in times:   # the workspaces' figure against PyTorch too
-        row["ratio PyTorch (fastbp reuse=True)"] = float(np.median(np.array(times["PyTorch"])
-                                                                   / np.array(times["fastbp reuse=True"])))
+    if "fastbp reuse=True" in times and "PyTorch" in times:  # the workspaces' figure against PyTorch too
+        row["ratio PyTorch (fastbp reuse=True)"] = float(
+            np.median(np.array(times["PyTorch"]) / np.array(times["fastbp reuse=True"]))
+        )
     return row
 
 
@@ -222,8 +239,8 @@ def case_rnnlm(rounds, better=False):
 
     def batch():
         i = state["i"] = (state["i"] + 1) % 100
-        xs = corpus[i * N * T:(i + 1) * N * T].reshape(N, T)
-        ts = corpus[i * N * T + 1:(i + 1) * N * T + 1].reshape(N, T)
+        xs = corpus[i * N * T : (i + 1) * N * T].reshape(N, T)
+        ts = corpus[i * N * T + 1 : (i + 1) * N * T + 1].reshape(N, T)
         return xs, ts
 
     cls = BetterRnnlm if better else Rnnlm
@@ -234,8 +251,11 @@ def case_rnnlm(rounds, better=False):
         layer.reuse = True
     r_step = make_step(reused, FO.SGD(lr), fast_clip, max_grad)
     n_step = make_step(cls(REF), BookSGD(lr), book_clip_grads, max_grad)
-    impls = [("fastbp", lambda: f_step(*batch())), ("NumPy", lambda: n_step(*batch())),
-             ("fastbp reuse=True", lambda: r_step(*batch()))]
+    impls = [
+        ("fastbp", lambda: f_step(*batch())),
+        ("NumPy", lambda: n_step(*batch())),
+        ("fastbp reuse=True", lambda: r_step(*batch())),
+    ]
     if torch is not None:
         D = H = 650 if better else 100
         tm = TorchRnnlm(V, D, H, layers=2 if better else 1, dropout=0.5 if better else 0.0, tie=better)
@@ -244,9 +264,13 @@ def case_rnnlm(rounds, better=False):
         def tb():
             xs, ts = batch()
             return t_step(torch.from_numpy(xs.astype(np.int64)), torch.from_numpy(ts.astype(np.int64)))
+
         impls.append(("PyTorch", tb))
-    name = ("BetterRnnlm iteration, b20 t35, hidden 650 (2 LSTM, dropout, tied)" if better
-            else "Rnnlm iteration (fwd, bwd, clip, SGD), b20 t35, V10000 D100 H100")
+    name = (
+        "BetterRnnlm iteration, b20 t35, hidden 650 (2 LSTM, dropout, tied)"
+        if better
+        else "Rnnlm iteration (fwd, bwd, clip, SGD), b20 t35, V10000 D100 H100"
+    )
     return run_case(name, impls, rounds if not better else max(3, rounds // 3), REPS)
 
 
@@ -282,13 +306,13 @@ def case_cbow(rounds):
     corpus = (rng.zipf(1.2, 300000) % V).astype(np.int32)
     corpus[:V] = np.arange(V)
     n = 20000
-    contexts = np.stack([corpus[W + o: W + o + n] for o in range(-W, W + 1) if o], axis=1)
-    target = corpus[W:W + n]
+    contexts = np.stack([corpus[W + o : W + o + n] for o in range(-W, W + 1) if o], axis=1)
+    target = corpus[W : W + n]
     state = {"i": 0}
 
     def batch():
         i = state["i"] = (state["i"] + 1) % (n // B)
-        return contexts[i * B:(i + 1) * B], target[i * B:(i + 1) * B]
+        return contexts[i * B : (i + 1) * B], target[i * B : (i + 1) * B]
 
     fast = NS.CBOW(V, H, W, corpus)
     f_opt = FO.Adam()
@@ -339,8 +363,12 @@ def case_cbow(rounds):
         def t_step_given():
             c, t = batch()
             neg = fast.ns_loss.sampler.get_negative_sample(t)
-            return t_model(torch.from_numpy(c.astype(np.int64)), torch.from_numpy(t.astype(np.int64)),
-                           torch.from_numpy(neg.astype(np.int64)))
+            return t_model(
+                torch.from_numpy(c.astype(np.int64)),
+                torch.from_numpy(t.astype(np.int64)),
+                torch.from_numpy(neg.astype(np.int64)),
+            )
+
         impls += [("PyTorch", t_step), ("PyTorch (given negatives)", t_step_given)]
     try:
         import jax
@@ -348,6 +376,7 @@ def case_cbow(rounds):
     except ImportError:
         jax = None
     if jax is not None:
+
         def j_loss(params, c, t, neg):
             W_in, W_out = params
             h = W_in[c].mean(axis=1)
@@ -359,7 +388,7 @@ def case_cbow(rounds):
         def j_step(params, m, v, it, c, t, neg):
             loss, g = jax.value_and_grad(j_loss)(params, c, t, neg)
             it = it + 1
-            lr_t = 0.001 * jnp.sqrt(1 - 0.999 ** it) / (1 - 0.9 ** it)
+            lr_t = 0.001 * jnp.sqrt(1 - 0.999**it) / (1 - 0.9**it)
             m = [mi + 0.1 * (gi - mi) for mi, gi in zip(m, g)]
             v = [vi + 0.001 * (gi * gi - vi) for vi, gi in zip(v, g)]
             params = [p - lr_t * mi / (jnp.sqrt(vi) + 1e-7) for p, mi, vi in zip(params, m, v)]
@@ -373,9 +402,9 @@ def case_cbow(rounds):
         def j_run():
             c, t = batch()
             neg = fast.ns_loss.sampler.get_negative_sample(t)
-            loss, jst["p"], jst["m"], jst["v"], jst["it"] = j_step(jst["p"], jst["m"], jst["v"], jst["it"],
-                                                                    c, t, neg)
+            loss, jst["p"], jst["m"], jst["v"], jst["it"] = j_step(jst["p"], jst["m"], jst["v"], jst["it"], c, t, neg)
             return float(jax.block_until_ready(loss))
+
         impls.append(("JAX jit (given negatives)", j_run))
     return run_case("CBOW negative sampling iteration, b100 V10000 H100 window 5 (Adam)", impls, rounds, 3)
 
@@ -387,6 +416,7 @@ def case_embed(rounds):
     idx = rng.integers(0, V, n).astype(np.int32)
     dout = rng.standard_normal((n, D)).astype("f")
     from fastbp.layers import Embedding
+
     fe, re_ = Embedding(W), REF.Embedding(W)
     fe.forward(idx)
     re_.forward(idx)
@@ -399,6 +429,7 @@ def case_embed(rounds):
         def tstep():
             tg.zero_()
             tg.index_add_(0, ti, td)
+
         impls.append(("PyTorch", tstep))
     return run_case("embedding backward 700x100 -> 10000x100 (zero + scatter-add)", impls, rounds, 5)
 
@@ -411,34 +442,53 @@ def case_book(rounds):
 
     def batch():
         i = state["i"] = (state["i"] + 1) % 100
-        return (corpus[i * N * T:(i + 1) * N * T].reshape(N, T),
-                corpus[i * N * T + 1:(i + 1) * N * T + 1].reshape(N, T))
+        return (
+            corpus[i * N * T : (i + 1) * N * T].reshape(N, T),
+            corpus[i * N * T + 1 : (i + 1) * N * T + 1].reshape(N, T),
+        )
 
     f_step = make_step(Rnnlm(TL), BookSGD(20.0), book_clip_grads, 0.25)
     n_step = make_step(Rnnlm(REF), BookSGD(20.0), book_clip_grads, 0.25)
-    return run_case("the book's Rnnlm with fastbp.time_layers swapped in (book's SGD, clip_grads) vs untouched",
-                    [("fastbp", lambda: f_step(*batch())), ("NumPy", lambda: n_step(*batch()))], rounds, 1)
+    return run_case(
+        "the book's Rnnlm with fastbp.time_layers swapped in (book's SGD, clip_grads) vs untouched",
+        [("fastbp", lambda: f_step(*batch())), ("NumPy", lambda: n_step(*batch()))],
+        rounds,
+        1,
+    )
 
 
 REPS = 1
-CASES = {"rnnlm": case_rnnlm, "better": lambda r: case_rnnlm(r, better=True), "cbow": case_cbow,
-         "embed": case_embed, "book": case_book}
+CASES = {
+    "rnnlm": case_rnnlm,
+    "better": lambda r: case_rnnlm(r, better=True),
+    "cbow": case_cbow,
+    "embed": case_embed,
+    "book": case_book,
+}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="threads for fastbp and PyTorch alike (default: each library's own default)")
-    ap.add_argument("--reps", type=int, default=1,
-                    help="Rnnlm/BetterRnnlm: calls per implementation per round, the best one kept (a loaded "
-                         "machine's outliers)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads for fastbp and PyTorch alike (default: each library's own default)",
+    )
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=1,
+        help="Rnnlm/BetterRnnlm: calls per implementation per round, the best one kept (a loaded machine's outliers)",
+    )
     args = ap.parse_args(argv)
     global REPS
     REPS = max(1, args.reps)
     if args.threads > 0:
         from fastbp import _blas, _threads
+
         _threads._set_num_threads(args.threads)
         _blas.set_num_threads(args.threads)
         if torch is not None:
@@ -452,9 +502,12 @@ def main(argv=None):
     except (OSError, StopIteration):
         pass
     from fastbp import _threads
-    print(f"CPU: {cpu} ({platform.machine()}); fastbp {_threads._get_num_threads()} threads; "
-          f"torch {torch.__version__ if torch else 'not installed'}"
-          f"{f', {torch.get_num_threads()} threads' if torch else ''}; {args.rounds} interleaved rounds, medians")
+
+    print(
+        f"CPU: {cpu} ({platform.machine()}); fastbp {_threads._get_num_threads()} threads; "
+        f"torch {torch.__version__ if torch else 'not installed'}"
+        f"{f', {torch.get_num_threads()} threads' if torch else ''}; {args.rounds} interleaved rounds, medians"
+    )
     rows = []
     for name in args.cases.split(","):
         row = CASES[name](args.rounds)
@@ -462,8 +515,7 @@ def main(argv=None):
         labels = [k for k in row if k != "case" and not k.startswith("ratio")]
         parts = [f"{k} {_fmt(row[k])}" for k in labels]
         ratios = [f"x{row[k]:.2f} vs {k[6:]}" for k in row if k.startswith("ratio")]
-        print(f"| {row['case']} | " + " | ".join(parts) + " | fastbp speed-up: " + ", ".join(ratios) + " |",
-              flush=True)
+        print(f"| {row['case']} | " + " | ".join(parts) + " | fastbp speed-up: " + ", ".join(ratios) + " |", flush=True)
     return rows
 
 

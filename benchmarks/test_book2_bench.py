@@ -2,6 +2,7 @@
 TimeSoftmaxWithLoss at the sizes of the book's Rnnlm (batch 20, time 35, vocab 10000, hidden 100), with
 fastbp / fastbp-reuse / numpy (fastbp.reference_time) / torch side by side.  Each implementation's result is
 checked against the NumPy twin once before it is timed.  The whole-model table is benchmarks/rnn_compare.py."""
+
 import numpy as np
 import pytest
 
@@ -19,6 +20,7 @@ def _close(got, want, tol=1e-4):
 def _mods(impl):
     import fastbp.reference as REF
     import fastbp.time_layers as TL
+
     return REF if impl == "numpy" else TL
 
 
@@ -45,12 +47,14 @@ def test_embedding_backward(benchmark, request, rng, impl):
     else:
         from fastbp.layers import Embedding
         from fastbp.reference import Embedding as REmb
+
         layer = REmb(W) if impl == "numpy" else Embedding(W, **_kw(impl))
         layer.forward(idx)
 
         def run():
             layer.backward(dout)
             return layer.grads[0]
+
     _close(run(), want)
     benchmark(run)
 
@@ -64,11 +68,12 @@ def test_time_lstm_forward_backward(benchmark, request, rng, impl):
     xs = rng.standard_normal((N, T, D)).astype(np.float32)
     dhs = rng.standard_normal((N, T, H)).astype(np.float32)
     import fastbp.reference as REF
+
     ref = REF.TimeLSTM(Wx, Wh, b)
     want = ref.forward(xs)
     if impl == "torch":
         torch = request.getfixturevalue("need_torch")
-        order = np.r_[2 * H:3 * H, 0:H, H:2 * H, 3 * H:4 * H]
+        order = np.r_[2 * H : 3 * H, 0:H, H : 2 * H, 3 * H : 4 * H]
         lstm = torch.nn.LSTM(D, H, batch_first=True)
         with torch.no_grad():
             lstm.weight_ih_l0.copy_(torch.from_numpy(Wx[:, order].T.copy()))
@@ -89,6 +94,7 @@ def test_time_lstm_forward_backward(benchmark, request, rng, impl):
             hs = layer.forward(xs)
             layer.backward(dhs)
             return hs
+
     _close(run(), want)
     benchmark(run)
 
@@ -99,6 +105,7 @@ def test_time_softmax_with_loss(benchmark, request, rng, impl):
     xs = rng.standard_normal((N, T, V)).astype(np.float32)
     ts = rng.integers(0, V, (N, T)).astype(np.int32)
     import fastbp.reference as REF
+
     ref = REF.TimeSoftmaxWithLoss()
     ref.forward(xs, ts)
     want = ref.backward()
@@ -118,5 +125,6 @@ def test_time_softmax_with_loss(benchmark, request, rng, impl):
         def run():
             layer.forward(xs, ts)
             return layer.backward()
+
     _close(run(), want)
     benchmark(run)

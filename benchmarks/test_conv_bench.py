@@ -3,6 +3,7 @@ each group one size and dtype with fastbp / fastbp-reuse / numpy (fastbp.referen
 implementation's result is checked against float64 NumPy once before it is timed.
 Run: ``pytest benchmarks/test_conv_bench.py --benchmark-only``; the speed table of issue 9 with interleaved
 ratios is ``python benchmarks/conv_compare.py``."""
+
 import numpy as np
 import pytest
 
@@ -33,6 +34,7 @@ def _close(got, want, dtype):
 
 def _layers(impl):
     from fastbp import layers, reference
+
     return reference if impl == "numpy" else layers
 
 
@@ -54,6 +56,7 @@ def test_conv_forward_backward(benchmark, request, rng, impl, shape, dtype):
     W = (rng.standard_normal((fn, c, f, f)) / np.sqrt(c * f * f)).astype(dtype)
     b = rng.standard_normal(fn).astype(dtype)
     from fastbp import reference
+
     ref = reference.Convolution(W.astype(np.float64), b.astype(np.float64), 1, pad)
     want = ref.forward(x.astype(np.float64))
     dout = rng.standard_normal(want.shape).astype(dtype)
@@ -75,6 +78,7 @@ def test_conv_forward_backward(benchmark, request, rng, impl, shape, dtype):
         def fn():
             out = layer.forward(x)
             return out, layer.backward(dout), layer.dW
+
     for g, wnt in zip(fn(), (want, want_dx, ref.dW)):
         _close(g, wnt, dtype)
     benchmark(fn)
@@ -106,6 +110,7 @@ def test_maxpool_forward_backward(benchmark, request, rng, impl, shape, dtype):
             out = layer.forward(x)
             layer.backward(dout)
             return out
+
     _close(fn(), want, dtype)
     benchmark(fn)
 
@@ -139,6 +144,7 @@ def test_batchnorm_train_forward_backward(benchmark, request, rng, impl, shape, 
             out = layer.forward(x)
             layer.backward(dout)
             return out
+
     _close(fn(), want, dtype)
     benchmark(fn)
 
@@ -154,6 +160,7 @@ def test_dropout_forward_backward(benchmark, impl, rng, dtype):
         out = layer.forward(x)
         layer.backward(x)
         return out
+
     np.random.seed(0)
     got = fn()
     np.random.seed(0)
@@ -166,6 +173,7 @@ def test_simpleconvnet_training_step(benchmark, request, impl, dtype):
     """The book's SimpleConvNet, batch 100 of MNIST digits: gradient + SGD update."""
     benchmark.group = f"simpleconvnet-step b100 {_dt(dtype)}"
     import os
+
     here = os.path.dirname(__file__)
     d = np.load(os.path.join(here, os.pardir, "fastbp", "data", "mnist-5k.npz"))
     x = (d["images"][:100] / 255).astype(dtype).reshape(100, 1, 28, 28)
@@ -174,8 +182,15 @@ def test_simpleconvnet_training_step(benchmark, request, impl, dtype):
     if torch is not None:
         nn = torch.nn
         tdt = torch.float32 if dtype == np.float32 else torch.float64
-        model = nn.Sequential(nn.Conv2d(1, 30, 5), nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(),
-                              nn.Linear(4320, 100), nn.ReLU(), nn.Linear(100, 10)).to(tdt)
+        model = nn.Sequential(
+            nn.Conv2d(1, 30, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2),
+            nn.Flatten(),
+            nn.Linear(4320, 100),
+            nn.ReLU(),
+            nn.Linear(100, 10),
+        ).to(tdt)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         loss_fn = nn.CrossEntropyLoss()
         xt, tt = torch.from_numpy(x), torch.from_numpy(t)
@@ -188,10 +203,12 @@ def test_simpleconvnet_training_step(benchmark, request, impl, dtype):
     else:
         from fastbp.nets import SimpleConvNet
         from fastbp.optimizers import SGD
+
         np.random.seed(0)
         net = SimpleConvNet(dtype=dtype, backend="fastbp" if impl == "fastbp" else "reference")
         opt = SGD(lr=0.01)
 
         def fn():
             opt.update(net.params, net.gradient(x, t))
+
     benchmark(fn)

@@ -2,6 +2,7 @@
 optimizer updates, each group one size and dtype with fastbp / fastbp-reuse / numpy (fastbp.reference) /
 torch side by side.  Every implementation's result is checked against the NumPy reference once before it is
 timed.  Run: ``pytest benchmarks/ --benchmark-only`` (see conftest.py for the options)."""
+
 import numpy as np
 import pytest
 
@@ -36,6 +37,7 @@ def _f64(*arrays):
 
 def _layers(impl):
     from fastbp import layers, reference
+
     return reference if impl == "numpy" else layers
 
 
@@ -93,6 +95,7 @@ def test_affine_backward(benchmark, request, rng, impl, affine_shape, dtype):
 
         def fn():
             return layer.backward(dout), layer.dW, layer.db
+
     for g, w in zip(fn(), want):
         _close(g, w, dtype)
     benchmark(fn)
@@ -111,6 +114,7 @@ def test_bias_reduction(benchmark, request, rng, impl, bias_shape, dtype):
         fn = lambda: torch.sum(dt, 0, out=dbt)  # noqa: E731
     elif impl == "fastbp":
         from fastbp import _kernels
+
         fn = lambda: _kernels.bias_backward(dout, db)  # noqa: E731
     else:
         fn = lambda: np.sum(dout, axis=0, out=db)  # noqa: E731
@@ -207,6 +211,7 @@ def test_softmax_cross_entropy(benchmark, request, rng, impl, softmax_shape, dty
     want = ref.backward(1)
     if torch is not None:
         import torch.nn.functional as F
+
         xt = torch.from_numpy(x).requires_grad_(True)
         tt = torch.from_numpy(t)
 
@@ -218,6 +223,7 @@ def test_softmax_cross_entropy(benchmark, request, rng, impl, softmax_shape, dty
         def fn():
             layer.forward(x, t)
             return layer.backward(1)
+
     _close(fn(), want, dtype)
     benchmark(fn)
 
@@ -257,9 +263,9 @@ class _BookOptimizer:
                 s1 += 0.01 * g * g
                 p -= lr * g / (np.sqrt(s1) + eps)
             elif self.name == "Adam":
-                lr_t = lr * np.sqrt(1.0 - 0.999 ** self.iter) / (1.0 - 0.9 ** self.iter)
+                lr_t = lr * np.sqrt(1.0 - 0.999**self.iter) / (1.0 - 0.9**self.iter)
                 s1 += 0.1 * (g - s1)
-                s2 += 0.001 * (g ** 2 - s2)
+                s2 += 0.001 * (g**2 - s2)
                 p -= lr_t * s1 / (np.sqrt(s2) + eps)
             else:
                 raise ValueError(self.name)
@@ -267,12 +273,14 @@ class _BookOptimizer:
 
 def _torch_optimizer(torch, name, params, lr):
     optim = torch.optim
-    return {"SGD": lambda: optim.SGD(params, lr=lr),
-            "Momentum": lambda: optim.SGD(params, lr=lr, momentum=0.9),
-            "Nesterov": lambda: optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
-            "AdaGrad": lambda: optim.Adagrad(params, lr=lr, eps=1e-7),
-            "RMSprop": lambda: optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-7),
-            "Adam": lambda: optim.Adam(params, lr=lr, eps=1e-7)}[name]()
+    return {
+        "SGD": lambda: optim.SGD(params, lr=lr),
+        "Momentum": lambda: optim.SGD(params, lr=lr, momentum=0.9),
+        "Nesterov": lambda: optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+        "AdaGrad": lambda: optim.Adagrad(params, lr=lr, eps=1e-7),
+        "RMSprop": lambda: optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-7),
+        "Adam": lambda: optim.Adam(params, lr=lr, eps=1e-7),
+    }[name]()
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)

@@ -11,6 +11,7 @@
 * gradient group: backpropagation vs the numerical gradient on the book's 3-sample gradient check
   (TwoLayerNet 784-50-10, float64 weights, float32 images, one-hot labels).
 """
+
 import numpy as np
 import pytest
 
@@ -61,7 +62,7 @@ def test_book_train_step(benchmark, impl):
 
 @pytest.fixture(scope="module")
 def gradient_check_data():
-    x, t = cases.mnist_batch(3, one_hot=True)        # the book's x_train[:3], t_train[:3]
+    x, t = cases.mnist_batch(3, one_hot=True)  # the book's x_train[:3], t_train[:3]
     return x, t
 
 
@@ -70,6 +71,7 @@ def gradient_check_data():
 def test_gradient(benchmark, request, gradient_check_data, method, backend):
     """net.gradient(x, t) vs net.numerical_gradient(x, t) on 3 samples (fastbp.nets.TwoLayerNet, float64)."""
     from fastbp import nets
+
     benchmark.group = "gradient TwoLayerNet-784-50-10 3 samples float64"
     x, t = gradient_check_data
     np.random.seed(0)

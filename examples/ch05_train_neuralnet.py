@@ -8,6 +8,7 @@ the network comes from fastbp.nets and the update is fastbp's in-place SGD (the 
     python examples/ch05_train_neuralnet.py                 # the bundled 4,000/1,000 MNIST sample
     python examples/ch05_train_neuralnet.py --source full   # 60,000/10,000 (downloaded if missing)
 """
+
 import argparse
 import os
 import sys
@@ -52,8 +53,8 @@ for i in range(iters_num):
     x_batch = x_train[batch_mask]
     t_batch = t_train[batch_mask]
 
-    grad = network.gradient(x_batch, t_batch)      # backpropagation
-    optimizer.update(network.params, grad)         # params -= lr * grad, in place
+    grad = network.gradient(x_batch, t_batch)  # backpropagation
+    optimizer.update(network.params, grad)  # params -= lr * grad, in place
 
     loss = network.loss(x_batch, t_batch)
     train_loss_list.append(loss)
@@ -65,6 +66,8 @@ for i in range(iters_num):
         test_acc_list.append(test_acc)
         print(f"iter {i:>6}  loss {loss:.4f}  train acc {train_acc:.4f}  test acc {test_acc:.4f}")
 
-print(f"final: train acc {network.accuracy(x_train, t_train):.4f}, "
-      f"test acc {network.accuracy(x_test, t_test):.4f} after {iters_num} iterations "
-      f"({time.perf_counter() - start:.2f} s)")
+print(
+    f"final: train acc {network.accuracy(x_train, t_train):.4f}, "
+    f"test acc {network.accuracy(x_test, t_test):.4f} after {iters_num} iterations "
+    f"({time.perf_counter() - start:.2f} s)"
+)

@@ -7,6 +7,7 @@ each printed every 100 iterations.  Shorter by default (--iters 500; the book ru
 
     python examples/ch06_optimizer_compare.py --iters 2000
 """
+
 import argparse
 import os
 import sys
@@ -32,6 +33,7 @@ args = parser.parse_args()
 if args.plot:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -85,6 +87,7 @@ for key in optimizers:
 
 # 3: the figure
 if args.plot:
+
     def smooth_curve(x, k=11):
         """Moving average (the book smooths with a Kaiser window)."""
         x = np.asarray(x, dtype=np.float64)

@@ -1,4 +1,5 @@
 """``python -m fastbp``: the fastbp command line (see fastbp.cli)."""
+
 import sys
 
 from fastbp.cli import main

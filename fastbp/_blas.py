@@ -34,6 +34,7 @@ scipy-openblas32 library, ``dlopen`` returns that instance: its kernel type is t
 (``info()`` reports the real one) and fastbp's threading setting applies to it too.  How the GEMMs use threads
 is decided by :func:`_choose_threading` (``FASTBP_BLAS_THREADING``, ``FASTBP_NUM_THREADS``).
 """
+
 import ctypes
 import fnmatch
 import glob
@@ -61,21 +62,32 @@ MAX_THREADS = 1024
 #: SSE2 every x86-64 CPU has (names are matched case-insensitively, as OpenBLAS does).  The 32-bit-only core
 #: types are aliases of Prescott on x86-64.
 CORE_FLAGS = {
-    "Katmai": ("pni",), "Coppermine": ("pni",), "Northwood": ("pni",), "Banias": ("pni",), "Athlon": ("pni",),
-    "Prescott": ("pni",), "Opteron": (), "Opteron_SSE3": ("pni",), "Nano": ("pni",),
-    "Atom": ("pni", "ssse3"), "Core2": ("pni", "ssse3"), "Bobcat": ("pni", "ssse3"),
-    "Penryn": ("pni", "ssse3", "sse4_1"), "Dunnington": ("pni", "ssse3", "sse4_1"),
+    "Katmai": ("pni",),
+    "Coppermine": ("pni",),
+    "Northwood": ("pni",),
+    "Banias": ("pni",),
+    "Athlon": ("pni",),
+    "Prescott": ("pni",),
+    "Opteron": (),
+    "Opteron_SSE3": ("pni",),
+    "Nano": ("pni",),
+    "Atom": ("pni", "ssse3"),
+    "Core2": ("pni", "ssse3"),
+    "Bobcat": ("pni", "ssse3"),
+    "Penryn": ("pni", "ssse3", "sse4_1"),
+    "Dunnington": ("pni", "ssse3", "sse4_1"),
     "Barcelona": ("pni", "sse4a"),
     "Nehalem": ("pni", "ssse3", "sse4_1", "sse4_2"),
     "Sandybridge": ("sse4_2", "avx"),
     "Bulldozer": ("sse4_2", "avx", "fma4"),
-    "Piledriver": ("sse4_2", "avx", "fma", "fma4"), "Steamroller": ("sse4_2", "avx", "fma", "fma4"),
+    "Piledriver": ("sse4_2", "avx", "fma", "fma4"),
+    "Steamroller": ("sse4_2", "avx", "fma", "fma4"),
     "Excavator": ("sse4_2", "avx", "avx2", "fma", "fma4"),
-    "Haswell": ("sse4_2", "avx", "avx2", "fma"), "Zen": ("sse4_2", "avx", "avx2", "fma"),
+    "Haswell": ("sse4_2", "avx", "avx2", "fma"),
+    "Zen": ("sse4_2", "avx", "avx2", "fma"),
     "SkylakeX": ("avx", "avx2", "fma") + SKYLAKEX_FLAGS,
     "Cooperlake": ("avx", "avx2", "fma") + SKYLAKEX_FLAGS + ("avx512_bf16",),
-    "SapphireRapids": ("avx", "avx2", "fma") + SKYLAKEX_FLAGS + ("avx512_bf16", "avx512_fp16", "amx_tile",
-                                                                 "amx_bf16"),
+    "SapphireRapids": ("avx", "avx2", "fma") + SKYLAKEX_FLAGS + ("avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16"),
 }
 
 #: Core types tried, best first, when fastbp must name one itself (features disabled by the environment).
@@ -83,9 +95,21 @@ _FALLBACK_ORDER = ("Cooperlake", "SkylakeX", "Haswell", "Sandybridge", "Nehalem"
 
 # NumPy's names of its runtime CPU features -> /proc/cpuinfo names (for systems without /proc/cpuinfo).
 _NUMPY_FEATURES = {
-    "SSE3": "pni", "SSSE3": "ssse3", "SSE41": "sse4_1", "SSE42": "sse4_2", "AVX": "avx", "FMA3": "fma",
-    "FMA4": "fma4", "AVX2": "avx2", "AVX512F": "avx512f", "AVX512CD": "avx512cd", "AVX512BW": "avx512bw",
-    "AVX512DQ": "avx512dq", "AVX512VL": "avx512vl", "AVX512BF16": "avx512_bf16", "AVX512FP16": "avx512_fp16",
+    "SSE3": "pni",
+    "SSSE3": "ssse3",
+    "SSE41": "sse4_1",
+    "SSE42": "sse4_2",
+    "AVX": "avx",
+    "FMA3": "fma",
+    "FMA4": "fma4",
+    "AVX2": "avx2",
+    "AVX512F": "avx512f",
+    "AVX512CD": "avx512cd",
+    "AVX512BW": "avx512bw",
+    "AVX512DQ": "avx512dq",
+    "AVX512VL": "avx512vl",
+    "AVX512BF16": "avx512_bf16",
+    "AVX512FP16": "avx512_fp16",
 }
 
 
@@ -114,8 +138,14 @@ def _raw_cpu_flags():
 
 #: NumPy's names (NPY_DISABLE_CPU_FEATURES) of features /proc/cpuinfo spells otherwise, as patterns; the kernels'
 #: path chooser in _simd.h knows the same table.
-_NUMPY_ALIASES = {"fma3": "fma", "sse41": "sse4_1", "sse42": "sse4_2", "sse3": "pni", "avx512_skx": "avx512*",
-                  "bmi": "bmi1"}
+_NUMPY_ALIASES = {
+    "fma3": "fma",
+    "sse41": "sse4_1",
+    "sse42": "sse4_2",
+    "sse3": "pni",
+    "avx512_skx": "avx512*",
+    "bmi": "bmi1",
+}
 
 
 def disabled_cpu_features(environ=None):
@@ -149,12 +179,11 @@ CPUID = "<cpuid>"
 def _check_runnable(name, flags, origin):
     """None when core type `name` can run on a CPU with `flags`, else the warning text."""
     if not _is_x86() or not flags:
-        return None             # not x86 (OpenBLAS checks its own names there), or flags unknown: not checked
+        return None  # not x86 (OpenBLAS checks its own names there), or flags unknown: not checked
     try:
         canon, need = core_flags(name)
     except KeyError:
-        return (f"{origin}={name!r} is not a core type of OpenBLAS for x86-64 (known: "
-                f"{', '.join(CORE_FLAGS)}); ignored")
+        return f"{origin}={name!r} is not a core type of OpenBLAS for x86-64 (known: {', '.join(CORE_FLAGS)}); ignored"
     missing = [f for f in need if f not in flags]
     if missing:
         also = " (NumPy's own OpenBLAS still follows it)" if origin == "OPENBLAS_CORETYPE" else ""
@@ -258,13 +287,16 @@ def check_environment(environ=None):
 def _library_path():
     # Locate the file without importing scipy_openblas32: its import may load (and so initialise) the library.
     import importlib.util
+
     spec = importlib.util.find_spec("scipy_openblas32")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("fastbp needs the scipy-openblas32 package (pip install scipy-openblas32)")
     libdir = os.path.join(list(spec.submodule_search_locations)[0], "lib")
-    cands = sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*")) +
-                   glob.glob(os.path.join(libdir, "libscipy_openblas*.dylib")) +
-                   glob.glob(os.path.join(libdir, "libscipy_openblas*.dll")))
+    cands = sorted(
+        glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))
+        + glob.glob(os.path.join(libdir, "libscipy_openblas*.dylib"))
+        + glob.glob(os.path.join(libdir, "libscipy_openblas*.dll"))
+    )
     if not cands:
         raise ImportError(f"scipy-openblas32 is installed but has no library in {libdir}")
     return cands[0]
@@ -277,19 +309,23 @@ def ensure_loaded():
     # Importing fastbp._gemm loads the library: its last statement calls this function, which then finds _gemm
     # (with all its functions) in sys.modules.  So import it before taking the lock, never under it.
     from fastbp import _gemm
+
     with _lock:
         if _state:
             return _state
         path = _library_path()
         coretype, reason, refused = _choose_coretype(cpu_flags())
         if refused is not None:
-            warnings.warn(f"fastbp: {refused}; fastbp's OpenBLAS loads with {reason.split(': ', 1)[-1]}",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"fastbp: {refused}; fastbp's OpenBLAS loads with {reason.split(': ', 1)[-1]}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         old = os.environ.get("OPENBLAS_CORETYPE")
         timeout = blas_thread_timeout()
         old_timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
         try:
-            if timeout is not None:          # read by OpenBLAS when it loads: reaches fastbp's copy only
+            if timeout is not None:  # read by OpenBLAS when it loads: reaches fastbp's copy only
                 os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(timeout)
             if coretype == CPUID:
                 os.environ.pop("OPENBLAS_CORETYPE", None)
@@ -302,8 +338,9 @@ def ensure_loaded():
             lib.scipy_openblas_get_corename()
             one = (ctypes.c_float * 1)(1.0)
             res = (ctypes.c_float * 1)(0.0)
-            lib.scipy_cblas_sgemm(101, 111, 111, 1, 1, 1, ctypes.c_float(1.0), one, 1, one, 1,
-                                  ctypes.c_float(0.0), res, 1)
+            lib.scipy_cblas_sgemm(
+                101, 111, 111, 1, 1, 1, ctypes.c_float(1.0), one, 1, one, 1, ctypes.c_float(0.0), res, 1
+            )
         finally:
             if timeout is not None:
                 if old_timeout is None:
@@ -315,8 +352,10 @@ def ensure_loaded():
                     os.environ.pop("OPENBLAS_CORETYPE", None)
                 else:
                     os.environ["OPENBLAS_CORETYPE"] = old
-        addresses = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-                     for name in ("scipy_cblas_sgemm", "scipy_cblas_dgemm", "scipy_cblas_sgemv", "scipy_cblas_dgemv")]
+        addresses = [
+            ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+            for name in ("scipy_cblas_sgemm", "scipy_cblas_dgemm", "scipy_cblas_sgemv", "scipy_cblas_dgemv")
+        ]
         lib.scipy_openblas_get_config.restype = ctypes.c_char_p
         lib.scipy_openblas_get_num_threads.restype = ctypes.c_int
         _gemm._set_gemm(*addresses)
@@ -376,6 +415,7 @@ def set_num_threads(n):
     st = ensure_loaded()
     if st["threading"] == "split":
         from fastbp import _kernels
+
         _kernels._set_gemm_threads(n)
     else:
         st["lib"].scipy_openblas_set_num_threads(ctypes.c_int(n))
@@ -386,6 +426,7 @@ def get_num_threads():
     st = ensure_loaded()
     if st["threading"] == "split":
         from fastbp import _kernels
+
         return _kernels._get_gemm_threads()
     return int(st["lib"].scipy_openblas_get_num_threads())
 

@@ -21,6 +21,7 @@ NumPy's global random state is saved before the check and restored before every 
 from it (Dropout) see the same masks in every pass; it is left as it was found.  Parameter arrays are perturbed
 in place and restored bit for bit; inputs are copied.
 """
+
 import inspect
 
 import numpy as np
@@ -40,8 +41,9 @@ def _rel(a, n, floor):
     return abs(a - n) / max(abs(a), abs(n), floor)
 
 
-def gradient_check_fast(target, x, t=None, dout=None, *, n_dirs=2, h=None, threshold=None, floor=1e-3,
-                        seed=0, raise_on_failure=True):
+def gradient_check_fast(
+    target, x, t=None, dout=None, *, n_dirs=2, h=None, threshold=None, floor=1e-3, seed=0, raise_on_failure=True
+):
     """{name: worst relative error over n_dirs random unit directions} of backprop's directional derivative
     against a central difference along the same direction; raises GradientCheckError above ``threshold``.
 
@@ -56,7 +58,7 @@ def gradient_check_fast(target, x, t=None, dout=None, *, n_dirs=2, h=None, thres
     """
     if n_dirs < 1:
         raise ValueError(f"n_dirs must be >= 1, got {n_dirs}")
-    rng = np.random.default_rng([seed, 0x6AD])   # not default_rng(seed): data drawn from that would equal v, u
+    rng = np.random.default_rng([seed, 0x6AD])  # not default_rng(seed): data drawn from that would equal v, u
     state = np.random.get_state()
     try:
         if hasattr(target, "gradient") and isinstance(getattr(target, "params", None), dict):
@@ -92,7 +94,10 @@ def gradient_check_fast(target, x, t=None, dout=None, *, n_dirs=2, h=None, thres
         raise GradientCheckError(
             f"fast gradient check failed for {type(target).__name__}: {worst!r} has directional relative error "
             f"{bad[worst]:.3g} > {threshold:.3g} [all: {summary}; h={h:g}, {n_dirs} directions]",
-            errors, worst, threshold)
+            errors,
+            worst,
+            threshold,
+        )
     return errors
 
 
@@ -112,7 +117,7 @@ def _directional(f, arr, u, h):
 
 def _net_problem(net, x, t, state):
     named = [(k, p) for k, p in net.params.items() if isinstance(p, np.ndarray) and p.dtype.kind == "f"]
-    try:    # the book's MultiLayerNetExtend.loss defaults to train_flg=False; its gradient trains
+    try:  # the book's MultiLayerNetExtend.loss defaults to train_flg=False; its gradient trains
         kw = {"train_flg": True} if "train_flg" in inspect.signature(net.loss).parameters else {}
     except (TypeError, ValueError):
         kw = {}
@@ -124,6 +129,7 @@ def _net_problem(net, x, t, state):
     def analytic():
         np.random.set_state(state)
         return {k: np.array(g, dtype=np.float64) for k, g in net.gradient(x, t).items()}
+
     return named, f, analytic
 
 
@@ -140,8 +146,11 @@ def _layer_problem(layer, x, t, dout, rng, state):
         v = 1.0 if dout is None else float(dout)
     else:
         out = np.asarray(out)
-        v = _unit(rng, out.shape).astype(out.dtype if out.dtype.kind == "f" else np.float64) if dout is None \
+        v = (
+            _unit(rng, out.shape).astype(out.dtype if out.dtype.kind == "f" else np.float64)
+            if dout is None
             else np.array(dout, copy=True)
+        )
         v64 = np.asarray(v, np.float64).ravel()
 
     def f():
@@ -160,6 +169,7 @@ def _layer_problem(layer, x, t, dout, rng, state):
         if xs.dtype.kind == "f":
             grads["x"] = np.array(dx, dtype=np.float64)
         return grads
+
     return named, f, analytic
 
 
@@ -196,6 +206,7 @@ def book1_cnn_cases(seed=0):
             finally:
                 np.random.set_state(state)
             return gradient_check_fast(target, x, t, seed=seed, raise_on_failure=False)
+
         return run
 
     def lift_biases(net, n):
@@ -211,15 +222,28 @@ def book1_cnn_cases(seed=0):
         ("Convolution stride 2 pad 1", layer(lambda: L.Convolution(W.copy(), b.copy(), 2, 1), xc)),
         ("Pooling 2x2 stride 2", layer(lambda: L.Pooling(2, 2, 2), distinct((2, 3, 6, 5)))),
         ("Pooling 3x3 stride 2 pad 1", layer(lambda: L.Pooling(3, 3, 2, 1), distinct((2, 2, 7, 7)))),
-        ("BatchNormalization 2-D", layer(lambda: L.BatchNormalization(1 + rng.random(4), rng.random(4)),
-                                         rng.standard_normal((5, 4)))),
-        ("BatchNormalization 4-D", layer(lambda: L.BatchNormalization(1 + rng.random(12), rng.random(12)),
-                                         rng.standard_normal((3, 3, 2, 2)))),
+        (
+            "BatchNormalization 2-D",
+            layer(lambda: L.BatchNormalization(1 + rng.random(4), rng.random(4)), rng.standard_normal((5, 4))),
+        ),
+        (
+            "BatchNormalization 4-D",
+            layer(lambda: L.BatchNormalization(1 + rng.random(12), rng.random(12)), rng.standard_normal((3, 3, 2, 2))),
+        ),
         ("Dropout (fast, vTJu)", fast(lambda: L.Dropout(0.4), rng.standard_normal((4, 6)))),
-        ("SimpleConvNet 28x28 digits (fast, vTJu)",
-         fast(lambda: lift_biases(SimpleConvNet(weight_init_std=0.1), 1), digits, labels)),
+        (
+            "SimpleConvNet 28x28 digits (fast, vTJu)",
+            fast(lambda: lift_biases(SimpleConvNet(weight_init_std=0.1), 1), digits, labels),
+        ),
         ("DeepConvNet 28x28 digits (fast, vTJu)", fast(lambda: lift_biases(DeepConvNet(), 6), digits[:2], labels[:2])),
-        ("MultiLayerNetExtend bn+dropout+decay (fast, vTJu)",
-         fast(lambda: MultiLayerNetExtend(12, [8, 6], 4, weight_decay_lambda=0.1, use_dropout=True,
-                                          use_batchnorm=True), rng.random((5, 12)), rng.integers(0, 4, 5))),
+        (
+            "MultiLayerNetExtend bn+dropout+decay (fast, vTJu)",
+            fast(
+                lambda: MultiLayerNetExtend(
+                    12, [8, 6], 4, weight_decay_lambda=0.1, use_dropout=True, use_batchnorm=True
+                ),
+                rng.random((5, 12)),
+                rng.integers(0, 4, 5),
+            ),
+        ),
     ]

@@ -9,6 +9,7 @@ LLVM's libomp gets KMP_BLOCKTIME the same way (libomp spins 200 ms by default). 
 not OpenMP, and is never touched.  FASTBP_OMP_SPIN=<n> picks another count, FASTBP_OMP_SPIN=keep leaves libgomp's
 default.  The figures behind SPINCOUNT: python -m fastbp.bench.loops (see the README).
 """
+
 import os
 
 #: GOMP_SPINCOUNT fastbp uses for its own OpenMP runtime when the user sets neither OMP_WAIT_POLICY nor
@@ -51,8 +52,12 @@ def apply():
     bad = spin is not None and not str(spin).isdigit()
     if bad:
         import warnings
-        warnings.warn(f"fastbp: FASTBP_OMP_SPIN must be a spin count >= 0, 'keep' or 'auto', got {want!r}; "
-                      f"using the default", RuntimeWarning, stacklevel=3)
+
+        warnings.warn(
+            f"fastbp: FASTBP_OMP_SPIN must be a spin count >= 0, 'keep' or 'auto', got {want!r}; using the default",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         spin = SPINCOUNT
     preloaded = _libgomp_loaded()
     if user:
@@ -76,14 +81,19 @@ def apply():
             os.environ.pop("KMP_BLOCKTIME", None)
     if spin is not None and not _mapped("libgomp.so") and _mapped("libomp.so"):
         if llvm_preloaded:
-            _info.update(setting="libomp's setting at its earlier load",
-                         by="nobody: LLVM's libomp was loaded before fastbp, KMP_BLOCKTIME came too late")
+            _info.update(
+                setting="libomp's setting at its earlier load",
+                by="nobody: LLVM's libomp was loaded before fastbp, KMP_BLOCKTIME came too late",
+            )
         else:
-            _info.update(setting=f"KMP_BLOCKTIME={KMP_BLOCKTIME} (LLVM's libomp)",
-                         by="fastbp, for its own OpenMP runtime only")
+            _info.update(
+                setting=f"KMP_BLOCKTIME={KMP_BLOCKTIME} (LLVM's libomp)", by="fastbp, for its own OpenMP runtime only"
+            )
     elif preloaded and spin is not None:
-        _info.update(setting="libgomp's setting at its earlier load",
-                     by=f"nobody: libgomp was loaded before fastbp, GOMP_SPINCOUNT={spin} came too late")
+        _info.update(
+            setting="libgomp's setting at its earlier load",
+            by=f"nobody: libgomp was loaded before fastbp, GOMP_SPINCOUNT={spin} came too late",
+        )
     return _info
 
 

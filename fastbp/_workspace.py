@@ -10,6 +10,7 @@ One mechanism for every buffer cache in fastbp.  A workspace hands out two kinds
 
 A workspace, like the layer owning it, is not thread-safe: use one instance per thread.
 """
+
 import numpy as np
 
 __all__ = ["Workspace"]
@@ -17,6 +18,7 @@ __all__ = ["Workspace"]
 
 class Workspace:
     """Named arrays reused between calls of the same shape and dtype (see the module docstring)."""
+
     __slots__ = ("_bufs", "reuse")
 
     def __init__(self, reuse=True):
@@ -47,7 +49,7 @@ class Workspace:
             a = self.scratch(name + "'", shape, dtype)
         return a
 
-    get = result      # the name layers used before this module existed
+    get = result  # the name layers used before this module existed
 
     def as_dtype(self, name, a, dtype):
         """`a` as a C-contiguous array of `dtype` (a native dtype): itself if it is one, else a copy into scratch."""

@@ -6,6 +6,7 @@ sub-parser(s); a sub-parser must ``set_defaults(func=callable)`` where ``func(ar
 A listed module that is absent is skipped; one that fails to import shows up as a subcommand that explains
 the failure (exit code 2) instead of breaking the other subcommands.
 """
+
 import argparse
 import importlib
 import json
@@ -19,8 +20,15 @@ import numpy as np
 
 import fastbp
 
-__all__ = ["main", "build_parser", "SUBCOMMAND_MODULES", "gradcheck_cases", "run_gradcheck",
-           "format_gradcheck", "ProgressBar"]
+__all__ = [
+    "main",
+    "build_parser",
+    "SUBCOMMAND_MODULES",
+    "gradcheck_cases",
+    "run_gradcheck",
+    "format_gradcheck",
+    "ProgressBar",
+]
 
 #: Modules that may contribute subcommands through ``add_parser(subparsers)``.
 SUBCOMMAND_MODULES = ["fastbp.bench"]
@@ -28,8 +36,7 @@ SUBCOMMAND_MODULES = ["fastbp.bench"]
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
 #: Learning rate used when --lr is not given (SGD: the book's chapter-5 value; the others: rates at which
 #: they train the default network well; the book's own defaults are 0.01 and, for Adam, 0.001).
-DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.01, "rmsprop": 0.001,
-              "adam": 0.001}
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.01, "rmsprop": 0.001, "adam": 0.001}
 DEFAULT_EPOCHS = 30
 DEFAULT_HIDDEN = "100"
 
@@ -44,7 +51,7 @@ def _err(msg):
 #: Largest hidden layer `fastbp train` builds (a 784 x 65536 float64 weight is 411 MB).
 MAX_HIDDEN = 65536
 #: Seeds np.random.seed takes.
-MAX_SEED = 2 ** 32 - 1
+MAX_SEED = 2**32 - 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,8 +80,7 @@ def _seed(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED}, got {text!r}")
     if not 0 <= v <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED} (what np.random.seed takes), "
-                                         f"got {v}")
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED} (what np.random.seed takes), got {v}")
     return v
 
 
@@ -209,42 +215,79 @@ class ProgressBar:
 # ---------------------------------------------------------------------------------------------------------
 def _add_train_parser(sub):
     p = sub.add_parser(
-        "train", help="train a fully connected network on MNIST (the book's chapter-5 loop)",
+        "train",
+        help="train a fully connected network on MNIST (the book's chapter-5 loop)",
         description="Train an MLP (Affine/ReLU or Sigmoid, softmax cross-entropy) with mini-batches on MNIST: "
-                    "full MNIST if it is on disk, else the 5,000 digits bundled with fastbp. Per-epoch "
-                    "train/test accuracy on stdout, a progress bar with the running loss on stderr.")
-    p.add_argument("--net", choices=("mlp", "simpleconvnet", "deepconvnet"), default="mlp",
-                   help="mlp (MultiLayerNet, default), or the book's chapter-7/8 SimpleConvNet / DeepConvNet on "
-                        "28x28 images (--hidden/--activation/--weight-init/--weight-decay do not apply; the book "
-                        "trains them with --optimizer adam --lr 0.001)")
-    p.add_argument("--hidden", type=_hidden_sizes, default=_hidden_sizes(DEFAULT_HIDDEN), metavar="SIZES",
-                   help=f"hidden layer sizes, comma-separated (default {DEFAULT_HIDDEN}; e.g. 100,100)")
+        "full MNIST if it is on disk, else the 5,000 digits bundled with fastbp. Per-epoch "
+        "train/test accuracy on stdout, a progress bar with the running loss on stderr.",
+    )
+    p.add_argument(
+        "--net",
+        choices=("mlp", "simpleconvnet", "deepconvnet"),
+        default="mlp",
+        help="mlp (MultiLayerNet, default), or the book's chapter-7/8 SimpleConvNet / DeepConvNet on "
+        "28x28 images (--hidden/--activation/--weight-init/--weight-decay do not apply; the book "
+        "trains them with --optimizer adam --lr 0.001)",
+    )
+    p.add_argument(
+        "--hidden",
+        type=_hidden_sizes,
+        default=_hidden_sizes(DEFAULT_HIDDEN),
+        metavar="SIZES",
+        help=f"hidden layer sizes, comma-separated (default {DEFAULT_HIDDEN}; e.g. 100,100)",
+    )
     p.add_argument("--activation", choices=("relu", "sigmoid"), default="relu", help="default relu")
-    p.add_argument("--weight-init", type=_init_std, default=None, metavar="STD",
-                   help="weight init: number, he/relu or xavier/sigmoid (default: matches --activation)")
+    p.add_argument(
+        "--weight-init",
+        type=_init_std,
+        default=None,
+        metavar="STD",
+        help="weight init: number, he/relu or xavier/sigmoid (default: matches --activation)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=100, help="default 100")
-    p.add_argument("--lr", type=_positive_float, default=None,
-                   help="learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=_positive_int, default=None,
-                   help=f"passes over the training set (default {DEFAULT_EPOCHS})")
-    g.add_argument("--iters", type=_positive_int, default=None,
-                   help="number of mini-batch iterations instead of --epochs")
+    g.add_argument(
+        "--epochs", type=_positive_int, default=None, help=f"passes over the training set (default {DEFAULT_EPOCHS})"
+    )
+    g.add_argument(
+        "--iters", type=_positive_int, default=None, help="number of mini-batch iterations instead of --epochs"
+    )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="default sgd")
-    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, metavar="LAMBDA",
-                   help="L2 weight decay lambda (default 0)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float64",
-                   help="parameter dtype (default float64, as in the book)")
-    p.add_argument("--backend", choices=("fastbp", "reference"), default="fastbp",
-                   help="fastbp kernels (default) or the plain-NumPy reference layers")
+    p.add_argument(
+        "--weight-decay", type=_nonneg_float, default=0.0, metavar="LAMBDA", help="L2 weight decay lambda (default 0)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float64",
+        help="parameter dtype (default float64, as in the book)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("fastbp", "reference"),
+        default="fastbp",
+        help="fastbp kernels (default) or the plain-NumPy reference layers",
+    )
     p.add_argument("--seed", type=_seed, default=0, help="seed of np.random (weights and batches; default 0)")
-    p.add_argument("--source", choices=("auto", "full", "sample"), default="auto",
-                   help="MNIST source: auto (full if on disk, else the bundled sample), full, sample")
+    p.add_argument(
+        "--source",
+        choices=("auto", "full", "sample"),
+        default="auto",
+        help="MNIST source: auto (full if on disk, else the bundled sample), full, sample",
+    )
     p.add_argument("--data-dir", default=None, help="directory of the full MNIST files")
-    p.add_argument("--no-train-acc", action="store_true",
-                   help="skip the training-set accuracy at each epoch (faster on full MNIST)")
-    p.add_argument("--plot", metavar="FILE.png", default=None,
-                   help="save loss and accuracy curves (needs matplotlib)")
+    p.add_argument(
+        "--no-train-acc",
+        action="store_true",
+        help="skip the training-set accuracy at each epoch (faster on full MNIST)",
+    )
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="save loss and accuracy curves (needs matplotlib)")
     p.add_argument("--json", metavar="FILE", default=None, help="write a JSON summary of the run")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -254,8 +297,15 @@ def _add_train_parser(sub):
 def make_optimizer(name, lr=None):
     """An optimizer of fastbp.optimizer by CLI name, with DEFAULT_LR when lr is None."""
     from fastbp import optimizer as O
-    cls = {"sgd": O.SGD, "momentum": O.Momentum, "nesterov": O.Nesterov, "adagrad": O.AdaGrad,
-           "rmsprop": O.RMSprop, "adam": O.Adam}[name]
+
+    cls = {
+        "sgd": O.SGD,
+        "momentum": O.Momentum,
+        "nesterov": O.Nesterov,
+        "adagrad": O.AdaGrad,
+        "rmsprop": O.RMSprop,
+        "adam": O.Adam,
+    }[name]
     return cls(lr=DEFAULT_LR[name] if lr is None else lr)
 
 
@@ -293,18 +343,21 @@ def cmd_train(args):
     if args.plot:
         try:
             import matplotlib
+
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            _err("--plot needs matplotlib, which is not installed (pip install matplotlib, or "
-                 "pip install 'fastbp[plot]')")
+            _err(
+                "--plot needs matplotlib, which is not installed (pip install matplotlib, or "
+                "pip install 'fastbp[plot]')"
+            )
             return 2
         ext = os.path.splitext(os.fspath(args.plot))[1].lstrip(".").lower()
         from matplotlib.backends.backend_agg import FigureCanvasAgg
+
         formats = FigureCanvasAgg.get_supported_filetypes()
         if ext not in formats:
-            _err(f"--plot {args.plot}: the file name must end in one of "
-                 f"{', '.join('.' + f for f in sorted(formats))}")
+            _err(f"--plot {args.plot}: the file name must end in one of {', '.join('.' + f for f in sorted(formats))}")
             return 2
     # Output paths are checked before any training, not after it.
     for option, path in (("--json", args.json), ("--plot", args.plot)):
@@ -315,8 +368,10 @@ def cmd_train(args):
     itemsize = np.dtype(args.dtype).itemsize
     need, have = _train_memory(784, args.hidden, 10, max(args.batch_size, 100), itemsize), _physical_memory()
     if have and need > have:
-        _err(f"--hidden {','.join(map(str, args.hidden))}: training this network takes about "
-             f"{need / 1e9:.3g} GB, more than this machine's {have / 1e9:.3g} GB of memory")
+        _err(
+            f"--hidden {','.join(map(str, args.hidden))}: training this network takes about "
+            f"{need / 1e9:.3g} GB, more than this machine's {have / 1e9:.3g} GB of memory"
+        )
         return 2
     from fastbp.datasets import load_mnist
     from fastbp.nets import MultiLayerNet
@@ -338,14 +393,24 @@ def cmd_train(args):
 
     np.random.seed(args.seed)
     init = args.weight_init if args.weight_init is not None else args.activation
-    if getattr(args, "net", "mlp") != "mlp":          # book 1, chapters 7-8 (fastbp.convnets)
+    if getattr(args, "net", "mlp") != "mlp":  # book 1, chapters 7-8 (fastbp.convnets)
         from fastbp.nets import DeepConvNet, SimpleConvNet
+
         x_train, x_test = x_train.reshape(-1, 1, 28, 28), x_test.reshape(-1, 1, 28, 28)
-        net = (SimpleConvNet if args.net == "simpleconvnet" else DeepConvNet)(dtype=np.dtype(args.dtype),
-                                                                             backend=args.backend)
+        net = (SimpleConvNet if args.net == "simpleconvnet" else DeepConvNet)(
+            dtype=np.dtype(args.dtype), backend=args.backend
+        )
     else:
-        net = MultiLayerNet(x_train.shape[1], args.hidden, 10, activation=args.activation, weight_init_std=init,
-                            weight_decay_lambda=args.weight_decay, dtype=np.dtype(args.dtype), backend=args.backend)
+        net = MultiLayerNet(
+            x_train.shape[1],
+            args.hidden,
+            10,
+            activation=args.activation,
+            weight_init_std=init,
+            weight_decay_lambda=args.weight_decay,
+            dtype=np.dtype(args.dtype),
+            backend=args.backend,
+        )
     opt = make_optimizer(args.optimizer, args.lr)
     iter_per_epoch = max(n // bs, 1)
     if args.iters is not None:
@@ -357,10 +422,14 @@ def cmd_train(args):
         print(f"net: {arch} (the book's), {args.dtype}, backend {args.backend}")
     else:
         arch = "-".join(str(s) for s in [x_train.shape[1]] + args.hidden + [10])
-        print(f"net: MultiLayerNet {arch} {args.activation}, init {init}, weight decay {args.weight_decay:g}, "
-              f"{args.dtype}, backend {args.backend}")
-    print(f"training: {type(opt).__name__}(lr={opt.lr:g}), batch {bs}, {total} iterations "
-          f"({total / iter_per_epoch:.4g} epochs of {iter_per_epoch}), seed {args.seed}")
+        print(
+            f"net: MultiLayerNet {arch} {args.activation}, init {init}, weight decay {args.weight_decay:g}, "
+            f"{args.dtype}, backend {args.backend}"
+        )
+    print(
+        f"training: {type(opt).__name__}(lr={opt.lr:g}), batch {bs}, {total} iterations "
+        f"({total / iter_per_epoch:.4g} epochs of {iter_per_epoch}), seed {args.seed}"
+    )
     sys.stdout.flush()
 
     bar = ProgressBar(total, enabled=not args.quiet and sys.stderr.isatty())
@@ -369,7 +438,7 @@ def cmd_train(args):
     losses = []
     epochs_done, train_accs, test_accs = [], [], []
     train_time = eval_time = 0.0
-    epoch_sum, epoch_count = 0.0, 0      # mean batch loss of the current epoch
+    epoch_sum, epoch_count = 0.0, 0  # mean batch loss of the current epoch
     running = float("nan")
     perm = None
     pos = n  # forces a new permutation at the first iteration
@@ -386,8 +455,10 @@ def cmd_train(args):
         test_accs.append(te)
         bar.clear()
         tr_s = "" if tr is None else f"  train acc {tr:.4f}"
-        print(f"epoch {epoch_label:>7.4g}  loss {running:.4f}{tr_s}  test acc {te:.4f}  "
-              f"(train {train_time:.2f} s, eval {eval_time:.2f} s)")
+        print(
+            f"epoch {epoch_label:>7.4g}  loss {running:.4f}{tr_s}  test acc {te:.4f}  "
+            f"(train {train_time:.2f} s, eval {eval_time:.2f} s)"
+        )
         sys.stdout.flush()
         return te
 
@@ -397,7 +468,7 @@ def cmd_train(args):
         if pos + bs > n:
             perm = np.random.permutation(n)
             pos = 0
-        idx = perm[pos:pos + bs]
+        idx = perm[pos : pos + bs]
         pos += bs
         np.take(x_train, idx, axis=0, out=xb)
         np.take(t_train, idx, axis=0, out=tb)
@@ -422,20 +493,40 @@ def cmd_train(args):
     bar.close()
     wall = time.perf_counter() - wall0
     final = test_accs[-1]
-    print(f"final test accuracy {final:.4f}  |  training {_fmt_time(train_time)} "
-          f"({_fmt_time(train_time / total)}/iteration), evaluation {_fmt_time(eval_time)}, "
-          f"wall {_fmt_time(wall)}")
+    print(
+        f"final test accuracy {final:.4f}  |  training {_fmt_time(train_time)} "
+        f"({_fmt_time(train_time / total)}/iteration), evaluation {_fmt_time(eval_time)}, "
+        f"wall {_fmt_time(wall)}"
+    )
 
     summary = {
-        "fastbp_version": fastbp.__version__, "data": str(info), "data_source": info.source,
-        "n_train": int(n), "n_test": int(x_test.shape[0]), "net": getattr(args, "net", "mlp"),
-        "hidden": args.hidden, "activation": args.activation, "weight_init_std": init,
-        "weight_decay": args.weight_decay, "dtype": args.dtype, "backend": args.backend,
-        "optimizer": args.optimizer, "lr": opt.lr, "batch_size": bs, "iterations": total,
-        "epochs": total / iter_per_epoch, "seed": args.seed,
-        "final_test_accuracy": final, "final_train_accuracy": train_accs[-1] if train_accs else None,
-        "epoch": epochs_done, "train_accuracy": train_accs, "test_accuracy": test_accs,
-        "last_epoch_loss": running, "train_time_s": train_time, "eval_time_s": eval_time, "wall_time_s": wall,
+        "fastbp_version": fastbp.__version__,
+        "data": str(info),
+        "data_source": info.source,
+        "n_train": int(n),
+        "n_test": int(x_test.shape[0]),
+        "net": getattr(args, "net", "mlp"),
+        "hidden": args.hidden,
+        "activation": args.activation,
+        "weight_init_std": init,
+        "weight_decay": args.weight_decay,
+        "dtype": args.dtype,
+        "backend": args.backend,
+        "optimizer": args.optimizer,
+        "lr": opt.lr,
+        "batch_size": bs,
+        "iterations": total,
+        "epochs": total / iter_per_epoch,
+        "seed": args.seed,
+        "final_test_accuracy": final,
+        "final_train_accuracy": train_accs[-1] if train_accs else None,
+        "epoch": epochs_done,
+        "train_accuracy": train_accs,
+        "test_accuracy": test_accs,
+        "last_epoch_loss": running,
+        "train_time_s": train_time,
+        "eval_time_s": eval_time,
+        "wall_time_s": wall,
         "time_per_iteration_s": train_time / total,
     }
     try:
@@ -447,7 +538,7 @@ def cmd_train(args):
             title = f"{arch} {args.optimizer} lr={opt.lr:g} ({info.source} MNIST)"
             _save_plot(plt, args.plot, losses, epochs_done, train_accs, test_accs, title)
             print(f"plot written to {args.plot}")
-    except OSError as e:                     # checked before training, but the disk may have filled since
+    except OSError as e:  # checked before training, but the disk may have filled since
         _err(f"cannot write {e.filename or 'the output'}: {e.strerror or e}")
         return 1
     return 0
@@ -455,9 +546,15 @@ def cmd_train(args):
 
 def _load(load_mnist, args):
     """((x_train, t_train), (x_test, t_test), DatasetInfo): images float32 (N, 784), labels uint8."""
-    (train, test), info = load_mnist(normalize=True, flatten=True, one_hot_label=False, source=args.source,
-                                     data_dir=args.data_dir, verbose=args.source == "full",
-                                     return_info=True)
+    (train, test), info = load_mnist(
+        normalize=True,
+        flatten=True,
+        one_hot_label=False,
+        source=args.source,
+        data_dir=args.data_dir,
+        verbose=args.source == "full",
+        return_info=True,
+    )
     return train, test, info
 
 
@@ -476,7 +573,7 @@ def gradcheck_cases(seed=0):
 
     def away_from_zero(shape):
         v = rng.standard_normal(shape)
-        return np.sign(v) * (0.1 + np.abs(v))       # ReLU's kink at 0 is out of the central difference's reach
+        return np.sign(v) * (0.1 + np.abs(v))  # ReLU's kink at 0 is out of the central difference's reach
 
     def layer_case(make, x, t=None):
         return lambda: gradient_check_layer(make(), x, t=t, raise_on_failure=False)
@@ -490,6 +587,7 @@ def gradcheck_cases(seed=0):
             finally:
                 np.random.set_state(state)
             return gradient_check_model(net, x, t, raise_on_failure=False)
+
         return run
 
     n, d, h, c = 3, 6, 5, 4
@@ -501,18 +599,21 @@ def gradcheck_cases(seed=0):
     xin = rng.random((n, 12))
     return [
         ("Affine", layer_case(lambda: L.Affine(W.copy(), b.copy()), rng.standard_normal((n, d)))),
-        ("Affine (4-D input)", layer_case(lambda: L.Affine(W.copy(), b.copy()),
-                                          rng.standard_normal((n, 1, 2, 3)))),
+        ("Affine (4-D input)", layer_case(lambda: L.Affine(W.copy(), b.copy()), rng.standard_normal((n, 1, 2, 3)))),
         ("Relu", layer_case(L.Relu, away_from_zero((n, h)))),
         ("Sigmoid", layer_case(L.Sigmoid, rng.standard_normal((n, h)) * 3)),
         ("SoftmaxWithLoss (labels)", layer_case(L.SoftmaxWithLoss, logits, labels)),
         ("SoftmaxWithLoss (one-hot)", layer_case(L.SoftmaxWithLoss, logits, onehot)),
         ("MatMul", layer_case(lambda: L.MatMul(W.copy()), rng.standard_normal((n, d)))),
         ("TwoLayerNet", net_case(lambda: TwoLayerNet(12, 8, c, weight_init_std=0.5), xin, labels)),
-        ("MultiLayerNet relu + decay", net_case(
-            lambda: MultiLayerNet(12, [8, 6], c, "relu", "he", weight_decay_lambda=0.1), xin, labels)),
-        ("MultiLayerNet sigmoid (one-hot)", net_case(
-            lambda: MultiLayerNet(12, [8, 6], c, "sigmoid", "xavier"), xin, onehot)),
+        (
+            "MultiLayerNet relu + decay",
+            net_case(lambda: MultiLayerNet(12, [8, 6], c, "relu", "he", weight_decay_lambda=0.1), xin, labels),
+        ),
+        (
+            "MultiLayerNet sigmoid (one-hot)",
+            net_case(lambda: MultiLayerNet(12, [8, 6], c, "sigmoid", "xavier"), xin, onehot),
+        ),
     ] + book1_cnn_cases(seed)
 
 
@@ -549,11 +650,13 @@ def float32_cases(seed=0):
             def f(_):
                 y = l64.forward(x64) if t is None else l64.forward(x64, t)
                 return float(np.sum(np.asarray(y) * dout))
+
             errors = {"x": err(dx32, numerical_gradient(f, x64))}
             names = ["W", "b"]
             for i, (p64, g32) in enumerate(zip(getattr(l64, "params", []), getattr(l32, "grads", []))):
                 errors[names[i]] = err(g32, numerical_gradient(f, p64))
             return errors
+
         return run
 
     def net_case(make, x, t):
@@ -569,6 +672,7 @@ def float32_cases(seed=0):
             g32 = n32.gradient(x.astype(np.float32), t)
             num = n64.numerical_gradient(x, t)
             return {k: err(g32[k], num[k]) for k in num}
+
         return run
 
     n, d, h, c = 3, 6, 5, 4
@@ -582,18 +686,26 @@ def float32_cases(seed=0):
     relu_x = np.sign(relu_x) * (0.1 + np.abs(relu_x))
     return [
         ("Affine", layer_case(lambda dt: L.Affine(W.astype(dt), b.astype(dt)), rng.standard_normal((n, d)))),
-        ("Affine (4-D input)", layer_case(lambda dt: L.Affine(W.astype(dt), b.astype(dt)),
-                                          rng.standard_normal((n, 1, 2, 3)))),
+        (
+            "Affine (4-D input)",
+            layer_case(lambda dt: L.Affine(W.astype(dt), b.astype(dt)), rng.standard_normal((n, 1, 2, 3))),
+        ),
         ("Relu", layer_case(lambda dt: L.Relu(), relu_x)),
         ("Sigmoid", layer_case(lambda dt: L.Sigmoid(), rng.standard_normal((n, h)) * 3)),
         ("SoftmaxWithLoss (labels)", layer_case(lambda dt: L.SoftmaxWithLoss(), logits, labels)),
         ("SoftmaxWithLoss (one-hot)", layer_case(lambda dt: L.SoftmaxWithLoss(), logits, onehot)),
         ("MatMul", layer_case(lambda dt: L.MatMul(W.astype(dt)), rng.standard_normal((n, d)))),
         ("TwoLayerNet", net_case(lambda dt: TwoLayerNet(12, 8, c, weight_init_std=0.5, dtype=dt), xin, labels)),
-        ("MultiLayerNet relu + decay", net_case(
-            lambda dt: MultiLayerNet(12, [8, 6], c, "relu", "he", weight_decay_lambda=0.1, dtype=dt), xin, labels)),
-        ("MultiLayerNet sigmoid (one-hot)", net_case(
-            lambda dt: MultiLayerNet(12, [8, 6], c, "sigmoid", "xavier", dtype=dt), xin, onehot)),
+        (
+            "MultiLayerNet relu + decay",
+            net_case(
+                lambda dt: MultiLayerNet(12, [8, 6], c, "relu", "he", weight_decay_lambda=0.1, dtype=dt), xin, labels
+            ),
+        ),
+        (
+            "MultiLayerNet sigmoid (one-hot)",
+            net_case(lambda dt: MultiLayerNet(12, [8, 6], c, "sigmoid", "xavier", dtype=dt), xin, onehot),
+        ),
     ]
 
 
@@ -616,30 +728,44 @@ def run_gradcheck(cases, threshold=1e-6):
 def format_gradcheck(rows, threshold, dtype="float64"):
     w1 = max([len("check")] + [len(r[0]) for r in rows])
     w2 = max([len("array")] + [len(r[1]) for r in rows])
-    lines = [f"{'check':<{w1}}  {'array':<{w2}}  {'max rel. error':>14}  result",
-             "-" * (w1 + w2 + 26)]
+    lines = [f"{'check':<{w1}}  {'array':<{w2}}  {'max rel. error':>14}  result", "-" * (w1 + w2 + 26)]
     for name, key, err, ok in rows:
         lines.append(f"{name:<{w1}}  {key:<{w2}}  {err:>14.3e}  {'pass' if ok else 'FAIL'}")
     failed = sum(1 for r in rows if not r[3])
     lines.append("-" * (w1 + w2 + 26))
-    how = ("float64, central differences" if dtype == "float64" else
-           "float32 backprop vs float64 central differences, max-norm relative error")
-    lines.append(f"{len(rows) - failed}/{len(rows)} passed (threshold {threshold:g}, {how})"
-                 + ("" if not failed else f"; {failed} FAILED"))
+    how = (
+        "float64, central differences"
+        if dtype == "float64"
+        else "float32 backprop vs float64 central differences, max-norm relative error"
+    )
+    lines.append(
+        f"{len(rows) - failed}/{len(rows)} passed (threshold {threshold:g}, {how})"
+        + ("" if not failed else f"; {failed} FAILED")
+    )
     return "\n".join(lines)
 
 
 def _add_gradcheck_parser(sub):
-    p = sub.add_parser("gradcheck", help="check every layer's and both networks' backward against numerical "
-                                         "derivatives",
-                       description="Compare backpropagated gradients with central differences (float64) for "
-                                   "Affine, Relu, Sigmoid, SoftmaxWithLoss (labels and one-hot), MatMul, "
-                                   "TwoLayerNet and MultiLayerNet; exit code 1 when any check fails.")
-    p.add_argument("--threshold", type=_positive_float, default=None,
-                   help="largest accepted max relative error (default 1e-6 for float64, 1e-4 for float32)")
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
-                   help="float64: backprop vs central differences; float32: the float32 kernels' backprop vs "
-                        "float64 central differences (default float64)")
+    p = sub.add_parser(
+        "gradcheck",
+        help="check every layer's and both networks' backward against numerical derivatives",
+        description="Compare backpropagated gradients with central differences (float64) for "
+        "Affine, Relu, Sigmoid, SoftmaxWithLoss (labels and one-hot), MatMul, "
+        "TwoLayerNet and MultiLayerNet; exit code 1 when any check fails.",
+    )
+    p.add_argument(
+        "--threshold",
+        type=_positive_float,
+        default=None,
+        help="largest accepted max relative error (default 1e-6 for float64, 1e-4 for float32)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="float64: backprop vs central differences; float32: the float32 kernels' backprop vs "
+        "float64 central differences (default float64)",
+    )
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (default 0)")
     p.set_defaults(func=cmd_gradcheck)
 
@@ -681,15 +807,19 @@ def _numpy_blas(exclude=None):
             path = lib.get("filepath", "")
             if lib.get("user_api") != "blas" or (skip and os.path.realpath(path) == skip):
                 continue
-            lines.append(f"{lib.get('internal_api')} {lib.get('version')}, kernels {lib.get('architecture')}, "
-                         f"{lib.get('num_threads')} threads, {path}")
+            lines.append(
+                f"{lib.get('internal_api')} {lib.get('version')}, kernels {lib.get('architecture')}, "
+                f"{lib.get('num_threads')} threads, {path}"
+            )
         if lines:
             return lines
     try:
         cfg = np.show_config(mode="dicts")
         blas = cfg.get("Build Dependencies", {}).get("blas", {})
-        return [f"{blas.get('name', '?')} {blas.get('version', '')} (from numpy.show_config; "
-                f"install threadpoolctl for runtime details)".replace("  ", " ")]
+        return [
+            f"{blas.get('name', '?')} {blas.get('version', '')} (from numpy.show_config; "
+            f"install threadpoolctl for runtime details)".replace("  ", " ")
+        ]
     except Exception as e:  # very old NumPy: no dict mode
         return [f"unknown ({type(e).__name__}: {e})"]
 
@@ -697,37 +827,54 @@ def _numpy_blas(exclude=None):
 def collect_info():
     """Everything `fastbp info` prints, as a dict."""
     import sysconfig
-    out = {"fastbp": fastbp.__version__, "numpy": np.__version__, "python": platform.python_version(),
-           "platform": platform.platform()}
+
+    out = {
+        "fastbp": fastbp.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     try:
         from fastbp import _kernels
+
         bi = _kernels.build_info()
-        out["extension"] = {"file": _kernels.__file__, "openmp": bool(bi.get("openmp")),
-                            "openmp_max_threads": bi.get("openmp_max_threads"),
-                            "compiler": sysconfig.get_config_var("CC")}
+        out["extension"] = {
+            "file": _kernels.__file__,
+            "openmp": bool(bi.get("openmp")),
+            "openmp_max_threads": bi.get("openmp_max_threads"),
+            "compiler": sysconfig.get_config_var("CC"),
+        }
     except ImportError as e:
         out["extension"] = {"error": f"not built or not importable: {e}"}
     try:
         from fastbp import _blas
+
         out["fastbp_blas"] = {k: v for k, v in _blas.info().items()}
     except Exception as e:
         out["fastbp_blas"] = {"error": f"{type(e).__name__}: {e}"}
     out["numpy_blas"] = _numpy_blas(out["fastbp_blas"].get("library"))
     from fastbp import _runtime
+
     out["openmp_wait"] = _runtime.info()
     try:
         from fastbp import _kernels
+
         out["simd_path"] = _kernels.simd_info()
     except Exception as e:
         out["simd_path"] = {"error": f"{type(e).__name__}: {e}"}
     try:
         from fastbp._blas import cpu_flags
+
         flags = cpu_flags()
     except Exception:
         flags = set()
     simd = sorted(f for f in flags if f in ("sse4_2", "avx", "avx2", "fma") or f.startswith("avx512"))
-    out["cpu"] = {"model": _cpu_model(), "cores": os.cpu_count(), "simd": simd,
-                  "disabled": os.environ.get("FASTBP_DISABLE_CPU_FEATURES", "").strip()}
+    out["cpu"] = {
+        "model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "simd": simd,
+        "disabled": os.environ.get("FASTBP_DISABLE_CPU_FEATURES", "").strip(),
+    }
     return out
 
 
@@ -750,16 +897,23 @@ def cmd_info(args):
         print(f"         OpenMP: {omp}; compiler: {ext['compiler']}")
         w = info["openmp_wait"]
         if ext["openmp"] and w:
-            print(f"         OpenMP workers after a region: {w['setting']} (set by {w['by']}); NumPy's BLAS "
-                  f"settings untouched")
+            print(
+                f"         OpenMP workers after a region: {w['setting']} (set by {w['by']}); NumPy's BLAS "
+                f"settings untouched"
+            )
     if "error" in blas:
         print(f"BLAS     fastbp's OpenBLAS unavailable: {blas['error']}")
     else:
         print(f"BLAS     fastbp: {blas['library']}")
-        print(f"         core {blas['corename']} (requested {blas['requested_coretype'] or 'none'}: "
-              f"{blas['reason']}), {blas['num_threads']} threads, threading: {blas.get('threading')}"
-              + (f", OPENBLAS_THREAD_TIMEOUT={blas['thread_timeout']} for this copy only"
-                 if blas.get("thread_timeout") is not None else ""))
+        print(
+            f"         core {blas['corename']} (requested {blas['requested_coretype'] or 'none'}: "
+            f"{blas['reason']}), {blas['num_threads']} threads, threading: {blas.get('threading')}"
+            + (
+                f", OPENBLAS_THREAD_TIMEOUT={blas['thread_timeout']} for this copy only"
+                if blas.get("thread_timeout") is not None
+                else ""
+            )
+        )
         print(f"         {blas['config']}")
     for i, line in enumerate(info["numpy_blas"]):
         print(("BLAS     numpy: " if i == 0 else "         ") + line)
@@ -772,8 +926,10 @@ def cmd_info(args):
     else:
         why = "" if sp["path"] == sp["cpu"] else "FASTBP_DISABLE_CPU_FEATURES; "
         core = f"; fastbp's OpenBLAS: core {blas['corename']}" if "error" not in blas else ""
-        print(f"         fastbp's kernels: {sp['path']} path ({why}best for this CPU and build: {sp['cpu']}; "
-              f"compiled: {' '.join(sp['compiled'])}){core}")
+        print(
+            f"         fastbp's kernels: {sp['path']} path ({why}best for this CPU and build: {sp['cpu']}; "
+            f"compiled: {' '.join(sp['compiled'])}){core}"
+        )
     return 0
 
 
@@ -793,12 +949,12 @@ def _add_unavailable(sub, name, error):
     def unavailable(args):
         _err(f"the '{name}' command is unavailable: {error}")
         return 2
+
     p.set_defaults(func=unavailable)
 
 
 def build_parser():
-    parser = _Parser(
-        prog="fastbp", description="fastbp: the layers of 'Deep Learning from Scratch' on fast kernels.")
+    parser = _Parser(prog="fastbp", description="fastbp: the layers of 'Deep Learning from Scratch' on fast kernels.")
     parser.add_argument("--version", action="version", version=f"fastbp {fastbp.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
@@ -809,7 +965,7 @@ def build_parser():
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:
             if e.name == modname:
-                continue            # not there (yet): nothing to register
+                continue  # not there (yet): nothing to register
             _add_unavailable(sub, modname.rsplit(".", 1)[-1], f"{type(e).__name__}: {e}")
             continue
         except Exception as e:
@@ -828,9 +984,10 @@ def main(argv=None):
     if func is None:
         parser.print_help()
         return 2
-    if func is not cmd_info:                 # (info reports a bad setting in its BLAS line instead)
+    if func is not cmd_info:  # (info reports a bad setting in its BLAS line instead)
         try:
-            from fastbp import _blas         # a FASTBP_* setting fastbp cannot use fails its import
+            from fastbp import _blas  # a FASTBP_* setting fastbp cannot use fails its import
+
             _blas.check_environment()
         except ValueError as e:
             _err(str(e))
@@ -840,7 +997,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
-    except BrokenPipeError:          # e.g. `fastbp info | head`: the reader went away, not an error of ours
+    except BrokenPipeError:  # e.g. `fastbp info | head`: the reader went away, not an error of ours
         try:
             sys.stdout = open(os.devnull, "w")
         except OSError:

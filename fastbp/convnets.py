@@ -18,6 +18,7 @@ Differences from the book: ``accuracy`` counts every row (the book's ``accuracy(
 convolutional nets skips a last partial batch yet divides by all rows); integer labels of shape (N, 1) (as in
 the book's ``ch07/gradient_check.py``) are read as (N,); ``loss`` is fastbp's exact log-sum-exp cross entropy.
 """
+
 import pickle
 from collections import OrderedDict
 
@@ -33,6 +34,7 @@ __all__ = ["SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"]
 def _module(backend):
     if backend == "fastbp":
         from fastbp import layers
+
         return layers, True
     if backend == "reference":
         return _reference, False
@@ -43,8 +45,12 @@ def _module(backend):
 
 def _conv_param(p, name):
     try:
-        return (_check_size(p["filter_num"], f"{name}['filter_num']"), _check_size(p["filter_size"],
-                f"{name}['filter_size']"), int(p["pad"]), _check_size(p["stride"], f"{name}['stride']"))
+        return (
+            _check_size(p["filter_num"], f"{name}['filter_num']"),
+            _check_size(p["filter_size"], f"{name}['filter_size']"),
+            int(p["pad"]),
+            _check_size(p["stride"], f"{name}['stride']"),
+        )
     except KeyError as e:
         raise ValueError(f"{name} needs keys 'filter_num', 'filter_size', 'pad', 'stride'; missing {e}") from None
 
@@ -52,7 +58,7 @@ def _conv_param(p, name):
 class _BookNet:
     """predict/loss/accuracy/gradient plumbing shared by the three networks."""
 
-    _stochastic = ()          # layer classes whose forward takes train_flg
+    _stochastic = ()  # layer classes whose forward takes train_flg
 
     def _setup(self, dtype, backend):
         self.dtype = _check_dtype(dtype)
@@ -69,8 +75,12 @@ class _BookNet:
             a = np.asarray(a)
         if name == "t" and a.dtype.kind in "iu" and a.ndim == 2 and a.shape[1] == 1 and self.output_size != 1:
             return a.reshape(-1)
-        if (not self._fast or a.dtype == self.dtype or a.dtype.kind not in "fiub"
-                or (name == "t" and a.dtype.kind != "f")):
+        if (
+            not self._fast
+            or a.dtype == self.dtype
+            or a.dtype.kind not in "fiub"
+            or (name == "t" and a.dtype.kind != "f")
+        ):
             return a
         buf = self._bufs.get(name)
         if buf is None or buf.shape != a.shape:
@@ -104,8 +114,8 @@ class _BookNet:
         step = _check_size(batch_size, "batch_size")
         correct = 0
         for i in range(0, n, step):
-            y = self.predict(x[i:i + step], train_flg=False)
-            correct += int(np.count_nonzero(np.argmax(y, axis=1) == t[i:i + step]))
+            y = self.predict(x[i : i + step], train_flg=False)
+            correct += int(np.count_nonzero(np.argmax(y, axis=1) == t[i : i + step]))
         return correct / n
 
     def _backward(self):
@@ -115,8 +125,10 @@ class _BookNet:
 
     def numerical_gradient(self, x, t):
         """Gradients of loss(x, t) by the book's central differences, keyed like params."""
+
         def loss_w(_):
             return self._numeric_loss(x, t)
+
         return {key: _numerical_gradient(loss_w, self.params[key]) for key in self.params}
 
     def _numeric_loss(self, x, t):
@@ -145,8 +157,17 @@ class _BookNet:
 class SimpleConvNet(_BookNet):
     """conv - relu - pool - affine - relu - affine - softmax (book 1, ch07/simple_convnet.py)."""
 
-    def __init__(self, input_dim=(1, 28, 28), conv_param=None, hidden_size=100, output_size=10,
-                 weight_init_std=0.01, *, dtype=np.float64, backend="fastbp"):
+    def __init__(
+        self,
+        input_dim=(1, 28, 28),
+        conv_param=None,
+        hidden_size=100,
+        output_size=10,
+        weight_init_std=0.01,
+        *,
+        dtype=np.float64,
+        backend="fastbp",
+    ):
         if conv_param is None:
             conv_param = {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}
         self._setup(dtype, backend)
@@ -158,8 +179,9 @@ class SimpleConvNet(_BookNet):
         pool_out = int(filter_num * (conv_out / 2) * (conv_out / 2))
         dt = self.dtype
         self.params = {}
-        self.params["W1"] = (weight_init_std * np.random.randn(filter_num, input_dim[0], filter_size,
-                                                               filter_size)).astype(dt, copy=False)
+        self.params["W1"] = (
+            weight_init_std * np.random.randn(filter_num, input_dim[0], filter_size, filter_size)
+        ).astype(dt, copy=False)
         self.params["b1"] = np.zeros(filter_num, dt)
         self.params["W2"] = (weight_init_std * np.random.randn(pool_out, hidden_size)).astype(dt, copy=False)
         self.params["b2"] = np.zeros(hidden_size, dt)
@@ -178,8 +200,10 @@ class SimpleConvNet(_BookNet):
         self.last_layer = L.SoftmaxWithLoss(**kw())
 
     def _param_layers(self):
-        return zip((("W1", "b1"), ("W2", "b2"), ("W3", "b3")),
-                   (self.layers["Conv1"], self.layers["Affine1"], self.layers["Affine2"]))
+        return zip(
+            (("W1", "b1"), ("W2", "b2"), ("W3", "b3")),
+            (self.layers["Conv1"], self.layers["Affine1"], self.layers["Affine2"]),
+        )
 
     def predict(self, x, train_flg=False):
         return super().predict(x, train_flg)
@@ -201,26 +225,43 @@ class DeepConvNet(_BookNet):
 
     _PARAM_LAYERS = (0, 2, 5, 7, 10, 12, 15, 18)
 
-    def __init__(self, input_dim=(1, 28, 28),
-                 conv_param_1=None, conv_param_2=None, conv_param_3=None,
-                 conv_param_4=None, conv_param_5=None, conv_param_6=None,
-                 hidden_size=50, output_size=10, *, dtype=np.float64, backend="fastbp"):
+    def __init__(
+        self,
+        input_dim=(1, 28, 28),
+        conv_param_1=None,
+        conv_param_2=None,
+        conv_param_3=None,
+        conv_param_4=None,
+        conv_param_5=None,
+        conv_param_6=None,
+        hidden_size=50,
+        output_size=10,
+        *,
+        dtype=np.float64,
+        backend="fastbp",
+    ):
         defaults = [(16, 1), (16, 1), (32, 1), (32, 2), (64, 1), (64, 1)]
         given = [conv_param_1, conv_param_2, conv_param_3, conv_param_4, conv_param_5, conv_param_6]
-        convs = [_conv_param(g if g is not None else {"filter_num": fnum, "filter_size": 3, "pad": pad,
-                                                      "stride": 1}, f"conv_param_{i + 1}")
-                 for i, (g, (fnum, pad)) in enumerate(zip(given, defaults))]
+        convs = [
+            _conv_param(
+                g if g is not None else {"filter_num": fnum, "filter_size": 3, "pad": pad, "stride": 1},
+                f"conv_param_{i + 1}",
+            )
+            for i, (g, (fnum, pad)) in enumerate(zip(given, defaults))
+        ]
         self._setup(dtype, backend)
         self.output_size = _check_size(output_size, "output_size")
-        pre_node_nums = np.array([1 * 3 * 3, 16 * 3 * 3, 16 * 3 * 3, 32 * 3 * 3, 32 * 3 * 3, 64 * 3 * 3,
-                                  64 * 4 * 4, hidden_size])
+        pre_node_nums = np.array(
+            [1 * 3 * 3, 16 * 3 * 3, 16 * 3 * 3, 32 * 3 * 3, 32 * 3 * 3, 64 * 3 * 3, 64 * 4 * 4, hidden_size]
+        )
         scales = np.sqrt(2.0 / pre_node_nums)
         dt = self.dtype
         self.params = {}
         pre_channel = input_dim[0]
         for idx, (fnum, fsize, _, _) in enumerate(convs):
-            self.params[f"W{idx + 1}"] = (scales[idx] * np.random.randn(fnum, pre_channel, fsize, fsize)
-                                          ).astype(dt, copy=False)
+            self.params[f"W{idx + 1}"] = (scales[idx] * np.random.randn(fnum, pre_channel, fsize, fsize)).astype(
+                dt, copy=False
+            )
             self.params[f"b{idx + 1}"] = np.zeros(fnum, dt)
             pre_channel = fnum
         self.params["W7"] = (scales[6] * np.random.randn(64 * 4 * 4, hidden_size)).astype(dt, copy=False)
@@ -231,8 +272,7 @@ class DeepConvNet(_BookNet):
         L, kw, p = self._L, self._kw, self.params
         layers = []
         for i, (_, _, pad, stride) in enumerate(convs):
-            layers.append(L.Convolution(p[f"W{i + 1}"], p[f"b{i + 1}"], stride, pad,
-                                        **kw(need_dx=i > 0)))
+            layers.append(L.Convolution(p[f"W{i + 1}"], p[f"b{i + 1}"], stride, pad, **kw(need_dx=i > 0)))
             layers.append(L.Relu(**kw()))
             if i % 2 == 1:
                 layers.append(L.Pooling(pool_h=2, pool_w=2, stride=2, **kw()))
@@ -263,9 +303,21 @@ class MultiLayerNetExtend(_BookNet):
     common/multi_layer_net_extend.py): (Affine [- BatchNorm] - activation [- Dropout]) x hidden - Affine - softmax.
     ``dropout_ration`` keeps the book's spelling."""
 
-    def __init__(self, input_size, hidden_size_list, output_size, activation="relu", weight_init_std="relu",
-                 weight_decay_lambda=0, use_dropout=False, dropout_ration=0.5, use_batchnorm=False, *,
-                 dtype=np.float64, backend="fastbp"):
+    def __init__(
+        self,
+        input_size,
+        hidden_size_list,
+        output_size,
+        activation="relu",
+        weight_init_std="relu",
+        weight_decay_lambda=0,
+        use_dropout=False,
+        dropout_ration=0.5,
+        use_batchnorm=False,
+        *,
+        dtype=np.float64,
+        backend="fastbp",
+    ):
         self._setup(dtype, backend)
         self.input_size = _check_size(input_size, "input_size")
         self.output_size = _check_size(output_size, "output_size")
@@ -288,8 +340,9 @@ class MultiLayerNetExtend(_BookNet):
         act = {"sigmoid": L.Sigmoid, "relu": L.Relu}[activation]
         self.layers = OrderedDict()
         for idx in range(1, self.hidden_layer_num + 1):
-            self.layers[f"Affine{idx}"] = L.Affine(p[f"W{idx}"], p[f"b{idx}"], **kw(**({"need_dx": idx > 1}
-                                                                                      if self._fast else {})))
+            self.layers[f"Affine{idx}"] = L.Affine(
+                p[f"W{idx}"], p[f"b{idx}"], **kw(**({"need_dx": idx > 1} if self._fast else {}))
+            )
             if use_batchnorm:
                 p[f"gamma{idx}"] = np.ones(self.hidden_size_list[idx - 1], dt)
                 p[f"beta{idx}"] = np.zeros(self.hidden_size_list[idx - 1], dt)
@@ -336,8 +389,10 @@ class MultiLayerNetExtend(_BookNet):
 
     def numerical_gradient(self, X, T):
         """Central-difference gradients keyed W1, b1, [gamma1, beta1,] ... (the book's order)."""
+
         def loss_w(_):
             return self.loss(X, T, train_flg=True)
+
         grads = {}
         for idx in range(1, self.hidden_layer_num + 2):
             for k in (f"W{idx}", f"b{idx}"):

@@ -70,20 +70,24 @@ class _Remote(NamedTuple):
 # Sizes and SHA-256 of the original files as served by yann.lecun.com and its mirrors.
 # (torchvision lists the same files with MD5 f68b3c2d..., d53e105e..., 9fb629c4..., ec29112d...)
 MNIST_FILES = {
-    "train_img": _Remote("train-images-idx3-ubyte.gz", 9_912_422,
-                         "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
-    "train_label": _Remote("train-labels-idx1-ubyte.gz", 28_881,
-                           "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
-    "test_img": _Remote("t10k-images-idx3-ubyte.gz", 1_648_877,
-                        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
-    "test_label": _Remote("t10k-labels-idx1-ubyte.gz", 4_542,
-                          "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+    "train_img": _Remote(
+        "train-images-idx3-ubyte.gz", 9_912_422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"
+    ),
+    "train_label": _Remote(
+        "train-labels-idx1-ubyte.gz", 28_881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"
+    ),
+    "test_img": _Remote(
+        "t10k-images-idx3-ubyte.gz", 1_648_877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"
+    ),
+    "test_label": _Remote(
+        "t10k-labels-idx1-ubyte.gz", 4_542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"
+    ),
 }
 
 MIRRORS = (
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",        # torchvision's mirror
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",  # torchvision's mirror
     "https://storage.googleapis.com/cvdf-datasets/mnist/",  # TensorFlow's mirror
-    "http://yann.lecun.com/exdb/mnist/",                     # original (often unavailable)
+    "http://yann.lecun.com/exdb/mnist/",  # original (often unavailable)
 )
 DOWNLOAD_TIMEOUT = 30.0  # seconds, per connect/read
 
@@ -112,13 +116,13 @@ class DatasetInfo:
     n_test: int
 
     def __str__(self):
-        return (f"{self.source} MNIST ({self.format}, {self.n_train} train / {self.n_test} test) "
-                f"from {self.path}")
+        return f"{self.source} MNIST ({self.format}, {self.n_train} train / {self.n_test} test) from {self.path}"
 
 
 # ----------------------------------------------------------------------------------------------
 # IDX parsing
 # ----------------------------------------------------------------------------------------------
+
 
 def parse_idx(source, kind=None, *, name=None):
     """Parse an unsigned-byte IDX file (gzip'd or raw) -> uint8 array of the header's dimensions.
@@ -145,11 +149,13 @@ def parse_idx(source, kind=None, *, name=None):
         try:
             data = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            raise ValueError(f"{label}: corrupted gzip data ({type(exc).__name__}: {exc}); "
-                             f"delete the file and fetch it again") from None
+            raise ValueError(
+                f"{label}: corrupted gzip data ({type(exc).__name__}: {exc}); delete the file and fetch it again"
+            ) from None
     elif gz_name:
-        raise ValueError(f"{label}: expected gzip data (magic 1f 8b) for a .gz file, "
-                         f"found {raw[:2].hex(' ') or 'an empty file'}")
+        raise ValueError(
+            f"{label}: expected gzip data (magic 1f 8b) for a .gz file, found {raw[:2].hex(' ') or 'an empty file'}"
+        )
     else:
         data = raw
 
@@ -158,30 +164,32 @@ def parse_idx(source, kind=None, *, name=None):
     magic = int.from_bytes(data[:4], "big")
     zero, dtype_code, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
     if kind is not None and magic != _IDX_MAGIC[kind]:
-        raise ValueError(f"{label}: wrong IDX magic for {kind}: expected 0x{_IDX_MAGIC[kind]:08x}, "
-                         f"found 0x{magic:08x}")
+        raise ValueError(f"{label}: wrong IDX magic for {kind}: expected 0x{_IDX_MAGIC[kind]:08x}, found 0x{magic:08x}")
     if zero != 0 or ndim == 0:
-        raise ValueError(f"{label}: not an IDX file: expected magic 0x000008NN (NN = number of "
-                         f"dimensions >= 1), found 0x{magic:08x}")
+        raise ValueError(
+            f"{label}: not an IDX file: expected magic 0x000008NN (NN = number of dimensions >= 1), found 0x{magic:08x}"
+        )
     if dtype_code != _IDX_UBYTE:
-        raise ValueError(f"{label}: unsupported IDX data type: expected 0x08 (unsigned byte), "
-                         f"found 0x{dtype_code:02x}")
+        raise ValueError(f"{label}: unsupported IDX data type: expected 0x08 (unsigned byte), found 0x{dtype_code:02x}")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{label}: truncated IDX header: expected {header} bytes for {ndim} "
-                         f"dimensions, found {len(data)}")
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+        raise ValueError(
+            f"{label}: truncated IDX header: expected {header} bytes for {ndim} dimensions, found {len(data)}"
+        )
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + math.prod(dims)
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "trailing bytes after"
-        raise ValueError(f"{label}: {what} IDX payload: dimensions {dims} need {expected} bytes "
-                         f"in total, found {len(data)}")
+        raise ValueError(
+            f"{label}: {what} IDX payload: dimensions {dims} need {expected} bytes in total, found {len(data)}"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
 # ----------------------------------------------------------------------------------------------
 # Data directory
 # ----------------------------------------------------------------------------------------------
+
 
 def default_data_dir():
     """Directory searched for full MNIST when no data_dir is given: $FASTBP_DATA, else the user cache."""
@@ -243,6 +251,7 @@ def _not_found_message(directory, how, present=(), problem=None):
 # Download
 # ----------------------------------------------------------------------------------------------
 
+
 def _open_url(url, timeout):
     """Open url for reading (the single point where this module touches the network)."""
     request = urllib.request.Request(url, headers={"User-Agent": "fastbp-datasets"})
@@ -266,8 +275,7 @@ class _Progress:
         if pct != self.shown:
             self.shown = pct
             bar = "#" * (pct // 4)
-            sys.stderr.write(f"\rfastbp: {self.label} [{bar:<25}] {pct:3d}% "
-                             f"{done / 1e6:.1f}/{self.total / 1e6:.1f} MB")
+            sys.stderr.write(f"\rfastbp: {self.label} [{bar:<25}] {pct:3d}% {done / 1e6:.1f}/{self.total / 1e6:.1f} MB")
             sys.stderr.flush()
 
     def close(self, ok):
@@ -323,8 +331,9 @@ def _download(directory, how, mirrors, timeout, verbose):
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise MNISTNotFoundError(_not_found_message(
-            directory, how, present, f"Cannot create the directory to download into: {exc}")) from exc
+        raise MNISTNotFoundError(
+            _not_found_message(directory, how, present, f"Cannot create the directory to download into: {exc}")
+        ) from exc
     for key in missing:
         remote = MNIST_FILES[key]
         target = directory / remote.name
@@ -343,8 +352,7 @@ def _download(directory, how, mirrors, timeout, verbose):
             finally:
                 part.unlink(missing_ok=True)
         else:
-            problem = (f"Downloading {remote.name} failed on every mirror (no internet access?):\n"
-                       + "\n".join(errors))
+            problem = f"Downloading {remote.name} failed on every mirror (no internet access?):\n" + "\n".join(errors)
             raise MNISTNotFoundError(_not_found_message(directory, how, present, problem))
     return directory
 
@@ -361,17 +369,22 @@ def _describe(exc):
 # Loading the full data
 # ----------------------------------------------------------------------------------------------
 
+
 def _check_labels(labels, label):
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
-        raise ValueError(f"{label}: label values must be in 0..{NUM_CLASSES - 1}, found "
-                         f"{bad.size} outside that range (e.g. {int(bad[0])})")
+        raise ValueError(
+            f"{label}: label values must be in 0..{NUM_CLASSES - 1}, found "
+            f"{bad.size} outside that range (e.g. {int(bad[0])})"
+        )
 
 
 def _check_pair(images, labels, img_label, lbl_label):
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{img_label} has {images.shape[0]} images but {lbl_label} has "
-                         f"{labels.shape[0]} labels; expected the same count")
+        raise ValueError(
+            f"{img_label} has {images.shape[0]} images but {lbl_label} has "
+            f"{labels.shape[0]} labels; expected the same count"
+        )
 
 
 def _load_idx_dir(files):
@@ -380,8 +393,9 @@ def _load_idx_dir(files):
         img_path, lbl_path = files[f"{split}_img"], files[f"{split}_label"]
         images = parse_idx(img_path, "images")
         if images.shape[1:] != (IMG_ROWS, IMG_COLS):
-            raise ValueError(f"{img_path}: expected {IMG_ROWS}x{IMG_COLS} images, found images "
-                             f"of shape {images.shape[1:]}")
+            raise ValueError(
+                f"{img_path}: expected {IMG_ROWS}x{IMG_COLS} images, found images of shape {images.shape[1:]}"
+            )
         labels = parse_idx(lbl_path, "labels")
         _check_labels(labels, str(lbl_path))
         _check_pair(images, labels, str(img_path), str(lbl_path))
@@ -404,10 +418,11 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if module == "numpy.core" or module.startswith("numpy.core."):  # pickles made with NumPy 1.x
-            module = "numpy._core" + module[len("numpy.core"):]
+            module = "numpy._core" + module[len("numpy.core") :]
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in {PICKLE_NAME} "
-                                         f"(only NumPy arrays are)")
+            raise pickle.UnpicklingError(
+                f"global {module}.{name} is not allowed in {PICKLE_NAME} (only NumPy arrays are)"
+            )
         return super().find_class(module, name)
 
 
@@ -420,7 +435,7 @@ def _check_pickle_ops(raw):
     fit in the file (a damaged or hostile header claiming 2**40 bytes would otherwise be allocated first)."""
     size = len(raw)
     stream = io.BytesIO(raw)
-    for op, arg, pos in pickletools.genops(stream):   # (short counted strings raise ValueError here)
+    for op, arg, pos in pickletools.genops(stream):  # (short counted strings raise ValueError here)
         if op.name == "FRAME" and pos + 9 + arg > size:
             raise ValueError(f"frame at byte {pos} claims {arg} bytes but only {size - pos - 9} remain")
         if op.name == "STOP":
@@ -430,8 +445,10 @@ def _check_pickle_ops(raw):
 def _load_pickle(path):
     size = os.path.getsize(path)
     if size > MAX_PICKLE_BYTES:
-        raise ValueError(f"{path}: cannot read the book's {PICKLE_NAME}: the file has {size} bytes, more than "
-                         f"any MNIST pickle ({MAX_PICKLE_BYTES} bytes at most)")
+        raise ValueError(
+            f"{path}: cannot read the book's {PICKLE_NAME}: the file has {size} bytes, more than "
+            f"any MNIST pickle ({MAX_PICKLE_BYTES} bytes at most)"
+        )
     try:
         with open(path, "rb") as f:
             raw = f.read(size + 1)
@@ -439,10 +456,19 @@ def _load_pickle(path):
             raise ValueError(f"the file grew past {MAX_PICKLE_BYTES} bytes while being read")
         _check_pickle_ops(raw)
         obj = _NumpyOnlyUnpickler(io.BytesIO(raw)).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
-            OverflowError, RecursionError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the book's {PICKLE_NAME}: "
-                         f"{type(exc).__name__}: {exc}") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        RecursionError,
+        UnicodeDecodeError,
+    ) as exc:
+        raise ValueError(f"{path}: cannot read the book's {PICKLE_NAME}: {type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict) or not all(k in obj for k in PICKLE_KEYS):
         found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: expected a dict with keys {list(PICKLE_KEYS)}, found {found}")
@@ -451,16 +477,19 @@ def _load_pickle(path):
         img_key, lbl_key = f"{split}_img", f"{split}_label"
         images, labels = obj[img_key], obj[lbl_key]
         if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-            raise ValueError(f"{path}: {img_key} must be a uint8 array, found "
-                             f"{getattr(images, 'dtype', type(images).__name__)}")
+            raise ValueError(
+                f"{path}: {img_key} must be a uint8 array, found {getattr(images, 'dtype', type(images).__name__)}"
+            )
         if images.shape[1:] not in ((IMG_SIZE,), (IMG_ROWS, IMG_COLS), (1, IMG_ROWS, IMG_COLS)):
-            raise ValueError(f"{path}: {img_key} must have shape (N, 784), (N, 28, 28) or "
-                             f"(N, 1, 28, 28), found {images.shape}")
-        if not isinstance(labels, np.ndarray) or labels.ndim != 1 \
-                or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{path}: {lbl_key} must be a 1-D integer array of class labels, found "
-                             f"{getattr(labels, 'dtype', type(labels).__name__)} "
-                             f"{getattr(labels, 'shape', '')}")
+            raise ValueError(
+                f"{path}: {img_key} must have shape (N, 784), (N, 28, 28) or (N, 1, 28, 28), found {images.shape}"
+            )
+        if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"{path}: {lbl_key} must be a 1-D integer array of class labels, found "
+                f"{getattr(labels, 'dtype', type(labels).__name__)} "
+                f"{getattr(labels, 'shape', '')}"
+            )
         _check_labels(labels, f"{path}: {lbl_key}")
         _check_pair(images, labels, f"{path}: {img_key}", f"{lbl_key}")
         out[img_key] = np.array(images.reshape(-1, IMG_SIZE), dtype=np.uint8, copy=True)
@@ -483,17 +512,24 @@ def _load_full(kind, where):
 # Bundled sample
 # ----------------------------------------------------------------------------------------------
 
+
 @lru_cache(maxsize=1)
 def _sample_arrays():
     """The bundled 5,000 digits as read-only (images (5000, 28, 28), labels (5000,)) uint8 arrays."""
     ref = resources.files(__package__ or "fastbp").joinpath("data").joinpath(SAMPLE_FILE)
     with resources.as_file(ref) as path, np.load(path) as npz:
         images, labels = npz["images"], npz["labels"]
-    if images.dtype != np.uint8 or images.shape[1:] != (IMG_ROWS, IMG_COLS) \
-            or labels.dtype != np.uint8 or labels.shape != images.shape[:1]:
-        raise ValueError(f"bundled {SAMPLE_FILE} is damaged: expected uint8 images (N, 28, 28) and "
-                         f"uint8 labels (N,), found {images.dtype} {images.shape} and "
-                         f"{labels.dtype} {labels.shape}")
+    if (
+        images.dtype != np.uint8
+        or images.shape[1:] != (IMG_ROWS, IMG_COLS)
+        or labels.dtype != np.uint8
+        or labels.shape != images.shape[:1]
+    ):
+        raise ValueError(
+            f"bundled {SAMPLE_FILE} is damaged: expected uint8 images (N, 28, 28) and "
+            f"uint8 labels (N,), found {images.dtype} {images.shape} and "
+            f"{labels.dtype} {labels.shape}"
+        )
     images.flags.writeable = False
     labels.flags.writeable = False
     return images, labels
@@ -505,8 +541,10 @@ def _sample_split():
     counts = np.bincount(labels, minlength=NUM_CLASSES)
     per_class = SAMPLE_TRAIN_PER_CLASS + SAMPLE_TEST_PER_CLASS
     if counts.size != NUM_CLASSES or np.any(counts < per_class):
-        raise ValueError(f"bundled {SAMPLE_FILE} is damaged: expected at least {per_class} digits "
-                         f"per class, found counts {counts.tolist()}")
+        raise ValueError(
+            f"bundled {SAMPLE_FILE} is damaged: expected at least {per_class} digits "
+            f"per class, found counts {counts.tolist()}"
+        )
     # Only raw PCG64 doubles and stable sorts: the split is the same on every platform.
     rng = np.random.default_rng(SAMPLE_SEED)
     select_key = rng.random(labels.size)
@@ -549,6 +587,7 @@ def _load_sample():
 # Public entry point
 # ----------------------------------------------------------------------------------------------
 
+
 def _one_hot(labels):
     """Book's one-hot: float64 (N, 10) with T[i, labels[i]] = 1."""
     t = np.zeros((labels.size, NUM_CLASSES))
@@ -571,8 +610,17 @@ def _finish(data, normalize, flatten, one_hot_label):
     return tuple(out)
 
 
-def load_mnist(normalize=True, flatten=True, one_hot_label=False, *, source="auto", data_dir=None,
-               download=True, verbose=True, return_info=False):
+def load_mnist(
+    normalize=True,
+    flatten=True,
+    one_hot_label=False,
+    *,
+    source="auto",
+    data_dir=None,
+    download=True,
+    verbose=True,
+    return_info=False,
+):
     """MNIST as the book returns it -> ((x_train, t_train), (x_test, t_test)) [, DatasetInfo].
 
     normalize: images float32 x / 255 in [0, 1] (else uint8 0..255).
@@ -594,8 +642,7 @@ def load_mnist(normalize=True, flatten=True, one_hot_label=False, *, source="aut
     if source not in _SOURCES:
         raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
     if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
-        raise TypeError(f"data_dir must be a path (str or os.PathLike) or None, "
-                        f"got {type(data_dir).__name__}")
+        raise TypeError(f"data_dir must be a path (str or os.PathLike) or None, got {type(data_dir).__name__}")
 
     if source == "sample":
         data, info = _load_sample()
@@ -612,8 +659,9 @@ def load_mnist(normalize=True, flatten=True, one_hot_label=False, *, source="aut
                 raise MNISTNotFoundError(_not_found_message(directory, how, where))
         elif source == "full":
             if not download:
-                raise MNISTNotFoundError(_not_found_message(
-                    directory, how, problem="download=False, so nothing was downloaded."))
+                raise MNISTNotFoundError(
+                    _not_found_message(directory, how, problem="download=False, so nothing was downloaded.")
+                )
             _download(directory, how, MIRRORS, DOWNLOAD_TIMEOUT, verbose)
             data, info = _load_full(*_scan(directory))
         else:
@@ -622,7 +670,8 @@ def load_mnist(normalize=True, flatten=True, one_hot_label=False, *, source="aut
                 sys.stderr.write(
                     f"fastbp: full MNIST not found in {directory}; using the bundled sample "
                     f"({info.n_train} train / {info.n_test} test digits). "
-                    f"load_mnist(source='full') downloads the full set.\n")
+                    f"load_mnist(source='full') downloads the full set.\n"
+                )
 
     result = _finish(data, normalize, flatten, one_hot_label)
     return (result, info) if return_info else result

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 
 from fastbp.reference import _floating, _stable_sigmoid
-from fastbp.reference import _numeric as _real   # np.asarray restricted to bool/int/float, TypeError otherwise
+from fastbp.reference import _numeric as _real  # np.asarray restricted to bool/int/float, TypeError otherwise
 
 __all__ = [
     "identity_function",
@@ -52,9 +52,10 @@ def sigmoid(x):
     x = _float(x, "x", "sigmoid")
     if x.dtype in (np.float32, np.float64) and x.dtype.isnative:
         from fastbp import _kernels
-        xc = x if x.flags.c_contiguous else x.copy()      # (ascontiguousarray would make a 0-d input 1-d)
+
+        xc = x if x.flags.c_contiguous else x.copy()  # (ascontiguousarray would make a 0-d input 1-d)
         return _kernels.sigmoid_forward(xc, np.empty(xc.shape, xc.dtype))
-    return _stable_sigmoid(x)               # float16 and other byte orders: the reference's NumPy form
+    return _stable_sigmoid(x)  # float16 and other byte orders: the reference's NumPy form
 
 
 def sigmoid_grad(x):
@@ -103,32 +104,24 @@ def cross_entropy_error(y, t):
         t = t.reshape(1, t.size)
         y = y.reshape(1, y.size)
     if y.ndim != 2:
-        raise ValueError(
-            f"cross_entropy_error: y must be 1-D (C,) or 2-D (N, C), got shape {y.shape}"
-        )
+        raise ValueError(f"cross_entropy_error: y must be 1-D (C,) or 2-D (N, C), got shape {y.shape}")
     n, c = y.shape
     if t.ndim == 2 and t.shape[0] == 1 and n == 1 and t.size != y.size:
-        t = t.reshape(1)                  # a single sample's label after the 1-D reshape
+        t = t.reshape(1)  # a single sample's label after the 1-D reshape
     if n == 0:
         if t.shape not in ((0,), (0, c)):
             raise ValueError(
-                f"cross_entropy_error: t must have shape (0,) or {(0, c)} for y of shape "
-                f"{y.shape}, got {t.shape}"
+                f"cross_entropy_error: t must have shape (0,) or {(0, c)} for y of shape {y.shape}, got {t.shape}"
             )
-        warnings.warn("cross_entropy_error: empty batch (N=0); the error is nan",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn("cross_entropy_error: empty batch (N=0); the error is nan", RuntimeWarning, stacklevel=2)
         return y.dtype.type(np.nan)
-    if t.shape == (n, c):                 # one-hot -> labels (the book's t.size == y.size rule)
+    if t.shape == (n, c):  # one-hot -> labels (the book's t.size == y.size rule)
         t = t.argmax(axis=1)
     elif t.size == y.size and c > 1:
-        raise ValueError(
-            f"cross_entropy_error: one-hot t must have shape {(n, c)} like y, got {t.shape}"
-        )
+        raise ValueError(f"cross_entropy_error: one-hot t must have shape {(n, c)} like y, got {t.shape}")
     else:
         if t.dtype.kind not in "iu":
-            raise TypeError(
-                f"cross_entropy_error: class labels must be integers, got dtype {t.dtype}"
-            )
+            raise TypeError(f"cross_entropy_error: class labels must be integers, got dtype {t.dtype}")
         if t.shape != (n,):
             raise ValueError(
                 f"cross_entropy_error: t must be {n} label(s) of shape ({n},) or one-hot "
@@ -138,8 +131,7 @@ def cross_entropy_error(y, t):
         if lo < 0 or hi >= c:
             bad = lo if lo < 0 else hi
             raise ValueError(
-                f"cross_entropy_error: label {bad} out of range for C={c} classes "
-                f"(labels must be in [0, {c - 1}])"
+                f"cross_entropy_error: label {bad} out of range for C={c} classes (labels must be in [0, {c - 1}])"
             )
     return -np.sum(np.log(y[np.arange(n), t] + 1e-7)) / n
 

@@ -70,13 +70,12 @@ class GradientCheckError(AssertionError):
 # numerical derivatives
 # --------------------------------------------------------------------------
 
+
 def _scalar(value):
     """float(value) for a Python/NumPy scalar or a size-1 array."""
     a = np.asarray(value)
     if a.size != 1:
-        raise ValueError(
-            f"f must return a scalar, got an array of shape {a.shape}"
-        )
+        raise ValueError(f"f must return a scalar, got an array of shape {a.shape}")
     return float(a.reshape(()))
 
 
@@ -90,13 +89,10 @@ def numerical_gradient(f, x, h=None, order=2):
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(
-            "numerical_gradient: x must be a NumPy array (it is perturbed in place), "
-            f"got {type(x).__name__}"
+            f"numerical_gradient: x must be a NumPy array (it is perturbed in place), got {type(x).__name__}"
         )
     if x.dtype.kind != "f":
-        raise TypeError(
-            f"numerical_gradient: x must be a floating-point array, got dtype {x.dtype}"
-        )
+        raise TypeError(f"numerical_gradient: x must be a floating-point array, got dtype {x.dtype}")
     if not x.flags.writeable:
         raise ValueError("numerical_gradient: x must be writeable (it is perturbed in place)")
     if order not in (2, 4):
@@ -110,13 +106,13 @@ def numerical_gradient(f, x, h=None, order=2):
     it = np.nditer(x, flags=["multi_index", "zerosize_ok"], op_flags=["readonly"])
     while not it.finished:
         idx = it.multi_index
-        tmp_val = x[idx]                    # NumPy scalar: an exact copy
+        tmp_val = x[idx]  # NumPy scalar: an exact copy
         try:
             if order == 2:
                 x[idx] = float(tmp_val) + h
-                fxh1 = _scalar(f(x))        # f(x+h)
+                fxh1 = _scalar(f(x))  # f(x+h)
                 x[idx] = tmp_val - h
-                fxh2 = _scalar(f(x))        # f(x-h)
+                fxh2 = _scalar(f(x))  # f(x-h)
                 grad[idx] = (fxh1 - fxh2) / (2 * h)
             else:
                 v = float(tmp_val)
@@ -131,7 +127,7 @@ def numerical_gradient(f, x, h=None, order=2):
                 # differences first: exactly 0 when f does not change
                 grad[idx] = (8.0 * (fp1 - fm1) - (fp2 - fm2)) / (12 * h)
         finally:
-            x[idx] = tmp_val                # restore exactly
+            x[idx] = tmp_val  # restore exactly
         it.iternext()
     return grad
 
@@ -158,8 +154,9 @@ def relative_error(a, n, floor=None):
 # gradient checks
 # --------------------------------------------------------------------------
 
+
 def _precision(arrays):
-    """"f8" when every array is float64 (or wider), else "f4"."""
+    """ "f8" when every array is float64 (or wider), else "f4"."""
     for a in arrays:
         if np.dtype(a.dtype).itemsize < 8:
             return "f4"
@@ -180,20 +177,17 @@ def _compare(named, h_used, precision, threshold, floor, raise_on_failure, what)
             continue
         analytic = np.asarray(analytic)
         if analytic.shape != numeric.shape:
-            problems[name] = (
-                f"backward gradient has shape {analytic.shape}, expected {numeric.shape}"
-            )
+            problems[name] = f"backward gradient has shape {analytic.shape}, expected {numeric.shape}"
             errors[name] = float("inf")
             continue
         if ratio is not None:
-            scale = max(float(np.max(np.abs(analytic), initial=0.0)),
-                        float(np.max(np.abs(numeric), initial=0.0)))
+            scale = max(float(np.max(np.abs(analytic), initial=0.0)), float(np.max(np.abs(numeric), initial=0.0)))
             fl = ratio * scale if np.isfinite(scale) else None
         else:
             fl = floor
         errors[name] = relative_error(analytic, numeric, floor=fl)
 
-    bad = [k for k, e in errors.items() if not e <= threshold]   # nan counts as failure
+    bad = [k for k, e in errors.items() if not e <= threshold]  # nan counts as failure
     if bad and raise_on_failure:
         worst = max(bad, key=lambda k: (np.isnan(errors[k]), errors[k]))
         detail = f" ({problems[worst]})" if worst in problems else ""
@@ -202,7 +196,9 @@ def _compare(named, h_used, precision, threshold, floor, raise_on_failure, what)
             f"gradient check failed for {what}: worst is {worst!r} with relative "
             f"error {errors[worst]:.3g} > threshold {threshold:.3g}{detail} "
             f"[all: {summary}; h={h_used:g}]",
-            errors, worst, threshold,
+            errors,
+            worst,
+            threshold,
         )
     return errors
 
@@ -221,18 +217,16 @@ def _layer_params(layer):
                     if getattr(layer, attr, None) is p:
                         name = attr
                         break
-                except Exception:   # a property that fails is simply not a name
+                except Exception:  # a property that fails is simply not a name
                     pass
-            entries.append((name,
-                            lambda i=i: layer.params[i],
-                            lambda i=i: layer.grads[i]))
+            entries.append((name, lambda i=i: layer.params[i], lambda i=i: layer.grads[i]))
         return entries
     for pname, gname in (("W", "dW"), ("b", "db"), ("gamma", "dgamma"), ("beta", "dbeta")):
         p = getattr(layer, pname, None)
         if isinstance(p, np.ndarray) and p.dtype.kind == "f":
-            entries.append((pname,
-                            lambda pname=pname: getattr(layer, pname),
-                            lambda gname=gname: getattr(layer, gname, None)))
+            entries.append(
+                (pname, lambda pname=pname: getattr(layer, pname), lambda gname=gname: getattr(layer, gname, None))
+            )
     return entries
 
 
@@ -240,8 +234,9 @@ def _copy_grad(g):
     return None if g is None else np.array(g, dtype=np.float64, copy=True)
 
 
-def gradient_check_layer(layer, x, dout=None, *, t=None, h=None, order=2,
-                         threshold=None, floor=None, raise_on_failure=True, seed=0):
+def gradient_check_layer(
+    layer, x, dout=None, *, t=None, h=None, order=2, threshold=None, floor=None, raise_on_failure=True, seed=0
+):
     """errors[name] = relative_error(backprop, numerical d(sum(forward(x) * dout))/d name).
 
     ``x`` is one input or a tuple of inputs (``forward(*x)``; names ``x0``,
@@ -266,12 +261,12 @@ def gradient_check_layer(layer, x, dout=None, *, t=None, h=None, order=2,
     derivatives are meaningless where a perturbation crosses a ReLU kink and
     noisy in float32: prefer float64 inputs away from kinks.
     """
-    return _check_layer(layer, x, dout, t, h, order, threshold, floor,
-                        raise_on_failure, seed, check_inputs=True, select=None)
+    return _check_layer(
+        layer, x, dout, t, h, order, threshold, floor, raise_on_failure, seed, check_inputs=True, select=None
+    )
 
 
-def _check_layer(layer, x, dout, t, h, order, threshold, floor, raise_on_failure,
-                 seed, check_inputs, select):
+def _check_layer(layer, x, dout, t, h, order, threshold, floor, raise_on_failure, seed, check_inputs, select):
     """Body of gradient_check_layer; select restricts the parameter names checked."""
     multi = isinstance(x, tuple)
     xs = [np.array(xi, copy=True) for xi in (x if multi else (x,))]
@@ -290,8 +285,7 @@ def _check_layer(layer, x, dout, t, h, order, threshold, floor, raise_on_failure
             dout = 1.0
         if np.ndim(dout) != 0:
             raise ValueError(
-                f"gradient_check_layer: dout for a loss layer must be a scalar, "
-                f"got shape {np.shape(dout)}"
+                f"gradient_check_layer: dout for a loss layer must be a scalar, got shape {np.shape(dout)}"
             )
         dout_value = float(dout)
 
@@ -306,8 +300,7 @@ def _check_layer(layer, x, dout, t, h, order, threshold, floor, raise_on_failure
             dout = np.array(dout, copy=True)
             if dout.shape != out.shape:
                 raise ValueError(
-                    f"gradient_check_layer: dout must have the forward output's shape "
-                    f"{out.shape}, got {dout.shape}"
+                    f"gradient_check_layer: dout must have the forward output's shape {out.shape}, got {dout.shape}"
                 )
         dout64 = np.asarray(dout, dtype=np.float64).ravel()
 
@@ -347,13 +340,11 @@ def _check_layer(layer, x, dout, t, h, order, threshold, floor, raise_on_failure
             num = numerical_gradient(f, arr, h=h, order=order)
             named.append((name, gi, num))
     finally:
-        forward()   # leave the layer's cached state at the unperturbed point
-    return _compare(named, h, precision, threshold, floor, raise_on_failure,
-                    type(layer).__name__)
+        forward()  # leave the layer's cached state at the unperturbed point
+    return _compare(named, h, precision, threshold, floor, raise_on_failure, type(layer).__name__)
 
 
-def gradient_check_model(net, x, t, *, keys=None, h=None, order=2, threshold=None,
-                         floor=None, raise_on_failure=True):
+def gradient_check_model(net, x, t, *, keys=None, h=None, order=2, threshold=None, floor=None, raise_on_failure=True):
     """errors[key] = relative_error(net.gradient(x, t)[key], numerical d net.loss(x, t) / d params[key]).
 
     Book 1 API: ``net.params`` dict, ``net.loss(x, t)``, ``net.gradient(x, t)``
@@ -373,13 +364,11 @@ def gradient_check_model(net, x, t, *, keys=None, h=None, order=2, threshold=Non
         selected = list(params) if keys is None else list(keys)
         missing = [k for k in selected if k not in params]
         if missing:
-            raise KeyError(f"gradient_check_model: unknown parameter(s) {missing}; "
-                           f"net.params has {list(params)}")
+            raise KeyError(f"gradient_check_model: unknown parameter(s) {missing}; net.params has {list(params)}")
         grads = net.gradient(x, t)
         absent = [k for k in selected if k not in grads]
         if absent:
-            raise ValueError(f"gradient_check_model: net.gradient(x, t) returned no "
-                             f"gradient for {absent}")
+            raise ValueError(f"gradient_check_model: net.gradient(x, t) returned no gradient for {absent}")
         analytic = {k: _copy_grad(grads[k]) for k in selected}
 
         def f(_):
@@ -393,12 +382,14 @@ def gradient_check_model(net, x, t, *, keys=None, h=None, order=2, threshold=Non
         for k in selected:
             num = numerical_gradient(f, params[k], h=h, order=order)
             named.append((k, analytic[k], num))
-        return _compare(named, h, precision, threshold, floor, raise_on_failure,
-                        type(net).__name__)
+        return _compare(named, h, precision, threshold, floor, raise_on_failure, type(net).__name__)
 
     if isinstance(params, (list, tuple)):
-        if not (callable(getattr(net, "forward", None)) and callable(getattr(net, "backward", None))
-                and isinstance(getattr(net, "grads", None), (list, tuple))):
+        if not (
+            callable(getattr(net, "forward", None))
+            and callable(getattr(net, "backward", None))
+            and isinstance(getattr(net, "grads", None), (list, tuple))
+        ):
             raise TypeError(
                 "gradient_check_model: a net with a params list needs a grads list and "
                 f"forward(x, t)/backward() methods; {type(net).__name__} lacks them"
@@ -407,11 +398,23 @@ def gradient_check_model(net, x, t, *, keys=None, h=None, order=2, threshold=Non
             known = [name for name, _, _ in _layer_params(net)]
             missing = [k for k in keys if k not in known]
             if missing:
-                raise KeyError(f"gradient_check_model: unknown parameter(s) {missing}; "
-                               f"the net's parameters are {known}")
-        return _check_layer(net, x, None, t, h, order, threshold, floor,
-                            raise_on_failure, 0, check_inputs=False,
-                            select=None if keys is None else set(keys))
+                raise KeyError(
+                    f"gradient_check_model: unknown parameter(s) {missing}; the net's parameters are {known}"
+                )
+        return _check_layer(
+            net,
+            x,
+            None,
+            t,
+            h,
+            order,
+            threshold,
+            floor,
+            raise_on_failure,
+            0,
+            check_inputs=False,
+            select=None if keys is None else set(keys),
+        )
 
     raise TypeError(
         "gradient_check_model: net must have a params dict (book 1: loss/gradient) or a "

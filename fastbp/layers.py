@@ -32,6 +32,7 @@ Threads: a layer instance holds the state of its last forward pass (and its work
 thread-safe, as in NumPy-based frameworks; use one instance (one network) per thread.  Separate instances share
 nothing and run in parallel (the kernels release the GIL).
 """
+
 import math
 import warnings
 
@@ -44,7 +45,7 @@ from fastbp._workspace import Workspace as _Workspace
 from fastbp.reference import AddLayer, MulLayer, Repeat, Sum  # scalar/broadcast nodes: no hot loop to speed up
 
 __all__ = ["MulLayer", "AddLayer", "Relu", "Sigmoid", "Affine", "MatMul", "SoftmaxWithLoss", "Repeat", "Sum"]
-__all__ += ["Softmax", "SigmoidWithLoss", "Embedding"]   # book 2 (defined at the end of this file)
+__all__ += ["Softmax", "SigmoidWithLoss", "Embedding"]  # book 2 (defined at the end of this file)
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -115,8 +116,14 @@ class Relu(_Fast, _ref.Relu):
 
     def backward(self, dout):
         mask = self.mask
-        if (type(dout) is np.ndarray and (dout.dtype is _F32 or dout.dtype is _F64) and mask is not None
-                and dout.shape == mask.shape and dout.flags.c_contiguous and mask.flags.c_contiguous):
+        if (
+            type(dout) is np.ndarray
+            and (dout.dtype is _F32 or dout.dtype is _F64)
+            and mask is not None
+            and dout.shape == mask.shape
+            and dout.flags.c_contiguous
+            and mask.flags.c_contiguous
+        ):
             dx = self._ws.result("dx", dout.shape, dout.dtype, dout)
             _k.relu_backward(dout, mask, dx)
             return dx
@@ -127,7 +134,7 @@ class Relu(_Fast, _ref.Relu):
         d = np.asarray(dout)
         kd = _kernel_dtype(d.dtype)
         if mask is None or kd is None or d.shape != mask.shape:
-            return super().backward(dout)     # before forward, bad shapes, or NumPy's answer for float16/int
+            return super().backward(dout)  # before forward, bad shapes, or NumPy's answer for float16/int
         ws = self._ws
         d = ws.as_dtype("dout", d, kd)
         mask = ws.as_dtype("mask", mask, _BOOL)
@@ -156,7 +163,7 @@ class Sigmoid(_Fast, _ref.Sigmoid):
         x = _ref._numeric(x, "x", "Sigmoid")
         kd = _kernel_dtype(_ref.exp_dtype(x.dtype))
         if kd is None:
-            return super().forward(x)         # np.exp's float16 (bool, int8, uint8, float16): NumPy's answer
+            return super().forward(x)  # np.exp's float16 (bool, int8, uint8, float16): NumPy's answer
         x = self._ws.as_dtype("x", x, kd)
         out = self._ws.result("out", x.shape, kd, x)
         _k.sigmoid_forward(x, out)
@@ -165,9 +172,15 @@ class Sigmoid(_Fast, _ref.Sigmoid):
 
     def backward(self, dout):
         y = self.out
-        if (type(dout) is np.ndarray and y is not None and dout.dtype is y.dtype
-                and (y.dtype is _F32 or y.dtype is _F64)
-                and dout.shape == y.shape and dout.flags.c_contiguous and y.flags.c_contiguous):
+        if (
+            type(dout) is np.ndarray
+            and y is not None
+            and dout.dtype is y.dtype
+            and (y.dtype is _F32 or y.dtype is _F64)
+            and dout.shape == y.shape
+            and dout.flags.c_contiguous
+            and y.flags.c_contiguous
+        ):
             dx = self._ws.result("dx", dout.shape, dout.dtype, dout)
             _k.sigmoid_backward(dout, y, dx)
             return dx
@@ -194,7 +207,7 @@ def _as_batch(x):
     """Flatten input to (N, D) like the book: `x.reshape(x.shape[0], -1)` (so a 1-D input is N samples of 1)."""
     if x.ndim == 2:
         return x
-    return x.reshape(x.shape[0], math.prod(x.shape[1:]))   # -1 cannot be inferred for an empty batch
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # -1 cannot be inferred for an empty batch
 
 
 class _GemmLayer(_Fast):
@@ -207,18 +220,30 @@ class _GemmLayer(_Fast):
         W = self.params[0]
         grads = tuple(self.grads)
         dt = W.dtype
-        ok = (isinstance(W, np.ndarray) and W.ndim == 2 and (dt is _F32 or dt is _F64)
-              and all(isinstance(g, np.ndarray) and g.dtype == dt and g.flags.c_contiguous and g.flags.writeable
-                      for g in grads)
-              and grads[0].shape == W.shape and all(g.shape == (W.shape[1],) for g in grads[1:]))
+        ok = (
+            isinstance(W, np.ndarray)
+            and W.ndim == 2
+            and (dt is _F32 or dt is _F64)
+            and all(
+                isinstance(g, np.ndarray) and g.dtype == dt and g.flags.c_contiguous and g.flags.writeable
+                for g in grads
+            )
+            and grads[0].shape == W.shape
+            and all(g.shape == (W.shape[1],) for g in grads[1:])
+        )
         self._ok = (W,) + grads if ok else None
 
     def _grad_target(self, i, name, shape, dt):
         """grads[i] itself when the kernel can write it (dtype dt, C-contiguous, writeable, shape), else scratch
         whose result `_store` copies into grads[i]."""
         g = self.grads[i]
-        if (isinstance(g, np.ndarray) and g.dtype == dt and g.shape == shape and g.flags.c_contiguous
-                and g.flags.writeable):
+        if (
+            isinstance(g, np.ndarray)
+            and g.dtype == dt
+            and g.shape == shape
+            and g.flags.c_contiguous
+            and g.flags.writeable
+        ):
             return g
         return self._ws.scratch(name, shape, dt)
 
@@ -241,7 +266,7 @@ class Affine(_GemmLayer, _ref.Affine):
     def __init__(self, W, b, *, reuse=False, need_dx=True):
         super().__init__(W, b)
         self.need_dx = need_dx
-        self._xk = None          # the forward input as the kernel read it (converted), None after a NumPy forward
+        self._xk = None  # the forward input as the kernel read it (converted), None after a NumPy forward
         self._ok = None
         self._ws = _Workspace(reuse)
 
@@ -251,7 +276,7 @@ class Affine(_GemmLayer, _ref.Affine):
             dt = x.dtype
             if (dt is _F32 or dt is _F64) and W.dtype is dt and b.dtype is dt:
                 out = self._ws.result("out", (x.shape[0], W.shape[1]), dt, x)
-                _k.affine_forward(x, W, b, out)     # checks the shapes, reads any strided layout in place
+                _k.affine_forward(x, W, b, out)  # checks the shapes, reads any strided layout in place
                 self.original_x_shape = x.shape
                 self.x = x
                 self._xk = x
@@ -261,14 +286,21 @@ class Affine(_GemmLayer, _ref.Affine):
     def _forward_any(self, x):
         W, b = self.params
         xa = _ref._numeric(x, "x", "Affine")
-        if (xa.ndim >= 1 and isinstance(W, np.ndarray) and W.ndim == 2 and isinstance(b, np.ndarray)
-                and b.shape == (W.shape[1],) and W.dtype.kind in "biuf" and b.dtype.kind in "biuf"):
+        if (
+            xa.ndim >= 1
+            and isinstance(W, np.ndarray)
+            and W.ndim == 2
+            and isinstance(b, np.ndarray)
+            and b.shape == (W.shape[1],)
+            and W.dtype.kind in "biuf"
+            and b.dtype.kind in "biuf"
+        ):
             x2 = _as_batch(xa)
             kd = _kernel_dtype(np.result_type(x2, W, b))
             if kd is not None and x2.shape[1] == W.shape[0]:
                 ws = self._ws
                 xk = x2 if x2.dtype is kd else ws.as_dtype("x", x2, kd)
-                Wk = W if W.dtype is kd else ws.as_dtype("W", W, kd)   # promoted weights: refreshed every call
+                Wk = W if W.dtype is kd else ws.as_dtype("W", W, kd)  # promoted weights: refreshed every call
                 bk = b if b.dtype is kd else ws.as_dtype("b", b, kd)
                 out = ws.result("out", (x2.shape[0], W.shape[1]), kd, x2)
                 _k.affine_forward(xk, Wk, bk, out)
@@ -277,17 +309,25 @@ class Affine(_GemmLayer, _ref.Affine):
                 self._xk = xk
                 return out
         self._xk = None
-        return super().forward(x)                 # NumPy's answer (float16, integers) or the reference's error
+        return super().forward(x)  # NumPy's answer (float16, integers) or the reference's error
 
     def backward(self, dout):
         xk = self._xk
         ok = self._ok
-        if (xk is not None and ok is not None and type(dout) is np.ndarray and dout.dtype is xk.dtype
-                and dout.ndim == 2 and ok[0] is self.params[0] and ok[1] is self.grads[0] and ok[2] is self.grads[1]
-                and ok[0].dtype is xk.dtype):
+        if (
+            xk is not None
+            and ok is not None
+            and type(dout) is np.ndarray
+            and dout.dtype is xk.dtype
+            and dout.ndim == 2
+            and ok[0] is self.params[0]
+            and ok[1] is self.grads[0]
+            and ok[2] is self.grads[1]
+            and ok[0].dtype is xk.dtype
+        ):
             W, dW, db = ok
             dx = self._ws.result("dx", xk.shape, xk.dtype, dout) if self.need_dx else None
-            _k.affine_backward(dout, xk, W, dx, dW, db)   # checks dout's shape
+            _k.affine_backward(dout, xk, W, dx, dW, db)  # checks dout's shape
             if dx is None or len(self.original_x_shape) == 2:
                 return dx
             return dx.reshape(self.original_x_shape)
@@ -295,16 +335,16 @@ class Affine(_GemmLayer, _ref.Affine):
 
     def _backward_any(self, dout):
         xk = self._xk
-        if xk is None:                            # before forward (the reference raises), or a NumPy forward
+        if xk is None:  # before forward (the reference raises), or a NumPy forward
             dx = super().backward(dout)
             return dx if self.need_dx else None
-        self._grads_checked()                     # the next backward of the kernels' dtypes takes the fast path
+        self._grads_checked()  # the next backward of the kernels' dtypes takes the fast path
         W = self.params[0]
         d = _ref._numeric(dout, "dout", "Affine")
         n, m = xk.shape[0], W.shape[1]
         kd = _kernel_dtype(np.result_type(d, xk, W)) if W.dtype.kind in "biuf" else None
         if d.shape != (n, m) or kd is None:
-            return super().backward(dout)         # the reference's error, or NumPy's answer
+            return super().backward(dout)  # the reference's error, or NumPy's answer
         ws = self._ws
         d = ws.as_dtype("dout", d, kd)
         xb = xk if xk.dtype is kd else ws.as_dtype("xb", xk, kd)
@@ -337,7 +377,7 @@ class MatMul(_GemmLayer, _ref.MatMul):
             dt = x.dtype
             if (dt is _F32 or dt is _F64) and W.dtype is dt and W.ndim == 2 and x.shape[1] == W.shape[0]:
                 out = self._ws.result("out", (x.shape[0], W.shape[1]), dt, x)
-                _k.gemm(x, W, out)                  # reads any strided layout in place
+                _k.gemm(x, W, out)  # reads any strided layout in place
                 self.x = x
                 self._xk = x
                 return out
@@ -346,8 +386,13 @@ class MatMul(_GemmLayer, _ref.MatMul):
     def _forward_any(self, x):
         W = self.params[0]
         xa = _ref._numeric(x, "x", "MatMul")
-        if (xa.ndim == 2 and isinstance(W, np.ndarray) and W.ndim == 2 and W.dtype.kind in "biuf"
-                and xa.shape[1] == W.shape[0]):
+        if (
+            xa.ndim == 2
+            and isinstance(W, np.ndarray)
+            and W.ndim == 2
+            and W.dtype.kind in "biuf"
+            and xa.shape[1] == W.shape[0]
+        ):
             kd = _kernel_dtype(np.result_type(xa, W))
             if kd is not None:
                 ws = self._ws
@@ -364,9 +409,16 @@ class MatMul(_GemmLayer, _ref.MatMul):
     def backward(self, dout):
         xk = self._xk
         ok = self._ok
-        if (xk is not None and ok is not None and type(dout) is np.ndarray and dout.dtype is xk.dtype
-                and ok[0] is self.params[0] and ok[1] is self.grads[0] and ok[0].dtype is xk.dtype
-                and dout.shape == (xk.shape[0], ok[0].shape[1])):
+        if (
+            xk is not None
+            and ok is not None
+            and type(dout) is np.ndarray
+            and dout.dtype is xk.dtype
+            and ok[0] is self.params[0]
+            and ok[1] is self.grads[0]
+            and ok[0].dtype is xk.dtype
+            and dout.shape == (xk.shape[0], ok[0].shape[1])
+        ):
             W, dW = ok
             dx = self._ws.result("dx", xk.shape, xk.dtype, dout)
             _k.gemm(dout, W, dx, trans_b=True)
@@ -378,7 +430,7 @@ class MatMul(_GemmLayer, _ref.MatMul):
         xk = self._xk
         if xk is None:
             return super().backward(dout)
-        self._grads_checked()                     # the next backward of the kernels' dtypes takes the fast path
+        self._grads_checked()  # the next backward of the kernels' dtypes takes the fast path
         W = self.params[0]
         d = _ref._numeric(dout, "dout", "MatMul")
         if not (isinstance(W, np.ndarray) and W.ndim == 2) or d.shape != (xk.shape[0], W.shape[1]):
@@ -387,7 +439,7 @@ class MatMul(_GemmLayer, _ref.MatMul):
         if kd is None:
             return super().backward(dout)
         ws = self._ws
-        d = d if d.dtype is kd else ws.as_dtype("dout", d, kd)      # the GEMM reads any strided layout
+        d = d if d.dtype is kd else ws.as_dtype("dout", d, kd)  # the GEMM reads any strided layout
         xb = xk if xk.dtype is kd else ws.as_dtype("xb", xk, kd)
         Wk = W if W.dtype is kd else ws.as_dtype("Wb", W, kd)
         dW = self._grad_target(0, "dW", W.shape, kd)
@@ -416,23 +468,30 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
 
     def __init__(self, *, reuse=False):
         super().__init__()
-        self._g = None           # the gradient computed with the loss; None after a NumPy forward
-        self._g_out = False      # `_g` was handed to the caller (without reuse): do not hand it out again
+        self._g = None  # the gradient computed with the loss; None after a NumPy forward
+        self._g_out = False  # `_g` was handed to the caller (without reuse): do not hand it out again
         self._ws = _Workspace(reuse)
 
     def forward(self, x, t):
-        if (type(x) is np.ndarray and type(t) is np.ndarray and x.ndim == 2 and t.ndim == 1
-                and (x.dtype is _F32 or x.dtype is _F64) and t.dtype.kind in "iu" and x.shape[0] > 0
-                and x.flags.c_contiguous):
+        if (
+            type(x) is np.ndarray
+            and type(t) is np.ndarray
+            and x.ndim == 2
+            and t.ndim == 1
+            and (x.dtype is _F32 or x.dtype is _F64)
+            and t.dtype.kind in "iu"
+            and x.shape[0] > 0
+            and x.flags.c_contiguous
+        ):
             ws = self._ws
             n = x.shape[0]
             tk = t
-            if t.dtype is not _I64 or not t.flags.c_contiguous:   # e.g. the book's uint8 labels
+            if t.dtype is not _I64 or not t.flags.c_contiguous:  # e.g. the book's uint8 labels
                 tk = ws.scratch("t", t.shape, _I64)
-                np.copyto(tk, t, casting="unsafe")                # the kernel range-checks the copy
+                np.copyto(tk, t, casting="unsafe")  # the kernel range-checks the copy
             y = ws.result("y", x.shape, x.dtype)
             g = ws.result("g", x.shape, x.dtype)
-            loss = _k.softmax_cross_entropy(x, tk, y, g, 1.0 / n)   # the mean loss
+            loss = _k.softmax_cross_entropy(x, tk, y, g, 1.0 / n)  # the mean loss
             self.t = t
             self.y = y
             self._g = g
@@ -449,14 +508,14 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
         ta = np.asarray(t)
         if kd is None or xa.ndim not in (1, 2) or xa.shape[-1] == 0:
             self._g = None
-            return super().forward(x, t)         # float16 / int8 logits: NumPy's answer; or the reference's error
+            return super().forward(x, t)  # float16 / int8 logits: NumPy's answer; or the reference's error
         single = xa.ndim == 1
         x2 = xa.reshape(1, -1) if single else xa
         n, c = x2.shape
         labels, rows = self._check_targets(xa, ta, n, c)
         ws = self._ws
         if rows is not None and rows.dtype != kd:
-            kd = _kernel_dtype(np.result_type(kd, rows.dtype))   # float32 logits, float64 rows: float64 like NumPy
+            kd = _kernel_dtype(np.result_type(kd, rows.dtype))  # float32 logits, float64 rows: float64 like NumPy
             if kd is None:
                 self._g = None
                 return super().forward(x, t)
@@ -471,7 +530,7 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
             warnings.warn("SoftmaxWithLoss: empty batch, the loss is NaN", RuntimeWarning, stacklevel=3)
             loss = float("nan")
         else:
-            loss = _k.softmax_cross_entropy(xk, tk, y, g, 1.0 / n)   # the mean loss
+            loss = _k.softmax_cross_entropy(xk, tk, y, g, 1.0 / n)  # the mean loss
         self.t = t
         self.y = y.reshape(xa.shape) if single else y
         self._g = g.reshape(xa.shape) if single else g
@@ -484,7 +543,7 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
     def backward(self, dout=1):
         g = self._g
         if g is None or self._g_out:
-            return super().backward(dout)        # NumPy forward, before forward, or a repeated call: from y and t
+            return super().backward(dout)  # NumPy forward, before forward, or a repeated call: from y and t
         ws = self._ws
         if type(dout) is int or type(dout) is float:
             if dout == 1:
@@ -494,7 +553,7 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
             return _k.scale_into(g, float(dout), ws.result("dx", g.shape, g.dtype))
         d = np.asarray(dout)
         if d.ndim != 0:
-            return super().backward(dout)        # the reference's error: dout must be a scalar
+            return super().backward(dout)  # the reference's error: dout must be a scalar
         return _k.scale_into(g, float(d), ws.result("dx", g.shape, g.dtype))
 
 
@@ -518,8 +577,8 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
 #   also updates running_mean/running_var in place (the book rebinds new arrays; so does reuse=False);
 # * Dropout draws its mask in the kernel from NumPy's global generator (the numbers np.random.rand would return,
 #   the generator advanced the same way), so np.random.seed reproduces the book's masks.
-from fastbp import _conv as _ck   # noqa: E402
-from fastbp import _norm as _nk   # noqa: E402
+from fastbp import _conv as _ck  # noqa: E402
+from fastbp import _norm as _nk  # noqa: E402
 
 __all__ += ["Dropout", "BatchNormalization", "Convolution", "Pooling"]
 
@@ -539,8 +598,14 @@ def _result_kernel_dtype(*arrays):
 def _grad_target(grads, i, shape, dtype, ws, name):
     """grads[i] itself when the kernels can write it in place, else a scratch array (copied back by _store)."""
     g = grads[i]
-    if (type(g) is np.ndarray and g.dtype == dtype and g.dtype.isnative and g.shape == shape
-            and g.flags.c_contiguous and g.flags.writeable):
+    if (
+        type(g) is np.ndarray
+        and g.dtype == dtype
+        and g.dtype.isnative
+        and g.shape == shape
+        and g.flags.c_contiguous
+        and g.flags.writeable
+    ):
         return g
     return ws.scratch(name, shape, dtype)
 
@@ -619,14 +684,15 @@ class Convolution(_ref.Convolution):
             return super().backward(dout)
         dout = np.asarray(dout)
         if dout.shape != self._out_shape:
-            raise ValueError(f"Convolution.backward: dout must have the forward output's shape {self._out_shape}, "
-                             f"got {dout.shape}")
+            raise ValueError(
+                f"Convolution.backward: dout must have the forward output's shape {self._out_shape}, got {dout.shape}"
+            )
         col, W2 = self._colT, self._W2
         dt = _result_kernel_dtype(dout, col)
         if dt is None:
             return super().backward(dout)
         ws = self._ws
-        if dt != col.dtype:              # a wider dout widens the gradients, as NumPy would
+        if dt != col.dtype:  # a wider dout widens the gradients, as NumPy would
             col = ws.as_dtype("colT64", col, dt)
             W2 = ws.as_dtype("W64", W2, dt)
         dk = ws.as_dtype("dout", dout, dt)
@@ -642,9 +708,23 @@ class Convolution(_ref.Convolution):
             dx = ws.get("dx", x_shape, dt)
             dcol = ws.scratch("dcol", (nb, k, self._out_shape[2] * self._out_shape[3]), dt)
         P = self._out_shape[2] * self._out_shape[3]
-        _ck.conv_backward(dk, col, W2, x_shape, fh, fw, self.stride, self.pad, dW.reshape(fn, k), db, dx,
-                          ws.scratch("dW_part", (nb, k, fn), dt), ws.scratch("db_part", (nb, fn), _F64), dcol,
-                          ws.scratch("dT", (nb, P, fn), dt))
+        _ck.conv_backward(
+            dk,
+            col,
+            W2,
+            x_shape,
+            fh,
+            fw,
+            self.stride,
+            self.pad,
+            dW.reshape(fn, k),
+            db,
+            dx,
+            ws.scratch("dW_part", (nb, k, fn), dt),
+            ws.scratch("db_part", (nb, fn), _F64),
+            dcol,
+            ws.scratch("dT", (nb, P, fn), dt),
+        )
         _store(self.grads, 1, db)
         _store(self.grads, 0, dW)
         return dx
@@ -678,7 +758,7 @@ class Pooling(_ref.Pooling):
         dt = x.dtype
         if dt not in _KERNEL_DTYPES:
             if dt.kind in "biu":
-                dt = _F64                # the book's im2col puts any integer image into float64
+                dt = _F64  # the book's im2col puts any integer image into float64
             else:
                 return super().forward(x)
         x, oh, ow = self._geometry(x)
@@ -700,8 +780,9 @@ class Pooling(_ref.Pooling):
             return super().backward(dout)
         dout = np.asarray(dout)
         if dout.shape != self._out_shape:
-            raise ValueError(f"Pooling.backward: dout must have the forward output's shape {self._out_shape}, "
-                             f"got {dout.shape}")
+            raise ValueError(
+                f"Pooling.backward: dout must have the forward output's shape {self._out_shape}, got {dout.shape}"
+            )
         dt = dout.dtype
         if dt not in _KERNEL_DTYPES:
             if dt.kind not in "biuf" or dt == np.float16:
@@ -756,8 +837,13 @@ class Dropout(_ref.Dropout):
     def backward(self, dout):
         mask = self.mask
         dout = np.asarray(dout)
-        if (mask is None or dout.dtype not in _KERNEL_DTYPES or not dout.dtype.isnative
-                or dout.shape != mask.shape or not mask.flags.c_contiguous):
+        if (
+            mask is None
+            or dout.dtype not in _KERNEL_DTYPES
+            or not dout.dtype.isnative
+            or dout.shape != mask.shape
+            or not mask.flags.c_contiguous
+        ):
             return super().backward(dout)
         dk = self._ws.as_dtype("dout", dout, dout.dtype)
         dx = self._ws.get("dx", dout.shape, dout.dtype)
@@ -794,8 +880,10 @@ class BatchNormalization(_ref.BatchNormalization):
         if self.running_mean is None:
             self.running_mean = np.zeros(d)
             self.running_var = np.zeros(d)
-        return (self._ws.as_dtype("rm", np.asarray(self.running_mean), _F64),
-                self._ws.as_dtype("rv", np.asarray(self.running_var), _F64))
+        return (
+            self._ws.as_dtype("rm", np.asarray(self.running_mean), _F64),
+            self._ws.as_dtype("rv", np.asarray(self.running_var), _F64),
+        )
 
     def forward(self, x, train_flg=True):
         x = np.asarray(x)
@@ -807,7 +895,7 @@ class BatchNormalization(_ref.BatchNormalization):
         x2, gamma, beta = self._flatten(x)
         n, d = x2.shape
         if train_flg and n == 0:
-            return super().forward(x, train_flg)       # raises the reference's error
+            return super().forward(x, train_flg)  # raises the reference's error
         ws = self._ws
         xk = ws.as_dtype("x", x2, dt)
         gk = ws.as_dtype("gamma", gamma, dt)
@@ -823,8 +911,15 @@ class BatchNormalization(_ref.BatchNormalization):
             _nk.bn_forward_train(xk, gk, bk, out, xn, std, mean, var)
             m = self.momentum
             cur_m, cur_v = self.running_mean, self.running_var
-            if (ws.reuse and type(cur_m) is np.ndarray and cur_m is rm and type(cur_v) is np.ndarray
-                    and cur_v is rv and cur_m.flags.writeable and cur_v.flags.writeable):
+            if (
+                ws.reuse
+                and type(cur_m) is np.ndarray
+                and cur_m is rm
+                and type(cur_v) is np.ndarray
+                and cur_v is rv
+                and cur_m.flags.writeable
+                and cur_v.flags.writeable
+            ):
                 _nk.running_update(cur_m, mean, m)
                 _nk.running_update(cur_v, var, m)
             else:
@@ -844,8 +939,10 @@ class BatchNormalization(_ref.BatchNormalization):
             return super().backward(dout)
         dout = np.asarray(dout)
         if dout.shape != self.input_shape:
-            raise ValueError(f"BatchNormalization.backward: dout must have the forward input's shape "
-                             f"{self.input_shape}, got {dout.shape}")
+            raise ValueError(
+                f"BatchNormalization.backward: dout must have the forward input's shape "
+                f"{self.input_shape}, got {dout.shape}"
+            )
         xn = self.xn
         dt = xn.dtype
         gamma = self.params[0]
@@ -879,8 +976,9 @@ class Softmax(_ref2.Softmax):
 
     def backward(self, dout):
         if self.out is not None and np.shape(dout) != self.out.shape:
-            raise ValueError(f"Softmax.backward: dout must have the output's shape {self.out.shape}, "
-                             f"got {np.shape(dout)}")
+            raise ValueError(
+                f"Softmax.backward: dout must have the output's shape {self.out.shape}, got {np.shape(dout)}"
+            )
         return super().backward(dout)
 
 
@@ -931,8 +1029,7 @@ class Embedding(_ref2.Embedding):
 
     def forward(self, idx):
         W = self.params[0]
-        if (type(W) is np.ndarray and (W.dtype is _F32 or W.dtype is _F64) and W.ndim == 2
-                and W.flags.c_contiguous):
+        if type(W) is np.ndarray and (W.dtype is _F32 or W.dtype is _F64) and W.ndim == 2 and W.flags.c_contiguous:
             ik = _index_array(idx, self._ws)
             D = W.shape[1]
             out = self._ws.get("out", ik.shape + (D,), W.dtype)

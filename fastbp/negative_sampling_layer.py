@@ -22,6 +22,7 @@ them.  Swap ``from negative_sampling_layer import ...`` for ``from fastbp.negati
 * The loss is the exact binary cross-entropy ``log(1 + exp(-|s|)) + max(s, 0) - t s`` (the book's adds 1e-7
   inside the log: equal to about 1e-7 except where the book's value is capped at 16.1).
 """
+
 import numpy as np
 
 from fastbp import _embedding as _emb
@@ -35,7 +36,7 @@ _F64 = np.dtype(np.float64)
 
 
 def _kernel_ok(W):
-    return (type(W) is np.ndarray and W.ndim == 2 and (W.dtype is _F32 or W.dtype is _F64) and W.flags.c_contiguous)
+    return type(W) is np.ndarray and W.ndim == 2 and (W.dtype is _F32 or W.dtype is _F64) and W.flags.c_contiguous
 
 
 class EmbeddingDot:
@@ -130,12 +131,16 @@ class UnigramSampler:
             raise TypeError(f"UnigramSampler: target must be integer word ids, got dtype {target.dtype}")
         if target.size and (target.min() < 0 or target.max() >= self.vocab_size):
             bad = target.min() if target.min() < 0 else target.max()
-            raise IndexError(f"UnigramSampler: target {bad} is out of range for the corpus's {self.vocab_size} "
-                             f"words (valid: 0 .. {self.vocab_size - 1})")
+            raise IndexError(
+                f"UnigramSampler: target {bad} is out of range for the corpus's {self.vocab_size} "
+                f"words (valid: 0 .. {self.vocab_size - 1})"
+            )
         N, S = target.shape[0], self.sample_size
         if S > self._nonzero - 1:
-            raise ValueError(f"UnigramSampler: cannot draw {S} distinct words other than the target from "
-                             f"{self._nonzero} words of nonzero probability")
+            raise ValueError(
+                f"UnigramSampler: cannot draw {S} distinct words other than the target from "
+                f"{self._nonzero} words of nonzero probability"
+            )
         out = np.empty((N, S), dtype=np.int32)
         for k in range(S):
             col = self._draw(N)
@@ -147,7 +152,7 @@ class UnigramSampler:
                 col[rows] = self._draw(rows.size)
                 bad[rows] = (col[rows] == target[rows]) | (taken[rows] == col[rows, None]).any(axis=1)
                 rounds += 1
-                if rounds > self.MAX_ROUNDS:       # pathological distributions: the book's exact per-row draw
+                if rounds > self.MAX_ROUNDS:  # pathological distributions: the book's exact per-row draw
                     for i in np.flatnonzero(bad):
                         p = self.word_p.copy()
                         p[target[i]] = 0
@@ -198,8 +203,10 @@ class NegativeSamplingLoss:
         idx[:, 1:] = negative_sample
         h = np.asarray(h)
         if not _kernel_ok(W):
-            raise TypeError(f"NegativeSamplingLoss: W must be a C-contiguous float32/float64 (V, H) array, got "
-                            f"{getattr(W, 'dtype', type(W))} {getattr(W, 'shape', '')}")
+            raise TypeError(
+                f"NegativeSamplingLoss: W must be a C-contiguous float32/float64 (V, H) array, got "
+                f"{getattr(W, 'dtype', type(W))} {getattr(W, 'shape', '')}"
+            )
         if h.shape != (N, W.shape[1]):
             raise ValueError(f"NegativeSamplingLoss: h must be ({N}, {W.shape[1]}), got {h.shape}")
         hk = self._ws.as_dtype("h", h, W.dtype)
@@ -232,8 +239,9 @@ class NegativeSamplingLoss:
             _scatter_into(self.grads[0], src, idx.reshape(-1), ds.reshape(-1), self._ws, "dW")
         else:
             for k in range(K):
-                _scatter_into(self.grads[k], hk, np.ascontiguousarray(idx[:, k]), np.ascontiguousarray(ds[:, k]),
-                              self._ws, "dW")
+                _scatter_into(
+                    self.grads[k], hk, np.ascontiguousarray(idx[:, k]), np.ascontiguousarray(ds[:, k]), self._ws, "dW"
+                )
         return dh
 
 
@@ -259,7 +267,7 @@ class CBOW:
 
     def forward(self, contexts, target):
         contexts = np.asarray(contexts)
-        emb = self.in_layer.forward(contexts)              # (N, C, H)
+        emb = self.in_layer.forward(contexts)  # (N, C, H)
         C = contexts.shape[1]
         h = emb.sum(axis=1)
         h *= 1 / C

@@ -25,6 +25,7 @@ Other differences from the book: ``loss`` uses fastbp's exact log-sum-exp cross 
 book's ``MultiLayerNet.accuracy`` has a typo that breaks them), and ``accuracy`` takes an optional
 ``batch_size`` to evaluate a large set in slices.
 """
+
 import math
 import numbers
 from collections import OrderedDict
@@ -46,6 +47,7 @@ _F64 = np.dtype(np.float64)
 def _layers_module(backend):
     if backend == "fastbp":
         from fastbp import layers
+
         return layers
     if backend == "reference":
         return _reference
@@ -77,20 +79,33 @@ def init_scale(weight_init_std, n_prev):
             return math.sqrt(2.0 / n_prev)
         if name in ("sigmoid", "xavier"):
             return math.sqrt(1.0 / n_prev)
-        raise ValueError(f"weight_init_std must be a number or one of 'relu', 'he', 'sigmoid', 'xavier', "
-                         f"got {weight_init_std!r}")
-    if isinstance(weight_init_std, bool) or not isinstance(weight_init_std, numbers.Real) \
-            or not math.isfinite(weight_init_std):
-        raise ValueError(f"weight_init_std must be a finite number or one of 'relu', 'he', 'sigmoid', "
-                         f"'xavier', got {weight_init_std!r}")
+        raise ValueError(
+            f"weight_init_std must be a number or one of 'relu', 'he', 'sigmoid', 'xavier', got {weight_init_std!r}"
+        )
+    if (
+        isinstance(weight_init_std, bool)
+        or not isinstance(weight_init_std, numbers.Real)
+        or not math.isfinite(weight_init_std)
+    ):
+        raise ValueError(
+            f"weight_init_std must be a finite number or one of 'relu', 'he', 'sigmoid', "
+            f"'xavier', got {weight_init_std!r}"
+        )
     return weight_init_std
 
 
 def _add_scaled(dW, lam, W):
     """dW += lam * W in place (the kernel's SGD update with lr = -lam is exactly this axpy)."""
-    if (dW.dtype == W.dtype and (dW.dtype == _F32 or dW.dtype == _F64) and dW.dtype.isnative
-            and dW.flags.c_contiguous and W.flags.c_contiguous and dW.flags.writeable):
+    if (
+        dW.dtype == W.dtype
+        and (dW.dtype == _F32 or dW.dtype == _F64)
+        and dW.dtype.isnative
+        and dW.flags.c_contiguous
+        and W.flags.c_contiguous
+        and dW.flags.writeable
+    ):
         from fastbp import _kernels
+
         _kernels.optimizer_update(0, dW, W, None, None, -lam)
     else:
         dW += lam * W
@@ -99,8 +114,17 @@ def _add_scaled(dW, lam, W):
 class _FullyConnectedNet:
     """Affine -> activation -> ... -> Affine -> SoftmaxWithLoss with the book-1 network API."""
 
-    def _build(self, input_size, hidden_size_list, output_size, activation, weight_init_std,
-               weight_decay_lambda, dtype, backend):
+    def _build(
+        self,
+        input_size,
+        hidden_size_list,
+        output_size,
+        activation,
+        weight_init_std,
+        weight_decay_lambda,
+        dtype,
+        backend,
+    ):
         self.input_size = _check_size(input_size, "input_size")
         self.output_size = _check_size(output_size, "output_size")
         if isinstance(hidden_size_list, numbers.Integral):
@@ -110,8 +134,12 @@ class _FullyConnectedNet:
         if not isinstance(activation, str) or activation.lower() not in _ACTIVATIONS:
             raise ValueError(f"activation must be 'relu' or 'sigmoid', got {activation!r}")
         self.activation = activation.lower()
-        if isinstance(weight_decay_lambda, bool) or not isinstance(weight_decay_lambda, numbers.Real) \
-                or not math.isfinite(weight_decay_lambda) or weight_decay_lambda < 0:
+        if (
+            isinstance(weight_decay_lambda, bool)
+            or not isinstance(weight_decay_lambda, numbers.Real)
+            or not math.isfinite(weight_decay_lambda)
+            or weight_decay_lambda < 0
+        ):
             raise ValueError(f"weight_decay_lambda must be a finite number >= 0, got {weight_decay_lambda!r}")
         self.weight_decay_lambda = weight_decay_lambda
         self.dtype = _check_dtype(dtype)
@@ -141,7 +169,7 @@ class _FullyConnectedNet:
             if idx < n_affine:
                 self.layers[f"{act_name}{idx}"] = act_cls(**kw)
         self.lastLayer = L.SoftmaxWithLoss(**kw)
-        self._ws = _Workspace()            # the inputs and targets converted to the network's dtype
+        self._ws = _Workspace()  # the inputs and targets converted to the network's dtype
 
     # the book names it lastLayer in TwoLayerNet and last_layer in MultiLayerNet
     last_layer = property(lambda self: self.lastLayer, lambda self, v: setattr(self, "lastLayer", v))
@@ -158,7 +186,7 @@ class _FullyConnectedNet:
         if not isinstance(a, np.ndarray):
             a = np.asarray(a)
         if a.dtype is self.dtype or a.dtype.kind not in "fiub" or (name == "t" and a.dtype.kind != "f"):
-            return a            # integer labels stay labels
+            return a  # integer labels stay labels
         return self._ws.cast(name, a, self.dtype)
 
     def predict(self, x):
@@ -200,14 +228,16 @@ class _FullyConnectedNet:
         step = n if batch_size is None else _check_size(batch_size, "batch_size")
         correct = 0
         for start in range(0, n, step):
-            y = self.predict(x[start:start + step])
-            correct += int(np.count_nonzero(np.argmax(y, axis=1) == t[start:start + step]))
+            y = self.predict(x[start : start + step])
+            correct += int(np.count_nonzero(np.argmax(y, axis=1) == t[start : start + step]))
         return correct / float(n)
 
     def numerical_gradient(self, x, t):
         """Gradients of loss(x, t) by central differences (the book's numerical_gradient), keyed like params."""
+
         def loss_W(_):
             return self.loss(x, t)
+
         grads = {}
         for key in self.params:
             grads[key] = _numerical_gradient(loss_W, self.params[key])
@@ -254,10 +284,17 @@ class _FullyConnectedNet:
 class TwoLayerNet(_FullyConnectedNet):
     """Affine1 -> Relu1 -> Affine2 -> SoftmaxWithLoss (book 1, chapter 5); weights std * randn."""
 
-    def __init__(self, input_size, hidden_size, output_size, weight_init_std=0.01, dtype=np.float64,
-                 backend="fastbp"):
-        self._build(input_size, [_check_size(hidden_size, "hidden_size")], output_size, "relu",
-                    weight_init_std, 0, dtype, backend)
+    def __init__(self, input_size, hidden_size, output_size, weight_init_std=0.01, dtype=np.float64, backend="fastbp"):
+        self._build(
+            input_size,
+            [_check_size(hidden_size, "hidden_size")],
+            output_size,
+            "relu",
+            weight_init_std,
+            0,
+            dtype,
+            backend,
+        )
 
 
 class MultiLayerNet(_FullyConnectedNet):
@@ -266,10 +303,21 @@ class MultiLayerNet(_FullyConnectedNet):
     weight_init_std: a number, 'relu'/'he' (sqrt(2 / n_prev)) or 'sigmoid'/'xavier' (sqrt(1 / n_prev)).
     """
 
-    def __init__(self, input_size, hidden_size_list, output_size, activation="relu", weight_init_std="relu",
-                 weight_decay_lambda=0, dtype=np.float64, backend="fastbp"):
-        self._build(input_size, hidden_size_list, output_size, activation, weight_init_std,
-                    weight_decay_lambda, dtype, backend)
+    def __init__(
+        self,
+        input_size,
+        hidden_size_list,
+        output_size,
+        activation="relu",
+        weight_init_std="relu",
+        weight_decay_lambda=0,
+        dtype=np.float64,
+        backend="fastbp",
+    ):
+        self._build(
+            input_size, hidden_size_list, output_size, activation, weight_init_std, weight_decay_lambda, dtype, backend
+        )
+
 
 # book 1, chapters 6-8: SimpleConvNet, DeepConvNet, MultiLayerNetExtend live in fastbp.convnets (which imports this
 # module's helpers), re-exported here on first access
@@ -280,5 +328,6 @@ __all__ += ["SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"]  # noqa: F822
 def __getattr__(name):
     if name in ("SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"):
         from fastbp import convnets
+
         return getattr(convnets, name)
     raise AttributeError(f"module 'fastbp.nets' has no attribute {name!r}")

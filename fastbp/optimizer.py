@@ -36,6 +36,7 @@ in-place statement on ``params[key]``, so with such aliasing it would mix the ol
 fastbp uses the gradient as it was when ``update`` was called throughout.  Pairs are updated in key order, so a
 gradient that is *another* parameter's array sees that parameter updated if its key comes first, as in the book.
 """
+
 import math
 import numbers
 
@@ -108,13 +109,13 @@ class _Optimizer:
     """Shared machinery: validation, lazily created state, the kernel call and the NumPy fallback."""
 
     _kind = None
-    _n_states = 0               # state arrays per parameter
-    _state_names = ()           # book attribute names of the state containers
+    _n_states = 0  # state arrays per parameter
+    _state_names = ()  # book attribute names of the state containers
 
     def __init__(self):
         for name in self._state_names:
             setattr(self, name, None)
-        self._gbuf = None       # converted-gradient buffers, keyed like the parameters
+        self._gbuf = None  # converted-gradient buffers, keyed like the parameters
         # The last step's arrays when every pair went straight to the kernel: (*state containers,
         # [(key, param, grad, state1, state2)]).  It stands for the attributes it was built from and is used only
         # while those attributes still hold the very same objects (checked at every step, see update).
@@ -166,12 +167,17 @@ class _Optimizer:
                 s2 = containers[1][key]
             # A gradient that shares memory with its parameter or its state (the book computes p -= lr * p
             # without complaint) is copied first: every element of it is read before any is written.
-            aliased = (_may_overlap(g, p) or (s1 is not None and _may_overlap(g, s1))
-                       or (s2 is not None and _may_overlap(g, s2)))
+            aliased = (
+                _may_overlap(g, p)
+                or (s1 is not None and _may_overlap(g, s1))
+                or (s2 is not None and _may_overlap(g, s2))
+            )
             order = _kernel_order(p)
-            if (order is not None
-                    and (s1 is None or (s1.dtype == p.dtype and _contiguous_as(s1, order)))
-                    and (s2 is None or (s2.dtype == p.dtype and _contiguous_as(s2, order)))):
+            if (
+                order is not None
+                and (s1 is None or (s1.dtype == p.dtype and _contiguous_as(s1, order)))
+                and (s2 is None or (s2.dtype == p.dtype and _contiguous_as(s2, order)))
+            ):
                 if aliased or not (g.dtype == p.dtype and g.dtype.isnative and _contiguous_as(g, order)):
                     g = self._converted(key, g, p, order)
                     new_plan = None
@@ -221,20 +227,26 @@ class _Optimizer:
         """[(key, param, grad)] after checking that params and grads match."""
         if isinstance(params, dict):
             if not isinstance(grads, dict):
-                raise TypeError(f"params is a dict, so grads must be a dict with the same keys, "
-                                f"got {type(grads).__name__}")
+                raise TypeError(
+                    f"params is a dict, so grads must be a dict with the same keys, got {type(grads).__name__}"
+                )
             missing = [k for k in params if k not in grads]
             if missing:
-                raise ValueError(f"grads has no entry for parameter(s) {missing}; "
-                                 f"params keys {list(params)}, grads keys {list(grads)}")
+                raise ValueError(
+                    f"grads has no entry for parameter(s) {missing}; "
+                    f"params keys {list(params)}, grads keys {list(grads)}"
+                )
             keys = params.keys()
         elif isinstance(params, (list, tuple)):
             if not isinstance(grads, (list, tuple)):
-                raise TypeError(f"params is a {type(params).__name__}, so grads must be a list of the same "
-                                f"length, got {type(grads).__name__}")
+                raise TypeError(
+                    f"params is a {type(params).__name__}, so grads must be a list of the same "
+                    f"length, got {type(grads).__name__}"
+                )
             if len(params) != len(grads):
-                raise ValueError(f"params and grads must have the same length, got {len(params)} params "
-                                 f"and {len(grads)} grads")
+                raise ValueError(
+                    f"params and grads must have the same length, got {len(params)} params and {len(grads)} grads"
+                )
             keys = range(len(params))
         else:
             raise TypeError(f"params must be a dict (book 1) or a list (book 2), got {type(params).__name__}")
@@ -243,8 +255,9 @@ class _Optimizer:
             p = params[key]
             g = grads[key]
             if not isinstance(p, np.ndarray):
-                raise TypeError(f"parameter {key!r} must be a numpy.ndarray (it is updated in place), "
-                                f"got {type(p).__name__}")
+                raise TypeError(
+                    f"parameter {key!r} must be a numpy.ndarray (it is updated in place), got {type(p).__name__}"
+                )
             if not p.flags.writeable:
                 raise ValueError(f"parameter {key!r} is read-only (it is updated in place)")
             if p.dtype.kind not in "fiu":
@@ -272,9 +285,11 @@ class _Optimizer:
             if not isinstance(c, (dict, list)):
                 raise TypeError(f"optimizer state {name!r} must be None, a dict or a list, got {type(c).__name__}")
             if isinstance(c, dict) != is_dict:
-                raise TypeError(f"this optimizer holds state for {'a dict' if isinstance(c, dict) else 'a list'} "
-                                f"of parameters but was given {'a dict' if is_dict else 'a list'}; "
-                                f"use one optimizer per network")
+                raise TypeError(
+                    f"this optimizer holds state for {'a dict' if isinstance(c, dict) else 'a list'} "
+                    f"of parameters but was given {'a dict' if is_dict else 'a list'}; "
+                    f"use one optimizer per network"
+                )
         states = []
         for key, p, _ in pairs:
             found = []
@@ -294,20 +309,25 @@ class _Optimizer:
     @staticmethod
     def _check_state(name, key, s, p, others):
         """ValueError/TypeError naming name[key] when state array `s` cannot be updated for parameter `p`."""
-        if (type(s) is np.ndarray and s.shape == p.shape and s.dtype.kind == "f" and s.flags.writeable
-                and not _may_overlap(s, p)):
+        if (
+            type(s) is np.ndarray
+            and s.shape == p.shape
+            and s.dtype.kind == "f"
+            and s.flags.writeable
+            and not _may_overlap(s, p)
+        ):
             for o in others:
                 if o is not None and _may_overlap(s, o):
                     break
             else:
-                return                          # (the usual case, decided without building any message)
+                return  # (the usual case, decided without building any message)
         where = f"optimizer state {name}[{key!r}]"
         if not isinstance(s, np.ndarray):
-            raise TypeError(f"{where} must be a numpy.ndarray (or absent, to start from zeros), "
-                            f"got {type(s).__name__}")
+            raise TypeError(f"{where} must be a numpy.ndarray (or absent, to start from zeros), got {type(s).__name__}")
         if s.shape != p.shape:
-            raise ValueError(f"{where} has shape {s.shape} but the parameter now has shape {p.shape}; "
-                             f"use one optimizer per network")
+            raise ValueError(
+                f"{where} has shape {s.shape} but the parameter now has shape {p.shape}; use one optimizer per network"
+            )
         if s.dtype.kind != "f":
             raise TypeError(f"{where} must be a floating-point array (it is updated in place), got dtype {s.dtype}")
         if not s.flags.writeable:
@@ -386,7 +406,7 @@ class _Optimizer:
             s1 += ct.type(1 - a) * (g - s1)
             s2 += ct.type(1 - b) * (g * g - s2)
             new = pv - ct.type(lr) * s1 / (np.sqrt(s2) + ct.type(EPS))
-        p[...] = new            # integer parameters: truncated like astype (the book's `p -= ...` refuses them)
+        p[...] = new  # integer parameters: truncated like astype (the book's `p -= ...` refuses them)
 
     def __repr__(self):
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._hyper)
@@ -489,5 +509,5 @@ class Adam(_Optimizer):
     def _coefficients(self):
         self.iter += 1
         t = self.iter
-        lr_t = self.lr * math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
+        lr_t = self.lr * math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
         return lr_t, self.beta1, self.beta2

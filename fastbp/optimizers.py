@@ -3,6 +3,7 @@
 ``import fastbp.optimizers`` gives the very module ``fastbp.optimizer``: same classes, same objects, so code
 written against either name works and ``isinstance`` checks agree.
 """
+
 import sys
 
 from fastbp import optimizer as _optimizer

@@ -51,13 +51,12 @@ __all__ = [
 # helpers
 # --------------------------------------------------------------------------
 
+
 def _numeric(a, name, owner):
     """np.asarray(a) restricted to bool/int/float dtypes."""
     a = np.asarray(a)
     if a.dtype.kind not in "biuf":
-        raise TypeError(
-            f"{owner}: {name} must be a real numeric array, got dtype {a.dtype}"
-        )
+        raise TypeError(f"{owner}: {name} must be a real numeric array, got dtype {a.dtype}")
     return a
 
 
@@ -85,7 +84,7 @@ def _grad_like(p):
     if dt.kind != "f":
         dt = np.dtype(np.float64)
     elif not dt.isnative:
-        dt = np.dtype(dt.type)          # NumPy's own native dtype object (what `is` checks expect)
+        dt = np.dtype(dt.type)  # NumPy's own native dtype object (what `is` checks expect)
     return np.zeros(p.shape, dt)
 
 
@@ -105,8 +104,12 @@ def _store_grad(grads, i, value, owner):
 def _matmul_grad(grads, i, a, b, owner):
     """grads[i][...] = a @ b, computed straight into grads[i] when it has the product's dtype (no temporary)."""
     g = grads[i]
-    if (isinstance(g, np.ndarray) and g.shape == (a.shape[0], b.shape[1]) and g.dtype == np.result_type(a, b)
-            and g.flags.writeable):
+    if (
+        isinstance(g, np.ndarray)
+        and g.shape == (a.shape[0], b.shape[1])
+        and g.dtype == np.result_type(a, b)
+        and g.flags.writeable
+    ):
         np.matmul(a, b, out=g)
     else:
         _store_grad(grads, i, a @ b, owner)
@@ -116,10 +119,7 @@ def _check_dout(dout, shape, owner):
     """Validate that dout is numeric and has the forward output's shape."""
     dout = _numeric(dout, "dout", owner)
     if dout.shape != shape:
-        raise ValueError(
-            f"{owner}.backward: dout must have the forward output's shape "
-            f"{shape}, got {dout.shape}"
-        )
+        raise ValueError(f"{owner}.backward: dout must have the forward output's shape {shape}, got {dout.shape}")
     return dout
 
 
@@ -143,12 +143,12 @@ def _unbroadcast(g, shape):
 
 def _stable_sigmoid(x):
     """1 / (1 + exp(-x)) evaluated as exp(-|x|)-based branches (no overflow)."""
-    flat = x.reshape(-1)        # 1-D so that every ufunc below returns an array
+    flat = x.reshape(-1)  # 1-D so that every ufunc below returns an array
     e = np.abs(flat)
     np.negative(e, out=e)
-    np.exp(e, out=e)            # e = exp(-|x|) in (0, 1]
+    np.exp(e, out=e)  # e = exp(-|x|) in (0, 1]
     d = e + 1
-    out = np.divide(e, d)       # x < 0 branch: exp(x) / (1 + exp(x))
+    out = np.divide(e, d)  # x < 0 branch: exp(x) / (1 + exp(x))
     np.divide(1, d, out=out, where=flat >= 0)  # x >= 0 branch: 1 / (1 + exp(-x))
     return out.reshape(x.shape)
 
@@ -167,6 +167,7 @@ class _Layer:
 # --------------------------------------------------------------------------
 # book 1, chapter 5: computational-graph nodes
 # --------------------------------------------------------------------------
+
 
 class MulLayer(_Layer):
     """out = x * y;  dx = dout * y, dy = dout * x (summed back over broadcast axes)."""
@@ -189,8 +190,7 @@ class MulLayer(_Layer):
             raise _backward_before_forward("MulLayer")
         if np.shape(dout) != self._out_shape:
             raise ValueError(
-                "MulLayer.backward: dout must have the forward output's shape "
-                f"{self._out_shape}, got {np.shape(dout)}"
+                f"MulLayer.backward: dout must have the forward output's shape {self._out_shape}, got {np.shape(dout)}"
             )
         dx = _unbroadcast(dout * self.y, np.shape(self.x))
         dy = _unbroadcast(dout * self.x, np.shape(self.y))
@@ -218,8 +218,7 @@ class AddLayer(_Layer):
             raise _backward_before_forward("AddLayer")
         if np.shape(dout) != self._out_shape:
             raise ValueError(
-                "AddLayer.backward: dout must have the forward output's shape "
-                f"{self._out_shape}, got {np.shape(dout)}"
+                f"AddLayer.backward: dout must have the forward output's shape {self._out_shape}, got {np.shape(dout)}"
             )
         # dout * 1 gives two fresh objects, never dout itself.
         dx = _unbroadcast(dout * 1, self._x_shape)
@@ -230,6 +229,7 @@ class AddLayer(_Layer):
 # --------------------------------------------------------------------------
 # activations
 # --------------------------------------------------------------------------
+
 
 class Relu(_Layer):
     """out = max(x, 0) with mask = (x <= 0);  dx = dout where not mask, else 0."""
@@ -273,6 +273,7 @@ class Sigmoid(_Layer):
 # parameterised layers
 # --------------------------------------------------------------------------
 
+
 def _check_weight(W, owner):
     W = _numeric(W, "W", owner)
     if W.ndim != 2:
@@ -283,10 +284,7 @@ def _check_weight(W, owner):
 def _check_bias(b, W, owner):
     b = _numeric(b, "b", owner)
     if b.shape != (W.shape[1],):
-        raise ValueError(
-            f"{owner}: b must have shape ({W.shape[1]},) to match W of shape "
-            f"{W.shape}, got {b.shape}"
-        )
+        raise ValueError(f"{owner}: b must have shape ({W.shape[1]},) to match W of shape {W.shape}, got {b.shape}")
     return b
 
 
@@ -312,14 +310,10 @@ class Affine(_Layer):
         self.original_x_shape = None
 
     # book-1 attribute style over the book-2 lists (same objects)
-    W = property(lambda self: self.params[0],
-                 lambda self, v: self.params.__setitem__(0, v))
-    b = property(lambda self: self.params[1],
-                 lambda self, v: self.params.__setitem__(1, v))
-    dW = property(lambda self: self.grads[0],
-                  lambda self, v: self.grads.__setitem__(0, v))
-    db = property(lambda self: self.grads[1],
-                  lambda self, v: self.grads.__setitem__(1, v))
+    W = property(lambda self: self.params[0], lambda self, v: self.params.__setitem__(0, v))
+    b = property(lambda self: self.params[1], lambda self, v: self.params.__setitem__(1, v))
+    dW = property(lambda self: self.grads[0], lambda self, v: self.grads.__setitem__(0, v))
+    db = property(lambda self: self.grads[1], lambda self, v: self.grads.__setitem__(1, v))
 
     def forward(self, x):
         W = _check_weight(self.params[0], "Affine")
@@ -330,8 +324,14 @@ class Affine(_Layer):
         n = x.shape[0]
         d = int(np.prod(x.shape[1:], dtype=np.int64))
         if d != W.shape[0]:
-            hint = (" (1-D x is read as N samples of 1 feature, as in the book;"
-                    " pass x.reshape(1, -1) for a single sample)") if x.ndim == 1 else ""
+            hint = (
+                (
+                    " (1-D x is read as N samples of 1 feature, as in the book;"
+                    " pass x.reshape(1, -1) for a single sample)"
+                )
+                if x.ndim == 1
+                else ""
+            )
             raise ValueError(
                 f"Affine.forward: x of shape {x.shape} has {d} features per sample "
                 f"but W of shape {W.shape} expects {W.shape[0]}{hint}"
@@ -372,10 +372,8 @@ class MatMul(_Layer):
         self.grads = [_grad_like(W)]
         self.x = None
 
-    W = property(lambda self: self.params[0],
-                 lambda self, v: self.params.__setitem__(0, v))
-    dW = property(lambda self: self.grads[0],
-                  lambda self, v: self.grads.__setitem__(0, v))
+    W = property(lambda self: self.params[0], lambda self, v: self.params.__setitem__(0, v))
+    dW = property(lambda self: self.grads[0], lambda self, v: self.grads.__setitem__(0, v))
 
     def forward(self, x):
         W = _check_weight(self.params[0], "MatMul")
@@ -405,6 +403,7 @@ class MatMul(_Layer):
 # loss
 # --------------------------------------------------------------------------
 
+
 class SoftmaxWithLoss(_Layer):
     """loss = mean_i(logsumexp(x_i) - x_i[t_i]);  dx = dout * (softmax(x) - onehot(t)) / N.
 
@@ -420,21 +419,16 @@ class SoftmaxWithLoss(_Layer):
         self.loss = None
         self.y = None
         self.t = None
-        self._labels = None     # (N,) int labels, or None for target rows
-        self._target = None     # (N, C) target rows, or None for labels
+        self._labels = None  # (N,) int labels, or None for target rows
+        self._target = None  # (N, C) target rows, or None for labels
 
     def forward(self, x, t):
         x = _floating(x, "x", "SoftmaxWithLoss")
         t = np.asarray(t)
         if x.ndim not in (1, 2):
-            raise ValueError(
-                f"SoftmaxWithLoss.forward: logits x must be 1-D (C,) or 2-D (N, C), "
-                f"got shape {x.shape}"
-            )
+            raise ValueError(f"SoftmaxWithLoss.forward: logits x must be 1-D (C,) or 2-D (N, C), got shape {x.shape}")
         if x.shape[-1] == 0:
-            raise ValueError(
-                f"SoftmaxWithLoss.forward: need at least one class, got x of shape {x.shape}"
-            )
+            raise ValueError(f"SoftmaxWithLoss.forward: need at least one class, got x of shape {x.shape}")
         x2 = x.reshape(1, -1) if x.ndim == 1 else x
         n, c = x2.shape
         labels, target = self._check_targets(x, t, n, c)
@@ -486,13 +480,13 @@ class SoftmaxWithLoss(_Layer):
         integer = t.dtype.kind in "iu"
         if x.ndim == 1:
             if integer and t.size == 1 and t.ndim <= 2 and c != 1:
-                t = t.reshape(())                # a scalar label, or a one-element label array
+                t = t.reshape(())  # a scalar label, or a one-element label array
             elif t.ndim in (1, 2) and t.shape[:-1] in ((), (1,)):
-                t = t.reshape(1, t.shape[-1])    # a one-hot vector (the book reshapes t to (1, t.size))
+                t = t.reshape(1, t.shape[-1])  # a one-hot vector (the book reshapes t to (1, t.size))
         elif integer and c != 1 and t.ndim == 2 and t.shape == (n, 1):
-            t = t.reshape(n)                     # labels (N, 1), e.g. the book's ch07 t.reshape((1, 1))
+            t = t.reshape(n)  # labels (N, 1), e.g. the book's ch07 t.reshape((1, 1))
         elif integer and n == 1 and t.ndim == 0:
-            t = t.reshape(1)                     # one sample (1, C) with a scalar label
+            t = t.reshape(1)  # one sample (1, C) with a scalar label
         label_shape = x.shape[:-1]
         if t.ndim == x.ndim - 1:
             if not integer:
@@ -511,8 +505,7 @@ class SoftmaxWithLoss(_Layer):
                     raise ValueError(f"{owner}: labels must be >= 0, got {lo} (labels are in [0, {c - 1}])")
                 if hi >= c:
                     raise ValueError(
-                        f"{owner}: label {hi} out of range for C={c} classes "
-                        f"(labels must be in [0, {c - 1}])"
+                        f"{owner}: label {hi} out of range for C={c} classes (labels must be in [0, {c - 1}])"
                     )
             return t.reshape(n).astype(np.intp, copy=False), None
         if t.ndim == max(x.ndim, 2):
@@ -542,8 +535,7 @@ class SoftmaxWithLoss(_Layer):
             raise _backward_before_forward("SoftmaxWithLoss")
         if np.ndim(dout) != 0:
             raise ValueError(
-                "SoftmaxWithLoss.backward: dout must be a scalar (the loss is a "
-                f"scalar), got shape {np.shape(dout)}"
+                f"SoftmaxWithLoss.backward: dout must be a scalar (the loss is a scalar), got shape {np.shape(dout)}"
             )
         shape = self.y.shape
         y = self.y.reshape(-1, shape[-1])
@@ -561,6 +553,7 @@ class SoftmaxWithLoss(_Layer):
 # --------------------------------------------------------------------------
 # book 2, chapter 1: Repeat and Sum nodes
 # --------------------------------------------------------------------------
+
 
 class Repeat(_Layer):
     """out = x repeated N times along axis 0 ((1, D) -> (N, D));  dx = sum(dout, axis=0, keepdims)."""
@@ -652,7 +645,7 @@ def im2col_np(x, filter_h, filter_w, stride=1, pad=0):
     col = np.zeros((N, C, filter_h, filter_w, oh, ow), _float_of(x))
     for dy in range(filter_h):
         for dx in range(filter_w):
-            col[:, :, dy, dx, :, :] = img[:, :, dy:dy + stride * oh:stride, dx:dx + stride * ow:stride]
+            col[:, :, dy, dx, :, :] = img[:, :, dy : dy + stride * oh : stride, dx : dx + stride * ow : stride]
     return col.transpose(0, 4, 5, 1, 2, 3).reshape(N * oh * ow, C * filter_h * filter_w)
 
 
@@ -665,8 +658,8 @@ def col2im_np(col, input_shape, filter_h, filter_w, stride=1, pad=0):
     img = np.zeros((N, C, H + 2 * pad + stride - 1, W + 2 * pad + stride - 1), _float_of(col))
     for dy in range(filter_h):
         for dx in range(filter_w):
-            img[:, :, dy:dy + stride * oh:stride, dx:dx + stride * ow:stride] += col[:, :, dy, dx, :, :]
-    return img[:, :, pad:H + pad, pad:W + pad]
+            img[:, :, dy : dy + stride * oh : stride, dx : dx + stride * ow : stride] += col[:, :, dy, dx, :, :]
+    return img[:, :, pad : H + pad, pad : W + pad]
 
 
 def _write_grad(grads, i, value, owner="layer"):
@@ -683,8 +676,11 @@ class Dropout(_Layer):
 
     def __init__(self, dropout_ratio=0.5):
         super().__init__()
-        if isinstance(dropout_ratio, (bool, np.bool_)) or not isinstance(dropout_ratio, (int, float, np.number)) \
-                or not 0 <= dropout_ratio <= 1:
+        if (
+            isinstance(dropout_ratio, (bool, np.bool_))
+            or not isinstance(dropout_ratio, (int, float, np.number))
+            or not 0 <= dropout_ratio <= 1
+        ):
             raise ValueError(f"Dropout: dropout_ratio must be a number in [0, 1], got {dropout_ratio!r}")
         self.dropout_ratio = dropout_ratio
         self.mask = None
@@ -707,8 +703,9 @@ def _check_gamma_beta(gamma, beta, owner):
     gamma = _numeric(gamma, "gamma", owner)
     beta = _numeric(beta, "beta", owner)
     if gamma.ndim != 1 or beta.shape != gamma.shape:
-        raise ValueError(f"{owner}: gamma and beta must be 1-D of the same length, got shapes "
-                         f"{gamma.shape} and {beta.shape}")
+        raise ValueError(
+            f"{owner}: gamma and beta must be 1-D of the same length, got shapes {gamma.shape} and {beta.shape}"
+        )
     return gamma, beta
 
 
@@ -751,8 +748,10 @@ class BatchNormalization(_Layer):
         gamma, beta = _check_gamma_beta(self.params[0], self.params[1], owner)
         x2 = x.reshape(x.shape[0], int(np.prod(x.shape[1:], dtype=np.int64)))
         if x2.shape[1] != gamma.shape[0]:
-            raise ValueError(f"{owner}.forward: x of shape {x.shape} has {x2.shape[1]} features per sample "
-                             f"but gamma has {gamma.shape[0]}")
+            raise ValueError(
+                f"{owner}.forward: x of shape {x.shape} has {x2.shape[1]} features per sample "
+                f"but gamma has {gamma.shape[0]}"
+            )
         for name in ("running_mean", "running_var"):
             r = getattr(self, name)
             if r is not None and np.shape(r) != (x2.shape[1],):
@@ -771,7 +770,7 @@ class BatchNormalization(_Layer):
                 raise ValueError("BatchNormalization.forward: training needs a non-empty batch")
             mu = x2.mean(axis=0)
             xc = x2 - mu
-            var = np.mean(xc ** 2, axis=0)
+            var = np.mean(xc**2, axis=0)
             std = np.sqrt(var + 10e-7)
             xn = xc / std
             self.batch_size = n
@@ -824,8 +823,7 @@ def _check_image(x, owner, channels=None):
     if x.ndim != 4:
         raise ValueError(f"{owner}.forward: x must be 4-D (N, C, H, W), got shape {x.shape}")
     if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"{owner}.forward: x has {x.shape[1]} channels (shape {x.shape}) but W expects "
-                         f"{channels}")
+        raise ValueError(f"{owner}.forward: x has {x.shape[1]} channels (shape {x.shape}) but W expects {channels}")
     return x
 
 
@@ -886,8 +884,9 @@ class Convolution(_Layer):
         shape = self._out_shape
         dout = _numeric(dout, "dout", "Convolution")
         if dout.shape != shape:
-            raise ValueError(f"Convolution.backward: dout must have the forward output's shape {shape}, "
-                             f"got {dout.shape}")
+            raise ValueError(
+                f"Convolution.backward: dout must have the forward output's shape {shape}, got {dout.shape}"
+            )
         d2 = dout.transpose(0, 2, 3, 1).reshape(-1, fn)
         _write_grad(self.grads, 1, np.sum(d2, axis=0))
         _write_grad(self.grads, 0, (self.col.T @ d2).T.reshape(fn, c, fh, fw))
@@ -938,12 +937,14 @@ class Pooling(_Layer):
         n, c = self.x.shape[:2]
         dout = _numeric(dout, "dout", "Pooling")
         if dout.shape != self._out_shape:
-            raise ValueError(f"Pooling.backward: dout must have the forward output's shape {self._out_shape}, "
-                             f"got {dout.shape}")
+            raise ValueError(
+                f"Pooling.backward: dout must have the forward output's shape {self._out_shape}, got {dout.shape}"
+            )
         d = dout.transpose(0, 2, 3, 1)
         size = self.pool_h * self.pool_w
         dmax = np.zeros((d.size, size), _float_of(d))
         dmax[np.arange(self.arg_max.size), self.arg_max.reshape(-1)] = d.reshape(-1)
         return col2im_np(dmax, self.x.shape, self.pool_h, self.pool_w, self.stride, self.pad)
+
 
 from fastbp.reference_time import *  # noqa: E402,F401,F403  book 2's layers (Embedding, Time*, negative sampling)

@@ -19,14 +19,30 @@ is ``np.add.at``.  Differences from the book, on purpose:
   ``grads = [dWx, dWh]`` (``dWx``/``dWh`` are the book's attribute names, the same arrays);
 * bad input raises: indices out of ``[0, V)`` (IndexError), ``h`` of the wrong shape, backward before forward.
 """
+
 import collections
 
 import numpy as np
 
 __all__ = [
-    "Softmax", "SigmoidWithLoss", "Embedding", "EmbeddingDot", "UnigramSampler", "NegativeSamplingLoss",
-    "RNN", "TimeRNN", "LSTM", "TimeLSTM", "GRU", "TimeGRU", "TimeEmbedding", "TimeAffine",
-    "TimeSoftmaxWithLoss", "TimeSigmoidWithLoss", "TimeDropout", "TimeBiLSTM",
+    "Softmax",
+    "SigmoidWithLoss",
+    "Embedding",
+    "EmbeddingDot",
+    "UnigramSampler",
+    "NegativeSamplingLoss",
+    "RNN",
+    "TimeRNN",
+    "LSTM",
+    "TimeLSTM",
+    "GRU",
+    "TimeGRU",
+    "TimeEmbedding",
+    "TimeAffine",
+    "TimeSoftmaxWithLoss",
+    "TimeSigmoidWithLoss",
+    "TimeDropout",
+    "TimeBiLSTM",
 ]
 
 
@@ -125,14 +141,14 @@ class Embedding(_Layer):
         self.idx = None
 
     def forward(self, idx):
-        W, = self.params
+        (W,) = self.params
         self.idx = _check_index(idx, W.shape[0], "Embedding")
         return W[self.idx]
 
     def backward(self, dout):
         if self.idx is None:
             raise _not_ready("Embedding")
-        dW, = self.grads
+        (dW,) = self.grads
         dW[...] = 0
         np.add.at(dW, self.idx, dout)
         return None
@@ -245,7 +261,7 @@ class RNN(_Layer):
             raise _not_ready("RNN")
         Wx, Wh, b = self.params
         x, h_prev, h_next = self.cache
-        dt = dh_next * (1 - h_next ** 2)
+        dt = dh_next * (1 - h_next**2)
         self.grads[0][...] = np.dot(x.T, dt)
         self.grads[1][...] = np.dot(h_prev.T, dt)
         self.grads[2][...] = np.sum(dt, axis=0)
@@ -318,9 +334,9 @@ class LSTM(_Layer):
         N, H = h_prev.shape
         A = np.dot(x, Wx) + np.dot(h_prev, Wh) + b
         f = _sigmoid(A[:, :H])
-        g = np.tanh(A[:, H:2 * H])
-        i = _sigmoid(A[:, 2 * H:3 * H])
-        o = _sigmoid(A[:, 3 * H:])
+        g = np.tanh(A[:, H : 2 * H])
+        i = _sigmoid(A[:, 2 * H : 3 * H])
+        o = _sigmoid(A[:, 3 * H :])
         c_next = f * c_prev + g * i
         h_next = o * np.tanh(c_next)
         self.cache = (x, h_prev, c_prev, i, f, g, o, c_next)
@@ -332,12 +348,12 @@ class LSTM(_Layer):
         Wx, Wh, b = self.params
         x, h_prev, c_prev, i, f, g, o, c_next = self.cache
         tanh_c_next = np.tanh(c_next)
-        ds = dc_next + (dh_next * o) * (1 - tanh_c_next ** 2)
+        ds = dc_next + (dh_next * o) * (1 - tanh_c_next**2)
         dc_prev = ds * f
         di = ds * g * i * (1 - i)
         df = ds * c_prev * f * (1 - f)
         do = dh_next * tanh_c_next * o * (1 - o)
-        dg = ds * i * (1 - g ** 2)
+        dg = ds * i * (1 - g**2)
         dA = np.hstack((df, dg, di, do))
         self.grads[0][...] = np.dot(x.T, dA)
         self.grads[1][...] = np.dot(h_prev.T, dA)
@@ -421,8 +437,8 @@ class GRU(_Layer):
         Wx, Wh = self.params
         H = Wh.shape[0]
         z = _sigmoid(np.dot(x, Wx[:, :H]) + np.dot(h_prev, Wh[:, :H]))
-        r = _sigmoid(np.dot(x, Wx[:, H:2 * H]) + np.dot(h_prev, Wh[:, H:2 * H]))
-        h_hat = np.tanh(np.dot(x, Wx[:, 2 * H:]) + np.dot(r * h_prev, Wh[:, 2 * H:]))
+        r = _sigmoid(np.dot(x, Wx[:, H : 2 * H]) + np.dot(h_prev, Wh[:, H : 2 * H]))
+        h_hat = np.tanh(np.dot(x, Wx[:, 2 * H :]) + np.dot(r * h_prev, Wh[:, 2 * H :]))
         self.cache = (x, h_prev, z, r, h_hat)
         return (1 - z) * h_prev + z * h_hat
 
@@ -434,11 +450,11 @@ class GRU(_Layer):
         x, h_prev, z, r, h_hat = self.cache
         dh_hat = dh_next * z
         dh_prev = dh_next * (1 - z)
-        dt = dh_hat * (1 - h_hat ** 2)
+        dt = dh_hat * (1 - h_hat**2)
         dWhh = np.dot((r * h_prev).T, dt)
-        dhr = np.dot(dt, Wh[:, 2 * H:].T)
+        dhr = np.dot(dt, Wh[:, 2 * H :].T)
         dWxh = np.dot(x.T, dt)
-        dx = np.dot(dt, Wx[:, 2 * H:].T)
+        dx = np.dot(dt, Wx[:, 2 * H :].T)
         dh_prev += r * dhr
         dz = dh_next * h_hat - dh_next * h_prev
         dt = dz * z * (1 - z)
@@ -449,9 +465,9 @@ class GRU(_Layer):
         dr = dhr * h_prev
         dt = dr * r * (1 - r)
         dWhr = np.dot(h_prev.T, dt)
-        dh_prev += np.dot(dt, Wh[:, H:2 * H].T)
+        dh_prev += np.dot(dt, Wh[:, H : 2 * H].T)
         dWxr = np.dot(x.T, dt)
-        dx += np.dot(dt, Wx[:, H:2 * H].T)
+        dx += np.dot(dt, Wx[:, H : 2 * H].T)
         self.grads[0][...] = np.hstack((dWxz, dWxr, dWxh))
         self.grads[1][...] = np.hstack((dWhz, dWhr, dWhh))
         return dx, dh_prev
@@ -589,8 +605,10 @@ class TimeSoftmaxWithLoss(_Layer):
         valid = ts[mask]
         if valid.size and (valid.min() < 0 or valid.max() >= V):
             bad = valid.min() if valid.min() < 0 else valid.max()
-            raise IndexError(f"TimeSoftmaxWithLoss: label {bad} is out of range for {V} classes "
-                             f"(and is not the ignore label {self.ignore_label})")
+            raise IndexError(
+                f"TimeSoftmaxWithLoss: label {bad} is out of range for {V} classes "
+                f"(and is not the ignore label {self.ignore_label})"
+            )
         xs = xs.reshape(N * T, V)
         ts = np.where(mask, ts, 0).reshape(N * T)
         mask = mask.reshape(N * T)

@@ -33,23 +33,51 @@ Differences from the book, on purpose (also in each class's docstring):
 Every layer takes ``reuse=False``; with ``reuse=True`` returned arrays are workspaces overwritten by the layer's
 next call of the same shape (no allocation after warm-up).
 """
+
 import numpy as np
 
 from fastbp import _embedding as _emb
 from fastbp import _kernels as _k
 from fastbp import _recurrent as _rec
 from fastbp import reference_time as _ref
-from fastbp.layers import (Affine, Embedding, MatMul, Sigmoid, SigmoidWithLoss, Softmax,  # noqa: F401
-                           SoftmaxWithLoss, _index_array, _Workspace)
+from fastbp.layers import (
+    Affine,
+    Embedding,
+    MatMul,
+    Sigmoid,
+    SigmoidWithLoss,
+    Softmax,  # noqa: F401
+    SoftmaxWithLoss,
+    _index_array,
+    _Workspace,
+)
 
-try:                                     # book 2's Dropout lives in fastbp.layers once that helper adds it
+try:  # book 2's Dropout lives in fastbp.layers once that helper adds it
     from fastbp.layers import Dropout  # noqa: F401
-except ImportError:                      # pragma: no cover
+except ImportError:  # pragma: no cover
     pass
 
-__all__ = ["RNN", "TimeRNN", "LSTM", "TimeLSTM", "GRU", "TimeGRU", "TimeEmbedding", "TimeAffine",
-           "TimeSoftmaxWithLoss", "TimeSigmoidWithLoss", "TimeDropout", "TimeBiLSTM",
-           "Embedding", "Affine", "MatMul", "Softmax", "SoftmaxWithLoss", "Sigmoid", "SigmoidWithLoss"]
+__all__ = [
+    "RNN",
+    "TimeRNN",
+    "LSTM",
+    "TimeLSTM",
+    "GRU",
+    "TimeGRU",
+    "TimeEmbedding",
+    "TimeAffine",
+    "TimeSoftmaxWithLoss",
+    "TimeSigmoidWithLoss",
+    "TimeDropout",
+    "TimeBiLSTM",
+    "Embedding",
+    "Affine",
+    "MatMul",
+    "Softmax",
+    "SoftmaxWithLoss",
+    "Sigmoid",
+    "SigmoidWithLoss",
+]
 if "Dropout" in globals():
     __all__.append("Dropout")
 
@@ -64,8 +92,10 @@ _I64 = np.dtype(np.int64)
 def _compute_dtype(owner, *arrays):
     dt = np.result_type(*arrays)
     if dt not in (_F32, _F64):
-        raise TypeError(f"{owner}: fastbp computes in float32 or float64; the inputs promote to {dt} "
-                        f"(dtypes {', '.join(str(np.asarray(a).dtype) for a in arrays)})")
+        raise TypeError(
+            f"{owner}: fastbp computes in float32 or float64; the inputs promote to {dt} "
+            f"(dtypes {', '.join(str(np.asarray(a).dtype) for a in arrays)})"
+        )
     return dt
 
 
@@ -116,7 +146,7 @@ def _gemm_into_grad(layer, i, a, b, dt):
         if g.flags.c_contiguous:
             _k.gemm(a, b, g, trans_a=True)
             return
-        if g.flags.f_contiguous:               # e.g. a tied W.T: fill its C-contiguous transpose
+        if g.flags.f_contiguous:  # e.g. a tied W.T: fill its C-contiguous transpose
             _k.gemm(b, a, g.T, trans_a=True)
             return
     buf = layer._ws.scratch(f"grad{i}", (a.shape[1], b.shape[1]), dt)
@@ -268,8 +298,15 @@ class TimeRNN(_Recurrent):
         A = self._project(xk, Wxk, bk, N, T, D, H, dt)
         hs = self._ws.get("hs", (N, T, H), dt)
         _rec.rnn_forward(A, Whk, h0, hs)
-        self._cache = dict(xk=xk, Wxk=Wxk, Whk=Whk, hs=hs.copy() if not self._ws.reuse else hs,
-                           hprev=self._hprev(h0, hs, N, T, H, dt), shape=(N, T, D, H), dt=dt)
+        self._cache = dict(
+            xk=xk,
+            Wxk=Wxk,
+            Whk=Whk,
+            hs=hs.copy() if not self._ws.reuse else hs,
+            hprev=self._hprev(h0, hs, N, T, H, dt),
+            shape=(N, T, D, H),
+            dt=dt,
+        )
         self.h = self._last("hT", hs, h0, N, T, H, dt)
         return hs
 
@@ -318,8 +355,17 @@ class TimeLSTM(_Recurrent):
         hs = self._ws.get("hs", (N, T, H), dt)
         cs = self._ws.scratch("cs", (N, T, H), dt)
         _rec.lstm_forward(A, Whk, h0, c0, hs, cs)
-        self._cache = dict(xk=xk, Wxk=Wxk, Whk=Whk, A=A, cs=cs, c0=c0, hprev=self._hprev(h0, hs, N, T, H, dt),
-                           shape=(N, T, D, H), dt=dt)
+        self._cache = dict(
+            xk=xk,
+            Wxk=Wxk,
+            Whk=Whk,
+            A=A,
+            cs=cs,
+            c0=c0,
+            hprev=self._hprev(h0, hs, N, T, H, dt),
+            shape=(N, T, D, H),
+            dt=dt,
+        )
         self.h = self._last("hT", hs, h0, N, T, H, dt)
         self.c = self._last("cT", cs, c0, N, T, H, dt)
         return hs
@@ -368,8 +414,18 @@ class TimeGRU(_Recurrent):
         rhs = self._ws.scratch("rhs", (N, T, H), dt)
         work = self._ws.scratch("work", (N, 2 * H), dt)
         _rec.gru_forward(A, Whk, h0, hs, rhs, work)
-        self._cache = dict(xk=xk, Wxk=Wxk, Whk=Whk, A=A, rhs=rhs, h0=h0, hs=hs.copy() if not self._ws.reuse else hs,
-                           hprev=self._hprev(h0, hs, N, T, H, dt), shape=(N, T, D, H), dt=dt)
+        self._cache = dict(
+            xk=xk,
+            Wxk=Wxk,
+            Whk=Whk,
+            A=A,
+            rhs=rhs,
+            h0=h0,
+            hs=hs.copy() if not self._ws.reuse else hs,
+            hprev=self._hprev(h0, hs, N, T, H, dt),
+            shape=(N, T, D, H),
+            dt=dt,
+        )
         self.h = self._last("hT", hs, h0, N, T, H, dt)
         return hs
 
@@ -393,10 +449,10 @@ class TimeGRU(_Recurrent):
         buf = self._ws.scratch("dWh", (H, 3 * H), dt)
         zr = self._ws.scratch("dWh_zr", (H, 2 * H), dt)
         hh = self._ws.scratch("dWh_h", (H, H), dt)
-        _k.gemm(c["hprev"].reshape(N * T, H), dA2[:, :2 * H], zr, trans_a=True)
-        _k.gemm(c["rhs"].reshape(N * T, H), dA2[:, 2 * H:], hh, trans_a=True)
-        buf[:, :2 * H] = zr
-        buf[:, 2 * H:] = hh
+        _k.gemm(c["hprev"].reshape(N * T, H), dA2[:, : 2 * H], zr, trans_a=True)
+        _k.gemm(c["rhs"].reshape(N * T, H), dA2[:, 2 * H :], hh, trans_a=True)
+        buf[:, : 2 * H] = zr
+        buf[:, 2 * H :] = hh
         np.copyto(self.grads[1], buf, casting="unsafe")
 
 
@@ -417,8 +473,7 @@ class _Step(_Base):
         N, H = self._t._cache["shape"][0], self._t._cache["shape"][3]
         d = np.asarray(d)
         if d.shape != (N, H):
-            raise ValueError(f"{type(self).__name__}.backward: {name} must have shape {(N, H)} (N, H), "
-                             f"got {d.shape}")
+            raise ValueError(f"{type(self).__name__}.backward: {name} must have shape {(N, H)} (N, H), got {d.shape}")
         return d
 
     def _check_h(self, h, N, H, name="h_prev"):
@@ -598,8 +653,9 @@ class TimeAffine(_Base):
         if x.ndim != 3:
             raise ValueError(f"TimeAffine: x must be (N, T, D), got shape {x.shape}")
         if W.ndim != 2 or b.shape != (W.shape[1],) or x.shape[2] != W.shape[0]:
-            raise ValueError(f"TimeAffine: x {x.shape}, W {W.shape} and b {b.shape} do not fit "
-                             f"((N, T, D), (D, M), (M,))")
+            raise ValueError(
+                f"TimeAffine: x {x.shape}, W {W.shape} and b {b.shape} do not fit ((N, T, D), (D, M), (M,))"
+            )
         N, T, D = x.shape
         M = W.shape[1]
         dt = _compute_dtype("TimeAffine", x, W, b)
@@ -671,17 +727,18 @@ class TimeSoftmaxWithLoss(_Base):
         dt = xs.dtype if xs.dtype in (_F32, _F64) else _compute_dtype("TimeSoftmaxWithLoss", xs, np.float32)
         ws = self._ws
         x2 = ws.as_dtype("x", xs, dt).reshape(N * T, V)
-        if ts.dtype.kind == "u" and ts.size and ts.max() >= V:   # checked before the int64 cast can wrap it
-            raise IndexError(f"TimeSoftmaxWithLoss: label {ts.max()} is out of range for {V} classes "
-                             f"(valid: 0 .. {V - 1})")
+        if ts.dtype.kind == "u" and ts.size and ts.max() >= V:  # checked before the int64 cast can wrap it
+            raise IndexError(
+                f"TimeSoftmaxWithLoss: label {ts.max()} is out of range for {V} classes (valid: 0 .. {V - 1})"
+            )
         t = ws.scratch("t", (N * T,), _I64)
         np.copyto(t, ts.reshape(N * T), casting="unsafe")
         mask = None
         ignore = self.ignore_label
         lo, hi = (int(t.min()), int(t.max())) if N * T else (0, 0)
         valid = t
-        in_range_ignore = ignore is not None and 0 <= ignore < V   # the book masks ts == ignore_label, whatever it is
-        if lo < 0 or hi >= V or in_range_ignore:   # ignored positions, or a bad label: look closer
+        in_range_ignore = ignore is not None and 0 <= ignore < V  # the book masks ts == ignore_label, whatever it is
+        if lo < 0 or hi >= V or in_range_ignore:  # ignored positions, or a bad label: look closer
             if ignore is not None:
                 m = t == ignore
                 if m.any():
@@ -689,8 +746,10 @@ class TimeSoftmaxWithLoss(_Base):
                     valid = t[mask]
             if valid.size and (valid.min() < 0 or valid.max() >= V):
                 bad = valid.min() if valid.min() < 0 else valid.max()
-                raise IndexError(f"TimeSoftmaxWithLoss: label {bad} is out of range for {V} classes "
-                                 f"(and is not the ignore label {ignore})")
+                raise IndexError(
+                    f"TimeSoftmaxWithLoss: label {bad} is out of range for {V} classes "
+                    f"(and is not the ignore label {ignore})"
+                )
         n_valid = valid.size
         y = ws.scratch("y", (N * T, V), dt)
         g = ws.get("g", (N, T, V), dt)

@@ -20,6 +20,7 @@ windows with one fancy-indexing gather instead of a double Python loop (same arr
 ``remove_duplicate`` recognises a transposed view of a parameter (book 2's weight tying) by its memory before
 comparing values as the book does; ``clip_grads`` is :func:`fastbp.util.clip_grads` (one fused pass).
 """
+
 import time
 
 import numpy as np
@@ -29,8 +30,18 @@ from fastbp.util import clip_grads
 
 __all__ = ["Trainer", "Book1Trainer", "Book2Trainer", "RnnlmTrainer", "remove_duplicate"]
 
-_BOOK1_KEYWORDS = {"network", "x_train", "t_train", "x_test", "t_test", "epochs", "mini_batch_size",
-                   "optimizer_param", "evaluate_sample_num_per_epoch", "verbose"}
+_BOOK1_KEYWORDS = {
+    "network",
+    "x_train",
+    "t_train",
+    "x_test",
+    "t_test",
+    "epochs",
+    "mini_batch_size",
+    "optimizer_param",
+    "evaluate_sample_num_per_epoch",
+    "verbose",
+}
 
 
 def _is_book1(args, kwargs):
@@ -53,8 +64,20 @@ class Book1Trainer(Trainer):
     """Book 1's Trainer: random mini-batches (``np.random.choice`` with replacement, as the book), one optimizer
     step per batch, train/test accuracy once per epoch; ``train()`` runs ``epochs`` epochs."""
 
-    def __init__(self, network, x_train, t_train, x_test, t_test, epochs=20, mini_batch_size=100,
-                 optimizer="SGD", optimizer_param=None, evaluate_sample_num_per_epoch=None, verbose=True):
+    def __init__(
+        self,
+        network,
+        x_train,
+        t_train,
+        x_test,
+        t_test,
+        epochs=20,
+        mini_batch_size=100,
+        optimizer="SGD",
+        optimizer_param=None,
+        evaluate_sample_num_per_epoch=None,
+        verbose=True,
+    ):
         if optimizer_param is None:
             optimizer_param = {"lr": 0.01}
         self.network = network
@@ -64,8 +87,14 @@ class Book1Trainer(Trainer):
         self.epochs = epochs
         self.batch_size = mini_batch_size
         self.evaluate_sample_num_per_epoch = evaluate_sample_num_per_epoch
-        classes = {"sgd": _opt.SGD, "momentum": _opt.Momentum, "nesterov": _opt.Nesterov,
-                   "adagrad": _opt.AdaGrad, "rmsprop": _opt.RMSprop, "adam": _opt.Adam}
+        classes = {
+            "sgd": _opt.SGD,
+            "momentum": _opt.Momentum,
+            "nesterov": _opt.Nesterov,
+            "adagrad": _opt.AdaGrad,
+            "rmsprop": _opt.RMSprop,
+            "adam": _opt.Adam,
+        }
         try:
             self.optimizer = classes[optimizer.lower()](**optimizer_param)
         except KeyError:
@@ -100,8 +129,15 @@ class Book1Trainer(Trainer):
             self.train_acc_list.append(train_acc)
             self.test_acc_list.append(test_acc)
             if self.verbose:
-                print("=== epoch:" + str(self.current_epoch) + ", train acc:" + str(train_acc)
-                      + ", test acc:" + str(test_acc) + " ===")
+                print(
+                    "=== epoch:"
+                    + str(self.current_epoch)
+                    + ", train acc:"
+                    + str(train_acc)
+                    + ", test acc:"
+                    + str(test_acc)
+                    + " ==="
+                )
         self.current_iter += 1
 
     def train(self):
@@ -118,6 +154,7 @@ class Book1Trainer(Trainer):
 # ---------------------------------------------------------------------------------------------------------------
 def _plot(values, ylim, interval, ylabel):
     import matplotlib.pyplot as plt
+
     x = np.arange(len(values))
     if ylim is not None:
         plt.ylim(*ylim)
@@ -161,14 +198,16 @@ class Book2Trainer(Trainer):
             x = x[idx]
             t = t[idx]
             for iters in range(max_iters):
-                batch_x = x[iters * batch_size:(iters + 1) * batch_size]
-                batch_t = t[iters * batch_size:(iters + 1) * batch_size]
+                batch_x = x[iters * batch_size : (iters + 1) * batch_size]
+                batch_t = t[iters * batch_size : (iters + 1) * batch_size]
                 total_loss += _step(model, optimizer, batch_x, batch_t, max_grad)
                 loss_count += 1
                 if eval_interval is not None and iters % eval_interval == 0:
                     avg_loss = total_loss / loss_count
-                    print("| epoch %d |  iter %d / %d | time %d[s] | loss %.2f"
-                          % (self.current_epoch + 1, iters + 1, max_iters, time.time() - start_time, avg_loss))
+                    print(
+                        "| epoch %d |  iter %d / %d | time %d[s] | loss %.2f"
+                        % (self.current_epoch + 1, iters + 1, max_iters, time.time() - start_time, avg_loss)
+                    )
                     self.loss_list.append(float(avg_loss))
                     total_loss, loss_count = 0, 0
             self.current_epoch += 1
@@ -214,8 +253,10 @@ class RnnlmTrainer:
                 loss_count += 1
                 if eval_interval is not None and iters % eval_interval == 0:
                     ppl = np.exp(total_loss / loss_count)
-                    print("| epoch %d |  iter %d / %d | time %d[s] | perplexity %.2f"
-                          % (self.current_epoch + 1, iters + 1, max_iters, time.time() - start_time, ppl))
+                    print(
+                        "| epoch %d |  iter %d / %d | time %d[s] | perplexity %.2f"
+                        % (self.current_epoch + 1, iters + 1, max_iters, time.time() - start_time, ppl)
+                    )
                     self.ppl_list.append(float(ppl))
                     total_loss, loss_count = 0, 0
             self.current_epoch += 1
@@ -226,8 +267,13 @@ class RnnlmTrainer:
 
 def _is_transpose_view(a, b):
     """b is a.T in memory (same buffer, swapped strides): the book's weight tying, decided without reading."""
-    return (a.ndim == 2 and b.ndim == 2 and a.shape == b.shape[::-1] and a.strides == b.strides[::-1]
-            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
+    return (
+        a.ndim == 2
+        and b.ndim == 2
+        and a.shape == b.shape[::-1]
+        and a.strides == b.strides[::-1]
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    )
 
 
 def _transposes_equal(a, b):
@@ -255,8 +301,12 @@ def remove_duplicate(params, grads):
                 if pi is pj:
                     grads[i] += grads[j]
                     found = True
-                elif (pi.ndim == 2 and pj.ndim == 2 and pi.T.shape == pj.shape
-                      and (_is_transpose_view(pi, pj) or _transposes_equal(pi, pj))):
+                elif (
+                    pi.ndim == 2
+                    and pj.ndim == 2
+                    and pi.T.shape == pj.shape
+                    and (_is_transpose_view(pi, pj) or _transposes_equal(pi, pj))
+                ):
                     grads[i] += grads[j].T
                     found = True
                 if found:

@@ -18,6 +18,7 @@ double in fixed blocks, so the result does not depend on the thread count) and o
 clipping applies -- the book's formula ``rate = max_norm / (sqrt(sum of squares) + 1e-6)``, applied when
 ``rate < 1``.  The other helpers follow the book's definitions, vectorised where the book loops in Python.
 """
+
 import sys
 
 import numpy as np
@@ -26,10 +27,25 @@ from fastbp import _conv
 from fastbp import _embedding as _emb
 from fastbp import reference as _ref
 
-__all__ = ["im2col", "col2im", "conv_output_size",
-           "preprocess", "cos_similarity", "most_similar", "convert_one_hot", "create_co_matrix", "ppmi",
-           "create_contexts_target", "to_cpu", "to_gpu", "clip_grads", "eval_perplexity", "eval_seq2seq",
-           "analogy", "normalize"]
+__all__ = [
+    "im2col",
+    "col2im",
+    "conv_output_size",
+    "preprocess",
+    "cos_similarity",
+    "most_similar",
+    "convert_one_hot",
+    "create_co_matrix",
+    "ppmi",
+    "create_contexts_target",
+    "to_cpu",
+    "to_gpu",
+    "clip_grads",
+    "eval_perplexity",
+    "eval_seq2seq",
+    "analogy",
+    "normalize",
+]
 
 
 _KERNEL = (np.dtype(np.float32), np.dtype(np.float64))
@@ -71,8 +87,10 @@ def col2im(col, input_shape, filter_h, filter_w, stride=1, pad=0):
     stride, pad = _int(stride, "stride", 1), _int(pad, "pad", 0)
     oh, ow = _conv.output_size(h, w, fh, fw, stride, pad)
     if col.size != n * oh * ow * c * fh * fw:
-        raise ValueError(f"col2im: col of shape {col.shape} does not hold ({n}*{oh}*{ow}, {c}*{fh}*{fw}) entries "
-                         f"for input_shape {tuple(input_shape)}")
+        raise ValueError(
+            f"col2im: col of shape {col.shape} does not hold ({n}*{oh}*{ow}, {c}*{fh}*{fw}) entries "
+            f"for input_shape {tuple(input_shape)}"
+        )
     dt = col.dtype if col.dtype in _KERNEL else (np.dtype(np.float64) if col.dtype.kind in "biu" else None)
     if dt is None:
         return _ref.col2im_np(col, (n, c, h, w), fh, fw, stride, pad)
@@ -85,8 +103,12 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _sum_squares(g):
-    if type(g) is np.ndarray and g.dtype in _FLOATS and g.dtype.isnative and (
-            g.flags.c_contiguous or g.flags.f_contiguous):
+    if (
+        type(g) is np.ndarray
+        and g.dtype in _FLOATS
+        and g.dtype.isnative
+        and (g.flags.c_contiguous or g.flags.f_contiguous)
+    ):
         return _emb.sum_squares(g)
     g = np.asarray(g, dtype=np.float64)
     return float(np.sum(g * g))
@@ -116,8 +138,8 @@ def preprocess(text):
 
 
 def cos_similarity(x, y, eps=1e-8):
-    nx = x / (np.sqrt(np.sum(x ** 2)) + eps)
-    ny = y / (np.sqrt(np.sum(y ** 2)) + eps)
+    nx = x / (np.sqrt(np.sum(x**2)) + eps)
+    ny = y / (np.sqrt(np.sum(y**2)) + eps)
     return np.dot(nx, ny)
 
 
@@ -173,8 +195,11 @@ def create_contexts_target(corpus, window_size=1):
     target = corpus[window_size:-window_size]
     n = len(corpus) - 2 * window_size
     offs = [t for t in range(-window_size, window_size + 1) if t != 0]
-    contexts = np.stack([corpus[window_size + t: window_size + t + n] for t in offs], axis=1) if n > 0 else \
-        np.zeros((0, len(offs)), corpus.dtype)
+    contexts = (
+        np.stack([corpus[window_size + t : window_size + t + n] for t in offs], axis=1)
+        if n > 0
+        else np.zeros((0, len(offs)), corpus.dtype)
+    )
     return contexts, target
 
 
@@ -184,6 +209,7 @@ def to_cpu(x):
 
 def to_gpu(x):
     import cupy
+
     return cupy.asarray(x)
 
 

@@ -8,6 +8,7 @@ implementation): ``rtol`` relative to the expected value, ``atol`` relative to `
 result that is a sum of large terms is allowed the rounding of those terms).  ``NUM_TOL`` is for numerical
 derivatives (finite differences) against exact ones, looser by the step's truncation and rounding error.
 """
+
 import os
 import sys
 
@@ -18,7 +19,8 @@ sys.modules.setdefault("fastbp_tests", sys.modules[__name__])
 #: The books' trained pickles and datasets (shared/data/book beside the project root, as on the developers' machines
 #: and in CI; FASTBP_BOOK_DATA points elsewhere).  Tests that need a file skip when it is absent.
 BOOK_DATA = os.environ.get("FASTBP_BOOK_DATA") or os.path.normpath(
-    os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "shared", "data", "book"))
+    os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "shared", "data", "book")
+)
 
 F16, F32, F64 = np.float16, np.float32, np.float64
 
@@ -44,5 +46,6 @@ def assert_close(actual, expected, dtype=None, err_msg=""):
     t = tol(dtype if dtype is not None else actual.dtype)
     finite = np.abs(expected[np.isfinite(expected)].astype(F64))
     scale = max(1.0, float(np.max(finite, initial=0.0)))
-    np.testing.assert_allclose(actual.astype(F64), expected.astype(F64), rtol=t["rtol"], atol=t["atol"] * scale,
-                               err_msg=err_msg)
+    np.testing.assert_allclose(
+        actual.astype(F64), expected.astype(F64), rtol=t["rtol"], atol=t["atol"] * scale, err_msg=err_msg
+    )

@@ -1,5 +1,6 @@
 """Smoke tests of fastbp.bench's machinery at tiny sizes: interleaving, ratios, targets, table, JSON, the
 allocation probe, the book transcription, and the command line end to end (one tiny case)."""
+
 import argparse
 import io
 import json
@@ -21,20 +22,30 @@ def test_interleave_rotates_order_sleeps_and_warms_up():
     events = []
     impls = {name: (lambda name=name: events.append(name)) for name in ("fastbp", "numpy", "torch")}
     sleeps = []
-    times, orders = bench.interleave(impls, rounds=4, numbers={"fastbp": 3, "numpy": 2, "torch": 1},
-                                     gap=0.5, warm_calls={"fastbp": 2, "numpy": 1, "torch": 0},
-                                     sleep=sleeps.append)
-    assert orders == [["fastbp", "numpy", "torch"], ["numpy", "torch", "fastbp"],
-                      ["torch", "fastbp", "numpy"], ["fastbp", "numpy", "torch"]]
-    assert sleeps == [0.5] * 12                        # one idle gap before every timed batch
+    times, orders = bench.interleave(
+        impls,
+        rounds=4,
+        numbers={"fastbp": 3, "numpy": 2, "torch": 1},
+        gap=0.5,
+        warm_calls={"fastbp": 2, "numpy": 1, "torch": 0},
+        sleep=sleeps.append,
+    )
+    assert orders == [
+        ["fastbp", "numpy", "torch"],
+        ["numpy", "torch", "fastbp"],
+        ["torch", "fastbp", "numpy"],
+        ["fastbp", "numpy", "torch"],
+    ]
+    assert sleeps == [0.5] * 12  # one idle gap before every timed batch
     assert {k: len(v) for k, v in times.items()} == {"fastbp": 4, "numpy": 4, "torch": 4}
     assert all(t >= 0 for v in times.values() for t in v)
     # per round and implementation: warm-up calls then the timed batch, back to back
     expected = []
     for order in orders:
         for name in order:
-            expected += [name] * ({"fastbp": 2, "numpy": 1, "torch": 0}[name] + {"fastbp": 3, "numpy": 2,
-                                                                                "torch": 1}[name])
+            expected += [name] * (
+                {"fastbp": 2, "numpy": 1, "torch": 0}[name] + {"fastbp": 3, "numpy": 2, "torch": 1}[name]
+            )
     assert events == expected
 
 
@@ -70,21 +81,29 @@ def test_calibrate_sizes_a_batch_to_the_requested_time():
 # targets and table
 # ---------------------------------------------------------------------------------------------------------
 def _row(**kw):
-    row = {"key": "k", "title": "a row", "median_s": {"fastbp": 1e-4, "numpy": 3.5e-4},
-           "speedup": {"numpy": 3.5}, "targets": []}
+    row = {
+        "key": "k",
+        "title": "a row",
+        "median_s": {"fastbp": 1e-4, "numpy": 3.5e-4},
+        "speedup": {"numpy": 3.5},
+        "targets": [],
+    }
     row.update(kw)
     return row
 
 
-@pytest.mark.parametrize("target, row, value, result", [
-    (bench.Target("speedup", 3.0, "numpy"), _row(), 3.5, "PASS"),
-    (bench.Target("speedup", 4.0, "numpy"), _row(), 3.5, "MISS"),
-    (bench.Target("speedup", 3.0, "torch"), _row(), None, "SKIP"),     # torch not installed
-    (bench.Target("floor", 1.4), _row(floor_ratio=1.2), 1.2, "PASS"),
-    (bench.Target("floor", 1.4), _row(floor_ratio=1.6), 1.6, "MISS"),
-    (bench.Target("alloc", 0), {"bytes_per_step": 0.0}, 0.0, "PASS"),
-    (bench.Target("alloc", 0), {"bytes_per_step": 800.0}, 800.0, "MISS"),
-])
+@pytest.mark.parametrize(
+    "target, row, value, result",
+    [
+        (bench.Target("speedup", 3.0, "numpy"), _row(), 3.5, "PASS"),
+        (bench.Target("speedup", 4.0, "numpy"), _row(), 3.5, "MISS"),
+        (bench.Target("speedup", 3.0, "torch"), _row(), None, "SKIP"),  # torch not installed
+        (bench.Target("floor", 1.4), _row(floor_ratio=1.2), 1.2, "PASS"),
+        (bench.Target("floor", 1.4), _row(floor_ratio=1.6), 1.6, "MISS"),
+        (bench.Target("alloc", 0), {"bytes_per_step": 0.0}, 0.0, "PASS"),
+        (bench.Target("alloc", 0), {"bytes_per_step": 800.0}, 800.0, "MISS"),
+    ],
+)
 def test_target_evaluation(target, row, value, result):
     assert target.evaluate(row) == (value, result)
 
@@ -95,8 +114,9 @@ def test_target_rejects_unknown_kind():
 
 
 def test_evaluate_targets_combines_results():
-    row = bench.evaluate_targets(_row(targets=[bench.Target("speedup", 3.0, "numpy"),
-                                               bench.Target("speedup", 3.0, "torch")]))
+    row = bench.evaluate_targets(
+        _row(targets=[bench.Target("speedup", 3.0, "numpy"), bench.Target("speedup", 3.0, "torch")])
+    )
     assert [t["result"] for t in row["target_results"]] == ["PASS", "SKIP"]
     assert row["result"] == "PASS"
     row = bench.evaluate_targets(_row(targets=[bench.Target("speedup", 9.0, "numpy")]))
@@ -106,12 +126,25 @@ def test_evaluate_targets_combines_results():
 
 
 def test_format_table_shows_times_ratios_targets_and_missing_torch():
-    rows = [bench.evaluate_targets(_row(title="train step X", flops=2e6, gflops={"fastbp": 20.0},
-                                        targets=[bench.Target("speedup", 3.0, "numpy"),
-                                                 bench.Target("speedup", 3.0, "torch")])),
-            bench.evaluate_targets(_row(title="softmax Y", median_s={"fastbp": 2e-3, "numpy": 3e-3},
-                                        speedup={"numpy": 1.5}, targets=[bench.Target("speedup", 4.0, "numpy")],
-                                        other_processes_cpu_fraction=0.5))]
+    rows = [
+        bench.evaluate_targets(
+            _row(
+                title="train step X",
+                flops=2e6,
+                gflops={"fastbp": 20.0},
+                targets=[bench.Target("speedup", 3.0, "numpy"), bench.Target("speedup", 3.0, "torch")],
+            )
+        ),
+        bench.evaluate_targets(
+            _row(
+                title="softmax Y",
+                median_s={"fastbp": 2e-3, "numpy": 3e-3},
+                speedup={"numpy": 1.5},
+                targets=[bench.Target("speedup", 4.0, "numpy")],
+                other_processes_cpu_fraction=0.5,
+            )
+        ),
+    ]
     text = bench.format_table(rows)
     lines = text.splitlines()
     assert lines[0].split()[:4] == ["case", "fastbp", "numpy", "torch"]
@@ -119,8 +152,7 @@ def test_format_table_shows_times_ratios_targets_and_missing_torch():
     assert len(lines) == 4
     cells = [re.split(r"\s{2,}", line.strip()) for line in lines[2:]]
     # no torch: its time and ratio are "-"; the row measured while the machine was busy is starred
-    assert cells[0] == ["train step X", "100 us", "350 us", "-", "3.50x", "-", "20.0",
-                        ">=3x numpy, >=3x torch", "PASS"]
+    assert cells[0] == ["train step X", "100 us", "350 us", "-", "3.50x", "-", "20.0", ">=3x numpy, >=3x torch", "PASS"]
     assert cells[1] == ["softmax Y *", "2 ms", "3 ms", "-", "1.50x", "-", "-", ">=4x numpy", "MISS"]
 
 
@@ -147,7 +179,7 @@ def test_alloc_probe_sees_temporaries_and_not_in_place_work():
     out = np.empty(1000)
 
     def temporary():
-        np.add(a, 1.0).sum()          # an 8000-byte temporary, freed before the function returns
+        np.add(a, 1.0).sum()  # an 8000-byte temporary, freed before the function returns
 
     def in_place():
         np.add(a, 1.0, out=out)
@@ -163,6 +195,7 @@ def test_alloc_probe_sees_temporaries_and_not_in_place_work():
 def test_alloc_probe_leaves_tracing_and_profiling_as_they_were():
     import sys
     import tracemalloc
+
     assert not tracemalloc.is_tracing()
     bench.numpy_alloc_per_call(lambda: np.zeros(10), calls=2, warmup=0)
     assert not tracemalloc.is_tracing() and sys.getprofile() is None
@@ -173,29 +206,31 @@ def test_alloc_probe_leaves_tracing_and_profiling_as_they_were():
 # ---------------------------------------------------------------------------------------------------------
 def test_book_layers_match_the_reference_layers():
     from fastbp import reference as R
+
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 7))
     t = rng.integers(0, 7, 5)
     book, ref = bench.BookLayers.SoftmaxWithLoss(), R.SoftmaxWithLoss()
-    assert book.forward(x, t) == pytest.approx(ref.forward(x, t), abs=1e-6)      # book adds 1e-7 in the log
+    assert book.forward(x, t) == pytest.approx(ref.forward(x, t), abs=1e-6)  # book adds 1e-7 in the log
     np.testing.assert_allclose(book.backward(), ref.backward(), **TOL[np.float64])
     relu = bench.BookLayers.Relu()
     np.testing.assert_array_equal(relu.forward(x), np.maximum(x, 0))
     dout = rng.standard_normal(x.shape)
     dx = relu.backward(dout)
-    assert dx is dout                                    # the book zeroes dout in place and returns it
+    assert dx is dout  # the book zeroes dout in place and returns it
     np.testing.assert_array_equal(dx, np.where(x > 0, dout, 0) + 0.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_book_two_layer_net_with_fastbp_layers_matches_book_layers(dtype):
     from fastbp import layers
+
     np.random.seed(0)
     a = bench.BookTwoLayerNet(12, 6, 4, weight_init_std=0.5, layers=layers)
     b = bench.BookTwoLayerNet(12, 6, 4, weight_init_std=0.5, layers=bench.BookLayers)
     for k in a.params:
         b.params[k][...] = a.params[k]
-    x = np.random.rand(5, 12).astype(dtype)                # float32 images with float64 weights, like the book
+    x = np.random.rand(5, 12).astype(dtype)  # float32 images with float64 weights, like the book
     t = np.eye(4)[[0, 1, 2, 3, 1]]
     ga = {k: np.array(v) for k, v in a.gradient(x, t).items()}
     gb = b.gradient(x, t)
@@ -222,6 +257,7 @@ def test_train_case_checks_equal_gradients_and_steps_run():
 def test_case_check_failure_is_reported_not_timed():
     def bad():
         raise AssertionError("fastbp W1 vs numpy: differ")
+
     case = bench.Case("bad", "bad row", {"fastbp": lambda: None, "numpy": lambda: None}, bad)
     row = bench.measure_case(case, rounds=2, gap=0)
     assert row["error"] == "fastbp W1 vs numpy: differ"
@@ -230,8 +266,21 @@ def test_case_check_failure_is_reported_not_timed():
 
 def _run_cli(tmp_path, *extra):
     path = tmp_path / "out.json"
-    argv = ["--rounds", "2", "--cases", "softmax-100x10", "--peak-size", "64", "--gap", "0", "--no-probe",
-            "--json", str(path), "-q", *extra]
+    argv = [
+        "--rounds",
+        "2",
+        "--cases",
+        "softmax-100x10",
+        "--peak-size",
+        "64",
+        "--gap",
+        "0",
+        "--no-probe",
+        "--json",
+        str(path),
+        "-q",
+        *extra,
+    ]
     return path, argv
 
 
@@ -249,7 +298,8 @@ def test_main_runs_one_tiny_case_and_writes_json(tmp_path, capsys):
     assert len(row["times_s"]["fastbp"]) == len(row["times_s"]["numpy"]) == 2
     assert row["speedup"]["numpy"] == pytest.approx(float(np.median(row["speedup_per_round"]["numpy"])))
     assert row["speedup_per_round"]["numpy"] == pytest.approx(
-        [n / f for n, f in zip(row["times_s"]["numpy"], row["times_s"]["fastbp"])])
+        [n / f for n, f in zip(row["times_s"]["numpy"], row["times_s"]["fastbp"])]
+    )
     assert row["target_results"][0]["text"] == ">=4x numpy"
     assert row["target_results"][0]["result"] in ("PASS", "MISS")
     assert row["check"].startswith("dx fastbp~numpy")
@@ -269,7 +319,8 @@ def test_main_includes_torch_when_installed(tmp_path, capsys):
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
     import sys
-    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib -> ImportError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert bench.main(["--plot", str(tmp_path / "p.png"), "--cases", "softmax-100x10"]) == 2
     assert "--plot needs matplotlib" in capsys.readouterr().err
 
@@ -279,11 +330,14 @@ def test_unknown_case_word_is_rejected(capsys):
     assert "matches no row" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--rounds", "0"], "expected a positive integer, got 0"),
-    (["--gap", "-1"], "expected a finite number >= 0, got -1"),
-    (["--peak-size", "x"], "expected a size >= 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rounds", "0"], "expected a positive integer, got 0"),
+        (["--gap", "-1"], "expected a finite number >= 0, got -1"),
+        (["--peak-size", "x"], "expected a size >= 0"),
+    ],
+)
 def test_bad_options_are_rejected(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)
@@ -298,12 +352,28 @@ def test_cli_registers_the_bench_subcommand():
 
 def test_run_reports_a_failed_check_as_error(monkeypatch, tmp_path):
     def broken(*a, **k):
-        return bench.Case("softmax-100x10", "broken row", {"fastbp": lambda: None, "numpy": lambda: None},
-                          lambda: (_ for _ in ()).throw(AssertionError("dx differs")))
+        return bench.Case(
+            "softmax-100x10",
+            "broken row",
+            {"fastbp": lambda: None, "numpy": lambda: None},
+            lambda: (_ for _ in ()).throw(AssertionError("dx differs")),
+        )
+
     monkeypatch.setattr(bench.cases, "softmax_case", broken)
-    args = argparse.Namespace(quick=True, rounds=1, gap=0.0, json=None, plot=None, sweep=False,
-                              cases=["softmax-100x10"], peak_size=0, no_torch=True, no_probe=True,
-                              no_alloc=True, quiet=True)
+    args = argparse.Namespace(
+        quick=True,
+        rounds=1,
+        gap=0.0,
+        json=None,
+        plot=None,
+        sweep=False,
+        cases=["softmax-100x10"],
+        peak_size=0,
+        no_torch=True,
+        no_probe=True,
+        no_alloc=True,
+        quiet=True,
+    )
     out = io.StringIO()
     res = bench.run(args, out=out)
     assert res["rows"][0]["error"] == "dx differs"

@@ -1,4 +1,5 @@
 """fastbp's BLAS plumbing: the vectorised exp, GEMM splitting over threads, GEMV for one row, threading modes."""
+
 import itertools
 import os
 import subprocess
@@ -52,12 +53,12 @@ SPLIT_SHAPES = {"M": (784, 100, 50), "N": (50, 100, 784), "K": (60, 2000, 50), "
 def test_split_gemm_matches_numpy_for_every_layout_and_transpose(dtype, which):
     m, k, n = SPLIT_SHAPES[which]
     rng = np.random.default_rng(3)
-    _blas.ensure_loaded()             # (it sets the thread count and piece size that are saved here)
+    _blas.ensure_loaded()  # (it sets the thread count and piece size that are saved here)
     old, old_small = K._get_gemm_threads(), K._get_small_mnk()
     try:
         for threads, small in itertools.product((1, 2, 3), (old_small, 0.0, 250_000.0)):
             K._set_gemm_threads(threads)
-            K._set_small_mnk(small)       # small pieces (several per thread) and one piece per thread
+            K._set_small_mnk(small)  # small pieces (several per thread) and one piece per thread
             for ta, tb in itertools.product([False, True], repeat=2):
                 A = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
                 B = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
@@ -65,8 +66,7 @@ def test_split_gemm_matches_numpy_for_every_layout_and_transpose(dtype, which):
                 want = 0.5 * (_op(A, ta).astype(np.float64) @ _op(B, tb).astype(np.float64)) + 2.0 * C0
                 for la, lb in (("C", "C"), ("F", "strided"), ("strided", "F")):
                     C = C0.copy()
-                    K.gemm(_layouts(A, rng)[la], _layouts(B, rng)[lb], C, trans_a=ta, trans_b=tb,
-                           alpha=0.5, beta=2.0)
+                    K.gemm(_layouts(A, rng)[la], _layouts(B, rng)[lb], C, trans_a=ta, trans_b=tb, alpha=0.5, beta=2.0)
                     np.testing.assert_allclose(C, want, **TOL[dtype])
     finally:
         K._set_gemm_threads(old)
@@ -153,8 +153,13 @@ def test_every_threading_mode_computes_the_same_gradients(mode):
 
 def test_unknown_threading_mode_is_refused():
     env = dict(os.environ, FASTBP_BLAS_THREADING="turbo")
-    r = subprocess.run([sys.executable, "-c", "from fastbp import _blas; _blas.ensure_loaded()"], env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", "from fastbp import _blas; _blas.ensure_loaded()"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0
     assert "FASTBP_BLAS_THREADING must be one of" in r.stderr and "'turbo'" in r.stderr
 
@@ -205,6 +210,7 @@ def test_k_split_with_more_threads_than_filled_pieces_is_exact(threads):
     # Issue 7 item 1: K = 225 over 16 threads is cut into chunks of 15, so only 15 pieces hold rows; the 16th
     # thread's scratch was allocated, never written and still summed into C (values like 1e30).
     import fastbp.layers as L
+
     rng = np.random.default_rng(0)
     x = rng.standard_normal((225, 100))
     W = rng.standard_normal((100, 100))
@@ -267,9 +273,10 @@ def test_gemm_pieces_of_a_dimension_near_2_31_are_not_empty(threads):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gemm_refuses_dimensions_blas_32_bit_interface_cannot_take(dtype):
     from numpy.lib.stride_tricks import as_strided
+
     big = 2**31
     z = np.zeros(1, dtype)
-    a = as_strided(z, shape=(2, big), strides=(0, 0))          # virtual: no memory behind the 2**31 columns
+    a = as_strided(z, shape=(2, big), strides=(0, 0))  # virtual: no memory behind the 2**31 columns
     b = as_strided(z, shape=(big, 3), strides=(0, 0))
     with pytest.raises(ValueError, match=r"(?s)dimension k = 2147483648 is >= 2\*\*31"):
         K.gemm(a, b, np.zeros((2, 3), dtype))
@@ -281,7 +288,7 @@ def test_gemm_refuses_dimensions_blas_32_bit_interface_cannot_take(dtype):
         _gemm.check_blas_dims(1, big, 1)
     with pytest.raises(ValueError, match=r"ldc = 2147483648"):
         _gemm.check_blas_dims(1, 1, 1, 1, 1, big)
-    _gemm.check_blas_dims(big - 1, big - 1, big - 1, big - 1, big - 1, big - 1)   # the largest BLAS takes
+    _gemm.check_blas_dims(big - 1, big - 1, big - 1, big - 1, big - 1, big - 1)  # the largest BLAS takes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,19 +305,28 @@ def _layout(a, kind):
         return np.ascontiguousarray(a)
     if kind == "F":
         return np.asfortranarray(a)
-    if kind == "strided":                       # unit stride inside rows, a gap between rows: read in place
+    if kind == "strided":  # unit stride inside rows, a gap between rows: read in place
         big = np.zeros((a.shape[0], a.shape[1] + 3), a.dtype)
         big[:, : a.shape[1]] = a
         return big[:, : a.shape[1]]
-    return np.ascontiguousarray(a[::-1, ::-1])[::-1, ::-1]   # "reversed": negative strides, copied for BLAS
+    return np.ascontiguousarray(a[::-1, ::-1])[::-1, ::-1]  # "reversed": negative strides, copied for BLAS
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(m=_DIM, n=_DIM, k=_DIM, ta=st.booleans(), tb=st.booleans(),
-       la=st.sampled_from(["C", "F", "strided", "reversed"]), lb=st.sampled_from(["C", "F", "strided", "reversed"]),
-       threads=st.integers(1, 64), small=st.sampled_from([0.0, 1e6, 3.0, 16.0]),
-       dtype=st.sampled_from([np.float32, np.float64]), beta=st.sampled_from([0.0, 1.0, -0.5]),
-       seed=st.integers(0, 2**16))
+@given(
+    m=_DIM,
+    n=_DIM,
+    k=_DIM,
+    ta=st.booleans(),
+    tb=st.booleans(),
+    la=st.sampled_from(["C", "F", "strided", "reversed"]),
+    lb=st.sampled_from(["C", "F", "strided", "reversed"]),
+    threads=st.integers(1, 64),
+    small=st.sampled_from([0.0, 1e6, 3.0, 16.0]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    beta=st.sampled_from([0.0, 1.0, -0.5]),
+    seed=st.integers(0, 2**16),
+)
 def test_every_gemm_split_matches_numpy(m, n, k, ta, tb, la, lb, threads, small, dtype, beta, seed):
     # small = 3 or 16 aims pieces at mnk / 3 or mnk / 16 multiply-adds, so even tiny products are cut along M, N
     # or K into pieces of one row/column; 1e6 is the SkylakeX setting; 0 means one piece per thread past 2**19.
@@ -336,9 +352,10 @@ def test_every_gemm_split_matches_numpy(m, n, k, ta, tb, la, lb, threads, small,
         K._set_gemm_threads(old)
         K._set_small_mnk(old_small)
     err = np.abs(C.astype(np.float64) - want)
-    assert np.all(err <= 2 * (k + 2) * eps * bound + np.finfo(dtype).tiny), \
-        f"max error {err.max()} for split " \
+    assert np.all(err <= 2 * (k + 2) * eps * bound + np.finfo(dtype).tiny), (
+        f"max error {err.max()} for split "
         f"{_gemm._gemm_plan(max(m, 1), max(n, 1), max(k, 1), ta, tb, threads, small_mnk)}"
+    )
 
 
 @pytest.mark.parametrize("threads", [1, 3, 16, 64])

@@ -1,6 +1,7 @@
 """fastbp's environment settings: the OpenBLAS core type it may load (never one the CPU cannot run) and
 FASTBP_NUM_THREADS (a clear error at import).  The CPU is simulated through FASTBP_DISABLE_CPU_FEATURES or by
 passing flag sets to the chooser, so the refusals are tested on a machine that has AVX-512."""
+
 import os
 import subprocess
 import sys
@@ -11,17 +12,17 @@ import pytest
 from fastbp import _blas
 
 ROOT = Path(__file__).resolve().parents[1]
-X86 = _blas._is_x86()                                          # (the real machine, before the fixture below)
+X86 = _blas._is_x86()  # (the real machine, before the fixture below)
 HAS_AVX2 = X86 and all(f in _blas.cpu_flags() for f in _blas.CORE_FLAGS["Haswell"])
 needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="the subprocess checks load Haswell kernels: x86-64 AVX2 CPU")
-AVX2_CPU = {"sse2", "pni", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma"}     # e.g. a Zen 2 laptop
-SKX_CPU = AVX2_CPU | set(_blas.SKYLAKEX_FLAGS)                                   # Skylake-SP: no bf16, no AMX
+AVX2_CPU = {"sse2", "pni", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma"}  # e.g. a Zen 2 laptop
+SKX_CPU = AVX2_CPU | set(_blas.SKYLAKEX_FLAGS)  # Skylake-SP: no bf16, no AMX
 ZEN4_CPU = SKX_CPU | {"avx512_bf16"}
 
 
 @pytest.fixture(autouse=True)
 def _x86(monkeypatch):
-    monkeypatch.setattr(_blas, "_is_x86", lambda: True)       # the x86-64 table applies (whatever runs this)
+    monkeypatch.setattr(_blas, "_is_x86", lambda: True)  # the x86-64 table applies (whatever runs this)
 
 
 def choose(flags, **env):
@@ -33,7 +34,7 @@ def choose(flags, **env):
 def test_skylakex_is_refused_on_an_avx2_only_cpu(var):
     env = {var: "SkylakeX"} if var == "FASTBP_BLAS_CORETYPE" else {var: "SkylakeX", "FASTBP_BLAS_CORETYPE": "inherit"}
     core, reason, refused = choose(AVX2_CPU, **env)
-    assert core == _blas.CPUID                      # OPENBLAS_CORETYPE removed around the load: OpenBLAS's choice
+    assert core == _blas.CPUID  # OPENBLAS_CORETYPE removed around the load: OpenBLAS's choice
     assert f"{var}=SkylakeX" in refused and "avx512f avx512cd avx512bw avx512dq avx512vl" in refused
     assert "refused" in reason
 
@@ -43,24 +44,36 @@ def test_inherited_skylakex_is_refused_in_auto_mode_too():
     assert core == _blas.CPUID and "avx512f" in refused
 
 
-@pytest.mark.parametrize("name,cpu,missing", [
-    ("Cooperlake", SKX_CPU, "avx512_bf16"),
-    ("SapphireRapids", ZEN4_CPU, "avx512_fp16 amx_tile amx_bf16"),
-    ("Haswell", {"sse2", "pni", "ssse3", "sse4_1", "sse4_2", "avx"}, "avx2 fma"),
-    ("Sandybridge", {"sse2", "pni", "sse4_2"}, "avx"),
-])
+@pytest.mark.parametrize(
+    "name,cpu,missing",
+    [
+        ("Cooperlake", SKX_CPU, "avx512_bf16"),
+        ("SapphireRapids", ZEN4_CPU, "avx512_fp16 amx_tile amx_bf16"),
+        ("Haswell", {"sse2", "pni", "ssse3", "sse4_1", "sse4_2", "avx"}, "avx2 fma"),
+        ("Sandybridge", {"sse2", "pni", "sse4_2"}, "avx"),
+    ],
+)
 def test_every_avx_core_type_names_what_it_lacks(name, cpu, missing):
     core, _, refused = choose(cpu, FASTBP_BLAS_CORETYPE=name)
     assert core == _blas.CPUID
     assert f"({missing})" in refused
 
 
-@pytest.mark.parametrize("name,cpu", [("Haswell", AVX2_CPU), ("haswell", AVX2_CPU), ("Zen", AVX2_CPU),
-                                      ("SkylakeX", SKX_CPU), ("Cooperlake", ZEN4_CPU), ("Nehalem", AVX2_CPU)])
+@pytest.mark.parametrize(
+    "name,cpu",
+    [
+        ("Haswell", AVX2_CPU),
+        ("haswell", AVX2_CPU),
+        ("Zen", AVX2_CPU),
+        ("SkylakeX", SKX_CPU),
+        ("Cooperlake", ZEN4_CPU),
+        ("Nehalem", AVX2_CPU),
+    ],
+)
 def test_a_runnable_core_type_is_loaded_as_asked(name, cpu):
     assert choose(cpu, FASTBP_BLAS_CORETYPE=name) == (name, "FASTBP_BLAS_CORETYPE", None)
     core, _, refused = choose(cpu, FASTBP_BLAS_CORETYPE="inherit", OPENBLAS_CORETYPE=name)
-    assert core is None and refused is None          # OPENBLAS_CORETYPE left as it is
+    assert core is None and refused is None  # OPENBLAS_CORETYPE left as it is
 
 
 def test_unknown_core_type_is_refused_and_unknown_flags_are_not_checked():
@@ -88,29 +101,43 @@ def test_disabled_cpu_features_are_removed_and_steer_the_choice(monkeypatch):
 
 
 def _run(code, timeout=120, **env):
-    e = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "FASTBP_BLAS_CORETYPE",
-                                                         "FASTBP_DISABLE_CPU_FEATURES")}
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OPENBLAS_CORETYPE", "FASTBP_BLAS_CORETYPE", "FASTBP_DISABLE_CPU_FEATURES")
+    }
     e.update(env)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     args = code if isinstance(code, list) else ["-c", code]
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
-_GEMM = ("import warnings, numpy as np; from fastbp import _blas, _kernels as K; "
-         "a = np.arange(6.0).reshape(2, 3); c = np.empty((2, 2)); K.gemm(a, a.T, c); "
-         "assert np.allclose(c, a @ a.T); i = _blas.info(); print(i['corename'], i['requested_coretype'])")
+_GEMM = (
+    "import warnings, numpy as np; from fastbp import _blas, _kernels as K; "
+    "a = np.arange(6.0).reshape(2, 3); c = np.empty((2, 2)); K.gemm(a, a.T, c); "
+    "assert np.allclose(c, a @ a.T); i = _blas.info(); print(i['corename'], i['requested_coretype'])"
+)
 
 
 @needs_avx2
-@pytest.mark.parametrize("env,core,warned", [
-    ({"FASTBP_BLAS_CORETYPE": "Haswell"}, "Haswell", None),
-    # an AVX2-only CPU, simulated: SkylakeX (forced, or inherited from OPENBLAS_CORETYPE) is refused
-    ({"FASTBP_BLAS_CORETYPE": "SkylakeX", "FASTBP_DISABLE_CPU_FEATURES": "avx512*"}, "Haswell",
-     "FASTBP_BLAS_CORETYPE=SkylakeX needs CPU flags this CPU lacks (avx512f avx512cd avx512bw avx512dq avx512vl)"),
-    ({"OPENBLAS_CORETYPE": "SkylakeX", "FASTBP_DISABLE_CPU_FEATURES": "avx512f"}, "Haswell",
-     "OPENBLAS_CORETYPE=SkylakeX needs CPU flags this CPU lacks (avx512f)"),
-])
+@pytest.mark.parametrize(
+    "env,core,warned",
+    [
+        ({"FASTBP_BLAS_CORETYPE": "Haswell"}, "Haswell", None),
+        # an AVX2-only CPU, simulated: SkylakeX (forced, or inherited from OPENBLAS_CORETYPE) is refused
+        (
+            {"FASTBP_BLAS_CORETYPE": "SkylakeX", "FASTBP_DISABLE_CPU_FEATURES": "avx512*"},
+            "Haswell",
+            "FASTBP_BLAS_CORETYPE=SkylakeX needs CPU flags this CPU lacks "
+            "(avx512f avx512cd avx512bw avx512dq avx512vl)",
+        ),
+        (
+            {"OPENBLAS_CORETYPE": "SkylakeX", "FASTBP_DISABLE_CPU_FEATURES": "avx512f"},
+            "Haswell",
+            "OPENBLAS_CORETYPE=SkylakeX needs CPU flags this CPU lacks (avx512f)",
+        ),
+    ],
+)
 def test_the_loaded_core_type_and_the_warning(env, core, warned):
     r = _run(_GEMM, **env)
     assert r.returncode == 0, r.stderr
@@ -146,7 +173,7 @@ def test_good_num_threads(text, n):
     assert _blas.env_num_threads({}) is None
 
 
-@pytest.mark.parametrize("text", ["abc", "-1"])             # (every bad form: the unit test above)
+@pytest.mark.parametrize("text", ["abc", "-1"])  # (every bad form: the unit test above)
 def test_bad_num_threads_fails_the_import_of_the_layers(text):
     r = _run("import fastbp.layers", FASTBP_NUM_THREADS=text)
     assert r.returncode != 0

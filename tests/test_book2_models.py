@@ -3,6 +3,7 @@ book's remove_duplicate, clip_grads and SGD), run on fastbp.time_layers against 
 lists the book collects stay the same arrays and are written in place (also with float64 upstream gradients into
 float32 layers); stateful / set_state / reset_state semantics; upstream-gradient shapes checked on the step layers
 and the sampler's targets checked; thread counts 1, 3, 16, 64 (same bits where no GEMM is involved)."""
+
 import json
 import os
 import subprocess
@@ -26,7 +27,7 @@ with_dtypes = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f
 def book_clip_grads(grads, max_norm):
     total = 0
     for g in grads:
-        total += np.sum(g ** 2)
+        total += np.sum(g**2)
     total = np.sqrt(total)
     rate = max_norm / (total + 1e-6)
     if rate < 1:
@@ -46,8 +47,12 @@ def book_remove_duplicate(params, grads):
                     found = True
                     params.pop(j)
                     grads.pop(j)
-                elif (params[i].ndim == 2 and params[j].ndim == 2 and params[i].T.shape == params[j].shape
-                      and np.all(params[i].T == params[j])):
+                elif (
+                    params[i].ndim == 2
+                    and params[j].ndim == 2
+                    and params[i].T.shape == params[j].shape
+                    and np.all(params[i].T == params[j])
+                ):
                     grads[i] += grads[j].T
                     found = True
                     params.pop(j)
@@ -117,14 +122,26 @@ class BetterRnnlm(Rnnlm):
     def __init__(self, M, V, D, H, rng, dt="f", dropout_ratio=0.5):
         rn = rng.standard_normal
         embed_W = (rn((V, D)) / 100).astype(dt)
-        W1 = ((rn((D, 4 * H)) / np.sqrt(D)).astype(dt), (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
-              np.zeros(4 * H).astype(dt))
-        W2 = ((rn((H, 4 * H)) / np.sqrt(H)).astype(dt), (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
-              np.zeros(4 * H).astype(dt))
+        W1 = (
+            (rn((D, 4 * H)) / np.sqrt(D)).astype(dt),
+            (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
+            np.zeros(4 * H).astype(dt),
+        )
+        W2 = (
+            (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
+            (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
+            np.zeros(4 * H).astype(dt),
+        )
         bb = np.zeros(V).astype(dt)
-        self.layers = [M.TimeEmbedding(embed_W), M.TimeDropout(dropout_ratio), M.TimeLSTM(*W1, stateful=True),
-                       M.TimeDropout(dropout_ratio), M.TimeLSTM(*W2, stateful=True), M.TimeDropout(dropout_ratio),
-                       M.TimeAffine(embed_W.T, bb)]          # weight tying
+        self.layers = [
+            M.TimeEmbedding(embed_W),
+            M.TimeDropout(dropout_ratio),
+            M.TimeLSTM(*W1, stateful=True),
+            M.TimeDropout(dropout_ratio),
+            M.TimeLSTM(*W2, stateful=True),
+            M.TimeDropout(dropout_ratio),
+            M.TimeAffine(embed_W.T, bb),
+        ]  # weight tying
         self.loss_layer = M.TimeSoftmaxWithLoss()
         self.lstm_layers = [self.layers[2], self.layers[4]]
         self.drop_layers = [self.layers[1], self.layers[3], self.layers[5]]
@@ -147,8 +164,12 @@ class Encoder(_Model):
     def __init__(self, M, V, D, H, rng, dt="f"):
         rn = rng.standard_normal
         self.embed = M.TimeEmbedding((rn((V, D)) / 100).astype(dt))
-        self.lstm = M.TimeLSTM((rn((D, 4 * H)) / np.sqrt(D)).astype(dt), (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
-                               np.zeros(4 * H).astype(dt), stateful=False)
+        self.lstm = M.TimeLSTM(
+            (rn((D, 4 * H)) / np.sqrt(D)).astype(dt),
+            (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
+            np.zeros(4 * H).astype(dt),
+            stateful=False,
+        )
         self.params = self.embed.params + self.lstm.params
         self.grads = self.embed.grads + self.lstm.grads
         self.hs = None
@@ -171,8 +192,12 @@ class Decoder(_Model):
         DI, HA = (H + D, H + H) if peeky else (D, H)
         self.peeky = peeky
         self.embed = M.TimeEmbedding((rn((V, D)) / 100).astype(dt))
-        self.lstm = M.TimeLSTM((rn((DI, 4 * H)) / np.sqrt(DI)).astype(dt),
-                               (rn((H, 4 * H)) / np.sqrt(H)).astype(dt), np.zeros(4 * H).astype(dt), stateful=True)
+        self.lstm = M.TimeLSTM(
+            (rn((DI, 4 * H)) / np.sqrt(DI)).astype(dt),
+            (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
+            np.zeros(4 * H).astype(dt),
+            stateful=True,
+        )
         self.affine = M.TimeAffine((rn((HA, V)) / np.sqrt(HA)).astype(dt), np.zeros(V).astype(dt))
         self._collect([self.embed, self.lstm, self.affine])
         self.cache = None
@@ -195,7 +220,7 @@ class Decoder(_Model):
             self.embed.backward(self.lstm.backward(dout))
             return self.lstm.dh
         H = self.cache
-        dout, dhs0 = dout[:, :, H:], dout[:, :, :H]          # strided views, as the book passes them
+        dout, dhs0 = dout[:, :, H:], dout[:, :, :H]  # strided views, as the book passes them
         dout = self.lstm.backward(dout)
         dembed, dhs1 = dout[:, :, H:], dout[:, :, :H]
         self.embed.backward(dembed)
@@ -233,7 +258,7 @@ class Seq2seq(_Model):
 
     def backward(self, dout=1, upcast=False):
         dout = self.softmax.backward(dout)
-        if upcast:                                # mixed dtypes: float64 dout into float32 layers
+        if upcast:  # mixed dtypes: float64 dout into float32 layers
             dout = dout.astype(np.float64)
         dh = self.decoder.backward(dout)
         if upcast:
@@ -267,7 +292,7 @@ def _lm_batches(V, N, T, steps, seed):
     corpus = np.random.default_rng(seed).integers(0, V, N * T * steps + 1).astype(np.int32)
     out = []
     for s in range(steps):
-        blk = corpus[s * N * T: (s + 1) * N * T + 1]
+        blk = corpus[s * N * T : (s + 1) * N * T + 1]
         out.append((blk[:-1].reshape(N, T), blk[1:].reshape(N, T)))
     return out
 
@@ -275,22 +300,22 @@ def _lm_batches(V, N, T, steps, seed):
 @with_dtypes
 @pytest.mark.parametrize("kind", ["rnnlm", "better"])
 def test_book_rnnlm_models_train_like_reference(kind, dtype):
-    V, D, H = (30, 8, 12) if kind == "rnnlm" else (30, 12, 12)    # weight tying needs D == H
+    V, D, H = (30, 8, 12) if kind == "rnnlm" else (30, 12, 12)  # weight tying needs D == H
     batches = _lm_batches(V, 4, 5, 6, seed=1)
     runs = []
     for M in (TL, REF):
         cls = Rnnlm if kind == "rnnlm" else BetterRnnlm
         model = cls(M, V, D, H, np.random.default_rng(2), dt=dtype)
         assert all(p.dtype == dtype for p in model.params)
-        np.random.seed(3)                                    # the book's dropout draws
+        np.random.seed(3)  # the book's dropout draws
         runs.append(_train(model, batches))
         assert all(g.dtype == dtype for g in model.grads)
     (lf, sf), (lr_, sr) = runs
     np.testing.assert_allclose(lf, lr_, **TOL[dtype])
-    for a, b in zip(sf, sr):                                 # every step's gradients, in the book's list
+    for a, b in zip(sf, sr):  # every step's gradients, in the book's list
         for x, y in zip(a, b):
             np.testing.assert_allclose(x, y, **TOL[dtype])
-    assert not np.array_equal(sf[0][0], sf[-1][0])            # the grads arrays do get new values each step
+    assert not np.array_equal(sf[0][0], sf[-1][0])  # the grads arrays do get new values each step
 
 
 @with_dtypes
@@ -298,8 +323,9 @@ def test_book_rnnlm_models_train_like_reference(kind, dtype):
 def test_book_seq2seq_train_like_reference(peeky, dtype):
     V, D, H, N = 13, 6, 9, 5
     rng = np.random.default_rng(4)
-    batches = [(rng.integers(0, V, (N, 7)).astype(np.int32), rng.integers(0, V, (N, 5)).astype(np.int32))
-               for _ in range(5)]
+    batches = [
+        (rng.integers(0, V, (N, 7)).astype(np.int32), rng.integers(0, V, (N, 5)).astype(np.int32)) for _ in range(5)
+    ]
     runs, gens = [], []
     for M in (TL, REF):
         model = Seq2seq(M, V, D, H, np.random.default_rng(5), dt=dtype, peeky=peeky)
@@ -358,7 +384,7 @@ def test_stateful_semantics_like_the_book():
     np.testing.assert_allclose(mine, out, rtol=1e-5, atol=1e-6)
     n = TL.TimeLSTM(Wx, Wh, b, stateful=False)
     n.set_state(h0)
-    np.testing.assert_array_equal(n.forward(xs), whole)   # not stateful: the state set is not read
+    np.testing.assert_array_equal(n.forward(xs), whole)  # not stateful: the state set is not read
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,20 +395,20 @@ def test_step_layers_check_upstream_gradient_shapes():
     N, D, H = 2, 3, 4
     x = rng.standard_normal((N, D)).astype("f")
     h = np.zeros((N, H), "f")
-    lstm = TL.LSTM(rng.standard_normal((D, 4 * H)).astype("f"), rng.standard_normal((H, 4 * H)).astype("f"),
-                   np.zeros(4 * H, "f"))
+    lstm = TL.LSTM(
+        rng.standard_normal((D, 4 * H)).astype("f"), rng.standard_normal((H, 4 * H)).astype("f"), np.zeros(4 * H, "f")
+    )
     lstm.forward(x, h, h)
     with pytest.raises(ValueError, match=r"dc_next must have shape \(2, 4\).*got \(2, 1\)"):
-        lstm.backward(np.ones((N, H), "f"), np.ones((N, 1), "f"))     # used to broadcast silently
+        lstm.backward(np.ones((N, H), "f"), np.ones((N, 1), "f"))  # used to broadcast silently
     with pytest.raises(ValueError, match=r"dh_next must have shape \(2, 4\).*got \(2, 5\)"):
         lstm.backward(np.ones((N, H + 1), "f"), np.ones((N, H), "f"))
-    dx, _, dc = lstm.backward(np.ones((N, H)), np.ones((N, H)))       # float64 upstream into float32 layer
+    dx, _, dc = lstm.backward(np.ones((N, H)), np.ones((N, H)))  # float64 upstream into float32 layer
     assert dx.shape == (N, D) and dc.shape == (N, H)
-    rnn = TL.RNN(rng.standard_normal((D, H)).astype("f"), rng.standard_normal((H, H)).astype("f"),
-                 np.zeros(H, "f"))
+    rnn = TL.RNN(rng.standard_normal((D, H)).astype("f"), rng.standard_normal((H, H)).astype("f"), np.zeros(H, "f"))
     rnn.forward(x, h)
     with pytest.raises(ValueError, match=r"dh_next must have shape \(2, 4\).*got \(4,\)"):
-        rnn.backward(np.ones(H, "f"))                                  # was a bare numpy IndexError
+        rnn.backward(np.ones(H, "f"))  # was a bare numpy IndexError
     gru = TL.GRU(rng.standard_normal((D, 3 * H)).astype("f"), rng.standard_normal((H, 3 * H)).astype("f"))
     gru.forward(x, h)
     with pytest.raises(ValueError, match=r"dh_next must have shape"):
@@ -390,7 +416,7 @@ def test_step_layers_check_upstream_gradient_shapes():
     sm = FL.Softmax()
     sm.forward(rng.standard_normal((N, 5)))
     with pytest.raises(ValueError, match=r"dout must have the output's shape \(2, 5\), got \(2, 1\)"):
-        sm.backward(np.ones((N, 1)))                                   # used to broadcast into a wrong dx
+        sm.backward(np.ones((N, 1)))  # used to broadcast into a wrong dx
 
 
 def test_loss_layers_take_scalar_dout_and_dropout_checks_shape():
@@ -438,7 +464,7 @@ def test_softmax_loss_unsigned_labels_checked_before_cast():
     sm = TL.TimeSoftmaxWithLoss()
     x = np.zeros((1, 2, 4), np.float32)
     with pytest.raises(IndexError, match=r"label 18446744073709551615 is out of range for 4 classes"):
-        sm.forward(x, np.array([[0, 2 ** 64 - 1]], np.uint64))
+        sm.forward(x, np.array([[0, 2**64 - 1]], np.uint64))
     with pytest.raises(IndexError, match=r"label 4 is out of range"):
         sm.forward(x, np.array([[0, 4]], np.uint8))
     assert sm.forward(x, np.array([[0, 3]], np.uint64)) == pytest.approx(np.log(4))
@@ -448,7 +474,7 @@ def test_sampler_checks_targets():
     corpus = np.array([0, 1, 2, 3, 4, 5, 1, 2, 3], np.int32)
     s = NS.UnigramSampler(corpus, 0.75, 2)
     with pytest.raises(IndexError, match=r"target 6 is out of range.*0 \.\. 5"):
-        s.get_negative_sample(np.array([0, 6]))                        # used to return samples
+        s.get_negative_sample(np.array([0, 6]))  # used to return samples
     with pytest.raises(IndexError, match=r"target -1 is out of range"):
         s.get_negative_sample(np.array([-1, 2]))
     with pytest.raises(TypeError, match="integer"):
@@ -492,8 +518,14 @@ def test_same_bits_for_any_thread_count():
     res = {}
     for n in (1, 3, 16, 64):
         env = dict(os.environ, FASTBP_NUM_THREADS=str(n))
-        p = subprocess.run([sys.executable, "-c", _CHILD, root, here], env=env, capture_output=True, text=True,
-                           timeout=300, check=False)
+        p = subprocess.run(
+            [sys.executable, "-c", _CHILD, root, here],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert p.returncode == 0, p.stderr[-2000:]
         res[n] = json.loads(p.stdout.strip().splitlines()[-1])
     for n in (3, 16, 64):
@@ -514,6 +546,7 @@ def test_recurrent_loop_small_steps_same_bits_any_threads(dtype):
     from test_time_layers import _threads_set
 
     from fastbp import _recurrent as _rec
+
     rng = np.random.default_rng(11)
     N, T, H = 20, 6, 100
     assert N * 4 * H * H < _rec._serial_mnk()

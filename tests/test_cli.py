@@ -1,4 +1,5 @@
 """The fastbp command line (python -m fastbp ...) and the book-flow examples."""
+
 import io
 import json
 import os
@@ -21,8 +22,9 @@ def run(*args, timeout=120, script=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, str(script)] if script else [sys.executable, "-m", "fastbp"]
-    return subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _has_matplotlib():
@@ -42,14 +44,14 @@ def test_train_short_run_writes_json(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "sample MNIST" in r.stdout and "4000 train / 1000 test" in r.stdout
     assert "final test accuracy" in r.stdout
-    assert r.stderr == ""                                   # not a tty: no progress bar
+    assert r.stderr == ""  # not a tty: no progress bar
     d = json.loads(out.read_text())
     assert d["iterations"] == 60 and d["hidden"] == [20] and d["backend"] == "fastbp"
     assert d["data_source"] == "sample" and d["n_train"] == 4000 and d["n_test"] == 1000
-    assert d["epoch"] == [1.0, 1.5]                         # 40 iterations per epoch, and the end
+    assert d["epoch"] == [1.0, 1.5]  # 40 iterations per epoch, and the end
     assert len(d["test_accuracy"]) == 2 and len(d["train_accuracy"]) == 2
     assert d["final_test_accuracy"] == d["test_accuracy"][-1]
-    assert 0.5 < d["final_test_accuracy"] <= 1.0            # 60 SGD steps already learn something
+    assert 0.5 < d["final_test_accuracy"] <= 1.0  # 60 SGD steps already learn something
     assert d["train_time_s"] > 0 and d["eval_time_s"] > 0
     assert d["wall_time_s"] >= d["train_time_s"]
 
@@ -65,13 +67,40 @@ def test_train_defaults_reach_90_percent_on_the_sample(tmp_path):
 
 def test_train_options_and_reference_backend(tmp_path):
     out = tmp_path / "run.json"
-    r = run("train", "--epochs", 1, "--hidden", "30,20", "--optimizer", "adam", "--dtype", "float32",
-            "--backend", "reference", "--weight-decay", 0.01, "--activation", "sigmoid", "--seed", 3,
-            "--source", "sample", "-q", "--json", out)
+    r = run(
+        "train",
+        "--epochs",
+        1,
+        "--hidden",
+        "30,20",
+        "--optimizer",
+        "adam",
+        "--dtype",
+        "float32",
+        "--backend",
+        "reference",
+        "--weight-decay",
+        0.01,
+        "--activation",
+        "sigmoid",
+        "--seed",
+        3,
+        "--source",
+        "sample",
+        "-q",
+        "--json",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
-    assert (d["hidden"], d["optimizer"], d["lr"], d["dtype"], d["backend"], d["activation"]) == \
-        ([30, 20], "adam", 0.001, "float32", "reference", "sigmoid")
+    assert (d["hidden"], d["optimizer"], d["lr"], d["dtype"], d["backend"], d["activation"]) == (
+        [30, 20],
+        "adam",
+        0.001,
+        "float32",
+        "reference",
+        "sigmoid",
+    )
     assert d["weight_decay"] == 0.01 and d["seed"] == 3 and d["iterations"] == 40
     assert "784-30-20-10 sigmoid" in r.stdout
 
@@ -80,22 +109,24 @@ def test_train_backends_agree(tmp_path):
     acc = {}
     for backend in ("fastbp", "reference"):
         out = tmp_path / f"{backend}.json"
-        r = run("train", "--iters", 40, "--hidden", 16, "--backend", backend, "--source", "sample", "-q",
-                "--json", out)
+        r = run("train", "--iters", 40, "--hidden", 16, "--backend", backend, "--source", "sample", "-q", "--json", out)
         assert r.returncode == 0, r.stderr
         acc[backend] = json.loads(out.read_text())
     assert acc["fastbp"]["test_accuracy"] == pytest.approx(acc["reference"]["test_accuracy"], abs=2e-3)
     assert acc["fastbp"]["last_epoch_loss"] == pytest.approx(acc["reference"]["last_epoch_loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--iters", "5", "--epochs", "1"], "not allowed with"),
-    (["--hidden", "10,x"], "hidden sizes"),
-    (["--hidden", "0"], "positive"),
-    (["--optimizer", "lbfgs"], "invalid choice"),
-    (["--lr", "-1"], "> 0"),
-    (["--batch-size", "5000", "--source", "sample"], "larger than the training set"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--iters", "5", "--epochs", "1"], "not allowed with"),
+        (["--hidden", "10,x"], "hidden sizes"),
+        (["--hidden", "0"], "positive"),
+        (["--optimizer", "lbfgs"], "invalid choice"),
+        (["--lr", "-1"], "> 0"),
+        (["--batch-size", "5000", "--source", "sample"], "larger than the training set"),
+    ],
+)
 def test_train_bad_arguments_exit_2(args, message):
     r = run("train", *args)
     assert r.returncode == 2
@@ -138,9 +169,24 @@ def test_progress_bar():
 def test_gradcheck_command_passes():
     r = run("gradcheck")
     assert r.returncode == 0, r.stdout + r.stderr
-    for name in ("Affine", "Relu", "Sigmoid", "SoftmaxWithLoss (labels)", "SoftmaxWithLoss (one-hot)", "MatMul",
-                 "TwoLayerNet", "MultiLayerNet relu + decay", "MultiLayerNet sigmoid", "Convolution", "Pooling",
-                 "BatchNormalization", "Dropout", "SimpleConvNet 28x28 digits", "DeepConvNet", "MultiLayerNetExtend"):
+    for name in (
+        "Affine",
+        "Relu",
+        "Sigmoid",
+        "SoftmaxWithLoss (labels)",
+        "SoftmaxWithLoss (one-hot)",
+        "MatMul",
+        "TwoLayerNet",
+        "MultiLayerNet relu + decay",
+        "MultiLayerNet sigmoid",
+        "Convolution",
+        "Pooling",
+        "BatchNormalization",
+        "Dropout",
+        "SimpleConvNet 28x28 digits",
+        "DeepConvNet",
+        "MultiLayerNetExtend",
+    ):
         assert name in r.stdout
     assert "FAIL" not in r.stdout
     assert "72/72 passed" in r.stdout
@@ -160,6 +206,7 @@ def test_float32_cases_catch_a_float32_only_error(monkeypatch):
     def skewed(self, dout):
         dx = real(self, dout)
         return dx * (1.001 if dx.dtype == np.float32 else 1.0)
+
     monkeypatch.setattr(L.Sigmoid, "backward", skewed)
     rows = cli.run_gradcheck([c for c in cli.float32_cases(0) if c[0] == "Sigmoid"], threshold=1e-4)
     assert rows and rows[0][3] is False and 5e-4 < rows[0][2] < 5e-3
@@ -179,10 +226,13 @@ class _CrashingLayer(L.Sigmoid):
 
 def test_gradcheck_table_reports_a_wrong_layer():
     from fastbp.gradient import gradient_check_layer
+
     x = np.array([[0.5, -1.0, 2.0], [1.5, -0.3, 0.7]])
-    cases = [("good Relu", lambda: gradient_check_layer(L.Relu(), x, raise_on_failure=False)),
-             ("wrong Relu", lambda: gradient_check_layer(_WrongRelu(), x, raise_on_failure=False)),
-             ("crashing", lambda: gradient_check_layer(_CrashingLayer(), x, raise_on_failure=False))]
+    cases = [
+        ("good Relu", lambda: gradient_check_layer(L.Relu(), x, raise_on_failure=False)),
+        ("wrong Relu", lambda: gradient_check_layer(_WrongRelu(), x, raise_on_failure=False)),
+        ("crashing", lambda: gradient_check_layer(_CrashingLayer(), x, raise_on_failure=False)),
+    ]
     rows = cli.run_gradcheck(cases, threshold=1e-6)
     by_name = {r[0]: r for r in rows}
     assert by_name["good Relu"][3] is True
@@ -195,10 +245,13 @@ def test_gradcheck_table_reports_a_wrong_layer():
 
 def test_gradcheck_exit_code_is_1_on_failure(monkeypatch, capsys):
     from fastbp.gradient import gradient_check_layer
+
     x = np.array([[0.5, -1.0, 2.0]])
-    monkeypatch.setattr(cli, "gradcheck_cases",
-                        lambda seed=0: [("wrong Relu", lambda: gradient_check_layer(_WrongRelu(), x,
-                                                                                   raise_on_failure=False))])
+    monkeypatch.setattr(
+        cli,
+        "gradcheck_cases",
+        lambda seed=0: [("wrong Relu", lambda: gradient_check_layer(_WrongRelu(), x, raise_on_failure=False))],
+    )
     assert cli.main(["gradcheck"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
@@ -224,6 +277,7 @@ def test_info_json():
     assert isinstance(d["extension"]["openmp"], bool)
     assert {"library", "corename", "reason", "num_threads"} <= set(d["fastbp_blas"])
     from fastbp._blas import cpu_flags
+
     assert set(d["cpu"]["simd"]) <= cpu_flags()
 
 
@@ -241,6 +295,7 @@ def test_subcommands_from_other_modules(monkeypatch, capsys, tmp_path):
         p = sub.add_parser("hello", help="say hello")
         p.add_argument("--name", default="book")
         p.set_defaults(func=lambda args: print(f"hello {args.name}") or 7)
+
     mod.add_parser = add_parser
     broken = "fastbp_test_broken_plugin"
     (tmp_path / f"{broken}.py").write_text("import fastbp_test_missing_dependency\n")
@@ -267,14 +322,18 @@ def test_example_ch05_train_neuralnet():
 
 
 def test_example_ch06_optimizer_compare():
-    r = run("--iters", 101, "--seed", 0, "--nesterov", "--rmsprop",
-            script=ROOT / "examples" / "ch06_optimizer_compare.py")
+    r = run(
+        "--iters", 101, "--seed", 0, "--nesterov", "--rmsprop", script=ROOT / "examples" / "ch06_optimizer_compare.py"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("===========iteration:") == 2
     for name in ("SGD", "Momentum", "AdaGrad", "Adam", "Nesterov", "RMSprop"):
         assert f"{name}:" in r.stdout
-    losses = [float(ln.split(":")[1]) for ln in r.stdout.splitlines()
-              if ln.split(":")[0] in ("SGD", "Momentum", "AdaGrad", "Adam")]
+    losses = [
+        float(ln.split(":")[1])
+        for ln in r.stdout.splitlines()
+        if ln.split(":")[0] in ("SGD", "Momentum", "AdaGrad", "Adam")
+    ]
     assert all(np.isfinite(losses))
 
 
@@ -294,51 +353,62 @@ def test_train_with_a_bad_num_threads_prints_one_line_and_exits_2(text, monkeypa
     code, out, err = run_here(capsys, "train", "--iters", 1, "--source", "sample", "-q")
     assert code == 2
     assert err == f"fastbp: FASTBP_NUM_THREADS must be an integer in 1..1024 (or unset), got {text!r}\n"
-    assert "data:" not in out                                 # before any work
+    assert "data:" not in out  # before any work
 
 
 def test_train_with_a_bad_num_threads_in_a_fresh_process():
     env = dict(os.environ, FASTBP_NUM_THREADS="abc")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "fastbp", "train", "--iters", "1", "-q"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastbp", "train", "--iters", "1", "-q"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr == "fastbp: FASTBP_NUM_THREADS must be an integer in 1..1024 (or unset), got 'abc'\n"
 
 
 # -- issue 7 item 11: bad values and unwritable outputs: one line, exit 2, before any training --------------------
-@pytest.mark.parametrize("args,message", [
-    (["--seed", "-1"], "argument --seed: expected an integer in 0..4294967295 (what np.random.seed takes), got -1"),
-    (["--seed", "4294967296"], "expected an integer in 0..4294967295 (what np.random.seed takes), got 4294967296"),
-    (["--seed", "x"], "expected an integer in 0..4294967295, got 'x'"),
-    (["--hidden", "100000000"], "hidden sizes must be at most 65536, got '100000000'"),
-    (["--hidden", ",".join(["65536"] * 8)], "training this network takes about"),   # about 1.1 TB
-    (["--json", "{tmp}"], "--json {tmp}: is a directory"),
-    (["--json", "{tmp}/no/such/dir/run.json"], "--json {tmp}/no/such/dir/run.json: cannot write there"),
-    (["--json", "{file}/run.json"], "cannot write there"),
-    (["--plot", "{tmp}/no/such/dir/c.png"], "--plot {tmp}/no/such/dir/c.png: cannot write there"),
-    (["--plot", "{tmp}/curves.xyz"], "the file name must end in one of"),
-    (["--plot", "{tmp}/c.png", "--json", "{tmp}"], "--json {tmp}: is a directory"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--seed", "-1"], "argument --seed: expected an integer in 0..4294967295 (what np.random.seed takes), got -1"),
+        (["--seed", "4294967296"], "expected an integer in 0..4294967295 (what np.random.seed takes), got 4294967296"),
+        (["--seed", "x"], "expected an integer in 0..4294967295, got 'x'"),
+        (["--hidden", "100000000"], "hidden sizes must be at most 65536, got '100000000'"),
+        (["--hidden", ",".join(["65536"] * 8)], "training this network takes about"),  # about 1.1 TB
+        (["--json", "{tmp}"], "--json {tmp}: is a directory"),
+        (["--json", "{tmp}/no/such/dir/run.json"], "--json {tmp}/no/such/dir/run.json: cannot write there"),
+        (["--json", "{file}/run.json"], "cannot write there"),
+        (["--plot", "{tmp}/no/such/dir/c.png"], "--plot {tmp}/no/such/dir/c.png: cannot write there"),
+        (["--plot", "{tmp}/curves.xyz"], "the file name must end in one of"),
+        (["--plot", "{tmp}/c.png", "--json", "{tmp}"], "--json {tmp}: is a directory"),
+    ],
+)
 def test_train_bad_values_and_paths_one_line_exit_2_before_training(tmp_path, capsys, args, message):
     if "--plot" in args and not _has_matplotlib():
         pytest.skip("matplotlib is not installed")
     f = tmp_path / "a_file"
     f.write_text("x")
     fill = dict(tmp=tmp_path, file=f)
-    code, out, err = run_here(capsys, "train", "--iters", 1, "--source", "sample", "-q",
-                              *[a.format(**fill) for a in args])
+    code, out, err = run_here(
+        capsys, "train", "--iters", 1, "--source", "sample", "-q", *[a.format(**fill) for a in args]
+    )
     assert code == 2, err
     assert message.format(**fill) in err
     assert len(err.splitlines()) == 1, err
-    assert out == ""                                          # nothing loaded, nothing trained
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]   # and nothing left behind
+    assert out == ""  # nothing loaded, nothing trained
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # and nothing left behind
 
 
 def test_train_output_check_keeps_an_existing_file_until_the_run_overwrites_it(tmp_path, capsys):
     out = tmp_path / "run.json"
     out.write_text("old")
-    code, _, err = run_here(capsys, "train", "--iters", 3, "--hidden", 10, "--source", "sample", "-q",
-                            "--json", out, "--lr", "1e308")                     # diverges at once
+    code, _, err = run_here(
+        capsys, "train", "--iters", 3, "--hidden", 10, "--source", "sample", "-q", "--json", out, "--lr", "1e308"
+    )  # diverges at once
     assert code == 1 and "diverged" in err
-    assert out.read_text() == "old"                         # the check opened it for appending, no more
+    assert out.read_text() == "old"  # the check opened it for appending, no more

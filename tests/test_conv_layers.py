@@ -4,6 +4,7 @@ fastbp.layers against fastbp.reference (float32/float64), both against numerical
 against direct definitions (a naive convolution, a naive max pool), the book's attributes and in-place
 contracts, the mask the book's Dropout draws, and bad inputs.
 """
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -50,7 +51,7 @@ def naive_conv(x, W, b, stride, pad):
     out = np.empty((n, fn, oh, ow))
     for i in range(oh):
         for j in range(ow):
-            win = xp[:, :, i * stride:i * stride + fh, j * stride:j * stride + fw]
+            win = xp[:, :, i * stride : i * stride + fh, j * stride : j * stride + fw]
             out[:, :, i, j] = np.tensordot(win, W, axes=([1, 2, 3], [1, 2, 3])) + b
     return out
 
@@ -63,7 +64,7 @@ def naive_pool(x, ph, pw, stride, pad):
     out = np.empty((n, c, oh, ow), x.dtype)
     for i in range(oh):
         for j in range(ow):
-            out[:, :, i, j] = xp[:, :, i * stride:i * stride + ph, j * stride:j * stride + pw].max(axis=(2, 3))
+            out[:, :, i, j] = xp[:, :, i * stride : i * stride + ph, j * stride : j * stride + pw].max(axis=(2, 3))
     return out
 
 
@@ -95,21 +96,23 @@ def test_util_im2col_col2im_match_the_book_algorithm(case, dtype):
 
 def test_util_book_values():
     assert util.conv_output_size(28, 5) == 24
-    assert util.conv_output_size(28, 5, stride=2) == 12.5          # the book's true division
-    x = np.arange(2 * 1 * 3 * 3).reshape(2, 1, 3, 3)                # integer input -> float64 like the book
+    assert util.conv_output_size(28, 5, stride=2) == 12.5  # the book's true division
+    x = np.arange(2 * 1 * 3 * 3).reshape(2, 1, 3, 3)  # integer input -> float64 like the book
     col = util.im2col(x, 2, 2)
     assert col.dtype == np.float64 and col.shape == (8, 4)
     np.testing.assert_array_equal(col[0], [0, 1, 3, 4])
     np.testing.assert_array_equal(col[7], [13, 14, 16, 17])
-    np.testing.assert_array_equal(util.col2im(np.ones((8, 4)), x.shape, 2, 2)[0, 0],
-                                  [[1, 2, 1], [2, 4, 2], [1, 2, 1]])
+    np.testing.assert_array_equal(util.col2im(np.ones((8, 4)), x.shape, 2, 2)[0, 0], [[1, 2, 1], [2, 4, 2], [1, 2, 1]])
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(filter_h=8), "larger than the padded input"),
-    (dict(stride=0), "stride"),
-    (dict(pad=-1), "pad"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(filter_h=8), "larger than the padded input"),
+        (dict(stride=0), "stride"),
+        (dict(pad=-1), "pad"),
+    ],
+)
 def test_util_bad_geometry(bad, match):
     args = dict(filter_h=3, filter_w=3, stride=1, pad=0)
     args.update(bad)
@@ -147,8 +150,13 @@ def test_kernels_reject_bad_buffers():
 def _conv_data(case, dtype, seed=0):
     n, c, h, w, fn, fh, fw, s, p = case
     rng = _rng(seed)
-    return (rng.standard_normal((n, c, h, w)).astype(dtype), rng.standard_normal((fn, c, fh, fw)).astype(dtype),
-            rng.standard_normal(fn).astype(dtype), s, p)
+    return (
+        rng.standard_normal((n, c, h, w)).astype(dtype),
+        rng.standard_normal((fn, c, fh, fw)).astype(dtype),
+        rng.standard_normal(fn).astype(dtype),
+        s,
+        p,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -159,9 +167,12 @@ def test_convolution_forward_is_the_convolution(case, mod, dtype):
     layer = mod.Convolution(W, b, stride=s, pad=p)
     out = layer.forward(x)
     assert out.dtype == dtype
-    np.testing.assert_allclose(out, naive_conv(x.astype(np.float64), W.astype(np.float64), b.astype(np.float64),
-                                               s, p), rtol=1e-4 if dtype == np.float32 else 1e-11,
-                               atol=1e-4 if dtype == np.float32 else 1e-11)
+    np.testing.assert_allclose(
+        out,
+        naive_conv(x.astype(np.float64), W.astype(np.float64), b.astype(np.float64), s, p),
+        rtol=1e-4 if dtype == np.float32 else 1e-11,
+        atol=1e-4 if dtype == np.float32 else 1e-11,
+    )
     # the book's attributes
     assert layer.x is x or np.array_equal(layer.x, x)
     np.testing.assert_array_equal(layer.col, R.im2col_np(x, W.shape[2], W.shape[3], s, p))
@@ -200,11 +211,11 @@ def test_convolution_keeps_references_and_writes_grads_in_place():
     out1 = layer.forward(x).copy()
     layer.backward(np.ones_like(out1))
     assert layer.grads[0] is dW and layer.grads[1] is db and layer.dW is dW
-    W += 1.0                                 # the book's in-place update is seen at the next forward
+    W += 1.0  # the book's in-place update is seen at the next forward
     out2 = layer.forward(x)
     assert not np.allclose(out1, out2)
     np.testing.assert_allclose(out2, R.Convolution(W, b, s, p).forward(x), rtol=1e-12, atol=1e-12)
-    newW = W * 2                             # the book's load_params rebinds layer.W
+    newW = W * 2  # the book's load_params rebinds layer.W
     layer.W = newW
     assert layer.params[0] is newW
     np.testing.assert_allclose(layer.forward(x), R.Convolution(newW, b, s, p).forward(x), rtol=1e-12, atol=1e-12)
@@ -214,7 +225,7 @@ def test_convolution_keeps_references_and_writes_grads_in_place():
 def test_convolution_promotes_like_numpy(mod):
     x, W, b, s, p = _conv_data(CONV_CASES[0], np.float32)
     W64, b64 = W.astype(np.float64), b.astype(np.float64)
-    layer = mod.Convolution(W64, b64, s, p)         # the book: float32 images, float64 weights -> float64
+    layer = mod.Convolution(W64, b64, s, p)  # the book: float32 images, float64 weights -> float64
     out = layer.forward(x)
     assert out.dtype == np.float64
     np.testing.assert_allclose(out, naive_conv(x.astype(np.float64), W64, b64, s, p), rtol=1e-11, atol=1e-11)
@@ -222,8 +233,12 @@ def test_convolution_promotes_like_numpy(mod):
     assert dx.dtype == np.float64 and layer.dW.dtype == np.float64
     # integer images are promoted too
     xi = (x * 10).astype(np.int16)
-    np.testing.assert_allclose(mod.Convolution(W64, b64, s, p).forward(xi),
-                               naive_conv(xi.astype(np.float64), W64, b64, s, p), rtol=1e-11, atol=1e-10)
+    np.testing.assert_allclose(
+        mod.Convolution(W64, b64, s, p).forward(xi),
+        naive_conv(xi.astype(np.float64), W64, b64, s, p),
+        rtol=1e-11,
+        atol=1e-10,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -231,7 +246,7 @@ def test_convolution_float32_grads_of_a_float64_layer_are_converted_in_place(dty
     x, W, b, s, p = _conv_data(CONV_CASES[1], dtype)
     layer = F.Convolution(W, b, s, p)
     g32 = np.zeros(W.shape, np.float32)
-    layer.grads[0] = g32                             # book 2: grads created once, written in place
+    layer.grads[0] = g32  # book 2: grads created once, written in place
     out = layer.forward(x)
     layer.backward(np.ones_like(out))
     assert layer.grads[0] is g32
@@ -241,9 +256,19 @@ def test_convolution_float32_grads_of_a_float64_layer_are_converted_in_place(dty
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(1, 3), c=st.integers(1, 3), h=st.integers(1, 8), w=st.integers(1, 8),
-       fn=st.integers(1, 3), fh=st.integers(1, 4), fw=st.integers(1, 4), s=st.integers(1, 3), p=st.integers(0, 2),
-       layout=st.sampled_from(["C", "F", "strided", "negative"]), dtype=st.sampled_from(DTYPES))
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 3),
+    h=st.integers(1, 8),
+    w=st.integers(1, 8),
+    fn=st.integers(1, 3),
+    fh=st.integers(1, 4),
+    fw=st.integers(1, 4),
+    s=st.integers(1, 3),
+    p=st.integers(0, 2),
+    layout=st.sampled_from(["C", "F", "strided", "negative"]),
+    dtype=st.sampled_from(DTYPES),
+)
 def test_convolution_any_shape_and_layout(n, c, h, w, fn, fh, fw, s, p, layout, dtype):
     if fh > h + 2 * p or fw > w + 2 * p:
         with pytest.raises(ValueError, match="larger than the padded input"):
@@ -251,8 +276,12 @@ def test_convolution_any_shape_and_layout(n, c, h, w, fn, fh, fw, s, p, layout, 
         return
     rng = _rng(n * 1000 + h * 10 + w)
     base = rng.standard_normal((n, c, h, 2 * w)).astype(dtype)
-    x = {"C": np.ascontiguousarray(base[..., :w]), "F": np.asfortranarray(base[..., :w]),
-         "strided": base[..., ::2], "negative": base[..., ::-2]}[layout]
+    x = {
+        "C": np.ascontiguousarray(base[..., :w]),
+        "F": np.asfortranarray(base[..., :w]),
+        "strided": base[..., ::2],
+        "negative": base[..., ::-2],
+    }[layout]
     W = rng.standard_normal((fn, c, fh, fw)).astype(dtype)
     b = rng.standard_normal(fn).astype(dtype)
     f, r = F.Convolution(W, b, s, p), R.Convolution(W, b, s, p)
@@ -320,8 +349,8 @@ def test_pooling_ties_padding_and_nan_like_the_book():
     x = np.array([[[[1.0, 1.0, -3.0], [0.5, 1.0, -1.0], [-2.0, -5.0, -4.0]]]])
     for pad in (0, 1):
         f, r = F.Pooling(2, 2, 1, pad), R.Pooling(2, 2, 1, pad)
-        np.testing.assert_array_equal(f.forward(x), r.forward(x))   # padding counts as 0 (the book's im2col)
-        np.testing.assert_array_equal(f.arg_max, r.arg_max)         # first maximum wins ties
+        np.testing.assert_array_equal(f.forward(x), r.forward(x))  # padding counts as 0 (the book's im2col)
+        np.testing.assert_array_equal(f.arg_max, r.arg_max)  # first maximum wins ties
     xn = x.copy()
     xn[0, 0, 1, 1] = np.nan
     f, r = F.Pooling(2, 2, 1), R.Pooling(2, 2, 1)
@@ -341,7 +370,7 @@ def test_pooling_ties_padding_and_nan_like_the_book():
 
 
 def test_pooling_bad_inputs_and_default_stride():
-    assert R.Pooling(2, 2).stride == 1 and F.Pooling(2, 2).stride == 1   # the book's default
+    assert R.Pooling(2, 2).stride == 1 and F.Pooling(2, 2).stride == 1  # the book's default
     for mod in MODULES:
         with pytest.raises(ValueError, match="pool_h"):
             mod.Pooling(0, 2)
@@ -372,8 +401,11 @@ def test_pooling_reuse_workspaces():
 def _bn_data(shape, dtype, seed=0):
     rng = _rng(seed)
     d = int(np.prod(shape[1:]))
-    return (rng.standard_normal(shape).astype(dtype) * 2 + 1, (1 + 0.1 * rng.standard_normal(d)).astype(dtype),
-            (0.1 * rng.standard_normal(d)).astype(dtype))
+    return (
+        rng.standard_normal(shape).astype(dtype) * 2 + 1,
+        (1 + 0.1 * rng.standard_normal(d)).astype(dtype),
+        (0.1 * rng.standard_normal(d)).astype(dtype),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -385,8 +417,9 @@ def test_batchnorm_fastbp_matches_reference(shape, dtype):
         xs = x * (step + 1)
         of, orf = f.forward(xs), r.forward(xs)
         assert of.dtype == dtype and of.shape == shape
-        np.testing.assert_allclose(of, orf, rtol=1e-4 if dtype == np.float32 else 1e-10,
-                                   atol=1e-4 if dtype == np.float32 else 1e-10)
+        np.testing.assert_allclose(
+            of, orf, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-4 if dtype == np.float32 else 1e-10
+        )
         d = _rng(5 + step).standard_normal(shape).astype(dtype)
         tol = dict(rtol=1e-3, atol=1e-3) if dtype == np.float32 else dict(rtol=1e-8, atol=1e-8)
         np.testing.assert_allclose(f.backward(d), r.backward(d), **tol)
@@ -395,8 +428,12 @@ def test_batchnorm_fastbp_matches_reference(shape, dtype):
         for name in ("running_mean", "running_var", "xc", "xn", "std"):
             np.testing.assert_allclose(getattr(f, name), getattr(r, name), **tol)
         assert f.running_mean.dtype == np.float64 and f.batch_size == shape[0]
-    np.testing.assert_allclose(f.forward(x, train_flg=False), r.forward(x, train_flg=False),
-                               rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-4 if dtype == np.float32 else 1e-10)
+    np.testing.assert_allclose(
+        f.forward(x, train_flg=False),
+        r.forward(x, train_flg=False),
+        rtol=1e-4 if dtype == np.float32 else 1e-10,
+        atol=1e-4 if dtype == np.float32 else 1e-10,
+    )
 
 
 @pytest.mark.parametrize("mod", MODULES, ids=["fastbp", "reference"])
@@ -409,21 +446,20 @@ def test_batchnorm_gradients_match_numerical(shape, mod):
 
 def test_batchnorm_running_stats_like_the_book():
     x, g, b = _bn_data((8, 3), np.float64)
-    layer = F.BatchNormalization(g, b)          # momentum 0.9, stats start at zeros
+    layer = F.BatchNormalization(g, b)  # momentum 0.9, stats start at zeros
     layer.forward(x)
     np.testing.assert_allclose(layer.running_mean, 0.1 * x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(layer.running_var, 0.1 * x.var(0), rtol=1e-12)
     out = layer.forward(x, train_flg=False)
-    np.testing.assert_allclose(out, g * (x - layer.running_mean) / np.sqrt(layer.running_var + 1e-6) + b,
-                               rtol=1e-12)
+    np.testing.assert_allclose(out, g * (x - layer.running_mean) / np.sqrt(layer.running_var + 1e-6) + b, rtol=1e-12)
     rm = np.ones(3)
     given = F.BatchNormalization(g, b, running_mean=rm, running_var=np.ones(3))
     given.forward(x)
-    np.testing.assert_array_equal(rm, 1)                    # like the book: the caller's array is not written
+    np.testing.assert_array_equal(rm, 1)  # like the book: the caller's array is not written
     np.testing.assert_allclose(given.running_mean, 0.9 + 0.1 * x.mean(0), rtol=1e-12)
     inplace = F.BatchNormalization(g, b, running_mean=rm, running_var=np.ones(3), reuse=True)
     inplace.forward(x)
-    assert inplace.running_mean is rm                       # reuse=True: updated in place (documented)
+    assert inplace.running_mean is rm  # reuse=True: updated in place (documented)
     np.testing.assert_allclose(rm, 0.9 + 0.1 * x.mean(0), rtol=1e-12)
 
 
@@ -457,13 +493,13 @@ def test_batchnorm_grads_in_place_and_bad_inputs():
 def test_dropout_draws_the_books_mask_under_np_random_seed(shape, dtype):
     x = _rng().standard_normal(shape).astype(dtype)
     np.random.seed(42)
-    book_mask = np.random.rand(*x.shape) > 0.3        # the book's own line
+    book_mask = np.random.rand(*x.shape) > 0.3  # the book's own line
     after = np.random.rand()
     np.random.seed(42)
     layer = F.Dropout(0.3)
     out = layer.forward(x)
     np.testing.assert_array_equal(layer.mask, book_mask)
-    assert np.random.rand() == after                   # the global generator advanced exactly as the book's
+    assert np.random.rand() == after  # the global generator advanced exactly as the book's
     assert out.dtype == dtype
     np.testing.assert_array_equal(out, x * book_mask)
     d = _rng(1).standard_normal(shape).astype(dtype)
@@ -518,9 +554,10 @@ def test_layers_export_the_book_names():
 def test_results_do_not_depend_on_the_thread_count(dtype):
     """Blocks of samples depend on N only and the partial gradients are added in block order: same bits."""
     from fastbp import _threads
+
     old = _threads._get_num_threads()
     rng = _rng(9)
-    x = rng.standard_normal((21, 3, 16, 16)).astype(dtype)     # big enough for the blocks to run in parallel
+    x = rng.standard_normal((21, 3, 16, 16)).astype(dtype)  # big enough for the blocks to run in parallel
     W = rng.standard_normal((8, 3, 3, 3)).astype(dtype)
     b = rng.standard_normal(8).astype(dtype)
     results = []
@@ -540,14 +577,27 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
 
 
 def _layout(base, w, layout):
-    return {"C": np.ascontiguousarray(base[..., :w]), "F": np.asfortranarray(base[..., :w]),
-            "strided": base[..., ::2], "negative": base[..., ::-2]}[layout]
+    return {
+        "C": np.ascontiguousarray(base[..., :w]),
+        "F": np.asfortranarray(base[..., :w]),
+        "strided": base[..., ::2],
+        "negative": base[..., ::-2],
+    }[layout]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(1, 3), c=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), ph=st.integers(1, 3),
-       pw=st.integers(1, 3), s=st.integers(1, 3), p=st.integers(0, 1),
-       layout=st.sampled_from(["C", "F", "strided", "negative"]), dtype=st.sampled_from(DTYPES))
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 3),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    ph=st.integers(1, 3),
+    pw=st.integers(1, 3),
+    s=st.integers(1, 3),
+    p=st.integers(0, 1),
+    layout=st.sampled_from(["C", "F", "strided", "negative"]),
+    dtype=st.sampled_from(DTYPES),
+)
 def test_pooling_any_shape_and_layout(n, c, h, w, ph, pw, s, p, layout, dtype):
     if ph > h + 2 * p or pw > w + 2 * p:
         with pytest.raises(ValueError, match="larger than the padded input"):
@@ -563,9 +613,13 @@ def test_pooling_any_shape_and_layout(n, c, h, w, ph, pw, s, p, layout, dtype):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(1, 6), shape=st.sampled_from([(4,), (7,), (2, 2, 3), (1, 3, 3)]),
-       layout=st.sampled_from(["C", "F", "strided", "negative"]), dtype=st.sampled_from(DTYPES),
-       train=st.booleans())
+@given(
+    n=st.integers(1, 6),
+    shape=st.sampled_from([(4,), (7,), (2, 2, 3), (1, 3, 3)]),
+    layout=st.sampled_from(["C", "F", "strided", "negative"]),
+    dtype=st.sampled_from(DTYPES),
+    train=st.booleans(),
+)
 def test_batchnorm_and_dropout_any_shape_and_layout(n, shape, layout, dtype, train):
     last = shape[-1]
     x = _layout(_rng(n).standard_normal((n,) + shape[:-1] + (2 * last,)).astype(dtype), last, layout)

@@ -5,6 +5,7 @@ with the book's own check settings (ch07/gradient_check.py, ch06/batch_norm_grad
 the fastbp backend equals the reference backend (dropout masks included, under one seed); a training step
 allocates nothing after warm-up.
 """
+
 import gc
 import os
 import tracemalloc
@@ -69,11 +70,13 @@ def test_deepconvnet_loads_the_books_params_and_gets_its_accuracy():
 
 def test_save_and_load_params_round_trip(tmp_path):
     np.random.seed(0)
-    a = SimpleConvNet(input_dim=(1, 10, 10), conv_param={"filter_num": 3, "filter_size": 3, "pad": 0, "stride": 1},
-                      hidden_size=5)
+    a = SimpleConvNet(
+        input_dim=(1, 10, 10), conv_param={"filter_num": 3, "filter_size": 3, "pad": 0, "stride": 1}, hidden_size=5
+    )
     a.save_params(str(tmp_path / "p.pkl"))
-    b = SimpleConvNet(input_dim=(1, 10, 10), conv_param={"filter_num": 3, "filter_size": 3, "pad": 0, "stride": 1},
-                      hidden_size=5)
+    b = SimpleConvNet(
+        input_dim=(1, 10, 10), conv_param={"filter_num": 3, "filter_size": 3, "pad": 0, "stride": 1}, hidden_size=5
+    )
     b.load_params(str(tmp_path / "p.pkl"))
     x = np.random.rand(2, 1, 10, 10)
     np.testing.assert_array_equal(a.predict(x), b.predict(x))
@@ -86,9 +89,14 @@ def test_save_and_load_params_round_trip(tmp_path):
 def test_simpleconvnet_gradient_check_with_the_books_settings(backend):
     """ch07/gradient_check.py: 1x10x10 input, 10 filters 3x3, hidden 10, a (1, 1) label array."""
     np.random.seed(0)
-    net = SimpleConvNet(input_dim=(1, 10, 10), conv_param={"filter_num": 10, "filter_size": 3, "pad": 0,
-                                                           "stride": 1},
-                        hidden_size=10, output_size=10, weight_init_std=0.01, backend=backend)
+    net = SimpleConvNet(
+        input_dim=(1, 10, 10),
+        conv_param={"filter_num": 10, "filter_size": 3, "pad": 0, "stride": 1},
+        hidden_size=10,
+        output_size=10,
+        weight_init_std=0.01,
+        backend=backend,
+    )
     X = np.random.rand(100).reshape((1, 1, 10, 10))
     T = np.array([1]).reshape((1, 1))
     num = net.numerical_gradient(X, T)
@@ -100,9 +108,14 @@ def test_simpleconvnet_gradient_check_with_the_books_settings(backend):
         assert np.abs(num[key] - grad[key]).mean() < 2e-5, key
         assert np.median(np.abs(num[key] - grad[key])) < 1e-9, key
     np.random.seed(0)
-    ref = SimpleConvNet(input_dim=(1, 10, 10), conv_param={"filter_num": 10, "filter_size": 3, "pad": 0,
-                                                           "stride": 1},
-                        hidden_size=10, output_size=10, weight_init_std=0.01, backend="reference")
+    ref = SimpleConvNet(
+        input_dim=(1, 10, 10),
+        conv_param={"filter_num": 10, "filter_size": 3, "pad": 0, "stride": 1},
+        hidden_size=10,
+        output_size=10,
+        weight_init_std=0.01,
+        backend="reference",
+    )
     for key, g in ref.gradient(X, T).items():
         assert _max_rel(grad[key], g) < 1e-12, key
 
@@ -147,8 +160,14 @@ def test_deepconvnet_fastbp_equals_reference_with_dropout_masks(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_multilayernetextend_fastbp_equals_reference(dtype):
     np.random.seed(5)
-    kw = dict(activation="relu", weight_decay_lambda=0.05, use_dropout=True, dropout_ration=0.3,
-              use_batchnorm=True, dtype=dtype)
+    kw = dict(
+        activation="relu",
+        weight_decay_lambda=0.05,
+        use_dropout=True,
+        dropout_ration=0.3,
+        use_batchnorm=True,
+        dtype=dtype,
+    )
     fast = MultiLayerNetExtend(20, [16, 16], 5, **kw)
     np.random.seed(5)
     ref = MultiLayerNetExtend(20, [16, 16], 5, backend="reference", **kw)
@@ -160,13 +179,14 @@ def test_multilayernetextend_fastbp_equals_reference(dtype):
         np.random.seed(9)
         gr = ref.gradient(x, t)
         tol = 2e-3 if dtype == np.float32 else 1e-9
-        for k in gr:      # b1, b2 feed a batch norm: their true gradient is 0, so compare absolutely too
+        for k in gr:  # b1, b2 feed a batch norm: their true gradient is 0, so compare absolutely too
             np.testing.assert_allclose(gf[k], gr[k], rtol=tol, atol=tol * 1e-2, err_msg=k)
             fast.params[k] -= 0.1 * gf[k]
             ref.params[k] -= 0.1 * gr[k].astype(dtype)
     for i in (1, 2):
-        np.testing.assert_allclose(fast.layers[f"BatchNorm{i}"].running_mean, ref.layers[f"BatchNorm{i}"].running_mean,
-                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            fast.layers[f"BatchNorm{i}"].running_mean, ref.layers[f"BatchNorm{i}"].running_mean, rtol=1e-4, atol=1e-6
+        )
     assert fast.accuracy(x, t) == ref.accuracy(x, t)
     assert abs(fast.loss(x, t) - ref.loss(x, t)) < (1e-4 if dtype == np.float32 else 1e-10)
 
@@ -186,6 +206,7 @@ def test_backend_module_builds_the_books_class_with_that_module():
 def _step_bytes(net, opt, x, t, steps=3):
     def step():
         opt.update(net.params, net.gradient(x, t))
+
     for _ in range(3):
         step()
     gc.collect()
@@ -211,13 +232,24 @@ def test_training_steps_allocate_no_numpy_arrays(opt_cls):
     for scale, dtype in ((1, np.float32), (2, np.float64)):
         np.random.seed(0)
         size = 12 * scale
-        conv = SimpleConvNet(input_dim=(1, size, size), conv_param={"filter_num": 4 * scale, "filter_size": 3,
-                                                                    "pad": 1, "stride": 1},
-                             hidden_size=16 * scale, output_size=10, dtype=dtype)
+        conv = SimpleConvNet(
+            input_dim=(1, size, size),
+            conv_param={"filter_num": 4 * scale, "filter_size": 3, "pad": 1, "stride": 1},
+            hidden_size=16 * scale,
+            output_size=10,
+            dtype=dtype,
+        )
         x = np.random.rand(8 * scale, 1, size, size).astype(np.float32)
         t = np.random.randint(0, 10, 8 * scale).astype(np.uint8)
-        ext = MultiLayerNetExtend(32 * scale, [16 * scale, 16 * scale], 10, weight_decay_lambda=0.01,
-                                  use_dropout=True, use_batchnorm=True, dtype=dtype)
+        ext = MultiLayerNetExtend(
+            32 * scale,
+            [16 * scale, 16 * scale],
+            10,
+            weight_decay_lambda=0.01,
+            use_dropout=True,
+            use_batchnorm=True,
+            dtype=dtype,
+        )
         xe = np.random.rand(8 * scale, 32 * scale).astype(np.float32)
         peaks.append((_step_bytes(conv, opt_cls(), x, t), _step_bytes(ext, opt_cls(), xe, t)))
     for (small, big), name in zip(zip(*peaks), ("SimpleConvNet", "MultiLayerNetExtend")):
@@ -226,30 +258,52 @@ def test_training_steps_allocate_no_numpy_arrays(opt_cls):
 
 
 def test_simpleconvnet_trains_on_the_bundled_digits():
-    x, t = _digits(5000)                 # the bundled digits are sorted by label: draw a random split
+    x, t = _digits(5000)  # the bundled digits are sorted by label: draw a random split
     rng = np.random.default_rng(0)
     perm = rng.permutation(5000)
     xtr, ttr, xte, tte = x[perm[:1000]], t[perm[:1000]], x[perm[4500:]], t[perm[4500:]]
     np.random.seed(0)
     net = SimpleConvNet(dtype=np.float32)
-    opt = Adam(lr=0.001)                 # the book's ch07/train_convnet.py settings
+    opt = Adam(lr=0.001)  # the book's ch07/train_convnet.py settings
     before = net.loss(xte, tte)
     for _ in range(40):
         idx = rng.integers(0, 1000, 50)
         opt.update(net.params, net.gradient(xtr[idx], ttr[idx]))
     assert net.loss(xte, tte) < 0.6 * before
-    assert net.accuracy(xte, tte) > 0.6        # measured 0.70 after these 40 steps (chance: 0.1)
+    assert net.accuracy(xte, tte) > 0.6  # measured 0.70 after these 40 steps (chance: 0.1)
 
 
-@pytest.mark.parametrize("net", ["simpleconvnet"])      # deepconvnet takes the same path (2 s more)
+@pytest.mark.parametrize("net", ["simpleconvnet"])  # deepconvnet takes the same path (2 s more)
 def test_cli_trains_the_convolutional_nets(net, tmp_path, capsys):
     from fastbp import cli
+
     out = tmp_path / "run.json"
-    rc = cli.main(["train", "--net", net, "--iters", "2", "--batch-size", "20", "--source", "sample",
-                   "--no-train-acc", "--optimizer", "adam", "--lr", "0.001", "--dtype", "float32", "-q",
-                   "--json", str(out)])
+    rc = cli.main(
+        [
+            "train",
+            "--net",
+            net,
+            "--iters",
+            "2",
+            "--batch-size",
+            "20",
+            "--source",
+            "sample",
+            "--no-train-acc",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.001",
+            "--dtype",
+            "float32",
+            "-q",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     import json
+
     summary = json.loads(out.read_text())
     assert summary["net"] == net and summary["iterations"] == 2 and 0 <= summary["final_test_accuracy"] <= 1
     assert ("SimpleConvNet" if net == "simpleconvnet" else "DeepConvNet") in capsys.readouterr().out
@@ -259,9 +313,14 @@ def test_bench_conv_cases_check_out():
     """fastbp.bench.conv_cases (issue 9's rows of `fastbp bench`): the implementations agree before timing."""
     from fastbp.bench.conv_cases import conv_case_specs
     from fastbp.bench.harness import check_case
+
     specs = dict(conv_case_specs(None))
-    assert set(specs) >= {"train-simpleconvnet-b100-f32", "train-deepconvnet-b100-f32", "book-simpleconvnet-b100",
-                          "maxpool-100x30x24x24"}
+    assert set(specs) >= {
+        "train-simpleconvnet-b100-f32",
+        "train-deepconvnet-b100-f32",
+        "book-simpleconvnet-b100",
+        "maxpool-100x30x24x24",
+    }
     for key in ("maxpool-100x30x24x24", "train-simpleconvnet-b100-f64"):
         row = check_case(specs[key]())
         assert "error" not in row, row["check"]

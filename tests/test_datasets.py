@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from fastbp import datasets as ds
-from fastbp.datasets import (MNISTNotFoundError, default_data_dir, download_mnist, load_mnist,
-                             parse_idx, sample_indices)
+from fastbp.datasets import MNISTNotFoundError, default_data_dir, download_mnist, load_mnist, parse_idx, sample_indices
 
 NAMES = {key: r.name for key, r in ds.MNIST_FILES.items()}
 FLAGS = list(itertools.product([True, False], repeat=3))  # normalize, flatten, one_hot_label
@@ -23,6 +22,7 @@ FLAGS = list(itertools.product([True, False], repeat=3))  # normalize, flatten, 
 # ------------------------------------------------------------------------------------------
 # helpers and fixtures
 # ------------------------------------------------------------------------------------------
+
 
 def idx_bytes(arr, magic=None, dtype_code=0x08):
     arr = np.asarray(arr, dtype=np.uint8)
@@ -64,8 +64,10 @@ def write_pickle(path, data, protocol=pickle.HIGHEST_PROTOCOL, flat=True):
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
     """No network, no real user cache, no FASTBP_DATA from the environment."""
+
     def no_network(url, timeout):
         raise AssertionError(f"test tried to open {url}")
+
     monkeypatch.setattr(ds, "_open_url", no_network)
     monkeypatch.delenv("FASTBP_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
@@ -78,6 +80,7 @@ def offline(monkeypatch):
     def raise_urlerror(url, timeout):
         calls.append(url)
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
     monkeypatch.setattr(ds, "_open_url", raise_urlerror)
     return calls
 
@@ -86,15 +89,18 @@ def offline(monkeypatch):
 # parse_idx
 # ------------------------------------------------------------------------------------------
 
+
 def test_parse_idx_images_and_labels_from_bytes_and_paths(tmp_path):
     data = fake_mnist()
     imgs, lbls = data["train_img"], data["train_label"]
     (tmp_path / "i.gz").write_bytes(gzip.compress(idx_bytes(imgs)))
     (tmp_path / "l").write_bytes(idx_bytes(lbls))
-    for got, want in [(parse_idx(idx_bytes(imgs), "images"), imgs),
-                      (parse_idx(gzip.compress(idx_bytes(lbls)), "labels"), lbls),
-                      (parse_idx(tmp_path / "i.gz", "images"), imgs),
-                      (parse_idx(str(tmp_path / "l")), lbls)]:
+    for got, want in [
+        (parse_idx(idx_bytes(imgs), "images"), imgs),
+        (parse_idx(gzip.compress(idx_bytes(lbls)), "labels"), lbls),
+        (parse_idx(tmp_path / "i.gz", "images"), imgs),
+        (parse_idx(str(tmp_path / "l")), lbls),
+    ]:
         assert got.dtype == np.uint8 and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
         assert got.flags.writeable
@@ -132,8 +138,11 @@ def test_parse_idx_truncated_header(raw):
 
 def test_parse_idx_wrong_magic_names_expected_and_found():
     labels = idx_bytes(np.arange(5, dtype=np.uint8))
-    with pytest.raises(ValueError, match=r"lbl\.idx: wrong IDX magic for images: expected "
-                                         r"0x00000803, found 0x00000801"):
+    with pytest.raises(
+        ValueError,
+        match=r"lbl\.idx: wrong IDX magic for images: expected "
+        r"0x00000803, found 0x00000801",
+    ):
         parse_idx(labels, "images", name="lbl.idx")
     images = idx_bytes(np.zeros((2, 28, 28), np.uint8))
     with pytest.raises(ValueError, match="expected 0x00000801, found 0x00000803"):
@@ -154,8 +163,11 @@ def test_parse_idx_bad_gzip(tmp_path):
     good = gzip.compress(idx_bytes(np.arange(100, dtype=np.uint8)))
     corrupted = bytearray(good)
     corrupted[-6] ^= 0xFF  # flips a CRC byte
-    for name, raw in [("crc.gz", bytes(corrupted)), ("cut.gz", good[: len(good) // 2]),
-                      ("junk.gz", good[:10] + b"\xff" * 40)]:
+    for name, raw in [
+        ("crc.gz", bytes(corrupted)),
+        ("cut.gz", good[: len(good) // 2]),
+        ("junk.gz", good[:10] + b"\xff" * 40),
+    ]:
         path = tmp_path / name
         path.write_bytes(raw)
         with pytest.raises(ValueError, match=rf"{name}: corrupted gzip data"):
@@ -179,6 +191,7 @@ def test_parse_idx_argument_errors():
 # ------------------------------------------------------------------------------------------
 # full MNIST from a directory
 # ------------------------------------------------------------------------------------------
+
 
 def expected_output(data, normalize, flatten, one_hot_label):
     out = []
@@ -214,8 +227,9 @@ def check_flags(result, normalize, flatten, one_hot_label, n_train, n_test):
 def test_full_idx_all_flags(tmp_path, normalize, flatten, one_hot_label):
     data = fake_mnist()
     write_idx_dir(tmp_path / "mnist", data)
-    result, info = load_mnist(normalize, flatten, one_hot_label, source="full",
-                              data_dir=tmp_path / "mnist", return_info=True)
+    result, info = load_mnist(
+        normalize, flatten, one_hot_label, source="full", data_dir=tmp_path / "mnist", return_info=True
+    )
     check_flags(result, normalize, flatten, one_hot_label, 30, 20)
     for (x, t), (xe, te) in zip(result, expected_output(data, normalize, flatten, one_hot_label)):
         np.testing.assert_array_equal(x, xe)
@@ -259,8 +273,11 @@ def test_full_idx_label_out_of_range(tmp_path):
     data = fake_mnist()
     data["train_label"][7] = 10
     write_idx_dir(tmp_path, data)
-    with pytest.raises(ValueError, match=rf"{NAMES['train_label']}: label values must be in "
-                                         r"0\.\.9, found 1 outside .*e\.g\. 10"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{NAMES['train_label']}: label values must be in "
+        r"0\.\.9, found 1 outside .*e\.g\. 10",
+    ):
         load_mnist(source="full", data_dir=tmp_path)
 
 
@@ -293,13 +310,15 @@ def test_damaged_local_file_is_an_error_in_auto_mode_too(tmp_path, capsys):
 # the book's mnist.pkl
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 @pytest.mark.parametrize("flat", [True, False])
 def test_book_pickle(tmp_path, protocol, flat):
     data = fake_mnist(12, 8)
     write_pickle(tmp_path / "mnist.pkl", data, protocol, flat)
-    ((x, t), (xt, tt)), info = load_mnist(normalize=False, one_hot_label=True, source="full",
-                                          data_dir=tmp_path, return_info=True)
+    ((x, t), (xt, tt)), info = load_mnist(
+        normalize=False, one_hot_label=True, source="full", data_dir=tmp_path, return_info=True
+    )
     np.testing.assert_array_equal(x, data["train_img"].reshape(12, 784))
     np.testing.assert_array_equal(xt, data["test_img"].reshape(8, 784))
     np.testing.assert_array_equal(t.argmax(axis=1), data["train_label"])
@@ -326,19 +345,26 @@ class _Evil:
 def test_book_pickle_refuses_arbitrary_code(tmp_path):
     data = dict(fake_mnist(4, 3), extra=_Evil())
     write_pickle(tmp_path / "mnist.pkl", data)
-    with pytest.raises(ValueError, match=r"mnist\.pkl.*global posix\.getcwd is not allowed"
-                       if os.name == "posix" else r"mnist\.pkl.*is not allowed"):
+    with pytest.raises(
+        ValueError,
+        match=r"mnist\.pkl.*global posix\.getcwd is not allowed"
+        if os.name == "posix"
+        else r"mnist\.pkl.*is not allowed",
+    ):
         load_mnist(source="full", data_dir=tmp_path)
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda d: d.pop("test_label"), r"expected a dict with keys .*found \['test_img', 'train_img'"),
-    (lambda d: d.update(train_img=d["train_img"].astype(np.float32)), "train_img must be a uint8 array"),
-    (lambda d: d.update(test_img=np.zeros((3, 100), np.uint8)), r"test_img must have shape .*\(3, 100\)"),
-    (lambda d: d.update(train_label=np.eye(10)[d["train_label"]]), "train_label must be a 1-D integer"),
-    (lambda d: d.update(test_label=d["test_label"][:2]), "3 images but test_label has 2 labels"),
-    (lambda d: d.update(train_label=np.full(4, -1, np.int64)), "label values must be in 0..9"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda d: d.pop("test_label"), r"expected a dict with keys .*found \['test_img', 'train_img'"),
+        (lambda d: d.update(train_img=d["train_img"].astype(np.float32)), "train_img must be a uint8 array"),
+        (lambda d: d.update(test_img=np.zeros((3, 100), np.uint8)), r"test_img must have shape .*\(3, 100\)"),
+        (lambda d: d.update(train_label=np.eye(10)[d["train_label"]]), "train_label must be a 1-D integer"),
+        (lambda d: d.update(test_label=d["test_label"][:2]), "3 images but test_label has 2 labels"),
+        (lambda d: d.update(train_label=np.full(4, -1, np.int64)), "label values must be in 0..9"),
+    ],
+)
 def test_book_pickle_validation(tmp_path, mutate, match):
     data = fake_mnist(4, 3)
     mutate(data)
@@ -364,6 +390,7 @@ def test_idx_files_take_precedence_over_pickle(tmp_path):
 # ------------------------------------------------------------------------------------------
 # data directory resolution
 # ------------------------------------------------------------------------------------------
+
 
 def test_default_dir_honours_xdg_and_home(monkeypatch, tmp_path):
     assert default_data_dir() == tmp_path / "xdg-cache" / "fastbp" / "mnist"
@@ -396,6 +423,7 @@ def test_cache_dir_is_used_by_default(tmp_path):
 # ------------------------------------------------------------------------------------------
 # missing data, offline download, checksums
 # ------------------------------------------------------------------------------------------
+
 
 def assert_helpful(msg, directory):
     assert str(directory) in msg
@@ -455,6 +483,7 @@ def test_download_success_and_checksum_fallback(monkeypatch, tmp_path, capsys):
         if url.startswith(ds.MIRRORS[0]):  # first mirror serves a corrupted copy
             return io.BytesIO(blobs[name][:-1] + bytes([blobs[name][-1] ^ 1]))
         return io.BytesIO(blobs[name])
+
     monkeypatch.setattr(ds, "_open_url", serve)
 
     target = tmp_path / "dl"
@@ -473,8 +502,7 @@ def test_download_success_and_checksum_fallback(monkeypatch, tmp_path, capsys):
 
 def test_download_all_mirrors_bad_checksum(monkeypatch, tmp_path):
     blobs = fake_remotes(monkeypatch, fake_mnist(2, 2))
-    monkeypatch.setattr(ds, "_open_url", lambda url, timeout: io.BytesIO(
-        b"\x00" * len(blobs[url.rsplit("/", 1)[1]])))
+    monkeypatch.setattr(ds, "_open_url", lambda url, timeout: io.BytesIO(b"\x00" * len(blobs[url.rsplit("/", 1)[1]])))
     with pytest.raises(MNISTNotFoundError, match="SHA-256 mismatch: expected") as err:
         download_mnist(tmp_path, verbose=False)
     assert_helpful(str(err.value), tmp_path)
@@ -483,8 +511,7 @@ def test_download_all_mirrors_bad_checksum(monkeypatch, tmp_path):
 
 def test_download_rejects_oversized_response(monkeypatch, tmp_path):
     blobs = fake_remotes(monkeypatch, fake_mnist(2, 2))
-    monkeypatch.setattr(ds, "_open_url", lambda url, timeout: io.BytesIO(
-        blobs[url.rsplit("/", 1)[1]] + b"more"))
+    monkeypatch.setattr(ds, "_open_url", lambda url, timeout: io.BytesIO(blobs[url.rsplit("/", 1)[1]] + b"more"))
     with pytest.raises(MNISTNotFoundError, match="received more than the expected"):
         download_mnist(tmp_path, mirrors=["http://example.invalid/"], verbose=False)
 
@@ -494,8 +521,9 @@ def test_download_fetches_only_missing_files(monkeypatch, tmp_path):
     blobs = fake_remotes(monkeypatch, data)
     write_idx_dir(tmp_path, {k: data[k] for k in ("train_img", "train_label", "test_img")})
     requested = []
-    monkeypatch.setattr(ds, "_open_url", lambda url, timeout: (
-        requested.append(url), io.BytesIO(blobs[url.rsplit("/", 1)[1]]))[1])
+    monkeypatch.setattr(
+        ds, "_open_url", lambda url, timeout: (requested.append(url), io.BytesIO(blobs[url.rsplit("/", 1)[1]]))[1]
+    )
     _, info = load_mnist(source="full", data_dir=tmp_path, verbose=False, return_info=True)
     assert requested == [ds.MIRRORS[0] + NAMES["test_label"]]
     assert info.n_test == 3
@@ -523,6 +551,7 @@ def test_download_mirrors_argument_validated(tmp_path):
 # auto mode
 # ------------------------------------------------------------------------------------------
 
+
 def test_auto_falls_back_to_sample_loudly(tmp_path, capsys):
     ((x, _), _), info = load_mnist(source="auto", data_dir=tmp_path / "empty", return_info=True)
     err = capsys.readouterr().err
@@ -547,6 +576,7 @@ def test_auto_prefers_local_full_data(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------
 # bundled sample
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("normalize,flatten,one_hot_label", FLAGS)
 def test_sample_all_flags(normalize, flatten, one_hot_label):
@@ -613,9 +643,13 @@ def test_sample_ignores_data_dir_and_network(tmp_path):
 # argument validation
 # ------------------------------------------------------------------------------------------
 
+
 def test_bad_arguments():
-    with pytest.raises(ValueError, match=r"source must be one of \('auto', 'full', 'sample'\), "
-                                         r"got 'mnist'"):
+    with pytest.raises(
+        ValueError,
+        match=r"source must be one of \('auto', 'full', 'sample'\), "
+        r"got 'mnist'",
+    ):
         load_mnist(source="mnist")
     with pytest.raises(TypeError, match="data_dir must be a path .* got int"):
         load_mnist(data_dir=5)
@@ -629,14 +663,14 @@ def test_book_positional_call_and_return_structure():
 
 def _hostile_pickles():
     """Small damaged mnist.pkl files whose headers claim huge strings or frames (issue 7 item 10)."""
-    big = (2 ** 40).to_bytes(8, "little")
-    yield "bytes8", b"\x80\x04\x8e" + big + b"abcdefghi"                    # 20 bytes claiming 2**40 bytes
+    big = (2**40).to_bytes(8, "little")
+    yield "bytes8", b"\x80\x04\x8e" + big + b"abcdefghi"  # 20 bytes claiming 2**40 bytes
     yield "unicode8", b"\x80\x04\x8d" + big + b"abcdefghi"
     yield "bytearray8", b"\x80\x05\x96" + big + b"abcdefghi"
     yield "frame", b"\x80\x04\x95" + big + b"N."
-    yield "binstring", b"\x80\x02T" + (2 ** 31 - 1).to_bytes(4, "little") + b"abcdefghi"
-    yield "binunicode", b"\x80\x02X" + (2 ** 32 - 1).to_bytes(4, "little") + b"abcdefghi"
-    yield "long4", b"\x80\x02\x8b" + (2 ** 31 - 1).to_bytes(4, "little") + b"abcdefghi"
+    yield "binstring", b"\x80\x02T" + (2**31 - 1).to_bytes(4, "little") + b"abcdefghi"
+    yield "binunicode", b"\x80\x02X" + (2**32 - 1).to_bytes(4, "little") + b"abcdefghi"
+    yield "long4", b"\x80\x02\x8b" + (2**31 - 1).to_bytes(4, "little") + b"abcdefghi"
     yield "empty", b""
     yield "not a pickle", b"PK\x03\x04 this is a zip file"
 
@@ -652,6 +686,7 @@ def test_hostile_or_damaged_pickle_is_a_value_error_naming_the_file(tmp_path, wh
 
 def test_pickle_larger_than_any_mnist_is_refused_before_reading(tmp_path, monkeypatch):
     import fastbp.datasets as D
+
     path = write_pickle(tmp_path / "mnist.pkl", fake_mnist(4, 3))
     monkeypatch.setattr(D, "MAX_PICKLE_BYTES", path.stat().st_size - 1)
     with pytest.raises(ValueError, match=r"mnist\.pkl: .* bytes, more than any"):

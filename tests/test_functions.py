@@ -40,13 +40,12 @@ def py_softmax(row):
 # the book's numbers
 # ------------------------------------------------------------------------------------------
 
+
 def test_book_numbers():
     np.testing.assert_array_equal(F.step_function(np.array([-1.0, 1.0, 2.0])), [0, 1, 1])
     assert F.step_function(np.array([-1.0, 1.0])).dtype.kind == "i"
-    np.testing.assert_allclose(F.sigmoid(np.array([-1.0, 1.0, 2.0])), [0.26894142, 0.73105858, 0.88079708],
-                               rtol=1e-7)
-    np.testing.assert_allclose(F.softmax(np.array([0.3, 2.9, 4.0])), [0.01821127, 0.24519181, 0.73659691],
-                               rtol=1e-6)
+    np.testing.assert_allclose(F.sigmoid(np.array([-1.0, 1.0, 2.0])), [0.26894142, 0.73105858, 0.88079708], rtol=1e-7)
+    np.testing.assert_allclose(F.softmax(np.array([0.3, 2.9, 4.0])), [0.01821127, 0.24519181, 0.73659691], rtol=1e-6)
     assert F.cross_entropy_error(Y_BOOK, T_BOOK) == pytest.approx(0.510825457099338, rel=1e-12)
     assert F.cross_entropy_error(Y_BOOK_WRONG, T_BOOK) == pytest.approx(2.302584092994546, rel=1e-12)
     np.testing.assert_array_equal(F.relu(np.array([-2.0, 0.0, 3.0])), [0.0, 0.0, 3.0])
@@ -57,6 +56,7 @@ def test_book_numbers():
 # ------------------------------------------------------------------------------------------
 # sigmoid / relu and their gradients
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sigmoid_stable_and_exact(dtype):
@@ -74,8 +74,9 @@ def test_sigmoid_stable_and_exact(dtype):
 
 def test_sigmoid_matches_the_layers():
     from fastbp import layers as L
+
     x = rng(1).standard_normal((4, 5)) * 20
-    np.testing.assert_array_equal(F.sigmoid(x), L.Sigmoid().forward(x))       # the same kernel
+    np.testing.assert_array_equal(F.sigmoid(x), L.Sigmoid().forward(x))  # the same kernel
     np.testing.assert_allclose(F.sigmoid(x), R.Sigmoid().forward(x), rtol=1e-15, atol=0)
     np.testing.assert_array_equal(F.sigmoid(np.asfortranarray(x)), F.sigmoid(x))
     assert F.sigmoid(np.float64(3.0)).shape == ()
@@ -90,7 +91,7 @@ def test_sigmoid_grad_numerical():
 
 def test_relu_grad_book_convention():
     x = np.array([-1.5, 0.0, 2.0])
-    np.testing.assert_array_equal(F.relu_grad(x), [0.0, 1.0, 1.0])   # 1 at x == 0 as in the book
+    np.testing.assert_array_equal(F.relu_grad(x), [0.0, 1.0, 1.0])  # 1 at x == 0 as in the book
     assert F.relu_grad(x.astype(np.float32)).dtype == np.float32
     x_before = x.copy()
     F.relu(x)
@@ -101,6 +102,7 @@ def test_relu_grad_book_convention():
 # ------------------------------------------------------------------------------------------
 # softmax
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_rows_and_stability(dtype):
@@ -132,6 +134,7 @@ def test_softmax_validation():
 # cross_entropy_error and softmax_loss: the book's semantics (+1e-7 included)
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_error_labels_onehot_batch(dtype):
     r = rng(4)
@@ -145,7 +148,8 @@ def test_cross_entropy_error_labels_onehot_batch(dtype):
     assert float(e_labels) == pytest.approx(expected, rel=TOL[dtype]["rtol"])
     # 1-D y: one sample, scalar label or one-hot
     assert F.cross_entropy_error(y[1], labels[1]) == pytest.approx(
-        -math.log(float(y[1, labels[1]]) + 1e-7), rel=TOL[dtype]["rtol"])
+        -math.log(float(y[1, labels[1]]) + 1e-7), rel=TOL[dtype]["rtol"]
+    )
     assert F.cross_entropy_error(y[1], onehot[1]) == F.cross_entropy_error(y[1], labels[1])
 
 
@@ -197,8 +201,12 @@ def test_softmax_loss_is_book_composition(dtype):
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 6), c=st.sampled_from([1, 2, 5, 1000]), seed=st.integers(0, 2**31 - 1),
-       dtype=st.sampled_from(DTYPES))
+@given(
+    n=st.integers(1, 6),
+    c=st.sampled_from([1, 2, 5, 1000]),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from(DTYPES),
+)
 def test_softmax_cross_entropy_shapes_hypothesis(n, c, seed, dtype):
     r = rng(seed)
     x = (r.standard_normal((n, c)) * 5).astype(dtype)
@@ -220,6 +228,7 @@ def test_sigmoid_promotes_like_np_exp_and_agrees_with_the_layers(dt):
     """One promotion rule (np.exp's) for functions.sigmoid, reference.Sigmoid and layers.Sigmoid (issue 8: on main
     functions.sigmoid gave float64 for int16 where the layers gave float32)."""
     import fastbp.layers as FL
+
     x = (np.arange(-6, 6) % 3).astype(dt) if dt is not np.bool_ else np.array([True, False, True])
     want_dt = np.exp(x).dtype
     got = F.sigmoid(x)
@@ -227,7 +236,11 @@ def test_sigmoid_promotes_like_np_exp_and_agrees_with_the_layers(dt):
     for layer in (R.Sigmoid(), FL.Sigmoid()):
         out = layer.forward(x)
         assert out.dtype == want_dt, type(layer).__module__
-        np.testing.assert_allclose(out.astype(np.float64), got.astype(np.float64),
-                                   rtol=1e-3 if want_dt == np.float16 else 1e-6)
-    np.testing.assert_allclose(got.astype(np.float64), 1 / (1 + np.exp(-x.astype(np.float64))),
-                               **TOL[np.float16 if want_dt == np.float16 else np.float32])
+        np.testing.assert_allclose(
+            out.astype(np.float64), got.astype(np.float64), rtol=1e-3 if want_dt == np.float16 else 1e-6
+        )
+    np.testing.assert_allclose(
+        got.astype(np.float64),
+        1 / (1 + np.exp(-x.astype(np.float64))),
+        **TOL[np.float16 if want_dt == np.float16 else np.float32],
+    )

@@ -1,4 +1,5 @@
 """fastbp._gradcheck_fast: directional (vᵀ J u) gradient checks of layers and networks."""
+
 import numpy as np
 import pytest
 
@@ -30,7 +31,7 @@ def test_layers_pass(mod):
     assert set(errors) == {"x", "W", "b"} and max(errors.values()) < 1e-6
     gradient_check_fast(mod.Pooling(2, 2, 2), x)
     gradient_check_fast(mod.BatchNormalization(np.ones(98), np.zeros(98)), x)
-    gradient_check_fast(mod.Dropout(0.3), x)           # the mask is the same in every pass
+    gradient_check_fast(mod.Dropout(0.3), x)  # the mask is the same in every pass
 
 
 def test_catches_a_sign_flip_in_one_channel_of_dW():
@@ -90,6 +91,7 @@ def test_bad_arguments():
 def test_book1_cnn_cases_pass_in_the_cli_table():
     from fastbp import cli
     from fastbp._gradcheck_fast import book1_cnn_cases
+
     rows = cli.run_gradcheck(book1_cnn_cases(0), threshold=1e-6)
     table = cli.format_gradcheck(rows, 1e-6)
     assert all(r[3] for r in rows), table

@@ -33,6 +33,7 @@ def away_from_zero(r, shape, lo=0.2, hi=2.0):
 # numerical_gradient
 # ------------------------------------------------------------------------------------------
 
+
 def test_book_function_2_example():
     def function_2(x):
         return x[0] ** 2 + x[1] ** 2
@@ -51,7 +52,7 @@ def test_matches_analytic_gradients(shape, dtype):
 
     def f(z):
         z = z.astype(np.float64)
-        return np.sum(np.sin(z) * a) + 0.5 * np.sum(z ** 3)
+        return np.sum(np.sin(z) * a) + 0.5 * np.sum(z**3)
 
     expected = np.cos(x.astype(np.float64)) * a + 1.5 * x.astype(np.float64) ** 2
     grad = numerical_gradient(f, x)
@@ -93,7 +94,7 @@ def test_x_restored_exactly_and_f_gets_x(order):
 
     numerical_gradient(f, x, order=order)
     assert all(seen) and len(seen) == x.size * order
-    assert x.tobytes() == before.tobytes()          # bit-for-bit, including -0.0
+    assert x.tobytes() == before.tobytes()  # bit-for-bit, including -0.0
 
 
 def test_x_restored_when_f_raises():
@@ -116,7 +117,7 @@ def test_noncontiguous_view_is_perturbed_in_place():
     base = np.arange(12.0).reshape(3, 4)
     view = base[:, ::2]
     before = base.copy()
-    grad = numerical_gradient(lambda z: float(np.sum(z ** 2)), view)
+    grad = numerical_gradient(lambda z: float(np.sum(z**2)), view)
     np.testing.assert_allclose(grad, 2 * view, rtol=1e-7)
     np.testing.assert_array_equal(base, before)
 
@@ -147,6 +148,7 @@ def test_numerical_gradient_validation():
 # relative_error
 # ------------------------------------------------------------------------------------------
 
+
 def test_relative_error_definition():
     a = np.array([1.0, -2.0, 0.0, 0.0])
     n = np.array([1.1, -2.0, 0.0, 1e-3])
@@ -164,6 +166,7 @@ def test_relative_error_definition():
 # ------------------------------------------------------------------------------------------
 # gradient_check_layer on correct layers
 # ------------------------------------------------------------------------------------------
+
 
 def layer_cases(dtype):
     r = rng(2)
@@ -189,8 +192,8 @@ def test_gradient_check_layer_passes(name, dtype):
     assert set(errors) == keys
     limit = 1e-5 if dtype == np.float64 else 5e-2
     assert max(errors.values()) <= limit
-    np.testing.assert_array_equal(x, x_before)                    # x copied, never written
-    for p, p0 in zip(layer.params, params_before):                 # params restored exactly
+    np.testing.assert_array_equal(x, x_before)  # x copied, never written
+    for p, p0 in zip(layer.params, params_before):  # params restored exactly
         assert p.tobytes() == p0.tobytes()
 
 
@@ -252,26 +255,27 @@ def test_gradient_check_book1_style_layer():
 # the check can fail: deliberately wrong backward passes
 # ------------------------------------------------------------------------------------------
 
+
 class WrongBiasAffine(R.Affine):
     def backward(self, dout):
         dx = super().backward(dout)
-        self.db[...] = 2 * self.db          # bug: doubled bias gradient
+        self.db[...] = 2 * self.db  # bug: doubled bias gradient
         return dx
 
 
 class WrongSigmoid(R.Sigmoid):
     def backward(self, dout):
-        return dout * self.out              # bug: forgot (1 - out)
+        return dout * self.out  # bug: forgot (1 - out)
 
 
 class UnaveragedSoftmaxWithLoss(R.SoftmaxWithLoss):
     def backward(self, dout=1):
-        return super().backward(dout) * self.y.shape[0]   # bug: forgot / N
+        return super().backward(dout) * self.y.shape[0]  # bug: forgot / N
 
 
 class WrongShapeAffine(R.Affine):
     def backward(self, dout):
-        return super().backward(dout).reshape(-1)         # bug: flattened dx
+        return super().backward(dout).reshape(-1)  # bug: flattened dx
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -336,6 +340,7 @@ def test_gradient_check_layer_validation():
 # models: book-1 TwoLayerNet API and book-2 params/grads lists
 # ------------------------------------------------------------------------------------------
 
+
 class TwoLayerNet:
     """The book-1 chapter-5 network on fastbp.reference layers."""
 
@@ -367,8 +372,12 @@ class TwoLayerNet:
         dout = self.lastLayer.backward(1)
         for layer in reversed(list(self.layers.values())):
             dout = layer.backward(dout)
-        grads = {"W1": self.layers["Affine1"].dW, "b1": self.layers["Affine1"].db,
-                 "W2": self.layers["Affine2"].dW, "b2": self.layers["Affine2"].db}
+        grads = {
+            "W1": self.layers["Affine1"].dW,
+            "b1": self.layers["Affine1"].db,
+            "W2": self.layers["Affine2"].dW,
+            "b2": self.layers["Affine2"].db,
+        }
         if self.bug:
             grads["b2"] = grads["b2"] + 0.1
         return grads
@@ -379,8 +388,11 @@ class Book2Net:
 
     def __init__(self, seed=0):
         r = rng(seed)
-        self.layers = [R.Affine(r.standard_normal((4, 5)), r.standard_normal(5)), R.Sigmoid(),
-                       R.MatMul(r.standard_normal((5, 3)))]
+        self.layers = [
+            R.Affine(r.standard_normal((4, 5)), r.standard_normal(5)),
+            R.Sigmoid(),
+            R.MatMul(r.standard_normal((5, 3))),
+        ]
         self.loss_layer = R.SoftmaxWithLoss()
         self.params, self.grads = [], []
         for layer in self.layers:
@@ -411,7 +423,7 @@ def test_gradient_check_model_book1(dtype):
     assert max(errors.values()) <= (1e-5 if dtype == np.float64 else 5e-2)
     for k, v in net.params.items():
         assert v.tobytes() == before[k].tobytes()
-    assert gradient_check(net, x, t) == errors          # dispatcher picks the model check
+    assert gradient_check(net, x, t) == errors  # dispatcher picks the model check
     assert set(gradient_check_model(net, x, t, keys=["b2"])) == {"b2"}
 
 

@@ -1,6 +1,7 @@
 """The def wrappers of fastbp._kernels called directly: results vs NumPy over layouts, transposes, empty dimensions
 and dtypes; validation (TypeError for dtypes, ValueError for shapes/read-only/non-contiguous outputs); the OpenMP
 paths on large arrays; float32 sums accumulated in double; fastbp._blas.info()."""
+
 import itertools
 import os
 import subprocess
@@ -27,8 +28,9 @@ def assert_close(actual, expected, dtype, err_msg=""):
     assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape} {err_msg}"
     t = TOL[np.dtype(dtype).type]
     scale = max(1.0, float(np.max(np.abs(expected.astype(F64)), initial=0.0)))
-    np.testing.assert_allclose(actual.astype(F64), expected.astype(F64), rtol=t["rtol"], atol=t["atol"] * scale,
-                               err_msg=err_msg)
+    np.testing.assert_allclose(
+        actual.astype(F64), expected.astype(F64), rtol=t["rtol"], atol=t["atol"] * scale, err_msg=err_msg
+    )
 
 
 # 2-D operand layouts: C; Fortran; a leading dimension larger than the row (rows2) or column (cols2); every axis
@@ -270,8 +272,14 @@ def test_affine_forward_bad_shapes_and_outputs_are_value_errors():
 
 def _affine_bwd_args(dtype=F64):
     n, d, m = 3, 4, 2
-    return [np.ones((n, m), dtype), np.ones((n, d), dtype), np.ones((d, m), dtype), np.zeros((n, d), dtype),
-            np.zeros((d, m), dtype), np.zeros(m, dtype)]
+    return [
+        np.ones((n, m), dtype),
+        np.ones((n, d), dtype),
+        np.ones((d, m), dtype),
+        np.zeros((n, d), dtype),
+        np.zeros((d, m), dtype),
+        np.zeros(m, dtype),
+    ]
 
 
 BWD_NAMES = ["dout", "x", "W", "dx", "dW", "db"]
@@ -342,8 +350,12 @@ def test_affine_backward_dx_aliasing_an_input(target):
     want = (dout @ W.T, x.T @ dout, dout.sum(0))
     dx = x if target == "x" else dout
     dW, db = np.zeros((3, 3)), np.zeros(3)
-    _refuse_or_right(lambda: K.affine_backward(dout, x, W, dx, dW, db), lambda: [dx, dW, db], want,
-                     f"affine_backward dx is {target} (dx, dW, db)")
+    _refuse_or_right(
+        lambda: K.affine_backward(dout, x, W, dx, dW, db),
+        lambda: [dx, dW, db],
+        want,
+        f"affine_backward dx is {target} (dx, dW, db)",
+    )
 
 
 def test_bias_backward_accumulates_float32_in_double():
@@ -611,9 +623,12 @@ def test_softmax_cross_entropy_outputs_aliasing_x(alias):
     y = x if alias == "y" else np.zeros_like(x)
     g = x if alias == "grad" else np.zeros_like(x)
     loss = []
-    _refuse_or_right(lambda: loss.append(K.softmax_cross_entropy(x, t, y, g, 1.0)),
-                     lambda: [np.array(loss[0]), y] + ([g] if alias == "grad" else []),
-                     [want_loss / 4, want_y, want_y - t64], f"softmax_cross_entropy {alias} is x (loss, y, grad)")
+    _refuse_or_right(
+        lambda: loss.append(K.softmax_cross_entropy(x, t, y, g, 1.0)),
+        lambda: [np.array(loss[0]), y] + ([g] if alias == "grad" else []),
+        [want_loss / 4, want_y, want_y - t64],
+        f"softmax_cross_entropy {alias} is x (loss, y, grad)",
+    )
 
 
 @with_dtypes
@@ -668,13 +683,20 @@ def _numpy_step(kind, p, g, s1, s2, lr, a, b):
     return p, s1, s2
 
 
-OPT_PARAMS = {SGD: (0.1, 0, 0), MOMENTUM: (0.1, 0.9, 0), NESTEROV: (0.1, 0.9, 0), ADAGRAD: (0.1, 0, 0),
-              RMSPROP: (0.01, 0.99, 0), ADAM: (0.001 * np.sqrt(1 - 0.999) / (1 - 0.9), 0.9, 0.999)}
+OPT_PARAMS = {
+    SGD: (0.1, 0, 0),
+    MOMENTUM: (0.1, 0.9, 0),
+    NESTEROV: (0.1, 0.9, 0),
+    ADAGRAD: (0.1, 0, 0),
+    RMSPROP: (0.01, 0.99, 0),
+    ADAM: (0.001 * np.sqrt(1 - 0.999) / (1 - 0.9), 0.9, 0.999),
+}
 
 
 @pytest.mark.parametrize("kind", range(6), ids=["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam"])
-@pytest.mark.parametrize("shape,order", [((3, 5), "C"), ((3, 5), "F"), ((7,), "C"), ((4 * PARALLEL_MIN + 3,), "C"),
-                                         ((0, 4), "C")])
+@pytest.mark.parametrize(
+    "shape,order", [((3, 5), "C"), ((3, 5), "F"), ((7,), "C"), ((4 * PARALLEL_MIN + 3,), "C"), ((0, 4), "C")]
+)
 @with_dtypes
 def test_optimizer_update_one_step(dtype, kind, shape, order):
     rng = np.random.default_rng(kind)
@@ -784,7 +806,7 @@ def test_softmax_target_gradient_and_loss_exact_when_the_max_dominates(dtype, c,
     x[np.arange(n), t] = margin
     y, g = np.empty_like(x), np.empty_like(x)
     loss = K.softmax_cross_entropy(x, t, y, g, 0.5)
-    others = (c - 1) * np.exp(-margin)               # exact, in float64
+    others = (c - 1) * np.exp(-margin)  # exact, in float64
     want_loss = np.log1p(others)
     want_gt = -0.5 * others / (1 + others)
     rel = 1e-5 if dtype == F32 else 1e-12
@@ -800,7 +822,7 @@ def test_softmax_float32_loss_beyond_float32_range_is_finite():
     y, g = np.empty_like(x), np.empty_like(x)
     with np.errstate(over="raise", invalid="raise"):
         loss = K.softmax_cross_entropy(x, np.array([1, 1]), y, g, 1.0)
-    assert np.isfinite(loss) and loss == pytest.approx(3e38, rel=1e-6)   # mean of 6e38 and 0
+    assert np.isfinite(loss) and loss == pytest.approx(3e38, rel=1e-6)  # mean of 6e38 and 0
     np.testing.assert_array_equal(y, [[1, 0], [0, 1]])
     np.testing.assert_array_equal(g, [[1, -1], [0, 0]])
 
@@ -846,14 +868,15 @@ def test_softmax_ignore_label_rows_add_nothing(dtype, n, c):
 @with_dtypes
 def test_softmax_ignore_label_every_row_ignored_gives_zero(dtype):
     x = np.arange(12, dtype=dtype).reshape(4, 3)
-    t = np.full(4, 7, np.int64)                 # any int64 value can be the ignored label, even one in [0, C)
+    t = np.full(4, 7, np.int64)  # any int64 value can be the ignored label, even one in [0, C)
     y, g = np.empty_like(x), np.full_like(x, np.nan)
     assert K.softmax_cross_entropy(x, t, y, g, 1.0, ignore_label=7) == 0.0
     assert np.all(g == 0)
     assert_close(y, _softmax_truth(x, np.zeros(4, int))[1], dtype)
     t = np.array([0, 1, 1, 2])
     assert K.softmax_cross_entropy(x, t, y, g, 1.0, ignore_label=1) == pytest.approx(
-        _ignore_truth(x, t, 1)[0], rel=TOL[dtype]["rtol"])
+        _ignore_truth(x, t, 1)[0], rel=TOL[dtype]["rtol"]
+    )
 
 
 def test_softmax_ignore_label_gradient_is_the_derivative_of_the_mean_loss():
@@ -869,8 +892,10 @@ def test_softmax_ignore_label_gradient_is_the_derivative_of_the_mean_loss():
         xp, xm = x.copy(), x.copy()
         xp[idx] += h
         xm[idx] -= h
-        num[idx] = (K.softmax_cross_entropy(xp, t, y.copy(), None, 1.0, ignore_label=-1)
-                    - K.softmax_cross_entropy(xm, t, y.copy(), None, 1.0, ignore_label=-1)) / (2 * h)
+        num[idx] = (
+            K.softmax_cross_entropy(xp, t, y.copy(), None, 1.0, ignore_label=-1)
+            - K.softmax_cross_entropy(xm, t, y.copy(), None, 1.0, ignore_label=-1)
+        ) / (2 * h)
     np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-9)
 
 
@@ -886,8 +911,9 @@ def test_softmax_ignore_label_validation():
     with pytest.raises(ValueError, match="int64"):
         K.softmax_cross_entropy(x, np.array([0, 1, 2]), y, g, 1.0, ignore_label=2**63)
     # np.integer ignore labels work like int
-    assert K.softmax_cross_entropy(x, np.array([0, -1, 1]), y, g, 1.0, ignore_label=np.int32(-1)) == \
-        pytest.approx(np.log(4))
+    assert K.softmax_cross_entropy(x, np.array([0, -1, 1]), y, g, 1.0, ignore_label=np.int32(-1)) == pytest.approx(
+        np.log(4)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -931,11 +957,12 @@ def test_fastbp_num_threads_sets_the_team_of_every_kernel(value):
     root = os.path.dirname(os.path.dirname(os.path.abspath(K.__file__)))
     env = dict(os.environ, PYTHONPATH=root, FASTBP_NUM_THREADS=value, FASTBP_BLAS_THREADING="split")
     env.pop("OMP_NUM_THREADS", None)
-    r = subprocess.run([sys.executable, "-c", _NUM_THREADS_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", _NUM_THREADS_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = r.stdout.split()
-    want = value or got[4]                      # unset: OpenMP's default
+    want = value or got[4]  # unset: OpenMP's default
     assert got[:4] == [want] * 4
 
 
@@ -956,5 +983,6 @@ def test_bias_backward_same_bits_for_every_thread_count(dtype, n, m):
     for g in got[1:]:
         assert np.array_equal(g, got[0])
     want = dout.astype(F64).sum(axis=0)
-    np.testing.assert_allclose(got[0], want, rtol=1e-12 if dtype == F64 else 1e-6,
-                               atol=1e-12 * np.abs(dout).astype(F64).sum(axis=0).max())
+    np.testing.assert_allclose(
+        got[0], want, rtol=1e-12 if dtype == F64 else 1e-6, atol=1e-12 * np.abs(dout).astype(F64).sum(axis=0).max()
+    )

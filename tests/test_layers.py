@@ -4,6 +4,7 @@ Every case runs over both modules and both float dtypes where it applies.  Backw
 independent 5-point finite difference written here (and, as a cross-check, against fastbp.gradient); the fast
 layers are checked against the reference and against float64 NumPy formulas over shapes, memory layouts and dtypes.
 """
+
 import math
 import threading
 import warnings
@@ -34,8 +35,9 @@ GRAD_TOL = {F64: 1e-7, F32: 3e-5}
 GRAD_FLOOR = {F64: 1e-6, F32: 1e-3}
 FD_H = 1e-3  # 5-point stencil step in float64: truncation O(h^4), rounding O(eps/h)
 
-HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-               derandomize=True, database=None)
+HYP = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None
+)
 
 
 def _key(dtype):
@@ -285,7 +287,7 @@ GRAD_CASES = {
     "Affine-2d": lambda M, dt: _case_affine(M, dt, (4, 5)),
     "Affine-4d": lambda M, dt: _case_affine(M, dt, (2, 2, 3, 2)),
     "MatMul": _case_matmul,
-    "Relu": lambda M, dt: _case_unary(M, dt, "Relu", away=0.05),   # |x| >= 0.05 > 2h: away from the kink
+    "Relu": lambda M, dt: _case_unary(M, dt, "Relu", away=0.05),  # |x| >= 0.05 > 2h: away from the kink
     "Sigmoid": lambda M, dt: _case_unary(M, dt, "Sigmoid", scale=2.0),
     "SoftmaxWithLoss-labels": lambda M, dt: _case_softmax(M, dt, "labels"),
     "SoftmaxWithLoss-onehot": lambda M, dt: _case_softmax(M, dt, "onehot"),
@@ -390,8 +392,18 @@ widths = st.tuples(st.sampled_from(WIDTHS), st.sampled_from(WIDTHS)).filter(lamb
 
 @with_dtypes
 @HYP
-@given(n=st.sampled_from([1, 2, 3, 5, 8]), dm=widths, x4d=st.booleans(), w_dt=float_dtypes, b_dt=float_dtypes,
-       lx=layouts, lw=layouts, lb=layouts, ld=layouts, seed=seeds)
+@given(
+    n=st.sampled_from([1, 2, 3, 5, 8]),
+    dm=widths,
+    x4d=st.booleans(),
+    w_dt=float_dtypes,
+    b_dt=float_dtypes,
+    lx=layouts,
+    lw=layouts,
+    lb=layouts,
+    ld=layouts,
+    seed=seeds,
+)
 def test_affine_matches_reference(dtype, n, dm, x4d, w_dt, b_dt, lx, lw, lb, ld, seed):
     d, m = dm
     event(f"d={d}, m={m}")
@@ -402,11 +414,15 @@ def test_affine_matches_reference(dtype, n, dm, x4d, w_dt, b_dt, lx, lw, lb, ld,
     W0 = rng.standard_normal((d, m)).astype(w_dt)
     b0 = rng.standard_normal(m).astype(b_dt)
     rt = np.result_type(x0, W0, b0)  # NumPy's promotion: float32 x with float64 W computes in float64
-    pt = np.result_type(x0, W0)      # x @ W + b: the product may be rounded to x @ W's dtype, as NumPy does
+    pt = np.result_type(x0, W0)  # x @ W + b: the product may be rounded to x @ W's dtype, as NumPy does
     dout0 = rng.standard_normal((n, m)).astype(rt)
     x64, W64, dout64 = x0.reshape(n, d).astype(F64), W0.astype(F64), dout0.astype(F64)
-    want = {"out": x64 @ W64 + b0.astype(F64), "dx": (dout64 @ W64.T).reshape(xshape),
-            "dW": x64.T @ dout64, "db": dout64.sum(0)}
+    want = {
+        "out": x64 @ W64 + b0.astype(F64),
+        "dx": (dout64 @ W64.T).reshape(xshape),
+        "dW": x64.T @ dout64,
+        "db": dout64.sum(0),
+    }
     tol = {"out": pt, "dx": rt, "dW": narrowest(rt, w_dt), "db": narrowest(rt, b_dt)}
     got = {}
     for M in (FL, REF):
@@ -430,8 +446,7 @@ def test_affine_matches_reference(dtype, n, dm, x4d, w_dt, b_dt, lx, lw, lb, ld,
 
 @with_dtypes
 @HYP
-@given(n=st.sampled_from([1, 2, 3, 5, 8]), dm=widths, w_dt=float_dtypes, lx=layouts, lw=layouts, ld=layouts,
-       seed=seeds)
+@given(n=st.sampled_from([1, 2, 3, 5, 8]), dm=widths, w_dt=float_dtypes, lx=layouts, lw=layouts, ld=layouts, seed=seeds)
 def test_matmul_matches_reference(dtype, n, dm, w_dt, lx, lw, ld, seed):
     d, m = dm
     rng = np.random.default_rng(seed)
@@ -542,9 +557,16 @@ def _softmax_truth(x64, labels, dout):
 
 @with_dtypes
 @HYP
-@given(n=st.sampled_from([1, 2, 3, 5, 8]), c=st.sampled_from([1, 2, 3, 10, 1000]), kind=st.sampled_from(TARGET_KINDS),
-       scale=st.sampled_from([1.0, 10.0, 100.0]), dout=st.sampled_from([1, 0.5, 3.0]), lx=layouts, lt=layouts,
-       seed=seeds)
+@given(
+    n=st.sampled_from([1, 2, 3, 5, 8]),
+    c=st.sampled_from([1, 2, 3, 10, 1000]),
+    kind=st.sampled_from(TARGET_KINDS),
+    scale=st.sampled_from([1.0, 10.0, 100.0]),
+    dout=st.sampled_from([1, 0.5, 3.0]),
+    lx=layouts,
+    lt=layouts,
+    seed=seeds,
+)
 def test_softmax_with_loss_matches_reference(dtype, n, c, kind, scale, dout, lx, lt, seed):
     rng = np.random.default_rng(seed)
     x0 = (rng.standard_normal((n, c)) * scale).astype(dtype)
@@ -648,6 +670,7 @@ def _run_unary(cls):
         layer = getattr(M, cls)()
         out = layer.forward(x)
         return out, layer.backward(dout)
+
     return run
 
 
@@ -664,6 +687,7 @@ def _run_softmax(target):
         layer = M.SoftmaxWithLoss()
         loss = layer.forward(x, t)
         return np.array(loss), layer.y, layer.backward()
+
     return run
 
 
@@ -698,19 +722,34 @@ def test_non_native_byte_order(M, case, swapped):
 def _numpy_rule_cases():
     """(name, x dtype, param dtype or None): the layer's answer must equal NumPy's formula's, or be a TypeError."""
     return [
-        ("Affine", F16, F64), ("Affine", np.int32, F64), ("Affine", np.int64, F32), ("Affine", np.uint8, F64),
-        ("Affine", F16, F16), ("Affine", np.int64, np.int64),
-        ("MatMul", F16, F64), ("MatMul", np.int32, F64), ("MatMul", F16, F16), ("MatMul", np.int64, np.int64),
-        ("Relu", F16, None), ("Relu", np.int32, None), ("Relu", np.int64, None),
-        ("Sigmoid", F16, None), ("Sigmoid", np.int32, None), ("Sigmoid", np.int64, None),
+        ("Affine", F16, F64),
+        ("Affine", np.int32, F64),
+        ("Affine", np.int64, F32),
+        ("Affine", np.uint8, F64),
+        ("Affine", F16, F16),
+        ("Affine", np.int64, np.int64),
+        ("MatMul", F16, F64),
+        ("MatMul", np.int32, F64),
+        ("MatMul", F16, F16),
+        ("MatMul", np.int64, np.int64),
+        ("Relu", F16, None),
+        ("Relu", np.int32, None),
+        ("Relu", np.int64, None),
+        ("Sigmoid", F16, None),
+        ("Sigmoid", np.int32, None),
+        ("Sigmoid", np.int64, None),
         ("Sigmoid", np.int16, None),
-        ("SoftmaxWithLoss", F16, None), ("SoftmaxWithLoss", np.int32, None), ("SoftmaxWithLoss", np.int64, None),
+        ("SoftmaxWithLoss", F16, None),
+        ("SoftmaxWithLoss", np.int32, None),
+        ("SoftmaxWithLoss", np.int64, None),
     ]
 
 
-@pytest.mark.parametrize("name,x_dt,p_dt", _numpy_rule_cases(),
-                         ids=[f"{n}-{np.dtype(a).name}-{np.dtype(b).name if b else 'none'}"
-                              for n, a, b in _numpy_rule_cases()])
+@pytest.mark.parametrize(
+    "name,x_dt,p_dt",
+    _numpy_rule_cases(),
+    ids=[f"{n}-{np.dtype(a).name}-{np.dtype(b).name if b else 'none'}" for n, a, b in _numpy_rule_cases()],
+)
 @with_modules
 def test_float16_and_integer_inputs_follow_numpy(M, name, x_dt, p_dt):
     rng = _rng(f"rules-{name}")
@@ -723,13 +762,13 @@ def test_float16_and_integer_inputs_follow_numpy(M, name, x_dt, p_dt):
                 b = (rng.standard_normal(3) * 3).astype(p_dt)
                 layer = M.Affine(W, b) if name == "Affine" else M.MatMul(W)
                 got = layer.forward(x)
-                want = x @ W + b if name == "Affine" else x @ W       # NumPy's own dtype and value
+                want = x @ W + b if name == "Affine" else x @ W  # NumPy's own dtype and value
             elif name == "Relu":
                 got = M.Relu().forward(x)
                 want = np.maximum(x, 0)
             elif name == "Sigmoid":
                 got = M.Sigmoid().forward(x)
-                want = 1 / (1 + np.exp(-x))                           # the book's formula in NumPy
+                want = 1 / (1 + np.exp(-x))  # the book's formula in NumPy
             else:
                 labels = np.array([0, 4, 2, 2])
                 layer = M.SoftmaxWithLoss()
@@ -870,6 +909,7 @@ def _all_layers_forward_backward(M, dtype):
             layer = getattr(M, cls)()
             layer.forward(x2)
             layer.backward(dout2)
+
         return run
 
     def softmax(t):
@@ -877,6 +917,7 @@ def _all_layers_forward_backward(M, dtype):
             layer = M.SoftmaxWithLoss()
             layer.forward(x2, t)
             layer.backward(2.0)
+
         return run
 
     def repeat():
@@ -894,14 +935,21 @@ def _all_layers_forward_backward(M, dtype):
             layer = getattr(M, cls)()
             layer.forward(xm, ym)
             layer.backward(douta)
+
         return run
 
-    return [("Affine", affine, [x4, W, b, dout]), ("MatMul", matmul, [x4, W, dout]),
-            ("Relu", unary("Relu"), [x2, dout2]), ("Sigmoid", unary("Sigmoid"), [x2, dout2]),
-            ("SoftmaxWithLoss-labels", softmax(labels), [x2, labels]),
-            ("SoftmaxWithLoss-onehot", softmax(onehot), [x2, onehot]),
-            ("Repeat", repeat, [xr, doutr]), ("Sum", sum_, [xs, douts]),
-            ("MulLayer", binary("MulLayer"), [xm, ym, douta]), ("AddLayer", binary("AddLayer"), [xm, ym, douta])]
+    return [
+        ("Affine", affine, [x4, W, b, dout]),
+        ("MatMul", matmul, [x4, W, dout]),
+        ("Relu", unary("Relu"), [x2, dout2]),
+        ("Sigmoid", unary("Sigmoid"), [x2, dout2]),
+        ("SoftmaxWithLoss-labels", softmax(labels), [x2, labels]),
+        ("SoftmaxWithLoss-onehot", softmax(onehot), [x2, onehot]),
+        ("Repeat", repeat, [xr, doutr]),
+        ("Sum", sum_, [xs, douts]),
+        ("MulLayer", binary("MulLayer"), [xm, ym, douta]),
+        ("AddLayer", binary("AddLayer"), [xm, ym, douta]),
+    ]
 
 
 @with_dtypes
@@ -999,6 +1047,7 @@ def names(*parts):
 
 def esc(s):
     import re
+
     return re.escape(str(s))
 
 
@@ -1274,8 +1323,12 @@ def _train_stack(M, dtype, kwargs, data, steps=3):
     """Affine-Relu-Affine-SoftmaxWithLoss with own weight copies; a few SGD steps; every result of every step."""
     x, t, W1, b1, W2, b2 = data
     W1, b1, W2, b2 = (np.array(a, dtype) for a in (W1, b1, W2, b2))
-    a1, relu, a2, loss = (M.Affine(W1, b1, **kwargs), M.Relu(**kwargs), M.Affine(W2, b2, **kwargs),
-                          M.SoftmaxWithLoss(**kwargs))
+    a1, relu, a2, loss = (
+        M.Affine(W1, b1, **kwargs),
+        M.Relu(**kwargs),
+        M.Affine(W2, b2, **kwargs),
+        M.SoftmaxWithLoss(**kwargs),
+    )
     xs = x.astype(dtype)
     record = []
     for _ in range(steps):
@@ -1287,13 +1340,20 @@ def _train_stack(M, dtype, kwargs, data, steps=3):
     return record
 
 
-@pytest.mark.parametrize("M,kwargs", [(FL, {}), (FL, {"reuse": True}), (REF, {})],
-                         ids=["layers", "layers-reuse", "reference"])
+@pytest.mark.parametrize(
+    "M,kwargs", [(FL, {}), (FL, {"reuse": True}), (REF, {})], ids=["layers", "layers-reuse", "reference"]
+)
 @with_dtypes
 def test_threads_give_bit_identical_results(M, kwargs, dtype):
     rng = _rng("threads")
-    data = (rng.standard_normal((100, 784)), rng.integers(0, 10, 100), rng.standard_normal((784, 50)) * 0.05,
-            np.zeros(50), rng.standard_normal((50, 10)) * 0.05, np.zeros(10))
+    data = (
+        rng.standard_normal((100, 784)),
+        rng.integers(0, 10, 100),
+        rng.standard_normal((784, 50)) * 0.05,
+        np.zeros(50),
+        rng.standard_normal((50, 10)) * 0.05,
+        np.zeros(10),
+    )
     want = _train_stack(M, dtype, kwargs, data)
     results, errors = [None] * 4, []
     barrier = threading.Barrier(4)
@@ -1342,7 +1402,7 @@ class _Book2TwoLayerNet:
         self.layers = [M.Affine(W1, b1), M.Sigmoid(), M.Affine(W2, b2)]
         self.loss_layer = M.SoftmaxWithLoss()
         self.params, self.grads = [], []
-        for layer in self.layers:             # the book collects them once, parameterless layers included
+        for layer in self.layers:  # the book collects them once, parameterless layers included
             self.params += layer.params
             self.grads += layer.grads
 
@@ -1360,7 +1420,7 @@ class _Book2TwoLayerNet:
 
 def _book2_train(M, data_dtype, param_dtype, epochs=300, batch=30, lr=1.0):
     """Book 2's ch01/train.py with its Trainer loop written out; every step's loss."""
-    rs = np.random.RandomState(1984)       # spiral.load_data() seeds 1984; the weights and shuffles follow
+    rs = np.random.RandomState(1984)  # spiral.load_data() seeds 1984; the weights and shuffles follow
     x, t = _spiral(rs)
     x = x.astype(data_dtype)
     model = _Book2TwoLayerNet(M, rs, param_dtype)
@@ -1371,10 +1431,10 @@ def _book2_train(M, data_dtype, param_dtype, epochs=300, batch=30, lr=1.0):
         idx = rs.permutation(np.arange(len(x)))
         x, t = x[idx], t[idx]
         for i in range(iters):
-            bx, bt = x[i * batch:(i + 1) * batch], t[i * batch:(i + 1) * batch]
+            bx, bt = x[i * batch : (i + 1) * batch], t[i * batch : (i + 1) * batch]
             losses.append(float(model.forward(bx, bt)))
             model.backward()
-            for p, g in zip(model.params, model.grads):      # common/optimizer.py SGD.update
+            for p, g in zip(model.params, model.grads):  # common/optimizer.py SGD.update
                 p -= lr * g
     return np.array(losses), model, kept
 
@@ -1389,9 +1449,9 @@ def test_book2_ch01_spiral_training_matches_reference_step_for_step(dtype):
     # float32 losses drift apart by rounding over 3000 steps of lr 1.0 (measured: 1.6e-5 at most); float64 ones
     # stay within 1e-14
     np.testing.assert_allclose(fast, ref, rtol=1e-11 if dtype is F64 else 2e-4, atol=0)
-    final = fast[-10:].mean()              # the book's last printout averages the last epoch's 10 losses
+    final = fast[-10:].mean()  # the book's last printout averages the last epoch's 10 losses
     assert 0.05 < final < 0.3, final
-    assert fast[:10].mean() > 1.0          # it starts at ln(3) = 1.0986
+    assert fast[:10].mean() > 1.0  # it starts at ln(3) = 1.0986
 
 
 @with_modules
@@ -1414,7 +1474,7 @@ def test_grads_written_in_place_whatever_comes_in(M, name, case):
     if case == "F-order-W":
         W = np.asfortranarray(W)
     layer = M.Affine(W, b) if name == "Affine" else M.MatMul(W)
-    if case == "strided-grads":                # grads living in a bigger buffer (a view with strides)
+    if case == "strided-grads":  # grads living in a bigger buffer (a view with strides)
         big = np.zeros((10, 6), F32)
         layer.grads[0] = big[::2, ::2]
         if name == "Affine":
@@ -1467,9 +1527,9 @@ def test_softmax_backward_returns_a_new_array_each_call(dtype, reuse):
     d1 = layer.backward()
     assert_close(d1, want, dtype)
     if reuse:
-        assert layer.backward() is d1      # the workspace contract
+        assert layer.backward() is d1  # the workspace contract
         return
-    d1 *= 10                               # the book's callers do this (e.g. dout * loss scaling)
+    d1 *= 10  # the book's callers do this (e.g. dout * loss scaling)
     d2 = layer.backward()
     assert d2 is not d1 and not np.shares_memory(d1, d2)
     assert_close(d2, want, dtype)
@@ -1486,25 +1546,30 @@ def test_reuse_layer_fed_its_own_output(name, dtype):
     rng = _rng(f"own-output-{name}")
     W = rng.standard_normal((5, 5)).astype(dtype) * 0.5
     b = rng.standard_normal(5).astype(dtype)
-    make = {"Affine": lambda M, **k: M.Affine(W, b, **k), "MatMul": lambda M, **k: M.MatMul(W, **k),
-            "Relu": lambda M, **k: M.Relu(**k), "Sigmoid": lambda M, **k: M.Sigmoid(**k)}[name]
+    make = {
+        "Affine": lambda M, **k: M.Affine(W, b, **k),
+        "MatMul": lambda M, **k: M.MatMul(W, **k),
+        "Relu": lambda M, **k: M.Relu(**k),
+        "Sigmoid": lambda M, **k: M.Sigmoid(**k),
+    }[name]
     layer, ref = make(FL, reuse=True), make(REF)
     x = rng.standard_normal((4, 5)).astype(dtype)
     out = layer.forward(x)
     want = ref.forward(ref.forward(x))
-    out2 = layer.forward(out)              # its own buffer as input
+    out2 = layer.forward(out)  # its own buffer as input
     assert_close(out2, want, dtype)
-    assert_close(layer.forward(out2), ref.forward(want), dtype)     # and back again
+    assert_close(layer.forward(out2), ref.forward(want), dtype)  # and back again
     d = rng.standard_normal((4, 5)).astype(dtype)
     dx = layer.backward(d)
     want_dx = ref.backward(d)
-    dx2 = layer.backward(dx)               # its own dx as dout
+    dx2 = layer.backward(dx)  # its own dx as dout
     assert_close(dx2, ref.backward(want_dx), dtype)
 
 
 @pytest.mark.parametrize("dt", [F16, np.int32, np.int64, np.int8, np.uint8, np.bool_])
-@pytest.mark.parametrize("name", ["Affine", "MatMul", "Relu", "Sigmoid", "SoftmaxWithLoss", "MulLayer", "AddLayer",
-                                  "Repeat", "Sum"])
+@pytest.mark.parametrize(
+    "name", ["Affine", "MatMul", "Relu", "Sigmoid", "SoftmaxWithLoss", "MulLayer", "AddLayer", "Repeat", "Sum"]
+)
 def test_every_layer_gives_numpys_answer_for_non_kernel_dtypes(name, dt):
     """Issue 7 item 13: float16 and integer inputs give the reference's (NumPy's) answer for every layer, forward
     and backward, dtype included -- no TypeError."""
@@ -1559,6 +1624,7 @@ def test_gradient_check_layer_with_integer_input_checks_something(M):
 
 class _NoParams:
     """A book-2 style model without parameters: a gradient check of it compares nothing."""
+
     params, grads = [], []
 
     def forward(self, x, t):
@@ -1680,7 +1746,7 @@ def test_overlap_is_a_genuine_error_not_swallowed():
     W = np.ones((4, 4))
     layer = FL.Affine(W, np.zeros(4))
     layer.forward(np.ones((2, 4)))
-    layer.grads[0] = W                       # grads aliasing the weights: the kernel would write W while reading it
+    layer.grads[0] = W  # grads aliasing the weights: the kernel would write W while reading it
     with pytest.raises(ValueError, match="overlap"):
         layer.backward(np.ones((2, 4)))
 
@@ -1716,6 +1782,7 @@ def test_workspace_contract():
     """fastbp._workspace.Workspace (also fastbp.layers._Workspace): results new per call unless reuse, scratch
     always reused, a layer's own previous output never used as its next output buffer."""
     from fastbp._workspace import Workspace
+
     assert FL._Workspace is Workspace
     ws = Workspace(reuse=False)
     assert ws.result("out", (2, 3), F32) is not ws.result("out", (2, 3), F32)
@@ -1727,9 +1794,9 @@ def test_workspace_contract():
     ws.reuse = True
     a = ws.result("out", (2, 3), F32)
     assert ws.result("out", (2, 3), F32) is a
-    b = ws.result("out", (2, 3), F32, src=a)          # fed its own output: the other buffer
+    b = ws.result("out", (2, 3), F32, src=a)  # fed its own output: the other buffer
     assert b is not a and not np.shares_memory(a, b)
-    assert ws.result("out", (2, 3), F32, src=b) is a   # and back
+    assert ws.result("out", (2, 3), F32, src=b) is a  # and back
     assert ws.result("out", (2, 3), F32, src=a[:1]) is b
     x = np.arange(6.0).reshape(2, 3)
     assert ws.as_dtype("c", x, F64) is x

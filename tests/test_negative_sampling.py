@@ -1,6 +1,7 @@
 """fastbp.negative_sampling_layer against the book's NumPy twins (fastbp.reference_time), numerical gradients
 in float64, the vectorised sampler's guarantees, and the CBOW model of ch04 against the book's layer-per-context
 model after remove_duplicate."""
+
 import numpy as np
 import pytest
 
@@ -16,7 +17,7 @@ TOL = {np.float32: dict(rtol=2e-4, atol=2e-6), np.float64: dict(rtol=1e-10, atol
 def _corpus(V=50, n=2000, seed=0):
     rng = np.random.default_rng(seed)
     c = (rng.zipf(1.3, n) % V).astype(np.int32)
-    c[:V] = np.arange(V)                        # every id present, as the book's sampler assumes
+    c[:V] = np.arange(V)  # every id present, as the book's sampler assumes
     return c
 
 
@@ -31,7 +32,7 @@ def test_sampler_rules_and_seed():
     assert s.vocab_size == ref.vocab_size
     np.testing.assert_allclose(s.word_p, ref.word_p, rtol=1e-12)
     target = np.random.default_rng(1).integers(0, 50, 400).astype(np.int32)
-    target[:100] = 0                             # the most frequent word as target
+    target[:100] = 0  # the most frequent word as target
     np.random.seed(5)
     neg = s.get_negative_sample(target)
     assert neg.shape == (400, 5) and neg.dtype == np.int32
@@ -156,6 +157,7 @@ class _BookCBOW:
 
 def test_cbow_matches_book_model():
     from fastbp.util import create_contexts_target
+
     corpus = _corpus(V=40, n=600, seed=6)
     contexts, target = create_contexts_target(corpus, window_size=2)
     contexts, target = contexts[:32], target[:32]

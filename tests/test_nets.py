@@ -1,4 +1,5 @@
 """fastbp.nets: the book's TwoLayerNet / MultiLayerNet API, gradients, backends, allocation-free steps."""
+
 import gc
 import tracemalloc
 
@@ -108,7 +109,7 @@ def test_fastbp_backend_equals_reference_backend(dtype, kind, lam):
 
 @pytest.mark.parametrize("feed", ["one-hot", "float64 x"])
 def test_float32_net_computes_in_float32_whatever_it_is_fed(feed):
-    x, t, T = _data(n=5)                                 # float64 x, float64 one-hot T
+    x, t, T = _data(n=5)  # float64 x, float64 one-hot T
     fast = _make("relu", dtype=np.float32)
     slow = _make("relu", dtype=np.float32, backend="reference")
     target = T if feed == "one-hot" else t
@@ -151,9 +152,16 @@ def test_two_layer_net_api_and_init_like_the_book():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("init,scale", [("relu", lambda n: np.sqrt(2 / n)), ("he", lambda n: np.sqrt(2 / n)),
-                                        ("sigmoid", lambda n: np.sqrt(1 / n)), ("Xavier", lambda n: np.sqrt(1 / n)),
-                                        (0.05, lambda n: 0.05)])
+@pytest.mark.parametrize(
+    "init,scale",
+    [
+        ("relu", lambda n: np.sqrt(2 / n)),
+        ("he", lambda n: np.sqrt(2 / n)),
+        ("sigmoid", lambda n: np.sqrt(1 / n)),
+        ("Xavier", lambda n: np.sqrt(1 / n)),
+        (0.05, lambda n: 0.05),
+    ],
+)
 def test_multi_layer_net_init(init, scale, dtype):
     sizes = [20, 9, 7, 3]
     np.random.seed(3)
@@ -213,7 +221,7 @@ def test_accuracy_with_labels_one_hot_and_slices(backend):
     x, t, T = _data(n=50, seed=4)
     y = np.argmax(net.predict(x), axis=1).copy()
     expected = np.mean(y == t)
-    assert 0 < expected < 1          # make both kinds of rows occur
+    assert 0 < expected < 1  # make both kinds of rows occur
     assert net.accuracy(x, t) == expected
     assert net.accuracy(x, T) == expected
     assert net.accuracy(x, t, batch_size=7) == expected
@@ -222,13 +230,16 @@ def test_accuracy_with_labels_one_hot_and_slices(backend):
         net.accuracy(x, t[:-1])
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(backend="torch"), ValueError, "backend"),
-    (dict(dtype=np.int32), TypeError, "float32 or float64"),
-    (dict(activation="tanh"), ValueError, "activation"),
-    (dict(weight_init_std="glorot"), ValueError, "weight_init_std"),
-    (dict(weight_decay_lambda=-1), ValueError, "weight_decay_lambda"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(backend="torch"), ValueError, "backend"),
+        (dict(dtype=np.int32), TypeError, "float32 or float64"),
+        (dict(activation="tanh"), ValueError, "activation"),
+        (dict(weight_init_std="glorot"), ValueError, "weight_init_std"),
+        (dict(weight_decay_lambda=-1), ValueError, "weight_decay_lambda"),
+    ],
+)
 def test_constructor_validation(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         MultiLayerNet(4, [3], 2, **kwargs)
@@ -247,6 +258,7 @@ def test_size_validation():
 def _step_peak(net, opt, x, t, steps=3):
     """Peak of traced memory above the starting point over `steps` training steps, after warm-up (bytes)
     and the live memory left behind."""
+
     def step():
         grads = net.gradient(x, t)
         opt.update(net.params, grads)
@@ -278,10 +290,10 @@ def _alloc_case(kind, scale, dtype, backend, opt_cls, feed="labels"):
     else:
         net = MultiLayerNet(d, [h, h], c, activation=kind, weight_decay_lambda=0.01, dtype=dtype, backend=backend)
     rng = np.random.default_rng(0)
-    x = rng.random((n, d)).astype(np.float32)           # float32 images, like load_mnist(normalize=True)
-    t = rng.integers(0, c, n).astype(np.uint8)          # uint8 labels, like load_mnist
+    x = rng.random((n, d)).astype(np.float32)  # float32 images, like load_mnist(normalize=True)
+    t = rng.integers(0, c, n).astype(np.uint8)  # uint8 labels, like load_mnist
     if feed == "one-hot":
-        t = np.eye(c)[t]                                # float64, like load_mnist(one_hot_label=True)
+        t = np.eye(c)[t]  # float64, like load_mnist(one_hot_label=True)
     elif feed == "float64 x":
         x = x.astype(np.float64)
     return _step_peak(net, opt_cls(), x, t)

@@ -1,4 +1,5 @@
 """fastbp.optimizer (alias fastbp.optimizers) against a transcription of the book's formulas (common/optimizer.py)."""
+
 import tracemalloc
 import zlib
 
@@ -8,8 +9,11 @@ import pytest
 from fastbp import optimizer as O
 
 DTYPES = [np.float32, np.float64]
-TOL = {np.float32: dict(rtol=2e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-14),
-       np.float16: dict(rtol=2e-2, atol=2e-3)}
+TOL = {
+    np.float32: dict(rtol=2e-5, atol=1e-6),
+    np.float64: dict(rtol=1e-12, atol=1e-14),
+    np.float16: dict(rtol=2e-2, atol=2e-3),
+}
 NAMES = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam"]
 HYPER = {  # non-default hyperparameters, so that a swapped argument shows up
     "SGD": dict(lr=0.05),
@@ -68,16 +72,18 @@ class BookOptimizer:
                 p -= lr * g / (np.sqrt(v) + dt(1e-7))
             elif self.name == "Adam":
                 b1, b2 = hp["beta1"], hp["beta2"]
-                lr_t = dt(hp["lr"] * np.sqrt(1.0 - b2 ** self.iter) / (1.0 - b1 ** self.iter))
+                lr_t = dt(hp["lr"] * np.sqrt(1.0 - b2**self.iter) / (1.0 - b1**self.iter))
                 v += dt(1 - b1) * (g - v)
-                h += dt(1 - b2) * (g ** 2 - h)
+                h += dt(1 - b2) * (g**2 - h)
                 p -= lr_t * v / (np.sqrt(h) + dt(1e-7))
 
 
 def _params(rng, dtype, order="C"):
-    return {"W1": np.asarray(rng.standard_normal((7, 5)), dtype=dtype, order=order),
-            "b1": np.asarray(rng.standard_normal(5), dtype=dtype),
-            "W2": np.asarray(rng.standard_normal((5, 3)), dtype=dtype, order=order)}
+    return {
+        "W1": np.asarray(rng.standard_normal((7, 5)), dtype=dtype, order=order),
+        "b1": np.asarray(rng.standard_normal(5), dtype=dtype),
+        "W2": np.asarray(rng.standard_normal((5, 3)), dtype=dtype, order=order),
+    }
 
 
 def _grads(rng, params, dtype=None):
@@ -88,7 +94,7 @@ def _run_both(name, params, grad_seq, as_list=False, hp=None):
     hp = HYPER[name] if hp is None else hp
     ours = getattr(O, name)(**hp)
     book = BookOptimizer(name, **hp)
-    mine = {k: v for k, v in params.items()}                       # the very arrays, updated in place
+    mine = {k: v for k, v in params.items()}  # the very arrays, updated in place
     theirs = {k: v.copy() for k, v in params.items()}
     ids = {k: id(v) for k, v in mine.items()}
     keys = list(params)
@@ -126,9 +132,14 @@ def test_default_hyperparameters_are_the_books(name):
     ours, mine, theirs = _run_both(name, params, grad_seq, hp={})
     for k in params:
         np.testing.assert_allclose(mine[k], theirs[k], **TOL[np.float64])
-    defaults = {"SGD": dict(lr=0.01), "Momentum": dict(lr=0.01, momentum=0.9),
-                "Nesterov": dict(lr=0.01, momentum=0.9), "AdaGrad": dict(lr=0.01),
-                "RMSprop": dict(lr=0.01, decay_rate=0.99), "Adam": dict(lr=0.001, beta1=0.9, beta2=0.999)}
+    defaults = {
+        "SGD": dict(lr=0.01),
+        "Momentum": dict(lr=0.01, momentum=0.9),
+        "Nesterov": dict(lr=0.01, momentum=0.9),
+        "AdaGrad": dict(lr=0.01),
+        "RMSprop": dict(lr=0.01, decay_rate=0.99),
+        "Adam": dict(lr=0.001, beta1=0.9, beta2=0.999),
+    }
     for attr, value in defaults[name].items():
         assert getattr(ours, attr) == value
 
@@ -139,13 +150,18 @@ def test_non_contiguous_params_fall_back_to_numpy_in_place(name, dtype):
     rng = np.random.default_rng(2)
     base = np.asarray(rng.standard_normal((6, 10)), dtype=dtype)
     before = base.copy()
-    view = base[:, ::2]                                     # neither C- nor F-contiguous
+    view = base[:, ::2]  # neither C- nor F-contiguous
     params = {"W": view, "b": np.asarray(rng.standard_normal(4), dtype=dtype)}
-    grad_seq = [{"W": np.asarray(rng.standard_normal(view.shape), dtype=dtype),
-                 "b": np.asarray(rng.standard_normal(4), dtype=dtype)} for _ in range(STEPS)]
+    grad_seq = [
+        {
+            "W": np.asarray(rng.standard_normal(view.shape), dtype=dtype),
+            "b": np.asarray(rng.standard_normal(4), dtype=dtype),
+        }
+        for _ in range(STEPS)
+    ]
     ours, mine, theirs = _run_both(name, params, grad_seq)
     np.testing.assert_allclose(base[:, ::2], theirs["W"], **TOL[dtype])
-    np.testing.assert_array_equal(base[:, 1::2], before[:, 1::2])   # the other columns are untouched
+    np.testing.assert_array_equal(base[:, 1::2], before[:, 1::2])  # the other columns are untouched
     np.testing.assert_allclose(mine["b"], theirs["b"], **TOL[dtype])
 
 
@@ -166,15 +182,15 @@ def test_integer_params_are_updated_in_place_with_truncation():
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtype,gdtype", [(np.float32, np.float64), (np.float64, np.float32),
-                                          (np.float64, np.int32)])
+@pytest.mark.parametrize("dtype,gdtype", [(np.float32, np.float64), (np.float64, np.float32), (np.float64, np.int32)])
 def test_grad_of_another_dtype_or_order(name, dtype, gdtype):
     rng = np.random.default_rng(4)
     params = _params(rng, dtype)
     grad_seq = []
     for _ in range(STEPS):
-        g = {k: np.asfortranarray(np.asarray(rng.standard_normal(p.shape) * 3, dtype=gdtype))
-             for k, p in params.items()}
+        g = {
+            k: np.asfortranarray(np.asarray(rng.standard_normal(p.shape) * 3, dtype=gdtype)) for k, p in params.items()
+        }
         grad_seq.append(g)
     ours, mine, theirs = _run_both(name, params, grad_seq)
     for k in params:
@@ -215,10 +231,11 @@ def test_adam_counts_iterations_and_uses_bias_corrected_rate():
 
 def test_update_allocates_nothing_after_the_first_step():
     rng = np.random.default_rng(6)
-    params = {"W": np.asarray(rng.standard_normal((400, 250)), dtype=np.float32),
-              "b": np.zeros(250, np.float32)}
-    grads = {"W": rng.standard_normal((400, 250)),            # float64: converted into a reused buffer
-             "b": np.ones(250, np.float32)}
+    params = {"W": np.asarray(rng.standard_normal((400, 250)), dtype=np.float32), "b": np.zeros(250, np.float32)}
+    grads = {
+        "W": rng.standard_normal((400, 250)),  # float64: converted into a reused buffer
+        "b": np.ones(250, np.float32),
+    }
     opt = O.Adam()
     opt.update(params, grads)
     tracemalloc.start()
@@ -272,9 +289,17 @@ def test_state_shape_mismatch_is_an_error():
         opt.update([np.zeros(3)], [np.ones(3)])
 
 
-@pytest.mark.parametrize("cls,kw", [(O.SGD, dict(lr=0)), (O.SGD, dict(lr=-1)), (O.Momentum, dict(momentum=1.0)),
-                                    (O.RMSprop, dict(decay_rate=1.5)), (O.Adam, dict(beta2=-0.1)),
-                                    (O.AdaGrad, dict(lr=float("nan")))])
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (O.SGD, dict(lr=0)),
+        (O.SGD, dict(lr=-1)),
+        (O.Momentum, dict(momentum=1.0)),
+        (O.RMSprop, dict(decay_rate=1.5)),
+        (O.Adam, dict(beta2=-0.1)),
+        (O.AdaGrad, dict(lr=float("nan"))),
+    ],
+)
 def test_bad_hyperparameters(cls, kw):
     with pytest.raises(ValueError):
         cls(**kw)
@@ -295,15 +320,15 @@ def _state_names(opt):
 
 def _reset(opt, how, params):
     names = _state_names(opt)
-    if how == "attribute":                    # o.v = None (Adam: o.m = o.v = None; o.iter = 0)
+    if how == "attribute":  # o.v = None (Adam: o.m = o.v = None; o.iter = 0)
         for n in names:
             setattr(opt, n, None)
         if isinstance(opt, O.Adam):
             opt.iter = 0
-    elif how == "entry":                      # o.v['W1'] = np.zeros(...) for every state container
+    elif how == "entry":  # o.v['W1'] = np.zeros(...) for every state container
         for n in names:
             getattr(opt, n)["W1"] = np.zeros_like(params["W1"])
-    elif how == "new_dict":                   # o.v = {k: zeros}
+    elif how == "new_dict":  # o.v = {k: zeros}
         for n in names:
             setattr(opt, n, {k: np.zeros_like(p) for k, p in params.items()})
 
@@ -317,11 +342,11 @@ def test_state_reset_by_the_user_is_honoured(name, dtype, how):
     grad_seq = [_grads(rng, params) for _ in range(6)]
     ours, book = getattr(O, name)(**HYPER[name]), BookOptimizer(name, **HYPER[name])
     mine, theirs = params, {k: v.copy() for k, v in params.items()}
-    grads = {k: np.empty_like(g) for k, g in grad_seq[0].items()}   # the same arrays at every step, as a
-    for i, step_grads in enumerate(grad_seq):                          # network's grads (so the plan is used)
+    grads = {k: np.empty_like(g) for k, g in grad_seq[0].items()}  # the same arrays at every step, as a
+    for i, step_grads in enumerate(grad_seq):  # network's grads (so the plan is used)
         for k in grads:
             grads[k][...] = step_grads[k]
-        if i == 3:                            # after the plan has been cached (steps 2 and 3 use it)
+        if i == 3:  # after the plan has been cached (steps 2 and 3 use it)
             _reset(ours, how, mine)
             if how == "entry":
                 book.s1["W1"] = np.zeros_like(theirs["W1"])
@@ -334,7 +359,7 @@ def test_state_reset_by_the_user_is_honoured(name, dtype, how):
         book.update(theirs, {k: g.copy() for k, g in grads.items()})
         for k in params:
             np.testing.assert_allclose(mine[k], theirs[k], **TOL[dtype], err_msg=f"step {i} {k}")
-    for n in _state_names(ours):              # the attributes hold the arrays that were updated
+    for n in _state_names(ours):  # the attributes hold the arrays that were updated
         assert not np.array_equal(getattr(ours, n)["W1"], 0)
 
 
@@ -345,7 +370,7 @@ def test_state_entry_replaced_by_another_dtype_is_used():
     g = _grads(rng, params)
     for _ in range(3):
         opt.update(params, g)
-    v = np.zeros(params["W1"].shape, np.float64)        # float64 state for a float32 parameter
+    v = np.zeros(params["W1"].shape, np.float64)  # float64 state for a float32 parameter
     opt.v["W1"] = v
     before = params["W1"].copy()
     opt.update(params, g)
@@ -357,7 +382,7 @@ def test_state_entry_replaced_by_another_dtype_is_used():
 # -- issue 7 item 4: every pair is validated before anything is touched; a param may be its own grad ------
 def _bad_steps():
     """(params, grads) where only the LAST pair is wrong: nothing may be updated."""
-    a = lambda: np.ones(4)                                              # noqa: E731
+    a = lambda: np.ones(4)  # noqa: E731
     ro = np.ones(4)
     ro.flags.writeable = False
     yield "shape", {"a": a(), "b": np.ones(3)}, {"a": np.ones(4), "b": np.ones(4)}
@@ -388,7 +413,7 @@ def test_a_bad_state_entry_is_refused_before_any_update(name):
     opt.update(params, grads)
     it = getattr(opt, "iter", None)
     state = getattr(opt, _state_names(opt)[0])
-    for bad in (np.zeros(5), np.zeros(4, np.int64), "zeros", params["b"]):   # shape, dtype, type, the param
+    for bad in (np.zeros(5), np.zeros(4, np.int64), "zeros", params["b"]):  # shape, dtype, type, the param
         state["b"] = bad
         before = {k: v.copy() for k, v in params.items()}
         with pytest.raises((ValueError, TypeError), match="'b'"):
@@ -412,7 +437,7 @@ def test_a_param_that_is_its_own_grad_updates_as_in_the_book(name, dtype, form):
     ours, book = getattr(O, name)(**HYPER[name]), BookOptimizer(name, **HYPER[name])
     for _ in range(3):
         mine = {"p": base[:6], "q": other, "r": base[6:]}
-        g_mine = {"p": base[:6], "q": base[3:9], "r": other}         # own grad / overlaps p and r / q's array
+        g_mine = {"p": base[:6], "q": base[3:9], "r": other}  # own grad / overlaps p and r / q's array
         theirs = {"p": ref_base[:6], "q": ref_other, "r": ref_base[6:]}
         g_theirs = {"p": ref_base[:6], "q": ref_base[3:9], "r": ref_other}
         if form == "list":
@@ -443,10 +468,12 @@ def test_the_books_module_name_and_the_old_alias_are_one_module():
     import importlib
     import fastbp.optimizer as singular
     import fastbp.optimizers as plural
+
     assert plural is singular and importlib.import_module("fastbp.optimizers") is singular
     ns = {}
-    exec("from fastbp.optimizer import *", ns)           # the book's import line, swapped
+    exec("from fastbp.optimizer import *", ns)  # the book's import line, swapped
     for name in ("SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam"):
         assert ns[name] is getattr(plural, name)
     from fastbp.optimizers import Adam
+
     assert isinstance(singular.Adam(), Adam)

@@ -13,7 +13,7 @@ from fastbp import reference as R
 from fastbp.gradient import numerical_gradient_5pt, relative_error
 
 DTYPES = [np.float32, np.float64]
-NUM_MAX_REL = 1e-7      # backprop vs 5-point numerical derivative, float64
+NUM_MAX_REL = 1e-7  # backprop vs 5-point numerical derivative, float64
 
 
 def rng(seed=0):
@@ -42,6 +42,7 @@ def lse_loss_oracle(x, labels):
 # ------------------------------------------------------------------------------------------
 # book 1, chapter 5: the apple examples
 # ------------------------------------------------------------------------------------------
+
 
 def test_buy_apple_book_numbers():
     apple, apple_num, tax = 100, 2, 1.1
@@ -76,6 +77,7 @@ def test_buy_apple_orange_book_numbers():
 # backward vs numerical derivatives (float64, 5-point stencil, one element at a time)
 # ------------------------------------------------------------------------------------------
 
+
 def check_layer_numerically(forward, backward, inputs, dout):
     """Compare backward(dout) with d(sum(forward() * dout))/d(each array in inputs)."""
     out = forward()
@@ -96,8 +98,7 @@ def test_relu_numerical():
     x = away_from_zero(r, (4, 7))
     dout = r.standard_normal((4, 7))
     layer = R.Relu()
-    check_layer_numerically(lambda: layer.forward(x), lambda d: {"x": layer.backward(d)},
-                            {"x": x}, dout)
+    check_layer_numerically(lambda: layer.forward(x), lambda d: {"x": layer.backward(d)}, {"x": x}, dout)
 
 
 def test_sigmoid_numerical():
@@ -105,8 +106,7 @@ def test_sigmoid_numerical():
     x = r.uniform(-5, 5, (3, 5))
     dout = r.standard_normal((3, 5))
     layer = R.Sigmoid()
-    check_layer_numerically(lambda: layer.forward(x), lambda d: {"x": layer.backward(d)},
-                            {"x": x}, dout)
+    check_layer_numerically(lambda: layer.forward(x), lambda d: {"x": layer.backward(d)}, {"x": x}, dout)
 
 
 @pytest.mark.parametrize("x_shape", [(4, 6), (3, 2, 3), (2, 1, 2, 3), (5, 1)])
@@ -208,6 +208,7 @@ def test_repeat_sum_values():
 # float32 vs float64 and dtype rules
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["Relu", "Sigmoid", "Affine", "MatMul"])
 def test_float32_matches_float64(name, dtype):
@@ -276,13 +277,14 @@ def test_mixed_dtypes_follow_result_type():
     sl = R.SoftmaxWithLoss()
     sl.forward(x32, np.array([0, 1, 0, 1], dtype=np.int64))
     assert sl.y.dtype == np.float32 and sl.backward().dtype == np.float32
-    sl.forward(x32, np.eye(3)[[0, 1, 0, 1]])        # float64 one-hot with float32 logits
+    sl.forward(x32, np.eye(3)[[0, 1, 0, 1]])  # float64 one-hot with float32 logits
     assert sl.backward().dtype == np.result_type(np.float32, np.float64)
 
 
 # ------------------------------------------------------------------------------------------
 # in-place contracts and no mutation of inputs
 # ------------------------------------------------------------------------------------------
+
 
 def test_affine_keeps_references_and_sees_inplace_updates():
     r = rng(11)
@@ -351,16 +353,18 @@ def test_relu_backward_does_not_modify_dout():
 LAYER_CASES = {
     "Relu": lambda r: (R.Relu(), (away_from_zero(r, (3, 4)),), None),
     "Sigmoid": lambda r: (R.Sigmoid(), (r.standard_normal((3, 4)),), None),
-    "Affine": lambda r: (R.Affine(r.standard_normal((4, 2)), r.standard_normal(2)),
-                         (r.standard_normal((3, 2, 2)),), None),
+    "Affine": lambda r: (
+        R.Affine(r.standard_normal((4, 2)), r.standard_normal(2)),
+        (r.standard_normal((3, 2, 2)),),
+        None,
+    ),
     "MatMul": lambda r: (R.MatMul(r.standard_normal((4, 2))), (r.standard_normal((3, 4)),), None),
     "Mul": lambda r: (R.MulLayer(), (r.standard_normal((3, 4)), r.standard_normal(4)), None),
     "Add": lambda r: (R.AddLayer(), (r.standard_normal((3, 4)), r.standard_normal((3, 1))), None),
     "Repeat": lambda r: (R.Repeat(3), (r.standard_normal((1, 4)),), None),
     "Sum": lambda r: (R.Sum(), (r.standard_normal((3, 4)),), None),
     "SoftmaxWithLoss": lambda r: (R.SoftmaxWithLoss(), (r.standard_normal((3, 4)),), np.array([0, 3, 1])),
-    "SoftmaxWithLoss-onehot": lambda r: (R.SoftmaxWithLoss(), (r.standard_normal((3, 4)),),
-                                         np.eye(4)[[0, 3, 1]]),
+    "SoftmaxWithLoss-onehot": lambda r: (R.SoftmaxWithLoss(), (r.standard_normal((3, 4)),), np.eye(4)[[0, 3, 1]]),
 }
 
 
@@ -372,7 +376,7 @@ def test_no_input_is_mutated(case):
     inputs_before = [a.copy() for a in inputs]
     if t is not None:
         t_before = t.copy()
-        layer(*inputs, t)                      # __call__ is forward
+        layer(*inputs, t)  # __call__ is forward
         dout = 1.0
     else:
         out = layer(*inputs)
@@ -386,7 +390,7 @@ def test_no_input_is_mutated(case):
     np.testing.assert_array_equal(dout, dout_before)
     if t is not None:
         np.testing.assert_array_equal(t, t_before)
-        assert layer.t is t                    # targets kept as given
+        assert layer.t is t  # targets kept as given
     for g in grads if isinstance(grads, tuple) else (grads,):
         for a in inputs + (np.asarray(dout),):
             assert not np.shares_memory(g, a)
@@ -395,6 +399,7 @@ def test_no_input_is_mutated(case):
 # ------------------------------------------------------------------------------------------
 # numerics: sigmoid range, softmax extremes, NaN, empty batch
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sigmoid_no_overflow_warnings(dtype):
@@ -407,7 +412,7 @@ def test_sigmoid_no_overflow_warnings(dtype):
     assert out.dtype == dtype and np.all(np.isfinite(out)) and np.all(np.isfinite(dx))
     expected = np.array([1 / (1 + math.exp(-v)) if v > -700 else 0.0 for v in x.astype(float)])
     np.testing.assert_allclose(out, expected, **TOL[dtype])
-    np.testing.assert_allclose(out + out[::-1], 1.0, **TOL[dtype])   # symmetry
+    np.testing.assert_allclose(out + out[::-1], 1.0, **TOL[dtype])  # symmetry
     assert out[5] == 0.5
 
 
@@ -481,6 +486,7 @@ def test_affine_empty_batch():
 # validation
 # ------------------------------------------------------------------------------------------
 
+
 def test_affine_validation_messages():
     W, b = np.ones((3, 2)), np.zeros(2)
     with pytest.raises(ValueError, match=r"W must be 2-D.*got shape \(3,\)"):
@@ -537,21 +543,28 @@ def test_mul_add_repeat_validation():
         R.Repeat(2).forward(np.ones((2, 3)))
 
 
-@pytest.mark.parametrize("x, t, exc, match", [
-    (np.zeros((3, 4)), np.array([0, 1, 4]), ValueError, r"label 4 out of range for C=4"),
-    (np.zeros((3, 4)), np.array([0, -1, 2]), ValueError, r"labels must be >= 0, got -1"),
-    (np.zeros((3, 4)), np.array([0.0, 1.0, 2.0]), TypeError, r"labels must be integers, got dtype float64"),
-    (np.zeros((3, 4)), np.array([0, 1]), ValueError, r"expected 3 label\(s\).*got 2"),
-    (np.zeros((3, 4)), np.zeros((3, 5)), ValueError, r"one-hot width mismatch: logits have C=4"),
-    (np.zeros((3, 4)), np.zeros((2, 4)), ValueError, r"expected 3 one-hot row\(s\).*got 2"),
-    (np.zeros((2, 3, 4)), np.zeros((2, 3), dtype=int), ValueError,
-     r"1-D \(C,\) or 2-D \(N, C\), got shape \(2, 3, 4\)"),
-    (np.zeros(()), np.array(0), ValueError, r"1-D \(C,\) or 2-D"),
-    (np.zeros((3, 0)), np.zeros(3, dtype=int), ValueError, r"at least one class"),
-    (np.zeros(4), np.array(4), ValueError, r"label 4 out of range"),
-    (np.zeros(4), np.zeros(5), ValueError, r"one-hot width mismatch"),
-    (np.zeros((3, 4)), np.zeros((3, 4, 1)), ValueError, r"t must be integer labels of shape \(3,\)"),
-])
+@pytest.mark.parametrize(
+    "x, t, exc, match",
+    [
+        (np.zeros((3, 4)), np.array([0, 1, 4]), ValueError, r"label 4 out of range for C=4"),
+        (np.zeros((3, 4)), np.array([0, -1, 2]), ValueError, r"labels must be >= 0, got -1"),
+        (np.zeros((3, 4)), np.array([0.0, 1.0, 2.0]), TypeError, r"labels must be integers, got dtype float64"),
+        (np.zeros((3, 4)), np.array([0, 1]), ValueError, r"expected 3 label\(s\).*got 2"),
+        (np.zeros((3, 4)), np.zeros((3, 5)), ValueError, r"one-hot width mismatch: logits have C=4"),
+        (np.zeros((3, 4)), np.zeros((2, 4)), ValueError, r"expected 3 one-hot row\(s\).*got 2"),
+        (
+            np.zeros((2, 3, 4)),
+            np.zeros((2, 3), dtype=int),
+            ValueError,
+            r"1-D \(C,\) or 2-D \(N, C\), got shape \(2, 3, 4\)",
+        ),
+        (np.zeros(()), np.array(0), ValueError, r"1-D \(C,\) or 2-D"),
+        (np.zeros((3, 0)), np.zeros(3, dtype=int), ValueError, r"at least one class"),
+        (np.zeros(4), np.array(4), ValueError, r"label 4 out of range"),
+        (np.zeros(4), np.zeros(5), ValueError, r"one-hot width mismatch"),
+        (np.zeros((3, 4)), np.zeros((3, 4, 1)), ValueError, r"t must be integer labels of shape \(3,\)"),
+    ],
+)
 def test_softmax_with_loss_validation(x, t, exc, match):
     with pytest.raises(exc, match=match):
         R.SoftmaxWithLoss().forward(x, t)
@@ -584,10 +597,16 @@ def test_softmax_with_loss_dout_scales_and_book_semantics():
 # hypothesis: shapes (batch 1, odd sizes, C in {1, 2, 1000})
 # ------------------------------------------------------------------------------------------
 
+
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 7), c=st.sampled_from([1, 2, 3, 7, 1000]), seed=st.integers(0, 2**31 - 1),
-       scale=st.sampled_from([0.1, 1.0, 30.0]), onehot=st.booleans(),
-       dtype=st.sampled_from(DTYPES))
+@given(
+    n=st.integers(1, 7),
+    c=st.sampled_from([1, 2, 3, 7, 1000]),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([0.1, 1.0, 30.0]),
+    onehot=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+)
 def test_softmax_with_loss_shapes_hypothesis(n, c, seed, scale, onehot, dtype):
     r = rng(seed)
     x = (r.standard_normal((n, c)) * scale).astype(dtype)
@@ -606,8 +625,13 @@ def test_softmax_with_loss_shapes_hypothesis(n, c, seed, scale, onehot, dtype):
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 6), rest=st.lists(st.integers(1, 4), min_size=0, max_size=3),
-       h=st.sampled_from([1, 2, 5, 9]), seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(DTYPES))
+@given(
+    n=st.integers(1, 6),
+    rest=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    h=st.sampled_from([1, 2, 5, 9]),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from(DTYPES),
+)
 def test_affine_shapes_hypothesis(n, rest, h, seed, dtype):
     r = rng(seed)
     x_shape = (n, *rest)
@@ -622,15 +646,17 @@ def test_affine_shapes_hypothesis(n, rest, h, seed, dtype):
     np.testing.assert_allclose(out, np.einsum("nd,dh->nh", x2, W.astype(np.float64)) + b, **TOL[dtype])
     dx = layer.backward(dout)
     assert dx.shape == x_shape
-    np.testing.assert_allclose(dx.reshape(n, d), np.einsum("nh,dh->nd", dout, W.astype(np.float64)),
-                               **TOL[dtype])
+    np.testing.assert_allclose(dx.reshape(n, d), np.einsum("nh,dh->nd", dout, W.astype(np.float64)), **TOL[dtype])
     np.testing.assert_allclose(layer.dW, np.einsum("nd,nh->dh", x2, dout.astype(np.float64)), **TOL[dtype])
     np.testing.assert_allclose(layer.db, dout.astype(np.float64).sum(axis=0), **TOL[dtype])
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), seed=st.integers(0, 2**31 - 1),
-       dtype=st.sampled_from(DTYPES))
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from(DTYPES),
+)
 def test_relu_sigmoid_shapes_hypothesis(shape, seed, dtype):
     r = rng(seed)
     x = (r.standard_normal(shape) * 10).astype(dtype)

@@ -1,6 +1,7 @@
 """fastbp's OpenMP spin setting (fastbp/_runtime.py, issue 11 item 1): applied to fastbp's own libgomp only when the
 user set neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT, never left in the environment (children, other runtimes and
 NumPy never see it), reported by `fastbp info`, and really read by libgomp (the worker's CPU time after a region)."""
+
 import json
 import os
 import subprocess
@@ -42,14 +43,17 @@ def _run(**env):
     e = {k: v for k, v in os.environ.items() if k not in VARS}
     e.update(env)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120,
-                       check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", _PROBE], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120, check=False
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-needs_omp = pytest.mark.skipif(not _kernels.build_info()["openmp"] or not os.path.isdir("/proc/self/task"),
-                               reason="no OpenMP in this build, or no /proc")
+needs_omp = pytest.mark.skipif(
+    not _kernels.build_info()["openmp"] or not os.path.isdir("/proc/self/task"),
+    reason="no OpenMP in this build, or no /proc",
+)
 
 
 @needs_omp
@@ -57,14 +61,16 @@ def test_fastbp_setting_is_applied_to_its_runtime_and_not_left_in_the_environmen
     got = _run(FASTBP_NUM_THREADS="2")
     assert got["env"] == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}
     assert os.environ.get("KMP_BLOCKTIME") is None
-    if not _runtime._mapped("libgomp.so"):           # a clang build against LLVM's libomp
+    if not _runtime._mapped("libgomp.so"):  # a clang build against LLVM's libomp
         assert got["info"]["setting"].startswith("KMP_BLOCKTIME=")
         return
     if _runtime.SPINCOUNT is None:
         assert got["info"]["setting"] == "libgomp's default"
     else:
-        assert got["info"] == {"setting": f"GOMP_SPINCOUNT={_runtime.SPINCOUNT}",
-                               "by": "fastbp, for its own OpenMP runtime only"}
+        assert got["info"] == {
+            "setting": f"GOMP_SPINCOUNT={_runtime.SPINCOUNT}",
+            "by": "fastbp, for its own OpenMP runtime only",
+        }
         # the worker sleeps within a few ms of the region's end: far less than the 0.2 s idle
         assert got["idle_worker_cpu_s"] < 0.05, got
 
@@ -86,13 +92,21 @@ def test_keep_and_bad_values():
     assert _run(FASTBP_OMP_SPIN="keep")["info"] == {"setting": "libgomp's default", "by": "FASTBP_OMP_SPIN=keep"}
     e = {k: v for k, v in os.environ.items() if k not in VARS}
     e.update(FASTBP_OMP_SPIN="lots", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", "import fastbp"], cwd=ROOT, env=e, capture_output=True, text=True,
-                       timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", "import fastbp"],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0 and "FASTBP_OMP_SPIN must be a spin count" in r.stderr
 
 
 def test_blas_thread_timeout_reaches_only_fastbps_copy_and_is_validated():
     from fastbp import _blas
+
     assert _blas.blas_thread_timeout({}) == _blas.BLAS_THREAD_TIMEOUT
     assert _blas.blas_thread_timeout({"FASTBP_BLAS_THREAD_TIMEOUT": " 6 "}) == 6
     for bad in ("3", "31", "x", "-5", "1e1"):
@@ -100,10 +114,13 @@ def test_blas_thread_timeout_reaches_only_fastbps_copy_and_is_validated():
             _blas.blas_thread_timeout({"FASTBP_BLAS_THREAD_TIMEOUT": bad})
     e = {k: v for k, v in os.environ.items() if k not in VARS + ("OPENBLAS_THREAD_TIMEOUT",)}
     e.update(FASTBP_BLAS_THREAD_TIMEOUT="6", FASTBP_BLAS_THREADING="openblas", PYTHONPATH=str(ROOT))
-    code = ("import os, json, numpy as np; from fastbp import _blas, _kernels as K; a = np.ones((64, 64)); "
-            "c = np.empty((64, 64)); K.gemm(a, a, c); assert (c == 64).all(); "
-            "print(json.dumps([_blas.info()['thread_timeout'], os.environ.get('OPENBLAS_THREAD_TIMEOUT')]))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120,
-                       check=False)
+    code = (
+        "import os, json, numpy as np; from fastbp import _blas, _kernels as K; a = np.ones((64, 64)); "
+        "c = np.empty((64, 64)); K.gemm(a, a, c); assert (c == 64).all(); "
+        "print(json.dumps([_blas.info()['thread_timeout'], os.environ.get('OPENBLAS_THREAD_TIMEOUT')]))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120, check=False
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == [6, None]

@@ -5,6 +5,7 @@ FASTBP_DISABLE_CPU_FEATURES (NumPy's NPY_DISABLE_CPU_FEATURES convention) lowers
 subprocess that counts which variant every kernel call ran, so the test fails if the variable stops reaching
 the kernels; the kernel results are checked against NumPy on each path.  `.ci/run` also runs the whole kernel
 test files once per path."""
+
 import json
 import os
 import subprocess
@@ -21,23 +22,42 @@ HW = _kernels.simd_info()["cpu"]
 RANK = {p: i for i, p in enumerate(PATHS)}
 
 
-@pytest.mark.parametrize("disabled,best,expected", [
-    (None, "avx512", "avx512"), ("", "avx512", "avx512"), ("AVX512F", "avx512", "avx2"),
-    ("avx512vl", "avx512", "avx2"), ("AVX512_SKX", "avx512", "avx2"), ("avx512*", "avx512", "avx2"),
-    ("avx512_bf16", "avx512", "avx512"), ("AVX512F,AVX2", "avx512", "baseline"), ("AVX2", "avx512", "baseline"),
-    ("avx", "avx512", "baseline"), ("FMA3", "avx512", "baseline"), ("bmi", "avx512", "baseline"),
-    (" sse4_2 , AVX512F ", "avx512", "avx2"), ("av?2", "avx512", "baseline"), ("*", "avx512", "baseline"),
-    ("AVX512F", "avx2", "avx2"), ("AVX2", "avx2", "baseline"), ("", "baseline", "baseline"),
-    ("fma4 xop", "avx512", "avx512"), ("AVX512FX", "avx512", "avx512"),
-])
+@pytest.mark.parametrize(
+    "disabled,best,expected",
+    [
+        (None, "avx512", "avx512"),
+        ("", "avx512", "avx512"),
+        ("AVX512F", "avx512", "avx2"),
+        ("avx512vl", "avx512", "avx2"),
+        ("AVX512_SKX", "avx512", "avx2"),
+        ("avx512*", "avx512", "avx2"),
+        ("avx512_bf16", "avx512", "avx512"),
+        ("AVX512F,AVX2", "avx512", "baseline"),
+        ("AVX2", "avx512", "baseline"),
+        ("avx", "avx512", "baseline"),
+        ("FMA3", "avx512", "baseline"),
+        ("bmi", "avx512", "baseline"),
+        (" sse4_2 , AVX512F ", "avx512", "avx2"),
+        ("av?2", "avx512", "baseline"),
+        ("*", "avx512", "baseline"),
+        ("AVX512F", "avx2", "avx2"),
+        ("AVX2", "avx2", "baseline"),
+        ("", "baseline", "baseline"),
+        ("fma4 xop", "avx512", "avx512"),
+        ("AVX512FX", "avx512", "avx512"),
+    ],
+)
 def test_the_path_the_variable_selects(disabled, best, expected):
     assert _kernels._simd_level_for(RANK[best], disabled) == expected
     assert _optim._simd_level_for(RANK[best], disabled) == expected
 
 
 def test_numpy_feature_names_disable_the_same_flags_for_the_blas_core():
-    assert _blas.disabled_cpu_features({"FASTBP_DISABLE_CPU_FEATURES": "FMA3, AVX512_SKX,sse41"}) == \
-        ("fma", "avx512*", "sse4_1")
+    assert _blas.disabled_cpu_features({"FASTBP_DISABLE_CPU_FEATURES": "FMA3, AVX512_SKX,sse41"}) == (
+        "fma",
+        "avx512*",
+        "sse4_1",
+    )
 
 
 def test_both_modules_report_the_same_path_in_this_process():
@@ -85,28 +105,35 @@ print(json.dumps({"kernels": K._simd_count(False), "optim": O._simd_count(False)
 
 
 def _run_path(disabled):
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "FASTBP_BLAS_CORETYPE",
-                                                           "FASTBP_DISABLE_CPU_FEATURES")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OPENBLAS_CORETYPE", "FASTBP_BLAS_CORETYPE", "FASTBP_DISABLE_CPU_FEATURES")
+    }
     if disabled is not None:
         env["FASTBP_DISABLE_CPU_FEATURES"] = disabled
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("disabled,path,cores", [
-    (None, "avx512", ("SkylakeX", "Cooperlake", "SapphireRapids")),
-    ("AVX512F", "avx2", ("Haswell",)),
-    ("AVX", "baseline", ("Nehalem",)),
-])
+@pytest.mark.parametrize(
+    "disabled,path,cores",
+    [
+        (None, "avx512", ("SkylakeX", "Cooperlake", "SapphireRapids")),
+        ("AVX512F", "avx2", ("Haswell",)),
+        ("AVX", "baseline", ("Nehalem",)),
+    ],
+)
 def test_each_path_runs_its_own_variants_and_blas_core(disabled, path, cores):
     if RANK[path] > RANK[HW]:
         pytest.skip(f"this CPU (or build) has no {path} path")
     got = _run_path(disabled)
     assert got["info"]["path"] == path
-    assert got["other_modules"] == [path] * 3      # _optim, _recurrent, _embedding chose the same path
+    assert got["other_modules"] == [path] * 3  # _optim, _recurrent, _embedding chose the same path
     for module in ("kernels", "optim"):
         counts = got[module]
         assert counts[path] > 0, (module, counts)

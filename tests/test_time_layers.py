@@ -1,6 +1,7 @@
 """Book 2's time layers (fastbp.time_layers, Cython time loops) against numerical derivatives (float64), against
 their NumPy twins (fastbp.reference_time) in float32/float64, against PyTorch's LSTM (gates reordered) where it is
 installed, and on the book's trained Rnnlm pickle."""
+
 import os
 import pickle
 
@@ -26,6 +27,7 @@ class _threads_set:
 
     def __init__(self, n):
         from fastbp import _blas, _threads
+
         self.n, self._t, self._b = n, _threads, _blas
 
     def __enter__(self):
@@ -123,8 +125,9 @@ def test_single_step_gradients(kind):
     c = rng.standard_normal((N, H))
     Rh, Rc = rng.standard_normal((N, H)), rng.standard_normal((N, H))
     for M in (TL, REF):
-        layer = {"rnn": lambda: M.RNN(Wx, Wh, b), "lstm": lambda: M.LSTM(Wx, Wh, b),
-                 "gru": lambda: M.GRU(Wx, Wh)}[kind]()
+        layer = {"rnn": lambda: M.RNN(Wx, Wh, b), "lstm": lambda: M.LSTM(Wx, Wh, b), "gru": lambda: M.GRU(Wx, Wh)}[
+            kind
+        ]()
 
         def loss():
             if kind == "lstm":
@@ -148,12 +151,12 @@ def test_time_affine_embedding_softmax_gradients(M):
     rng = _rng(3)
     N, T, V, D = 2, 3, 7, 4
     E = rng.standard_normal((V, D))
-    W = rng.standard_normal((V, D))          # tied: TimeAffine(W.T, b)
+    W = rng.standard_normal((V, D))  # tied: TimeAffine(W.T, b)
     b = rng.standard_normal(V)
     xs = rng.integers(0, V, (N, T))
-    xs[0, 0] = xs[1, 2]                      # duplicate indices
+    xs[0, 0] = xs[1, 2]  # duplicate indices
     ts = rng.integers(0, V, (N, T))
-    ts[1, 1] = -1                            # ignored position
+    ts[1, 1] = -1  # ignored position
     emb, aff, sm = M.TimeEmbedding(E), M.TimeAffine(W.T, b), M.TimeSoftmaxWithLoss()
 
     def loss():
@@ -196,7 +199,7 @@ def test_recurrent_matches_reference(kind, dtype):
     r = _recurrent(REF, kind, D, H, dtype, _rng(5), stateful=True)
     rng = _rng(6)
     grads_a = a.grads
-    for _ in range(3):                       # stateful: h (and c) carried over
+    for _ in range(3):  # stateful: h (and c) carried over
         xs = rng.standard_normal((N, T, D)).astype(dtype)
         dhs = rng.standard_normal((N, T, H)).astype(dtype)
         ha, hr = a.forward(xs), r.forward(xs)
@@ -209,7 +212,7 @@ def test_recurrent_matches_reference(kind, dtype):
         np.testing.assert_allclose(a.dh, r.dh, **TOL[dtype])
         for ga, gr in zip(a.grads, r.grads):
             np.testing.assert_allclose(ga, gr, **TOL[dtype])
-    assert all(x is y for x, y in zip(a.grads, grads_a))     # grads written in place, never replaced
+    assert all(x is y for x, y in zip(a.grads, grads_a))  # grads written in place, never replaced
     a.reset_state()
     assert a.h is None
 
@@ -221,7 +224,7 @@ def test_params_held_by_reference_and_seen_in_place():
     xs = rng.standard_normal((2, 3, 3)).astype(np.float32)
     layer.forward(xs)
     for p in layer.params:
-        p *= 0.5                              # the book's in-place SGD update
+        p *= 0.5  # the book's in-place SGD update
     np.testing.assert_allclose(layer.forward(xs), ref.forward(xs), rtol=1e-5, atol=1e-6)
     assert ref.params[0] is layer.params[0]
 
@@ -297,12 +300,12 @@ class _Rnnlm:
 @pytest.mark.skipif(not os.path.exists(PICKLE), reason="book pickle not available")
 def test_book_rnnlm_pickle_same_outputs():
     with open(PICKLE, "rb") as f:
-        params = [p.astype("f") for p in pickle.load(f)]   # the book's load_params
+        params = [p.astype("f") for p in pickle.load(f)]  # the book's load_params
     rng = _rng(10)
     xs = rng.integers(0, 10000, (4, 12)).astype(np.int32)
     ts = np.roll(xs, -1, axis=1)
     a, r = _Rnnlm(TL, [p.copy() for p in params]), _Rnnlm(REF, [p.copy() for p in params])
-    for _ in range(2):                        # stateful: the second batch continues the first
+    for _ in range(2):  # stateful: the second batch continues the first
         la, lr = a.forward(xs, ts), r.forward(xs, ts)
         assert abs(la - lr) < 1e-5 * abs(lr)
         np.testing.assert_allclose(a.lstm_layer.h, r.lstm_layer.h, rtol=1e-4, atol=1e-5)
@@ -317,11 +320,17 @@ def test_book_rnnlm_pickle_same_outputs():
 def test_model_trains_like_reference():
     """A small Rnnlm built the book's way (params += layer.params), SGD with clip_grads: the same loss curve."""
     from fastbp.util import clip_grads
+
     rng = _rng(11)
     V, D, H = 30, 8, 10
-    init = [rng.standard_normal((V, D)).astype("f") / 10, (rng.standard_normal((D, 4 * H)) / 3).astype("f"),
-            (rng.standard_normal((H, 4 * H)) / 3).astype("f"), np.zeros(4 * H, "f"),
-            (rng.standard_normal((H, V)) / 3).astype("f"), np.zeros(V, "f")]
+    init = [
+        rng.standard_normal((V, D)).astype("f") / 10,
+        (rng.standard_normal((D, 4 * H)) / 3).astype("f"),
+        (rng.standard_normal((H, 4 * H)) / 3).astype("f"),
+        np.zeros(4 * H, "f"),
+        (rng.standard_normal((H, V)) / 3).astype("f"),
+        np.zeros(V, "f"),
+    ]
     corpus = rng.integers(0, V, 400).astype(np.int32)
     curves = []
     for M in (TL, REF):
@@ -329,8 +338,8 @@ def test_model_trains_like_reference():
         losses = []
         for it in range(15):
             off = (it * 5) % 300
-            xs = np.stack([corpus[off + 40 * i: off + 40 * i + 5] for i in range(4)])
-            ts = np.stack([corpus[off + 40 * i + 1: off + 40 * i + 6] for i in range(4)])
+            xs = np.stack([corpus[off + 40 * i : off + 40 * i + 5] for i in range(4)])
+            ts = np.stack([corpus[off + 40 * i + 1 : off + 40 * i + 6] for i in range(4)])
             losses.append(model.forward(xs, ts))
             model.backward()
             clip_grads(model.grads, 0.5)
@@ -379,8 +388,8 @@ def test_lstm_matches_torch():
 @with_dtypes
 def test_scatter_add_deterministic_across_threads(dtype):
     rng = _rng(13)
-    V, D, n = 40000, 110, 5000                              # (V + n) * D above the kernel's parallel threshold
-    idx = rng.integers(0, 20, n).astype(np.int32)          # heavy duplication
+    V, D, n = 40000, 110, 5000  # (V + n) * D above the kernel's parallel threshold
+    idx = rng.integers(0, 20, n).astype(np.int32)  # heavy duplication
     idx[::7] = rng.integers(0, V, idx[::7].size)
     src = rng.standard_normal((n, D)).astype(dtype)
     results = []
@@ -409,7 +418,7 @@ def test_embedding_layer_matches_reference(dtype):
     r.backward(d)
     assert a.grads[0] is g
     np.testing.assert_allclose(a.grads[0], r.grads[0], **TOL[dtype])
-    col = rng.integers(0, 40, (8, 4)).astype(np.int32)[:, 1]   # a strided column, as the book's CBOW passes
+    col = rng.integers(0, 40, (8, 4)).astype(np.int32)[:, 1]  # a strided column, as the book's CBOW passes
     np.testing.assert_array_equal(a.forward(col), W[col])
 
 
@@ -443,6 +452,7 @@ def test_recurrent_large_steps_over_threads():
     """Per-step GEMMs large enough to be split over threads (fastbp._gemm): the same bits when repeated with one
     thread count, float32 rounding apart across thread counts."""
     from fastbp import _recurrent as _rec
+
     rng = _rng(16)
     N, T, H = 20, 3, 100
     A0 = rng.standard_normal((N, T, 4 * H)).astype(np.float32)
@@ -482,6 +492,7 @@ def _rnnlm_step_peak(V, D, H, N, T):
     from fastbp.optimizers import SGD
     from fastbp.trainer import remove_duplicate
     from fastbp.util import clip_grads
+
     rng = _rng(18)
     init = [(rng.standard_normal(s) / 10).astype("f") for s in [(V, D), (D, 4 * H), (H, 4 * H), (4 * H,), (H, V), (V,)]]
     model = _Rnnlm(TL, init)
@@ -531,11 +542,23 @@ class _BetterRnnlm(_Rnnlm):
     def __init__(self, M, V, H, seed):
         rn = _rng(seed).standard_normal
         E = (rn((V, H)) / 10).astype("f")
-        lstm = lambda: ((rn((H, 4 * H)) / 3).astype("f"), (rn((H, 4 * H)) / 3).astype("f"),  # noqa: E731
-                        np.zeros(4 * H, "f"))
-        self.layers = [M.TimeEmbedding(E), M.TimeDropout(0.3), M.TimeLSTM(*lstm(), stateful=True),
-                       M.TimeDropout(0.3), M.TimeLSTM(*lstm(), stateful=True), M.TimeDropout(0.3),
-                       M.TimeAffine(E.T, np.zeros(V, "f"))]
+
+        def lstm():
+            return (
+                (rn((H, 4 * H)) / 3).astype("f"),
+                (rn((H, 4 * H)) / 3).astype("f"),
+                np.zeros(4 * H, "f"),
+            )
+
+        self.layers = [
+            M.TimeEmbedding(E),
+            M.TimeDropout(0.3),
+            M.TimeLSTM(*lstm(), stateful=True),
+            M.TimeDropout(0.3),
+            M.TimeLSTM(*lstm(), stateful=True),
+            M.TimeDropout(0.3),
+            M.TimeAffine(E.T, np.zeros(V, "f")),
+        ]
         self.loss_layer = M.TimeSoftmaxWithLoss()
         self.params, self.grads = [], []
         for layer in self.layers:
@@ -547,21 +570,22 @@ def test_better_rnnlm_tied_dropout_trains_like_reference():
     from fastbp.optimizers import SGD
     from fastbp.trainer import remove_duplicate
     from fastbp.util import clip_grads
+
     V, H = 25, 12
     corpus = _rng(20).integers(0, V, 300).astype(np.int32)
     curves = []
     for M in (TL, REF):
         model = _BetterRnnlm(M, V, H, seed=21)
         opt = SGD(1.0)
-        np.random.seed(22)                       # the dropout masks: the book's np.random.rand draws
+        np.random.seed(22)  # the dropout masks: the book's np.random.rand draws
         losses = []
         for it in range(8):
-            xs = corpus[it * 24: it * 24 + 24].reshape(4, 6)
-            ts = corpus[it * 24 + 1: it * 24 + 25].reshape(4, 6)
+            xs = corpus[it * 24 : it * 24 + 24].reshape(4, 6)
+            ts = corpus[it * 24 + 1 : it * 24 + 25].reshape(4, 6)
             losses.append(model.forward(xs, ts))
             model.backward()
             params, grads = remove_duplicate(model.params, model.grads)
-            assert len(params) == len(model.params) - 1      # the tied W.T merged into the embedding
+            assert len(params) == len(model.params) - 1  # the tied W.T merged into the embedding
             clip_grads(grads, 1.0)
             opt.update(params, grads)
         curves.append(losses)

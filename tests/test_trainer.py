@@ -1,5 +1,6 @@
 """fastbp.trainer (both books' Trainer, RnnlmTrainer, remove_duplicate) and fastbp.util (clip_grads,
 eval_perplexity, the corpus helpers) against the books' definitions."""
+
 import os
 
 import numpy as np
@@ -15,7 +16,7 @@ from fastbp_tests import BOOK_DATA
 def _book_clip(grads, max_norm):
     total = 0
     for g in grads:
-        total += np.sum(g ** 2)
+        total += np.sum(g**2)
     rate = max_norm / (np.sqrt(total) + 1e-6)
     if rate < 1:
         for g in grads:
@@ -39,8 +40,10 @@ def test_clip_grads_matches_book(dtype, max_norm):
 
 def test_sum_squares_thread_independent():
     from fastbp import _embedding as _emb
+
     a = np.random.default_rng(1).standard_normal(300001).astype(np.float32)
     from test_time_layers import _threads_set
+
     vals = []
     for nt in (1, 3, 16, 64):
         with _threads_set(nt):
@@ -59,15 +62,16 @@ def test_remove_duplicate_shared_and_tied():
     expect = [grads[0] + grads[2] + grads[3].T, grads[1], grads[4]]
     p, g = remove_duplicate(params, grads)
     assert len(p) == 3 and p[0] is E and p[1] is W2 and p[2] is b
-    assert g[0] is grads[0]                                   # added in place into the kept array, as the book
+    assert g[0] is grads[0]  # added in place into the kept array, as the book
     for a, e in zip(g, expect):
         np.testing.assert_allclose(a, e, rtol=1e-6)
-    assert len(params) == 5                                   # the caller's lists are not touched
+    assert len(params) == 5  # the caller's lists are not touched
 
 
 def test_trainer_dispatch():
     class Net:
         params = {}
+
     t1 = Trainer(Net(), np.zeros((10, 2)), np.zeros(10), np.zeros((5, 2)), np.zeros(5), verbose=False)
     t2 = Trainer(object(), optimizers.SGD())
     assert isinstance(t1, Book1Trainer) and isinstance(t1, Trainer)
@@ -80,12 +84,23 @@ def test_trainer_dispatch():
 def test_book1_trainer_trains_two_layer_net():
     from fastbp.datasets import load_mnist
     from fastbp.nets import TwoLayerNet
+
     (x_train, t_train), (x_test, t_test) = load_mnist(source="sample")
     x_train, t_train, x_test, t_test = x_train[:1000], t_train[:1000], x_test[:300], t_test[:300]
     np.random.seed(0)
     net = TwoLayerNet(784, 30, 10)
-    tr = Trainer(net, x_train, t_train, x_test, t_test, epochs=3, mini_batch_size=100, optimizer="Adam",
-                 optimizer_param={"lr": 0.01}, verbose=False)
+    tr = Trainer(
+        net,
+        x_train,
+        t_train,
+        x_test,
+        t_test,
+        epochs=3,
+        mini_batch_size=100,
+        optimizer="Adam",
+        optimizer_param={"lr": 0.01},
+        verbose=False,
+    )
     tr.train()
     assert tr.max_iter == 30 and len(tr.train_loss_list) == 30 and len(tr.test_acc_list) == 3
     assert tr.test_acc_list[-1] > 0.7
@@ -96,11 +111,16 @@ class _TinyRnnlm:
     def __init__(self, V=12, D=5, H=6, seed=3):
         rng = np.random.default_rng(seed)
         E = (rng.standard_normal((V, D)) / 10).astype("f")
-        self.layers = [TL.TimeEmbedding(E),
-                       TL.TimeLSTM((rng.standard_normal((D, 4 * H)) / 3).astype("f"),
-                                   (rng.standard_normal((H, 4 * H)) / 3).astype("f"), np.zeros(4 * H, "f"),
-                                   stateful=True),
-                       TL.TimeAffine((rng.standard_normal((H, V)) / 3).astype("f"), np.zeros(V, "f"))]
+        self.layers = [
+            TL.TimeEmbedding(E),
+            TL.TimeLSTM(
+                (rng.standard_normal((D, 4 * H)) / 3).astype("f"),
+                (rng.standard_normal((H, 4 * H)) / 3).astype("f"),
+                np.zeros(4 * H, "f"),
+                stateful=True,
+            ),
+            TL.TimeAffine((rng.standard_normal((H, V)) / 3).astype("f"), np.zeros(V, "f")),
+        ]
         self.loss_layer = TL.TimeSoftmaxWithLoss()
         self.params, self.grads = [], []
         for layer in self.layers:
@@ -147,9 +167,10 @@ def test_rnnlm_trainer_get_batch_matches_book_and_trains(capsys):
 
 
 def test_book2_trainer_fit(capsys):
-    class Model:                       # the book's two-layer net style: Affine -> SoftmaxWithLoss on lists
+    class Model:  # the book's two-layer net style: Affine -> SoftmaxWithLoss on lists
         def __init__(self):
             from fastbp.layers import Affine, SoftmaxWithLoss
+
             rng = np.random.default_rng(4)
             self.layers = [Affine((rng.standard_normal((2, 3)) * 0.1).astype("f"), np.zeros(3, "f"))]
             self.loss_layer = SoftmaxWithLoss()
@@ -210,13 +231,25 @@ class _Seq2seq:
     def __init__(self, M, V, D, H, seed=0):
         rng = np.random.default_rng(seed)
         rn = rng.standard_normal
-        self.enc = [M.TimeEmbedding((rn((V, D)) / 100).astype("f")),
-                    M.TimeLSTM((rn((D, 4 * H)) / np.sqrt(D)).astype("f"),
-                               (rn((H, 4 * H)) / np.sqrt(H)).astype("f"), np.zeros(4 * H, "f"), stateful=False)]
-        self.dec = [M.TimeEmbedding((rn((V, D)) / 100).astype("f")),
-                    M.TimeLSTM((rn((D, 4 * H)) / np.sqrt(D)).astype("f"),
-                               (rn((H, 4 * H)) / np.sqrt(H)).astype("f"), np.zeros(4 * H, "f"), stateful=True),
-                    M.TimeAffine((rn((H, V)) / np.sqrt(H)).astype("f"), np.zeros(V, "f"))]
+        self.enc = [
+            M.TimeEmbedding((rn((V, D)) / 100).astype("f")),
+            M.TimeLSTM(
+                (rn((D, 4 * H)) / np.sqrt(D)).astype("f"),
+                (rn((H, 4 * H)) / np.sqrt(H)).astype("f"),
+                np.zeros(4 * H, "f"),
+                stateful=False,
+            ),
+        ]
+        self.dec = [
+            M.TimeEmbedding((rn((V, D)) / 100).astype("f")),
+            M.TimeLSTM(
+                (rn((D, 4 * H)) / np.sqrt(D)).astype("f"),
+                (rn((H, 4 * H)) / np.sqrt(H)).astype("f"),
+                np.zeros(4 * H, "f"),
+                stateful=True,
+            ),
+            M.TimeAffine((rn((H, V)) / np.sqrt(H)).astype("f"), np.zeros(V, "f")),
+        ]
         self.loss_layer = M.TimeSoftmaxWithLoss()
         self.params, self.grads = [], []
         for layer in self.enc + self.dec:
@@ -246,6 +279,7 @@ class _Seq2seq:
 @pytest.mark.skipif(not __import__("os").path.exists(ADDITION), reason="book data not available")
 def test_seq2seq_trains_like_reference_through_trainer(capsys):
     import fastbp.reference as REF
+
     x, t, V = _seq2seq_data(200)
     curves = []
     for M in (TL, REF):

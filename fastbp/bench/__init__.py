@@ -42,19 +42,76 @@ NumPy and PyTorch on the same inputs, with their checks and targets; also used b
 :mod:`~fastbp.bench.report` (running, table, JSON, plot) and :mod:`~fastbp.bench.command` (the command line).
 Every name of the former single module is importable from ``fastbp.bench``.
 """
+
 from fastbp.bench import book, cases, command, harness, report  # noqa: F401
 from fastbp.bench.book import BookLayers, BookSGD, BookTwoLayerNet, book_train_step  # noqa: F401
 from fastbp.bench.cases import (  # noqa: F401
-    SWEEP_BATCHES, Case, Target, book_case, build_cases, gemm_only_step, mnist_batch, net_batch, relu_case,
-    softmax_case, step_gemm_flops, sweep_cases, train_case)
+    SWEEP_BATCHES,
+    Case,
+    Target,
+    book_case,
+    build_cases,
+    gemm_only_step,
+    mnist_batch,
+    net_batch,
+    relu_case,
+    softmax_case,
+    step_gemm_flops,
+    sweep_cases,
+    train_case,
+)
 from fastbp.bench.command import DESCRIPTION, add_parser, cmd_bench, main  # noqa: F401
 from fastbp.bench.harness import (  # noqa: F401
-    BASE, BATCH_TIME, BUSY, DEFAULT_GAP, DEFAULT_ROUNDS, PEAK_SIZE, QUICK_ROUNDS, WARM_TIME, calibrate, check_case,
-    gemm_peak, interference_probe, interleave, measure_case, median, numpy_alloc_per_call, summarize)
+    BASE,
+    BATCH_TIME,
+    BUSY,
+    DEFAULT_GAP,
+    DEFAULT_ROUNDS,
+    PEAK_SIZE,
+    QUICK_ROUNDS,
+    WARM_TIME,
+    calibrate,
+    check_case,
+    gemm_peak,
+    interference_probe,
+    interleave,
+    measure_case,
+    median,
+    numpy_alloc_per_call,
+    summarize,
+)
 from fastbp.bench.report import (  # noqa: F401
-    evaluate_targets, fmt_time, format_alloc, format_table, machine_info, run)
+    evaluate_targets,
+    fmt_time,
+    format_alloc,
+    format_table,
+    machine_info,
+    run,
+)
 
-__all__ = ["add_parser", "main", "run", "BookLayers", "BookTwoLayerNet", "Case", "Target", "interleave",
-           "summarize", "format_table", "numpy_alloc_per_call", "step_gemm_flops", "fmt_time", "build_cases",
-           "train_case", "book_case", "softmax_case", "relu_case", "gemm_only_step", "mnist_batch", "BookSGD",
-           "DEFAULT_GAP", "DEFAULT_ROUNDS", "QUICK_ROUNDS"]
+__all__ = [
+    "add_parser",
+    "main",
+    "run",
+    "BookLayers",
+    "BookTwoLayerNet",
+    "Case",
+    "Target",
+    "interleave",
+    "summarize",
+    "format_table",
+    "numpy_alloc_per_call",
+    "step_gemm_flops",
+    "fmt_time",
+    "build_cases",
+    "train_case",
+    "book_case",
+    "softmax_case",
+    "relu_case",
+    "gemm_only_step",
+    "mnist_batch",
+    "BookSGD",
+    "DEFAULT_GAP",
+    "DEFAULT_ROUNDS",
+    "QUICK_ROUNDS",
+]

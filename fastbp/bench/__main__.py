@@ -1,4 +1,5 @@
 """``python -m fastbp.bench [options]`` (same as ``python -m fastbp bench``)."""
+
 import sys
 
 from fastbp.bench.command import main

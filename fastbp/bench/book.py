@@ -1,9 +1,11 @@
 """The book's own code, transcribed: the baseline a reader switches from (``common/layers.py``'s layers,
 ``ch05/two_layer_net.py``, the ch05 loop step, ``common/optimizer.py``'s SGD).  The one copy used by the
 ``fastbp bench`` rows and the pytest-benchmark suite in ``benchmarks/``."""
+
 from collections import OrderedDict
 
 import numpy as np
+
 
 def _book_softmax(x):
     x = x - np.max(x, axis=-1, keepdims=True)
@@ -14,7 +16,7 @@ def _book_cross_entropy_error(y, t):
     if y.ndim == 1:
         t = t.reshape(1, t.size)
         y = y.reshape(1, y.size)
-    if t.size == y.size:                 # one-hot targets -> label indices
+    if t.size == y.size:  # one-hot targets -> label indices
         t = t.argmax(axis=1)
     batch_size = y.shape[0]
     return -np.sum(np.log(y[np.arange(batch_size), t] + 1e-7)) / batch_size
@@ -126,6 +128,7 @@ class BookTwoLayerNet:
 
     def numerical_gradient(self, x, t):
         from fastbp.gradient import numerical_gradient
+
         loss_W = lambda W: self.loss(x, t)  # noqa: E731 (the book's form)
         return {key: numerical_gradient(loss_W, self.params[key]) for key in ("W1", "b1", "W2", "b2")}
 
@@ -189,7 +192,7 @@ class BookMultiLayerNet:
         weight_decay = 0
         for idx in range(1, self.hidden_layer_num + 2):
             W = self.params["W" + str(idx)]
-            weight_decay += 0.5 * self.weight_decay_lambda * np.sum(W ** 2)
+            weight_decay += 0.5 * self.weight_decay_lambda * np.sum(W**2)
         return self.last_layer.forward(y, t) + weight_decay
 
     def gradient(self, x, t):
@@ -199,8 +202,9 @@ class BookMultiLayerNet:
             dout = layer.backward(dout)
         grads = {}
         for idx in range(1, self.hidden_layer_num + 2):
-            grads["W" + str(idx)] = self.layers["Affine" + str(idx)].dW + \
-                self.weight_decay_lambda * self.layers["Affine" + str(idx)].W
+            grads["W" + str(idx)] = (
+                self.layers["Affine" + str(idx)].dW + self.weight_decay_lambda * self.layers["Affine" + str(idx)].W
+            )
             grads["b" + str(idx)] = self.layers["Affine" + str(idx)].db
         return grads
 
@@ -221,7 +225,7 @@ class BookAdam:
                 self.m[key] = np.zeros_like(val)
                 self.v[key] = np.zeros_like(val)
         self.iter += 1
-        lr_t = self.lr * np.sqrt(1.0 - self.beta2 ** self.iter) / (1.0 - self.beta1 ** self.iter)
+        lr_t = self.lr * np.sqrt(1.0 - self.beta2**self.iter) / (1.0 - self.beta1**self.iter)
         for key in params.keys():
             self.m[key] += (1 - self.beta1) * (grads[key] - self.m[key])
             self.v[key] += (1 - self.beta2) * (grads[key] ** 2 - self.v[key])

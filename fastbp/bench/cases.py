@@ -2,6 +2,7 @@
 :class:`Case` of zero-argument callables -- fastbp, the NumPy baseline (:mod:`fastbp.reference` or the book's
 code of :mod:`fastbp.bench.book`) and the PyTorch eager equivalent when torch is installed -- on the same inputs,
 with a check that they compute the same thing and the speed targets of the project."""
+
 import math
 import os
 from collections import OrderedDict
@@ -33,10 +34,10 @@ def _close(a, b, rtol, what):
     diff = float(np.max(np.abs(a - b))) if a.size else 0.0
     rel = diff / scale if scale > 0 else diff
     if not rel <= rtol:
-        raise AssertionError(f"{what}: max |diff| = {diff:.3g} is {rel:.3g} of max |value| {scale:.3g} "
-                             f"(allowed {rtol:g})")
+        raise AssertionError(
+            f"{what}: max |diff| = {diff:.3g} is {rel:.3g} of max |value| {scale:.3g} (allowed {rtol:g})"
+        )
     return rel
-
 
 
 _RTOL = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-9}
@@ -45,11 +46,10 @@ _RTOL = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-9}
 def _import_torch():
     try:
         import torch
-    except Exception:                      # not installed, or broken: the torch columns are skipped
+    except Exception:  # not installed, or broken: the torch columns are skipped
         return None
     torch.set_num_threads(os.cpu_count() or 1)
     return torch
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,6 +64,7 @@ def mnist_batch(n, one_hot=False, dtype=np.float32, offset=0):
     if "x" not in _MNIST:
         try:
             from fastbp.datasets import load_mnist
+
             (x, t), _ = load_mnist(normalize=True, one_hot_label=False, source="sample", verbose=False)
         except Exception:
             rng = np.random.default_rng(0)
@@ -90,7 +91,6 @@ def net_batch(n, sizes, dtype=np.float32):
         return mnist_batch(n, dtype=dtype)
     rng = np.random.default_rng(7)
     return rng.random((n, sizes[0])).astype(dtype), rng.integers(0, sizes[-1], n).astype(np.int64)
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,15 +163,19 @@ def train_case(key, title, sizes, batch, dtype, torch, targets, lr=0.1, with_gem
     fastbp.optimizers.SGD vs the reference-backend net + the book's SGD vs torch (Linear/ReLU, CrossEntropyLoss,
     backward, optim.SGD), all from the same initial weights; `with_gemm_only` adds the step's GEMMs alone."""
     from fastbp import nets, optimizers
+
     dtype = np.dtype(dtype)
     np.random.seed(1)
     hidden = list(sizes[1:-1])
     if len(hidden) == 1:
-        make = lambda backend: nets.TwoLayerNet(sizes[0], hidden[0], sizes[-1], dtype=dtype,  # noqa: E731
-                                                backend=backend)
+
+        def make(backend):
+            return nets.TwoLayerNet(sizes[0], hidden[0], sizes[-1], dtype=dtype, backend=backend)
     else:
-        make = lambda backend: nets.MultiLayerNet(sizes[0], hidden, sizes[-1], dtype=dtype,  # noqa: E731
-                                                  backend=backend)
+
+        def make(backend):
+            return nets.MultiLayerNet(sizes[0], hidden, sizes[-1], dtype=dtype, backend=backend)
+
     fnet = make("fastbp")
     rnet = make("reference")
     for k in fnet.params:
@@ -234,6 +238,7 @@ def train_case(key, title, sizes, batch, dtype, torch, targets, lr=0.1, with_gem
 def gemm_only_step(sizes, batch, dtype):
     """The matrix products of one training step alone, same shapes and transposes, via fastbp._kernels.gemm."""
     from fastbp import _kernels
+
     rng = np.random.default_rng(2)
     pairs = list(zip(sizes[:-1], sizes[1:]))
     xs = [rng.standard_normal((batch, d)).astype(dtype) for d, _ in pairs]
@@ -251,6 +256,7 @@ def gemm_only_step(sizes, batch, dtype):
             if i > 0:
                 gemm(outs[i], Ws[i], dxs[i], trans_b=True)
             gemm(xs[i], outs[i], dWs[i], trans_a=True)
+
     return step
 
 
@@ -258,15 +264,17 @@ def book_case(batch=100, lr=0.1):
     """The book's TwoLayerNet 784-50-10 and loop step (float64 weights, float32 images, one-hot labels):
     fastbp.layers dropped in vs the book's own layers (BookLayers), same initial weights."""
     from fastbp import layers as fast_layers
+
     np.random.seed(3)
     fnet = BookTwoLayerNet(784, 50, 10, layers=fast_layers)
     bnet = BookTwoLayerNet(784, 50, 10, layers=BookLayers)
     for k in fnet.params:
         bnet.params[k][...] = fnet.params[k]
-    x, t = mnist_batch(batch, one_hot=True)         # float32 images, float64 one-hot (as load_mnist gives)
+    x, t = mnist_batch(batch, one_hot=True)  # float32 images, float64 one-hot (as load_mnist gives)
 
-    impls = OrderedDict([("fastbp", lambda: book_train_step(fnet, x, t, lr)),
-                         ("numpy", lambda: book_train_step(bnet, x, t, lr))])
+    impls = OrderedDict(
+        [("fastbp", lambda: book_train_step(fnet, x, t, lr)), ("numpy", lambda: book_train_step(bnet, x, t, lr))]
+    )
 
     def check():
         fg = fnet.gradient(x, t)
@@ -276,15 +284,22 @@ def book_case(batch=100, lr=0.1):
         return f"grads fastbp~book {worst:.1e}"
 
     flops = step_gemm_flops(batch, (784, 50, 10))
-    return Case("book-2l-b100", f"book TwoLayerNet 784-50-10 b{batch} (f64 W, f32 x)", impls, check, flops,
-                [Target("speedup", 2.0, "numpy")],
-                note="the book's ch05 TwoLayerNet + loop step; fastbp.layers vs the book's common/layers.py")
+    return Case(
+        "book-2l-b100",
+        f"book TwoLayerNet 784-50-10 b{batch} (f64 W, f32 x)",
+        impls,
+        check,
+        flops,
+        [Target("speedup", 2.0, "numpy")],
+        note="the book's ch05 TwoLayerNet + loop step; fastbp.layers vs the book's common/layers.py",
+    )
 
 
 def softmax_case(n, c, torch, targets, reuse=False):
     """SoftmaxWithLoss forward + backward on (n, c) float32 logits with int64 labels: fastbp.layers vs
     fastbp.reference vs torch (F.cross_entropy + autograd.grad)."""
     from fastbp import layers as L, reference as R
+
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((n, c)) * 3).astype(np.float32)
     t = rng.integers(0, c, n).astype(np.int64)
@@ -302,6 +317,7 @@ def softmax_case(n, c, torch, targets, reuse=False):
     impls = OrderedDict([("fastbp", fastbp_fn), ("numpy", numpy_fn)])
     if torch is not None:
         import torch.nn.functional as F
+
         xt = torch.from_numpy(x).requires_grad_(True)
         tt = torch.from_numpy(t)
 
@@ -330,6 +346,7 @@ def relu_case(n, m, torch, targets, reuse=False):
     """Relu forward + backward on (n, m) float32: fastbp.layers vs fastbp.reference vs torch (F.relu +
     autograd.grad)."""
     from fastbp import layers as L, reference as R
+
     rng = np.random.default_rng(5)
     x = rng.standard_normal((n, m)).astype(np.float32)
     dout = rng.standard_normal((n, m)).astype(np.float32)
@@ -347,6 +364,7 @@ def relu_case(n, m, torch, targets, reuse=False):
     impls = OrderedDict([("fastbp", fastbp_fn), ("numpy", numpy_fn)])
     if torch is not None:
         import torch.nn.functional as F
+
         xt = torch.from_numpy(x).requires_grad_(True)
         dt = torch.from_numpy(dout)
 
@@ -375,21 +393,59 @@ def relu_case(n, m, torch, targets, reuse=False):
 def build_cases(torch=None, select=None):
     """The curated cases (the issue's speed targets), optionally only those whose key contains a word of
     `select`; built lazily so an unselected case costs nothing."""
-    from fastbp.bench.conv_cases import conv_case_specs   # it builds on this module's Case and Target
+    from fastbp.bench.conv_cases import conv_case_specs  # it builds on this module's Case and Target
+
     T = Target
     specs = [
-        ("train-2l-b100-f32", lambda: train_case(
-            "train-2l-b100-f32", "train step TwoLayerNet 784-50-10 b100 f32", (784, 50, 10), 100, np.float32,
-            torch, [T("speedup", 3.0, "numpy"), T("speedup", 3.0, "torch")])),
-        ("train-2l-b100-f64", lambda: train_case(
-            "train-2l-b100-f64", "train step TwoLayerNet 784-50-10 b100 f64", (784, 50, 10), 100, np.float64,
-            torch, [T("speedup", 2.5, "numpy")])),
-        ("train-2l-b1-f32", lambda: train_case(
-            "train-2l-b1-f32", "train step TwoLayerNet 784-50-10 b1 f32", (784, 50, 10), 1, np.float32,
-            torch, [T("speedup", 3.0, "numpy")])),
-        ("train-mlp-b256-f32", lambda: train_case(
-            "train-mlp-b256-f32", "train step MultiLayerNet 784-1024-1024-10 b256 f32", (784, 1024, 1024, 10),
-            256, np.float32, torch, [T("floor", 1.4)], with_gemm_only=True)),
+        (
+            "train-2l-b100-f32",
+            lambda: train_case(
+                "train-2l-b100-f32",
+                "train step TwoLayerNet 784-50-10 b100 f32",
+                (784, 50, 10),
+                100,
+                np.float32,
+                torch,
+                [T("speedup", 3.0, "numpy"), T("speedup", 3.0, "torch")],
+            ),
+        ),
+        (
+            "train-2l-b100-f64",
+            lambda: train_case(
+                "train-2l-b100-f64",
+                "train step TwoLayerNet 784-50-10 b100 f64",
+                (784, 50, 10),
+                100,
+                np.float64,
+                torch,
+                [T("speedup", 2.5, "numpy")],
+            ),
+        ),
+        (
+            "train-2l-b1-f32",
+            lambda: train_case(
+                "train-2l-b1-f32",
+                "train step TwoLayerNet 784-50-10 b1 f32",
+                (784, 50, 10),
+                1,
+                np.float32,
+                torch,
+                [T("speedup", 3.0, "numpy")],
+            ),
+        ),
+        (
+            "train-mlp-b256-f32",
+            lambda: train_case(
+                "train-mlp-b256-f32",
+                "train step MultiLayerNet 784-1024-1024-10 b256 f32",
+                (784, 1024, 1024, 10),
+                256,
+                np.float32,
+                torch,
+                [T("floor", 1.4)],
+                with_gemm_only=True,
+            ),
+        ),
         ("book-2l-b100", lambda: book_case(100)),
         ("softmax-100x10", lambda: softmax_case(100, 10, torch, [T("speedup", 4.0, "numpy")])),
         ("softmax-4096x1000", lambda: softmax_case(4096, 1000, torch, [T("speedup", 2.0, "numpy")])),
@@ -404,10 +460,17 @@ def build_cases(torch=None, select=None):
 
 def sweep_cases(torch, batches=SWEEP_BATCHES):
     """Train step TwoLayerNet 784-50-10 f32 at several batch sizes (for --plot)."""
-    return [(f"sweep-b{b}", (lambda b=b: train_case(f"sweep-b{b}", f"train step 784-50-10 b{b} f32",
-                                                       (784, 50, 10), b, np.float32, torch, [])))
-            for b in batches]
-
+    return [
+        (
+            f"sweep-b{b}",
+            (
+                lambda b=b: train_case(
+                    f"sweep-b{b}", f"train step 784-50-10 b{b} f32", (784, 50, 10), b, np.float32, torch, []
+                )
+            ),
+        )
+        for b in batches
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -416,12 +479,13 @@ def sweep_cases(torch, batches=SWEEP_BATCHES):
 def _alloc_rows(torch):
     """NumPy allocation per training step after warm-up, fastbp nets vs the reference nets."""
     from fastbp import nets, optimizers
+
     rows = []
     for key, title, sizes, batch, dtype in (
-            ("alloc-2l-b100-f32", "TwoLayerNet 784-50-10 b100 f32", (784, 50, 10), 100, np.float32),
-            ("alloc-2l-b1-f64", "TwoLayerNet 784-50-10 b1 f64", (784, 50, 10), 1, np.float64),
-            ("alloc-mlp-b256-f32", "MultiLayerNet 784-1024-1024-10 b256 f32", (784, 1024, 1024, 10), 256,
-             np.float32)):
+        ("alloc-2l-b100-f32", "TwoLayerNet 784-50-10 b100 f32", (784, 50, 10), 100, np.float32),
+        ("alloc-2l-b1-f64", "TwoLayerNet 784-50-10 b1 f64", (784, 50, 10), 1, np.float64),
+        ("alloc-mlp-b256-f32", "MultiLayerNet 784-1024-1024-10 b256 f32", (784, 1024, 1024, 10), 256, np.float32),
+    ):
         res = {}
         for backend in ("fastbp", "reference"):
             np.random.seed(1)
@@ -434,12 +498,18 @@ def _alloc_rows(torch):
 
             def step(net=net, opt=opt, x=x, t=t):
                 opt.update(net.params, net.gradient(x, t))
+
             res[backend] = numpy_alloc_per_call(step, calls=10, warmup=3)
-        rows.append({"key": key, "title": f"NumPy bytes allocated per step, {title}",
-                     "bytes_per_step": res["fastbp"]["bytes_per_call"],
-                     "numpy_high_water": res["fastbp"]["numpy_high_water"],
-                     "traced_peak_per_step": res["fastbp"]["traced_peak_per_call"],
-                     "reference_bytes_per_step": res["reference"]["bytes_per_call"],
-                     "reference_traced_peak_per_step": res["reference"]["traced_peak_per_call"],
-                     "targets": [Target("alloc", 0)]})
+        rows.append(
+            {
+                "key": key,
+                "title": f"NumPy bytes allocated per step, {title}",
+                "bytes_per_step": res["fastbp"]["bytes_per_call"],
+                "numpy_high_water": res["fastbp"]["numpy_high_water"],
+                "traced_peak_per_step": res["fastbp"]["traced_peak_per_call"],
+                "reference_bytes_per_step": res["reference"]["bytes_per_call"],
+                "reference_traced_peak_per_step": res["reference"]["traced_peak_per_call"],
+                "targets": [Target("alloc", 0)],
+            }
+        )
     return rows

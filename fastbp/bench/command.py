@@ -1,10 +1,12 @@
 """``fastbp bench`` / ``python -m fastbp.bench``: the command line of the benchmark."""
+
 import argparse
 import sys
 
 from fastbp.bench.cases import build_cases
 from fastbp.bench.harness import DEFAULT_GAP, DEFAULT_ROUNDS, PEAK_SIZE, QUICK_ROUNDS
 from fastbp.bench.report import run
+
 
 def _peak_size(text):
     v = int(text) if text.strip().lstrip("-").isdigit() else None
@@ -13,29 +15,54 @@ def _peak_size(text):
     return v
 
 
-DESCRIPTION = ("Time fastbp against the plain-NumPy reference (and PyTorch eager when installed) in "
-               "interleaved rounds and print a table with the speed targets. Takes about 2 minutes "
-               "(--quick: under 1).")
+DESCRIPTION = (
+    "Time fastbp against the plain-NumPy reference (and PyTorch eager when installed) in "
+    "interleaved rounds and print a table with the speed targets. Takes about 2 minutes "
+    "(--quick: under 1)."
+)
 
 
 def _configure(p):
-    p.add_argument("--quick", action="store_true",
-                   help=f"{QUICK_ROUNDS} rounds instead of {DEFAULT_ROUNDS} and a shorter GEMM-peak measurement")
-    from fastbp.cli import _nonneg_float, _positive_int   # the CLI's argument types
-    p.add_argument("--rounds", type=_positive_int, default=None,
-                   help=f"interleaved rounds per row (default {DEFAULT_ROUNDS}, --quick {QUICK_ROUNDS})")
-    p.add_argument("--gap", type=_nonneg_float, default=DEFAULT_GAP,
-                   help=f"idle seconds before each timed batch so other thread pools stop spinning "
-                        f"(default {DEFAULT_GAP})")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_ROUNDS} rounds instead of {DEFAULT_ROUNDS} and a shorter GEMM-peak measurement",
+    )
+    from fastbp.cli import _nonneg_float, _positive_int  # the CLI's argument types
+
+    p.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=None,
+        help=f"interleaved rounds per row (default {DEFAULT_ROUNDS}, --quick {QUICK_ROUNDS})",
+    )
+    p.add_argument(
+        "--gap",
+        type=_nonneg_float,
+        default=DEFAULT_GAP,
+        help=f"idle seconds before each timed batch so other thread pools stop spinning (default {DEFAULT_GAP})",
+    )
     p.add_argument("--json", metavar="FILE", default=None, help="write every number to FILE as JSON")
-    p.add_argument("--plot", metavar="FILE.png", default=None,
-                   help="also sweep the train step over batch sizes (half the rounds) and plot the speedups "
-                        "(needs matplotlib)")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        default=None,
+        help="also sweep the train step over batch sizes (half the rounds) and plot the speedups (needs matplotlib)",
+    )
     p.add_argument("--sweep", action="store_true", help="run the batch-size sweep without plotting it")
-    p.add_argument("--cases", nargs="+", metavar="WORD", default=None,
-                   help="run only the rows whose key contains one of these words (e.g. train softmax alloc)")
-    p.add_argument("--peak-size", type=_peak_size, default=PEAK_SIZE,
-                   help=f"matrix size of the GEMM-peak measurement (default {PEAK_SIZE}; 0 skips it)")
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        metavar="WORD",
+        default=None,
+        help="run only the rows whose key contains one of these words (e.g. train softmax alloc)",
+    )
+    p.add_argument(
+        "--peak-size",
+        type=_peak_size,
+        default=PEAK_SIZE,
+        help=f"matrix size of the GEMM-peak measurement (default {PEAK_SIZE}; 0 skips it)",
+    )
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns even if torch is installed")
     p.add_argument("--no-probe", action="store_true", help="skip the thread-pool interference probe")
     p.add_argument("--no-alloc", action="store_true", help="skip the NumPy allocation measurement")
@@ -47,8 +74,10 @@ def _configure(p):
 def add_parser(subparsers):
     """Register the ``bench`` subcommand on an argparse subparsers object (used by fastbp.cli)."""
     p = subparsers.add_parser(
-        "bench", help="speed benchmark: fastbp vs NumPy (and PyTorch), with the project's speed targets",
-        description=DESCRIPTION)
+        "bench",
+        help="speed benchmark: fastbp vs NumPy (and PyTorch), with the project's speed targets",
+        description=DESCRIPTION,
+    )
     return _configure(p)
 
 
@@ -59,8 +88,10 @@ def cmd_bench(args):
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            sys.stderr.write("fastbp: --plot needs matplotlib, which is not installed "
-                             "(pip install matplotlib, or pip install 'fastbp[plot]')\n")
+            sys.stderr.write(
+                "fastbp: --plot needs matplotlib, which is not installed "
+                "(pip install matplotlib, or pip install 'fastbp[plot]')\n"
+            )
             return 2
     if args.cases:
         known = [k for k, _ in build_cases(None)] + ["alloc"]

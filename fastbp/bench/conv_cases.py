@@ -6,6 +6,7 @@ A training step is ``net.gradient(x, t)`` plus an SGD update on 100 MNIST digits
 same layers (Conv2d, ReLU, MaxPool2d, Linear, Dropout in train mode, CrossEntropyLoss) from the same initial
 weights; the check compares fastbp's gradients with the reference's (and torch's, for SimpleConvNet).
 """
+
 from collections import OrderedDict
 
 import numpy as np
@@ -31,16 +32,31 @@ def conv_step_flops(batch, convs, affines):
 
 
 SIMPLE_FLOPS = dict(convs=[(576, 25, 30, False)], affines=[(4320, 100, True), (100, 10, True)])
-DEEP_FLOPS = dict(convs=[(784, 9, 16, False), (784, 144, 16, True), (196, 144, 32, True), (256, 288, 32, True),
-                         (64, 288, 64, True), (64, 576, 64, True)],
-                  affines=[(1024, 50, True), (50, 10, True)])
+DEEP_FLOPS = dict(
+    convs=[
+        (784, 9, 16, False),
+        (784, 144, 16, True),
+        (196, 144, 32, True),
+        (256, 288, 32, True),
+        (64, 288, 64, True),
+        (64, 576, 64, True),
+    ],
+    affines=[(1024, 50, True), (50, 10, True)],
+)
 
 
 def _torch_simple(torch, params, dtype):
     nn = torch.nn
     tdt = torch.float32 if dtype == np.float32 else torch.float64
-    m = nn.Sequential(nn.Conv2d(1, 30, 5), nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(), nn.Linear(4320, 100),
-                      nn.ReLU(), nn.Linear(100, 10)).to(tdt)
+    m = nn.Sequential(
+        nn.Conv2d(1, 30, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2, 2),
+        nn.Flatten(),
+        nn.Linear(4320, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    ).to(tdt)
     with torch.no_grad():
         m[0].weight.copy_(torch.from_numpy(params["W1"]))
         m[0].bias.copy_(torch.from_numpy(params["b1"]))
@@ -73,6 +89,7 @@ def _torch_step(torch, model, x, t, lr):
         opt.zero_grad(set_to_none=False)
         crit(model(xt), tt).backward()
         opt.step()
+
     return step, crit, xt, tt
 
 
@@ -83,6 +100,7 @@ def convnet_case(key, title, net_name, dtype, torch, targets, lr=0.01, book_swap
     NumPy layers, both with the book's SGD."""
     from fastbp import layers as fast_layers
     from fastbp import nets, optimizers
+
     dtype = np.dtype(dtype)
     cls = getattr(nets, net_name)
     np.random.seed(1)
@@ -130,19 +148,28 @@ def convnet_case(key, title, net_name, dtype, torch, targets, lr=0.01, book_swap
         return text
 
     flops = conv_step_flops(100, **(SIMPLE_FLOPS if net_name == "SimpleConvNet" else DEEP_FLOPS))
-    return Case(key, title, impls, check, flops, targets,
-                note="fastbp.nets vs fastbp.reference (the book's NumPy algorithms) vs torch eager; SGD step")
+    return Case(
+        key,
+        title,
+        impls,
+        check,
+        flops,
+        targets,
+        note="fastbp.nets vs fastbp.reference (the book's NumPy algorithms) vs torch eager; SGD step",
+    )
 
 
 def maxpool_case(torch, targets, shape=(100, 30, 24, 24)):
     """2x2 stride-2 max pooling forward + backward on float32: fastbp.layers (reuse) vs reference vs torch."""
     from fastbp import layers as L, reference as R
+
     rng = np.random.default_rng(5)
     x = rng.standard_normal(shape).astype(np.float32)
     d = rng.standard_normal(shape[:2] + (shape[2] // 2, shape[3] // 2)).astype(np.float32)
     f, r = L.Pooling(2, 2, 2, reuse=True), R.Pooling(2, 2, 2)
-    impls = OrderedDict([("fastbp", lambda: (f.forward(x), f.backward(d))),
-                         ("numpy", lambda: (r.forward(x), r.backward(d)))])
+    impls = OrderedDict(
+        [("fastbp", lambda: (f.forward(x), f.backward(d))), ("numpy", lambda: (r.forward(x), r.backward(d)))]
+    )
     if torch is not None:
         xt = torch.from_numpy(x).requires_grad_(True)
         dt = torch.from_numpy(d)
@@ -150,6 +177,7 @@ def maxpool_case(torch, targets, shape=(100, 30, 24, 24)):
         def torch_step():
             xt.grad = None
             torch.nn.functional.max_pool2d(xt, 2, 2).backward(dt)
+
         impls["torch"] = torch_step
 
     def check():
@@ -157,25 +185,57 @@ def maxpool_case(torch, targets, shape=(100, 30, 24, 24)):
         worst = max(_close(fo, r.forward(x), 0, "pool out"), _close(fd, r.backward(d), 0, "pool dx"))
         return f"fastbp==numpy {worst:.1e}"
 
-    return Case("maxpool-100x30x24x24", "max pooling 2x2/2 fwd+bwd (100, 30, 24, 24) f32", impls, check, None,
-                targets)
+    return Case("maxpool-100x30x24x24", "max pooling 2x2/2 fwd+bwd (100, 30, 24, 24) f32", impls, check, None, targets)
 
 
 def conv_case_specs(torch=None):
     """[(key, build)] for fastbp.bench.cases.build_cases (issue 9's speed targets)."""
     T = Target
     return [
-        ("train-simpleconvnet-b100-f32", lambda: convnet_case(
-            "train-simpleconvnet-b100-f32", "train step SimpleConvNet b100 f32", "SimpleConvNet", np.float32,
-            torch, [T("speedup", 1.5, "torch"), T("speedup", 10.0, "numpy")])),
-        ("train-simpleconvnet-b100-f64", lambda: convnet_case(
-            "train-simpleconvnet-b100-f64", "train step SimpleConvNet b100 f64", "SimpleConvNet", np.float64,
-            torch, [T("speedup", 1.5, "torch")])),
-        ("train-deepconvnet-b100-f32", lambda: convnet_case(
-            "train-deepconvnet-b100-f32", "train step DeepConvNet b100 f32", "DeepConvNet", np.float32,
-            torch, [T("speedup", 1.0, "torch"), T("floor", 2.0)])),
-        ("book-simpleconvnet-b100", lambda: convnet_case(
-            "book-simpleconvnet-b100", "book SimpleConvNet b100 (f64 W, f32 x), layers swapped", "SimpleConvNet",
-            np.float64, torch, [T("speedup", 5.0, "numpy")], book_swap=True)),
+        (
+            "train-simpleconvnet-b100-f32",
+            lambda: convnet_case(
+                "train-simpleconvnet-b100-f32",
+                "train step SimpleConvNet b100 f32",
+                "SimpleConvNet",
+                np.float32,
+                torch,
+                [T("speedup", 1.5, "torch"), T("speedup", 10.0, "numpy")],
+            ),
+        ),
+        (
+            "train-simpleconvnet-b100-f64",
+            lambda: convnet_case(
+                "train-simpleconvnet-b100-f64",
+                "train step SimpleConvNet b100 f64",
+                "SimpleConvNet",
+                np.float64,
+                torch,
+                [T("speedup", 1.5, "torch")],
+            ),
+        ),
+        (
+            "train-deepconvnet-b100-f32",
+            lambda: convnet_case(
+                "train-deepconvnet-b100-f32",
+                "train step DeepConvNet b100 f32",
+                "DeepConvNet",
+                np.float32,
+                torch,
+                [T("speedup", 1.0, "torch"), T("floor", 2.0)],
+            ),
+        ),
+        (
+            "book-simpleconvnet-b100",
+            lambda: convnet_case(
+                "book-simpleconvnet-b100",
+                "book SimpleConvNet b100 (f64 W, f32 x), layers swapped",
+                "SimpleConvNet",
+                np.float64,
+                torch,
+                [T("speedup", 5.0, "numpy")],
+                book_swap=True,
+            ),
+        ),
         ("maxpool-100x30x24x24", lambda: maxpool_case(torch, [T("speedup", 2.0, "torch")])),
     ]

@@ -1,6 +1,7 @@
 """The measuring harness of ``fastbp bench``: interleaved rounds, calibration, the NumPy allocation probe and the
 machine probes (thread-pool interference, spin-down, load of other processes, GEMM peak).  How and why the
 numbers are taken this way: see :mod:`fastbp.bench`."""
+
 import gc
 import math
 import os
@@ -14,12 +15,12 @@ import numpy as np
 
 DEFAULT_ROUNDS = 15
 QUICK_ROUNDS = 5
-DEFAULT_GAP = 0.15          # seconds of idle before each timed batch (OpenBLAS workers spin ~0.1 s)
-BATCH_TIME = 0.02           # seconds per timed batch
-WARM_TIME = 0.004           # seconds of untimed warm-up calls before each batch (at least 2 calls)
+DEFAULT_GAP = 0.15  # seconds of idle before each timed batch (OpenBLAS workers spin ~0.1 s)
+BATCH_TIME = 0.02  # seconds per timed batch
+WARM_TIME = 0.004  # seconds of untimed warm-up calls before each batch (at least 2 calls)
 PEAK_SIZE = 2048
 BASE = "fastbp"
-BUSY = 0.1                  # fraction of the CPUs used by other processes above which a row is flagged
+BUSY = 0.1  # fraction of the CPUs used by other processes above which a row is flagged
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -37,7 +38,6 @@ def _quartiles(xs):
         return None
     q = statistics.quantiles(xs, n=4, method="inclusive")
     return (q[0], q[2])
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,8 +72,9 @@ def calibrate(fn, batch_time=BATCH_TIME, max_number=100000):
     return int(min(max(round(batch_time / per_call), 1), max_number)), per_call
 
 
-def interleave(impls, rounds, numbers, *, gap=DEFAULT_GAP, warm_calls=None, sleep=time.sleep,
-               timer=time.perf_counter, log=None):
+def interleave(
+    impls, rounds, numbers, *, gap=DEFAULT_GAP, warm_calls=None, sleep=time.sleep, timer=time.perf_counter, log=None
+):
     """Time `impls` (name -> zero-argument callable) in `rounds` interleaved rounds.
 
     In round r the implementations run in the order of `impls` rotated by r; each one: sleep `gap`, make
@@ -119,8 +120,14 @@ def summarize(times, base=BASE):
 def check_case(case):
     """Run the case's equality check (before any timed call: the training steps change the weights);
     returns the row skeleton, with "error" set when the implementations disagree."""
-    row = {"key": case.key, "title": case.title, "impls": list(case.impls), "flops": case.flops,
-           "targets": case.targets, "note": case.note}
+    row = {
+        "key": case.key,
+        "title": case.title,
+        "impls": list(case.impls),
+        "flops": case.flops,
+        "targets": case.targets,
+        "note": case.note,
+    }
     try:
         row["check"] = case.check() if case.check else "not checked"
     except AssertionError as e:
@@ -148,7 +155,6 @@ def measure_case(case, rounds, gap, batch_time=BATCH_TIME, log=None, row=None):
     if case.flops:
         row["gflops"] = {n: case.flops / t / 1e9 for n, t in s["median_s"].items() if t > 0}
     return row
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,9 +209,7 @@ def numpy_alloc_per_call(fn, calls=10, warmup=3):
         sys.setprofile(old)
         if not was_tracing:
             tracemalloc.stop()
-    return {"bytes_per_call": state["alloc"] / calls, "numpy_high_water": state["high"],
-            "traced_peak_per_call": peak}
-
+    return {"bytes_per_call": state["alloc"] / calls, "numpy_high_water": state["high"], "traced_peak_per_call": peak}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,6 +218,7 @@ def numpy_alloc_per_call(fn, calls=10, warmup=3):
 def gemm_peak(n=PEAK_SIZE, repeats=6, gap=DEFAULT_GAP):
     """Best GFLOP/s of an n^3 sgemm/dgemm through fastbp's BLAS and through NumPy's (best of `repeats`)."""
     from fastbp import _kernels
+
     rng = np.random.default_rng(6)
     out = {}
     for dtype, tag in ((np.float32, "sgemm"), (np.float64, "dgemm")):
@@ -230,7 +235,7 @@ def gemm_peak(n=PEAK_SIZE, repeats=6, gap=DEFAULT_GAP):
             time.sleep(gap)
             fn()
             best = min(_time_batch(fn, 1) for _ in range(repeats))
-            out[f"{lib}_{tag}_gflops"] = 2.0 * n ** 3 / best / 1e9
+            out[f"{lib}_{tag}_gflops"] = 2.0 * n**3 / best / 1e9
     out["size"] = n
     out["best_sgemm_gflops"] = max(out["fastbp_sgemm_gflops"], out["numpy_sgemm_gflops"])
     out["best_dgemm_gflops"] = max(out["fastbp_dgemm_gflops"], out["numpy_dgemm_gflops"])

@@ -19,6 +19,7 @@ book time / fastbp time for the same round.
     python -m fastbp.bench.loops --reps 3            # every config
     python -m fastbp.bench.loops --configs default passive --reps 5
 """
+
 import argparse
 import json
 import os
@@ -29,15 +30,15 @@ import time
 
 #: Process settings measured: environment of the worker subprocess (none of them is NumPy's).
 CONFIGS = {
-    "default": {},                                   # whatever fastbp does by itself
+    "default": {},  # whatever fastbp does by itself
     "gomp-libdefault": {"FASTBP_OMP_SPIN": "keep"},  # libgomp's own default spin, untouched by fastbp
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},       # fastbp's OpenMP workers sleep at once after a region
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # fastbp's OpenMP workers sleep at once after a region
     "spin1k": {"GOMP_SPINCOUNT": "1000"},
     "spin3k": {"GOMP_SPINCOUNT": "3000"},
     "spin10k": {"GOMP_SPINCOUNT": "10000"},
     "spin30k": {"GOMP_SPINCOUNT": "30000"},
-    "active": {"OMP_WAIT_POLICY": "ACTIVE"},         # workers spin (practically) for ever
-    "1thread": {"FASTBP_NUM_THREADS": "1"},          # every product and kernel single-threaded
+    "active": {"OMP_WAIT_POLICY": "ACTIVE"},  # workers spin (practically) for ever
+    "1thread": {"FASTBP_NUM_THREADS": "1"},  # every product and kernel single-threaded
     # fastbp's OpenBLAS spin before its idle workers sleep (only where that pool runs: threading mode
     # "openblas", e.g. a build without OpenMP); NumPy's copy keeps its own setting
     "openblas-mode": {"FASTBP_BLAS_THREADING": "openblas"},
@@ -50,8 +51,9 @@ def _mnist():
     from pathlib import Path
 
     import numpy as np
+
     d = np.load(Path(__file__).resolve().parents[1] / "data" / "mnist-5k.npz")
-    x = (d["images"].reshape(len(d["images"]), -1).astype(np.float32) / 255.0)
+    x = d["images"].reshape(len(d["images"]), -1).astype(np.float32) / 255.0
     t = d["labels"].astype(np.int64)
     onehot = np.zeros((len(t), 10), np.float32)
     onehot[np.arange(len(t)), t] = 1
@@ -85,6 +87,7 @@ def make_loops(seed=0):
             grad = net.gradient(xb, tb)
             for key in ("W1", "b1", "W2", "b2"):
                 net.params[key] -= 0.1 * grad[key]
+
         return step
 
     def ch06(layers):
@@ -97,6 +100,7 @@ def make_loops(seed=0):
             xb, tb = x_train[mask], t_train[mask]
             grads = net.gradient(xb, tb)
             opt.update(net.params, grads)
+
         return step
 
     def own():
@@ -109,6 +113,7 @@ def make_loops(seed=0):
             xb, tb = x_train[mask], t_train[mask]
             grads = net.gradient(xb, tb)
             opt.update(net.params, grads)
+
         return step
 
     loops["ch05"] = {"fastbp": ch05(FL), "book": ch05(BookLayers)}
@@ -120,6 +125,7 @@ def make_loops(seed=0):
 def worker(rounds, seconds, loops_wanted):
     """Time each loop's fastbp and book steps in `rounds` interleaved rounds of about `seconds` each."""
     from fastbp.bench.harness import _time_batch, calibrate
+
     loops = make_loops()
     out = {}
     for name in loops_wanted:
@@ -130,17 +136,31 @@ def worker(rounds, seconds, loops_wanted):
             order = list(impls) if r % 2 == 0 else list(impls)[::-1]
             for k in order:
                 times[k].append(_time_batch(impls[k], numbers[k]))
-        out[name] = {"fastbp_s": times["fastbp"], "book_s": times["book"],
-                     "ratio": [b / f for b, f in zip(times["book"], times["fastbp"])]}
+        out[name] = {
+            "fastbp_s": times["fastbp"],
+            "book_s": times["book"],
+            "ratio": [b / f for b, f in zip(times["book"], times["fastbp"])],
+        }
     from fastbp import _runtime
+
     out["_runtime"] = _runtime.info()
     return out
 
 
 def _child_env(extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "FASTBP_NUM_THREADS", "FASTBP_OMP_SPIN",
-                        "FASTBP_BLAS_THREADING", "FASTBP_BLAS_THREAD_TIMEOUT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "OMP_WAIT_POLICY",
+            "GOMP_SPINCOUNT",
+            "FASTBP_NUM_THREADS",
+            "FASTBP_OMP_SPIN",
+            "FASTBP_BLAS_THREADING",
+            "FASTBP_BLAS_THREAD_TIMEOUT",
+        )
+    }
     env.update(extra)
     return env
 
@@ -148,12 +168,23 @@ def _child_env(extra):
 def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr):
     results = {c: {} for c in configs}
     for rep in range(reps):
-        order = configs[rep % len(configs):] + configs[:rep % len(configs)]
+        order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
         for c in order:
-            cmd = [sys.executable, "-m", "fastbp.bench.loops", "--worker", "--rounds", str(rounds),
-                   "--seconds", str(seconds), "--loops", *loops_wanted]
-            r = subprocess.run(cmd, env=_child_env(CONFIGS[c]),
-                               capture_output=True, text=True, timeout=900, check=False)
+            cmd = [
+                sys.executable,
+                "-m",
+                "fastbp.bench.loops",
+                "--worker",
+                "--rounds",
+                str(rounds),
+                "--seconds",
+                str(seconds),
+                "--loops",
+                *loops_wanted,
+            ]
+            r = subprocess.run(
+                cmd, env=_child_env(CONFIGS[c]), capture_output=True, text=True, timeout=900, check=False
+            )
             if r.returncode != 0:
                 raise RuntimeError(f"config {c}: {r.stderr[-2000:]}")
             got = json.loads(r.stdout.strip().splitlines()[-1])
@@ -163,8 +194,11 @@ def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr):
                 for k in acc:
                     acc[k] += v[k]
             if log:
-                log.write(f"rep {rep + 1}/{reps} {c}: " + ", ".join(
-                    f"{loop} {statistics.median(v['ratio']):.2f}x" for loop, v in got.items()) + "\n")
+                log.write(
+                    f"rep {rep + 1}/{reps} {c}: "
+                    + ", ".join(f"{loop} {statistics.median(v['ratio']):.2f}x" for loop, v in got.items())
+                    + "\n"
+                )
                 log.flush()
     return results
 
@@ -178,15 +212,19 @@ def _q(xs):
 
 
 def report(results, loops_wanted):
-    lines = ["| config | " + " | ".join(f"{loop} book/fastbp (IQR); fastbp step" for loop in loops_wanted) + " |",
-             "|---|" + "---|" * len(loops_wanted)]
+    lines = [
+        "| config | " + " | ".join(f"{loop} book/fastbp (IQR); fastbp step" for loop in loops_wanted) + " |",
+        "|---|" + "---|" * len(loops_wanted),
+    ]
     for c, res in results.items():
         cells = []
         for loop in loops_wanted:
             v = res[loop]
             lo, hi = _q(v["ratio"])
-            cells.append(f"{statistics.median(v['ratio']):.2f}x ({lo:.2f}-{hi:.2f}); "
-                         f"{statistics.median(v['fastbp_s']) * 1e6:.0f} µs")
+            cells.append(
+                f"{statistics.median(v['ratio']):.2f}x ({lo:.2f}-{hi:.2f}); "
+                f"{statistics.median(v['fastbp_s']) * 1e6:.0f} µs"
+            )
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

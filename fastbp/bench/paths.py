@@ -13,6 +13,7 @@ baseline: AVX), which moves fastbp's kernels and its OpenBLAS core type together
     python -m fastbp.bench.paths                 # native, avx2, baseline
     python -m fastbp.bench.paths --paths avx2 --rounds 9
 """
+
 import argparse
 import json
 import os
@@ -26,6 +27,7 @@ N = 1 << 23
 
 def _interleave(impls, rounds, seconds):
     from fastbp.bench.harness import _time_batch, calibrate
+
     numbers = {k: calibrate(f, seconds)[0] for k, f in impls.items()}
     times = {k: [] for k in impls}
     names = list(impls)
@@ -44,6 +46,7 @@ def worker(rounds, seconds):
     from fastbp import _kernels as K
     from fastbp import _optim as O
     from fastbp.bench.cases import _import_torch, softmax_case
+
     out = {"path": K.simd_info()["path"], "core": _blas.info()["corename"], "rows": {}}
     torch = _import_torch()
     if torch is not None:
@@ -53,8 +56,11 @@ def worker(rounds, seconds):
         t = _interleave(impls, rounds, seconds)
         ratio = [b / a for a, b in zip(t["fastbp"], t["torch"])]
         out["rows"]["softmax-CE (4096, 1000) f32 vs PyTorch"] = {
-            "fastbp_s": statistics.median(t["fastbp"]), "torch_s": statistics.median(t["torch"]),
-            "ratio": statistics.median(ratio), "ratios": ratio}
+            "fastbp_s": statistics.median(t["fastbp"]),
+            "torch_s": statistics.median(t["torch"]),
+            "ratio": statistics.median(ratio),
+            "ratios": ratio,
+        }
     rng = np.random.default_rng(0)
     f32 = np.float32
     x = rng.standard_normal(N).astype(f32)
@@ -64,7 +70,7 @@ def worker(rounds, seconds):
     p = rng.standard_normal(N).astype(f32)
     m = np.zeros(N, f32)
     v = np.zeros(N, f32)
-    kernels = {   # name: (call, bytes read + written)
+    kernels = {  # name: (call, bytes read + written)
         "ReLU forward": (lambda: K.relu_forward(x, out_a, mask), 4 * N + 4 * N + N),
         "ReLU backward": (lambda: K.relu_backward(g, mask, out_a), 4 * N + N + 4 * N),
         "sigmoid forward": (lambda: K.sigmoid_forward(x, out_a), 8 * N),
@@ -78,7 +84,9 @@ def worker(rounds, seconds):
         ratio = [c / k for k, c in zip(t["kernel"], t["copyto"])]
         out["rows"][f"{name} GB/s (vs np.copyto of the same bytes)"] = {
             "kernel_gbs": nbytes / statistics.median(t["kernel"]) / 1e9,
-            "copyto_gbs": nbytes / statistics.median(t["copyto"]) / 1e9, "ratio": statistics.median(ratio)}
+            "copyto_gbs": nbytes / statistics.median(t["copyto"]) / 1e9,
+            "ratio": statistics.median(ratio),
+        }
     return out
 
 
@@ -98,9 +106,23 @@ def main(argv=None):
         env = {k: v for k, v in os.environ.items() if k != "FASTBP_DISABLE_CPU_FEATURES"}
         if PATH_ENV[path]:
             env["FASTBP_DISABLE_CPU_FEATURES"] = PATH_ENV[path]
-        r = subprocess.run([sys.executable, "-m", "fastbp.bench.paths", "--worker", "--rounds", str(a.rounds),
-                            "--seconds", str(a.seconds)], env=env, capture_output=True, text=True, timeout=1800,
-                           check=False)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fastbp.bench.paths",
+                "--worker",
+                "--rounds",
+                str(a.rounds),
+                "--seconds",
+                str(a.seconds),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
         if r.returncode != 0:
             raise SystemExit(f"path {path}: {r.stderr[-2000:]}")
         res[path] = json.loads(r.stdout.strip().splitlines()[-1])

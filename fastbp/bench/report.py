@@ -1,5 +1,6 @@
 """Running the rows of ``fastbp bench`` and reporting them: machine facts, the table with PASS/MISS against the
 targets, the header lines, JSON and the batch-size plot."""
+
 import gc
 import json
 import math
@@ -11,8 +12,19 @@ import time
 import numpy as np
 
 from fastbp.bench.cases import Target, _alloc_rows, _import_torch, build_cases, sweep_cases
-from fastbp.bench.harness import (BASE, BATCH_TIME, BUSY, WARM_TIME, _cpu_ticks, _foreign_fraction, check_case,
-                                  gemm_peak, interference_probe, measure_case)
+from fastbp.bench.harness import (
+    BASE,
+    BATCH_TIME,
+    BUSY,
+    WARM_TIME,
+    _cpu_ticks,
+    _foreign_fraction,
+    check_case,
+    gemm_peak,
+    interference_probe,
+    measure_case,
+)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # formatting
@@ -41,33 +53,50 @@ def _fmt_bytes(n):
     return f"{n:.0f} B"
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # machine facts
 # ---------------------------------------------------------------------------------------------------------
 def machine_info(torch):
     from fastbp import _blas, _kernels
-    info = {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count()}
+
+    info = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
     import fastbp
+
     info["fastbp"] = fastbp.__version__
     b = _blas.info()
-    info["fastbp_blas"] = {"corename": b["corename"], "threads": _blas.get_num_threads(),
-                           "library": b["library"], "config": b["config"]}
+    info["fastbp_blas"] = {
+        "corename": b["corename"],
+        "threads": _blas.get_num_threads(),
+        "library": b["library"],
+        "config": b["config"],
+    }
     bi = _kernels.build_info()
     info["openmp"] = {"enabled": bi["openmp"], "threads": bi["openmp_max_threads"]}
     info["numpy_blas"] = None
     try:
         import threadpoolctl
+
         pools = threadpoolctl.threadpool_info()
-        cands = [p for p in pools if p.get("user_api") == "blas"
-                 and os.path.realpath(p.get("filepath", "")) != os.path.realpath(b["library"])]
+        cands = [
+            p
+            for p in pools
+            if p.get("user_api") == "blas" and os.path.realpath(p.get("filepath", "")) != os.path.realpath(b["library"])
+        ]
         cands.sort(key=lambda p: "numpy" not in p.get("filepath", ""))
         if cands:
             p = cands[0]
-            info["numpy_blas"] = {"corename": p.get("architecture"), "threads": p.get("num_threads"),
-                                  "library": p.get("filepath"), "version": p.get("version"),
-                                  "internal_api": p.get("internal_api")}
+            info["numpy_blas"] = {
+                "corename": p.get("architecture"),
+                "threads": p.get("num_threads"),
+                "library": p.get("filepath"),
+                "version": p.get("version"),
+                "internal_api": p.get("internal_api"),
+            }
     except ImportError:
         pass
     if info["numpy_blas"] is None:
@@ -75,10 +104,18 @@ def machine_info(torch):
     info["torch"] = None
     if torch is not None:
         info["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads()}
-    info["env"] = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                              "FASTBP_NUM_THREADS", "FASTBP_BLAS_CORETYPE") if k in os.environ}
+    info["env"] = {
+        k: os.environ[k]
+        for k in (
+            "OPENBLAS_CORETYPE",
+            "OPENBLAS_NUM_THREADS",
+            "OMP_NUM_THREADS",
+            "FASTBP_NUM_THREADS",
+            "FASTBP_BLAS_CORETYPE",
+        )
+        if k in os.environ
+    }
     return info
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,8 +144,7 @@ def evaluate_targets(row):
 def format_table(rows, impl_cols=("fastbp", "numpy", "torch")):
     """The result table: one line per timed row, times (median per call), speedups of fastbp, GFLOP/s,
     target and PASS/MISS."""
-    head = ["case"] + list(impl_cols) + [f"vs {c}" for c in impl_cols[1:]] + ["GFLOP/s fastbp", "target",
-                                                                                  "result"]
+    head = ["case"] + list(impl_cols) + [f"vs {c}" for c in impl_cols[1:]] + ["GFLOP/s fastbp", "target", "result"]
     lines = []
     for r in rows:
         med = r.get("median_s", {})
@@ -135,8 +171,9 @@ def format_table(rows, impl_cols=("fastbp", "numpy", "torch")):
         lines.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)] if lines else [len(h) for h in head]
     fmt_row = lambda cells: "  ".join(  # noqa: E731
-        (str(c).ljust(w) if i == 0 or i >= len(cells) - 2 else str(c).rjust(w)) for i, (c, w) in
-        enumerate(zip(cells, widths))).rstrip()
+        (str(c).ljust(w) if i == 0 or i >= len(cells) - 2 else str(c).rjust(w))
+        for i, (c, w) in enumerate(zip(cells, widths))
+    ).rstrip()
     out = [fmt_row(head), fmt_row(["-" * w for w in widths])]
     out += [fmt_row(c) for c in lines]
     return "\n".join(out)
@@ -145,16 +182,21 @@ def format_table(rows, impl_cols=("fastbp", "numpy", "torch")):
 def format_alloc(rows):
     lines = []
     for r in rows:
-        lines.append(f"{r['title']}: fastbp {_fmt_bytes(r['bytes_per_step'])}/step (all tracemalloc domains, "
-                     f"Python objects included: peak +{_fmt_bytes(r['traced_peak_per_step'])}), reference "
-                     f"{_fmt_bytes(r['reference_bytes_per_step'])}/step; target 0 B -> {r['result']}")
+        lines.append(
+            f"{r['title']}: fastbp {_fmt_bytes(r['bytes_per_step'])}/step (all tracemalloc domains, "
+            f"Python objects included: peak +{_fmt_bytes(r['traced_peak_per_step'])}), reference "
+            f"{_fmt_bytes(r['reference_bytes_per_step'])}/step; target 0 B -> {r['result']}"
+        )
     return "\n".join(lines)
 
 
 def _header(info, peak, probe, args, torch):
     nb = info["numpy_blas"]
-    tl = (f"torch {info['torch']['version']} ({info['torch']['threads']} threads)" if torch is not None
-          else "torch not installed: torch columns skipped")
+    tl = (
+        f"torch {info['torch']['version']} ({info['torch']['threads']} threads)"
+        if torch is not None
+        else "torch not installed: torch columns skipped"
+    )
     lines = [
         f"fastbp {info['fastbp']} bench: numpy {info['numpy']}, python {info['python']}, "
         f"{info['cpu_count']} CPUs, {tl}",
@@ -167,25 +209,30 @@ def _header(info, peak, probe, args, torch):
         lines.append(
             f"GEMM peak {peak['size']}^3: fastbp sgemm {peak['fastbp_sgemm_gflops']:.0f} / dgemm "
             f"{peak['fastbp_dgemm_gflops']:.0f} GFLOP/s; NumPy sgemm {peak['numpy_sgemm_gflops']:.0f} / dgemm "
-            f"{peak['numpy_dgemm_gflops']:.0f} GFLOP/s")
+            f"{peak['numpy_dgemm_gflops']:.0f} GFLOP/s"
+        )
     lines.append(
         f"method: {args.rounds} interleaved rounds per row, implementation order rotating; before each timed "
         f"batch (~{BATCH_TIME * 1e3:.0f} ms) an idle gap of {args.gap * 1e3:.0f} ms and untimed warm-up calls; "
-        f"times = median per call, speedups = median of per-round ratios")
+        f"times = median per call, speedups = median of per-round ratios"
+    )
     if probe:
         sd = probe.get("spin_down_s")
-        sd_text = f"; worker threads kept a CPU busy {sd * 1e3:.0f} ms after the last NumPy call" \
-            if sd is not None else ""
+        sd_text = (
+            f"; worker threads kept a CPU busy {sd * 1e3:.0f} ms after the last NumPy call" if sd is not None else ""
+        )
         lines.append(
             f"interference ({probe['case']}): fastbp step right after a NumPy batch "
             f"{fmt_time(probe['fastbp_after_numpy'])} vs alone {fmt_time(probe['fastbp_alone'])} "
             f"({probe['fastbp_slowdown']:.2f}x); NumPy right after fastbp {fmt_time(probe['numpy_after_fastbp'])} "
-            f"vs alone {fmt_time(probe['numpy_alone'])} ({probe['numpy_slowdown']:.2f}x){sd_text}")
+            f"vs alone {fmt_time(probe['numpy_alone'])} ({probe['numpy_slowdown']:.2f}x){sd_text}"
+        )
         if sd is not None and sd > args.gap:
-            lines.append(f"WARNING: spin-down {sd * 1e3:.0f} ms is longer than the gap {args.gap * 1e3:.0f} ms; "
-                         f"consider --gap {math.ceil(sd * 20) / 20 + 0.05:.2f}")
+            lines.append(
+                f"WARNING: spin-down {sd * 1e3:.0f} ms is longer than the gap {args.gap * 1e3:.0f} ms; "
+                f"consider --gap {math.ceil(sd * 20) / 20 + 0.05:.2f}"
+            )
     return "\n".join(lines)
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,6 +245,7 @@ def run(args, out=None):
     ticks0 = _cpu_ticks()
     torch = None if args.no_torch else _import_torch()
     from fastbp import _blas
+
     _blas.ensure_loaded()
     info = machine_info(torch)
     quiet = getattr(args, "quiet", False)
@@ -254,11 +302,16 @@ def run(args, out=None):
         if "floor_s" in r:
             extra = ""
             if "gemm_only_ratio" in r:
-                extra = (f"; the step's GEMMs alone (same shapes, fastbp's BLAS) "
-                         f"{fmt_time(r['median_s']['gemm-only'])}: step = {r['gemm_only_ratio']:.2f}x GEMMs")
-            print(f"  {r['title']}: GEMM floor {fmt_time(r['floor_s'])} ({r['flops'] / 1e9:.2f} GFLOP at "
-                  f"{peak['best_sgemm_gflops']:.0f} GFLOP/s), step {fmt_time(r['median_s']['fastbp'])} = "
-                  f"{r['floor_ratio']:.2f}x floor{extra}", file=out)
+                extra = (
+                    f"; the step's GEMMs alone (same shapes, fastbp's BLAS) "
+                    f"{fmt_time(r['median_s']['gemm-only'])}: step = {r['gemm_only_ratio']:.2f}x GEMMs"
+                )
+            print(
+                f"  {r['title']}: GEMM floor {fmt_time(r['floor_s'])} ({r['flops'] / 1e9:.2f} GFLOP at "
+                f"{peak['best_sgemm_gflops']:.0f} GFLOP/s), step {fmt_time(r['median_s']['fastbp'])} = "
+                f"{r['floor_ratio']:.2f}x floor{extra}",
+                file=out,
+            )
     if sweep_rows:
         print("\nbatch-size sweep (TwoLayerNet 784-50-10 f32 train step):", file=out)
         print(format_table(sweep_rows), file=out)
@@ -276,13 +329,28 @@ def run(args, out=None):
     load = "" if foreign is None else f"; other processes used {foreign * 100:.0f}% of the CPUs meanwhile"
     print(f"\nwall time {wall:.1f} s{load}", file=out)
     if foreign is not None and foreign > BUSY:
-        print("WARNING: the machine was busy with other work; the medians resist it, but rerun on a quiet "
-              "machine for final numbers", file=out)
+        print(
+            "WARNING: the machine was busy with other work; the medians resist it, but rerun on a quiet "
+            "machine for final numbers",
+            file=out,
+        )
 
-    result = {"machine": info, "settings": {"rounds": args.rounds, "gap_s": args.gap, "batch_time_s": BATCH_TIME,
-                                            "warm_time_s": WARM_TIME, "quick": args.quick},
-              "gemm_peak": peak, "interference": probe, "rows": rows, "alloc": alloc, "wall_time_s": wall,
-              "other_processes_cpu_fraction": foreign}
+    result = {
+        "machine": info,
+        "settings": {
+            "rounds": args.rounds,
+            "gap_s": args.gap,
+            "batch_time_s": BATCH_TIME,
+            "warm_time_s": WARM_TIME,
+            "quick": args.quick,
+        },
+        "gemm_peak": peak,
+        "interference": probe,
+        "rows": rows,
+        "alloc": alloc,
+        "wall_time_s": wall,
+        "other_processes_cpu_fraction": foreign,
+    }
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(_jsonable(result), fh, indent=1)
@@ -309,8 +377,10 @@ def _jsonable(o):
 
 def _plot(sweep_rows, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     batches = [int(r["key"].split("-b")[1]) for r in sweep_rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for other in ("numpy", "torch"):
