@@ -26,6 +26,7 @@
 from libc.string cimport memset, memcpy
 from libc.stdint cimport int32_t
 cimport numpy as cnp
+from fastbp._validate cimport ftype as _ftype, same_type as _same, shape_of as _s
 
 cnp.import_array()
 
@@ -95,29 +96,6 @@ from fastbp._threads cimport parallel_blocks, parallel_blocks_nt, even_block, nu
 # ---------------------------------------------------------------------------------------------------------------
 # validation (Python level)
 # ---------------------------------------------------------------------------------------------------------------
-cdef inline object _s(cnp.ndarray a):
-    return (<object>a).shape
-
-
-cdef int _ftype(object a, str name) except -1:
-    """0 for native float32, 1 for native float64; TypeError otherwise."""
-    if not cnp.PyArray_Check(a):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
-    if cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
-        if t == cnp.NPY_FLOAT32:
-            return 0
-        if t == cnp.NPY_FLOAT64:
-            return 1
-    raise TypeError(f"{name} must be native float32 or float64, got {a.dtype}")
-
-
-cdef _same(int t, object a, str name):
-    if _ftype(a, name) != t:
-        raise TypeError(f"{name} must have dtype {'float64' if t else 'float32'} like the other operands, "
-                        f"got {a.dtype}")
-
-
 cdef _contig(cnp.ndarray a, str name, bint out):
     if not cnp.PyArray_IS_C_CONTIGUOUS(a):
         raise ValueError(f"{name} must be C-contiguous")

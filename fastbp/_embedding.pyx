@@ -19,6 +19,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memset, memcpy
 from libc.stdint cimport int64_t, int32_t
 cimport numpy as cnp
+from fastbp._validate cimport ftype as _ftype
 from fastbp._typedefs cimport floating
 from fastbp._threads cimport parallel_blocks, even_block
 
@@ -52,19 +53,6 @@ cdef Py_ssize_t ROW_BLOCK = 256             # destination rows per block of the 
 # ---------------------------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------------------------
-cdef int _ftype(object a, str name) except -1:
-    if not cnp.PyArray_Check(a):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    cdef cnp.ndarray A = <cnp.ndarray>a
-    cdef int t = cnp.PyArray_TYPE(A)
-    if cnp.PyArray_ISNOTSWAPPED(A):
-        if t == cnp.NPY_FLOAT32:
-            return 0
-        if t == cnp.NPY_FLOAT64:
-            return 1
-    raise TypeError(f"{name} must be native float32 or float64, got {A.dtype}")
-
-
 cdef int _itype(object a, str name) except -1:
     if not cnp.PyArray_Check(a):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")

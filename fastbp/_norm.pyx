@@ -17,34 +17,12 @@ from libc.stdint cimport uint8_t
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from numpy.random cimport bitgen_t
 cimport numpy as cnp
+from fastbp._validate cimport ftype as _ftype, same_type as _same, shape_of as _s
 import numpy as np
 
 cnp.import_array()
 
 from fastbp._typedefs cimport floating
-
-
-cdef inline object _s(cnp.ndarray a):
-    return (<object>a).shape
-
-
-cdef int _ftype(object a, str name) except -1:
-    """0 for native float32, 1 for native float64; TypeError otherwise."""
-    if not cnp.PyArray_Check(a):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
-    if cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
-        if t == cnp.NPY_FLOAT32:
-            return 0
-        if t == cnp.NPY_FLOAT64:
-            return 1
-    raise TypeError(f"{name} must be native float32 or float64, got {a.dtype}")
-
-
-cdef _same(int t, object a, str name):
-    if _ftype(a, name) != t:
-        raise TypeError(f"{name} must have dtype {'float64' if t else 'float32'} like the other operands, "
-                        f"got {a.dtype}")
 
 
 cdef cnp.ndarray _arr(object a, tuple shape, str name, bint out):
