@@ -34,6 +34,8 @@ import warnings
 
 import numpy as np
 
+from fastbp._npmath import stable_sigmoid as _stable_sigmoid
+
 __all__ = [
     "MulLayer",
     "AddLayer",
@@ -139,18 +141,6 @@ def _unbroadcast(g, shape):
     if axes:
         g = g.sum(axis=axes, keepdims=True)
     return g
-
-
-def _stable_sigmoid(x):
-    """1 / (1 + exp(-x)) evaluated as exp(-|x|)-based branches (no overflow)."""
-    flat = x.reshape(-1)  # 1-D so that every ufunc below returns an array
-    e = np.abs(flat)
-    np.negative(e, out=e)
-    np.exp(e, out=e)  # e = exp(-|x|) in (0, 1]
-    d = e + 1
-    out = np.divide(e, d)  # x < 0 branch: exp(x) / (1 + exp(x))
-    np.divide(1, d, out=out, where=flat >= 0)  # x >= 0 branch: 1 / (1 + exp(-x))
-    return out.reshape(x.shape)
 
 
 class _Layer:

@@ -24,6 +24,8 @@ import collections
 
 import numpy as np
 
+from fastbp._npmath import stable_sigmoid as _sigmoid
+
 __all__ = [
     "Softmax",
     "SigmoidWithLoss",
@@ -44,12 +46,6 @@ __all__ = [
     "TimeDropout",
     "TimeBiLSTM",
 ]
-
-
-def _sigmoid(x):
-    """1 / (1 + exp(-x)) without overflow."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
 
 def _softmax(x):
