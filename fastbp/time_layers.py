@@ -42,6 +42,7 @@ from fastbp import _recurrent as _rec
 from fastbp import reference_time as _ref
 from fastbp.layers import (
     Affine,
+    Dropout,  # noqa: F401  (book 2's time_layers.py sees common/layers.py's Dropout)
     Embedding,
     MatMul,
     Sigmoid,
@@ -51,11 +52,6 @@ from fastbp.layers import (
     _index_array,
     _Workspace,
 )
-
-try:  # book 2's Dropout lives in fastbp.layers once that helper adds it
-    from fastbp.layers import Dropout  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
 
 __all__ = [
     "RNN",
