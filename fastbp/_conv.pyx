@@ -4,12 +4,16 @@
 #
 # * Convolution is im2col + GEMM, as the book computes it, but one sample at a time and with each sample's column
 #   matrix transposed: colT_n[(c, dy, dx), (i, j)] = x_padded[n, c, i*stride + dy, j*stride + dx] (the book's
-#   col[(n, i, j), (c, dy, dx)] for that sample, transposed).  Its rows are shifted copies of input rows (memcpy
-#   for stride 1) instead of the book's many FW-element pieces: measured 11.6 ms -> ~2 ms for (100, 16, 28, 28)
-#   3x3 pad 1.  One GEMM per sample, out_n (FN, OH*OW) = b + W2 @ colT_n (W2 = W.reshape(FN, -1)), writes the
-#   output straight in NCHW (the book's single GEMM gives (N*OH*OW, FN) rows that it then transposes).
-#   Backward: dW = sum_n dout_n @ colT_n^T and, per sample, dcolT_n = W2^T @ dout_n added back into dx by the
-#   adjoint of the transposed im2col while it is still in cache.  No transposed copy of anything is made.
+#   col[(n, i, j), (c, dy, dx)] for that sample, transposed), built from a zero-padded copy of the sample by the
+#   vectorised per-sample kernels of _conv.h (no bounds tests in the copy loops).  One GEMM per sample,
+#   out_n (FN, OH*OW) = b + W2 @ colT_n (W2 = W.reshape(FN, -1)), writes the output straight in NCHW (the book's
+#   single GEMM gives (N*OH*OW, FN) rows that it then transposes).
+#   The column matrix is never stored for the whole batch: each block of samples owns one sample-sized buffer
+#   (L2-sized: 451 KB for DeepConvNet's largest layer) that is filled and consumed by the GEMM while in cache, and
+#   backward recomputes it from x (the forward's input) instead of reading a batch-sized matrix (45 MB for that
+#   layer) back from memory.  Backward: dW = sum_n dout_n @ colT_n^T and, per sample, dcolT_n = W2^T @ dout_n
+#   (into the same buffer) added back into dx by the adjoint of the padded im2col while it is still in cache.
+#   No transposed copy of anything but dout_n is made.
 #   `im2col` / `col2im` (the book's layout, for fastbp.util) are kept as separate kernels.
 # * Samples are cut into blocks whose size depends on N only (sample_block), run by fastbp's thread driver
 #   (_threads.parallel_blocks); the GEMMs inside a block run single-threaded (fastbp._gemm's rule inside a
@@ -87,6 +91,22 @@ cdef extern from *:
     double fb_sum_f64(long n, const double *x) noexcept nogil
     int fb_pool2_f32(long oh, long ow, long W, const float *p, float *out, int32_t *arg) noexcept nogil
     int fb_pool2_f64(long oh, long ow, long W, const double *p, double *out, int32_t *arg) noexcept nogil
+
+cdef extern from "_conv.h" nogil:
+    void fb_conv_pad_f32(long C, long H, long W, long pad, const float *x, float *xp) noexcept
+    void fb_conv_pad_f64(long C, long H, long W, long pad, const double *x, double *xp) noexcept
+    void fb_conv_im2col_f32(long C, long Hp, long Wp, long fh, long fw, long s, long oh, long ow,
+                            const float *xp, float *colT) noexcept
+    void fb_conv_im2col_f64(long C, long Hp, long Wp, long fh, long fw, long s, long oh, long ow,
+                            const double *xp, double *colT) noexcept
+    void fb_conv_col2im_f32(long C, long H, long W, long fh, long fw, long s, long pad, long oh, long ow,
+                            const float *colT, float *xp, float *dx) noexcept
+    void fb_conv_col2im_f64(long C, long H, long W, long fh, long fw, long s, long pad, long oh, long ow,
+                            const double *colT, double *xp, double *dx) noexcept
+    void fb_conv_transpose_f32(long FN, long P, const float *d, float *dT) noexcept
+    void fb_conv_transpose_f64(long FN, long P, const double *d, double *dT) noexcept
+
+include "_simd_query.pxi"
 
 from fastbp._typedefs cimport floating
 from fastbp._gemm cimport gemm, check_blas_dims, FB_NOTRANS, FB_TRANS
@@ -227,76 +247,6 @@ cdef _check_im2col(x, col, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_s
     return t
 
 
-cdef void _im2colT(Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t s,
-                   Py_ssize_t pad, Py_ssize_t oh, Py_ssize_t ow,
-                   const floating *x,     # IN  (C, H, W): one sample
-                   floating *colT         # OUT (C*fh*fw, oh*ow): row (c, dy, dx) = the shifted plane
-                   ) noexcept nogil:
-    """colT[(c,dy,dx), (i,j)] = x[c, i*s+dy-pad, j*s+dx-pad] (0 outside): the transpose of one sample's col."""
-    cdef Py_ssize_t c, dy, dx, i, j, y, j0, j1, P = oh * ow
-    cdef const floating *src
-    cdef floating *row
-    for c in range(C):
-        for dy in range(fh):
-            for dx in range(fw):
-                row = colT + ((c * fh + dy) * fw + dx) * P
-                # output columns j whose input column j*s + dx - pad lies in [0, W)
-                j0 = (pad - dx + s - 1) // s if pad > dx else 0
-                j1 = (W - 1 + pad - dx) // s + 1 if W - 1 + pad - dx >= 0 else 0
-                if j1 > ow:
-                    j1 = ow
-                if j0 > j1:
-                    j0 = j1
-                for i in range(oh):
-                    y = i * s + dy - pad
-                    if y < 0 or y >= H:
-                        memset(row + i * ow, 0, <size_t>ow * sizeof(floating))
-                        continue
-                    src = x + (c * H + y) * W + dx - pad
-                    for j in range(j0):
-                        row[i * ow + j] = 0
-                    if s == 1:
-                        memcpy(row + i * ow + j0, src + j0, <size_t>(j1 - j0) * sizeof(floating))
-                    else:
-                        for j in range(j0, j1):
-                            row[i * ow + j] = src[j * s]
-                    for j in range(j1, ow):
-                        row[i * ow + j] = 0
-
-
-cdef void _col2imT(Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t s,
-                   Py_ssize_t pad, Py_ssize_t oh, Py_ssize_t ow,
-                   const floating *colT,  # IN  (C*fh*fw, oh*ow)
-                   floating *x            # OUT (C, H, W): one sample, overwritten
-                   ) noexcept nogil:
-    """x = the adjoint of _im2colT: every entry added back where it was read (in (c, dy, dx, i, j) order)."""
-    cdef Py_ssize_t c, dy, dx, i, j, y, j0, j1, P = oh * ow
-    cdef const floating *row
-    cdef floating *dst
-    memset(x, 0, <size_t>(C * H * W) * sizeof(floating))
-    for c in range(C):
-        for dy in range(fh):
-            for dx in range(fw):
-                row = colT + ((c * fh + dy) * fw + dx) * P
-                j0 = (pad - dx + s - 1) // s if pad > dx else 0
-                j1 = (W - 1 + pad - dx) // s + 1 if W - 1 + pad - dx >= 0 else 0
-                if j1 > ow:
-                    j1 = ow
-                if j0 > j1:
-                    j0 = j1
-                for i in range(oh):
-                    y = i * s + dy - pad
-                    if y < 0 or y >= H:
-                        continue
-                    dst = x + (c * H + y) * W + dx - pad
-                    if s == 1:
-                        for j in range(j0, j1):
-                            dst[j] += row[i * ow + j]
-                    else:
-                        for j in range(j0, j1):
-                            dst[j * s] += row[i * ow + j]
-
-
 ctypedef struct ColCtx:
     int t
     Py_ssize_t C, H, W, fh, fw, s, pad, oh, ow
@@ -362,17 +312,17 @@ def sample_block(Py_ssize_t n):
 # ---------------------------------------------------------------------------------------------------------------
 ctypedef struct ConvCtx:
     int t                       # 0 float32, 1 float64
-    Py_ssize_t C, H, W, fh, fw, s, pad, oh, ow, FN, K, P
+    Py_ssize_t C, H, W, fh, fw, s, pad, oh, ow, FN, K, P, Hp, Wp
     void *x                     # IN  (N, C, H, W)
     void *W2                    # IN  (FN, K)
     void *b                     # IN  (FN,)
-    void *col                   # OUT forward / IN backward: (N, K, P), each sample's column matrix transposed
+    void *col                   # scratch (nblocks, K, P): the block's current sample's column matrix (transposed)
+    void *xp                    # scratch (nblocks, C, Hp, Wp): the block's current sample zero-padded
     void *out                   # OUT (N, FN, P)
     void *dout                  # IN  (N, FN, P)
     void *dW_part               # OUT (nblocks, K, FN) per-block partial weight gradients, transposed
     void *dT                    # scratch (nblocks, P, FN): one sample's dout transposed
     double *db_part             # OUT (nblocks, FN)
-    void *dcol                  # scratch (nblocks, K, P): one sample's dcol (transposed) per block
     void *dx                    # OUT (N, C, H, W) or NULL
 
 
@@ -381,42 +331,62 @@ cdef inline int _conv_threads(Py_ssize_t N, ConvCtx *c) noexcept nogil:
     return 1 if <double>N * c.P * c.K * c.FN < CONV_PARALLEL_MIN else num_threads()
 
 
-cdef void _conv_fwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, floating *x) noexcept nogil:
-    """Samples lo .. hi-1: colT_n = im2col(x_n)^T (K, P); out_n (FN, P) = b + W2 @ colT_n."""
-    cdef floating *col = <floating*>c.col
+cdef inline void _colT_of(ConvCtx *c, Py_ssize_t n, floating *xp, floating *col) noexcept nogil:
+    """col (K, P) = im2col(x_n)^T, through the zero-padded copy xp of x_n (x_n itself when pad == 0)."""
+    cdef const floating *xn = <floating*>c.x + n * c.C * c.H * c.W
+    if c.pad > 0:
+        if floating is float:
+            fb_conv_pad_f32(c.C, c.H, c.W, c.pad, xn, xp)
+        else:
+            fb_conv_pad_f64(c.C, c.H, c.W, c.pad, xn, xp)
+        xn = xp
+    if floating is float:
+        fb_conv_im2col_f32(c.C, c.Hp, c.Wp, c.fh, c.fw, c.s, c.oh, c.ow, xn, col)
+    else:
+        fb_conv_im2col_f64(c.C, c.Hp, c.Wp, c.fh, c.fw, c.s, c.oh, c.ow, xn, col)
+
+
+cdef void _conv_fwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j, floating *x) noexcept nogil:
+    """Block j = samples lo .. hi-1: col = im2col(x_n)^T (K, P) in the block's cache-sized buffer;
+    out_n (FN, P) = b + W2 @ col."""
+    cdef floating *col = <floating*>c.col + j * c.K * c.P
+    cdef floating *xp = <floating*>c.xp + j * c.C * c.Hp * c.Wp
     cdef floating *out = <floating*>c.out
     cdef const floating *b = <floating*>c.b
     cdef Py_ssize_t n, f, p, P = c.P, K = c.K, FN = c.FN
     cdef floating *o
+    cdef floating bf
     for n in range(lo, hi):
-        _im2colT(c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, x + n * c.C * c.H * c.W, col + n * K * P)
+        _colT_of(c, n, xp, col)
         o = out + n * FN * P
         for f in range(FN):
+            bf = b[f]
             for p in range(P):
-                o[f * P + p] = b[f]
-        gemm(FB_NOTRANS, FB_NOTRANS, FN, P, K, <floating>1, <floating*>c.W2, K, col + n * K * P, P,
-             <floating>1, o, P)
+                o[f * P + p] = bf
+        gemm(FB_NOTRANS, FB_NOTRANS, FN, P, K, <floating>1, <floating*>c.W2, K, col, P, <floating>1, o, P)
 
 
 cdef void _conv_fwd_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
     cdef ConvCtx *c = <ConvCtx*>ctx
     if c.t == 0:
-        _conv_fwd_range(c, lo, hi, <float*>c.x)
+        _conv_fwd_range(c, lo, hi, j, <float*>c.x)
     else:
-        _conv_fwd_range(c, lo, hi, <double*>c.x)
+        _conv_fwd_range(c, lo, hi, j, <double*>c.x)
 
 
 cdef void _conv_bwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j, floating *dout) noexcept nogil:
-    """Block j = samples lo .. hi-1: partial db and dW^T = sum colT_n @ dout_n^T (in sample order; dout_n is
-    transposed first, 1/K the size of colT_n, so that the GEMM is (NoTrans, NoTrans): measured 1.4x faster than
-    the (NoTrans, Trans) product, which OpenBLAS packs); if dx is wanted, dcolT_n = W2^T @ dout_n and
-    dx_n = col2im(dcolT_n)."""
-    cdef Py_ssize_t n, f, p, p0, p1, P = c.P, K = c.K, FN = c.FN
+    """Block j = samples lo .. hi-1: col = im2col(x_n)^T recomputed in the block's cache-sized buffer (cheaper
+    than reading a stored batch-sized column matrix back from memory); partial db and dW^T = sum col @ dout_n^T
+    (in sample order; dout_n is transposed first, 1/K the size of col, so that the GEMM is (NoTrans, NoTrans):
+    measured 1.4x faster than the (NoTrans, Trans) product, which OpenBLAS packs); if dx is wanted, the same
+    buffer then takes dcol = W2^T @ dout_n and dx_n = col2im(dcol)."""
+    cdef Py_ssize_t n, f, P = c.P, K = c.K, FN = c.FN
     cdef floating *dWp = <floating*>c.dW_part + j * FN * K
     cdef double *dbp = c.db_part + j * FN
     cdef floating *dT = <floating*>c.dT + j * P * FN
-    cdef floating *dc = <floating*>c.dcol + j * K * P if c.dx != NULL else NULL
-    cdef const floating *col = <floating*>c.col
+    cdef floating *col = <floating*>c.col + j * K * P
+    cdef floating *xp = <floating*>c.xp + j * c.C * c.Hp * c.Wp
+    cdef floating *dx
     cdef const floating *d
     for f in range(FN):
         dbp[f] = 0
@@ -427,18 +397,19 @@ cdef void _conv_bwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
                 dbp[f] += fb_sum_f32(P, d + f * P)
             else:
                 dbp[f] += fb_sum_f64(P, d + f * P)
-        p0 = 0
-        while p0 < P:                      # transpose in tiles of 16 positions: contiguous reads, cached writes
-            p1 = p0 + 16 if p0 + 16 < P else P
-            for f in range(FN):
-                for p in range(p0, p1):
-                    dT[p * FN + f] = d[f * P + p]
-            p0 = p1
-        gemm(FB_NOTRANS, FB_NOTRANS, K, FN, P, <floating>1, col + n * K * P, P, dT, FN,
-             <floating>(0 if n == lo else 1), dWp, FN)
-        if dc != NULL:
-            gemm(FB_TRANS, FB_NOTRANS, K, P, FN, <floating>1, <floating*>c.W2, K, d, P, <floating>0, dc, P)
-            _col2imT(c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, dc, <floating*>c.dx + n * c.C * c.H * c.W)
+        _colT_of(c, n, xp, col)
+        if floating is float:
+            fb_conv_transpose_f32(FN, P, d, dT)
+        else:
+            fb_conv_transpose_f64(FN, P, d, dT)
+        gemm(FB_NOTRANS, FB_NOTRANS, K, FN, P, <floating>1, col, P, dT, FN, <floating>(0 if n == lo else 1), dWp, FN)
+        if c.dx != NULL:
+            dx = <floating*>c.dx + n * c.C * c.H * c.W
+            gemm(FB_TRANS, FB_NOTRANS, K, P, FN, <floating>1, <floating*>c.W2, K, d, P, <floating>0, col, P)
+            if floating is float:
+                fb_conv_col2im_f32(c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, col, xp, dx)
+            else:
+                fb_conv_col2im_f64(c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, col, xp, dx)
 
 
 cdef void _conv_bwd_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
@@ -451,20 +422,29 @@ cdef void _conv_bwd_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j)
 
 cdef void _conv_reduce(Py_ssize_t nblocks, Py_ssize_t FN, Py_ssize_t K, const floating *dW_part,
                        const double *db_part, floating *dW, floating *db) noexcept nogil:
-    """dW (FN, K), db = the per-block partials (dW's transposed) added in block order, in double."""
-    cdef Py_ssize_t j, i, f, k
-    cdef double acc
-    for f in range(FN):
-        for k in range(K):
-            acc = 0
+    """dW (FN, K), db = the per-block partials (dW's transposed) added in block order, in double.  Each sum runs
+    over the blocks in order; 64 filters at a time are summed side by side (vector adds, not one dependent chain)."""
+    cdef Py_ssize_t j, i, f, k, f0, f1
+    cdef double acc[64]
+    cdef const floating *row
+    for k in range(K):
+        f0 = 0
+        while f0 < FN:
+            f1 = f0 + 64 if f0 + 64 < FN else FN
+            for f in range(f1 - f0):
+                acc[f] = 0
             for j in range(nblocks):
-                acc += dW_part[j * FN * K + k * FN + f]
-            dW[f * K + k] = <floating>acc
+                row = dW_part + j * FN * K + k * FN + f0
+                for f in range(f1 - f0):
+                    acc[f] += row[f]
+            for f in range(f1 - f0):
+                dW[(f0 + f) * K + k] = <floating>acc[f]
+            f0 = f1
     for i in range(FN):
-        acc = 0
+        acc[0] = 0
         for j in range(nblocks):
-            acc += db_part[j * FN + i]
-        db[i] = <floating>acc
+            acc[0] += db_part[j * FN + i]
+        db[i] = <floating>acc[0]
 
 
 cdef _conv_dims(tuple x_shape, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, ConvCtx *c,
@@ -478,6 +458,7 @@ cdef _conv_dims(tuple x_shape, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stri
     c.C = x_shape[1]; c.H = x_shape[2]; c.W = x_shape[3]
     c.fh = fh; c.fw = fw; c.s = stride; c.pad = pad
     _geometry(c.H, c.W, fh, fw, stride, pad, &c.oh, &c.ow)
+    c.Hp = c.H + 2 * pad; c.Wp = c.W + 2 * pad
     c.FN = A.shape[0]
     c.K = c.C * fh * fw
     c.P = c.oh * c.ow
@@ -487,80 +468,102 @@ cdef _conv_dims(tuple x_shape, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stri
     return x_shape[0]
 
 
-def conv_forward(x, W2, b, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, col, out):
-    """colT[n] = im2col(x_n)^T (N, C*fh*fw, OH*OW); out[n] (FN, OH, OW) = b + W2 @ colT[n];  x (N,C,H,W),
-    W2 (FN, C*fh*fw).  (colT.transpose(0, 2, 1).reshape(N*OH*OW, -1) is the book's col.)"""
+def conv_scratch_shapes(tuple x_shape, Py_ssize_t fn, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride,
+                        Py_ssize_t pad):
+    """Shapes of conv_forward/conv_backward's scratch buffers for input x_shape (N, C, H, W) and fn filters:
+    {'col': (nblocks, K, P), 'xpad': (nblocks, C, H+2pad, W+2pad), 'dW_part': (nblocks, K, FN),
+    'db_part': (nblocks, FN) (float64), 'dT': (nblocks, P, FN)}, nblocks = sample_block(N)[1]."""
+    cdef Py_ssize_t oh, ow
+    if len(x_shape) != 4:
+        raise ValueError(f"x_shape must be 4-D (N, C, H, W), got {x_shape}")
+    N, C, H, W = x_shape
+    _geometry(H, W, fh, fw, stride, pad, &oh, &ow)
+    nb = sample_block(N)[1]
+    K = C * fh * fw
+    return {"col": (nb, K, oh * ow), "xpad": (nb, C, H + 2 * pad, W + 2 * pad), "dW_part": (nb, K, fn),
+            "db_part": (nb, fn), "dT": (nb, oh * ow, fn)}
+
+
+cdef _check_scratch(ConvCtx *c, Py_ssize_t nb, col, xpad):
+    _same(c.t, col, "col"); _same(c.t, xpad, "xpad")
+    cdef cnp.ndarray COL = <cnp.ndarray>col, XP = <cnp.ndarray>xpad
+    _shape(COL, (nb, c.K, c.P), "col"); _contig(COL, "col", True)
+    _shape(XP, (nb, c.C, c.Hp, c.Wp), "xpad"); _contig(XP, "xpad", True)
+    _no_overlap(COL, XP, "col", "xpad")
+    c.col = cnp.PyArray_DATA(COL); c.xp = cnp.PyArray_DATA(XP)
+    return [(COL, "col"), (XP, "xpad")]
+
+
+def conv_forward(x, W2, b, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, col, xpad, out):
+    """out[n] (FN, OH, OW) = b + W2 @ im2col(x_n)^T;  x (N,C,H,W), W2 (FN, C*fh*fw).  Scratch (see
+    conv_scratch_shapes): col (nblocks, C*fh*fw, OH*OW) and xpad (nblocks, C, H+2pad, W+2pad), one sample's
+    column matrix and padded copy per block of samples, built and used while in cache."""
     cdef ConvCtx c
     c.t = _ftype(x, "x")
-    _same(c.t, W2, "W2"); _same(c.t, b, "b"); _same(c.t, col, "col"); _same(c.t, out, "out")
-    cdef cnp.ndarray X = <cnp.ndarray>x, A = <cnp.ndarray>W2, B = <cnp.ndarray>b
-    cdef cnp.ndarray COL = <cnp.ndarray>col, Out = <cnp.ndarray>out
+    _same(c.t, W2, "W2"); _same(c.t, b, "b"); _same(c.t, out, "out")
+    cdef cnp.ndarray X = <cnp.ndarray>x, A = <cnp.ndarray>W2, B = <cnp.ndarray>b, Out = <cnp.ndarray>out
     cdef Py_ssize_t N = _conv_dims(_s(X), W2, fh, fw, stride, pad, &c, "x")
+    cdef Py_ssize_t blk, nb
+    blk, nb = sample_block(N)
     _contig(X, "x", False)
     _shape(B, (c.FN,), "b"); _contig(B, "b", False)
-    _shape(COL, (N, c.K, c.P), "colT"); _contig(COL, "colT", True)
     _shape(Out, (N, c.FN, c.oh, c.ow), "out"); _contig(Out, "out", True)
-    for a, nm in ((X, "x"), (A, "W2"), (B, "b")):
-        _no_overlap(COL, a, "col", nm)
-        _no_overlap(Out, a, "out", nm)
-    _no_overlap(Out, COL, "out", "col")
+    cdef list outs = _check_scratch(&c, nb, col, xpad) + [(Out, "out")]
+    cdef Py_ssize_t i
+    for i in range(len(outs)):
+        for a, nm in ((X, "x"), (A, "W2"), (B, "b")):
+            _no_overlap(outs[i][0], a, outs[i][1], nm)
+    _no_overlap(Out, outs[0][0], "out", "col")
+    _no_overlap(Out, outs[1][0], "out", "xpad")
     c.x = cnp.PyArray_DATA(X); c.W2 = cnp.PyArray_DATA(A); c.b = cnp.PyArray_DATA(B)
-    c.col = cnp.PyArray_DATA(COL); c.out = cnp.PyArray_DATA(Out)
-    cdef Py_ssize_t blk = sample_block(N)[0]
+    c.out = cnp.PyArray_DATA(Out)
     with nogil:
         parallel_blocks_nt(N, blk, _conv_fwd_block, &c, _conv_threads(N, &c))
     return out
 
 
-def conv_backward(dout, col, W2, tuple x_shape, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
-                  dW2, db, dx, dW_part, db_part, dcol, dT):
-    """db = sum of dout over (N, OH, OW); dW2 (FN, K) = sum_n dout_n @ colT[n]^T; dx (x_shape) = col2im(W2^T @ dout_n)
-    unless dx is None.  Scratch: dW_part (nblocks, K, FN), db_part float64 (nblocks, FN), dcol (nblocks, K, OH*OW)
-    (None without dx), dT (nblocks, OH*OW, FN), nblocks = sample_block(N)[1].  The partials are added in block order,
-    so the result has the same bits for any thread count.  Returns dx."""
+def conv_backward(dout, x, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
+                  dW2, db, dx, dW_part, db_part, col, xpad, dT):
+    """db = sum of dout over (N, OH, OW); dW2 (FN, K) = sum_n dout_n @ im2col(x_n) (the column matrix recomputed
+    from x, the forward's input); dx (x's shape) = col2im(W2^T @ dout_n) unless dx is None.  Scratch (see
+    conv_scratch_shapes): dW_part, db_part float64, col, xpad, dT.  The partials are added in block order, so the
+    result has the same bits for any thread count.  Returns dx."""
     cdef ConvCtx c
     c.t = _ftype(dout, "dout")
-    _same(c.t, col, "col"); _same(c.t, W2, "W2"); _same(c.t, dW2, "dW2"); _same(c.t, db, "db")
-    _same(c.t, dW_part, "dW_part")
-    cdef cnp.ndarray D = <cnp.ndarray>dout, COL = <cnp.ndarray>col, A = <cnp.ndarray>W2
-    cdef cnp.ndarray G = <cnp.ndarray>dW2, GB = <cnp.ndarray>db, WP = <cnp.ndarray>dW_part, BP, DC, DX
-    cdef Py_ssize_t N = _conv_dims(x_shape, W2, fh, fw, stride, pad, &c, "x_shape")
+    _same(c.t, x, "x"); _same(c.t, W2, "W2"); _same(c.t, dW2, "dW2"); _same(c.t, db, "db")
+    _same(c.t, dW_part, "dW_part"); _same(c.t, dT, "dT")
+    cdef cnp.ndarray D = <cnp.ndarray>dout, X = <cnp.ndarray>x, A = <cnp.ndarray>W2
+    cdef cnp.ndarray G = <cnp.ndarray>dW2, GB = <cnp.ndarray>db, WP = <cnp.ndarray>dW_part, BP, DX
+    cdef cnp.ndarray TT = <cnp.ndarray>dT
+    cdef Py_ssize_t N = _conv_dims(_s(X), W2, fh, fw, stride, pad, &c, "x")
     cdef Py_ssize_t blk, nb
     blk, nb = sample_block(N)
+    _contig(X, "x", False)
     _shape(D, (N, c.FN, c.oh, c.ow), "dout"); _contig(D, "dout", False)
-    _shape(COL, (N, c.K, c.P), "colT"); _contig(COL, "colT", False)
     _shape(G, (c.FN, c.K), "dW2"); _contig(G, "dW2", True)
     _shape(GB, (c.FN,), "db"); _contig(GB, "db", True)
     _shape(WP, (nb, c.K, c.FN), "dW_part"); _contig(WP, "dW_part", True)
-    _same(c.t, dT, "dT")
-    cdef cnp.ndarray TT = <cnp.ndarray>dT
     _shape(TT, (nb, c.P, c.FN), "dT"); _contig(TT, "dT", True)
     if not cnp.PyArray_Check(db_part) or cnp.PyArray_TYPE(<cnp.ndarray>db_part) != cnp.NPY_FLOAT64:
         raise TypeError("db_part must be a float64 array")
     BP = <cnp.ndarray>db_part
     _shape(BP, (nb, c.FN), "db_part"); _contig(BP, "db_part", True)
     cdef list outs = [(G, "dW2"), (GB, "db"), (WP, "dW_part"), (BP, "db_part"), (TT, "dT")]
+    outs += _check_scratch(&c, nb, col, xpad)
     c.dx = NULL
-    c.dcol = NULL
     if dx is not None:
         _same(c.t, dx, "dx")
         DX = <cnp.ndarray>dx
-        _shape(DX, x_shape, "dx"); _contig(DX, "dx", True)
-        if dcol is None:
-            raise ValueError("conv_backward: the dcol scratch is required with dx")
-        _same(c.t, dcol, "dcol")
-        DC = <cnp.ndarray>dcol
-        _shape(DC, (nb, c.K, c.P), "dcol"); _contig(DC, "dcol", True)
-        outs += [(DX, "dx"), (DC, "dcol")]
+        _shape(DX, _s(X), "dx"); _contig(DX, "dx", True)
+        outs.append((DX, "dx"))
         c.dx = cnp.PyArray_DATA(DX)
-        c.dcol = cnp.PyArray_DATA(DC)
     cdef Py_ssize_t i, k
     for i in range(len(outs)):
-        for a, nm in ((D, "dout"), (COL, "col"), (A, "W2")):
+        for a, nm in ((D, "dout"), (X, "x"), (A, "W2")):
             _no_overlap(outs[i][0], a, outs[i][1], nm)
         for k in range(i):
             _no_overlap(outs[i][0], outs[k][0], outs[i][1], outs[k][1])
-    c.dout = cnp.PyArray_DATA(D); c.col = cnp.PyArray_DATA(COL); c.W2 = cnp.PyArray_DATA(A)
+    c.dout = cnp.PyArray_DATA(D); c.x = cnp.PyArray_DATA(X); c.W2 = cnp.PyArray_DATA(A)
     c.dW_part = cnp.PyArray_DATA(WP); c.db_part = <double*>cnp.PyArray_DATA(BP); c.dT = cnp.PyArray_DATA(TT)
     cdef void *pg = cnp.PyArray_DATA(G)
     cdef void *pgb = cnp.PyArray_DATA(GB)
