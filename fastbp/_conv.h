@@ -125,4 +125,83 @@ FB_DISPATCH(fb_conv_col2im_f64, (long C, long H, long W, long fh, long fw, long 
 FB_DISPATCH(fb_conv_transpose_f32, (long FN, long P, const float *d, float *dT), (FN, P, d, dT))
 FB_DISPATCH(fb_conv_transpose_f64, (long FN, long P, const double *d, double *dT), (FN, P, d, dT))
 
+/* The "wide" layout of the stride-1 convolution (see _conv.pyx): a sample's output rows are computed Wp long
+ * (columns ow .. Wp-1 are garbage), so that every filter tap reads the padded plane at one constant offset.
+ * out (FN, oh, ow) = b + wide (FN, oh*Wp) with the garbage columns dropped. */
+#define FB_CONV_UNWIDEN(NAME, TARGET, T)                                                                      \
+TARGET FB_CONV_INLINE_COPIES static void NAME(long FN, long oh, long ow, long Wp, const T *restrict wide,   \
+                                              const T *restrict b, T *restrict out)                           \
+{                                                                                                             \
+    long f, i, j;                                                                                             \
+    for (f = 0; f < FN; f++) {                                                                                \
+        T bf = b[f];                                                                                          \
+        for (i = 0; i < oh; i++) {                                                                            \
+            const T *src = wide + (f * oh + i) * Wp;                                                          \
+            T *dst = out + (f * oh + i) * ow;                                                                 \
+            _Pragma("omp simd")                                                                               \
+            for (j = 0; j < ow; j++) dst[j] = src[j] + bf;                                                    \
+        }                                                                                                     \
+    }                                                                                                         \
+}
+
+/* wide (FN, oh*Wp) = d (FN, oh, ow) with zeros in the garbage columns; wideT (oh*Wp, FN) its transpose (either may
+ * be NULL). */
+#define FB_CONV_WIDEN(NAME, TARGET, T)                                                                        \
+TARGET FB_CONV_INLINE_COPIES static void NAME(long FN, long oh, long ow, long Wp, const T *restrict d,      \
+                                              T *restrict wide, T *restrict wideT)                            \
+{                                                                                                             \
+    long f, i, j;                                                                                             \
+    if (wide)                                                                                                 \
+        for (f = 0; f < FN; f++)                                                                              \
+            for (i = 0; i < oh; i++) {                                                                        \
+                const T *src = d + (f * oh + i) * ow;                                                         \
+                T *dst = wide + (f * oh + i) * Wp;                                                            \
+                _Pragma("omp simd")                                                                           \
+                for (j = 0; j < ow; j++) dst[j] = src[j];                                                     \
+                for (j = ow; j < Wp; j++) dst[j] = 0;                                                         \
+            }                                                                                                 \
+    if (wideT)                                                                                                \
+        for (i = 0; i < oh; i++) {                                                                            \
+            T *dst = wideT + i * Wp * FN;                                                                     \
+            for (f = 0; f < FN; f++) {                                                                        \
+                const T *src = d + (f * oh + i) * ow;                                                         \
+                for (j = 0; j < ow; j++) dst[j * FN + f] = src[j];                                            \
+            }                                                                                                 \
+            for (j = ow * FN; j < Wp * FN; j++) dst[j] = 0;                                                   \
+        }                                                                                                     \
+}
+
+/* dx (C, H, W) = the interior of the padded plane xp (C, H + 2 pad, W + 2 pad). */
+#define FB_CONV_UNPAD(NAME, TARGET, T)                                                                        \
+TARGET FB_CONV_INLINE_COPIES static void NAME(long C, long H, long W, long pad, const T *restrict xp,       \
+                                              T *restrict dx)                                                 \
+{                                                                                                             \
+    long Hp = H + 2 * pad, Wp = W + 2 * pad, c, y, j;                                                         \
+    for (c = 0; c < C; c++)                                                                                   \
+        for (y = 0; y < H; y++) {                                                                             \
+            const T *src = xp + (c * Hp + y + pad) * Wp + pad;                                                \
+            T *dst = dx + (c * H + y) * W;                                                                    \
+            _Pragma("omp simd")                                                                               \
+            for (j = 0; j < W; j++) dst[j] = src[j];                                                          \
+        }                                                                                                     \
+}
+
+FB_VARIANTS(FB_CONV_UNWIDEN, fb_conv_unwiden_f32, float)
+FB_VARIANTS(FB_CONV_UNWIDEN, fb_conv_unwiden_f64, double)
+FB_VARIANTS(FB_CONV_WIDEN, fb_conv_widen_f32, float)
+FB_VARIANTS(FB_CONV_WIDEN, fb_conv_widen_f64, double)
+FB_VARIANTS(FB_CONV_UNPAD, fb_conv_unpad_f32, float)
+FB_VARIANTS(FB_CONV_UNPAD, fb_conv_unpad_f64, double)
+FB_DISPATCH(fb_conv_unwiden_f32, (long FN, long oh, long ow, long Wp, const float *wide, const float *b, float *out),
+            (FN, oh, ow, Wp, wide, b, out))
+FB_DISPATCH(fb_conv_unwiden_f64, (long FN, long oh, long ow, long Wp, const double *wide, const double *b,
+                                  double *out), (FN, oh, ow, Wp, wide, b, out))
+FB_DISPATCH(fb_conv_widen_f32, (long FN, long oh, long ow, long Wp, const float *d, float *wide, float *wideT),
+            (FN, oh, ow, Wp, d, wide, wideT))
+FB_DISPATCH(fb_conv_widen_f64, (long FN, long oh, long ow, long Wp, const double *d, double *wide, double *wideT),
+            (FN, oh, ow, Wp, d, wide, wideT))
+FB_DISPATCH(fb_conv_unpad_f32, (long C, long H, long W, long pad, const float *xp, float *dx), (C, H, W, pad, xp, dx))
+FB_DISPATCH(fb_conv_unpad_f64, (long C, long H, long W, long pad, const double *xp, double *dx),
+            (C, H, W, pad, xp, dx))
+
 #endif

@@ -105,6 +105,15 @@ cdef extern from "_conv.h" nogil:
                             const double *colT, double *xp, double *dx) noexcept
     void fb_conv_transpose_f32(long FN, long P, const float *d, float *dT) noexcept
     void fb_conv_transpose_f64(long FN, long P, const double *d, double *dT) noexcept
+    void fb_conv_unwiden_f32(long FN, long oh, long ow, long Wp, const float *wide, const float *b,
+                             float *out) noexcept
+    void fb_conv_unwiden_f64(long FN, long oh, long ow, long Wp, const double *wide, const double *b,
+                             double *out) noexcept
+    void fb_conv_widen_f32(long FN, long oh, long ow, long Wp, const float *d, float *wide, float *wideT) noexcept
+    void fb_conv_widen_f64(long FN, long oh, long ow, long Wp, const double *d, double *wide,
+                           double *wideT) noexcept
+    void fb_conv_unpad_f32(long C, long H, long W, long pad, const float *xp, float *dx) noexcept
+    void fb_conv_unpad_f64(long C, long H, long W, long pad, const double *xp, double *dx) noexcept
 
 include "_simd_query.pxi"
 
@@ -312,16 +321,20 @@ def sample_block(Py_ssize_t n):
 # ---------------------------------------------------------------------------------------------------------------
 ctypedef struct ConvCtx:
     int t                       # 0 float32, 1 float64
-    Py_ssize_t C, H, W, fh, fw, s, pad, oh, ow, FN, K, P, Hp, Wp
+    bint wide                   # the stride-1 "wide" algorithm (no column matrix), else im2col
+    Py_ssize_t C, H, W, fh, fw, s, pad, oh, ow, FN, K, P, Hp, Wp, Pw, ntap
+    Py_ssize_t ncol, nxp, ndT   # per-block scratch sizes (elements) of col, xpad, dT
     void *x                     # IN  (N, C, H, W)
     void *W2                    # IN  (FN, K)
+    void *Wr                    # scratch (fh*fw, FN, C): W2's taps side by side (wide only)
     void *b                     # IN  (FN,)
-    void *col                   # scratch (nblocks, K, P): the block's current sample's column matrix (transposed)
-    void *xp                    # scratch (nblocks, C, Hp, Wp): the block's current sample zero-padded
+    void *col                   # scratch (nblocks, ncol): im2col: one sample's column matrix (K, P), transposed;
+                                #   wide: one sample's output / dout in the wide layout (FN, Pw)
+    void *xp                    # scratch (nblocks, nxp): one sample zero-padded (C, Hp, Wp) (+ fw slack if wide)
     void *out                   # OUT (N, FN, P)
     void *dout                  # IN  (N, FN, P)
     void *dW_part               # OUT (nblocks, K, FN) per-block partial weight gradients, transposed
-    void *dT                    # scratch (nblocks, P, FN): one sample's dout transposed
+    void *dT                    # scratch (nblocks, ndT): one sample's dout transposed, (P, FN) or wide (Pw, FN)
     double *db_part             # OUT (nblocks, FN)
     void *dx                    # OUT (N, C, H, W) or NULL
 
@@ -331,14 +344,24 @@ cdef inline int _conv_threads(Py_ssize_t N, ConvCtx *c) noexcept nogil:
     return 1 if <double>N * c.P * c.K * c.FN < CONV_PARALLEL_MIN else num_threads()
 
 
+cdef inline void _pad_sample(ConvCtx *c, Py_ssize_t n, floating *xp) noexcept nogil:
+    """xp = x_n zero-padded (C, Hp, Wp), then fw zeros of slack (read by the wide layout's last tap)."""
+    cdef const floating *xn = <floating*>c.x + n * c.C * c.H * c.W
+    cdef Py_ssize_t i, end = c.C * c.Hp * c.Wp
+    if floating is float:
+        fb_conv_pad_f32(c.C, c.H, c.W, c.pad, xn, xp)
+    else:
+        fb_conv_pad_f64(c.C, c.H, c.W, c.pad, xn, xp)
+    if c.wide:
+        for i in range(c.fw):
+            xp[end + i] = 0
+
+
 cdef inline void _colT_of(ConvCtx *c, Py_ssize_t n, floating *xp, floating *col) noexcept nogil:
     """col (K, P) = im2col(x_n)^T, through the zero-padded copy xp of x_n (x_n itself when pad == 0)."""
     cdef const floating *xn = <floating*>c.x + n * c.C * c.H * c.W
     if c.pad > 0:
-        if floating is float:
-            fb_conv_pad_f32(c.C, c.H, c.W, c.pad, xn, xp)
-        else:
-            fb_conv_pad_f64(c.C, c.H, c.W, c.pad, xn, xp)
+        _pad_sample(c, n, xp)
         xn = xp
     if floating is float:
         fb_conv_im2col_f32(c.C, c.Hp, c.Wp, c.fh, c.fw, c.s, c.oh, c.ow, xn, col)
@@ -347,18 +370,30 @@ cdef inline void _colT_of(ConvCtx *c, Py_ssize_t n, floating *xp, floating *col)
 
 
 cdef void _conv_fwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j, floating *x) noexcept nogil:
-    """Block j = samples lo .. hi-1: col = im2col(x_n)^T (K, P) in the block's cache-sized buffer;
-    out_n (FN, P) = b + W2 @ col."""
-    cdef floating *col = <floating*>c.col + j * c.K * c.P
-    cdef floating *xp = <floating*>c.xp + j * c.C * c.Hp * c.Wp
+    """Block j = samples lo .. hi-1.  im2col: col = im2col(x_n)^T (K, P) in the block's cache-sized buffer,
+    out_n (FN, P) = b + W2 @ col.  Wide: xp = x_n padded, wide (FN, Pw) = sum over taps (dy, dx) of
+    Wr[tap] (FN, C) @ xp[:, dy*Wp + dx :] (C, Pw; row stride Hp*Wp), out_n = b + wide's valid columns."""
+    cdef floating *col = <floating*>c.col + j * c.ncol
+    cdef floating *xp = <floating*>c.xp + j * c.nxp
     cdef floating *out = <floating*>c.out
     cdef const floating *b = <floating*>c.b
-    cdef Py_ssize_t n, f, p, P = c.P, K = c.K, FN = c.FN
+    cdef const floating *Wr = <floating*>c.Wr
+    cdef Py_ssize_t n, f, p, t, P = c.P, K = c.K, FN = c.FN, C = c.C, HW = c.Hp * c.Wp
     cdef floating *o
     cdef floating bf
     for n in range(lo, hi):
-        _colT_of(c, n, xp, col)
         o = out + n * FN * P
+        if c.wide:
+            _pad_sample(c, n, xp)
+            for t in range(c.ntap):
+                gemm(FB_NOTRANS, FB_NOTRANS, FN, c.Pw, C, <floating>1, Wr + t * FN * C, C,
+                     xp + (t // c.fw) * c.Wp + t % c.fw, HW, <floating>(0 if t == 0 else 1), col, c.Pw)
+            if floating is float:
+                fb_conv_unwiden_f32(FN, c.oh, c.ow, c.Wp, col, b, o)
+            else:
+                fb_conv_unwiden_f64(FN, c.oh, c.ow, c.Wp, col, b, o)
+            continue
+        _colT_of(c, n, xp, col)
         for f in range(FN):
             bf = b[f]
             for p in range(P):
@@ -375,17 +410,21 @@ cdef void _conv_fwd_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j)
 
 
 cdef void _conv_bwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j, floating *dout) noexcept nogil:
-    """Block j = samples lo .. hi-1: col = im2col(x_n)^T recomputed in the block's cache-sized buffer (cheaper
-    than reading a stored batch-sized column matrix back from memory); partial db and dW^T = sum col @ dout_n^T
-    (in sample order; dout_n is transposed first, 1/K the size of col, so that the GEMM is (NoTrans, NoTrans):
-    measured 1.4x faster than the (NoTrans, Trans) product, which OpenBLAS packs); if dx is wanted, the same
-    buffer then takes dcol = W2^T @ dout_n and dx_n = col2im(dcol)."""
-    cdef Py_ssize_t n, f, P = c.P, K = c.K, FN = c.FN
+    """Block j = samples lo .. hi-1: partial db, and dW^T (K, FN) = sum over the block's samples, in order, of
+    im2col(x_n)^T @ dout_n^T -- im2col: the column matrix recomputed in the block's cache-sized buffer (cheaper
+    than reading a stored batch-sized one back from memory) times dout_n transposed (1/K its size; the
+    (NoTrans, NoTrans) product measured 1.4x faster than (NoTrans, Trans), which OpenBLAS packs); wide: per tap,
+    xp[:, dy*Wp + dx :] (C, Pw) @ dout_n's wide transpose (Pw, FN, zero rows at the garbage columns) into the
+    tap's rows of dW^T.  If dx is wanted: im2col: dcol = W2^T @ dout_n (same buffer), dx_n = col2im(dcol); wide:
+    xp = 0, then per tap xp[:, dy*Wp + dx :] += Wr[tap]^T (C, FN) @ dout_n wide (FN, Pw, zero garbage columns),
+    dx_n = xp's interior (the adds per cell in tap order, as col2im makes them)."""
+    cdef Py_ssize_t n, f, t, P = c.P, K = c.K, FN = c.FN, C = c.C, HW = c.Hp * c.Wp, off
     cdef floating *dWp = <floating*>c.dW_part + j * FN * K
     cdef double *dbp = c.db_part + j * FN
-    cdef floating *dT = <floating*>c.dT + j * P * FN
-    cdef floating *col = <floating*>c.col + j * K * P
-    cdef floating *xp = <floating*>c.xp + j * c.C * c.Hp * c.Wp
+    cdef floating *dT = <floating*>c.dT + j * c.ndT
+    cdef floating *col = <floating*>c.col + j * c.ncol
+    cdef floating *xp = <floating*>c.xp + j * c.nxp
+    cdef const floating *Wr = <floating*>c.Wr
     cdef floating *dx
     cdef const floating *d
     for f in range(FN):
@@ -397,19 +436,40 @@ cdef void _conv_bwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
                 dbp[f] += fb_sum_f32(P, d + f * P)
             else:
                 dbp[f] += fb_sum_f64(P, d + f * P)
+        dx = <floating*>c.dx + n * C * c.H * c.W if c.dx != NULL else NULL
+        if c.wide:
+            _pad_sample(c, n, xp)
+            if floating is float:
+                fb_conv_widen_f32(FN, c.oh, c.ow, c.Wp, d, col if dx != NULL else NULL, dT)
+            else:
+                fb_conv_widen_f64(FN, c.oh, c.ow, c.Wp, d, col if dx != NULL else NULL, dT)
+            for t in range(c.ntap):
+                off = (t // c.fw) * c.Wp + t % c.fw
+                gemm(FB_NOTRANS, FB_NOTRANS, C, FN, c.Pw, <floating>1, xp + off, HW, dT, FN,
+                     <floating>(0 if n == lo else 1), dWp + t * FN, c.ntap * FN)
+            if dx != NULL:
+                memset(xp, 0, <size_t>c.nxp * sizeof(floating))
+                for t in range(c.ntap):
+                    off = (t // c.fw) * c.Wp + t % c.fw
+                    gemm(FB_TRANS, FB_NOTRANS, C, c.Pw, FN, <floating>1, Wr + t * FN * C, C, col, c.Pw,
+                         <floating>1, xp + off, HW)
+                if floating is float:
+                    fb_conv_unpad_f32(C, c.H, c.W, c.pad, xp, dx)
+                else:
+                    fb_conv_unpad_f64(C, c.H, c.W, c.pad, xp, dx)
+            continue
         _colT_of(c, n, xp, col)
         if floating is float:
             fb_conv_transpose_f32(FN, P, d, dT)
         else:
             fb_conv_transpose_f64(FN, P, d, dT)
         gemm(FB_NOTRANS, FB_NOTRANS, K, FN, P, <floating>1, col, P, dT, FN, <floating>(0 if n == lo else 1), dWp, FN)
-        if c.dx != NULL:
-            dx = <floating*>c.dx + n * c.C * c.H * c.W
+        if dx != NULL:
             gemm(FB_TRANS, FB_NOTRANS, K, P, FN, <floating>1, <floating*>c.W2, K, d, P, <floating>0, col, P)
             if floating is float:
-                fb_conv_col2im_f32(c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, col, xp, dx)
+                fb_conv_col2im_f32(C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, col, xp, dx)
             else:
-                fb_conv_col2im_f64(c.C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, col, xp, dx)
+                fb_conv_col2im_f64(C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, col, xp, dx)
 
 
 cdef void _conv_bwd_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
@@ -418,6 +478,16 @@ cdef void _conv_bwd_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j)
         _conv_bwd_range(c, lo, hi, j, <float*>c.dout)
     else:
         _conv_bwd_range(c, lo, hi, j, <double*>c.dout)
+
+
+cdef void _conv_taps(ConvCtx *c, floating *Wr) noexcept nogil:
+    """Wr[tap, f, c] = W2[f, c*fh*fw + tap]: each tap's (FN, C) weight matrix, for the wide layout."""
+    cdef const floating *W2 = <floating*>c.W2
+    cdef Py_ssize_t t, f, ch
+    for t in range(c.ntap):
+        for f in range(c.FN):
+            for ch in range(c.C):
+                Wr[(t * c.FN + f) * c.C + ch] = W2[f * c.K + ch * c.ntap + t]
 
 
 cdef void _conv_reduce(Py_ssize_t nblocks, Py_ssize_t FN, Py_ssize_t K, const floating *dW_part,
@@ -447,57 +517,99 @@ cdef void _conv_reduce(Py_ssize_t nblocks, Py_ssize_t FN, Py_ssize_t K, const fl
         db[i] = <floating>acc[0]
 
 
+cdef Py_ssize_t WIDE_MIN_C = 8   # the wide layout for stride 1 from this many input channels (fewer: each tap's
+                                 # GEMM has too short an inner dimension; C = 1 would be rank-1 updates)
+
+
+def _set_wide_min_channels(Py_ssize_t n):
+    """For tests and benchmarks: stride-1 convolutions with at least n input channels take the wide layout
+    (default 8; a huge n turns it off).  Returns the previous value."""
+    global WIDE_MIN_C
+    old = WIDE_MIN_C
+    WIDE_MIN_C = n
+    return old
+
+
 cdef _conv_dims(tuple x_shape, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, ConvCtx *c,
                 str xname):
-    """Fill c's geometry from the input shape (N, C, H, W) and W2 (FN, C*fh*fw); returns N."""
+    """Fill c's geometry, algorithm and scratch sizes from the input shape (N, C, H, W) and W2 (FN, C*fh*fw);
+    returns N."""
     cdef cnp.ndarray A = <cnp.ndarray>W2
     if len(x_shape) != 4:
         raise ValueError(f"{xname} must be 4-D (N, C, H, W), got shape {x_shape}")
     if cnp.PyArray_NDIM(A) != 2:
         raise ValueError(f"W2 must be 2-D (FN, C*FH*FW), got shape {_s(A)}")
-    c.C = x_shape[1]; c.H = x_shape[2]; c.W = x_shape[3]
-    c.fh = fh; c.fw = fw; c.s = stride; c.pad = pad
-    _geometry(c.H, c.W, fh, fw, stride, pad, &c.oh, &c.ow)
-    c.Hp = c.H + 2 * pad; c.Wp = c.W + 2 * pad
+    _geometry(x_shape[2], x_shape[3], fh, fw, stride, pad, &c.oh, &c.ow)
     c.FN = A.shape[0]
-    c.K = c.C * fh * fw
-    c.P = c.oh * c.ow
+    _fill_dims(c, x_shape[1], x_shape[2], x_shape[3], fh, fw, stride, pad)
     _shape(A, (c.FN, c.K), "W2")
     _contig(A, "W2", False)
     check_blas_dims(c.FN, c.P, c.K)
+    if c.wide:
+        check_blas_dims(c.FN, c.Pw, c.K, c.Hp * c.Wp, c.ntap * c.FN, c.Hp * c.Wp)
     return x_shape[0]
+
+
+cdef void _fill_dims(ConvCtx *c, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t fh, Py_ssize_t fw,
+                     Py_ssize_t stride, Py_ssize_t pad) noexcept:
+    """c.oh, c.ow and c.FN set: the rest of the geometry, the algorithm and the per-block scratch sizes."""
+    c.C = C; c.H = H; c.W = W
+    c.fh = fh; c.fw = fw; c.s = stride; c.pad = pad
+    c.Hp = H + 2 * pad; c.Wp = W + 2 * pad
+    c.K = C * fh * fw
+    c.P = c.oh * c.ow
+    c.ntap = fh * fw
+    c.wide = stride == 1 and C >= WIDE_MIN_C
+    c.Pw = c.oh * c.Wp
+    if c.wide:
+        c.ncol = c.FN * c.Pw
+        c.nxp = C * c.Hp * c.Wp + fw
+        c.ndT = c.Pw * c.FN
+    else:
+        c.ncol = c.K * c.P
+        c.nxp = C * c.Hp * c.Wp
+        c.ndT = c.P * c.FN
 
 
 def conv_scratch_shapes(tuple x_shape, Py_ssize_t fn, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride,
                         Py_ssize_t pad):
-    """Shapes of conv_forward/conv_backward's scratch buffers for input x_shape (N, C, H, W) and fn filters:
-    {'col': (nblocks, K, P), 'xpad': (nblocks, C, H+2pad, W+2pad), 'dW_part': (nblocks, K, FN),
-    'db_part': (nblocks, FN) (float64), 'dT': (nblocks, P, FN)}, nblocks = sample_block(N)[1]."""
-    cdef Py_ssize_t oh, ow
+    """Shapes of conv_forward/conv_backward's scratch buffers for input x_shape (N, C, H, W) and fn filters, as a
+    dict: 'col', 'xpad', 'dT' (nblocks, size) (one sample's worth per block of samples), 'wr' (K*FN,),
+    'dW_part' (nblocks, K, FN), 'db_part' (nblocks, FN) (float64); nblocks = sample_block(N)[1]."""
+    cdef ConvCtx c
     if len(x_shape) != 4:
         raise ValueError(f"x_shape must be 4-D (N, C, H, W), got {x_shape}")
     N, C, H, W = x_shape
-    _geometry(H, W, fh, fw, stride, pad, &oh, &ow)
+    _geometry(H, W, fh, fw, stride, pad, &c.oh, &c.ow)
+    c.FN = fn
+    _fill_dims(&c, C, H, W, fh, fw, stride, pad)
     nb = sample_block(N)[1]
-    K = C * fh * fw
-    return {"col": (nb, K, oh * ow), "xpad": (nb, C, H + 2 * pad, W + 2 * pad), "dW_part": (nb, K, fn),
-            "db_part": (nb, fn), "dT": (nb, oh * ow, fn)}
+    return {"col": (nb, c.ncol), "xpad": (nb, c.nxp), "dT": (nb, c.ndT), "wr": (c.K * fn,),
+            "dW_part": (nb, c.K, fn), "db_part": (nb, fn)}
 
 
-cdef _check_scratch(ConvCtx *c, Py_ssize_t nb, col, xpad):
-    _same(c.t, col, "col"); _same(c.t, xpad, "xpad")
-    cdef cnp.ndarray COL = <cnp.ndarray>col, XP = <cnp.ndarray>xpad
-    _shape(COL, (nb, c.K, c.P), "col"); _contig(COL, "col", True)
-    _shape(XP, (nb, c.C, c.Hp, c.Wp), "xpad"); _contig(XP, "xpad", True)
-    _no_overlap(COL, XP, "col", "xpad")
-    c.col = cnp.PyArray_DATA(COL); c.xp = cnp.PyArray_DATA(XP)
-    return [(COL, "col"), (XP, "xpad")]
+cdef list _check_scratch(ConvCtx *c, Py_ssize_t nb, col, xpad, wr):
+    _same(c.t, col, "col"); _same(c.t, xpad, "xpad"); _same(c.t, wr, "wr")
+    cdef cnp.ndarray COL = <cnp.ndarray>col, XP = <cnp.ndarray>xpad, WR = <cnp.ndarray>wr
+    _shape(COL, (nb, c.ncol), "col"); _contig(COL, "col", True)
+    _shape(XP, (nb, c.nxp), "xpad"); _contig(XP, "xpad", True)
+    _shape(WR, (c.K * c.FN,), "wr"); _contig(WR, "wr", True)
+    c.col = cnp.PyArray_DATA(COL); c.xp = cnp.PyArray_DATA(XP); c.Wr = cnp.PyArray_DATA(WR)
+    return [(COL, "col"), (XP, "xpad"), (WR, "wr")]
 
 
-def conv_forward(x, W2, b, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, col, xpad, out):
-    """out[n] (FN, OH, OW) = b + W2 @ im2col(x_n)^T;  x (N,C,H,W), W2 (FN, C*fh*fw).  Scratch (see
-    conv_scratch_shapes): col (nblocks, C*fh*fw, OH*OW) and xpad (nblocks, C, H+2pad, W+2pad), one sample's
-    column matrix and padded copy per block of samples, built and used while in cache."""
+cdef void _prepare_taps(ConvCtx *c) noexcept nogil:
+    if c.wide:
+        if c.t == 0:
+            _conv_taps(c, <float*>c.Wr)
+        else:
+            _conv_taps(c, <double*>c.Wr)
+
+
+def conv_forward(x, W2, b, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, col, xpad, wr, out):
+    """out[n] (FN, OH, OW) = b + W2 @ im2col(x_n)^T;  x (N,C,H,W), W2 (FN, C*fh*fw).  Scratch (shapes from
+    conv_scratch_shapes): col and xpad hold one sample's column matrix (or wide output) and padded copy per block
+    of samples, built and used while in cache; wr the weights by tap."""
     cdef ConvCtx c
     c.t = _ftype(x, "x")
     _same(c.t, W2, "W2"); _same(c.t, b, "b"); _same(c.t, out, "out")
@@ -508,26 +620,27 @@ def conv_forward(x, W2, b, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_s
     _contig(X, "x", False)
     _shape(B, (c.FN,), "b"); _contig(B, "b", False)
     _shape(Out, (N, c.FN, c.oh, c.ow), "out"); _contig(Out, "out", True)
-    cdef list outs = _check_scratch(&c, nb, col, xpad) + [(Out, "out")]
-    cdef Py_ssize_t i
+    cdef list outs = _check_scratch(&c, nb, col, xpad, wr) + [(Out, "out")]
+    cdef Py_ssize_t i, k
     for i in range(len(outs)):
         for a, nm in ((X, "x"), (A, "W2"), (B, "b")):
             _no_overlap(outs[i][0], a, outs[i][1], nm)
-    _no_overlap(Out, outs[0][0], "out", "col")
-    _no_overlap(Out, outs[1][0], "out", "xpad")
+        for k in range(i):
+            _no_overlap(outs[i][0], outs[k][0], outs[i][1], outs[k][1])
     c.x = cnp.PyArray_DATA(X); c.W2 = cnp.PyArray_DATA(A); c.b = cnp.PyArray_DATA(B)
     c.out = cnp.PyArray_DATA(Out)
     with nogil:
+        _prepare_taps(&c)
         parallel_blocks_nt(N, blk, _conv_fwd_block, &c, _conv_threads(N, &c))
     return out
 
 
 def conv_backward(dout, x, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
-                  dW2, db, dx, dW_part, db_part, col, xpad, dT):
-    """db = sum of dout over (N, OH, OW); dW2 (FN, K) = sum_n dout_n @ im2col(x_n) (the column matrix recomputed
-    from x, the forward's input); dx (x's shape) = col2im(W2^T @ dout_n) unless dx is None.  Scratch (see
-    conv_scratch_shapes): dW_part, db_part float64, col, xpad, dT.  The partials are added in block order, so the
-    result has the same bits for any thread count.  Returns dx."""
+                  dW2, db, dx, dW_part, db_part, col, xpad, dT, wr):
+    """db = sum of dout over (N, OH, OW); dW2 (FN, K) = sum_n dout_n @ im2col(x_n) (the columns recomputed from
+    x, the forward's input); dx (x's shape) = col2im(W2^T @ dout_n) unless dx is None.  Scratch (shapes from
+    conv_scratch_shapes): dW_part, db_part float64, col, xpad, dT, wr.  The partials are added in block order, so
+    the result has the same bits for any thread count.  Returns dx."""
     cdef ConvCtx c
     c.t = _ftype(dout, "dout")
     _same(c.t, x, "x"); _same(c.t, W2, "W2"); _same(c.t, dW2, "dW2"); _same(c.t, db, "db")
@@ -543,13 +656,13 @@ def conv_backward(dout, x, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, 
     _shape(G, (c.FN, c.K), "dW2"); _contig(G, "dW2", True)
     _shape(GB, (c.FN,), "db"); _contig(GB, "db", True)
     _shape(WP, (nb, c.K, c.FN), "dW_part"); _contig(WP, "dW_part", True)
-    _shape(TT, (nb, c.P, c.FN), "dT"); _contig(TT, "dT", True)
+    _shape(TT, (nb, c.ndT), "dT"); _contig(TT, "dT", True)
     if not cnp.PyArray_Check(db_part) or cnp.PyArray_TYPE(<cnp.ndarray>db_part) != cnp.NPY_FLOAT64:
         raise TypeError("db_part must be a float64 array")
     BP = <cnp.ndarray>db_part
     _shape(BP, (nb, c.FN), "db_part"); _contig(BP, "db_part", True)
     cdef list outs = [(G, "dW2"), (GB, "db"), (WP, "dW_part"), (BP, "db_part"), (TT, "dT")]
-    outs += _check_scratch(&c, nb, col, xpad)
+    outs += _check_scratch(&c, nb, col, xpad, wr)
     c.dx = NULL
     if dx is not None:
         _same(c.t, dx, "dx")
@@ -568,6 +681,7 @@ def conv_backward(dout, x, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, 
     cdef void *pg = cnp.PyArray_DATA(G)
     cdef void *pgb = cnp.PyArray_DATA(GB)
     with nogil:
+        _prepare_taps(&c)
         parallel_blocks_nt(N, blk, _conv_bwd_block, &c, _conv_threads(N, &c))
         if c.t == 0:
             _conv_reduce(nb, c.FN, c.K, <float*>c.dW_part, c.db_part, <float*>pg, <float*>pgb)

@@ -677,9 +677,9 @@ class Convolution(_ref.Convolution):
         n = x.shape[0]
         fn, c, fh, fw = W.shape
         W2 = Wk.reshape(fn, c * fh * fw)
-        col, xpad = self._scratch(xk.shape, fn, fh, fw, dt, ("col", "xpad"))
+        scratch = self._scratch(xk.shape, fn, fh, fw, dt, ("col", "xpad", "wr"))
         out = ws.get("out", (n, fn, oh, ow), dt)
-        _ck.conv_forward(xk, W2, bk, fh, fw, self.stride, self.pad, col, xpad, out)
+        _ck.conv_forward(xk, W2, bk, fh, fw, self.stride, self.pad, *scratch, out)
         self.x = x
         self._xk = xk
         self._book_col = None
@@ -713,7 +713,7 @@ class Convolution(_ref.Convolution):
         db = _grad_target(self.grads, 1, (fn,), dt, ws, "db")
         dW = _grad_target(self.grads, 0, W_shape, dt, ws, "dW")
         dx = ws.get("dx", xk.shape, dt) if need_dx and self.need_dx else None
-        scratch = self._scratch(xk.shape, fn, fh, fw, dt, ("dW_part", "db_part", "col", "xpad", "dT"))
+        scratch = self._scratch(xk.shape, fn, fh, fw, dt, ("dW_part", "db_part", "col", "xpad", "dT", "wr"))
         _ck.conv_backward(dk, xk, W2, fh, fw, self.stride, self.pad, dW.reshape(fn, k), db, dx, *scratch)
         _store(self.grads, 1, db)
         _store(self.grads, 0, dW)
