@@ -14,6 +14,19 @@
 
 #include "_simd.h"
 
+/* FB_DISPATCH (see _simd.h) for a kernel that returns an int. */
+#if FB_HAVE_VARIANTS
+#define FB_DISPATCH_INT(NAME, PARAMS, ARGS)                                                                   \
+static inline int NAME PARAMS                                                                                 \
+{                                                                                                             \
+    int l_ = fb_simd_pick();                                                                                  \
+    return l_ == 2 ? NAME##_avx512 ARGS : l_ == 1 ? NAME##_avx2 ARGS : NAME##_base ARGS;                      \
+}
+#else
+#define FB_DISPATCH_INT(NAME, PARAMS, ARGS)                                                                   \
+static inline int NAME PARAMS { (void)fb_simd_pick(); return NAME##_base ARGS; }
+#endif
+
 /* GCC turns the short row copies below into calls of memcpy (loop distribution), which cost more than the copy
  * itself for rows of 8 to 28 elements; kept as inline vector loops. */
 #if defined(__GNUC__) && !defined(__clang__)
@@ -22,11 +35,13 @@
 #define FB_CONV_INLINE_COPIES
 #endif
 
-/* xp (C, H + 2 pad, W + 2 pad) = x (C, H, W) zero-padded. */
+/* xp (C, H + 2 pad, W + 2 pad) = x (C, H, W) zero-padded; returns nonzero when x holds an inf or a NaN. */
 #define FB_CONV_PAD(NAME, TARGET, T)                                                                          \
-TARGET FB_CONV_INLINE_COPIES static void NAME(long C, long H, long W, long pad, const T *restrict x, T *restrict xp)              \
+TARGET FB_CONV_INLINE_COPIES static int NAME(long C, long H, long W, long pad, const T *restrict x,          \
+                                             T *restrict xp)                                                  \
 {                                                                                                             \
     long Hp = H + 2 * pad, Wp = W + 2 * pad, c, y, j;                                                         \
+    int bad = 0;                                                                                              \
     for (c = 0; c < C; c++) {                                                                                 \
         T *p = xp + c * Hp * Wp;                                                                              \
         const T *s = x + c * H * W;                                                                           \
@@ -34,11 +49,12 @@ TARGET FB_CONV_INLINE_COPIES static void NAME(long C, long H, long W, long pad, 
         for (y = 0; y < H; y++) {                                                                             \
             T *r = p + (y + pad) * Wp;                                                                        \
             for (j = 0; j < pad; j++) { r[j] = 0; r[pad + W + j] = 0; }                                       \
-            _Pragma("omp simd")                                                                               \
-            for (j = 0; j < W; j++) r[pad + j] = s[y * W + j];                                                \
+            _Pragma("omp simd reduction(|:bad)")                                                              \
+            for (j = 0; j < W; j++) { T v = s[y * W + j]; r[pad + j] = v; bad |= !(v - v == 0); }             \
         }                                                                                                     \
         if (pad) memset(p + (H + pad) * Wp, 0, (size_t)(pad * Wp) * sizeof(T));                               \
     }                                                                                                         \
+    return bad;                                                                                               \
 }
 
 /* colT[(c, dy, dx), (i, j)] = xp[c, i*s + dy, j*s + dx]: (C*fh*fw, oh*ow) from the padded plane (C, Hp, Wp). */
@@ -111,8 +127,9 @@ FB_VARIANTS(FB_CONV_COL2IM, fb_conv_col2im_f32, float)
 FB_VARIANTS(FB_CONV_COL2IM, fb_conv_col2im_f64, double)
 FB_VARIANTS(FB_CONV_TRANSPOSE, fb_conv_transpose_f32, float)
 FB_VARIANTS(FB_CONV_TRANSPOSE, fb_conv_transpose_f64, double)
-FB_DISPATCH(fb_conv_pad_f32, (long C, long H, long W, long pad, const float *x, float *xp), (C, H, W, pad, x, xp))
-FB_DISPATCH(fb_conv_pad_f64, (long C, long H, long W, long pad, const double *x, double *xp), (C, H, W, pad, x, xp))
+FB_DISPATCH_INT(fb_conv_pad_f32, (long C, long H, long W, long pad, const float *x, float *xp), (C, H, W, pad, x, xp))
+FB_DISPATCH_INT(fb_conv_pad_f64, (long C, long H, long W, long pad, const double *x, double *xp),
+                (C, H, W, pad, x, xp))
 FB_DISPATCH(fb_conv_im2col_f32, (long C, long Hp, long Wp, long fh, long fw, long s, long oh, long ow,
                                  const float *xp, float *colT), (C, Hp, Wp, fh, fw, s, oh, ow, xp, colT))
 FB_DISPATCH(fb_conv_im2col_f64, (long C, long Hp, long Wp, long fh, long fw, long s, long oh, long ow,

@@ -14,6 +14,19 @@
 #   layer) back from memory.  Backward: dW = sum_n dout_n @ colT_n^T and, per sample, dcolT_n = W2^T @ dout_n
 #   (into the same buffer) added back into dx by the adjoint of the padded im2col while it is still in cache.
 #   No transposed copy of anything but dout_n is made.
+# * The "wide" layout, for stride 1 with >= 8 input channels and rows >= 6 (fw - 1) long (_use_wide; DeepConvNet's
+#   layers 2-4), needs no column matrix at all.  In the zero-padded sample xp (C, Hp, Wp), tap (dy, dx) of output
+#   (i, j) reads xp[c, (i + dy) * Wp + j + dx]: if output rows are computed Wp long instead of OW (columns OW ..
+#   Wp-1 are garbage), every tap reads xp at one constant offset dy*Wp + dx, a (C, OH*Wp) matrix with row stride
+#   Hp*Wp that BLAS reads in place.  Forward: out_wide (FN, OH*Wp) = sum over taps of Wr[tap] (FN, C) @ that
+#   matrix, then b + its valid columns.  dW's tap rows = that matrix @ dout_n^T widened with zero rows at the
+#   garbage columns; dx: xp = 0, per tap xp[offset] += Wr[tap]^T @ dout_n widened with zero columns, then xp's
+#   interior (each cell receives its sums in tap order, as col2im adds them).  (fw - 1) / OW more products
+#   (7 % at 28 wide, 25 % at 8: those take im2col), no im2col/col2im passes: measured 1.2-1.4x at 28 wide,
+#   1.06-1.1x at 14-16 against the im2col way (AVX-512 EPYC, 2 threads, loaded machine).  An inf or NaN in W or
+#   in a sample of x would meet a zero in a garbage column (0 * inf = NaN) where the book has no product at all,
+#   so a call with such weights, and such a sample's dW, take the im2col way: non-finite values spread exactly
+#   as in the book.
 #   `im2col` / `col2im` (the book's layout, for fastbp.util) are kept as separate kernels.
 # * Samples are cut into blocks whose size depends on N only (sample_block), run by fastbp's thread driver
 #   (_threads.parallel_blocks); the GEMMs inside a block run single-threaded (fastbp._gemm's rule inside a
@@ -93,8 +106,8 @@ cdef extern from *:
     int fb_pool2_f64(long oh, long ow, long W, const double *p, double *out, int32_t *arg) noexcept nogil
 
 cdef extern from "_conv.h" nogil:
-    void fb_conv_pad_f32(long C, long H, long W, long pad, const float *x, float *xp) noexcept
-    void fb_conv_pad_f64(long C, long H, long W, long pad, const double *x, double *xp) noexcept
+    int fb_conv_pad_f32(long C, long H, long W, long pad, const float *x, float *xp) noexcept
+    int fb_conv_pad_f64(long C, long H, long W, long pad, const double *x, double *xp) noexcept
     void fb_conv_im2col_f32(long C, long Hp, long Wp, long fh, long fw, long s, long oh, long ow,
                             const float *xp, float *colT) noexcept
     void fb_conv_im2col_f64(long C, long Hp, long Wp, long fh, long fw, long s, long oh, long ow,
@@ -344,17 +357,19 @@ cdef inline int _conv_threads(Py_ssize_t N, ConvCtx *c) noexcept nogil:
     return 1 if <double>N * c.P * c.K * c.FN < CONV_PARALLEL_MIN else num_threads()
 
 
-cdef inline void _pad_sample(ConvCtx *c, Py_ssize_t n, floating *xp) noexcept nogil:
-    """xp = x_n zero-padded (C, Hp, Wp), then fw zeros of slack (read by the wide layout's last tap)."""
+cdef inline int _pad_sample(ConvCtx *c, Py_ssize_t n, floating *xp) noexcept nogil:
+    """xp = x_n zero-padded (C, Hp, Wp), then fw zeros of slack (read by the wide layout's last tap); returns
+    nonzero when x_n holds an inf or a NaN."""
     cdef const floating *xn = <floating*>c.x + n * c.C * c.H * c.W
     cdef Py_ssize_t i, end = c.C * c.Hp * c.Wp
+    cdef int bad
     if floating is float:
-        fb_conv_pad_f32(c.C, c.H, c.W, c.pad, xn, xp)
+        bad = fb_conv_pad_f32(c.C, c.H, c.W, c.pad, xn, xp)
     else:
-        fb_conv_pad_f64(c.C, c.H, c.W, c.pad, xn, xp)
-    if c.wide:
-        for i in range(c.fw):
-            xp[end + i] = 0
+        bad = fb_conv_pad_f64(c.C, c.H, c.W, c.pad, xn, xp)
+    for i in range(c.nxp - end):
+        xp[end + i] = 0
+    return bad
 
 
 cdef inline void _colT_of(ConvCtx *c, Py_ssize_t n, floating *xp, floating *col) noexcept nogil:
@@ -438,15 +453,23 @@ cdef void _conv_bwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
                 dbp[f] += fb_sum_f64(P, d + f * P)
         dx = <floating*>c.dx + n * C * c.H * c.W if c.dx != NULL else NULL
         if c.wide:
-            _pad_sample(c, n, xp)
-            if floating is float:
-                fb_conv_widen_f32(FN, c.oh, c.ow, c.Wp, d, col if dx != NULL else NULL, dT)
+            if _pad_sample(c, n, xp):
+                # an inf or NaN in x_n: the garbage columns would turn it into NaN where the book's dW has
+                # none (0 * inf), so this sample's dW takes the im2col way
+                _dW_im2col(c, n, d, xp, col, dT, dWp, n == lo)
+                if floating is float:
+                    fb_conv_widen_f32(FN, c.oh, c.ow, c.Wp, d, col if dx != NULL else NULL, NULL)
+                else:
+                    fb_conv_widen_f64(FN, c.oh, c.ow, c.Wp, d, col if dx != NULL else NULL, NULL)
             else:
-                fb_conv_widen_f64(FN, c.oh, c.ow, c.Wp, d, col if dx != NULL else NULL, dT)
-            for t in range(c.ntap):
-                off = (t // c.fw) * c.Wp + t % c.fw
-                gemm(FB_NOTRANS, FB_NOTRANS, C, FN, c.Pw, <floating>1, xp + off, HW, dT, FN,
-                     <floating>(0 if n == lo else 1), dWp + t * FN, c.ntap * FN)
+                if floating is float:
+                    fb_conv_widen_f32(FN, c.oh, c.ow, c.Wp, d, col if dx != NULL else NULL, dT)
+                else:
+                    fb_conv_widen_f64(FN, c.oh, c.ow, c.Wp, d, col if dx != NULL else NULL, dT)
+                for t in range(c.ntap):
+                    off = (t // c.fw) * c.Wp + t % c.fw
+                    gemm(FB_NOTRANS, FB_NOTRANS, C, FN, c.Pw, <floating>1, xp + off, HW, dT, FN,
+                         <floating>(0 if n == lo else 1), dWp + t * FN, c.ntap * FN)
             if dx != NULL:
                 memset(xp, 0, <size_t>c.nxp * sizeof(floating))
                 for t in range(c.ntap):
@@ -458,18 +481,25 @@ cdef void _conv_bwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
                 else:
                     fb_conv_unpad_f64(C, c.H, c.W, c.pad, xp, dx)
             continue
-        _colT_of(c, n, xp, col)
-        if floating is float:
-            fb_conv_transpose_f32(FN, P, d, dT)
-        else:
-            fb_conv_transpose_f64(FN, P, d, dT)
-        gemm(FB_NOTRANS, FB_NOTRANS, K, FN, P, <floating>1, col, P, dT, FN, <floating>(0 if n == lo else 1), dWp, FN)
+        _dW_im2col(c, n, d, xp, col, dT, dWp, n == lo)
         if dx != NULL:
             gemm(FB_TRANS, FB_NOTRANS, K, P, FN, <floating>1, <floating*>c.W2, K, d, P, <floating>0, col, P)
             if floating is float:
                 fb_conv_col2im_f32(C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, col, xp, dx)
             else:
                 fb_conv_col2im_f64(C, c.H, c.W, c.fh, c.fw, c.s, c.pad, c.oh, c.ow, col, xp, dx)
+
+
+cdef void _dW_im2col(ConvCtx *c, Py_ssize_t n, const floating *d, floating *xp, floating *col, floating *dT,
+                     floating *dWp, bint first) noexcept nogil:
+    """dWp (K, FN) (+)= im2col(x_n)^T (K, P) @ dout_n^T (P, FN) (= when first)."""
+    _colT_of(c, n, xp, col)
+    if floating is float:
+        fb_conv_transpose_f32(c.FN, c.P, d, dT)
+    else:
+        fb_conv_transpose_f64(c.FN, c.P, d, dT)
+    gemm(FB_NOTRANS, FB_NOTRANS, c.K, c.FN, c.P, <floating>1, col, c.P, dT, c.FN, <floating>(0 if first else 1),
+         dWp, c.FN)
 
 
 cdef void _conv_bwd_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
@@ -480,14 +510,20 @@ cdef void _conv_bwd_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j)
         _conv_bwd_range(c, lo, hi, j, <double*>c.dout)
 
 
-cdef void _conv_taps(ConvCtx *c, floating *Wr) noexcept nogil:
-    """Wr[tap, f, c] = W2[f, c*fh*fw + tap]: each tap's (FN, C) weight matrix, for the wide layout."""
+cdef bint _conv_taps(ConvCtx *c, floating *Wr) noexcept nogil:
+    """Wr[tap, f, c] = W2[f, c*fh*fw + tap]: each tap's (FN, C) weight matrix, for the wide layout.  Returns
+    whether every weight is finite."""
     cdef const floating *W2 = <floating*>c.W2
     cdef Py_ssize_t t, f, ch
+    cdef floating v
+    cdef bint ok = True
     for t in range(c.ntap):
         for f in range(c.FN):
             for ch in range(c.C):
-                Wr[(t * c.FN + f) * c.C + ch] = W2[f * c.K + ch * c.ntap + t]
+                v = W2[f * c.K + ch * c.ntap + t]
+                ok = ok and v - v == 0
+                Wr[(t * c.FN + f) * c.C + ch] = v
+    return ok
 
 
 cdef void _conv_reduce(Py_ssize_t nblocks, Py_ssize_t FN, Py_ssize_t K, const floating *dW_part,
@@ -517,17 +553,31 @@ cdef void _conv_reduce(Py_ssize_t nblocks, Py_ssize_t FN, Py_ssize_t K, const fl
         db[i] = <floating>acc[0]
 
 
-cdef Py_ssize_t WIDE_MIN_C = 8   # the wide layout for stride 1 from this many input channels (fewer: each tap's
-                                 # GEMM has too short an inner dimension; C = 1 would be rank-1 updates)
+cdef int CONV_ALGO = 0   # 0 auto, 1 wide whenever stride is 1, 2 always im2col (tests and benchmarks)
 
 
-def _set_wide_min_channels(Py_ssize_t n):
-    """For tests and benchmarks: stride-1 convolutions with at least n input channels take the wide layout
-    (default 8; a huge n turns it off).  Returns the previous value."""
-    global WIDE_MIN_C
-    old = WIDE_MIN_C
-    WIDE_MIN_C = n
+def _set_conv_algorithm(str name):
+    """For tests and benchmarks: 'auto' (the default; see _use_wide), 'wide' (every stride-1 convolution) or
+    'im2col' (every convolution).  Returns the previous setting."""
+    global CONV_ALGO
+    names = ("auto", "wide", "im2col")
+    if name not in names:
+        raise ValueError(f"algorithm must be one of {names}, got {name!r}")
+    old = names[CONV_ALGO]
+    CONV_ALGO = names.index(name)
     return old
+
+
+cdef bint _use_wide(Py_ssize_t C, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t ow) noexcept:
+    """The wide layout for stride 1 with at least 8 input channels (fewer: each tap's GEMM has too short an inner
+    dimension -- C = 1 would be rank-1 updates; measured 0.5x of im2col at C = 1, 0.8x at C = 3-4, even at 8) and
+    rows long enough that the fw - 1 garbage columns per row cost little (at most 1/6 more products: measured
+    0.9x of im2col for 8x8 outputs, 1.06-1.1x at 14-16, 1.2-1.4x at 28; AVX-512 EPYC, 2 threads, loaded)."""
+    if stride != 1 or CONV_ALGO == 2:
+        return False
+    if CONV_ALGO == 1:
+        return True
+    return C >= 8 and 6 * (fw - 1) <= ow
 
 
 cdef _conv_dims(tuple x_shape, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, ConvCtx *c,
@@ -559,16 +609,16 @@ cdef void _fill_dims(ConvCtx *c, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ss
     c.K = C * fh * fw
     c.P = c.oh * c.ow
     c.ntap = fh * fw
-    c.wide = stride == 1 and C >= WIDE_MIN_C
+    c.wide = _use_wide(C, fw, stride, c.ow)
     c.Pw = c.oh * c.Wp
+    # the wide layout's buffers can also take the im2col way (non-finite input): untouched pages cost nothing
+    c.ncol = c.K * c.P
+    c.nxp = C * c.Hp * c.Wp
+    c.ndT = c.P * c.FN
     if c.wide:
-        c.ncol = c.FN * c.Pw
-        c.nxp = C * c.Hp * c.Wp + fw
+        c.ncol = max(c.ncol, c.FN * c.Pw)
+        c.nxp += fw
         c.ndT = c.Pw * c.FN
-    else:
-        c.ncol = c.K * c.P
-        c.nxp = C * c.Hp * c.Wp
-        c.ndT = c.P * c.FN
 
 
 def conv_scratch_shapes(tuple x_shape, Py_ssize_t fn, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride,
@@ -588,6 +638,17 @@ def conv_scratch_shapes(tuple x_shape, Py_ssize_t fn, Py_ssize_t fh, Py_ssize_t 
             "dW_part": (nb, c.K, fn), "db_part": (nb, fn)}
 
 
+def conv_algorithm(tuple x_shape, Py_ssize_t fn, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad):
+    """'wide' or 'im2col': the way conv_forward/conv_backward take for this geometry (finite weights)."""
+    cdef ConvCtx c
+    if len(x_shape) != 4:
+        raise ValueError(f"x_shape must be 4-D (N, C, H, W), got {x_shape}")
+    _geometry(x_shape[2], x_shape[3], fh, fw, stride, pad, &c.oh, &c.ow)
+    c.FN = fn
+    _fill_dims(&c, x_shape[1], x_shape[2], x_shape[3], fh, fw, stride, pad)
+    return "wide" if c.wide else "im2col"
+
+
 cdef list _check_scratch(ConvCtx *c, Py_ssize_t nb, col, xpad, wr):
     _same(c.t, col, "col"); _same(c.t, xpad, "xpad"); _same(c.t, wr, "wr")
     cdef cnp.ndarray COL = <cnp.ndarray>col, XP = <cnp.ndarray>xpad, WR = <cnp.ndarray>wr
@@ -599,11 +660,15 @@ cdef list _check_scratch(ConvCtx *c, Py_ssize_t nb, col, xpad, wr):
 
 
 cdef void _prepare_taps(ConvCtx *c) noexcept nogil:
+    """Wide layout: the weights by tap; an inf or NaN among them sends the call the im2col way (the garbage
+    columns would spread NaN (0 * inf) to cells the book's col2im leaves alone)."""
+    cdef bint ok = True
     if c.wide:
         if c.t == 0:
-            _conv_taps(c, <float*>c.Wr)
+            ok = _conv_taps(c, <float*>c.Wr)
         else:
-            _conv_taps(c, <double*>c.Wr)
+            ok = _conv_taps(c, <double*>c.Wr)
+        c.wide = ok
 
 
 def conv_forward(x, W2, b, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, col, xpad, wr, out):
