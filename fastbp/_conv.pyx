@@ -40,7 +40,7 @@
 #   positions.  Planes are spread over the threads in even blocks.
 # * The `def` wrappers check ndim, dtype, shape, layout, writability, overlap and BLAS's 32-bit dimensions, then
 #   run `noexcept nogil` kernels that touch only the validated buffers.
-from libc.string cimport memset, memcpy
+from libc.string cimport memset
 from libc.stdint cimport int32_t
 cimport numpy as cnp
 from fastbp._validate cimport ftype as _ftype, same_type as _same, shape_of as _s
@@ -341,8 +341,8 @@ ctypedef struct ConvCtx:
     void *W2                    # IN  (FN, K)
     void *Wr                    # scratch (fh*fw, FN, C): W2's taps side by side (wide only)
     void *b                     # IN  (FN,)
-    void *col                   # scratch (nblocks, ncol): im2col: one sample's column matrix (K, P), transposed;
-                                #   wide: one sample's output / dout in the wide layout (FN, Pw)
+    void *col                   # scratch (nblocks, ncol): one sample's column matrix (K, P) (im2col), or its
+    #                             output / dout in the wide layout (FN, Pw)
     void *xp                    # scratch (nblocks, nxp): one sample zero-padded (C, Hp, Wp) (+ fw slack if wide)
     void *out                   # OUT (N, FN, P)
     void *dout                  # IN  (N, FN, P)

@@ -763,3 +763,37 @@ def test_convolution_non_finite_like_the_book(dtype, conv_algo):
             np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
             fin = np.isfinite(want)
             np.testing.assert_allclose(got[fin], want[fin], rtol=1e-4 if dtype == np.float32 else 1e-11, atol=1e-4)
+
+
+@pytest.mark.parametrize("net_name", ["SimpleConvNet", "DeepConvNet"])
+def test_convnets_gradient_skips_only_the_first_layers_dx(net_name):
+    """fastbp's own nets call the first convolution's backward with need_dx=False (the images' gradient is never
+    used); every other layer, and the book's structure (reference or module backend), computes dx as the book."""
+    from fastbp import nets
+
+    cls = getattr(nets, net_name)
+    small = {"input_dim": (1, 12, 12)} if net_name == "SimpleConvNet" else {}
+    x = _rng(10).random((2, 1, 28, 28) if net_name == "DeepConvNet" else (2, 1, 12, 12))
+    t = np.array([3, 7])
+    grads = {}
+    for backend in ("fastbp", "reference", F):
+        np.random.seed(3)
+        net = cls(backend=backend, **small)
+        layers = net._layer_list()
+        calls = []
+        for i, layer in enumerate(layers):
+
+            def spy(dout, _orig=layer.backward, _i=i, **kw):
+                calls.append((_i, kw.get("need_dx", True)))
+                return _orig(dout, **kw)
+
+            layer.backward = spy
+        np.random.seed(4)
+        key = backend if isinstance(backend, str) else "module"
+        grads[key] = {k: np.array(v) for k, v in net.gradient(x, t).items()}
+        skipped = [i for i, need in calls if not need]
+        assert skipped == ([0] if backend == "fastbp" else [])
+        assert sorted(i for i, _ in calls) == list(range(len(layers)))
+    for k, want in grads["reference"].items():
+        np.testing.assert_allclose(grads["fastbp"][k], want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(grads["module"][k], want, rtol=1e-10, atol=1e-12)
