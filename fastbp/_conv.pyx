@@ -319,7 +319,10 @@ def col2im(col, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
 # ---------------------------------------------------------------------------------------------------------------
 # Blocks of samples
 # ---------------------------------------------------------------------------------------------------------------
-cdef Py_ssize_t SAMPLE_BLOCKS = 16        # a batch is cut into at most this many blocks of samples
+# A batch is cut into at most this many blocks of samples.  The thread driver hands the blocks out statically
+# (contiguous runs of blocks per thread), so the count should divide among the threads: 100 samples make 20
+# blocks of 5, 50 per thread on 2 threads (16 gave 15 blocks of 7: 56 samples on one thread, 44 on the other).
+cdef Py_ssize_t SAMPLE_BLOCKS = 20
 cdef double CONV_PARALLEL_MIN = 1 << 18   # N*OH*OW*K*FN multiply-adds below this: the blocks run on one thread
 
 
