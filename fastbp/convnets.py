@@ -28,6 +28,8 @@ from fastbp import reference as _reference
 from fastbp.gradient import numerical_gradient as _numerical_gradient
 from fastbp.nets import _add_scaled, _check_dtype, _check_size, init_scale
 
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
 __all__ = ["SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"]
 
 
@@ -59,6 +61,7 @@ class _BookNet:
     """predict/loss/accuracy/gradient plumbing shared by the three networks."""
 
     _stochastic = ()  # layer classes whose forward takes train_flg
+    _fuse_relu_pool = True  # fastbp backend: a Relu followed by a Pooling runs as one kernel (False: layer by layer)
 
     def _setup(self, dtype, backend):
         self.dtype = _check_dtype(dtype)
@@ -94,8 +97,28 @@ class _BookNet:
     def predict(self, x, train_flg=False):
         x = self._in("x", x)
         stoch = (self._L.Dropout, self._L.BatchNormalization)
-        for layer in self._layer_list():
+        layers = self._layer_list()
+        fused = self._fused = set()
+        fuse = self._fast and self._fuse_relu_pool
+        i, n = 0, len(layers)
+        while i < n:
+            layer = layers[i]
+            if (
+                fuse
+                and i + 1 < n
+                and type(layer) is self._L.Relu
+                and type(layers[i + 1]) is self._L.Pooling
+                and type(x) is np.ndarray
+                and x.dtype in _KERNEL_DTYPES
+            ):
+                # ReLU then max pooling in one pass over the big tensor: maxpool(relu(x)) == relu(maxpool(x))
+                layer._defer(x)
+                x = layers[i + 1]._forward_relu(x)
+                fused.add(i)
+                i += 2
+                continue
             x = layer.forward(x, train_flg) if isinstance(layer, stoch) else layer.forward(x)
+            i += 1
         return x
 
     def _loss(self, x, t, train_flg):
@@ -120,8 +143,10 @@ class _BookNet:
 
     def _backward(self):
         dout = self.last_layer.backward(1)
-        for layer in reversed(self._layer_list()):
-            dout = layer.backward(dout)
+        fused = getattr(self, "_fused", ())
+        for i, layer in reversed(list(enumerate(self._layer_list()))):
+            if i not in fused:  # a ReLU fused into the next Pooling: that Pooling's backward applied its mask
+                dout = layer.backward(dout)
 
     def numerical_gradient(self, x, t):
         """Gradients of loss(x, t) by the book's central differences, keyed like params."""

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastbp import _conv, _norm, util
+from fastbp import _conv, _norm, _pool, util
 from fastbp import layers as F
 from fastbp import reference as R
 from fastbp.gradient import gradient_check_layer
@@ -139,9 +139,9 @@ def test_kernels_reject_bad_buffers():
         _conv.im2col(buf[:25].reshape(1, 1, 5, 5), 3, 3, 1, 0, buf[20:101].reshape(9, 9))
     out = np.zeros((1, 1, 2, 2), np.float32)
     with pytest.raises(TypeError, match="int32"):
-        _conv.maxpool_forward(x[:, :, :4, :4].copy(), 2, 2, 2, 0, out, np.zeros((1, 1, 2, 2), np.int64))
+        _pool.maxpool_forward(x[:, :, :4, :4].copy(), 2, 2, 2, 0, out, np.zeros((1, 1, 2, 2), np.int64))
     with pytest.raises(ValueError, match="out of range"):
-        _conv.maxpool_backward(out, np.full((1, 1, 2, 2), 4, np.int32), 2, 2, 2, 0, np.zeros((1, 1, 4, 4), np.float32))
+        _pool.maxpool_backward(out, np.full((1, 1, 2, 2), 4, np.int32), 2, 2, 2, 0, np.zeros((1, 1, 4, 4), np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------------------
