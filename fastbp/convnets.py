@@ -10,7 +10,12 @@ reproduces the book's initial weights.  Extra keyword arguments, as in :mod:`fas
   input to it (a float32 net computes in float32 whatever it is fed).
 * ``backend``: ``"fastbp"`` (default) builds the layers of :mod:`fastbp.layers` with ``reuse=True`` (a training
   step allocates nothing after warm-up; arrays returned by ``predict``/``gradient`` are overwritten by the next
-  call) and no ``dx`` for the first layer; ``"reference"`` builds :mod:`fastbp.reference`'s plain-NumPy layers;
+  call) and no ``dx`` for the first layer, and runs each ``Relu`` followed by a ``Pooling`` as one kernel (the
+  ReLU applied to the pooled maxima: relu(maxpool(x)) == maxpool(relu(x)); the same loss and gradients as layer by
+  layer, one pass over the convolution output instead of three).  The layers keep the book's attributes: that
+  ``Relu``'s ``mask`` is computed from its input when first read, the ``Pooling``'s ``arg_max`` is the book's for
+  the ReLU'd input (0 in windows whose inputs are all <= 0), and both still work when called directly;
+  ``"reference"`` builds :mod:`fastbp.reference`'s plain-NumPy layers;
   a module object (e.g. ``fastbp.layers`` itself) builds that module's classes with their default arguments,
   which is the book's class with its import line swapped.
 

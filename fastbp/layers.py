@@ -84,7 +84,9 @@ class Relu(_Fast, _ref.Relu):
     """out = max(x, 0); backward: dx = dout where x > 0 else 0.  ``mask`` is ``x <= 0`` like the book's.
 
     Unlike the book, ``backward`` leaves ``dout`` unchanged and returns a new array (or a workspace with
-    ``reuse=True``).
+    ``reuse=True``).  fastbp's own convolutional nets run a Relu that feeds a Pooling inside the pooling kernel
+    (``Pooling._forward_relu``); they hand this layer its input with ``_defer``, and ``mask`` is then computed from
+    it when first read.
     """
 
     def __init__(self, *, reuse=False):
@@ -582,9 +584,9 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
 # book 1, chapters 6-7: Dropout, BatchNormalization, Convolution, Pooling
 # ---------------------------------------------------------------------------------------------------------------
 # Fast subclasses of the plain-NumPy classes of fastbp.reference: float32/float64 inputs run on the kernels of
-# fastbp._conv / fastbp._norm (and the BLAS GEMM); other dtypes take the reference path (super()).  Deliberate
-# differences from the book, besides those of fastbp.reference (errors for a filter larger than the padded input,
-# stride < 1, pad < 0, channel mismatch; gradients written in place):
+# fastbp._conv / fastbp._pool / fastbp._norm (and the BLAS GEMM); other dtypes take the reference path (super()).
+# Deliberate differences from the book, besides those of fastbp.reference (errors for a filter larger than the
+# padded input, stride < 1, pad < 0, channel mismatch; gradients written in place):
 # * results keep the computation dtype (NumPy's promotion of x, W, b): the book's im2col/col2im always allocate
 #   float64, so its float32-only convolution comes out float64; fastbp's stays float32;
 # * Pooling.arg_max is built on first access from the kernel's int32 (N, C, OH, OW) window positions (same
