@@ -13,8 +13,10 @@ median of the per-round ratios.  A training step is ``net.gradient(x, t)`` plus 
   ``CrossEntropyLoss``) and ``optim.SGD`` (``zero_grad``, ``backward``, ``step``).
 "book" is the book's own ``SimpleConvNet`` structure and loop with float64 weights fed float32 images, built from
 ``fastbp.layers`` with default arguments (the one-line import swap) vs from the plain NumPy layers.
-"floor" times only the matrix products of the fastbp float32 SimpleConvNet / DeepConvNet steps (same shapes,
-same GEMM calls, preallocated operands).
+"floor" times only the matrix products of the fastbp float32 SimpleConvNet / DeepConvNet steps: the same
+multiply-adds (no dx product for the first layer, which the nets' ``gradient`` skips), each convolution's as
+batch-wide GEMMs on preallocated operands (the step runs them per sample; its wide-layout layers also multiply
+(fw - 1) / OW garbage columns, which the floor does not count).
 """
 
 import argparse

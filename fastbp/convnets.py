@@ -10,14 +10,15 @@ reproduces the book's initial weights.  Extra keyword arguments, as in :mod:`fas
   input to it (a float32 net computes in float32 whatever it is fed).
 * ``backend``: ``"fastbp"`` (default) builds the layers of :mod:`fastbp.layers` with ``reuse=True`` (a training
   step allocates nothing after warm-up; arrays returned by ``predict``/``gradient`` are overwritten by the next
-  call) and no ``dx`` for the first layer, and runs each ``Relu`` followed by a ``Pooling`` as one kernel (the
-  ReLU applied to the pooled maxima: relu(maxpool(x)) == maxpool(relu(x)); the same loss and gradients as layer by
-  layer, one pass over the convolution output instead of three).  The layers keep the book's attributes: that
-  ``Relu``'s ``mask`` is computed from its input when first read, the ``Pooling``'s ``arg_max`` is the book's for
-  the ReLU'd input (0 in windows whose inputs are all <= 0), and both still work when called directly;
-  ``"reference"`` builds :mod:`fastbp.reference`'s plain-NumPy layers;
-  a module object (e.g. ``fastbp.layers`` itself) builds that module's classes with their default arguments,
-  which is the book's class with its import line swapped.
+  call) and, in ``gradient``, no ``dx`` for the first convolution (``backward(dout, need_dx=False)``), and runs
+  each ``Relu`` followed by a ``Pooling`` as one kernel (the ReLU applied to the pooled maxima: relu(maxpool(x)) ==
+  maxpool(relu(x)); the same loss and gradients as layer by layer, one pass over the convolution output instead of
+  three).  The layers keep the book's attributes: that ``Relu``'s ``mask`` is computed from its input when first
+  read, the ``Pooling``'s ``arg_max`` is the book's for the ReLU'd input (0 in windows whose inputs are all
+  <= 0), and both still work when called directly;
+  ``"reference"`` builds :mod:`fastbp.reference`'s plain-NumPy layers; a module object (e.g. ``fastbp.layers``
+  itself) builds that module's classes with their default arguments, which is the book's class with its import
+  line swapped.
 
 Differences from the book: ``accuracy`` counts every row (the book's ``accuracy(x, t, batch_size)`` of the
 convolutional nets skips a last partial batch yet divides by all rows); integer labels of shape (N, 1) (as in
@@ -60,6 +61,12 @@ def _conv_param(p, name):
         )
     except KeyError as e:
         raise ValueError(f"{name} needs keys 'filter_num', 'filter_size', 'pad', 'stride'; missing {e}") from None
+
+
+def _takes_need_dx(layer):
+    """Whether layer.backward has the need_dx keyword (a layer swapped in by the user may not)."""
+    code = getattr(getattr(type(layer), "backward", None), "__code__", None)
+    return code is not None and "need_dx" in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
 
 
 class _BookNet:
@@ -146,12 +153,19 @@ class _BookNet:
             correct += int(np.count_nonzero(np.argmax(y, axis=1) == t[i : i + step]))
         return correct / n
 
+    _first_skips_dx = False  # the first layer's backward takes need_dx=False in gradient() (fastbp backend)
+
     def _backward(self):
         dout = self.last_layer.backward(1)
+        layers = self._layer_list()
         fused = getattr(self, "_fused", ())
-        for i, layer in reversed(list(enumerate(self._layer_list()))):
+        for i in range(len(layers) - 1, 0, -1):
             if i not in fused:  # a ReLU fused into the next Pooling: that Pooling's backward applied its mask
-                dout = layer.backward(dout)
+                dout = layers[i].backward(dout)
+        if self._fast and self._first_skips_dx and _takes_need_dx(layers[0]):
+            layers[0].backward(dout, need_dx=False)  # the images' gradient is never used (common API need_dx)
+        else:
+            layers[0].backward(dout)
 
     def numerical_gradient(self, x, t):
         """Gradients of loss(x, t) by the book's central differences, keyed like params."""
@@ -187,6 +201,8 @@ class _BookNet:
 class SimpleConvNet(_BookNet):
     """conv - relu - pool - affine - relu - affine - softmax (book 1, ch07/simple_convnet.py)."""
 
+    _first_skips_dx = True
+
     def __init__(
         self,
         input_dim=(1, 28, 28),
@@ -221,7 +237,7 @@ class SimpleConvNet(_BookNet):
         L, kw = self._L, self._kw
         p = self.params
         self.layers = OrderedDict()
-        self.layers["Conv1"] = L.Convolution(p["W1"], p["b1"], stride, pad, **kw(need_dx=False))
+        self.layers["Conv1"] = L.Convolution(p["W1"], p["b1"], stride, pad, **kw())
         self.layers["Relu1"] = L.Relu(**kw())
         self.layers["Pool1"] = L.Pooling(pool_h=2, pool_w=2, stride=2, **kw())
         self.layers["Affine1"] = L.Affine(p["W2"], p["b2"], **kw())
@@ -252,6 +268,8 @@ class SimpleConvNet(_BookNet):
 class DeepConvNet(_BookNet):
     """(conv - relu - conv - relu - pool) x 3 - affine - relu - dropout - affine - dropout - softmax
     (book 1, ch08/deep_convnet.py; ``layers`` is a list as in the book)."""
+
+    _first_skips_dx = True
 
     _PARAM_LAYERS = (0, 2, 5, 7, 10, 12, 15, 18)
 
@@ -302,7 +320,7 @@ class DeepConvNet(_BookNet):
         L, kw, p = self._L, self._kw, self.params
         layers = []
         for i, (_, _, pad, stride) in enumerate(convs):
-            layers.append(L.Convolution(p[f"W{i + 1}"], p[f"b{i + 1}"], stride, pad, **kw(need_dx=i > 0)))
+            layers.append(L.Convolution(p[f"W{i + 1}"], p[f"b{i + 1}"], stride, pad, **kw()))
             layers.append(L.Relu(**kw()))
             if i % 2 == 1:
                 layers.append(L.Pooling(pool_h=2, pool_w=2, stride=2, **kw()))

@@ -643,35 +643,48 @@ class Convolution(_ref.Convolution):
     """out = conv(x, W) + b (NCHW, stride, pad) by im2col + GEMM;  backward: dW, db in place, dx by col2im.
 
     The book's interface (``W`` (FN, C, FH, FW) and ``b`` held by reference, ``x``, ``col``, ``col_W``, ``dW``,
-    ``db``, ``params``/``grads``).  ``need_dx=False`` skips dx (first layer of a network); ``reuse=True`` keeps
-    every result in workspaces.
+    ``db``, ``params``/``grads``); ``reuse=True`` keeps every result in workspaces.
+
+    fastbp extensions, not in the book: ``backward(dout, need_dx=False)`` computes and writes ``dW``/``db`` as
+    usual but not dx, and returns None (a network's first layer: the gradient of the input images is thrown away);
+    the constructor's ``need_dx=False`` makes that the default of every call.
+
+    Deliberate difference from the book: the column matrix is not kept.  The kernels build it one sample at a
+    time in a cache-sized buffer, in forward and again in backward (cheaper than writing the batch's column matrix
+    to memory and reading it back), from ``x``, the forward's input, which the layer keeps by reference as the book
+    does.  So ``col`` is computed from ``x`` when first read (the same values as the book's), and changing ``x``
+    in place between forward and backward changes ``dW`` (the book's ``dW`` would use the columns of the forward).
     """
 
     def __init__(self, W, b, stride=1, pad=0, *, reuse=False, need_dx=True):
-        self._colT = None
+        self._xk = None
         self._book_col = None
         super().__init__(W, b, stride, pad)
         self.need_dx = need_dx
         self._ws = _Workspace(reuse)
         self._fast = False
         self._W2 = None
-        self._xk = None
 
     reuse = _Fast.reuse
 
     @property
     def col(self):
-        """The book's column matrix (N*OH*OW, C*FH*FW) of the last forward (built on first access from the
-        kernels' per-sample transposed copy)."""
-        if self._book_col is None and self._colT is not None:
-            colT = self._colT
-            self._book_col = colT.transpose(0, 2, 1).reshape(colT.shape[0] * colT.shape[2], colT.shape[1])
+        """The book's column matrix (N*OH*OW, C*FH*FW) of the last forward (built from ``x`` on first access)."""
+        if self._book_col is None and self._xk is not None:
+            xk = self._xk
+            fh, fw = self._W_shape[2:]
+            col = np.empty((xk.shape[0] * self._out_shape[2] * self._out_shape[3], xk.shape[1] * fh * fw), xk.dtype)
+            self._book_col = _ck.im2col(xk, fh, fw, self.stride, self.pad, col)
         return self._book_col
 
     @col.setter
     def col(self, value):
         self._book_col = value
-        self._colT = None
+        self._xk = None
+
+    def _scratch(self, x_shape, fn, fh, fw, dt, names):
+        shapes = _ck.conv_scratch_shapes(x_shape, fn, fh, fw, self.stride, self.pad)
+        return [self._ws.scratch(nm, shapes[nm], _F64 if nm == "db_part" else dt) for nm in names]
 
     def forward(self, x):
         W, b = self.params
@@ -687,68 +700,45 @@ class Convolution(_ref.Convolution):
         bk = ws.as_dtype("b", b, dt)
         n = x.shape[0]
         fn, c, fh, fw = W.shape
-        k = c * fh * fw
-        W2 = Wk.reshape(fn, k)
-        colT = ws.scratch("colT", (n, k, oh * ow), dt)
+        W2 = Wk.reshape(fn, c * fh * fw)
+        scratch = self._scratch(xk.shape, fn, fh, fw, dt, ("col", "xpad", "wr"))
         out = ws.get("out", (n, fn, oh, ow), dt)
-        _ck.conv_forward(xk, W2, bk, fh, fw, self.stride, self.pad, colT, out)
+        _ck.conv_forward(xk, W2, bk, fh, fw, self.stride, self.pad, *scratch, out)
         self.x = x
-        self._colT = colT
+        self._xk = xk
         self._book_col = None
         self.col_W = W2.T
         self._W2 = W2
         self._W_shape = W.shape
-        self._xk = xk
         self._out_shape = out.shape
         self._fast = True
         return out
 
-    def backward(self, dout):
+    def backward(self, dout, *, need_dx=True):
         if not self._fast:
-            return super().backward(dout)
+            return super().backward(dout, need_dx=need_dx and self.need_dx)
         dout = np.asarray(dout)
         if dout.shape != self._out_shape:
             raise ValueError(
                 f"Convolution.backward: dout must have the forward output's shape {self._out_shape}, got {dout.shape}"
             )
-        col, W2 = self._colT, self._W2
-        dt = _result_kernel_dtype(dout, col)
+        xk, W2 = self._xk, self._W2
+        dt = _result_kernel_dtype(dout, xk)
         if dt is None:
-            return super().backward(dout)
+            return super().backward(dout, need_dx=need_dx and self.need_dx)
         ws = self._ws
-        if dt != col.dtype:  # a wider dout widens the gradients, as NumPy would
-            col = ws.as_dtype("colT64", col, dt)
+        if dt != xk.dtype:  # a wider dout widens the gradients, as NumPy would
+            xk = ws.as_dtype("x64", xk, dt)
             W2 = ws.as_dtype("W64", W2, dt)
         dk = ws.as_dtype("dout", dout, dt)
         fn, k = W2.shape
-        x_shape = self._xk.shape
         W_shape = self._W_shape
         fh, fw = W_shape[2:]
-        nb = _ck.sample_block(x_shape[0])[1]
         db = _grad_target(self.grads, 1, (fn,), dt, ws, "db")
         dW = _grad_target(self.grads, 0, W_shape, dt, ws, "dW")
-        dx = dcol = None
-        if self.need_dx:
-            dx = ws.get("dx", x_shape, dt)
-            dcol = ws.scratch("dcol", (nb, k, self._out_shape[2] * self._out_shape[3]), dt)
-        P = self._out_shape[2] * self._out_shape[3]
-        _ck.conv_backward(
-            dk,
-            col,
-            W2,
-            x_shape,
-            fh,
-            fw,
-            self.stride,
-            self.pad,
-            dW.reshape(fn, k),
-            db,
-            dx,
-            ws.scratch("dW_part", (nb, k, fn), dt),
-            ws.scratch("db_part", (nb, fn), _F64),
-            dcol,
-            ws.scratch("dT", (nb, P, fn), dt),
-        )
+        dx = ws.get("dx", xk.shape, dt) if need_dx and self.need_dx else None
+        scratch = self._scratch(xk.shape, fn, fh, fw, dt, ("dW_part", "db_part", "col", "xpad", "dT", "wr"))
+        _ck.conv_backward(dk, xk, W2, fh, fw, self.stride, self.pad, dW.reshape(fn, k), db, dx, *scratch)
         _store(self.grads, 1, db)
         _store(self.grads, 0, dW)
         return dx

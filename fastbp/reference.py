@@ -866,7 +866,9 @@ class Convolution(_Layer):
         self.col_W = col_W
         return out
 
-    def backward(self, dout):
+    def backward(self, dout, *, need_dx=True):
+        """dW, db written in place; returns dx, or None with ``need_dx=False`` (a fastbp extension, not in the
+        book: a network's first layer skips the dcol product and col2im)."""
         if self.col is None:
             raise _backward_before_forward("Convolution")
         W = self.params[0]
@@ -880,6 +882,8 @@ class Convolution(_Layer):
         d2 = dout.transpose(0, 2, 3, 1).reshape(-1, fn)
         _write_grad(self.grads, 1, np.sum(d2, axis=0))
         _write_grad(self.grads, 0, (self.col.T @ d2).T.reshape(fn, c, fh, fw))
+        if not need_dx:
+            return None
         dcol = d2 @ self.col_W.T
         return col2im_np(dcol, self.x.shape, fh, fw, self.stride, self.pad)
 

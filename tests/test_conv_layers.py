@@ -560,15 +560,19 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
     x = rng.standard_normal((21, 3, 16, 16)).astype(dtype)  # big enough for the blocks to run in parallel
     W = rng.standard_normal((8, 3, 3, 3)).astype(dtype)
     b = rng.standard_normal(8).astype(dtype)
+    W2 = rng.standard_normal((8, 8, 3, 3)).astype(dtype)  # 8 -> 8 channels, 16 wide: the wide layout
+    assert _conv.conv_algorithm((21, 8, 16, 16), 8, 3, 3, 1, 1) == "wide"
     results = []
     try:
-        for nt in (1, 3, 4):
+        for nt in (1, 3, 4, 16, 64):
             _threads._set_num_threads(nt)
-            conv, pool = F.Convolution(W, b, 1, 1), F.Pooling(2, 2, 2)
+            conv, conv2, pool = F.Convolution(W, b, 1, 1), F.Convolution(W2, b, 1, 1), F.Pooling(2, 2, 2)
             out = conv.forward(x)
-            p = pool.forward(out)
-            dx = conv.backward(pool.backward(np.ones_like(p)))
-            results.append([a.copy() for a in (out, p, dx, conv.dW, conv.db)])
+            out2 = conv2.forward(out)
+            p = pool.forward(out2)
+            dx2 = conv2.backward(pool.backward(np.ones_like(p)))
+            dx = conv.backward(dx2)
+            results.append([a.copy() for a in (out, out2, p, dx2, dx, conv.dW, conv.db, conv2.dW, conv2.db)])
     finally:
         _threads._set_num_threads(old)
     for other in results[1:]:
@@ -643,3 +647,156 @@ def test_batchnorm_and_dropout_any_shape_and_layout(n, shape, layout, dtype, tra
     np.testing.assert_array_equal(od, rd.forward(np.ascontiguousarray(x), train))
     if train:
         np.testing.assert_array_equal(fd.backward(x), rd.backward(np.ascontiguousarray(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Convolution: both kernel ways (im2col, and the stride-1 "wide" layout), need_dx, non-finite inputs
+# ---------------------------------------------------------------------------------------------------------------
+# (N, C, H, W, FN, FH, FW, stride, pad) where "auto" takes the wide layout (stride 1, C >= 8, rows >= 12), plus
+# small stride-1 shapes that only the forced "wide" setting sends that way
+WIDE_CASES = [
+    (2, 8, 12, 13, 3, 3, 3, 1, 1),
+    (3, 9, 14, 12, 4, 3, 2, 1, 0),
+    (1, 8, 12, 14, 2, 5, 5, 1, 2),
+    (2, 2, 5, 6, 3, 3, 3, 1, 1),
+    (1, 3, 4, 5, 2, 2, 3, 1, 2),
+]
+
+
+@pytest.fixture(params=["auto", "wide", "im2col"])
+def conv_algo(request):
+    old = _conv._set_conv_algorithm(request.param)
+    yield request.param
+    _conv._set_conv_algorithm(old)
+
+
+def test_conv_algorithm_choice():
+    """DeepConvNet's layers 2-4 (16-32 channels, 14-28 wide) take the wide layout; one input channel, 8x8
+    outputs (a quarter more products) and stride 2 take im2col."""
+    deep = [((100, 1, 28, 28), 16, 1), ((100, 16, 28, 28), 16, 1), ((100, 16, 14, 14), 32, 1)]
+    deep += [((100, 32, 14, 14), 32, 2), ((100, 32, 8, 8), 64, 1), ((100, 64, 8, 8), 64, 1)]
+    got = [_conv.conv_algorithm(shape, fn, 3, 3, 1, pad) for shape, fn, pad in deep]
+    assert got == ["im2col", "wide", "wide", "wide", "im2col", "im2col"]
+    assert _conv.conv_algorithm((100, 1, 28, 28), 30, 5, 5, 1, 0) == "im2col"  # SimpleConvNet
+    assert _conv.conv_algorithm((100, 16, 28, 28), 16, 3, 3, 2, 1) == "im2col"
+    old = _conv._set_conv_algorithm("wide")
+    try:
+        assert _conv.conv_algorithm((100, 1, 28, 28), 16, 3, 3, 1, 1) == "wide"
+        assert _conv.conv_algorithm((100, 16, 28, 28), 16, 3, 3, 2, 1) == "im2col"
+    finally:
+        _conv._set_conv_algorithm(old)
+    with pytest.raises(ValueError, match="algorithm"):
+        _conv._set_conv_algorithm("winograd")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES + WIDE_CASES)
+def test_convolution_each_way_matches_reference(case, dtype, conv_algo):
+    x, W, b, s, p = _conv_data(case, dtype, seed=4)
+    f, r = F.Convolution(W, b, s, p), R.Convolution(W.copy(), b.copy(), s, p)
+    of, orf = f.forward(x), r.forward(x)
+    np.testing.assert_allclose(of, orf, **TOL[dtype])
+    np.testing.assert_array_equal(f.col, r.col)  # built from x on first read: the book's values
+    dout = _rng(5).standard_normal(of.shape).astype(dtype)
+    np.testing.assert_allclose(f.backward(dout), r.backward(dout), **TOL[dtype])
+    loose = dict(rtol=TOL[dtype]["rtol"] * 10, atol=TOL[dtype]["atol"] * 10)
+    np.testing.assert_allclose(f.dW, r.dW, **loose)
+    np.testing.assert_allclose(f.db, r.db, **loose)
+    # need_dx=False: the same gradient bits, no dx
+    dW, db = f.dW.copy(), f.db.copy()
+    assert f.backward(dout, need_dx=False) is None
+    np.testing.assert_array_equal(f.dW, dW)
+    np.testing.assert_array_equal(f.db, db)
+
+
+@pytest.mark.parametrize("case", [(2, 8, 5, 6, 2, 3, 3, 1, 1), (1, 3, 4, 5, 2, 2, 3, 1, 2)])
+def test_convolution_each_way_gradients_match_numerical(case, conv_algo):
+    x, W, b, s, p = _conv_data(case, np.float64, seed=6)
+    errors = gradient_check_layer(F.Convolution(W, b, stride=s, pad=p), x)
+    assert set(errors) == {"x", "W", "b"}
+
+
+@pytest.mark.parametrize("mod", MODULES, ids=["fastbp", "reference"])
+def test_convolution_need_dx_keyword(mod):
+    """backward(dout, need_dx=False) (a fastbp extension) writes dW, db in place as usual and returns None;
+    the constructor's need_dx=False makes that the default."""
+    x, W, b, s, p = _conv_data(WIDE_CASES[0], np.float64)
+    layer = mod.Convolution(W, b, s, p)
+    dW, db = layer.grads
+    out = layer.forward(x)
+    d = _rng(7).standard_normal(out.shape)
+    dx = layer.backward(d).copy()
+    want_dW, want_db = dW.copy(), db.copy()
+    dW[...] = 0
+    db[...] = 0
+    assert layer.backward(d, need_dx=False) is None
+    assert layer.grads[0] is dW and layer.grads[1] is db
+    np.testing.assert_array_equal(dW, want_dW)
+    np.testing.assert_array_equal(db, want_db)
+    np.testing.assert_array_equal(layer.backward(d), dx)  # the keyword does not stick
+    if mod is F:
+        quiet = F.Convolution(W, b, s, p, need_dx=False)
+        quiet.forward(x)
+        assert quiet.backward(d) is None
+        np.testing.assert_array_equal(quiet.dW, want_dW)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_convolution_non_finite_like_the_book(dtype, conv_algo):
+    """An inf or NaN in x or W spreads exactly as in the book's im2col + GEMM + col2im: the wide layout's
+    garbage columns would multiply it by 0 (NaN) in cells the book leaves finite, so such a sample's dW (and a
+    call with such a weight) takes the im2col way."""
+    case = WIDE_CASES[0]
+    x, W, b, s, p = _conv_data(case, dtype, seed=8)
+    d = _rng(9).standard_normal((case[0], case[4], case[2], case[3])).astype(dtype)
+    for what, value in (("x", np.inf), ("x", np.nan), ("W", -np.inf), ("W", np.nan)):
+        xx, WW = x.copy(), W.copy()
+        if what == "x":
+            xx[1, 2, 3, 0] = value  # a left-edge pixel: the garbage columns of tap dx = 2 read it
+        else:
+            WW[1, 2, 0, 2] = value
+        f, r = F.Convolution(WW, b, s, p), R.Convolution(WW.copy(), b.copy(), s, p)
+        with np.errstate(invalid="ignore", over="ignore"):
+            pairs = [(f.forward(xx), r.forward(xx)), (f.backward(d), r.backward(d)), (f.dW, r.dW), (f.db, r.db)]
+        for got, want in pairs:
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+            fin = np.isfinite(want)
+            np.testing.assert_allclose(got[fin], want[fin], rtol=1e-4 if dtype == np.float32 else 1e-11, atol=1e-4)
+
+
+@pytest.mark.parametrize("net_name", ["SimpleConvNet", "DeepConvNet"])
+def test_convnets_gradient_skips_only_the_first_layers_dx(net_name):
+    """fastbp's own nets call the first convolution's backward with need_dx=False (the images' gradient is never
+    used); every other layer, and the book's structure (reference or module backend), computes dx as the book."""
+    from fastbp import nets
+
+    cls = getattr(nets, net_name)
+    small = {"input_dim": (1, 12, 12)} if net_name == "SimpleConvNet" else {}
+    x = _rng(10).random((2, 1, 28, 28) if net_name == "DeepConvNet" else (2, 1, 12, 12))
+    t = np.array([3, 7])
+    grads = {}
+    for backend in ("fastbp", "reference", F):
+        np.random.seed(3)
+        net = cls(backend=backend, **small)
+        layers = net._layer_list()
+        calls = []
+        for i, layer in enumerate(layers):
+
+            def spy(dout, _orig=layer.backward, _i=i, **kw):
+                calls.append((_i, kw.get("need_dx", True)))
+                return _orig(dout, **kw)
+
+            layer.backward = spy
+        np.random.seed(4)
+        key = backend if isinstance(backend, str) else "module"
+        grads[key] = {k: np.array(v) for k, v in net.gradient(x, t).items()}
+        skipped = [i for i, need in calls if not need]
+        assert skipped == ([0] if backend == "fastbp" else [])
+        # fastbp's own nets run each ReLU that feeds a Pooling inside that Pooling (tests/test_pool_layer.py)
+        fused = net._fused
+        assert bool(fused) == (backend == "fastbp")
+        assert sorted(i for i, _ in calls) == [i for i in range(len(layers)) if i not in fused]
+    for k, want in grads["reference"].items():
+        np.testing.assert_allclose(grads["fastbp"][k], want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(grads["module"][k], want, rtol=1e-10, atol=1e-12)
