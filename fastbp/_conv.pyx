@@ -32,16 +32,10 @@
 #   (_threads.parallel_blocks); the GEMMs inside a block run single-threaded (fastbp._gemm's rule inside a
 #   parallel region).  dW and db are reduced per block into partials (db in double) that are added in block
 #   order, so the gradients have the same bits for any thread count.
-# * Max pooling is direct (no column matrix): each output reads its window once and keeps the window position of
-#   the first maximum (the book's np.argmax over the zero-padded window: padding counts as 0, the first NaN wins
-#   as in np.argmax/np.max); the book's 2x2 stride-2 case is a branch-free vectorised plane kernel.  Backward
-#   zeroes each plane and stores (disjoint 2x2 windows; measured 4x faster than writing all four cells with
-#   selects) or adds (any other geometry: overlapping windows add up, like the book's col2im) dout at the kept
-#   positions.  Planes are spread over the threads in even blocks.
+# * Max pooling lives in _pool.pyx / _pool.h.
 # * The `def` wrappers check ndim, dtype, shape, layout, writability, overlap and BLAS's 32-bit dimensions, then
 #   run `noexcept nogil` kernels that touch only the validated buffers.
 from libc.string cimport memset
-from libc.stdint cimport int32_t
 cimport numpy as cnp
 from fastbp._validate cimport ftype as _ftype, same_type as _same, shape_of as _s
 
@@ -50,43 +44,6 @@ cnp.import_array()
 cdef extern from *:
     """
     #include <stdint.h>
-    /* 2x2 stride-2 max pooling of one plane, branch-free so that it vectorises: per output row, the max of the
-       two input rows over contiguous memory (top wins ties), then of neighbouring pairs (the smaller window
-       position wins ties: the book's np.argmax order 0, 1, 2, 3).  A NaN at a window's first cell wins here as
-       in np.argmax; a NaN elsewhere may not, so the function returns nonzero when the plane holds one and the
-       caller redoes the plane with the exact rule.  2*ow <= FB_POOL2_MAXW. */
-    #define FB_POOL2_MAXW 1024
-    #define FB_POOL2(NAME, T)                                                                                 \
-    static int NAME(long oh, long ow, long W, const T *restrict p, T *restrict out, int32_t *restrict arg) {  \
-        T v[FB_POOL2_MAXW];                                                                                   \
-        int32_t kv[FB_POOL2_MAXW];                                                                            \
-        int nan = 0;                                                                                          \
-        long i, e, j;                                                                                         \
-        for (i = 0; i < oh; i++) {                                                                            \
-            const T *r0 = p + 2 * i * W, *r1 = r0 + W;                                                        \
-            T *o = out + i * ow;                                                                              \
-            int32_t *g = arg + i * ow;                                                                        \
-            _Pragma("omp simd reduction(|:nan)")                                                              \
-            for (e = 0; e < 2 * ow; e++) {                                                                    \
-                T a = r0[e], c = r1[e];                                                                       \
-                int t = c > a;                                                                                \
-                v[e] = t ? c : a;                                                                             \
-                kv[e] = t ? 2 : 0;                                                                            \
-                nan |= (c != c) | ((e & 1) & (a != a));                                                       \
-            }                                                                                                 \
-            _Pragma("omp simd")                                                                               \
-            for (j = 0; j < ow; j++) {                                                                        \
-                T l = v[2 * j], r = v[2 * j + 1];                                                             \
-                int32_t kl = kv[2 * j], kr = kv[2 * j + 1] + 1;                                               \
-                int t = (r > l) | ((r == l) & (kr < kl));                                                     \
-                o[j] = t ? r : l;                                                                             \
-                g[j] = t ? kr : kl;                                                                           \
-            }                                                                                                 \
-        }                                                                                                     \
-        return nan;                                                                                           \
-    }
-    FB_POOL2(fb_pool2_f32, float)
-    FB_POOL2(fb_pool2_f64, double)
     /* sum of n values in double; the vector reduction order is fixed by the build, never by the threads */
     #define FB_SUM(NAME, T)                                                                                   \
     static double NAME(long n, const T *restrict x) {                                                         \
@@ -99,11 +56,8 @@ cdef extern from *:
     FB_SUM(fb_sum_f32, float)
     FB_SUM(fb_sum_f64, double)
     """
-    int FB_POOL2_MAXW
     double fb_sum_f32(long n, const float *x) noexcept nogil
     double fb_sum_f64(long n, const double *x) noexcept nogil
-    int fb_pool2_f32(long oh, long ow, long W, const float *p, float *out, int32_t *arg) noexcept nogil
-    int fb_pool2_f64(long oh, long ow, long W, const double *p, double *out, int32_t *arg) noexcept nogil
 
 cdef extern from "_conv.h" nogil:
     int fb_conv_pad_f32(long C, long H, long W, long pad, const float *x, float *xp) noexcept
@@ -773,173 +727,4 @@ def conv_backward(dout, x, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, 
         else:
             _conv_reduce(nb, rows, cols, not c.dw_nt, <double*>c.dW_part, c.FN, c.db_part, <double*>pg,
                          <double*>pgb)
-    return dx
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Max pooling
-# ---------------------------------------------------------------------------------------------------------------
-cdef inline void _pool_row(Py_ssize_t i, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t s,
-                           Py_ssize_t pad, Py_ssize_t ow,
-                           const floating *p,   # IN  (H, W) plane
-                           floating *out,       # OUT (ow,) output row i
-                           int32_t *arg         # OUT (ow,)
-                           ) noexcept nogil:
-    """Output row i of one plane, the exact rule: strict > (first maximum wins), the first NaN wins, padding 0."""
-    cdef Py_ssize_t j, dy, dx, y, xx, y0 = i * s - pad, x0, best_k
-    cdef floating best, v
-    for j in range(ow):
-        x0 = j * s - pad
-        best_k = -1
-        best = 0
-        for dy in range(ph):
-            y = y0 + dy
-            for dx in range(pw):
-                xx = x0 + dx
-                v = p[y * W + xx] if (0 <= y < H and 0 <= xx < W) else 0
-                if best_k < 0 or ((v > best or v != v) and best == best):
-                    best = v
-                    best_k = dy * pw + dx
-        out[j] = best
-        arg[j] = <int32_t>best_k
-
-
-cdef void _pool_fwd(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
-                    Py_ssize_t s, Py_ssize_t pad, Py_ssize_t oh, Py_ssize_t ow,
-                    const floating *x,      # IN  (N*C, H, W)
-                    floating *out,          # OUT (N*C, oh, ow)
-                    int32_t *arg            # OUT (N*C, oh, ow): dy*pw + dx of the window's first maximum
-                    ) noexcept nogil:
-    """out = max over the zero-padded window, arg = its first position (a NaN wins), planes lo .. hi-1."""
-    cdef Py_ssize_t q, i
-    cdef const floating *p
-    cdef int nan
-    cdef bint two = ph == 2 and pw == 2 and s == 2 and pad == 0 and 2 * ow <= FB_POOL2_MAXW
-    for q in range(lo, hi):
-        p = x + q * H * W
-        if two:          # the book's 2x2 stride-2 pooling, vectorised; the exact rule only for planes with a NaN
-            if floating is float:
-                nan = fb_pool2_f32(oh, ow, W, p, out + q * oh * ow, arg + q * oh * ow)
-            else:
-                nan = fb_pool2_f64(oh, ow, W, p, out + q * oh * ow, arg + q * oh * ow)
-            if not nan:
-                continue
-        for i in range(oh):
-            _pool_row(i, H, W, ph, pw, s, pad, ow, p, out + (q * oh + i) * ow, arg + (q * oh + i) * ow)
-
-
-cdef void _pool_bwd(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw,
-                    Py_ssize_t s, Py_ssize_t pad, Py_ssize_t oh, Py_ssize_t ow,
-                    const floating *dout,   # IN  (N*C, oh, ow)
-                    const int32_t *arg,     # IN  (N*C, oh, ow), each in [0, ph*pw)
-                    floating *dx            # OUT (N*C, H, W), planes lo .. hi-1 overwritten
-                    ) noexcept nogil:
-    """dx = 0, then dx[window position arg] += dout for every output (padding positions dropped)."""
-    cdef Py_ssize_t q, i, j, y, xx, k
-    cdef floating *p
-    for q in range(lo, hi):
-        p = dx + q * H * W
-        if ph == 2 and pw == 2 and s == 2 and pad == 0:
-            # disjoint windows: zero the plane, then one store per output at its kept position
-            memset(p, 0, <size_t>(H * W) * sizeof(floating))
-            for i in range(oh):
-                for j in range(ow):
-                    k = arg[(q * oh + i) * ow + j]
-                    p[(2 * i + (k >> 1)) * W + 2 * j + (k & 1)] = dout[(q * oh + i) * ow + j]
-            continue
-        memset(p, 0, <size_t>(H * W) * sizeof(floating))
-        for i in range(oh):
-            for j in range(ow):
-                k = arg[(q * oh + i) * ow + j]
-                y = i * s - pad + k // pw
-                xx = j * s - pad + k % pw
-                if 0 <= y < H and 0 <= xx < W:
-                    p[y * W + xx] += dout[(q * oh + i) * ow + j]
-
-
-cdef _check_pool(x, out, arg, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t stride, Py_ssize_t pad, bint forward,
-                 Py_ssize_t *dims):
-    """dims = N*C, H, W, OH, OW.  `x` is the input (forward) or dx (backward); `out` is out or dout."""
-    cdef str xn = "x" if forward else "dx", on = "out" if forward else "dout"
-    cdef int t = _ftype(x, xn)
-    _same(t, out, on)
-    if not cnp.PyArray_Check(arg) or cnp.PyArray_TYPE(<cnp.ndarray>arg) != cnp.NPY_INT32 \
-            or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>arg):
-        raise TypeError(f"arg_max must be a native int32 array, got {getattr(arg, 'dtype', type(arg).__name__)}")
-    cdef cnp.ndarray X = <cnp.ndarray>x, Out = <cnp.ndarray>out, A = <cnp.ndarray>arg
-    if cnp.PyArray_NDIM(X) != 4:
-        raise ValueError(f"{xn} must be 4-D (N, C, H, W), got shape {_s(X)}")
-    cdef Py_ssize_t N = _s(X)[0], C = _s(X)[1], H = _s(X)[2], W = _s(X)[3], oh, ow
-    _geometry(H, W, ph, pw, stride, pad, &oh, &ow)
-    _shape(Out, (N, C, oh, ow), on)
-    _shape(A, (N, C, oh, ow), "arg_max")
-    _contig(X, xn, not forward)
-    _contig(Out, on, forward)
-    _contig(A, "arg_max", forward)
-    if forward:
-        _no_overlap(Out, X, "out", "x")
-        _no_overlap(A, X, "arg_max", "x")
-        _no_overlap(A, Out, "arg_max", "out")
-    else:
-        _no_overlap(X, Out, "dx", "dout")
-        _no_overlap(X, A, "dx", "arg_max")
-    dims[0] = N * C; dims[1] = H; dims[2] = W; dims[3] = oh; dims[4] = ow
-    return t
-
-
-ctypedef struct PoolCtx:
-    int t
-    Py_ssize_t H, W, ph, pw, s, pad, oh, ow
-    void *x          # forward: x; backward: dx
-    void *out        # forward: out; backward: dout
-    int32_t *arg
-    bint forward
-
-
-cdef void _pool_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
-    cdef PoolCtx *c = <PoolCtx*>ctx
-    if c.forward:
-        if c.t == 0:
-            _pool_fwd(lo, hi, c.H, c.W, c.ph, c.pw, c.s, c.pad, c.oh, c.ow, <float*>c.x, <float*>c.out, c.arg)
-        else:
-            _pool_fwd(lo, hi, c.H, c.W, c.ph, c.pw, c.s, c.pad, c.oh, c.ow, <double*>c.x, <double*>c.out, c.arg)
-    else:
-        if c.t == 0:
-            _pool_bwd(lo, hi, c.H, c.W, c.ph, c.pw, c.s, c.pad, c.oh, c.ow, <float*>c.out, c.arg, <float*>c.x)
-        else:
-            _pool_bwd(lo, hi, c.H, c.W, c.ph, c.pw, c.s, c.pad, c.oh, c.ow, <double*>c.out, c.arg, <double*>c.x)
-
-
-cdef _run_pool(x, out, arg, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t stride, Py_ssize_t pad, bint forward):
-    cdef Py_ssize_t d[5]
-    cdef PoolCtx c
-    c.t = _check_pool(x, out, arg, ph, pw, stride, pad, forward, d)
-    c.H = d[1]; c.W = d[2]; c.oh = d[3]; c.ow = d[4]
-    c.ph = ph; c.pw = pw; c.s = stride; c.pad = pad; c.forward = forward
-    c.x = cnp.PyArray_DATA(<cnp.ndarray>x)
-    c.out = cnp.PyArray_DATA(<cnp.ndarray>out)
-    c.arg = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>arg)
-    cdef Py_ssize_t i, bad = -1, m = d[0] * d[3] * d[4], plane = d[1] * d[2] + d[3] * d[4]
-    cdef int32_t lim = <int32_t>(ph * pw)
-    if not forward:
-        with nogil:
-            for i in range(m):
-                if c.arg[i] < 0 or c.arg[i] >= lim:
-                    bad = i
-                    break
-        if bad >= 0:
-            raise ValueError(f"arg_max entry {c.arg[bad]} is out of range [0, {lim})")
-    with nogil:
-        parallel_blocks(d[0], even_block(d[0], 1 + (1 << 16) // (plane if plane > 0 else 1)), _pool_block, &c)
-
-
-def maxpool_forward(x, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t stride, Py_ssize_t pad, out, arg_max):
-    """out[n, c, i, j] = max of x's zero-padded (ph, pw) window at (i*stride, j*stride); arg_max = its position."""
-    _run_pool(x, out, arg_max, ph, pw, stride, pad, True)
-    return out
-
-
-def maxpool_backward(dout, arg_max, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t stride, Py_ssize_t pad, dx):
-    """dx = 0; dx[n, c, window (i, j) at arg_max] += dout[n, c, i, j];  arg_max entries must be in [0, ph*pw)."""
-    _run_pool(dx, dout, arg_max, ph, pw, stride, pad, False)
     return dx

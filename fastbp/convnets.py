@@ -10,7 +10,12 @@ reproduces the book's initial weights.  Extra keyword arguments, as in :mod:`fas
   input to it (a float32 net computes in float32 whatever it is fed).
 * ``backend``: ``"fastbp"`` (default) builds the layers of :mod:`fastbp.layers` with ``reuse=True`` (a training
   step allocates nothing after warm-up; arrays returned by ``predict``/``gradient`` are overwritten by the next
-  call) and, in ``gradient``, no ``dx`` for the first convolution (``backward(dout, need_dx=False)``);
+  call) and, in ``gradient``, no ``dx`` for the first convolution (``backward(dout, need_dx=False)``), and runs
+  each ``Relu`` followed by a ``Pooling`` as one kernel (the ReLU applied to the pooled maxima: relu(maxpool(x)) ==
+  maxpool(relu(x)); the same loss and gradients as layer by layer, one pass over the convolution output instead of
+  three).  The layers keep the book's attributes: that ``Relu``'s ``mask`` is computed from its input when first
+  read, the ``Pooling``'s ``arg_max`` is the book's for the ReLU'd input (0 in windows whose inputs are all
+  <= 0), and both still work when called directly;
   ``"reference"`` builds :mod:`fastbp.reference`'s plain-NumPy layers; a module object (e.g. ``fastbp.layers``
   itself) builds that module's classes with their default arguments, which is the book's class with its import
   line swapped.
@@ -28,6 +33,8 @@ import numpy as np
 from fastbp import reference as _reference
 from fastbp.gradient import numerical_gradient as _numerical_gradient
 from fastbp.nets import _add_scaled, _check_dtype, _check_size, init_scale
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 __all__ = ["SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend"]
 
@@ -66,6 +73,7 @@ class _BookNet:
     """predict/loss/accuracy/gradient plumbing shared by the three networks."""
 
     _stochastic = ()  # layer classes whose forward takes train_flg
+    _fuse_relu_pool = True  # fastbp backend: a Relu followed by a Pooling runs as one kernel (False: layer by layer)
 
     def _setup(self, dtype, backend):
         self.dtype = _check_dtype(dtype)
@@ -101,8 +109,28 @@ class _BookNet:
     def predict(self, x, train_flg=False):
         x = self._in("x", x)
         stoch = (self._L.Dropout, self._L.BatchNormalization)
-        for layer in self._layer_list():
+        layers = self._layer_list()
+        fused = self._fused = set()
+        fuse = self._fast and self._fuse_relu_pool
+        i, n = 0, len(layers)
+        while i < n:
+            layer = layers[i]
+            if (
+                fuse
+                and i + 1 < n
+                and type(layer) is self._L.Relu
+                and type(layers[i + 1]) is self._L.Pooling
+                and type(x) is np.ndarray
+                and x.dtype in _KERNEL_DTYPES
+            ):
+                # ReLU then max pooling in one pass over the big tensor: maxpool(relu(x)) == relu(maxpool(x))
+                layer._defer(x)
+                x = layers[i + 1]._forward_relu(x)
+                fused.add(i)
+                i += 2
+                continue
             x = layer.forward(x, train_flg) if isinstance(layer, stoch) else layer.forward(x)
+            i += 1
         return x
 
     def _loss(self, x, t, train_flg):
@@ -130,8 +158,10 @@ class _BookNet:
     def _backward(self):
         dout = self.last_layer.backward(1)
         layers = self._layer_list()
-        for layer in reversed(layers[1:]):
-            dout = layer.backward(dout)
+        fused = getattr(self, "_fused", ())
+        for i in range(len(layers) - 1, 0, -1):
+            if i not in fused:  # a ReLU fused into the next Pooling: that Pooling's backward applied its mask
+                dout = layers[i].backward(dout)
         if self._fast and self._first_skips_dx and _takes_need_dx(layers[0]):
             layers[0].backward(dout, need_dx=False)  # the images' gradient is never used (common API need_dx)
         else:

@@ -84,12 +84,35 @@ class Relu(_Fast, _ref.Relu):
     """out = max(x, 0); backward: dx = dout where x > 0 else 0.  ``mask`` is ``x <= 0`` like the book's.
 
     Unlike the book, ``backward`` leaves ``dout`` unchanged and returns a new array (or a workspace with
-    ``reuse=True``).
+    ``reuse=True``).  fastbp's own convolutional nets run a Relu that feeds a Pooling inside the pooling kernel
+    (``Pooling._forward_relu``); they hand this layer its input with ``_defer``, and ``mask`` is then computed from
+    it when first read.
     """
 
     def __init__(self, *, reuse=False):
+        self._mask_src = None
         super().__init__()
         self._ws = _Workspace(reuse)
+
+    @property
+    def mask(self):
+        """``x <= 0`` of the last forward (the book's attribute; computed on first access after ``_defer``)."""
+        m = self._mask
+        if m is None and self._mask_src is not None:
+            m = self._mask = self._mask_src <= 0
+            self._mask_src = None
+        return m
+
+    @mask.setter
+    def mask(self, value):
+        self._mask = value
+        self._mask_src = None
+
+    def _defer(self, x):
+        """fastbp's nets, which apply this ReLU inside the next Pooling (Pooling._forward_relu): keep ``x`` (not
+        copied: the net's own workspace) so that ``mask`` and ``backward`` still work as after ``forward(x)``."""
+        self._mask = None
+        self._mask_src = x
 
     def forward(self, x):
         if type(x) is np.ndarray and (x.dtype is _F32 or x.dtype is _F64) and x.flags.c_contiguous:
@@ -561,9 +584,9 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
 # book 1, chapters 6-7: Dropout, BatchNormalization, Convolution, Pooling
 # ---------------------------------------------------------------------------------------------------------------
 # Fast subclasses of the plain-NumPy classes of fastbp.reference: float32/float64 inputs run on the kernels of
-# fastbp._conv / fastbp._norm (and the BLAS GEMM); other dtypes take the reference path (super()).  Deliberate
-# differences from the book, besides those of fastbp.reference (errors for a filter larger than the padded input,
-# stride < 1, pad < 0, channel mismatch; gradients written in place):
+# fastbp._conv / fastbp._pool / fastbp._norm (and the BLAS GEMM); other dtypes take the reference path (super()).
+# Deliberate differences from the book, besides those of fastbp.reference (errors for a filter larger than the
+# padded input, stride < 1, pad < 0, channel mismatch; gradients written in place):
 # * results keep the computation dtype (NumPy's promotion of x, W, b): the book's im2col/col2im always allocate
 #   float64, so its float32-only convolution comes out float64; fastbp's stays float32;
 # * Pooling.arg_max is built on first access from the kernel's int32 (N, C, OH, OW) window positions (same
@@ -579,6 +602,7 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
 #   the generator advanced the same way), so np.random.seed reproduces the book's masks.
 from fastbp import _conv as _ck  # noqa: E402
 from fastbp import _norm as _nk  # noqa: E402
+from fastbp import _pool as _pk  # noqa: E402
 
 __all__ += ["Dropout", "BatchNormalization", "Convolution", "Pooling"]
 
@@ -721,11 +745,19 @@ class Convolution(_ref.Convolution):
 
 
 class Pooling(_ref.Pooling):
-    """Max pooling (pool_h, pool_w, stride, pad) with the book's ``arg_max``; direct kernels, no im2col."""
+    """Max pooling (pool_h, pool_w, stride, pad) with the book's ``arg_max``; direct kernels, no im2col
+    (fastbp._pool: the book's 2x2 stride-2 case on SIMD kernels).
+
+    fastbp extension, not in the book: fastbp's own networks pool a ReLU's input in one pass
+    (``_forward_relu``: out = max(maxpool(x), 0) == maxpool(relu(x))); ``arg_max`` is then the book's for the ReLU'd
+    input (0 in windows whose inputs are all <= 0, where no gradient flows) and ``backward`` passes no gradient
+    through such windows, as the book's Relu after its Pooling's backward would.
+    """
 
     def __init__(self, pool_h, pool_w, stride=1, pad=0, *, reuse=False):
         self._arg = None
         self._book_arg = None
+        self._relu = False
         super().__init__(pool_h, pool_w, stride, pad)
         self._ws = _Workspace(reuse)
 
@@ -735,7 +767,10 @@ class Pooling(_ref.Pooling):
     def arg_max(self):
         """Window position of each output's maximum, flat over (N, OH, OW, C) like the book's (int64)."""
         if self._book_arg is None and self._arg is not None:
-            self._book_arg = self._arg.transpose(0, 2, 3, 1).reshape(-1).astype(np.intp)
+            a = self._arg
+            if self._relu:  # -1: a window of inputs <= 0, all 0 after the ReLU: the book's argmax is 0
+                a = np.maximum(a, 0)
+            self._book_arg = a.transpose(0, 2, 3, 1).reshape(-1).astype(np.intp)
         return self._book_arg
 
     @arg_max.setter
@@ -744,6 +779,17 @@ class Pooling(_ref.Pooling):
         self._arg = None
 
     def forward(self, x):
+        return self._forward(x, False)
+
+    def _forward_relu(self, x):
+        """fastbp's nets: the book's Relu then this Pooling in one pass over float32/float64 ``x``: out =
+        max(maxpool(x), 0); backward then routes dout only to window maxima > 0 (or NaN)."""
+        x = np.asarray(x)
+        if x.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"Pooling._forward_relu takes float32/float64 input, got {x.dtype}")
+        return self._forward(x, True)
+
+    def _forward(self, x, relu):
         x = np.asarray(x)
         dt = x.dtype
         if dt not in _KERNEL_DTYPES:
@@ -757,9 +803,10 @@ class Pooling(_ref.Pooling):
         shape = x.shape[:2] + (oh, ow)
         out = ws.get("out", shape, dt)
         arg = ws.scratch("arg", shape, np.dtype(np.int32))
-        _ck.maxpool_forward(xk, self.pool_h, self.pool_w, self.stride, self.pad, out, arg)
+        _pk.maxpool_forward(xk, self.pool_h, self.pool_w, self.stride, self.pad, out, arg, relu)
         self.x = x
         self._arg = arg
+        self._relu = relu
         self._book_arg = None
         self._out_shape = shape
         return out
@@ -775,15 +822,18 @@ class Pooling(_ref.Pooling):
             )
         dt = dout.dtype
         if dt not in _KERNEL_DTYPES:
-            if dt.kind not in "biuf" or dt == np.float16:
+            if self._relu:  # the fused ReLU's mask lives in the kernel's positions: compute in the forward's dtype
+                dt = self.x.dtype
+            elif dt.kind not in "biuf" or dt == np.float16:
                 return super().backward(dout)
-            dt = _F64 if dt.kind != "f" else dt
-            if dt not in _KERNEL_DTYPES:
-                return super().backward(dout)
+            else:
+                dt = _F64 if dt.kind != "f" else dt
+                if dt not in _KERNEL_DTYPES:
+                    return super().backward(dout)
         ws = self._ws
         dk = ws.as_dtype("dout", dout, dt)
         dx = ws.get("dx", self.x.shape, dt)
-        _ck.maxpool_backward(dk, arg, self.pool_h, self.pool_w, self.stride, self.pad, dx)
+        _pk.maxpool_backward(dk, arg, self.pool_h, self.pool_w, self.stride, self.pad, dx)
         return dx
 
 

@@ -321,6 +321,6 @@ def test_bench_conv_cases_check_out():
         "book-simpleconvnet-b100",
         "maxpool-100x30x24x24",
     }
-    for key in ("maxpool-100x30x24x24", "train-simpleconvnet-b100-f64"):
+    for key in ("maxpool-100x30x24x24", "train-simpleconvnet-b100-f64", "book-simpleconvnet-b100"):
         row = check_case(specs[key]())
         assert "error" not in row, row["check"]

@@ -143,6 +143,59 @@ class BookTwoLayerNet:
         return grads
 
 
+class BookSimpleConvNet:
+    """The book's ``ch07/simple_convnet.py`` (conv - relu - pool - affine - relu - affine - softmax, float64 weights
+    from ``np.random.randn``), the layers module as a parameter: ``fastbp.layers`` for the one-line import swap,
+    ``fastbp.reference`` for the book's NumPy layers (``common/layers.py``'s algorithms: im2col + np.dot,
+    np.argmax pooling)."""
+
+    def __init__(
+        self,
+        layers,
+        input_dim=(1, 28, 28),
+        filter_num=30,
+        filter_size=5,
+        hidden_size=100,
+        output_size=10,
+        weight_init_std=0.01,
+    ):
+        conv_out = (input_dim[1] - filter_size) / 1 + 1
+        pool_out = int(filter_num * (conv_out / 2) * (conv_out / 2))
+        self.params = {}
+        self.params["W1"] = weight_init_std * np.random.randn(filter_num, input_dim[0], filter_size, filter_size)
+        self.params["b1"] = np.zeros(filter_num)
+        self.params["W2"] = weight_init_std * np.random.randn(pool_out, hidden_size)
+        self.params["b2"] = np.zeros(hidden_size)
+        self.params["W3"] = weight_init_std * np.random.randn(hidden_size, output_size)
+        self.params["b3"] = np.zeros(output_size)
+        self.layers = OrderedDict()
+        self.layers["Conv1"] = layers.Convolution(self.params["W1"], self.params["b1"], 1, 0)
+        self.layers["Relu1"] = layers.Relu()
+        self.layers["Pool1"] = layers.Pooling(pool_h=2, pool_w=2, stride=2)
+        self.layers["Affine1"] = layers.Affine(self.params["W2"], self.params["b2"])
+        self.layers["Relu2"] = layers.Relu()
+        self.layers["Affine2"] = layers.Affine(self.params["W3"], self.params["b3"])
+        self.last_layer = layers.SoftmaxWithLoss()
+
+    def predict(self, x):
+        for layer in self.layers.values():
+            x = layer.forward(x)
+        return x
+
+    def loss(self, x, t):
+        return self.last_layer.forward(self.predict(x), t)
+
+    def gradient(self, x, t):
+        self.loss(x, t)
+        dout = self.last_layer.backward(1)
+        for layer in reversed(list(self.layers.values())):
+            dout = layer.backward(dout)
+        grads = {}
+        for i, name in enumerate(("Conv1", "Affine1", "Affine2"), 1):
+            grads["W" + str(i)], grads["b" + str(i)] = self.layers[name].dW, self.layers[name].db
+        return grads
+
+
 def book_train_step(network, x_batch, t_batch, learning_rate=0.1):
     """One iteration of the book's ch05/train_neuralnet.py loop (without the batch draw)."""
     grad = network.gradient(x_batch, t_batch)

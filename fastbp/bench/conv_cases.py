@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from fastbp.bench.book import BookSGD
+from fastbp.bench.book import BookSGD, BookSimpleConvNet
 from fastbp.bench.cases import _RTOL, Case, Target, _close, mnist_batch
 
 
@@ -98,18 +98,21 @@ def _torch_step(torch, model, x, t, lr):
 
 def convnet_case(key, title, net_name, dtype, torch, targets, lr=0.01, book_swap=False):
     """A SimpleConvNet / DeepConvNet training step: fastbp.nets (reuse workspaces) + fastbp.optimizers.SGD vs
-    the reference backend + the book's SGD vs torch.  book_swap: the book's own structure with float64 weights
-    fed float32 images, built from fastbp.layers with default arguments (the one-line import swap) vs the plain
-    NumPy layers, both with the book's SGD."""
+    the reference backend + the book's SGD vs torch.  book_swap (SimpleConvNet): the book's own class
+    (fastbp.bench.book.BookSimpleConvNet: float64 weights fed float32 images) on fastbp.layers (the one-line
+    import swap) vs on the plain NumPy layers, both with the book's SGD."""
     from fastbp import layers as fast_layers
     from fastbp import nets, optimizers
+    from fastbp import reference as ref_layers
 
     dtype = np.dtype(dtype)
     cls = getattr(nets, net_name)
     np.random.seed(1)
     if book_swap:
-        fnet = cls(backend=fast_layers)
-        rnet = cls(backend="reference")
+        if net_name != "SimpleConvNet":
+            raise ValueError(f"book_swap transcribes the book's SimpleConvNet only, got {net_name}")
+        fnet = BookSimpleConvNet(fast_layers)
+        rnet = BookSimpleConvNet(ref_layers)
     else:
         fnet = cls(dtype=dtype)
         rnet = cls(dtype=dtype, backend="reference")
