@@ -60,8 +60,10 @@ cdef extern from *:
     double fb_sum_f64(long n, const double *x) noexcept nogil
 
 cdef extern from "_conv.h" nogil:
-    int fb_conv_pad_f32(long C, long H, long W, long pad, const float *x, float *xp) noexcept
-    int fb_conv_pad_f64(long C, long H, long W, long pad, const double *x, double *xp) noexcept
+    void fb_conv_pad_f32(long C, long H, long W, long pad, const float *x, float *xp) noexcept
+    void fb_conv_pad_f64(long C, long H, long W, long pad, const double *x, double *xp) noexcept
+    int fb_conv_nonfinite_f32(long n, const float *p) noexcept
+    int fb_conv_nonfinite_f64(long n, const double *p) noexcept
     void fb_conv_im2col_f32(long C, long Hp, long Wp, long fh, long fw, long s, long oh, long ow,
                             const float *xp, float *colT) noexcept
     void fb_conv_im2col_f64(long C, long Hp, long Wp, long fh, long fw, long s, long oh, long ow,
@@ -315,19 +317,23 @@ cdef inline int _conv_threads(Py_ssize_t N, ConvCtx *c) noexcept nogil:
     return 1 if <double>N * c.P * c.K * c.FN < CONV_PARALLEL_MIN else num_threads()
 
 
-cdef inline int _pad_sample(ConvCtx *c, Py_ssize_t n, floating *xp) noexcept nogil:
-    """xp = x_n zero-padded (C, Hp, Wp), then fw zeros of slack (read by the wide layout's last tap); returns
-    nonzero when x_n holds an inf or a NaN."""
+cdef inline void _pad_sample(ConvCtx *c, Py_ssize_t n, floating *xp) noexcept nogil:
+    """xp = x_n zero-padded (C, Hp, Wp), then fw zeros of slack (read by the wide layout's last tap)."""
     cdef const floating *xn = <floating*>c.x + n * c.C * c.H * c.W
     cdef Py_ssize_t i, end = c.C * c.Hp * c.Wp
-    cdef int bad
     if floating is float:
-        bad = fb_conv_pad_f32(c.C, c.H, c.W, c.pad, xn, xp)
+        fb_conv_pad_f32(c.C, c.H, c.W, c.pad, xn, xp)
     else:
-        bad = fb_conv_pad_f64(c.C, c.H, c.W, c.pad, xn, xp)
+        fb_conv_pad_f64(c.C, c.H, c.W, c.pad, xn, xp)
     for i in range(c.nxp - end):
         xp[end + i] = 0
-    return bad
+
+
+cdef inline int _nonfinite(Py_ssize_t n, const floating *p) noexcept nogil:
+    if floating is float:
+        return fb_conv_nonfinite_f32(n, p)
+    else:
+        return fb_conv_nonfinite_f64(n, p)
 
 
 cdef inline void _colT_of(ConvCtx *c, Py_ssize_t n, floating *xp, floating *col) noexcept nogil:
@@ -411,7 +417,8 @@ cdef void _conv_bwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
                 dbp[f] += fb_sum_f64(P, d + f * P)
         dx = <floating*>c.dx + n * C * c.H * c.W if c.dx != NULL else NULL
         if c.wide:
-            if _pad_sample(c, n, xp):
+            _pad_sample(c, n, xp)
+            if _nonfinite(c.C * c.Hp * c.Wp, xp):
                 # an inf or NaN in x_n: the garbage columns would turn it into NaN where the book's dW has
                 # none (0 * inf), so this sample's dW takes the im2col way
                 _dW_im2col(c, n, d, xp, col, dT, dWp, n == lo)
