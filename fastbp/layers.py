@@ -651,9 +651,11 @@ class Convolution(_ref.Convolution):
 
     Deliberate difference from the book: the column matrix is not kept.  The kernels build it one sample at a
     time in a cache-sized buffer, in forward and again in backward (cheaper than writing the batch's column matrix
-    to memory and reading it back), from ``x``, the forward's input, which the layer keeps by reference as the book
-    does.  So ``col`` is computed from ``x`` when first read (the same values as the book's), and changing ``x``
-    in place between forward and backward changes ``dW`` (the book's ``dW`` would use the columns of the forward).
+    to memory and reading it back), or not at all (stride-1 layers with 8 or more input channels read the padded
+    sample at one offset per filter tap; see ``fastbp._conv``), from ``x``, the forward's input, which the layer
+    keeps by reference as the book does.  So ``col`` is computed from ``x`` when first read (the same values as
+    the book's), and changing ``x`` in place between forward and backward changes ``dW`` (the book's ``dW`` would
+    use the columns of the forward).
     """
 
     def __init__(self, W, b, stride=1, pad=0, *, reuse=False, need_dx=True):
