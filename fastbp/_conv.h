@@ -7,7 +7,10 @@
  * vectorises for the path's vector width.  col2im is the mirror image: the adds land in a zero-initialised padded
  * plane (again without bounds tests) whose interior is then copied out; the padding cells, which im2col read as
  * zeros, simply receive sums that are dropped.  The adds happen in the same order as an unpadded col2im would do
- * them (row (c, dy, dx), then i, then j), so dx has the same bits for any thread count and any path. */
+ * them (row (c, dy, dx), then i, then j) and nothing here is a reduction, so these kernels give the same bits on
+ * every path and thread count (the GEMMs around them may not: each path has its own BLAS kernels).
+ * The wide layout's helpers (widen / unwiden / unpad, below) move a sample's output or dout between the (FN, oh,
+ * ow) layout and rows Wp long, and the interior out of a padded plane. */
 #ifndef FASTBP_CONV_H
 #define FASTBP_CONV_H
 #include <string.h>
@@ -59,8 +62,8 @@ TARGET FB_CONV_INLINE_COPIES static int NAME(long C, long H, long W, long pad, c
 
 /* colT[(c, dy, dx), (i, j)] = xp[c, i*s + dy, j*s + dx]: (C*fh*fw, oh*ow) from the padded plane (C, Hp, Wp). */
 #define FB_CONV_IM2COL(NAME, TARGET, T)                                                                       \
-TARGET FB_CONV_INLINE_COPIES static void NAME(long C, long Hp, long Wp, long fh, long fw, long s, long oh, long ow,                \
-                        const T *restrict xp, T *restrict colT)                                               \
+TARGET FB_CONV_INLINE_COPIES static void NAME(long C, long Hp, long Wp, long fh, long fw, long s, long oh,     \
+                                              long ow, const T *restrict xp, T *restrict colT)               \
 {                                                                                                             \
     long c, dy, dx, i, j;                                                                                     \
     for (c = 0; c < C; c++)                                                                                   \
@@ -82,8 +85,9 @@ TARGET FB_CONV_INLINE_COPIES static void NAME(long C, long Hp, long Wp, long fh,
 
 /* dx (C, H, W) = the adjoint of pad + im2col applied to colT (C*fh*fw, oh*ow); xp (C, Hp, Wp) is scratch. */
 #define FB_CONV_COL2IM(NAME, TARGET, T)                                                                       \
-TARGET FB_CONV_INLINE_COPIES static void NAME(long C, long H, long W, long fh, long fw, long s, long pad, long oh, long ow,        \
-                        const T *restrict colT, T *restrict xp, T *restrict dx)                               \
+TARGET FB_CONV_INLINE_COPIES static void NAME(long C, long H, long W, long fh, long fw, long s, long pad,      \
+                                              long oh, long ow, const T *restrict colT, T *restrict xp,       \
+                                              T *restrict dx)                                                 \
 {                                                                                                             \
     long Hp = H + 2 * pad, Wp = W + 2 * pad, c, dy, ddx, i, j, y;                                             \
     memset(xp, 0, (size_t)(C * Hp * Wp) * sizeof(T));                                                        \
@@ -135,7 +139,8 @@ FB_DISPATCH(fb_conv_im2col_f32, (long C, long Hp, long Wp, long fh, long fw, lon
 FB_DISPATCH(fb_conv_im2col_f64, (long C, long Hp, long Wp, long fh, long fw, long s, long oh, long ow,
                                  const double *xp, double *colT), (C, Hp, Wp, fh, fw, s, oh, ow, xp, colT))
 FB_DISPATCH(fb_conv_col2im_f32, (long C, long H, long W, long fh, long fw, long s, long pad, long oh, long ow,
-                                 const float *colT, float *xp, float *dx), (C, H, W, fh, fw, s, pad, oh, ow, colT, xp, dx))
+                                 const float *colT, float *xp, float *dx),
+            (C, H, W, fh, fw, s, pad, oh, ow, colT, xp, dx))
 FB_DISPATCH(fb_conv_col2im_f64, (long C, long H, long W, long fh, long fw, long s, long pad, long oh, long ow,
                                  const double *colT, double *xp, double *dx),
             (C, H, W, fh, fw, s, pad, oh, ow, colT, xp, dx))

@@ -273,7 +273,10 @@ def col2im(col, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
 # ---------------------------------------------------------------------------------------------------------------
 # Blocks of samples
 # ---------------------------------------------------------------------------------------------------------------
-cdef Py_ssize_t SAMPLE_BLOCKS = 16        # a batch is cut into at most this many blocks of samples
+# A batch is cut into at most this many blocks of samples.  The thread driver hands the blocks out statically
+# (contiguous runs of blocks per thread), so the count should divide among the threads: 100 samples make 20
+# blocks of 5, 50 per thread on 2 threads (16 gave 15 blocks of 7: 56 samples on one thread, 44 on the other).
+cdef Py_ssize_t SAMPLE_BLOCKS = 20
 cdef double CONV_PARALLEL_MIN = 1 << 18   # N*OH*OW*K*FN multiply-adds below this: the blocks run on one thread
 
 
@@ -289,6 +292,7 @@ def sample_block(Py_ssize_t n):
 ctypedef struct ConvCtx:
     int t                       # 0 float32, 1 float64
     bint wide                   # the stride-1 "wide" algorithm (no column matrix), else im2col
+    bint dw_nt                  # im2col's dW as dout_n @ colT^T into (FN, K) partials (short K), else (K, FN)
     Py_ssize_t C, H, W, fh, fw, s, pad, oh, ow, FN, K, P, Hp, Wp, Pw, ntap
     Py_ssize_t ncol, nxp, ndT   # per-block scratch sizes (elements) of col, xpad, dT
     void *x                     # IN  (N, C, H, W)
@@ -446,8 +450,14 @@ cdef void _conv_bwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
 
 cdef void _dW_im2col(ConvCtx *c, Py_ssize_t n, const floating *d, floating *xp, floating *col, floating *dT,
                      floating *dWp, bint first) noexcept nogil:
-    """dWp (K, FN) (+)= im2col(x_n)^T (K, P) @ dout_n^T (P, FN) (= when first)."""
+    """dWp (K, FN) (+)= im2col(x_n)^T (K, P) @ dout_n^T (P, FN) (= when first); with c.dw_nt (short K), dWp (FN, K)
+    (+)= dout_n (FN, P) @ im2col(x_n)^T^T, no transposed copy of dout_n: measured 1.6x (K = 25, SimpleConvNet) and
+    2.7x (K = 9) faster than the transpose + (NoTrans, NoTrans) product, which wins from K = 144 on."""
     _colT_of(c, n, xp, col)
+    if c.dw_nt:
+        gemm(FB_NOTRANS, FB_TRANS, c.FN, c.K, c.P, <floating>1, d, c.P, col, c.P, <floating>(0 if first else 1),
+             dWp, c.K)
+        return
     if floating is float:
         fb_conv_transpose_f32(c.FN, c.P, d, dT)
     else:
@@ -480,26 +490,32 @@ cdef bint _conv_taps(ConvCtx *c, floating *Wr) noexcept nogil:
     return ok
 
 
-cdef void _conv_reduce(Py_ssize_t nblocks, Py_ssize_t FN, Py_ssize_t K, const floating *dW_part,
-                       const double *db_part, floating *dW, floating *db) noexcept nogil:
-    """dW (FN, K), db = the per-block partials (dW's transposed) added in block order, in double.  Each sum runs
-    over the blocks in order; 64 filters at a time are summed side by side (vector adds, not one dependent chain)."""
-    cdef Py_ssize_t j, i, f, k, f0, f1
+cdef void _conv_reduce(Py_ssize_t nblocks, Py_ssize_t rows, Py_ssize_t cols, bint transposed,
+                       const floating *dW_part, Py_ssize_t FN, const double *db_part, floating *dW,
+                       floating *db) noexcept nogil:
+    """dW, db = the per-block partials added in block order, in double.  A partial is (rows, cols): dW^T (K, FN)
+    when transposed, else dW (FN, K).  Each sum runs over the blocks in order; 64 columns at a time are summed side
+    by side (vector adds, not one dependent chain)."""
+    cdef Py_ssize_t j, i, r, k, c0, c1
     cdef double acc[64]
     cdef const floating *row
-    for k in range(K):
-        f0 = 0
-        while f0 < FN:
-            f1 = f0 + 64 if f0 + 64 < FN else FN
-            for f in range(f1 - f0):
-                acc[f] = 0
+    for r in range(rows):
+        c0 = 0
+        while c0 < cols:
+            c1 = c0 + 64 if c0 + 64 < cols else cols
+            for k in range(c1 - c0):
+                acc[k] = 0
             for j in range(nblocks):
-                row = dW_part + j * FN * K + k * FN + f0
-                for f in range(f1 - f0):
-                    acc[f] += row[f]
-            for f in range(f1 - f0):
-                dW[(f0 + f) * K + k] = <floating>acc[f]
-            f0 = f1
+                row = dW_part + (j * rows + r) * cols + c0
+                for k in range(c1 - c0):
+                    acc[k] += row[k]
+            if transposed:
+                for k in range(c1 - c0):
+                    dW[(c0 + k) * rows + r] = <floating>acc[k]
+            else:
+                for k in range(c1 - c0):
+                    dW[r * cols + c0 + k] = <floating>acc[k]
+            c0 = c1
     for i in range(FN):
         acc[0] = 0
         for j in range(nblocks):
@@ -507,6 +523,7 @@ cdef void _conv_reduce(Py_ssize_t nblocks, Py_ssize_t FN, Py_ssize_t K, const fl
         db[i] = <floating>acc[0]
 
 
+cdef Py_ssize_t DW_NT_MAX_K = 64   # im2col's dW without transposing dout below this K (see _dW_im2col)
 cdef int CONV_ALGO = 0   # 0 auto, 1 wide whenever stride is 1, 2 always im2col (tests and benchmarks)
 
 
@@ -699,11 +716,15 @@ def conv_backward(dout, x, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, 
     c.dW_part = cnp.PyArray_DATA(WP); c.db_part = <double*>cnp.PyArray_DATA(BP); c.dT = cnp.PyArray_DATA(TT)
     cdef void *pg = cnp.PyArray_DATA(G)
     cdef void *pgb = cnp.PyArray_DATA(GB)
+    cdef Py_ssize_t rows, cols
     with nogil:
         _prepare_taps(&c)
+        c.dw_nt = not c.wide and c.K < DW_NT_MAX_K
+        rows, cols = (c.FN, c.K) if c.dw_nt else (c.K, c.FN)
         parallel_blocks_nt(N, blk, _conv_bwd_block, &c, _conv_threads(N, &c))
         if c.t == 0:
-            _conv_reduce(nb, c.FN, c.K, <float*>c.dW_part, c.db_part, <float*>pg, <float*>pgb)
+            _conv_reduce(nb, rows, cols, not c.dw_nt, <float*>c.dW_part, c.FN, c.db_part, <float*>pg, <float*>pgb)
         else:
-            _conv_reduce(nb, c.FN, c.K, <double*>c.dW_part, c.db_part, <double*>pg, <double*>pgb)
+            _conv_reduce(nb, rows, cols, not c.dw_nt, <double*>c.dW_part, c.FN, c.db_part, <double*>pg,
+                         <double*>pgb)
     return dx

@@ -800,3 +800,54 @@ def test_convnets_gradient_skips_only_the_first_layers_dx(net_name):
     for k, want in grads["reference"].items():
         np.testing.assert_allclose(grads["fastbp"][k], want, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(grads["module"][k], want, rtol=1e-10, atol=1e-12)
+
+
+_CONV_PATH_PROBE = r"""
+import json, numpy as np
+from fastbp import _conv, layers as F, reference as R
+rng = np.random.default_rng(0)
+_conv._simd_count(True)
+worst = 0.0
+for algo in ("wide", "im2col"):
+    _conv._set_conv_algorithm(algo)
+    for dt in (np.float32, np.float64):
+        x = rng.standard_normal((3, 8, 9, 10)).astype(dt)
+        W = rng.standard_normal((4, 8, 3, 3)).astype(dt)
+        b = rng.standard_normal(4).astype(dt)
+        f, r = F.Convolution(W, b, 1, 1), R.Convolution(W, b, 1, 1)
+        d = rng.standard_normal((3, 4, 9, 10)).astype(dt)
+        pairs = [(f.forward(x), r.forward(x)), (f.backward(d), r.backward(d)), (f.dW, r.dW)]
+        for got, want in pairs:
+            worst = max(worst, float(np.max(np.abs(got - want)) / np.max(np.abs(want))))
+print(json.dumps({"counts": _conv._simd_count(False), "path": _conv.simd_info()["path"], "worst": worst}))
+"""
+
+
+@pytest.mark.parametrize("disabled,path", [(None, "avx512"), ("AVX512F", "avx2"), ("AVX", "baseline")])
+def test_conv_kernels_run_the_chosen_simd_path(disabled, path):
+    """_conv.h's kernels (padded copy, im2col/col2im, the wide layout's widen/unwiden) are dispatched like the
+    rest: FASTBP_DISABLE_CPU_FEATURES moves them, and every path gives the reference's numbers."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastbp import _kernels
+
+    order = ["baseline", "avx2", "avx512"]
+    if order.index(path) > order.index(_kernels.simd_info()["cpu"]):
+        pytest.skip(f"this CPU (or build) has no {path} path")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "FASTBP_DISABLE_CPU_FEATURES")}
+    if disabled is not None:
+        env["FASTBP_DISABLE_CPU_FEATURES"] = disabled
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run(
+        [sys.executable, "-c", _CONV_PATH_PROBE], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["path"] == path
+    assert got["counts"][path] > 0 and all(n == 0 for p, n in got["counts"].items() if p != path), got["counts"]
+    assert got["worst"] < 1e-5

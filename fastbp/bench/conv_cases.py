@@ -22,7 +22,10 @@ def _digits(n, dtype):
 
 def conv_step_flops(batch, convs, affines):
     """GEMM FLOPs of a step: per convolution (N*OH*OW, C*FH*FW, FN, needs dx) forward + dW (+ dx); per Affine
-    (D, M, needs dx) likewise."""
+    (D, M, needs dx) likewise.  Only the products the step performs: the nets' ``gradient`` skips the first
+    layer's dx (``backward(dout, need_dx=False)``), so its entry says False.  These are the exact products of the
+    convolution; the kernels' wide layout (fastbp._conv, stride-1 layers with >= 8 channels) also multiplies
+    (FW - 1) / OW garbage columns, extra work the floor does not count."""
     total = 0.0
     for p, k, fn, dx in convs:
         total += 2.0 * batch * p * k * fn * (3 if dx else 2)
