@@ -241,3 +241,29 @@ def test_fused_relu_pooling_equals_relu_then_pooling_for_any_geometry(n, c, h, w
     d = rng.standard_normal(out.shape).astype(dtype)
     tol = 1e-6 if dtype == np.float32 else 1e-14  # overlapping windows add in another order than col2im
     np.testing.assert_allclose(f.backward(d), rr.backward(r.backward(d)), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pooling_bits_do_not_depend_on_the_thread_count(dtype):
+    from fastbp import _threads
+
+    old = _threads._get_num_threads()
+    x = _inputs((40, 16, 24, 24), dtype, 9)["random"]  # big enough for several blocks
+    results = []
+    try:
+        for nt in (1, 3, 4):
+            _threads._set_num_threads(nt)
+            got = []
+            for relu in (False, True):
+                f = F.Pooling(2, 2, 2)
+                out = f._forward_relu(x) if relu else f.forward(x)
+                got += [out.copy(), f.arg_max.copy(), f.backward(np.ones_like(out)).copy()]
+            g = F.Pooling(3, 3, 2, 1)
+            out = g._forward_relu(x)
+            got += [out.copy(), g.backward(np.ones_like(out)).copy()]
+            results.append(got)
+    finally:
+        _threads._set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
