@@ -12,11 +12,12 @@
  * covers is zeroed.  *bad is set when an arg entry is outside [-1, 4) (nothing is written out of bounds).
  *
  * Why intrinsics: a row has few outputs (12 in SimpleConvNet, 14/8/4 in DeepConvNet) and the windows interleave
- * even/odd input columns.  GCC's auto-vectorised stride-2 loop ran 16-lane AVX-512 vectors only for >= 16 outputs
- * and fell back to scalar code below; measured single-threaded on (3000, 24, 24) f32 on the EPYC: auto-vectorised
- * forward 0.63 ms (AVX-512) / 0.38 (AVX2) / 0.53 (baseline, two-stage), backward with selects 2.8-3.1 ms,
- * memset + scalar stores 0.72 ms; these AVX-512 kernels (masked tails, permutes) 0.24 / 0.27 ms (memcpy of the
- * input: 0.19 ms).
+ * even/odd input columns.  GCC vectorises a stride-2 loop over the outputs with 16-lane AVX-512 vectors only for
+ * >= 16 outputs and runs scalar code below.  Measured single-threaded on (3000, 24, 24) f32 on the EPYC: the
+ * previous two-stage auto-vectorised forward (kept here as the baseline variant) 0.63 ms compiled for AVX-512 /
+ * 0.38 AVX2 / 0.53 baseline; a backward writing the four cells with selects 2.8-3.1 ms, memset + one scalar store
+ * per window 0.72 ms; these AVX-512 kernels (masked tails, permutes) 0.24 / 0.27 ms (memcpy of the input:
+ * 0.19 ms).
  */
 #ifndef FASTBP_POOL_H
 #define FASTBP_POOL_H
@@ -64,17 +65,16 @@ static inline int NAME##_tailf(long j0, long ow, const T *r0, const T *r1, T *o,
     return nan;                                                                                               \
 }                                                                                                             \
 static inline int NAME##_tailb(long j0, long ow, const T *d, const int32_t *g, T *p0, T *p1)                  \
-{                                                                                                             \
+{   /* zeros, then one store per window (writing all four cells with selects measured 2x slower) */          \
     int bad = 0;                                                                                              \
     long j;                                                                                                   \
+    if (j0 >= ow) return 0;                                                                                   \
+    memset(p0 + 2 * j0, 0, (size_t)(2 * (ow - j0)) * sizeof(T));                                              \
+    memset(p1 + 2 * j0, 0, (size_t)(2 * (ow - j0)) * sizeof(T));                                              \
     for (j = j0; j < ow; j++) {                                                                               \
         int32_t k = g[j];                                                                                     \
-        T v = d[j];                                                                                           \
-        p0[2 * j] = k == 0 ? v : (T)0;                                                                        \
-        p0[2 * j + 1] = k == 1 ? v : (T)0;                                                                    \
-        p1[2 * j] = k == 2 ? v : (T)0;                                                                        \
-        p1[2 * j + 1] = k == 3 ? v : (T)0;                                                                    \
-        bad |= (uint32_t)(k + 1) > 4u;                                                                        \
+        if ((uint32_t)k < 4u) (k & 2 ? p1 : p0)[2 * j + (k & 1)] = d[j];                                      \
+        else bad |= k != -1;                                                                                  \
     }                                                                                                         \
     return bad;                                                                                               \
 }
@@ -309,8 +309,8 @@ FB_TARGET_AVX512 static inline int fb_pool2_a512_f64_rowb(long ow, const double 
     return bad != 0;
 }
 
-/* ---- AVX2: 8 (f32) / 4 (f64) outputs per step, shuffles + lane permutes, scalar tails (vmaskmov stores are
- * microcoded on AMD Zen: measured 3-4x slower than this) ---- */
+/* ---- AVX2: 8 (f32) / 4 (f64) outputs per step, shuffles + lane permutes, scalar tails (a first version with
+ * vmaskmov loads/stores for the tails, which AMD Zen microcodes, measured several times slower) ---- */
 FB_TARGET_AVX2 static inline int fb_pool2_a2_f32_rowf(long ow, const float *r0, const float *r1, float *o,
                                                       int32_t *g, int relu)
 {

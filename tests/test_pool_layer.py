@@ -9,6 +9,8 @@ SIMD path."""
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from fastbp import _kernels, _pool
 from fastbp import layers as F
@@ -213,3 +215,55 @@ def test_fused_step_allocates_no_numpy_array():
     finally:
         tracemalloc.stop()
     assert peak < 4096  # Python objects only (no 6 kB array of this batch)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 3),
+    h=st.integers(1, 9),
+    w=st.integers(1, 20),
+    ph=st.integers(1, 3),
+    pw=st.integers(1, 3),
+    s=st.integers(1, 3),
+    p=st.integers(0, 1),
+    tied=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_fused_relu_pooling_equals_relu_then_pooling_for_any_geometry(n, c, h, w, ph, pw, s, p, tied, dtype):
+    assume(ph <= h + 2 * p and pw <= w + 2 * p)
+    rng = np.random.default_rng(n * 1000 + h * 30 + w)
+    x = (rng.integers(-2, 3, (n, c, h, w)) if tied else rng.standard_normal((n, c, h, w))).astype(dtype)
+    f, r, rr = F.Pooling(ph, pw, s, p), R.Pooling(ph, pw, s, p), R.Relu()
+    out = f._forward_relu(x)
+    np.testing.assert_array_equal(out, r.forward(rr.forward(x)))
+    np.testing.assert_array_equal(f.arg_max, r.arg_max)
+    d = rng.standard_normal(out.shape).astype(dtype)
+    tol = 1e-6 if dtype == np.float32 else 1e-14  # overlapping windows add in another order than col2im
+    np.testing.assert_allclose(f.backward(d), rr.backward(r.backward(d)), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pooling_bits_do_not_depend_on_the_thread_count(dtype):
+    from fastbp import _threads
+
+    old = _threads._get_num_threads()
+    x = _inputs((40, 16, 24, 24), dtype, 9)["random"]  # big enough for several blocks
+    results = []
+    try:
+        for nt in (1, 3, 4):
+            _threads._set_num_threads(nt)
+            got = []
+            for relu in (False, True):
+                f = F.Pooling(2, 2, 2)
+                out = f._forward_relu(x) if relu else f.forward(x)
+                got += [out.copy(), f.arg_max.copy(), f.backward(np.ones_like(out)).copy()]
+            g = F.Pooling(3, 3, 2, 1)
+            out = g._forward_relu(x)
+            got += [out.copy(), g.backward(np.ones_like(out)).copy()]
+            results.append(got)
+    finally:
+        _threads._set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
