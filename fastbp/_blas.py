@@ -278,10 +278,15 @@ def env_threading(environ=None):
 
 
 def check_environment(environ=None):
-    """Raise ValueError for a FASTBP_NUM_THREADS or FASTBP_BLAS_THREADING fastbp cannot use (done at import)."""
+    """Raise ValueError for a FASTBP_* threading setting fastbp cannot use (done at import)."""
     env_num_threads(environ)
     env_threading(environ)
     blas_thread_timeout(environ)
+    from fastbp import _runtime  # the worker pool's settings (FASTBP_THREAD_POOL, FASTBP_SPIN_US, ...)
+
+    _runtime.env_thread_pool(environ)
+    _runtime.env_spin_us(environ)
+    _runtime.env_wake_min_macs(environ)
 
 
 def _library_path():

@@ -100,3 +100,60 @@ def apply():
 def info():
     """{'setting': what fastbp's OpenMP workers do after a region, 'by': who chose it}."""
     return dict(_info)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fastbp's own worker pool (fastbp/_threads.h): how parallel_blocks opens a region
+# ---------------------------------------------------------------------------------------------------------------
+#: Microseconds a pool worker spins after its last block before it sleeps (FASTBP_SPIN_US overrides).
+SPIN_US = 50
+
+#: Largest FASTBP_SPIN_US accepted (one second).
+MAX_SPIN_US = 1_000_000
+
+POOLS = ("fastbp", "openmp")
+
+
+def env_thread_pool(environ=None):
+    """FASTBP_THREAD_POOL (lower case): 'fastbp' (default: fastbp's own worker pool) or 'openmp' (an OpenMP region
+    per call, libgomp's team and spin setting); ValueError naming the variable otherwise."""
+    text = (os.environ if environ is None else environ).get("FASTBP_THREAD_POOL", "")
+    v = text.strip().lower() or "fastbp"
+    if v not in POOLS:
+        raise ValueError(f"FASTBP_THREAD_POOL must be one of {POOLS} (or unset), got {text!r}")
+    return v
+
+
+def env_spin_us(environ=None):
+    """FASTBP_SPIN_US as a number of microseconds in 0..MAX_SPIN_US (SPIN_US when unset or empty); ValueError
+    naming the variable otherwise."""
+    text = (os.environ if environ is None else environ).get("FASTBP_SPIN_US", "")
+    t = text.strip()
+    if not t:
+        return SPIN_US
+    try:
+        v = float(t)
+    except ValueError:
+        v = None
+    if v is None or not (0 <= v <= MAX_SPIN_US):
+        raise ValueError(f"FASTBP_SPIN_US must be a number of microseconds in 0..{MAX_SPIN_US} (or unset), got {text!r}")
+    return v
+
+
+#: Smallest matrix product (multiply-adds) that wakes a sleeping pool worker (FASTBP_WAKE_MIN_MACS overrides).
+WAKE_MIN_MACS = 0
+
+
+def env_wake_min_macs(environ=None):
+    """FASTBP_WAKE_MIN_MACS as a number >= 0 (WAKE_MIN_MACS when unset or empty); ValueError naming it otherwise."""
+    text = (os.environ if environ is None else environ).get("FASTBP_WAKE_MIN_MACS", "")
+    t = text.strip()
+    if not t:
+        return WAKE_MIN_MACS
+    try:
+        v = float(t)
+    except ValueError:
+        v = None
+    if v is None or not (0 <= v < float("inf")):
+        raise ValueError(f"FASTBP_WAKE_MIN_MACS must be a number of multiply-adds >= 0 (or unset), got {text!r}")
+    return v
