@@ -118,6 +118,8 @@ typedef void (*fb_block_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t 
 #endif
 
 static long long fb_spin_ns = 50000;      /* set from Python (FASTBP_SPIN_US) */
+static int fb_spin_yield = 1;             /* spinning workers call sched_yield every ~1 us (a thread waiting for
+                                             the core, the caller itself on a loaded machine, gets it) */
 static __thread int fb_pool_tid = 0;      /* 0 on the caller; 1.. on workers */
 static __thread int fb_pool_inside = 0;   /* running a block of a pool region */
 
@@ -193,9 +195,10 @@ static void *fb_pool_main(void *arg) {
         int k = 0;
         while ((g = __atomic_load_n(&fb_gen, __ATOMIC_ACQUIRE)) == seen) {
             fb_cpu_relax();
-            if (++k == 64) {
+            if (++k == 64) {      /* about every microsecond: out of budget? and let a waiting thread run */
                 k = 0;
                 if (fb_now_ns() >= until) break;
+                if (fb_spin_yield) sched_yield();
             }
         }
         if (g == seen) {

@@ -27,6 +27,7 @@ cdef extern from "_threads.h" nogil:
     ctypedef void (*fb_block_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t block) noexcept nogil
     int FB_POOL
     long long fb_spin_ns
+    int fb_spin_yield
     long long fb_pool_regions
     long long fb_pool_helped
     long long fb_pool_wakes
@@ -247,6 +248,12 @@ def _block_threads(Py_ssize_t nblocks):
     return list(got)
 
 
+def _set_spin_yield(bint on):
+    """For measurements: spinning pool workers call sched_yield about every microsecond (True, default) or not."""
+    global fb_spin_yield
+    fb_spin_yield = on
+
+
 def _set_pool(bint use_pool, double spin_us=-1, double wake_min_macs=-1):
     """Open regions on fastbp's own worker pool (True) or as OpenMP regions; spin_us >= 0 sets the pool's spin,
     wake_min_macs >= 0 the smallest product that wakes a sleeping worker."""
@@ -289,6 +296,8 @@ if FASTBP_OPENMP:
 def _apply_pool_env():
     from fastbp import _runtime
     _set_pool(_runtime.env_thread_pool() == "fastbp", _runtime.env_spin_us(), _runtime.env_wake_min_macs())
+    if _os.environ.get("FASTBP_SPIN_YIELD", "") == "0":  # undocumented, for measurements
+        _set_spin_yield(False)
 
 
 _apply_pool_env()
