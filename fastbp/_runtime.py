@@ -136,7 +136,9 @@ def env_spin_us(environ=None):
     except ValueError:
         v = None
     if v is None or not (0 <= v <= MAX_SPIN_US):
-        raise ValueError(f"FASTBP_SPIN_US must be a number of microseconds in 0..{MAX_SPIN_US} (or unset), got {text!r}")
+        raise ValueError(
+            f"FASTBP_SPIN_US must be a number of microseconds in 0..{MAX_SPIN_US} (or unset), got {text!r}"
+        )
     return v
 
 
