@@ -918,7 +918,9 @@ def cmd_info(args):
     if "error" in blas:
         print(f"BLAS     fastbp's OpenBLAS unavailable: {blas['error']}")
     else:
+        which = "NumPy's own OpenBLAS" if blas.get("blas") == "numpy" else "fastbp's own OpenBLAS copy"
         print(f"BLAS     fastbp: {blas['library']}")
+        print(f"         fastbp's GEMMs run on {which} ({blas.get('blas_reason')}; FASTBP_BLAS=own|numpy|auto)")
         print(
             f"         core {blas['corename']} (requested {blas['requested_coretype'] or 'none'}: "
             f"{blas['reason']}), {blas['num_threads']} threads, threading: {blas.get('threading')}"

@@ -40,6 +40,7 @@ CONFIGS = {
     "pool-spin1000": {"FASTBP_SPIN_US": "1000"},
     "pool-wake4M": {"FASTBP_WAKE_MIN_MACS": "4e6"},  # book-sized products wake no sleeping worker
     "pool-wake16M": {"FASTBP_WAKE_MIN_MACS": "16e6"},
+    "numpy-blas": {"FASTBP_BLAS": "numpy"},  # fastbp's GEMMs on NumPy's OpenBLAS and its thread pool
     # OpenMP regions (the previous default), with libgomp's spin settings
     "omp-spin0": {**_OMP},  # fastbp's GOMP_SPINCOUNT=0
     "gomp-libdefault": {**_OMP, "FASTBP_OMP_SPIN": "keep"},  # libgomp's own default spin, untouched by fastbp
@@ -180,6 +181,7 @@ def _child_env(extra):
             "FASTBP_THREAD_POOL",
             "FASTBP_SPIN_US",
             "FASTBP_WAKE_MIN_MACS",
+            "FASTBP_BLAS",
         )
     }
     env.update(extra)
