@@ -1,4 +1,10 @@
-"""How long fastbp's OpenMP worker threads spin after a parallel region before they sleep (issue 11 item 1).
+"""How long fastbp's worker threads spin after a parallel region before they sleep (issue 11 item 1).
+
+By default fastbp's parallel regions run on its own worker pool (fastbp/_threads.h): workers spin SPIN_US
+microseconds after a region (FASTBP_SPIN_US), then sleep; products below WAKE_MIN_MACS multiply-adds wake no
+sleeping worker (FASTBP_WAKE_MIN_MACS); FASTBP_THREAD_POOL=openmp opens OpenMP regions instead.  The settings
+below (GOMP_SPINCOUNT / KMP_BLOCKTIME) then apply to libgomp's team, which serves FASTBP_THREAD_POOL=openmp and
+the OpenBLAS "callback" threading mode.
 
 GNU OpenMP reads OMP_WAIT_POLICY / GOMP_SPINCOUNT once, when libgomp is loaded.  Its default (spin about 300,000
 rounds, roughly a millisecond or more) keeps fastbp's worker spinning on the other core while the book's NumPy

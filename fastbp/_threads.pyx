@@ -12,6 +12,12 @@
 #   a team there: it hangs).
 # * Called from inside a parallel region (a kernel run by another kernel's block), parallel_blocks runs its blocks
 #   serially in block order on the calling thread.
+# * Who runs the blocks (issue 11 item 1): by default fastbp's own worker pool (_threads.h): the caller and up to
+#   nthreads - 1 workers CLAIM blocks, so the caller never waits for a worker that is asleep or descheduled;
+#   workers spin FASTBP_SPIN_US (default _runtime.SPIN_US) after a region, then sleep; parallel_blocks_macs (the
+#   GEMM split) wakes a sleeping worker only for products of at least FASTBP_WAKE_MIN_MACS multiply-adds.
+#   FASTBP_THREAD_POOL=openmp opens an OpenMP region instead (libgomp's team and its spin setting, _runtime.py).
+#   region_counts() counts the regions opened (a training step's trace), pool_info() what the pool did.
 # * The C of the OpenBLAS threads callback (the "callback" threading mode of fastbp._blas) is in _threads.h.
 from cython.parallel cimport prange
 from libc.stdint cimport intptr_t
