@@ -278,10 +278,16 @@ def env_threading(environ=None):
 
 
 def check_environment(environ=None):
-    """Raise ValueError for a FASTBP_NUM_THREADS or FASTBP_BLAS_THREADING fastbp cannot use (done at import)."""
+    """Raise ValueError for a FASTBP_* threading setting fastbp cannot use (done at import)."""
     env_num_threads(environ)
     env_threading(environ)
     blas_thread_timeout(environ)
+    env_blas(environ)
+    from fastbp import _runtime  # the worker pool's settings (FASTBP_THREAD_POOL, FASTBP_SPIN_US, ...)
+
+    _runtime.env_thread_pool(environ)
+    _runtime.env_spin_us(environ)
+    _runtime.env_wake_min_macs(environ)
 
 
 def _library_path():
@@ -371,11 +377,110 @@ def ensure_loaded():
             refused=refused,
             threading=mode,
             thread_timeout=timeout,
+            blas="own",
+            blas_reason="FASTBP_BLAS=own" if env_blas() == "own" else f"FASTBP_BLAS=auto: {BLAS_AUTO}",
         )
+        want = env_blas()
+        if want == "numpy" or (want == "auto" and BLAS_AUTO == "numpy"):
+            np_blas = _use_numpy_blas(_gemm)
+            if np_blas is None:
+                warnings.warn(
+                    "fastbp: FASTBP_BLAS=numpy but NumPy uses no scipy-openblas library fastbp can call; "
+                    "fastbp's own OpenBLAS is used",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                _state["blas_reason"] = "NumPy's OpenBLAS not found"
+            else:
+                _state.update(blas="numpy", numpy_blas=np_blas, threading="numpy")
+                _state["blas_reason"] = f"FASTBP_BLAS={want}"
         return _state
 
 
 THREADING_MODES = ("split", "callback", "openblas")
+
+#: FASTBP_BLAS values: "own" (fastbp's scipy-openblas32 copy, split over fastbp's threads), "numpy" (NumPy's own
+#: OpenBLAS and its thread pool: one BLAS pool in a process that mixes NumPy's and fastbp's products; NumPy's
+#: settings are never changed), "auto" (the default; see BLAS_AUTO).
+BLAS_CHOICES = ("own", "numpy", "auto")
+
+#: What FASTBP_BLAS=auto picks.  "own": on the 2-core AMD EPYC (AVX-512) development VM, where NumPy 2.4's
+#: OpenBLAS runs the same SkylakeX kernels, fastbp's copy with its split was measured faster on the book's
+#: products (python -m fastbp.bench.loops --configs default numpy-blas; README) -- and NumPy's pool spins about
+#: 0.1 s after each of its calls, which on a loaded machine made NumPy's small products several times slower.
+BLAS_AUTO = "own"
+
+
+def env_blas(environ=None):
+    """FASTBP_BLAS (lower case, 'auto' when unset); ValueError naming the variable if not one of BLAS_CHOICES."""
+    text = (os.environ if environ is None else environ).get("FASTBP_BLAS", "")
+    v = text.strip().lower() or "auto"
+    if v not in BLAS_CHOICES:
+        raise ValueError(f"FASTBP_BLAS must be one of {BLAS_CHOICES} (or unset), got {text!r}")
+    return v
+
+
+def _numpy_openblas():
+    """(path, ctypes library, symbol suffix) of the OpenBLAS NumPy itself uses (already loaded by NumPy's import),
+    or None when NumPy does not use a scipy-openblas build."""
+    import numpy  # noqa: F401  (maps its BLAS)
+
+    paths = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                part = line.split()
+                if len(part) >= 6 and "openblas" in os.path.basename(part[-1]).lower():
+                    paths.append(part[-1])
+    except OSError:
+        pass
+    libs_dir = os.path.join(os.path.dirname(os.path.dirname(numpy.__file__)), "numpy.libs")
+    paths += sorted(glob.glob(os.path.join(libs_dir, "*openblas*")))
+    own = _library_path()
+    for path in dict.fromkeys(paths):
+        if os.path.realpath(path) == os.path.realpath(own):
+            continue
+        try:
+            lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_LOCAL", 0) | getattr(os, "RTLD_NOW", 2))
+        except OSError:
+            continue
+        for suffix in ("64_", ""):
+            if hasattr(lib, "scipy_cblas_sgemm" + suffix) and hasattr(lib, "scipy_cblas_dgemv" + suffix):
+                return path, lib, suffix
+    return None
+
+
+def _use_numpy_blas(_gemm):
+    """Point fastbp's BLAS table at NumPy's OpenBLAS (through 32-bit front ends for an ILP64 build); no split
+    (NumPy's pool threads each product as np.matmul would); returns the info dict, or None when not possible."""
+    found = _numpy_openblas()
+    if found is None:
+        return None
+    path, lib, sfx = found
+    addr = [
+        ctypes.cast(getattr(lib, f"scipy_cblas_{name}{sfx}"), ctypes.c_void_p).value
+        for name in ("sgemm", "dgemm", "sgemv", "dgemv")
+    ]
+    if sfx:
+        from fastbp import _blas64
+
+        addr = list(_blas64._set_ilp64(*addr))
+    _gemm._set_gemm(*addr)
+    _gemm._set_gemm_threads(1)
+    _gemm._set_small_mnk(0)
+    get_core = getattr(lib, f"scipy_openblas_get_corename{sfx}")
+    get_core.restype = ctypes.c_char_p
+    get_config = getattr(lib, f"scipy_openblas_get_config{sfx}")
+    get_config.restype = ctypes.c_char_p
+    get_threads = getattr(lib, f"scipy_openblas_get_num_threads{sfx}")
+    get_threads.restype = ctypes.c_int
+    return {
+        "library": path,
+        "corename": get_core().decode(),
+        "config": get_config().decode(),
+        "get_num_threads": get_threads,
+        "ilp64": bool(sfx),
+    }
 
 
 def _choose_threading(lib, kernels):
@@ -417,7 +522,7 @@ def set_num_threads(n):
         from fastbp import _kernels
 
         _kernels._set_gemm_threads(n)
-    else:
+    elif st["threading"] != "numpy":  # NumPy's pool is NumPy's: its settings are never changed
         st["lib"].scipy_openblas_set_num_threads(ctypes.c_int(n))
 
 
@@ -428,6 +533,8 @@ def get_num_threads():
         from fastbp import _kernels
 
         return _kernels._get_gemm_threads()
+    if st["threading"] == "numpy":
+        return int(st["numpy_blas"]["get_num_threads"]())
     return int(st["lib"].scipy_openblas_get_num_threads())
 
 
@@ -435,7 +542,24 @@ def info():
     """What fastbp's GEMMs call: library file, OpenBLAS config, kernel type in use, threads, and why."""
     st = ensure_loaded()
     lib = st["lib"]
+    if st["blas"] == "numpy":
+        nb = st["numpy_blas"]
+        return {
+            "blas": "numpy",
+            "blas_reason": st["blas_reason"],
+            "library": nb["library"],
+            "config": nb["config"],
+            "corename": nb["corename"],
+            "requested_coretype": None,
+            "reason": "NumPy's own OpenBLAS (its kernels and thread pool, settings untouched)",
+            "refused": None,
+            "num_threads": get_num_threads(),
+            "threading": "numpy",
+            "thread_timeout": None,
+        }
     return {
+        "blas": "own",
+        "blas_reason": st["blas_reason"],
         "library": st["library"],
         "config": lib.scipy_openblas_get_config().decode(),
         "corename": lib.scipy_openblas_get_corename().decode(),

@@ -17,7 +17,7 @@ cimport numpy as cnp
 from libc.stdlib cimport malloc, free
 from libc.stdint cimport intptr_t
 from fastbp._typedefs cimport floating
-from fastbp._threads cimport parallel_blocks, parallel_blocks_nt, threads_usable
+from fastbp._threads cimport parallel_blocks, parallel_blocks_macs, threads_usable
 from fastbp._validate cimport ftype, same_type, check_ndim, check_out, check_shape2, check_no_overlap
 import numpy as np
 # re-exported: fastbp._blas reads them here (no-cython-lint marks the deliberate unused imports)
@@ -306,9 +306,9 @@ cdef inline void _gemm_split(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssiz
     ctx.scratch = scratch
     # one block per thread: block t runs thread t's pieces (on OpenMP thread t: static schedule)
     if floating is float:
-        parallel_blocks_nt(p.nt, 1, _gemm_threads_f, &ctx, p.nt)
+        parallel_blocks_macs(p.nt, 1, _gemm_threads_f, &ctx, p.nt, <double>m * n * k)
     else:
-        parallel_blocks_nt(p.nt, 1, _gemm_threads_d, &ctx, p.nt)
+        parallel_blocks_macs(p.nt, 1, _gemm_threads_d, &ctx, p.nt, <double>m * n * k)
     if p.split == SPLIT_K:
         for t in range(1, p.nt):
             src = scratch + (t - 1) * m * n

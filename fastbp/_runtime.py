@@ -1,4 +1,10 @@
-"""How long fastbp's OpenMP worker threads spin after a parallel region before they sleep (issue 11 item 1).
+"""How long fastbp's worker threads spin after a parallel region before they sleep (issue 11 item 1).
+
+By default fastbp's parallel regions run on its own worker pool (fastbp/_threads.h): workers spin SPIN_US
+microseconds after a region (FASTBP_SPIN_US), then sleep; products below WAKE_MIN_MACS multiply-adds wake no
+sleeping worker (FASTBP_WAKE_MIN_MACS); FASTBP_THREAD_POOL=openmp opens OpenMP regions instead.  The settings
+below (GOMP_SPINCOUNT / KMP_BLOCKTIME) then apply to libgomp's team, which serves FASTBP_THREAD_POOL=openmp and
+the OpenBLAS "callback" threading mode.
 
 GNU OpenMP reads OMP_WAIT_POLICY / GOMP_SPINCOUNT once, when libgomp is loaded.  Its default (spin about 300,000
 rounds, roughly a millisecond or more) keeps fastbp's worker spinning on the other core while the book's NumPy
@@ -100,3 +106,62 @@ def apply():
 def info():
     """{'setting': what fastbp's OpenMP workers do after a region, 'by': who chose it}."""
     return dict(_info)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fastbp's own worker pool (fastbp/_threads.h): how parallel_blocks opens a region
+# ---------------------------------------------------------------------------------------------------------------
+#: Microseconds a pool worker spins after its last block before it sleeps (FASTBP_SPIN_US overrides).
+SPIN_US = 50
+
+#: Largest FASTBP_SPIN_US accepted (one second).
+MAX_SPIN_US = 1_000_000
+
+POOLS = ("fastbp", "openmp")
+
+
+def env_thread_pool(environ=None):
+    """FASTBP_THREAD_POOL (lower case): 'fastbp' (default: fastbp's own worker pool) or 'openmp' (an OpenMP region
+    per call, libgomp's team and spin setting); ValueError naming the variable otherwise."""
+    text = (os.environ if environ is None else environ).get("FASTBP_THREAD_POOL", "")
+    v = text.strip().lower() or "fastbp"
+    if v not in POOLS:
+        raise ValueError(f"FASTBP_THREAD_POOL must be one of {POOLS} (or unset), got {text!r}")
+    return v
+
+
+def env_spin_us(environ=None):
+    """FASTBP_SPIN_US as a number of microseconds in 0..MAX_SPIN_US (SPIN_US when unset or empty); ValueError
+    naming the variable otherwise."""
+    text = (os.environ if environ is None else environ).get("FASTBP_SPIN_US", "")
+    t = text.strip()
+    if not t:
+        return SPIN_US
+    try:
+        v = float(t)
+    except ValueError:
+        v = None
+    if v is None or not (0 <= v <= MAX_SPIN_US):
+        raise ValueError(
+            f"FASTBP_SPIN_US must be a number of microseconds in 0..{MAX_SPIN_US} (or unset), got {text!r}"
+        )
+    return v
+
+
+#: Smallest matrix product (multiply-adds) that wakes a sleeping pool worker (FASTBP_WAKE_MIN_MACS overrides).
+WAKE_MIN_MACS = 0
+
+
+def env_wake_min_macs(environ=None):
+    """FASTBP_WAKE_MIN_MACS as a number >= 0 (WAKE_MIN_MACS when unset or empty); ValueError naming it otherwise."""
+    text = (os.environ if environ is None else environ).get("FASTBP_WAKE_MIN_MACS", "")
+    t = text.strip()
+    if not t:
+        return WAKE_MIN_MACS
+    try:
+        v = float(t)
+    except ValueError:
+        v = None
+    if v is None or not (0 <= v < float("inf")):
+        raise ValueError(f"FASTBP_WAKE_MIN_MACS must be a number of multiply-adds >= 0 (or unset), got {text!r}")
+    return v

@@ -13,7 +13,9 @@
  */
 #ifndef FASTBP_THREADS_H
 #define FASTBP_THREADS_H
+#include <Python.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stddef.h>
 
 static int fb_omp_ok = 1;
@@ -82,5 +84,194 @@ static void fb_blas_threads(int sync, fb_dojob_t dojob, int numjobs, size_t elsi
 }
 
 static void *fb_blas_threads_address(void) { return (void *)fb_blas_threads; }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * fastbp's own worker pool (issue 11 item 1): how parallel_blocks opens a region by default.
+ *
+ * Why not an OpenMP region: libgomp reads its spin setting once, at load.  Sleeping workers (GOMP_SPINCOUNT=0)
+ * cost every region a wake-up the caller then WAITS for at the join (about 13 us on the 2-core EPYC VM, as much
+ * as the book-sized GEMM half it parallelises); spinning workers (libgomp's default, ~0.3 M rounds) hold the other
+ * core while the book's NumPy code runs between fastbp's calls, and a descheduled one stalls every join.
+ *
+ * The pool: workers 1..nthreads-1 (pthreads, created on first use, never after a fork: fb_omp_ok), one job at a
+ * time, published by a generation counter.
+ *  - Blocks are CLAIMED (an atomic ticket = generation << 32 | next block), by the caller too, which starts at
+ *    once.  The caller waits only for blocks a worker has claimed and not finished: a worker that is asleep or
+ *    descheduled when the region opens costs nothing -- the caller runs its blocks.  Block boundaries are fixed
+ *    (see _threads.pyx), so which thread runs a block never changes a result.
+ *  - After its last block a worker spins (pause) for fb_spin_ns, then sleeps on a condition variable; the caller
+ *    signals it only when some worker sleeps and the region is worth it (`wake`: parallel_blocks_macs' size
+ *    rule).  Waking costs the CALLER a system call (measured 10-100 us on the 2-core VM, loaded or not), so a
+ *    book-sized product does not wake anyone: it runs on the caller and on whichever workers are still spinning.
+ *    Back-to-back regions (a training step's GEMMs) find the worker awake; shortly after fastbp's last call it
+ *    leaves the core to NumPy.
+ * -------------------------------------------------------------------------------------------------------------*/
+#include <stdint.h>
+#include <time.h>
+
+typedef void (*fb_block_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t block);
+
+#if FASTBP_OPENMP && !defined(_WIN32) && UINTPTR_MAX > 0xffffffffu
+#define FB_POOL 1
+#else
+#define FB_POOL 0
+#endif
+
+static long long fb_spin_ns = 50000;      /* set from Python (FASTBP_SPIN_US) */
+static int fb_spin_yield = 1;             /* spinning workers call sched_yield every ~1 us (a thread waiting for
+                                             the core, the caller itself on a loaded machine, gets it) */
+static __thread int fb_pool_tid = 0;      /* 0 on the caller; 1.. on workers */
+static __thread int fb_pool_inside = 0;   /* running a block of a pool region */
+
+static int fb_pool_in_region(void) { return fb_pool_inside; }
+static int fb_pool_thread_num(void) { return fb_pool_tid; }
+
+static inline void fb_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static long long fb_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* For the _block_threads test hook: mark thread t seen (counting distinct threads); read the count. */
+static void fb_team_mark(int *seen, int t, int *distinct) {
+    if (__atomic_exchange_n(&seen[t], 1, __ATOMIC_ACQ_REL) == 0) __atomic_fetch_add(distinct, 1, __ATOMIC_ACQ_REL);
+}
+static int fb_load_int(int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static void fb_yield(void) { sched_yield(); }
+
+#if FB_POOL
+typedef struct {
+    fb_block_fn fn; void *ctx; Py_ssize_t n, block, nb; int nworkers;
+} fb_pool_job_t;
+
+static fb_pool_job_t fb_job;
+static uint64_t fb_ticket = 0;            /* generation << 32 | next block to claim */
+static unsigned fb_gen = 0;               /* generation of the current job */
+static Py_ssize_t fb_pending = 0;         /* blocks of the current job not finished */
+static int fb_sleepers = 0;
+static int fb_nworkers = 0;               /* workers created */
+static pthread_mutex_t fb_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t fb_cv = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t fb_region_mu = PTHREAD_MUTEX_INITIALIZER;   /* one region at a time */
+
+/* Claim and run blocks of generation g; returns the number run. */
+static Py_ssize_t fb_pool_work(unsigned g) {
+    Py_ssize_t done = 0;
+    for (;;) {
+        uint64_t t = __atomic_load_n(&fb_ticket, __ATOMIC_ACQUIRE);
+        if ((unsigned)(t >> 32) != g) break;
+        Py_ssize_t j = (Py_ssize_t)(t & 0xffffffffu);
+        Py_ssize_t nb = fb_job.nb;        /* stable: job g cannot end while block j is unclaimed */
+        if (j >= nb) break;
+        if (!__atomic_compare_exchange_n(&fb_ticket, &t, t + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
+        Py_ssize_t lo = j * fb_job.block;
+        Py_ssize_t hi = fb_job.n - lo <= fb_job.block ? fb_job.n : lo + fb_job.block;
+        fb_pool_inside = 1;
+        fb_job.fn(fb_job.ctx, lo, hi, j);
+        fb_pool_inside = 0;
+        __atomic_fetch_sub(&fb_pending, 1, __ATOMIC_ACQ_REL);
+        done++;
+    }
+    return done;
+}
+
+static void *fb_pool_main(void *arg) {
+    /* arg: tid in the low 32 bits, the generation current at creation in the high ones (the job about to be
+     * published is then the first this worker takes part in) */
+    int tid = (int)((uint64_t)(uintptr_t)arg & 0xffffffffu);
+    unsigned seen = (unsigned)((uint64_t)(uintptr_t)arg >> 32);
+    fb_pool_tid = tid;
+    for (;;) {
+        long long until = fb_now_ns() + fb_spin_ns;
+        unsigned g;
+        int k = 0;
+        while ((g = __atomic_load_n(&fb_gen, __ATOMIC_ACQUIRE)) == seen) {
+            fb_cpu_relax();
+            if (++k == 64) {      /* about every microsecond: out of budget? and let a waiting thread run */
+                k = 0;
+                if (fb_now_ns() >= until) break;
+                if (fb_spin_yield) sched_yield();
+            }
+        }
+        if (g == seen) {
+            pthread_mutex_lock(&fb_mu);
+            __atomic_fetch_add(&fb_sleepers, 1, __ATOMIC_SEQ_CST);
+            while ((g = __atomic_load_n(&fb_gen, __ATOMIC_SEQ_CST)) == seen)
+                pthread_cond_wait(&fb_cv, &fb_mu);
+            __atomic_fetch_sub(&fb_sleepers, 1, __ATOMIC_SEQ_CST);
+            pthread_mutex_unlock(&fb_mu);
+        }
+        seen = g;
+        if (tid <= __atomic_load_n(&fb_job.nworkers, __ATOMIC_ACQUIRE)) fb_pool_work(g);
+    }
+    return NULL;
+}
+
+static long long fb_pool_regions = 0, fb_pool_helped = 0;   /* regions; regions where a worker ran a block */
+static long long fb_pool_wakes = 0, fb_pool_wake_ns = 0;    /* regions that woke sleeping workers; time spent */
+
+/* Run the nb blocks on the caller and up to nthreads - 1 workers; 0 when done, -1 if no worker can be had. */
+static int fb_pool_run(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_fn fn, void *ctx, int nthreads,
+                       int wake) {
+    int want = nthreads - 1;
+    if (want < 1 || nb > 0xffffffffLL) return -1;
+    if (pthread_mutex_trylock(&fb_region_mu) != 0) return -1;   /* another thread's region: run serially */
+    while (fb_nworkers < want) {
+        pthread_t tid;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        uint64_t arg = ((uint64_t)fb_gen << 32) | (uint64_t)(fb_nworkers + 1);
+        int rc = pthread_create(&tid, &attr, fb_pool_main, (void *)(uintptr_t)arg);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        fb_nworkers++;
+    }
+    if (want > fb_nworkers) want = fb_nworkers;
+    if (want < 1) { pthread_mutex_unlock(&fb_region_mu); return -1; }
+    unsigned g = fb_gen + 1;
+    if (g == 0) g = 1;
+    fb_job.fn = fn; fb_job.ctx = ctx; fb_job.n = n; fb_job.block = block; fb_job.nb = nb;
+    __atomic_store_n(&fb_job.nworkers, want, __ATOMIC_RELEASE);
+    __atomic_store_n(&fb_pending, nb, __ATOMIC_RELEASE);
+    __atomic_store_n(&fb_ticket, (uint64_t)g << 32, __ATOMIC_RELEASE);
+    __atomic_store_n(&fb_gen, g, __ATOMIC_SEQ_CST);
+    if (wake && __atomic_load_n(&fb_sleepers, __ATOMIC_SEQ_CST) > 0) {
+        long long t0 = fb_now_ns();
+        pthread_mutex_lock(&fb_mu);
+        pthread_cond_broadcast(&fb_cv);
+        pthread_mutex_unlock(&fb_mu);
+        fb_pool_wake_ns += fb_now_ns() - t0;
+        fb_pool_wakes++;
+    }
+    Py_ssize_t mine = fb_pool_work(g);
+    int k = 0;
+    while (__atomic_load_n(&fb_pending, __ATOMIC_ACQUIRE) > 0) {   /* blocks a worker claimed: wait for them */
+        fb_cpu_relax();
+        if (++k == 4096) { k = 0; sched_yield(); }
+    }
+    fb_pool_regions++;
+    if (mine < nb) fb_pool_helped++;
+    pthread_mutex_unlock(&fb_region_mu);
+    return 0;
+}
+static int fb_pool_workers(void) { return fb_nworkers; }
+#else
+static long long fb_pool_regions = 0, fb_pool_helped = 0, fb_pool_wakes = 0, fb_pool_wake_ns = 0;
+static int fb_pool_run(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_fn fn, void *ctx, int nthreads,
+                       int wake) {
+    (void)n; (void)block; (void)nb; (void)fn; (void)ctx; (void)nthreads; (void)wake;
+    return -1;
+}
+static int fb_pool_workers(void) { return 0; }
+#endif
 
 #endif

@@ -12,6 +12,12 @@
 #   a team there: it hangs).
 # * Called from inside a parallel region (a kernel run by another kernel's block), parallel_blocks runs its blocks
 #   serially in block order on the calling thread.
+# * Who runs the blocks (issue 11 item 1): by default fastbp's own worker pool (_threads.h): the caller and up to
+#   nthreads - 1 workers CLAIM blocks, so the caller never waits for a worker that is asleep or descheduled;
+#   workers spin FASTBP_SPIN_US (default _runtime.SPIN_US) after a region, then sleep; parallel_blocks_macs (the
+#   GEMM split) wakes a sleeping worker only for products of at least FASTBP_WAKE_MIN_MACS multiply-adds.
+#   FASTBP_THREAD_POOL=openmp opens an OpenMP region instead (libgomp's team and its spin setting, _runtime.py).
+#   region_counts() counts the regions opened (a training step's trace), pool_info() what the pool did.
 # * The C of the OpenBLAS threads callback (the "callback" threading mode of fastbp._blas) is in _threads.h.
 from cython.parallel cimport prange
 from libc.stdint cimport intptr_t
@@ -24,8 +30,33 @@ cdef extern from "_threads.h" nogil:
     int fb_in_parallel() noexcept
     int fb_thread_num() noexcept
     void *fb_blas_threads_address() noexcept
+    ctypedef void (*fb_block_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t block) noexcept nogil
+    int FB_POOL
+    long long fb_spin_ns
+    int fb_spin_yield
+    long long fb_pool_regions
+    long long fb_pool_helped
+    long long fb_pool_wakes
+    long long fb_pool_wake_ns
+    long long fb_now_ns() noexcept
+    void fb_cpu_relax() noexcept
+    void fb_team_mark(int *seen, int t, int *distinct) noexcept
+    int fb_load_int(int *p) noexcept
+    void fb_yield() noexcept
+    int fb_pool_in_region() noexcept
+    int fb_pool_thread_num() noexcept
+    int fb_pool_workers() noexcept
+    int fb_pool_run(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_fn fn, void *ctx,
+                    int nthreads, int wake) noexcept
 
 cdef int _nthreads = 1
+cdef bint _use_pool = True             # FASTBP_THREAD_POOL: fastbp's own pool (True) or OpenMP regions
+cdef double _wake_min_macs = 0         # FASTBP_WAKE_MIN_MACS: smaller products never wake a sleeping worker
+
+# Region trace (issue 11: count the parallel regions a training step opens).  Updated by the calling thread only,
+# outside any region (a call made inside a region is not counted), so plain integers suffice.
+cdef long long _regions_opened = 0     # OpenMP parallel regions opened by parallel_blocks_nt
+cdef long long _regions_serial = 0     # calls with more than one block run on the calling thread instead
 
 
 cdef int num_threads() noexcept nogil:
@@ -45,8 +76,21 @@ cdef void parallel_blocks(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ctx
 
 cdef void parallel_blocks_nt(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ctx, int nthreads) noexcept nogil:
     """Cut [0, n) into ceil(n / block) blocks [j*block, min(n, (j+1)*block)) and call fn(ctx, lo, hi, j) once per
-    block, on a team of at most `nthreads` threads (static schedule: with as many blocks as threads, block j runs
-    on thread j); serially, in block order, for one block, one thread, a forked child or inside a parallel region."""
+    block, on a team of at most `nthreads` threads (the caller and fastbp's pool workers claim blocks; any thread
+    may run any block); serially, in block order, for one block, one thread, a forked child or inside a region."""
+    _parallel_blocks(n, block, fn, ctx, nthreads, True)
+
+
+cdef void parallel_blocks_macs(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ctx, int nthreads,
+                               double macs) noexcept nogil:
+    """parallel_blocks_nt for a matrix product of `macs` multiply-adds: below _wake_min_macs (FASTBP_WAKE_MIN_MACS)
+    no sleeping pool worker is woken (the blocks run on the caller and on workers still spinning)."""
+    _parallel_blocks(n, block, fn, ctx, nthreads, macs >= _wake_min_macs)
+
+
+cdef void _parallel_blocks(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ctx, int nthreads,
+                           bint wake) noexcept nogil:
+    global _regions_opened, _regions_serial
     cdef Py_ssize_t nb, j, lo, hi
     if n <= 0:
         return
@@ -55,11 +99,17 @@ cdef void parallel_blocks_nt(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *
     nb = (n - 1) // block + 1
     if nthreads > nb:
         nthreads = <int>nb
-    if nthreads <= 1 or not fb_omp_ok or not FASTBP_OPENMP or fb_in_parallel():
+    cdef bint nested = fb_pool_in_region() or fb_in_parallel()
+    if nthreads <= 1 or not fb_omp_ok or not FASTBP_OPENMP or nested:
+        if nb > 1 and not nested:
+            _regions_serial += 1
         for j in range(nb):
             lo = j * block
             hi = n if n - lo <= block else lo + block
             fn(ctx, lo, hi, j)
+        return
+    _regions_opened += 1
+    if _use_pool and fb_pool_run(n, block, nb, <fb_block_fn>fn, ctx, nthreads, wake) == 0:
         return
     for j in prange(nb, nogil=True, schedule="static", num_threads=nthreads):
         lo = j * block
@@ -112,6 +162,19 @@ def _get_num_threads():
     return num_threads()
 
 
+def region_counts():
+    """{'opened': OpenMP parallel regions opened so far, 'serial': multi-block calls run on the calling thread}
+    (calls made from inside a region are not counted)."""
+    return {"opened": _regions_opened, "serial": _regions_serial}
+
+
+def reset_region_counts():
+    """Set both region counters to 0."""
+    global _regions_opened, _regions_serial
+    _regions_opened = 0
+    _regions_serial = 0
+
+
 def _after_fork_in_child():
     """Called in a forked child (os.register_at_fork): no OpenMP parallel region from now on."""
     global fb_omp_ok
@@ -150,19 +213,72 @@ def _block_owners(Py_ssize_t n, Py_ssize_t block, int nthreads=0):
     return [v - 1 for v in owners]
 
 
+ctypedef struct _team_ctx:
+    long long *thread_of_block
+    int *seen            # seen[t] = 1 once thread t ran a block
+    int want             # distinct threads to wait for
+    int distinct
+    long long deadline
+
+
 cdef void _record_thread(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
-    (<long long*>ctx)[j] = fb_thread_num()
+    cdef _team_ctx *c = <_team_ctx*>ctx
+    cdef int t = fb_pool_thread_num() if fb_pool_in_region() else fb_thread_num()
+    c.thread_of_block[j] = t
+    if t < c.want:
+        fb_team_mark(c.seen, t, &c.distinct)
+    # hold the block until every thread of the team has run one (10 s at most; yielding, so that 64 threads on a
+    # loaded 2-core machine all get to run), so the answer is the team's size although the caller claims blocks
+    # as fast as it can
+    while fb_load_int(&c.distinct) < c.want and fb_now_ns() < c.deadline:
+        fb_yield()
 
 
 def _block_threads(Py_ssize_t nblocks):
-    """For tests: the OpenMP thread that ran each of nblocks one-element blocks of parallel_blocks."""
+    """For tests: the thread (0 = the caller) that ran each of nblocks one-element blocks of parallel_blocks; each
+    block waits (10 s at most) until every thread of the team has run a block."""
     import array
     got = array.array("q", [-1]) * nblocks if nblocks > 0 else array.array("q")
+    cdef int nt = num_threads()
+    seen = array.array("i", [0]) * (nt + 1)
     cdef long long[::1] o = got
-    cdef void *p = &o[0] if nblocks > 0 else NULL
+    cdef int[::1] sv = seen
+    cdef _team_ctx c
+    c.thread_of_block = &o[0] if nblocks > 0 else NULL
+    c.seen = &sv[0]
+    c.want = <int>min(nt, nblocks)
+    c.distinct = 0
+    c.deadline = fb_now_ns() + 10000000000
     with nogil:
-        parallel_blocks(nblocks, 1, _record_thread, p)
+        parallel_blocks(nblocks, 1, _record_thread, &c)
     return list(got)
+
+
+def _set_spin_yield(bint on):
+    """For measurements: spinning pool workers call sched_yield about every microsecond (True, default) or not."""
+    global fb_spin_yield
+    fb_spin_yield = on
+
+
+def _set_pool(bint use_pool, double spin_us=-1, double wake_min_macs=-1):
+    """Open regions on fastbp's own worker pool (True) or as OpenMP regions; spin_us >= 0 sets the pool's spin,
+    wake_min_macs >= 0 the smallest product that wakes a sleeping worker."""
+    global _use_pool, fb_spin_ns, _wake_min_macs
+    _use_pool = use_pool
+    if spin_us >= 0:
+        fb_spin_ns = <long long>(spin_us * 1000)
+    if wake_min_macs >= 0:
+        _wake_min_macs = wake_min_macs
+
+
+def pool_info():
+    """How parallel_blocks opens a region: {'pool': 'fastbp' | 'openmp', 'spin_us', 'workers' (created so far),
+    'regions' (pool regions run), 'helped' (those where a worker ran a block), 'wakes' (regions that had
+    to wake a sleeping worker), 'wake_us' (the caller's time spent waking them)}."""
+    return {"pool": "fastbp" if (_use_pool and FB_POOL) else "openmp", "spin_us": fb_spin_ns / 1000.0,
+            "wake_min_macs": _wake_min_macs,
+            "workers": fb_pool_workers(), "regions": fb_pool_regions, "helped": fb_pool_helped,
+            "wakes": fb_pool_wakes, "wake_us": fb_pool_wake_ns / 1000.0}
 
 
 def _reduce_blocks(partials, Py_ssize_t nblocks, Py_ssize_t width):
@@ -181,5 +297,15 @@ def _reduce_blocks(partials, Py_ssize_t nblocks, Py_ssize_t width):
 
 if FASTBP_OPENMP:
     _nthreads = _env_num_threads() or fb_omp_max_threads()
+
+
+def _apply_pool_env():
+    from fastbp import _runtime
+    _set_pool(_runtime.env_thread_pool() == "fastbp", _runtime.env_spin_us(), _runtime.env_wake_min_macs())
+    if _os.environ.get("FASTBP_SPIN_YIELD", "") == "0":  # undocumented, for measurements
+        _set_spin_yield(False)
+
+
+_apply_pool_env()
 if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_after_fork_in_child)

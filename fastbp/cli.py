@@ -857,6 +857,12 @@ def collect_info():
 
     out["openmp_wait"] = _runtime.info()
     try:
+        from fastbp import _threads
+
+        out["thread_pool"] = _threads.pool_info()
+    except Exception as e:
+        out["thread_pool"] = {"error": f"{type(e).__name__}: {e}"}
+    try:
         from fastbp import _kernels
 
         out["simd_path"] = _kernels.simd_info()
@@ -896,7 +902,15 @@ def cmd_info(args):
         print(f"kernels  {ext['file']}")
         print(f"         OpenMP: {omp}; compiler: {ext['compiler']}")
         w = info["openmp_wait"]
-        if ext["openmp"] and w:
+        pool = info.get("thread_pool", {})
+        if ext["openmp"] and pool.get("pool") == "fastbp":
+            print(
+                f"         parallel regions: fastbp's worker pool (FASTBP_THREAD_POOL=openmp for OpenMP's), workers "
+                f"spin {pool['spin_us']:g} us after a region, then sleep (FASTBP_SPIN_US); products below "
+                f"{pool['wake_min_macs']:g} multiply-adds wake no sleeping worker (FASTBP_WAKE_MIN_MACS); "
+                f"NumPy's BLAS settings untouched"
+            )
+        elif ext["openmp"] and w:
             print(
                 f"         OpenMP workers after a region: {w['setting']} (set by {w['by']}); NumPy's BLAS "
                 f"settings untouched"
@@ -904,7 +918,9 @@ def cmd_info(args):
     if "error" in blas:
         print(f"BLAS     fastbp's OpenBLAS unavailable: {blas['error']}")
     else:
+        which = "NumPy's own OpenBLAS" if blas.get("blas") == "numpy" else "fastbp's own OpenBLAS copy"
         print(f"BLAS     fastbp: {blas['library']}")
+        print(f"         fastbp's GEMMs run on {which} ({blas.get('blas_reason')}; FASTBP_BLAS=own|numpy|auto)")
         print(
             f"         core {blas['corename']} (requested {blas['requested_coretype'] or 'none'}: "
             f"{blas['reason']}), {blas['num_threads']} threads, threading: {blas.get('threading')}"

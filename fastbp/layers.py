@@ -282,8 +282,12 @@ class Affine(_GemmLayer, _ref.Affine):
     ``W -= lr * dW`` or ``numerical_gradient``'s perturbations are seen).  ``params = [W, b]`` and
     ``grads = [dW, db]`` are the same objects as the attributes; ``dW``/``db`` are written in place at each
     backward, converted to their dtype (float64 data into a float32 layer computes in float64 like NumPy, and the
-    float32 grads receive the result).  ``dx`` comes back in the shape of the input.  ``need_dx = False`` makes
-    ``backward`` skip ``dx`` (and return None): the first layer of a network does not need it.
+    float32 grads receive the result).  ``dx`` comes back in the shape of the input.
+
+    ``backward(dout, need_dx=False)`` (keyword-only; fastbp extension, not in the book) computes and writes
+    ``dW``/``db`` exactly as before but skips ``dx`` (one of the layer's three GEMMs) and returns None: the first
+    layer of a network does not need the gradient of its input.  ``Affine(W, b, need_dx=False)`` sets the same
+    for every backward of the layer; dx is computed only when neither says False.
     """
 
     def __init__(self, W, b, *, reuse=False, need_dx=True):
@@ -334,7 +338,8 @@ class Affine(_GemmLayer, _ref.Affine):
         self._xk = None
         return super().forward(x)  # NumPy's answer (float16, integers) or the reference's error
 
-    def backward(self, dout):
+    def backward(self, dout, *, need_dx=True):
+        need_dx = need_dx and self.need_dx
         xk = self._xk
         ok = self._ok
         if (
@@ -349,32 +354,31 @@ class Affine(_GemmLayer, _ref.Affine):
             and ok[0].dtype is xk.dtype
         ):
             W, dW, db = ok
-            dx = self._ws.result("dx", xk.shape, xk.dtype, dout) if self.need_dx else None
+            dx = self._ws.result("dx", xk.shape, xk.dtype, dout) if need_dx else None
             _k.affine_backward(dout, xk, W, dx, dW, db)  # checks dout's shape
             if dx is None or len(self.original_x_shape) == 2:
                 return dx
             return dx.reshape(self.original_x_shape)
-        return self._backward_any(dout)
+        return self._backward_any(dout, need_dx)
 
-    def _backward_any(self, dout):
+    def _backward_any(self, dout, need_dx):
         xk = self._xk
         if xk is None:  # before forward (the reference raises), or a NumPy forward
-            dx = super().backward(dout)
-            return dx if self.need_dx else None
+            return super().backward(dout, need_dx=need_dx)
         self._grads_checked()  # the next backward of the kernels' dtypes takes the fast path
         W = self.params[0]
         d = _ref._numeric(dout, "dout", "Affine")
         n, m = xk.shape[0], W.shape[1]
         kd = _kernel_dtype(np.result_type(d, xk, W)) if W.dtype.kind in "biuf" else None
         if d.shape != (n, m) or kd is None:
-            return super().backward(dout)  # the reference's error, or NumPy's answer
+            return super().backward(dout, need_dx=need_dx)  # the reference's error, or NumPy's answer
         ws = self._ws
         d = ws.as_dtype("dout", d, kd)
         xb = xk if xk.dtype is kd else ws.as_dtype("xb", xk, kd)
         Wk = W if W.dtype is kd else ws.as_dtype("Wb", W, kd)
         dW = self._grad_target(0, "dW", W.shape, kd)
         db = self._grad_target(1, "db", (m,), kd)
-        dx = ws.result("dx", xb.shape, kd, dout) if self.need_dx else None
+        dx = ws.result("dx", xb.shape, kd, dout) if need_dx else None
         _k.affine_backward(d, xb, Wk, dx, dW, db)
         self._store(0, dW)
         self._store(1, db)

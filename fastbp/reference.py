@@ -336,13 +336,14 @@ class Affine(_Layer):
             out = out + b
         return out
 
-    def backward(self, dout):
+    def backward(self, dout, *, need_dx=True):
+        """need_dx=False (fastbp extension, not in the book): dW and db as always, dx not computed, returns None."""
         if self.x is None:
             raise _backward_before_forward("Affine")
         W = np.asarray(self.params[0])
         x2 = self.x
         dout = _check_dout(dout, (x2.shape[0], W.shape[1]), "Affine")
-        dx = (dout @ W.T).reshape(self.original_x_shape)
+        dx = (dout @ W.T).reshape(self.original_x_shape) if need_dx else None
         _matmul_grad(self.grads, 0, x2.T, dout, "Affine")
         g = self.grads[1]
         if isinstance(g, np.ndarray) and g.shape == (dout.shape[1],) and g.dtype == dout.dtype and g.flags.writeable:

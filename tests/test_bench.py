@@ -100,6 +100,9 @@ def _row(**kw):
         (bench.Target("speedup", 3.0, "torch"), _row(), None, "SKIP"),  # torch not installed
         (bench.Target("floor", 1.4), _row(floor_ratio=1.2), 1.2, "PASS"),
         (bench.Target("floor", 1.4), _row(floor_ratio=1.6), 1.6, "MISS"),
+        (bench.Target("gemms", 1.3), _row(gemm_only_ratio=1.1), 1.1, "PASS"),
+        (bench.Target("gemms", 1.3), _row(gemm_only_ratio=1.5), 1.5, "MISS"),
+        (bench.Target("gemms", 1.3), _row(), None, "SKIP"),
         (bench.Target("alloc", 0), {"bytes_per_step": 0.0}, 0.0, "PASS"),
         (bench.Target("alloc", 0), {"bytes_per_step": 800.0}, 800.0, "MISS"),
     ],
@@ -379,3 +382,21 @@ def test_run_reports_a_failed_check_as_error(monkeypatch, tmp_path):
     assert res["rows"][0]["error"] == "dx differs"
     assert "ERROR: FAILED: dx differs" in out.getvalue()
     assert math.isfinite(res["wall_time_s"])
+
+
+@pytest.mark.parametrize("first_dx, want", [(False, 5), (True, 6)])
+def test_gemm_only_step_counts_exactly_the_products_the_step_does(first_dx, want, monkeypatch):
+    # fastbp's own nets skip the first layer's dx (need_dx=False), the book's nets compute it: the "its GEMMs"
+    # reference of a row must do the same products as its step, no more and no fewer
+    from fastbp import _kernels
+    from fastbp.bench import cases
+
+    calls = []
+    real = _kernels.gemm
+    monkeypatch.setattr(
+        _kernels, "gemm", lambda a, b, out, **kw: calls.append((a.shape, b.shape, kw)) or real(a, b, out, **kw)
+    )
+    step = cases.gemm_only_step((12, 7, 3), 4, np.float64, first_dx=first_dx)
+    step()
+    assert len(calls) == want
+    assert ((4, 7), (12, 7), {"trans_b": True}) in calls or not first_dx

@@ -184,3 +184,51 @@ def test_bad_num_threads_fails_the_import_of_the_layers(text):
 def test_set_num_threads_range():
     with pytest.raises(ValueError, match="<= 1024, got 1025"):
         _blas.set_num_threads(1025)
+
+
+# -- issue 11 item 1: FASTBP_BLAS=numpy runs fastbp's GEMMs on NumPy's own OpenBLAS ---------------------------
+def test_fastbp_blas_parsing():
+    assert _blas.env_blas({}) == "auto"
+    assert _blas.env_blas({"FASTBP_BLAS": " NumPy "}) == "numpy"
+    assert _blas.env_blas({"FASTBP_BLAS": "own"}) == "own"
+    with pytest.raises(ValueError, match=r"FASTBP_BLAS must be one of \('own', 'numpy', 'auto'\)"):
+        _blas.env_blas({"FASTBP_BLAS": "mkl"})
+
+
+_NUMPY_BLAS_PROBE = r"""
+import json, numpy as np
+from fastbp import _blas, _kernels
+rng = np.random.default_rng(0)
+worst = 0.0
+for dt in (np.float32, np.float64):
+    for m, k, n, ta, tb in [(100, 784, 50, 0, 0), (784, 100, 50, 1, 0), (100, 50, 784, 0, 1), (1, 300, 7, 0, 0),
+                            (1, 300, 7, 0, 1), (257, 129, 65, 1, 1), (3, 0, 4, 0, 0)]:
+        a = rng.standard_normal((k, m) if ta else (m, k)).astype(dt)
+        b = rng.standard_normal((n, k) if tb else (k, n)).astype(dt)
+        out = np.full((m, n), np.nan, dt)
+        _kernels.gemm(a, b, out, trans_a=bool(ta), trans_b=bool(tb))
+        want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
+        err = float(np.max(np.abs(out - want), initial=0.0))
+        worst = max(worst, err / max(1.0, float(np.max(np.abs(want), initial=0.0))))
+info = _blas.info()
+print(json.dumps({"blas": info["blas"], "library": info["library"], "threading": info["threading"], "worst": worst}))
+"""
+
+
+@pytest.mark.parametrize("value", ["numpy", "own"])
+def test_numpy_blas_choice_runs_every_gemm_right(value):
+    import json
+
+    e = dict(os.environ, PYTHONPATH=str(ROOT), FASTBP_BLAS=value)
+    r = subprocess.run(
+        [sys.executable, "-c", _NUMPY_BLAS_PROBE], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["worst"] < 1e-4, got
+    if value == "own":
+        assert got["blas"] == "own" and "scipy_openblas32" in got["library"]
+    elif got["blas"] == "numpy":  # NumPy built on scipy-openblas (the wheels): its library, its pool
+        assert "scipy_openblas32" not in got["library"] and got["threading"] == "numpy"
+    else:
+        assert "RuntimeWarning" in r.stderr

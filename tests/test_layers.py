@@ -1037,6 +1037,39 @@ def test_affine_need_dx_false_still_computes_dW_db(dtype):
     assert_close(layer.db, dout.astype(F64).sum(0), dtype)
 
 
+@with_modules
+@with_dtypes
+@pytest.mark.parametrize("x_dtype", ["same", "f32", "f64"], ids=["x-same", "x-f32", "x-f64"])
+def test_affine_backward_need_dx_keyword_skips_dx_only(M, dtype, x_dtype):
+    # common API (fastbp extension): backward(dout, need_dx=False) writes dW/db exactly as the default call and
+    # returns None; mixed dtypes take the layer's conversion path, N-D input the reshape path
+    rng = _rng("need-dx-kw")
+    W, b = rng.standard_normal((6, 3)).astype(dtype), rng.standard_normal(3).astype(dtype)
+    xd = dtype if x_dtype == "same" else {"f32": np.float32, "f64": np.float64}[x_dtype]
+    x = rng.standard_normal((4, 2, 3)).astype(xd)
+    dout = rng.standard_normal((4, 3)).astype(np.result_type(xd, dtype))
+    full, skip = M.Affine(W, b), M.Affine(W, b)
+    full.forward(x)
+    skip.forward(x)
+    dx = full.backward(dout)
+    assert dx.shape == x.shape
+    assert skip.backward(dout, need_dx=False) is None
+    np.testing.assert_array_equal(skip.dW, full.dW)
+    np.testing.assert_array_equal(skip.db, full.db)
+    assert skip.grads[0] is skip.dW and skip.dW.dtype == W.dtype
+    # the default still returns dx after a skipped call
+    np.testing.assert_array_equal(skip.backward(dout), dx)
+
+
+@with_modules
+def test_affine_need_dx_keyword_before_forward_raises_like_the_default(M):
+    with pytest.raises(RuntimeError, match="before Affine.forward") as a:
+        M.Affine(np.ones((2, 2)), np.zeros(2)).backward(np.ones((1, 2)), need_dx=False)
+    with pytest.raises(RuntimeError) as b:
+        M.Affine(np.ones((2, 2)), np.zeros(2)).backward(np.ones((1, 2)))
+    assert str(a.value) == str(b.value)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: a clear exception naming what was expected and what came
 # ---------------------------------------------------------------------------------------------------------------

@@ -317,3 +317,50 @@ def test_allocation_measurement_sees_numpy_temporaries():
     small, _ = _alloc_case("relu", 1, np.float32, "reference", SGD)
     big, _ = _alloc_case("relu", 2, np.float64, "reference", SGD)
     assert big > small + 4096
+
+
+@pytest.mark.parametrize("backend", ["fastbp", "reference"])
+def test_gradient_asks_the_first_affine_for_no_dx_on_the_fastbp_backend_only(backend, monkeypatch):
+    # common API: fastbp's own nets pass need_dx=False to the first layer's backward (the images' gradient is
+    # never used); the reference backend (the book's algorithm, the benchmarks' NumPy baseline) computes it
+    np.random.seed(0)
+    net = MultiLayerNet(12, [7, 5], 3, backend=backend)
+    x, t = np.random.rand(4, 12), np.array([0, 2, 1, 2])
+    want = {k: np.array(v) for k, v in MultiLayerNet(12, [7, 5], 3, backend="reference").gradient(x, t).items()}
+    np.random.seed(0)
+    calls = []
+    for name in ("Affine1", "Affine2"):
+        layer = net.layers[name]
+        orig = layer.backward
+
+        def spy(dout, *, need_dx=True, _orig=orig, _name=name):
+            calls.append((_name, need_dx))
+            out = _orig(dout, need_dx=need_dx)
+            assert (out is None) == (not need_dx or not getattr(net.layers[_name], "need_dx", True))
+            return out
+
+        monkeypatch.setattr(layer, "backward", spy)
+    got = net.gradient(x, t)
+    assert calls == [("Affine2", True), ("Affine1", backend != "fastbp")]
+    np.random.seed(0)
+    ref = MultiLayerNet(12, [7, 5], 3, backend="reference")
+    for k in want:
+        np.testing.assert_allclose(got[k], ref.gradient(x, t)[k], rtol=1e-12, atol=1e-14)
+
+
+def test_two_layer_net_step_opens_two_regions_for_its_two_large_products():
+    # 784-50-10 batch 100: x @ W1 and x.T @ dout1 are the only products above the split threshold (no dx GEMM
+    # for the first layer); ReLU, bias, softmax and SGD stay on the calling thread at this size
+    from fastbp import _kernels, _threads
+
+    if _kernels.build_info()["num_threads"] < 2:
+        pytest.skip("one thread: no region is ever opened")
+    np.random.seed(1)
+    net = TwoLayerNet(784, 50, 10, dtype=np.float32)
+    opt = SGD(lr=0.1)
+    x, t = np.random.rand(100, 784).astype(np.float32), np.random.randint(0, 10, 100)
+    opt.update(net.params, net.gradient(x, t))
+    _threads.reset_region_counts()
+    for _ in range(3):
+        opt.update(net.params, net.gradient(x, t))
+    assert _threads.region_counts() == {"opened": 6, "serial": 0}

@@ -13,7 +13,16 @@ import pytest
 from fastbp import _kernels, _runtime
 
 ROOT = Path(__file__).resolve().parents[1]
-VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "FASTBP_OMP_SPIN", "FASTBP_NUM_THREADS")
+VARS = (
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "KMP_BLOCKTIME",
+    "FASTBP_OMP_SPIN",
+    "FASTBP_NUM_THREADS",
+    "FASTBP_THREAD_POOL",
+    "FASTBP_SPIN_US",
+    "FASTBP_WAKE_MIN_MACS",
+)
 
 # After fastbp's import: the environment, what fastbp reports, and the CPU seconds the process's threads other
 # than the main one use during an idle 0.2 s right after a parallel kernel (a spinning OpenMP worker shows).
@@ -34,13 +43,17 @@ spins = []
 for _ in range(2):
     K.relu_forward(x, out, mask)
     c0 = others(); time.sleep(0.2); spins.append(others() - c0)
+from fastbp import _threads
 print(json.dumps({"env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
-                  "info": _runtime.info(), "idle_worker_cpu_s": min(spins), "threads": K.build_info()["num_threads"]}))
+                  "info": _runtime.info(), "idle_worker_cpu_s": min(spins), "threads": K.build_info()["num_threads"],
+                  "pool": _threads.pool_info()}))
 """
 
 
 def _run(**env):
+    """The probe in a fresh process; libgomp's team opens the regions unless FASTBP_THREAD_POOL is given."""
     e = {k: v for k, v in os.environ.items() if k not in VARS}
+    e["FASTBP_THREAD_POOL"] = "openmp"
     e.update(env)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     r = subprocess.run(
@@ -124,3 +137,48 @@ def test_blas_thread_timeout_reaches_only_fastbps_copy_and_is_validated():
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == [6, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fastbp's own worker pool (the default way parallel_blocks opens a region)
+# ---------------------------------------------------------------------------------------------------------------
+@needs_omp
+def test_pool_is_the_default_and_its_workers_sleep_after_the_spin():
+    got = _run(FASTBP_NUM_THREADS="2", FASTBP_THREAD_POOL="")
+    assert got["pool"]["pool"] == "fastbp" and got["pool"]["spin_us"] == _runtime.SPIN_US
+    assert got["pool"]["workers"] == 1 and got["pool"]["regions"] >= 2
+    assert got["idle_worker_cpu_s"] < 0.05, got  # spins SPIN_US (50 us), then sleeps through the idle 0.2 s
+
+
+@needs_omp
+def test_pool_spin_setting_reaches_the_workers():
+    # a 0.5 s spin keeps the worker busy through the idle 0.2 s after the region; 0 lets it sleep at once
+    long = _run(FASTBP_NUM_THREADS="2", FASTBP_THREAD_POOL="fastbp", FASTBP_SPIN_US="500000")
+    short = _run(FASTBP_NUM_THREADS="2", FASTBP_THREAD_POOL="fastbp", FASTBP_SPIN_US="0")
+    assert long["pool"]["spin_us"] == 500000 and short["pool"]["spin_us"] == 0
+    assert short["idle_worker_cpu_s"] < 0.05, short
+    assert long["idle_worker_cpu_s"] > short["idle_worker_cpu_s"] + 0.05, (long, short)
+
+
+def test_pool_environment_parsing():
+    assert _runtime.env_thread_pool({}) == "fastbp"
+    assert _runtime.env_thread_pool({"FASTBP_THREAD_POOL": " OpenMP "}) == "openmp"
+    assert _runtime.env_spin_us({}) == _runtime.SPIN_US
+    assert _runtime.env_spin_us({"FASTBP_SPIN_US": " 12.5 "}) == 12.5
+    assert _runtime.env_wake_min_macs({}) == _runtime.WAKE_MIN_MACS
+    assert _runtime.env_wake_min_macs({"FASTBP_WAKE_MIN_MACS": "4e6"}) == 4e6
+    with pytest.raises(ValueError, match="FASTBP_THREAD_POOL must be one of"):
+        _runtime.env_thread_pool({"FASTBP_THREAD_POOL": "gomp"})
+    for bad in ("-1", "x", "nan", "inf", "2000000"):
+        with pytest.raises(ValueError, match=r"FASTBP_SPIN_US must be a number of microseconds in 0\.\.1000000"):
+            _runtime.env_spin_us({"FASTBP_SPIN_US": bad})
+    for bad in ("-1", "lots", "nan", "inf"):
+        with pytest.raises(ValueError, match="FASTBP_WAKE_MIN_MACS must be a number of multiply-adds"):
+            _runtime.env_wake_min_macs({"FASTBP_WAKE_MIN_MACS": bad})
+    # a bad value fails the import, naming the variable
+    e = {k: v for k, v in os.environ.items() if k not in VARS}
+    e.update(FASTBP_SPIN_US="soon", PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, "-c", "import fastbp.layers"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode != 0 and "FASTBP_SPIN_US must be" in r.stderr, r.stderr[-2000:]

@@ -29,15 +29,27 @@ import sys
 import time
 
 #: Process settings measured: environment of the worker subprocess (none of them is NumPy's).
+_OMP = {"FASTBP_THREAD_POOL": "openmp"}  # regions as OpenMP regions (libgomp's team and spin) instead of the pool
 CONFIGS = {
     "default": {},  # whatever fastbp does by itself
-    "gomp-libdefault": {"FASTBP_OMP_SPIN": "keep"},  # libgomp's own default spin, untouched by fastbp
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # fastbp's OpenMP workers sleep at once after a region
-    "spin1k": {"GOMP_SPINCOUNT": "1000"},
-    "spin3k": {"GOMP_SPINCOUNT": "3000"},
-    "spin10k": {"GOMP_SPINCOUNT": "10000"},
-    "spin30k": {"GOMP_SPINCOUNT": "30000"},
-    "active": {"OMP_WAIT_POLICY": "ACTIVE"},  # workers spin (practically) for ever
+    # fastbp's worker pool (the default): how long a worker spins after a region, which products wake a sleeper
+    "pool-spin0": {"FASTBP_SPIN_US": "0"},
+    "pool-spin20": {"FASTBP_SPIN_US": "20"},
+    "pool-spin50": {"FASTBP_SPIN_US": "50"},
+    "pool-spin200": {"FASTBP_SPIN_US": "200"},
+    "pool-spin1000": {"FASTBP_SPIN_US": "1000"},
+    "pool-wake4M": {"FASTBP_WAKE_MIN_MACS": "4e6"},  # book-sized products wake no sleeping worker
+    "pool-wake16M": {"FASTBP_WAKE_MIN_MACS": "16e6"},
+    "numpy-blas": {"FASTBP_BLAS": "numpy"},  # fastbp's GEMMs on NumPy's OpenBLAS and its thread pool
+    # OpenMP regions (the previous default), with libgomp's spin settings
+    "omp-spin0": {**_OMP},  # fastbp's GOMP_SPINCOUNT=0
+    "gomp-libdefault": {**_OMP, "FASTBP_OMP_SPIN": "keep"},  # libgomp's own default spin, untouched by fastbp
+    "passive": {**_OMP, "OMP_WAIT_POLICY": "PASSIVE"},  # fastbp's OpenMP workers sleep at once after a region
+    "spin1k": {**_OMP, "GOMP_SPINCOUNT": "1000"},
+    "spin3k": {**_OMP, "GOMP_SPINCOUNT": "3000"},
+    "spin10k": {**_OMP, "GOMP_SPINCOUNT": "10000"},
+    "spin30k": {**_OMP, "GOMP_SPINCOUNT": "30000"},
+    "active": {**_OMP, "OMP_WAIT_POLICY": "ACTIVE"},  # workers spin (practically) for ever
     "1thread": {"FASTBP_NUM_THREADS": "1"},  # every product and kernel single-threaded
     # fastbp's OpenBLAS spin before its idle workers sleep (only where that pool runs: threading mode
     # "openblas", e.g. a build without OpenMP); NumPy's copy keeps its own setting
@@ -136,14 +148,21 @@ def worker(rounds, seconds, loops_wanted):
             order = list(impls) if r % 2 == 0 else list(impls)[::-1]
             for k in order:
                 times[k].append(_time_batch(impls[k], numbers[k]))
+        from fastbp import _threads
+
+        _threads.reset_region_counts()
+        for _ in range(10):
+            impls["fastbp"]()
+        regions = _threads.region_counts()["opened"] / 10
         out[name] = {
             "fastbp_s": times["fastbp"],
             "book_s": times["book"],
             "ratio": [b / f for b, f in zip(times["book"], times["fastbp"])],
+            "regions": [regions],
         }
-    from fastbp import _runtime
+    from fastbp import _runtime, _threads
 
-    out["_runtime"] = _runtime.info()
+    out["_runtime"] = {**_runtime.info(), "pool": _threads.pool_info()}
     return out
 
 
@@ -159,6 +178,10 @@ def _child_env(extra):
             "FASTBP_OMP_SPIN",
             "FASTBP_BLAS_THREADING",
             "FASTBP_BLAS_THREAD_TIMEOUT",
+            "FASTBP_THREAD_POOL",
+            "FASTBP_SPIN_US",
+            "FASTBP_WAKE_MIN_MACS",
+            "FASTBP_BLAS",
         )
     }
     env.update(extra)
@@ -190,7 +213,7 @@ def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr):
             got = json.loads(r.stdout.strip().splitlines()[-1])
             results[c]["_runtime"] = got.pop("_runtime")
             for loop, v in got.items():
-                acc = results[c].setdefault(loop, {"fastbp_s": [], "book_s": [], "ratio": []})
+                acc = results[c].setdefault(loop, {"fastbp_s": [], "book_s": [], "ratio": [], "regions": []})
                 for k in acc:
                     acc[k] += v[k]
             if log:
@@ -213,7 +236,9 @@ def _q(xs):
 
 def report(results, loops_wanted):
     lines = [
-        "| config | " + " | ".join(f"{loop} book/fastbp (IQR); fastbp step" for loop in loops_wanted) + " |",
+        "| config | "
+        + " | ".join(f"{loop} book/fastbp (IQR); fastbp step; regions/step" for loop in loops_wanted)
+        + " |",
         "|---|" + "---|" * len(loops_wanted),
     ]
     for c, res in results.items():
@@ -223,7 +248,7 @@ def report(results, loops_wanted):
             lo, hi = _q(v["ratio"])
             cells.append(
                 f"{statistics.median(v['ratio']):.2f}x ({lo:.2f}-{hi:.2f}); "
-                f"{statistics.median(v['fastbp_s']) * 1e6:.0f} µs"
+                f"{statistics.median(v['fastbp_s']) * 1e6:.0f} µs; {max(v['regions'], default=0):g} regions"
             )
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
