@@ -162,7 +162,9 @@ def _get_small_mnk():
 # multiply-adds whose three dimensions are all at least BLAS_THREADED_MIN_DIM (the shapes measured; tall-skinny
 # products such as im2col's keep their pieces), called from outside any parallel region on more than one thread,
 # take this route: OpenBLAS's thread count (a global of the library, 1 otherwise) is raised to
-# min(threads, _blas_max_threads) for the call, under a lock so that two Python threads take turns.  Results:
+# min(threads, _blas_max_threads) for the call, under a lock so that two Python threads take turns (a GEMM that
+# another Python thread runs meanwhile as pieces may then see OpenBLAS threaded: its pieces still compute the same
+# product, the callback running any nested jobs on threads of their own, only slower).  Results:
 # OpenBLAS's threaded driver may block K differently from its single-threaded one, so a product agrees across
 # thread counts to rounding (as the pieces already do), and is reproducible for a given thread count.
 cdef set_threads_fn _blas_set_threads = NULL   # OpenBLAS's openblas_set_num_threads (NULL: route off)
