@@ -31,7 +31,11 @@ PATH_ENV = {"native": None, "avx2": "AVX512F", "baseline": "AVX"}
 N = 1 << 23
 
 
-def _interleave(impls, rounds, seconds):
+def _interleave(impls, rounds, seconds, gap=0.0):
+    """Per-call times of each implementation in `rounds` rounds (order rotating); with `gap`, an idle pause before
+    each batch so that the thread pool of the previous one (NumPy's OpenBLAS spins ~0.1 s) has gone to sleep."""
+    import time
+
     from fastbp.bench.harness import _time_batch, calibrate
 
     numbers = {k: calibrate(f, seconds)[0] for k, f in impls.items()}
@@ -40,6 +44,9 @@ def _interleave(impls, rounds, seconds):
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            if gap:
+                time.sleep(gap)
+            impls[name]()
             impls[name]()
             times[name].append(_time_batch(impls[name], numbers[name]))
     return times
@@ -118,7 +125,7 @@ def _gemm_rows(rows, rounds, seconds):
         }
         flops = 2.0 * 100 * 784 * 50
         for name, (f, g) in shapes.items():
-            t = _interleave({"fastbp": f, "numpy": g}, rounds, seconds)
+            t = _interleave({"fastbp": f, "numpy": g}, rounds, seconds, gap=0.15)
             rows[f"GEMM {name} {np.dtype(dt).name} GFLOP/s (vs np.matmul)"] = {
                 "kernel_gbs": flops / statistics.median(t["fastbp"]) / 1e9,
                 "copyto_gbs": flops / statistics.median(t["numpy"]) / 1e9,
