@@ -387,9 +387,10 @@ def ensure_loaded():
 THREADING_MODES = ("split", "callback", "openblas")
 
 #: In the split mode, products of at least this many multiply-adds run as one OpenBLAS call that OpenBLAS threads
-#: itself, its jobs on fastbp's OpenMP team (it packs the shared operand once; measured in fastbp/_gemm.pyx).
-#: FASTBP_BLAS_THREADED_MIN overrides it (0: never).
-BLAS_THREADED_MNK = 32_000_000
+#: itself, its jobs on fastbp's OpenMP team (it packs the shared operand once; measured in fastbp/_gemm.pyx on
+#: products of 2e8 to 3e8 multiply-adds, so the threshold stays below those and well above the book's networks'
+#: 4e6 to 8e6).  FASTBP_BLAS_THREADED_MIN overrides it (0: never).
+BLAS_THREADED_MNK = 100_000_000
 
 
 def env_blas_threaded_min(environ=None):
