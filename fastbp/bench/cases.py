@@ -236,7 +236,33 @@ def train_case(key, title, sizes, batch, dtype, torch, targets, lr=0.1, with_gem
     flops = step_gemm_flops(batch, sizes)
     if with_gemm_only:
         impls["gemm-only"] = gemm_only_step(sizes, batch, dtype)
+        pieces = _gemm_only_in_pieces(impls["gemm-only"])
+        if pieces is not None:
+            impls["gemm-only-pieces"] = pieces
     return Case(key, title, impls, check, flops, targets)
+
+
+def _gemm_only_in_pieces(step):
+    """`step` with the route of the largest products to OpenBLAS's own threads turned off for its duration (every
+    product cut into independent pieces, as with FASTBP_BLAS_THREADED_MIN=0), or None when the route is off."""
+    import ctypes
+
+    from fastbp import _blas, _gemm
+
+    thr = _gemm._get_blas_threaded_min()
+    if not thr or _blas.info()["threading"] != "split" or _gemm._get_gemm_threads() < 2:
+        return None
+    setter = ctypes.cast(_blas.ensure_loaded()["lib"].scipy_openblas_set_num_threads, ctypes.c_void_p).value
+    cpus = _blas._usable_cpus()
+
+    def pieces():
+        _gemm._set_blas_threaded(setter, 0.0, cpus)
+        try:
+            step()
+        finally:
+            _gemm._set_blas_threaded(setter, thr, cpus)
+
+    return pieces
 
 
 def gemm_only_step(sizes, batch, dtype, first_dx=False):

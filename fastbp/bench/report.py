@@ -317,6 +317,11 @@ def run(args, out=None):
                     f"; the step's GEMMs alone (same shapes, fastbp's BLAS) "
                     f"{fmt_time(r['median_s']['gemm-only'])}: step = {r['gemm_only_ratio']:.2f}x GEMMs"
                 )
+                if "gemm-only-pieces" in r["median_s"]:
+                    extra += (
+                        f" (every product in independent pieces, FASTBP_BLAS_THREADED_MIN=0: "
+                        f"{fmt_time(r['median_s']['gemm-only-pieces'])})"
+                    )
             print(
                 f"  {r['title']}: GEMM floor {fmt_time(r['floor_s'])} ({r['flops'] / 1e9:.2f} GFLOP at "
                 f"{peak['best_sgemm_gflops']:.0f} GFLOP/s), step {fmt_time(r['median_s']['fastbp'])} = "
