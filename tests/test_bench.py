@@ -410,3 +410,17 @@ def test_run_reports_a_failed_check_as_error(monkeypatch, tmp_path):
     assert res["rows"][0]["error"] == "dx differs"
     assert "ERROR: FAILED: dx differs" in out.getvalue()
     assert math.isfinite(res["wall_time_s"])
+
+
+def test_gemm_only_in_pieces_turns_the_blas_route_off_for_its_call_only():
+    from fastbp import _blas, _gemm
+    from fastbp.bench import cases
+
+    seen = []
+    pieces = cases._gemm_only_in_pieces(lambda: seen.append(_gemm._get_blas_threaded_min()))
+    before = _gemm._get_blas_threaded_min()
+    if not before or _blas.info()["threading"] != "split" or _gemm._get_gemm_threads() < 2:
+        assert pieces is None  # nothing to compare: the route is off already
+        return
+    pieces()
+    assert seen == [0.0] and _gemm._get_blas_threaded_min() == before
