@@ -362,7 +362,8 @@ TARGET static void NAME(long n, const T *x, T *out)                             
         T v = x[i];                                                                                           \
         T e = EXP(COPYSIGN(v, (T)-1));              /* exp(-|v|): one OR of the sign bit */                   \
         T s = (T)1 / ((T)1 + e);                                                                              \
-        out[i] = (v >= 0 ? (T)1 : e) * s;                                                                     \
+        T one = (T)(v >= 0);                        /* numerator max(e, one): 1 if v >= 0 (e <= 1), else e */ \
+        out[i] = (e > one ? e : one) * s;           /* NaN: s is NaN */                                       \
     }                                                                                                         \
 }
 
