@@ -288,6 +288,15 @@ def check_environment(environ=None):
     _runtime.env_thread_pool(environ)
     _runtime.env_spin_us(environ)
     _runtime.env_wake_min_macs(environ)
+    env_blas_threaded_min(environ)
+
+
+def _usable_cpus():
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _library_path():
@@ -482,6 +491,26 @@ def _use_numpy_blas(_gemm):
         "ilp64": bool(sfx),
     }
 
+#: In the split mode, products of at least this many multiply-adds run as one OpenBLAS call that OpenBLAS threads
+#: itself, its jobs on fastbp's OpenMP team (it packs the shared operand once; measured in fastbp/_gemm.pyx on
+#: products of 2e8 to 3e8 multiply-adds, so the threshold stays below those and well above the book's networks'
+#: 4e6 to 8e6).  FASTBP_BLAS_THREADED_MIN overrides it (0: never).
+BLAS_THREADED_MNK = 100_000_000
+
+
+def env_blas_threaded_min(environ=None):
+    """FASTBP_BLAS_THREADED_MIN as a float >= 0 (default BLAS_THREADED_MNK); ValueError naming the variable."""
+    text = (os.environ if environ is None else environ).get("FASTBP_BLAS_THREADED_MIN", "").strip()
+    if not text:
+        return float(BLAS_THREADED_MNK)
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0 or v == float("inf"):
+        raise ValueError(f"FASTBP_BLAS_THREADED_MIN must be a number of multiply-adds >= 0, got {text!r}")
+    return v
+
 
 def _choose_threading(lib, kernels):
     """Set up how fastbp's GEMMs use threads (before any BLAS call, as OpenBLAS requires); returns the mode.
@@ -501,6 +530,12 @@ def _choose_threading(lib, kernels):
     if mode == "split":
         lib.scipy_openblas_set_num_threads(ctypes.c_int(1))
         kernels._set_gemm_threads(n or kernels.build_info()["openmp_max_threads"])
+        # the largest products: one OpenBLAS call threaded by OpenBLAS, its jobs on fastbp's team (_gemm.pyx)
+        callback = kernels._blas_threads_callback()
+        if callback:
+            lib.scipy_openblas_set_threads_callback_function(ctypes.c_void_p(callback))
+            setter = ctypes.cast(lib.scipy_openblas_set_num_threads, ctypes.c_void_p).value
+            kernels._set_blas_threaded(setter, env_blas_threaded_min(), _usable_cpus())
     else:
         if mode == "callback":
             lib.scipy_openblas_set_threads_callback_function(ctypes.c_void_p(kernels._blas_threads_callback()))
@@ -569,7 +604,15 @@ def info():
         "num_threads": get_num_threads(),
         "threading": st["threading"],
         "thread_timeout": st["thread_timeout"],
+        "blas_threaded_min": _blas_threaded_min(),
     }
+
+
+def _blas_threaded_min():
+    """Multiply-adds from which a product runs on OpenBLAS's own threads in the split mode (0: never)."""
+    from fastbp import _gemm
+
+    return _gemm._get_blas_threaded_min()
 
 
 # A setting fastbp cannot use is an error at import (the modules that run kernels import this one), not a bare

@@ -12,7 +12,10 @@
 #   no `.T` copies are made.
 # * Threads: with OpenMP, OpenBLAS runs single-threaded and a large product is cut into independent pieces, each
 #   a single-threaded BLAS call, handed out round-robin to fastbp's threads through _threads.parallel_blocks
-#   (piece arithmetic below).
+#   (piece arithmetic below).  The largest products (at least _blas_threaded_min multiply-adds, called outside
+#   any parallel region) are instead one OpenBLAS call that OpenBLAS threads itself, its jobs running on
+#   fastbp's OpenMP team through the threads callback (_threads.h): OpenBLAS's threads share one packed copy of
+#   the operand they all read, where independent pieces each pack their own (see "OpenBLAS's own threads").
 cimport numpy as cnp
 from libc.stdlib cimport malloc, free
 from libc.stdint cimport intptr_t
@@ -24,6 +27,26 @@ import numpy as np
 from fastbp._threads import build_info, _blas_threads_callback  # no-cython-lint
 
 cnp.import_array()
+
+cdef extern from *:
+    """
+    #include <pthread.h>
+    #if FASTBP_OPENMP
+    #include <omp.h>
+    static int fb_gemm_in_parallel(void) { return omp_in_parallel(); }
+    #else
+    static int fb_gemm_in_parallel(void) { return 0; }
+    #endif
+    /* OpenBLAS's thread count is one global: the threaded calls of several Python threads take turns */
+    static pthread_mutex_t fb_gemm_blas_lock = PTHREAD_MUTEX_INITIALIZER;
+    static void fb_gemm_lock(void) { pthread_mutex_lock(&fb_gemm_blas_lock); }
+    static void fb_gemm_unlock(void) { pthread_mutex_unlock(&fb_gemm_blas_lock); }
+    """
+    int fb_gemm_in_parallel() noexcept nogil
+    void fb_gemm_lock() noexcept nogil
+    void fb_gemm_unlock() noexcept nogil
+
+ctypedef void (*set_threads_fn)(int n) noexcept nogil
 
 cdef blas_table _blas
 
@@ -122,6 +145,76 @@ def _set_small_mnk(double mnk):
 
 def _get_small_mnk():
     return _small_mnk
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OpenBLAS's own threads for the largest products
+# ---------------------------------------------------------------------------------------------------------------
+# Independent pieces each pack the operand they share (split N: all of op(A)); OpenBLAS's threaded driver packs
+# it once, each thread a slice, and synchronises its threads around the shared buffer.  Measured on the 2-core
+# AVX-512 EPYC (the products of the MultiLayerNet 784-1024-1024-10 batch-256 step, one after the other, while the
+# 2048^3 sgemm reached its idle 197-203 GFLOP/s): the eight products took 16.6 ms as pieces, 13.4 ms threaded by
+# OpenBLAS on fastbp's team (13.0 ms on OpenBLAS's own pthreads); the 256x1024x1024 ones with a transposed operand
+# ran at 131-146 GFLOP/s as pieces, 174-199 threaded by OpenBLAS.  OpenBLAS's threads wait for each other, so on
+# a machine whose cores are busy with other work they lose far more than independent pieces do (measured on the
+# loaded machine: 74 ms against 40 ms for the same products; FASTBP_NUM_THREADS=1 is the advice there, see the
+# README, and FASTBP_BLAS_THREADED_MIN=0 turns this route off).  Products of at least _blas_threaded_min
+# multiply-adds whose three dimensions are all at least BLAS_THREADED_MIN_DIM (the shapes measured; tall-skinny
+# products such as im2col's keep their pieces), called from outside any parallel region on more than one thread,
+# take this route: OpenBLAS's thread count (a global of the library, 1 otherwise) is raised to
+# min(threads, _blas_max_threads) for the call, under a lock so that two Python threads take turns (a GEMM that
+# another Python thread runs meanwhile as pieces may then see OpenBLAS threaded: its pieces still compute the same
+# product, the callback running any nested jobs on threads of their own, only slower).  Results:
+# OpenBLAS's threaded driver may block K differently from its single-threaded one, so a product agrees across
+# thread counts to rounding (as the pieces already do), and is reproducible for a given thread count.
+cdef set_threads_fn _blas_set_threads = NULL   # OpenBLAS's openblas_set_num_threads (NULL: route off)
+cdef double _blas_threaded_min = 0             # m * n * k from which OpenBLAS threads a product itself; 0: never
+cdef int _blas_max_threads = 1                 # at most this many OpenBLAS threads (the CPUs fastbp may use)
+cdef Py_ssize_t BLAS_THREADED_MIN_DIM = 128    # and only when m, n and k are all at least this
+
+
+def _set_blas_threaded(intptr_t set_threads_address, double min_mnk, int max_threads):
+    """Route products of at least min_mnk multiply-adds to OpenBLAS's own threads (its jobs on fastbp's team
+    through the threads callback, which the caller installed), on at most max_threads threads; set_threads_address
+    is OpenBLAS's openblas_set_num_threads.  A zero address or min_mnk turns the route off."""
+    global _blas_set_threads, _blas_threaded_min, _blas_max_threads
+    if min_mnk < 0:
+        raise ValueError(f"threaded-BLAS size must be >= 0, got {min_mnk}")
+    if max_threads < 1:
+        raise ValueError(f"max_threads must be >= 1, got {max_threads}")
+    _blas_threaded_min = 0     # off while the pointer changes
+    _blas_set_threads = <set_threads_fn>set_threads_address
+    _blas_max_threads = max_threads
+    _blas_threaded_min = min_mnk if set_threads_address != 0 else 0
+
+
+def _get_blas_threaded_min():
+    """Multiply-adds from which a product runs on OpenBLAS's own threads (0: never)."""
+    return _blas_threaded_min
+
+
+cdef inline int _blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int nt) noexcept nogil:
+    """OpenBLAS threads for this product on the route above, or 0 when it is split into pieces instead."""
+    if nt <= 1 or _blas_threaded_min <= 0 or <double>m * n * k < _blas_threaded_min:
+        return 0
+    if m < BLAS_THREADED_MIN_DIM or n < BLAS_THREADED_MIN_DIM or k < BLAS_THREADED_MIN_DIM:
+        return 0
+    if fb_gemm_in_parallel():
+        return 0
+    return nt if nt < _blas_max_threads else _blas_max_threads
+
+
+def _gemm_route(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int threads):
+    """For tests: OpenBLAS threads a product of m x n x k (m, n, k >= 1) gets at `threads` threads on the route to
+    OpenBLAS's own threading, or 0 when it is split into pieces (see _gemm_plan)."""
+    if m < 1 or n < 1 or k < 1:
+        raise ValueError(f"m, n, k must be >= 1, got {m}, {n}, {k}")
+    return _blas_threads_for(m, n, k, threads)
+
+
+def _blas_threaded_min_dim():
+    """The smallest m, n and k a product on OpenBLAS's own threads has."""
+    return BLAS_THREADED_MIN_DIM
 
 
 cdef void _make_plan(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int nt, double small,
@@ -266,6 +359,7 @@ cdef inline void _gemm_split(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssiz
                              floating *c, Py_ssize_t ldc) noexcept nogil:
     """C = alpha op(A) op(B) + beta C for any m, n, k >= 0 (BLAS rejects empty operands), split over threads."""
     cdef Py_ssize_t i, j, t
+    cdef int nt, bt
     cdef gemm_plan p
     cdef _gemm_ctx ctx
     cdef floating *scratch = NULL
@@ -278,7 +372,16 @@ cdef inline void _gemm_split(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssiz
             for j in range(n):
                 c[i * ldc + j] = 0 if beta == 0 else beta * c[i * ldc + j]
         return
-    _make_plan(ta, tb, m, n, k, _gemm_nthreads if threads_usable() else 1, _small_mnk, &p)
+    nt = _gemm_nthreads if threads_usable() else 1
+    bt = _blas_threads_for(m, n, k, nt)
+    if bt > 1:
+        fb_gemm_lock()
+        _blas_set_threads(bt)
+        _blas_call(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        _blas_set_threads(1)
+        fb_gemm_unlock()
+        return
+    _make_plan(ta, tb, m, n, k, nt, _small_mnk, &p)
     if p.pieces <= 1:
         _blas_call(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
         return

@@ -930,6 +930,11 @@ def cmd_info(args):
                 else ""
             )
         )
+        if blas.get("threading") == "split" and blas.get("blas_threaded_min"):
+            print(
+                f"         products of >= {blas['blas_threaded_min']:.3g} multiply-adds: threaded by OpenBLAS on "
+                f"fastbp's team (FASTBP_BLAS_THREADED_MIN)"
+            )
         print(f"         {blas['config']}")
     for i, line in enumerate(info["numpy_blas"]):
         print(("BLAS     numpy: " if i == 0 else "         ") + line)

@@ -378,3 +378,87 @@ def test_gemm_called_inside_a_parallel_region_runs_single_threaded_and_right(thr
     finally:
         K._set_gemm_threads(old)
         K._set_small_mnk(old_small)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The route of the largest products to OpenBLAS's own threads (jobs on fastbp's team through the threads callback)
+# ---------------------------------------------------------------------------------------------------------------
+def _blas_threaded(min_mnk):
+    """Point the route at OpenBLAS's openblas_set_num_threads with threshold min_mnk; returns the old threshold."""
+    import ctypes
+
+    old = _gemm._get_blas_threaded_min()
+    lib = _blas.ensure_loaded()["lib"]
+    setter = ctypes.cast(lib.scipy_openblas_set_num_threads, ctypes.c_void_p).value
+    _gemm._set_blas_threaded(setter, min_mnk, _blas._usable_cpus())
+    return old
+
+
+_ROUTE_ON = K.build_info()["openmp"] and _blas.info()["threading"] == "split"
+
+
+def test_blas_threaded_route_is_taken_only_for_large_products_on_several_threads():
+    if not _ROUTE_ON:
+        assert _gemm._get_blas_threaded_min() == 0 or _blas.info()["threading"] != "split"
+        pytest.skip("no OpenMP or not the split mode: the route is off")
+    d = _gemm._blas_threaded_min_dim()
+    old = _blas_threaded(2.0 * d**3)
+    try:
+        cpus = _blas._usable_cpus()
+        assert _gemm._gemm_route(2 * d, d, d, 2) == min(2, cpus)
+        assert _gemm._gemm_route(2 * d - 1, d, d, 2) == 0  # below the threshold: split into pieces
+        assert _gemm._gemm_route(2 * d, d, d, 1) == 0  # one thread: one plain call
+        assert _gemm._gemm_route(d - 1, 100 * d, d, 4) == 0  # a dimension below the minimum (tall-skinny)
+        assert _gemm._gemm_route(d, d, 100 * d - 1, 4) == min(4, cpus)
+        assert _gemm._gemm_route(2 * d, d, d, 64) == min(64, cpus)  # never more OpenBLAS threads than CPUs
+        _blas_threaded(0.0)
+        assert _gemm._gemm_route(10 * d, 10 * d, 10 * d, 2) == 0  # 0: off
+    finally:
+        _blas_threaded(old)
+    assert _blas.info()["blas_threaded_min"] == old
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 16, 64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blas_threaded_route_matches_numpy_for_every_transpose(threads, dtype):
+    if not _ROUTE_ON:
+        pytest.skip("no OpenMP or not the split mode: the route is off")
+    rng = np.random.default_rng(threads)
+    d = _gemm._blas_threaded_min_dim()
+    m, n, k = d + 3, d, d + 75
+    old, old_t = _blas_threaded(1.0), K._get_gemm_threads()
+    try:
+        K._set_gemm_threads(threads)
+        assert _gemm._gemm_route(m, n, k, threads) == (min(threads, _blas._usable_cpus()) if threads > 1 else 0)
+        for ta, tb in itertools.product([False, True], repeat=2):
+            A = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+            B = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+            C0 = rng.standard_normal((m, n)).astype(dtype)
+            want = 0.5 * (_op(A, ta).astype(np.float64) @ _op(B, tb).astype(np.float64)) - 2.0 * C0
+            outs = []
+            for _ in range(2):
+                C = C0.copy()
+                K.gemm(A, B, C, trans_a=ta, trans_b=tb, alpha=0.5, beta=-2.0)
+                outs.append(C)
+            np.testing.assert_allclose(outs[0], want, **TOL[dtype])
+            assert np.array_equal(outs[0], outs[1])  # reproducible for a thread count
+        # inside a parallel region the route is not taken (no nested team): still right
+        a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+        for c in _gemm._gemm_in_blocks(a, b, 4):
+            np.testing.assert_allclose(c, a @ b, **TOL[np.float64])
+    finally:
+        K._set_gemm_threads(old_t)
+        _blas_threaded(old)
+
+
+def test_blas_threaded_min_setting_is_checked():
+    assert _blas.env_blas_threaded_min({}) == _blas.BLAS_THREADED_MNK
+    assert _blas.env_blas_threaded_min({"FASTBP_BLAS_THREADED_MIN": "0"}) == 0.0
+    assert _blas.env_blas_threaded_min({"FASTBP_BLAS_THREADED_MIN": " 1e8 "}) == 1e8
+    for bad in ("-1", "lots", "nan", "inf"):
+        with pytest.raises(ValueError, match="FASTBP_BLAS_THREADED_MIN must be a number of multiply-adds >= 0"):
+            _blas.env_blas_threaded_min({"FASTBP_BLAS_THREADED_MIN": bad})
+    with pytest.raises(ValueError, match="threaded-BLAS size must be >= 0"):
+        _gemm._set_blas_threaded(0, -1.0, 1)
+    with pytest.raises(ValueError, match="max_threads must be >= 1"):
+        _gemm._set_blas_threaded(0, 1.0, 0)

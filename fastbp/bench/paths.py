@@ -8,7 +8,13 @@ baseline: AVX), which moves fastbp's kernels and its OpenBLAS core type together
 * memory-bound kernels on 2**23 float32 elements (32 MiB per array): ReLU forward/backward, sigmoid forward, the
   SGD and Adam updates; GB/s counts every byte read and written once, and the reference is ``np.copyto`` of
   an array holding the same number of bytes as the kernel moves in total, divided by two (so copyto moves the
-  same bytes), timed in the same interleaved rounds.
+  same bytes), timed in the same interleaved rounds;
+* the book's small GEMMs (TwoLayerNet 784-50-10, batch 100: forward x @ W1, dW1 = x.T @ d, dx = d @ W1.T) in
+  float32 and float64: fastbp's ``gemm`` (its own OpenBLAS, split over its threads) against ``np.matmul`` with
+  ``out=`` (NumPy's OpenBLAS and its threads), GFLOP/s and the median per-round ratio;
+* the eight products of the MultiLayerNet 784-1024-1024-10 batch-256 float32 step (``gemm_only_step`` of
+  ``fastbp bench``): the default route (products of >= FASTBP_BLAS_THREADED_MIN multiply-adds threaded by
+  OpenBLAS on fastbp's team) against every product cut into independent pieces, in the same process.
 
     python -m fastbp.bench.paths                 # native, avx2, baseline
     python -m fastbp.bench.paths --paths avx2 --rounds 9
@@ -25,7 +31,11 @@ PATH_ENV = {"native": None, "avx2": "AVX512F", "baseline": "AVX"}
 N = 1 << 23
 
 
-def _interleave(impls, rounds, seconds):
+def _interleave(impls, rounds, seconds, gap=0.0):
+    """Per-call times of each implementation in `rounds` rounds (order rotating); with `gap`, an idle pause before
+    each batch so that the thread pool of the previous one (NumPy's OpenBLAS spins ~0.1 s) has gone to sleep."""
+    import time
+
     from fastbp.bench.harness import _time_batch, calibrate
 
     numbers = {k: calibrate(f, seconds)[0] for k, f in impls.items()}
@@ -34,6 +44,9 @@ def _interleave(impls, rounds, seconds):
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            if gap:
+                time.sleep(gap)
+            impls[name]()
             impls[name]()
             times[name].append(_time_batch(impls[name], numbers[name]))
     return times
@@ -77,6 +90,7 @@ def worker(rounds, seconds):
         "SGD update": (lambda: O.optimizer_update(0, p, g, None, None, 1e-6), 12 * N),
         "Adam update": (lambda: O.optimizer_update(5, p, g, m, v, 1e-6, 0.9, 0.999, 1e-7), 28 * N),
     }
+    _gemm_rows(out["rows"], rounds, seconds)
     for name, (fn, nbytes) in kernels.items():
         src = np.ones(nbytes // 2, np.uint8)
         dst = np.empty_like(src)
@@ -88,6 +102,63 @@ def worker(rounds, seconds):
             "ratio": statistics.median(ratio),
         }
     return out
+
+
+def _gemm_rows(rows, rounds, seconds):
+    """The book's small products, fastbp vs NumPy, and the MultiLayerNet step's products on both routes."""
+    import numpy as np
+
+    from fastbp import _blas, _gemm
+    from fastbp import _kernels as K
+    from fastbp.bench.cases import gemm_only_step, step_gemm_flops
+
+    rng = np.random.default_rng(1)
+    for dt in (np.float32, np.float64):
+        x = rng.standard_normal((100, 784)).astype(dt)
+        W = rng.standard_normal((784, 50)).astype(dt)
+        d = rng.standard_normal((100, 50)).astype(dt)
+        h, dW, dx = np.empty((100, 50), dt), np.empty((784, 50), dt), np.empty((100, 784), dt)
+        shapes = {  # name: (fastbp call, NumPy call)
+            "x @ W 100x784x50": (lambda: K.gemm(x, W, h), lambda: np.matmul(x, W, out=h)),
+            "x.T @ d 784x100x50": (lambda: K.gemm(x, d, dW, trans_a=True), lambda: np.matmul(x.T, d, out=dW)),
+            "d @ W.T 100x50x784": (lambda: K.gemm(d, W, dx, trans_b=True), lambda: np.matmul(d, W.T, out=dx)),
+        }
+        flops = 2.0 * 100 * 784 * 50
+        for name, (f, g) in shapes.items():
+            t = _interleave({"fastbp": f, "numpy": g}, rounds, seconds, gap=0.15)
+            rows[f"GEMM {name} {np.dtype(dt).name} GFLOP/s (vs np.matmul)"] = {
+                "kernel_gbs": flops / statistics.median(t["fastbp"]) / 1e9,
+                "copyto_gbs": flops / statistics.median(t["numpy"]) / 1e9,
+                "ratio": statistics.median([b / a for a, b in zip(t["fastbp"], t["numpy"])]),
+                "unit": "GFLOP/s",
+            }
+    thr = _gemm._get_blas_threaded_min()
+    if _blas.info()["threading"] == "split" and thr > 0 and K._get_gemm_threads() > 1:
+        import ctypes
+
+        lib = _blas.ensure_loaded()["lib"]
+        setter = ctypes.cast(lib.scipy_openblas_set_num_threads, ctypes.c_void_p).value
+        step = gemm_only_step((784, 1024, 1024, 10), 256, np.float32)
+
+        def routed():
+            _gemm._set_blas_threaded(setter, thr, _blas._usable_cpus())
+            step()
+
+        def pieces():
+            _gemm._set_blas_threaded(setter, 0.0, 1)
+            step()
+
+        try:
+            t = _interleave({"routed": routed, "pieces": pieces}, rounds, seconds)
+        finally:
+            _gemm._set_blas_threaded(setter, thr, _blas._usable_cpus())
+        fl = step_gemm_flops(256, (784, 1024, 1024, 10))
+        rows["MultiLayerNet b256 step GEMMs: OpenBLAS-threaded route GFLOP/s (vs all in pieces)"] = {
+            "kernel_gbs": fl / statistics.median(t["routed"]) / 1e9,
+            "copyto_gbs": fl / statistics.median(t["pieces"]) / 1e9,
+            "ratio": statistics.median([b / a for a, b in zip(t["routed"], t["pieces"])]),
+            "unit": "GFLOP/s",
+        }
 
 
 def main(argv=None):
@@ -139,7 +210,8 @@ def main(argv=None):
             elif "torch_s" in v:
                 cells.append(f"{v['fastbp_s'] * 1e3:.2f} ms vs {v['torch_s'] * 1e3:.2f} ms: {v['ratio']:.2f}x")
             else:
-                cells.append(f"{v['kernel_gbs']:.1f} vs {v['copyto_gbs']:.1f} GB/s: {v['ratio']:.2f}x")
+                unit = v.get("unit", "GB/s")
+                cells.append(f"{v['kernel_gbs']:.1f} vs {v['copyto_gbs']:.1f} {unit}: {v['ratio']:.2f}x")
         print(f"| {row} | " + " | ".join(cells) + " |")
     if a.json:
         with open(a.json, "w") as f:
