@@ -14,19 +14,20 @@
 #   layer) back from memory.  Backward: dW = sum_n dout_n @ colT_n^T and, per sample, dcolT_n = W2^T @ dout_n
 #   (into the same buffer) added back into dx by the adjoint of the padded im2col while it is still in cache.
 #   No transposed copy of anything but dout_n is made.
-# * The "wide" layout, for stride 1 with >= 8 input channels and rows >= 6 (fw - 1) long (_use_wide; DeepConvNet's
-#   layers 2-4), needs no column matrix at all.  In the zero-padded sample xp (C, Hp, Wp), tap (dy, dx) of output
-#   (i, j) reads xp[c, (i + dy) * Wp + j + dx]: if output rows are computed Wp long instead of OW (columns OW ..
-#   Wp-1 are garbage), every tap reads xp at one constant offset dy*Wp + dx, a (C, OH*Wp) matrix with row stride
-#   Hp*Wp that BLAS reads in place.  Forward: out_wide (FN, OH*Wp) = sum over taps of Wr[tap] (FN, C) @ that
-#   matrix, then b + its valid columns.  dW's tap rows = that matrix @ dout_n^T widened with zero rows at the
-#   garbage columns; dx: xp = 0, per tap xp[offset] += Wr[tap]^T @ dout_n widened with zero columns, then xp's
-#   interior (each cell receives its sums in tap order, as col2im adds them).  (fw - 1) / OW more products
-#   (7 % at 28 wide, 25 % at 8: those take im2col), no im2col/col2im passes: measured 1.2-1.4x at 28 wide,
-#   1.06-1.1x at 14-16 against the im2col way (AVX-512 EPYC, 2 threads, loaded machine).  An inf or NaN in W or
-#   in a sample of x would meet a zero in a garbage column (0 * inf = NaN) where the book has no product at all,
-#   so a call with such weights, and such a sample's dW, take the im2col way: non-finite values spread exactly
-#   as in the book.
+# * The "wide" layout, for stride 1 with >= 8 input channels and rows >= 6 (fw - 1) long, on the AVX-512 path
+#   (_use_wide; DeepConvNet's layers 2-4), needs no column matrix at all.  In the zero-padded sample xp (C, Hp,
+#   Wp), tap (dy, dx) of output (i, j) reads xp[c, (i + dy) * Wp + j + dx]: if output rows are computed Wp long
+#   instead of OW (columns OW .. Wp-1 are garbage), every tap reads xp at one constant offset dy*Wp + dx, a
+#   (C, OH*Wp) matrix with row stride Hp*Wp that BLAS reads in place.  Forward: out_wide (FN, OH*Wp) = sum over
+#   taps of Wr[tap] (FN, C) @ that matrix, then b + its valid columns.  dW's tap rows = that matrix @ dout_n^T
+#   widened with zero rows at the garbage columns; dx: xp = 0, per tap xp[offset] += Wr[tap]^T @ dout_n widened
+#   with zero columns, then xp's interior (each cell receives its sums in tap order, as col2im adds them).
+#   (fw - 1) / OW more products (7 % at 28 wide, 25 % at 8: those take im2col), no im2col/col2im passes:
+#   measured 1.2-1.4x at 28 wide, 1.0-1.1x at 14-16 against the im2col way (AVX-512 EPYC, 2 threads, loaded
+#   machine; on the AVX2 path, whose BLAS kernels run the taps' short products worse, 0.9-0.97x: im2col there).
+#   An inf or NaN in W or in a sample of x would meet a zero in a garbage column (0 * inf = NaN) where the book
+#   has no product at all, so a call with such weights, and such a sample's dW, take the im2col way: non-finite
+#   values spread exactly as in the book.
 #   `im2col` / `col2im` (the book's layout, for fastbp.util) are kept as separate kernels.
 # * Samples are cut into blocks whose size depends on N only (sample_block), run by fastbp's thread driver
 #   (_threads.parallel_blocks); the GEMMs inside a block run single-threaded (fastbp._gemm's rule inside a
@@ -550,12 +551,14 @@ cdef bint _use_wide(Py_ssize_t C, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t o
     """The wide layout for stride 1 with at least 8 input channels (fewer: each tap's GEMM has too short an inner
     dimension -- C = 1 would be rank-1 updates; measured 0.5x of im2col at C = 1, 0.8x at C = 3-4, even at 8) and
     rows long enough that the fw - 1 garbage columns per row cost little (at most 1/6 more products: measured
-    0.9x of im2col for 8x8 outputs, 1.06-1.1x at 14-16, 1.2-1.4x at 28; AVX-512 EPYC, 2 threads, loaded)."""
+    0.9x of im2col for 8x8 outputs, 1.0-1.1x at 14-16, 1.2-1.4x at 28; AVX-512 EPYC, 2 threads, loaded), on the
+    AVX-512 path only: its BLAS (OpenBLAS's SkylakeX small-matrix kernels) runs the taps' short products well,
+    the AVX2 path's Haswell kernels do not (measured 0.9-0.97x of im2col at 14-28 wide, 0.7-0.8x at 8)."""
     if stride != 1 or CONV_ALGO == 2:
         return False
     if CONV_ALGO == 1:
         return True
-    return C >= 8 and 6 * (fw - 1) <= ow
+    return C >= 8 and 6 * (fw - 1) <= ow and fb_simd_level() == 2
 
 
 cdef _conv_dims(tuple x_shape, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, ConvCtx *c,
