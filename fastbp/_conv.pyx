@@ -9,11 +9,11 @@
 #   out_n (FN, OH*OW) = b + W2 @ colT_n (W2 = W.reshape(FN, -1)), writes the output straight in NCHW (the book's
 #   single GEMM gives (N*OH*OW, FN) rows that it then transposes).
 #   The column matrix is never stored for the whole batch: each block of samples owns one sample-sized buffer
-#   (L2-sized: 451 KB for DeepConvNet's largest layer) that is filled and consumed by the GEMM while in cache, and
-#   backward recomputes it from x (the forward's input) instead of reading a batch-sized matrix (45 MB for that
-#   layer) back from memory.  Backward: dW = sum_n dout_n @ colT_n^T and, per sample, dcolT_n = W2^T @ dout_n
-#   (into the same buffer) added back into dx by the adjoint of the padded im2col while it is still in cache.
-#   No transposed copy of anything but dout_n is made.
+#   (L2-sized: 451 KB for DeepConvNet's second layer on the AVX2 path) that is filled and consumed by the GEMM
+#   while in cache, and backward recomputes it from x (the forward's input) instead of reading a batch-sized
+#   matrix (45 MB for that layer) back from memory.  Backward: dW = sum_n dout_n @ colT_n^T and, per sample,
+#   dcolT_n = W2^T @ dout_n (into the same buffer) added back into dx by the adjoint of the padded im2col while it
+#   is still in cache.  No transposed copy of anything but dout_n is made (none at all for K < 64: _dW_im2col).
 # * The "wide" layout, for stride 1 with >= 8 input channels and rows >= 6 (fw - 1) long, on the AVX-512 path
 #   (_use_wide; DeepConvNet's layers 2-4), needs no column matrix at all.  In the zero-padded sample xp (C, Hp,
 #   Wp), tap (dy, dx) of output (i, j) reads xp[c, (i + dy) * Wp + j + dx]: if output rows are computed Wp long
