@@ -75,6 +75,8 @@ cdef extern from "_conv.h" nogil:
                             const double *colT, double *xp, double *dx) noexcept
     void fb_conv_transpose_f32(long FN, long P, const float *d, float *dT) noexcept
     void fb_conv_transpose_f64(long FN, long P, const double *d, double *dT) noexcept
+    void fb_conv_fill_f32(long FN, long P, const float *b, float *out) noexcept
+    void fb_conv_fill_f64(long FN, long P, const double *b, double *out) noexcept
     void fb_conv_unwiden_f32(long FN, long oh, long ow, long Wp, const float *wide, const float *b,
                              float *out) noexcept
     void fb_conv_unwiden_f64(long FN, long oh, long ow, long Wp, const double *wide, const double *b,
@@ -358,9 +360,8 @@ cdef void _conv_fwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
     cdef floating *out = <floating*>c.out
     cdef const floating *b = <floating*>c.b
     cdef const floating *Wr = <floating*>c.Wr
-    cdef Py_ssize_t n, f, p, t, P = c.P, K = c.K, FN = c.FN, C = c.C, HW = c.Hp * c.Wp
+    cdef Py_ssize_t n, t, P = c.P, K = c.K, FN = c.FN, C = c.C, HW = c.Hp * c.Wp
     cdef floating *o
-    cdef floating bf
     for n in range(lo, hi):
         o = out + n * FN * P
         if c.wide:
@@ -374,10 +375,10 @@ cdef void _conv_fwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
                 fb_conv_unwiden_f64(FN, c.oh, c.ow, c.Wp, col, b, o)
             continue
         _colT_of(c, n, xp, col)
-        for f in range(FN):
-            bf = b[f]
-            for p in range(P):
-                o[f * P + p] = bf
+        if floating is float:
+            fb_conv_fill_f32(FN, P, b, o)
+        else:
+            fb_conv_fill_f64(FN, P, b, o)
         gemm(FB_NOTRANS, FB_NOTRANS, FN, P, K, <floating>1, <floating*>c.W2, K, col, P, <floating>1, o, P)
 
 
