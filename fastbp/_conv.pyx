@@ -42,24 +42,6 @@ from fastbp._validate cimport ftype as _ftype, same_type as _same, shape_of as _
 
 cnp.import_array()
 
-cdef extern from *:
-    """
-    #include <stdint.h>
-    /* sum of n values in double; the vector reduction order is fixed by the build, never by the threads */
-    #define FB_SUM(NAME, T)                                                                                   \
-    static double NAME(long n, const T *restrict x) {                                                         \
-        double acc = 0;                                                                                       \
-        long i;                                                                                               \
-        _Pragma("omp simd reduction(+:acc)")                                                                  \
-        for (i = 0; i < n; i++) acc += (double)x[i];                                                          \
-        return acc;                                                                                           \
-    }
-    FB_SUM(fb_sum_f32, float)
-    FB_SUM(fb_sum_f64, double)
-    """
-    double fb_sum_f32(long n, const float *x) noexcept nogil
-    double fb_sum_f64(long n, const double *x) noexcept nogil
-
 cdef extern from "_conv.h" nogil:
     void fb_conv_pad_f32(long C, long H, long W, long pad, const float *x, float *xp) noexcept
     void fb_conv_pad_f64(long C, long H, long W, long pad, const double *x, double *xp) noexcept
@@ -75,6 +57,8 @@ cdef extern from "_conv.h" nogil:
                             const double *colT, double *xp, double *dx) noexcept
     void fb_conv_transpose_f32(long FN, long P, const float *d, float *dT) noexcept
     void fb_conv_transpose_f64(long FN, long P, const double *d, double *dT) noexcept
+    void fb_conv_rowsums_f32(long FN, long P, const float *d, double *acc) noexcept
+    void fb_conv_rowsums_f64(long FN, long P, const double *d, double *acc) noexcept
     void fb_conv_fill_f32(long FN, long P, const float *b, float *out) noexcept
     void fb_conv_fill_f64(long FN, long P, const double *b, double *out) noexcept
     void fb_conv_unwiden_f32(long FN, long oh, long ow, long Wp, const float *wide, const float *b,
@@ -412,11 +396,10 @@ cdef void _conv_bwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
         dbp[f] = 0
     for n in range(lo, hi):
         d = dout + n * FN * P
-        for f in range(FN):
-            if floating is float:
-                dbp[f] += fb_sum_f32(P, d + f * P)
-            else:
-                dbp[f] += fb_sum_f64(P, d + f * P)
+        if floating is float:
+            fb_conv_rowsums_f32(FN, P, d, dbp)
+        else:
+            fb_conv_rowsums_f64(FN, P, d, dbp)
         dx = <floating*>c.dx + n * C * c.H * c.W if c.dx != NULL else NULL
         if c.wide:
             _pad_sample(c, n, xp)
