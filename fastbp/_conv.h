@@ -160,6 +160,32 @@ FB_DISPATCH(fb_conv_col2im_f64, (long C, long H, long W, long fh, long fw, long 
 FB_DISPATCH(fb_conv_transpose_f32, (long FN, long P, const float *d, float *dT), (FN, P, d, dT))
 FB_DISPATCH(fb_conv_transpose_f64, (long FN, long P, const double *d, double *dT), (FN, P, d, dT))
 
+/* acc[f] += the sum of row f of d (FN, P), in double (db of one sample).  The vector reduction order is fixed by
+ * the path, never by the threads. */
+#define FB_CONV_ROWSUMS(NAME, TARGET, T)                                                                      \
+TARGET static void NAME(long FN, long P, const T *restrict d, double *restrict acc)                           \
+{                                                                                                             \
+    long f, p;                                                                                                \
+    for (f = 0; f < FN; f++) {                                                                                \
+        double s = 0;                                                                                         \
+        _Pragma("omp simd reduction(+:s)")                                                                    \
+        for (p = 0; p < P; p++) s += (double)d[f * P + p];                                                    \
+        acc[f] += s;                                                                                          \
+    }                                                                                                         \
+}
+
+/* out (FN, P) = b[f] in every row f (the bias the im2col way's GEMM then adds its product to). */
+#define FB_CONV_FILL(NAME, TARGET, T)                                                                         \
+TARGET static void NAME(long FN, long P, const T *restrict b, T *restrict out)                                \
+{                                                                                                             \
+    long f, p;                                                                                                \
+    for (f = 0; f < FN; f++) {                                                                                \
+        T bf = b[f];                                                                                          \
+        _Pragma("omp simd")                                                                                   \
+        for (p = 0; p < P; p++) out[f * P + p] = bf;                                                          \
+    }                                                                                                         \
+}
+
 /* The "wide" layout of the stride-1 convolution (see _conv.pyx): a sample's output rows are computed Wp long
  * (columns ow .. Wp-1 are garbage), so that every filter tap reads the padded plane at one constant offset.
  * out (FN, oh, ow) = b + wide (FN, oh*Wp) with the garbage columns dropped. */
@@ -221,6 +247,14 @@ TARGET FB_CONV_INLINE_COPIES static void NAME(long C, long H, long W, long pad, 
         }                                                                                                     \
 }
 
+FB_VARIANTS(FB_CONV_ROWSUMS, fb_conv_rowsums_f32, float)
+FB_VARIANTS(FB_CONV_ROWSUMS, fb_conv_rowsums_f64, double)
+FB_DISPATCH(fb_conv_rowsums_f32, (long FN, long P, const float *d, double *acc), (FN, P, d, acc))
+FB_DISPATCH(fb_conv_rowsums_f64, (long FN, long P, const double *d, double *acc), (FN, P, d, acc))
+FB_VARIANTS(FB_CONV_FILL, fb_conv_fill_f32, float)
+FB_VARIANTS(FB_CONV_FILL, fb_conv_fill_f64, double)
+FB_DISPATCH(fb_conv_fill_f32, (long FN, long P, const float *b, float *out), (FN, P, b, out))
+FB_DISPATCH(fb_conv_fill_f64, (long FN, long P, const double *b, double *out), (FN, P, b, out))
 FB_VARIANTS(FB_CONV_UNWIDEN, fb_conv_unwiden_f32, float)
 FB_VARIANTS(FB_CONV_UNWIDEN, fb_conv_unwiden_f64, double)
 FB_VARIANTS(FB_CONV_WIDEN, fb_conv_widen_f32, float)

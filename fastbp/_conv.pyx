@@ -9,24 +9,25 @@
 #   out_n (FN, OH*OW) = b + W2 @ colT_n (W2 = W.reshape(FN, -1)), writes the output straight in NCHW (the book's
 #   single GEMM gives (N*OH*OW, FN) rows that it then transposes).
 #   The column matrix is never stored for the whole batch: each block of samples owns one sample-sized buffer
-#   (L2-sized: 451 KB for DeepConvNet's largest layer) that is filled and consumed by the GEMM while in cache, and
-#   backward recomputes it from x (the forward's input) instead of reading a batch-sized matrix (45 MB for that
-#   layer) back from memory.  Backward: dW = sum_n dout_n @ colT_n^T and, per sample, dcolT_n = W2^T @ dout_n
-#   (into the same buffer) added back into dx by the adjoint of the padded im2col while it is still in cache.
-#   No transposed copy of anything but dout_n is made.
-# * The "wide" layout, for stride 1 with >= 8 input channels and rows >= 6 (fw - 1) long (_use_wide; DeepConvNet's
-#   layers 2-4), needs no column matrix at all.  In the zero-padded sample xp (C, Hp, Wp), tap (dy, dx) of output
-#   (i, j) reads xp[c, (i + dy) * Wp + j + dx]: if output rows are computed Wp long instead of OW (columns OW ..
-#   Wp-1 are garbage), every tap reads xp at one constant offset dy*Wp + dx, a (C, OH*Wp) matrix with row stride
-#   Hp*Wp that BLAS reads in place.  Forward: out_wide (FN, OH*Wp) = sum over taps of Wr[tap] (FN, C) @ that
-#   matrix, then b + its valid columns.  dW's tap rows = that matrix @ dout_n^T widened with zero rows at the
-#   garbage columns; dx: xp = 0, per tap xp[offset] += Wr[tap]^T @ dout_n widened with zero columns, then xp's
-#   interior (each cell receives its sums in tap order, as col2im adds them).  (fw - 1) / OW more products
-#   (7 % at 28 wide, 25 % at 8: those take im2col), no im2col/col2im passes: measured 1.2-1.4x at 28 wide,
-#   1.06-1.1x at 14-16 against the im2col way (AVX-512 EPYC, 2 threads, loaded machine).  An inf or NaN in W or
-#   in a sample of x would meet a zero in a garbage column (0 * inf = NaN) where the book has no product at all,
-#   so a call with such weights, and such a sample's dW, take the im2col way: non-finite values spread exactly
-#   as in the book.
+#   (L2-sized: 451 KB for DeepConvNet's second layer on the AVX2 path) that is filled and consumed by the GEMM
+#   while in cache, and backward recomputes it from x (the forward's input) instead of reading a batch-sized
+#   matrix (45 MB for that layer) back from memory.  Backward: dW = sum_n dout_n @ colT_n^T and, per sample,
+#   dcolT_n = W2^T @ dout_n (into the same buffer) added back into dx by the adjoint of the padded im2col while it
+#   is still in cache.  No transposed copy of anything but dout_n is made (none at all for K < 64: _dW_im2col).
+# * The "wide" layout, for stride 1 with >= 8 input channels and rows >= 6 (fw - 1) long, on the AVX-512 path
+#   (_use_wide; DeepConvNet's layers 2-4), needs no column matrix at all.  In the zero-padded sample xp (C, Hp,
+#   Wp), tap (dy, dx) of output (i, j) reads xp[c, (i + dy) * Wp + j + dx]: if output rows are computed Wp long
+#   instead of OW (columns OW .. Wp-1 are garbage), every tap reads xp at one constant offset dy*Wp + dx, a
+#   (C, OH*Wp) matrix with row stride Hp*Wp that BLAS reads in place.  Forward: out_wide (FN, OH*Wp) = sum over
+#   taps of Wr[tap] (FN, C) @ that matrix, then b + its valid columns.  dW's tap rows = that matrix @ dout_n^T
+#   widened with zero rows at the garbage columns; dx: xp = 0, per tap xp[offset] += Wr[tap]^T @ dout_n widened
+#   with zero columns, then xp's interior (each cell receives its sums in tap order, as col2im adds them).
+#   (fw - 1) / OW more products (7 % at 28 wide, 25 % at 8: those take im2col), no im2col/col2im passes:
+#   measured 1.2-1.4x at 28 wide, 1.0-1.1x at 14-16 against the im2col way (AVX-512 EPYC, 2 threads, loaded
+#   machine; on the AVX2 path, whose BLAS kernels run the taps' short products worse, 0.9-0.97x: im2col there).
+#   An inf or NaN in W or in a sample of x would meet a zero in a garbage column (0 * inf = NaN) where the book
+#   has no product at all, so a call with such weights, and such a sample's dW, take the im2col way: non-finite
+#   values spread exactly as in the book.
 #   `im2col` / `col2im` (the book's layout, for fastbp.util) are kept as separate kernels.
 # * Samples are cut into blocks whose size depends on N only (sample_block), run by fastbp's thread driver
 #   (_threads.parallel_blocks); the GEMMs inside a block run single-threaded (fastbp._gemm's rule inside a
@@ -40,24 +41,6 @@ cimport numpy as cnp
 from fastbp._validate cimport ftype as _ftype, same_type as _same, shape_of as _s
 
 cnp.import_array()
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    /* sum of n values in double; the vector reduction order is fixed by the build, never by the threads */
-    #define FB_SUM(NAME, T)                                                                                   \
-    static double NAME(long n, const T *restrict x) {                                                         \
-        double acc = 0;                                                                                       \
-        long i;                                                                                               \
-        _Pragma("omp simd reduction(+:acc)")                                                                  \
-        for (i = 0; i < n; i++) acc += (double)x[i];                                                          \
-        return acc;                                                                                           \
-    }
-    FB_SUM(fb_sum_f32, float)
-    FB_SUM(fb_sum_f64, double)
-    """
-    double fb_sum_f32(long n, const float *x) noexcept nogil
-    double fb_sum_f64(long n, const double *x) noexcept nogil
 
 cdef extern from "_conv.h" nogil:
     void fb_conv_pad_f32(long C, long H, long W, long pad, const float *x, float *xp) noexcept
@@ -74,6 +57,10 @@ cdef extern from "_conv.h" nogil:
                             const double *colT, double *xp, double *dx) noexcept
     void fb_conv_transpose_f32(long FN, long P, const float *d, float *dT) noexcept
     void fb_conv_transpose_f64(long FN, long P, const double *d, double *dT) noexcept
+    void fb_conv_rowsums_f32(long FN, long P, const float *d, double *acc) noexcept
+    void fb_conv_rowsums_f64(long FN, long P, const double *d, double *acc) noexcept
+    void fb_conv_fill_f32(long FN, long P, const float *b, float *out) noexcept
+    void fb_conv_fill_f64(long FN, long P, const double *b, double *out) noexcept
     void fb_conv_unwiden_f32(long FN, long oh, long ow, long Wp, const float *wide, const float *b,
                              float *out) noexcept
     void fb_conv_unwiden_f64(long FN, long oh, long ow, long Wp, const double *wide, const double *b,
@@ -357,9 +344,8 @@ cdef void _conv_fwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
     cdef floating *out = <floating*>c.out
     cdef const floating *b = <floating*>c.b
     cdef const floating *Wr = <floating*>c.Wr
-    cdef Py_ssize_t n, f, p, t, P = c.P, K = c.K, FN = c.FN, C = c.C, HW = c.Hp * c.Wp
+    cdef Py_ssize_t n, t, P = c.P, K = c.K, FN = c.FN, C = c.C, HW = c.Hp * c.Wp
     cdef floating *o
-    cdef floating bf
     for n in range(lo, hi):
         o = out + n * FN * P
         if c.wide:
@@ -373,10 +359,10 @@ cdef void _conv_fwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
                 fb_conv_unwiden_f64(FN, c.oh, c.ow, c.Wp, col, b, o)
             continue
         _colT_of(c, n, xp, col)
-        for f in range(FN):
-            bf = b[f]
-            for p in range(P):
-                o[f * P + p] = bf
+        if floating is float:
+            fb_conv_fill_f32(FN, P, b, o)
+        else:
+            fb_conv_fill_f64(FN, P, b, o)
         gemm(FB_NOTRANS, FB_NOTRANS, FN, P, K, <floating>1, <floating*>c.W2, K, col, P, <floating>1, o, P)
 
 
@@ -410,11 +396,10 @@ cdef void _conv_bwd_range(ConvCtx *c, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j
         dbp[f] = 0
     for n in range(lo, hi):
         d = dout + n * FN * P
-        for f in range(FN):
-            if floating is float:
-                dbp[f] += fb_sum_f32(P, d + f * P)
-            else:
-                dbp[f] += fb_sum_f64(P, d + f * P)
+        if floating is float:
+            fb_conv_rowsums_f32(FN, P, d, dbp)
+        else:
+            fb_conv_rowsums_f64(FN, P, d, dbp)
         dx = <floating*>c.dx + n * C * c.H * c.W if c.dx != NULL else NULL
         if c.wide:
             _pad_sample(c, n, xp)
@@ -550,12 +535,14 @@ cdef bint _use_wide(Py_ssize_t C, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t o
     """The wide layout for stride 1 with at least 8 input channels (fewer: each tap's GEMM has too short an inner
     dimension -- C = 1 would be rank-1 updates; measured 0.5x of im2col at C = 1, 0.8x at C = 3-4, even at 8) and
     rows long enough that the fw - 1 garbage columns per row cost little (at most 1/6 more products: measured
-    0.9x of im2col for 8x8 outputs, 1.06-1.1x at 14-16, 1.2-1.4x at 28; AVX-512 EPYC, 2 threads, loaded)."""
+    0.9x of im2col for 8x8 outputs, 1.0-1.1x at 14-16, 1.2-1.4x at 28; AVX-512 EPYC, 2 threads, loaded), on the
+    AVX-512 path only: its BLAS (OpenBLAS's SkylakeX small-matrix kernels) runs the taps' short products well,
+    the AVX2 path's Haswell kernels do not (measured 0.9-0.97x of im2col at 14-28 wide, 0.7-0.8x at 8)."""
     if stride != 1 or CONV_ALGO == 2:
         return False
     if CONV_ALGO == 1:
         return True
-    return C >= 8 and 6 * (fw - 1) <= ow
+    return C >= 8 and 6 * (fw - 1) <= ow and fb_simd_level() == 2
 
 
 cdef _conv_dims(tuple x_shape, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad, ConvCtx *c,
