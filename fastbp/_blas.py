@@ -491,15 +491,18 @@ def _use_numpy_blas(_gemm):
         "ilp64": bool(sfx),
     }
 
-#: In the split mode, products of at least this many multiply-adds run as one OpenBLAS call that OpenBLAS threads
-#: itself, its jobs on fastbp's OpenMP team (it packs the shared operand once; measured in fastbp/_gemm.pyx on
-#: products of 2e8 to 3e8 multiply-adds, so the threshold stays below those and well above the book's networks'
-#: 4e6 to 8e6).  FASTBP_BLAS_THREADED_MIN overrides it (0: never).
-BLAS_THREADED_MNK = 100_000_000
+
+#: In the split mode, FASTBP_BLAS_THREADED_MIN=<n> makes products of at least n multiply-adds (all dimensions
+#: >= 128) one OpenBLAS call that OpenBLAS threads itself, its jobs on fastbp's OpenMP team (it packs the shared
+#: operand once).  Off by default (0): measured in fastbp/_gemm.pyx, it gained 20 % on an idle machine and lost up
+#: to 3x as soon as other processes used the CPUs.  BLAS_THREADED_SUGGESTED is the threshold the benchmarks try
+#: (below the MultiLayerNet 784-1024-1024-10 step's 2e8-3e8, well above the book's networks' 4e6-8e6).
+BLAS_THREADED_MNK = 0
+BLAS_THREADED_SUGGESTED = 100_000_000
 
 
 def env_blas_threaded_min(environ=None):
-    """FASTBP_BLAS_THREADED_MIN as a float >= 0 (default BLAS_THREADED_MNK); ValueError naming the variable."""
+    """FASTBP_BLAS_THREADED_MIN as a float >= 0 (default BLAS_THREADED_MNK, off); ValueError naming the variable."""
     text = (os.environ if environ is None else environ).get("FASTBP_BLAS_THREADED_MIN", "").strip()
     if not text:
         return float(BLAS_THREADED_MNK)
@@ -530,7 +533,8 @@ def _choose_threading(lib, kernels):
     if mode == "split":
         lib.scipy_openblas_set_num_threads(ctypes.c_int(1))
         kernels._set_gemm_threads(n or kernels.build_info()["openmp_max_threads"])
-        # the largest products: one OpenBLAS call threaded by OpenBLAS, its jobs on fastbp's team (_gemm.pyx)
+        # opt-in (FASTBP_BLAS_THREADED_MIN): the largest products as one OpenBLAS call threaded by OpenBLAS, its
+        # jobs on fastbp's team (_gemm.pyx); the callback is installed either way, so the benchmarks can compare
         callback = kernels._blas_threads_callback()
         if callback:
             lib.scipy_openblas_set_threads_callback_function(ctypes.c_void_p(callback))

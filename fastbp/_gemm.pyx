@@ -12,10 +12,10 @@
 #   no `.T` copies are made.
 # * Threads: with OpenMP, OpenBLAS runs single-threaded and a large product is cut into independent pieces, each
 #   a single-threaded BLAS call, handed out round-robin to fastbp's threads through _threads.parallel_blocks
-#   (piece arithmetic below).  The largest products (at least _blas_threaded_min multiply-adds, called outside
-#   any parallel region) are instead one OpenBLAS call that OpenBLAS threads itself, its jobs running on
-#   fastbp's OpenMP team through the threads callback (_threads.h): OpenBLAS's threads share one packed copy of
-#   the operand they all read, where independent pieces each pack their own (see "OpenBLAS's own threads").
+#   (piece arithmetic below).  Opt-in (FASTBP_BLAS_THREADED_MIN), the largest products are instead one OpenBLAS
+#   call that OpenBLAS threads itself, its jobs running on fastbp's OpenMP team through the threads callback
+#   (_threads.h): OpenBLAS's threads share one packed copy of the operand they all read, where independent pieces
+#   each pack their own (see "OpenBLAS's own threads": faster on an idle machine only, so off by default).
 cimport numpy as cnp
 from libc.stdlib cimport malloc, free
 from libc.stdint cimport intptr_t
@@ -157,8 +157,12 @@ def _get_small_mnk():
 # OpenBLAS on fastbp's team (13.0 ms on OpenBLAS's own pthreads); the 256x1024x1024 ones with a transposed operand
 # ran at 131-146 GFLOP/s as pieces, 174-199 threaded by OpenBLAS.  OpenBLAS's threads wait for each other, so on
 # a machine whose cores are busy with other work they lose far more than independent pieces do (measured on the
-# loaded machine: 74 ms against 40 ms for the same products; FASTBP_NUM_THREADS=1 is the advice there, see the
-# README, and FASTBP_BLAS_THREADED_MIN=0 turns this route off).  Products of at least _blas_threaded_min
+# loaded machine: 74 ms against 40 ms for the same products; with only 15 % of the CPUs used by other processes,
+# `fastbp bench` timed them at 21.5 ms against 19.9 ms; on the AVX2 path (OpenBLAS's Haswell core, 28 % foreign
+# use) 48.6 ms against 24.7 ms, and its 2048^3 sgemm at 104 GFLOP/s against NumPy's own threaded OpenBLAS at 200).
+# So the route is off by default (_blas.BLAS_THREADED_MNK = 0) and FASTBP_BLAS_THREADED_MIN=<multiply-adds> turns it
+# on for machines that are known to be idle (_blas.BLAS_THREADED_SUGGESTED = 1e8 is what the benchmarks compare
+# with: `fastbp bench` prints the MultiLayerNet step's GEMMs both ways).  Products of at least _blas_threaded_min
 # multiply-adds whose three dimensions are all at least BLAS_THREADED_MIN_DIM (the shapes measured; tall-skinny
 # products such as im2col's keep their pieces), called from outside any parallel region on more than one thread,
 # take this route: OpenBLAS's thread count (a global of the library, 1 otherwise) is raised to

@@ -412,33 +412,20 @@ def test_run_reports_a_failed_check_as_error(monkeypatch, tmp_path):
     assert math.isfinite(res["wall_time_s"])
 
 
-@pytest.mark.parametrize("first_dx, want", [(False, 5), (True, 6)])
-def test_gemm_only_step_counts_exactly_the_products_the_step_does(first_dx, want, monkeypatch):
-    # fastbp's own nets skip the first layer's dx (need_dx=False), the book's nets compute it: the "its GEMMs"
-    # reference of a row must do the same products as its step, no more and no fewer
-    from fastbp import _kernels
-    from fastbp.bench import cases
-
-    calls = []
-    real = _kernels.gemm
-    monkeypatch.setattr(
-        _kernels, "gemm", lambda a, b, out, **kw: calls.append((a.shape, b.shape, kw)) or real(a, b, out, **kw)
-    )
-    step = cases.gemm_only_step((12, 7, 3), 4, np.float64, first_dx=first_dx)
-    step()
-    assert len(calls) == want
-    assert ((4, 7), (12, 7), {"trans_b": True}) in calls or not first_dx
-
-
-def test_gemm_only_in_pieces_turns_the_blas_route_off_for_its_call_only():
+def test_gemm_only_other_route_switches_the_blas_route_for_its_call_only():
     from fastbp import _blas, _gemm
     from fastbp.bench import cases
 
     seen = []
-    pieces = cases._gemm_only_in_pieces(lambda: seen.append(_gemm._get_blas_threaded_min()))
+    other = cases._gemm_only_other_route(lambda: seen.append(_gemm._get_blas_threaded_min()))
     before = _gemm._get_blas_threaded_min()
-    if not before or _blas.info()["threading"] != "split" or _gemm._get_gemm_threads() < 2:
-        assert pieces is None  # nothing to compare: the route is off already
+    if _blas.info()["threading"] != "split" or _gemm._get_gemm_threads() < 2:
+        assert other is None  # the route cannot be taken: nothing to compare
         return
-    pieces()
-    assert seen == [0.0] and _gemm._get_blas_threaded_min() == before
+    name, fn = other
+    fn()
+    if before:
+        assert name == "gemm-only-pieces" and seen == [0.0]
+    else:
+        assert name == "gemm-only-routed" and seen == [float(_blas.BLAS_THREADED_SUGGESTED)]
+    assert _gemm._get_blas_threaded_min() == before

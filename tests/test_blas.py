@@ -452,7 +452,7 @@ def test_blas_threaded_route_matches_numpy_for_every_transpose(threads, dtype):
 
 
 def test_blas_threaded_min_setting_is_checked():
-    assert _blas.env_blas_threaded_min({}) == _blas.BLAS_THREADED_MNK
+    assert _blas.env_blas_threaded_min({}) == _blas.BLAS_THREADED_MNK == 0  # off unless asked for
     assert _blas.env_blas_threaded_min({"FASTBP_BLAS_THREADED_MIN": "0"}) == 0.0
     assert _blas.env_blas_threaded_min({"FASTBP_BLAS_THREADED_MIN": " 1e8 "}) == 1e8
     for bad in ("-1", "lots", "nan", "inf"):

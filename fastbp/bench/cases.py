@@ -243,33 +243,36 @@ def train_case(key, title, sizes, batch, dtype, torch, targets, lr=0.1, with_gem
     flops = step_gemm_flops(batch, sizes)
     if with_gemm_only:
         impls["gemm-only"] = gemm_only_step(sizes, batch, dtype)
-        pieces = _gemm_only_in_pieces(impls["gemm-only"])
-        if pieces is not None:
-            impls["gemm-only-pieces"] = pieces
+        other = _gemm_only_other_route(impls["gemm-only"])
+        if other is not None:
+            impls[other[0]] = other[1]
     return Case(key, title, impls, check, flops, targets)
 
 
-def _gemm_only_in_pieces(step):
-    """`step` with the route of the largest products to OpenBLAS's own threads turned off for its duration (every
-    product cut into independent pieces, as with FASTBP_BLAS_THREADED_MIN=0), or None when the route is off."""
+def _gemm_only_other_route(step):
+    """(name, `step` on the other route) for the largest products: when they run on OpenBLAS's own threads
+    (FASTBP_BLAS_THREADED_MIN set), "gemm-only-pieces" with the route off for the call; when the route is off (the
+    default), "gemm-only-routed" with it on at _blas.BLAS_THREADED_SUGGESTED multiply-adds.  None when the route
+    cannot be taken (not the split mode, one thread, no threads callback)."""
     import ctypes
 
     from fastbp import _blas, _gemm
 
-    thr = _gemm._get_blas_threaded_min()
-    if not thr or _blas.info()["threading"] != "split" or _gemm._get_gemm_threads() < 2:
+    if _blas.info()["threading"] != "split" or _gemm._get_gemm_threads() < 2 or not _gemm._blas_threads_callback():
         return None
+    thr = _gemm._get_blas_threaded_min()
     setter = ctypes.cast(_blas.ensure_loaded()["lib"].scipy_openblas_set_num_threads, ctypes.c_void_p).value
     cpus = _blas._usable_cpus()
+    name, during = ("gemm-only-pieces", 0.0) if thr else ("gemm-only-routed", float(_blas.BLAS_THREADED_SUGGESTED))
 
-    def pieces():
-        _gemm._set_blas_threaded(setter, 0.0, cpus)
+    def other():
+        _gemm._set_blas_threaded(setter, during, cpus)
         try:
             step()
         finally:
             _gemm._set_blas_threaded(setter, thr, cpus)
 
-    return pieces
+    return name, other
 
 
 def gemm_only_step(sizes, batch, dtype, first_dx=False):

@@ -13,8 +13,9 @@ baseline: AVX), which moves fastbp's kernels and its OpenBLAS core type together
   float32 and float64: fastbp's ``gemm`` (its own OpenBLAS, split over its threads) against ``np.matmul`` with
   ``out=`` (NumPy's OpenBLAS and its threads), GFLOP/s and the median per-round ratio;
 * the eight products of the MultiLayerNet 784-1024-1024-10 batch-256 float32 step (``gemm_only_step`` of
-  ``fastbp bench``): the default route (products of >= FASTBP_BLAS_THREADED_MIN multiply-adds threaded by
-  OpenBLAS on fastbp's team) against every product cut into independent pieces, in the same process.
+  ``fastbp bench``): the largest threaded by OpenBLAS on fastbp's team (the opt-in FASTBP_BLAS_THREADED_MIN
+  route, at its setting or at _blas.BLAS_THREADED_SUGGESTED) against every product cut into independent pieces
+  (the default), in the same process.
 
     python -m fastbp.bench.paths                 # native, avx2, baseline
     python -m fastbp.bench.paths --paths avx2 --rounds 9
@@ -133,7 +134,8 @@ def _gemm_rows(rows, rounds, seconds):
                 "unit": "GFLOP/s",
             }
     thr = _gemm._get_blas_threaded_min()
-    if _blas.info()["threading"] == "split" and thr > 0 and K._get_gemm_threads() > 1:
+    route = thr or float(_blas.BLAS_THREADED_SUGGESTED)
+    if _blas.info()["threading"] == "split" and _gemm._blas_threads_callback() and K._get_gemm_threads() > 1:
         import ctypes
 
         lib = _blas.ensure_loaded()["lib"]
@@ -141,7 +143,7 @@ def _gemm_rows(rows, rounds, seconds):
         step = gemm_only_step((784, 1024, 1024, 10), 256, np.float32)
 
         def routed():
-            _gemm._set_blas_threaded(setter, thr, _blas._usable_cpus())
+            _gemm._set_blas_threaded(setter, route, _blas._usable_cpus())
             step()
 
         def pieces():

@@ -322,6 +322,11 @@ def run(args, out=None):
                         f" (every product in independent pieces, FASTBP_BLAS_THREADED_MIN=0: "
                         f"{fmt_time(r['median_s']['gemm-only-pieces'])})"
                     )
+                if "gemm-only-routed" in r["median_s"]:
+                    extra += (
+                        f" (the largest threaded by OpenBLAS, FASTBP_BLAS_THREADED_MIN=1e8: "
+                        f"{fmt_time(r['median_s']['gemm-only-routed'])})"
+                    )
             print(
                 f"  {r['title']}: GEMM floor {fmt_time(r['floor_s'])} ({r['flops'] / 1e9:.2f} GFLOP at "
                 f"{peak['best_sgemm_gflops']:.0f} GFLOP/s), step {fmt_time(r['median_s']['fastbp'])} = "
