@@ -20,7 +20,7 @@ cimport numpy as cnp
 from libc.stdlib cimport malloc, free
 from libc.stdint cimport intptr_t
 from fastbp._typedefs cimport floating
-from fastbp._threads cimport parallel_blocks, parallel_blocks_macs, threads_usable
+from fastbp._threads cimport parallel_blocks, parallel_blocks_macs, threads_usable, in_region
 from fastbp._validate cimport ftype, same_type, check_ndim, check_out, check_shape2, check_no_overlap
 import numpy as np
 # re-exported: fastbp._blas reads them here (no-cython-lint marks the deliberate unused imports)
@@ -31,18 +31,11 @@ cnp.import_array()
 cdef extern from *:
     """
     #include <pthread.h>
-    #if FASTBP_OPENMP
-    #include <omp.h>
-    static int fb_gemm_in_parallel(void) { return omp_in_parallel(); }
-    #else
-    static int fb_gemm_in_parallel(void) { return 0; }
-    #endif
     /* OpenBLAS's thread count is one global: the threaded calls of several Python threads take turns */
     static pthread_mutex_t fb_gemm_blas_lock = PTHREAD_MUTEX_INITIALIZER;
     static void fb_gemm_lock(void) { pthread_mutex_lock(&fb_gemm_blas_lock); }
     static void fb_gemm_unlock(void) { pthread_mutex_unlock(&fb_gemm_blas_lock); }
     """
-    int fb_gemm_in_parallel() noexcept nogil
     void fb_gemm_lock() noexcept nogil
     void fb_gemm_unlock() noexcept nogil
 
@@ -203,7 +196,7 @@ cdef inline int _blas_threads_for(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int 
         return 0
     if m < BLAS_THREADED_MIN_DIM or n < BLAS_THREADED_MIN_DIM or k < BLAS_THREADED_MIN_DIM:
         return 0
-    if fb_gemm_in_parallel():
+    if in_region():   # inside a block of the pool's or an OpenMP team's region: pieces, run serially
         return 0
     return nt if nt < _blas_max_threads else _blas_max_threads
 
@@ -532,21 +525,27 @@ ctypedef struct _nested_ctx:
     const double *a
     const double *b
     double *c            # OUT nblocks products of (m, n), one after the other
+    int *route           # OUT per block: OpenBLAS threads the route would give this product there (0: pieces)
 
 
 cdef void _nested_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
     cdef _nested_ctx *x = <_nested_ctx*>ctx
+    x.route[j] = _blas_threads_for(x.m, x.n, x.k, 2)
     dgemm(FB_NOTRANS, FB_NOTRANS, x.m, x.n, x.k, 1.0, x.a, x.k, x.b, x.n, 0.0, x.c + j * x.m * x.n, x.n)
 
 
-def _gemm_in_blocks(double[:, ::1] a, double[:, ::1] b, Py_ssize_t nblocks):
-    """For tests: nblocks copies of a @ b, each computed by dgemm inside one block of parallel_blocks."""
+def _gemm_in_blocks(double[:, ::1] a, double[:, ::1] b, Py_ssize_t nblocks, bint with_route=False):
+    """For tests: nblocks copies of a @ b, each computed by dgemm inside one block of parallel_blocks (and with
+    `with_route`, also what the route to OpenBLAS's own threads gave each block: 0 = not taken)."""
     if a.shape[1] != b.shape[0] or a.shape[0] < 1 or a.shape[1] < 1 or b.shape[1] < 1 or nblocks < 1:
         raise ValueError("need a (m, k) and b (k, n) with m, n, k >= 1 and nblocks >= 1")
     check_blas_dims(a.shape[0], b.shape[1], a.shape[1])
     out = np.empty((nblocks, a.shape[0], b.shape[1]))
     cdef double[:, :, ::1] o = out
+    route = np.zeros(nblocks, dtype=np.intc)
+    cdef int[::1] r = route
     cdef _nested_ctx ctx
+    ctx.route = &r[0]
     ctx.m = a.shape[0]
     ctx.n = b.shape[1]
     ctx.k = a.shape[1]
@@ -555,7 +554,7 @@ def _gemm_in_blocks(double[:, ::1] a, double[:, ::1] b, Py_ssize_t nblocks):
     ctx.c = &o[0, 0, 0]
     with nogil:
         parallel_blocks(nblocks, 1, _nested_block, &ctx)
-    return out
+    return (out, route) if with_route else out
 
 
 # Load the function table now (fastbp._blas finds the library, picks its kernels and threading, and calls

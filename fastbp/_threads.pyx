@@ -69,6 +69,11 @@ cdef bint threads_usable() noexcept nogil:
     return fb_omp_ok and FASTBP_OPENMP
 
 
+cdef bint in_region() noexcept nogil:
+    """True while running a block of a region (the pool's or an OpenMP team's): work started here stays serial."""
+    return fb_pool_in_region() or fb_in_parallel()
+
+
 cdef void parallel_blocks(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ctx) noexcept nogil:
     """fn(ctx, lo, hi, j) for the blocks j of [0, n), over fastbp's threads (see parallel_blocks_nt)."""
     parallel_blocks_nt(n, block, fn, ctx, num_threads())
@@ -99,7 +104,7 @@ cdef void _parallel_blocks(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ct
     nb = (n - 1) // block + 1
     if nthreads > nb:
         nthreads = <int>nb
-    cdef bint nested = fb_pool_in_region() or fb_in_parallel()
+    cdef bint nested = in_region()
     if nthreads <= 1 or not fb_omp_ok or not FASTBP_OPENMP or nested:
         if nb > 1 and not nested:
             _regions_serial += 1

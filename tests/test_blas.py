@@ -444,8 +444,10 @@ def test_blas_threaded_route_matches_numpy_for_every_transpose(threads, dtype):
             assert np.array_equal(outs[0], outs[1])  # reproducible for a thread count
         # inside a parallel region the route is not taken (no nested team): still right
         a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
-        for c in _gemm._gemm_in_blocks(a, b, 4):
+        prods, route = _gemm._gemm_in_blocks(a, b, 4, with_route=True)
+        for c in prods:
             np.testing.assert_allclose(c, a @ b, **TOL[np.float64])
+        assert route.tolist() == [0, 0, 0, 0]  # in a block of the pool's region as of an OpenMP team's
     finally:
         K._set_gemm_threads(old_t)
         _blas_threaded(old)
