@@ -19,15 +19,18 @@
 #include <stddef.h>
 
 static int fb_omp_ok = 1;
+static __thread int fb_pool_tid = 0;      /* fastbp's worker pool (below): 0 on the caller; 1.. on workers */
+static __thread int fb_pool_inside = 0;   /* running a block of a pool region */
 
 #if FASTBP_OPENMP
 #include <omp.h>
 static int fb_omp_max_threads(void) { return fb_omp_ok ? omp_get_max_threads() : 1; }
-static int fb_in_parallel(void) { return omp_in_parallel(); }
+/* inside a parallel region: an OpenMP one, or a block of fastbp's pool (no nested team may be opened there) */
+static int fb_in_parallel(void) { return fb_pool_inside || omp_in_parallel(); }
 static int fb_thread_num(void) { return omp_get_thread_num(); }
 #else
 static int fb_omp_max_threads(void) { return 1; }
-static int fb_in_parallel(void) { return 0; }
+static int fb_in_parallel(void) { return fb_pool_inside; }
 static int fb_thread_num(void) { return 0; }
 #endif
 
@@ -66,7 +69,7 @@ static void fb_blas_threads(int sync, fb_dojob_t dojob, int numjobs, size_t elsi
         return;
     }
 #if FASTBP_OPENMP
-    if (fb_omp_ok && !omp_in_parallel() && !omp_get_dynamic() && omp_get_thread_limit() >= numjobs
+    if (fb_omp_ok && !fb_in_parallel() && !omp_get_dynamic() && omp_get_thread_limit() >= numjobs
             && numjobs <= 64) {
         #pragma omp parallel num_threads(numjobs)
         {
@@ -120,8 +123,6 @@ typedef void (*fb_block_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t 
 static long long fb_spin_ns = 50000;      /* set from Python (FASTBP_SPIN_US) */
 static int fb_spin_yield = 1;             /* spinning workers call sched_yield every ~1 us (a thread waiting for
                                              the core, the caller itself on a loaded machine, gets it) */
-static __thread int fb_pool_tid = 0;      /* 0 on the caller; 1.. on workers */
-static __thread int fb_pool_inside = 0;   /* running a block of a pool region */
 
 static int fb_pool_in_region(void) { return fb_pool_inside; }
 static int fb_pool_thread_num(void) { return fb_pool_tid; }

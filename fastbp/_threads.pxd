@@ -3,6 +3,7 @@ ctypedef void (*block_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t bl
 
 cdef int num_threads() noexcept nogil
 cdef bint threads_usable() noexcept nogil
+cdef bint in_region() noexcept nogil
 cdef void parallel_blocks(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ctx) noexcept nogil
 cdef void parallel_blocks_nt(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ctx, int nthreads) noexcept nogil
 cdef void parallel_blocks_macs(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ctx, int nthreads,

@@ -64,6 +64,12 @@ cdef int num_threads() noexcept nogil:
     return _nthreads if fb_omp_ok and FASTBP_OPENMP else 1
 
 
+cdef bint in_region() noexcept nogil:
+    """True inside a parallel region (an OpenMP region or a block of fastbp's worker pool): a kernel called
+    there must not open a team of its own (parallel_blocks then runs serially)."""
+    return fb_in_parallel()
+
+
 cdef bint threads_usable() noexcept nogil:
     """False in a build without OpenMP and in a forked child: no parallel region may be opened."""
     return fb_omp_ok and FASTBP_OPENMP
@@ -99,7 +105,7 @@ cdef void _parallel_blocks(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ct
     nb = (n - 1) // block + 1
     if nthreads > nb:
         nthreads = <int>nb
-    cdef bint nested = fb_pool_in_region() or fb_in_parallel()
+    cdef bint nested = fb_in_parallel()
     if nthreads <= 1 or not fb_omp_ok or not FASTBP_OPENMP or nested:
         if nb > 1 and not nested:
             _regions_serial += 1
@@ -252,6 +258,21 @@ def _block_threads(Py_ssize_t nblocks):
     with nogil:
         parallel_blocks(nblocks, 1, _record_thread, &c)
     return list(got)
+
+
+cdef void _record_in_region(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    (<long long*>ctx)[j] = in_region()
+
+
+def _in_region_seen(Py_ssize_t nblocks):
+    """For tests: (in_region() on the caller, [in_region() inside each of nblocks blocks of parallel_blocks])."""
+    import array
+    got = array.array("q", [-1]) * nblocks if nblocks > 0 else array.array("q")
+    cdef long long[::1] o = got
+    cdef void *p = &o[0] if nblocks > 0 else NULL
+    with nogil:
+        parallel_blocks(nblocks, 1, _record_in_region, p)
+    return bool(in_region()), [bool(v) for v in got]
 
 
 def _set_spin_yield(bint on):

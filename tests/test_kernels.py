@@ -1038,3 +1038,14 @@ def test_region_counts_and_pool_info():
         assert c["opened"] == 0
     T.reset_region_counts()
     assert T.region_counts() == {"opened": 0, "serial": 0}
+
+
+def test_in_region_is_true_in_every_block_of_a_region_and_false_outside():
+    # a kernel (the GEMM route to OpenBLAS's threads, say) asks in_region() before it opens a team of its own:
+    # it must see the pool's blocks as inside a region, on the caller and on the workers alike
+    outside, inside = T._in_region_seen(16)
+    assert outside is False
+    if K.build_info()["num_threads"] > 1:
+        assert inside == [True] * 16
+    else:  # one thread: the blocks run serially on the caller, no region
+        assert inside == [False] * 16
