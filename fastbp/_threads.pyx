@@ -34,6 +34,7 @@ cdef extern from "_threads.h" nogil:
     int FB_POOL
     long long fb_spin_ns
     int fb_spin_yield
+    int fb_pool_for_blas
     long long fb_pool_regions
     long long fb_pool_helped
     long long fb_pool_wakes
@@ -284,8 +285,9 @@ def _set_spin_yield(bint on):
 def _set_pool(bint use_pool, double spin_us=-1, double wake_min_macs=-1):
     """Open regions on fastbp's own worker pool (True) or as OpenMP regions; spin_us >= 0 sets the pool's spin,
     wake_min_macs >= 0 the smallest product that wakes a sleeping worker."""
-    global _use_pool, fb_spin_ns, _wake_min_macs
+    global _use_pool, fb_spin_ns, _wake_min_macs, fb_pool_for_blas
     _use_pool = use_pool
+    fb_pool_for_blas = use_pool   # OpenBLAS's jobs (threads callback) on the pool too, as one gang region
     if spin_us >= 0:
         fb_spin_ns = <long long>(spin_us * 1000)
     if wake_min_macs >= 0:
