@@ -96,7 +96,7 @@ typedef void (*fb_block_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t 
 #define FB_POOL 0
 #endif
 
-static long long fb_spin_ns = 50000;      /* set from Python (FASTBP_SPIN_US) */
+static long long fb_spin_ns = 300000;     /* set from Python (FASTBP_SPIN_US, _runtime.SPIN_US) */
 static int fb_spin_yield = 1;             /* spinning workers call sched_yield every ~1 us (a thread waiting for
                                              the core, the caller itself on a loaded machine, gets it) */
 
