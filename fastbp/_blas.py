@@ -413,10 +413,12 @@ THREADING_MODES = ("split", "callback", "openblas")
 #: settings are never changed), "auto" (the default; see BLAS_AUTO).
 BLAS_CHOICES = ("own", "numpy", "auto")
 
-#: What FASTBP_BLAS=auto picks.  "own": on the 2-core AMD EPYC (AVX-512) development VM, where NumPy 2.4's
-#: OpenBLAS runs the same SkylakeX kernels, fastbp's copy with its split was measured faster on the book's
-#: products (python -m fastbp.bench.loops --configs default numpy-blas; README) -- and NumPy's pool spins about
-#: 0.1 s after each of its calls, which on a loaded machine made NumPy's small products several times slower.
+#: What FASTBP_BLAS=auto picks.  "own", measured on the 2-core AMD EPYC (AVX-512) development VM, where NumPy
+#: 2.4's OpenBLAS runs the same SkylakeX kernels (python -m fastbp.bench.loops --configs default numpy-blas):
+#: near idle the two were within the noise in the book's loops (ch05 1.08-1.18x the book with fastbp's copy and
+#: pool, 1.13x on NumPy's; ch06 1.04-1.07x vs 1.16x); on the loaded machine NumPy's pool, which spins about 0.1 s
+#: after each call, made the steps 3-5x slower (ch05 3.1 ms vs 0.97 ms, ch06 18.7 vs 3.5 ms).  NumPy's copy also
+#: ignores FASTBP_DISABLE_CPU_FEATURES (its kernels are NumPy's choice), so the forced SIMD paths need "own".
 BLAS_AUTO = "own"
 
 

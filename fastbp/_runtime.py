@@ -111,8 +111,14 @@ def info():
 # ---------------------------------------------------------------------------------------------------------------
 # fastbp's own worker pool (fastbp/_threads.h): how parallel_blocks opens a region
 # ---------------------------------------------------------------------------------------------------------------
-#: Microseconds a pool worker spins after its last block before it sleeps (FASTBP_SPIN_US overrides).
-SPIN_US = 50
+#: Microseconds a pool worker spins after its last block before it sleeps (FASTBP_SPIN_US overrides).  It must
+#: outlast the gaps between a training step's regions (50-100 us of layers between its two GEMMs in the 784-50-10
+#: step) and the book's NumPy code between steps (~100-150 us in ch05), and no more.  Measured near idle on the
+#: 2-core EPYC (python -m fastbp bench --quick; python -m fastbp.bench.loops, the book's loop): spin 50 us:
+#: TwoLayerNet b100 f32 219 us (2.17x NumPy), ch05 1.08x the book; 200: 147-149 us, 1.13x; 300: 149 us (2.85x);
+#: 1000: 150 us, 1.18x; OpenMP regions with GOMP_SPINCOUNT=0 (the previous default): 264 us, 0.89x.  The
+#: spinning worker yields its core about every microsecond, so a thread that wants it gets it.
+SPIN_US = 300
 
 #: Largest FASTBP_SPIN_US accepted (one second).
 MAX_SPIN_US = 1_000_000

@@ -5,11 +5,12 @@
  * (set by the os.register_at_fork hook of _threads.pyx).
  *
  * fb_blas_threads: OpenBLAS's caller-managed threading (openblas_set_threads_callback_function, fastbp's
- * "callback" threading mode): OpenBLAS hands us its `numjobs` parallel jobs and we run them on fastbp's OpenMP
- * team, so the elementwise kernels and the GEMMs share one pool of worker threads instead of two pools spinning
+ * "callback" threading mode): OpenBLAS hands us its `numjobs` parallel jobs and we run them on fastbp's worker
+ * pool (a gang region: one job per thread, below) or, with FASTBP_THREAD_POOL=openmp, on fastbp's OpenMP team,
+ * so the elementwise kernels and the GEMMs share one pool of worker threads instead of two pools spinning
  * against each other on the same cores.  The jobs of a level-3 call wait for each other, so they must all run at
- * once: when an OpenMP team of numjobs threads cannot be had (called inside a parallel region, dynamic teams, a
- * thread limit), the jobs run on freshly created threads instead.
+ * once: when neither can provide numjobs threads (called inside a parallel region, another thread's region,
+ * dynamic teams, a thread limit), the jobs run on freshly created threads instead.
  */
 #ifndef FASTBP_THREADS_H
 #define FASTBP_THREADS_H
@@ -19,15 +20,18 @@
 #include <stddef.h>
 
 static int fb_omp_ok = 1;
+static __thread int fb_pool_tid = 0;      /* fastbp's worker pool (below): 0 on the caller; 1.. on workers */
+static __thread int fb_pool_inside = 0;   /* running a block of a pool region */
 
 #if FASTBP_OPENMP
 #include <omp.h>
 static int fb_omp_max_threads(void) { return fb_omp_ok ? omp_get_max_threads() : 1; }
-static int fb_in_parallel(void) { return omp_in_parallel(); }
+/* inside a parallel region: an OpenMP one, or a block of fastbp's pool (no nested team may be opened there) */
+static int fb_in_parallel(void) { return fb_pool_inside || omp_in_parallel(); }
 static int fb_thread_num(void) { return omp_get_thread_num(); }
 #else
 static int fb_omp_max_threads(void) { return 1; }
-static int fb_in_parallel(void) { return 0; }
+static int fb_in_parallel(void) { return fb_pool_inside; }
 static int fb_thread_num(void) { return 0; }
 #endif
 
@@ -59,31 +63,6 @@ static int fb_run_jobs_on_pthreads(fb_dojob_t dojob, int numjobs, size_t elsize,
     return 0;
 }
 
-static void fb_blas_threads(int sync, fb_dojob_t dojob, int numjobs, size_t elsize, void *jobdata, int data) {
-    (void)sync;
-    if (numjobs <= 1) {
-        if (numjobs == 1) dojob(0, jobdata, data);
-        return;
-    }
-#if FASTBP_OPENMP
-    if (fb_omp_ok && !omp_in_parallel() && !omp_get_dynamic() && omp_get_thread_limit() >= numjobs
-            && numjobs <= 64) {
-        #pragma omp parallel num_threads(numjobs)
-        {
-            int t = omp_get_thread_num(), nt = omp_get_num_threads(), i;
-            for (i = t; i < numjobs; i += nt)
-                dojob(t, (char *)jobdata + (size_t)i * elsize, data);
-        }
-        return;
-    }
-#endif
-    if (fb_run_jobs_on_pthreads(dojob, numjobs, elsize, jobdata, data) != 0) {
-        int i;       /* more than 64 jobs (never with OpenBLAS's MAX_THREADS here): serial, last resort */
-        for (i = 0; i < numjobs; i++) dojob(i, (char *)jobdata + (size_t)i * elsize, data);
-    }
-}
-
-static void *fb_blas_threads_address(void) { return (void *)fb_blas_threads; }
 
 /* ---------------------------------------------------------------------------------------------------------------
  * fastbp's own worker pool (issue 11 item 1): how parallel_blocks opens a region by default.
@@ -117,11 +96,9 @@ typedef void (*fb_block_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t 
 #define FB_POOL 0
 #endif
 
-static long long fb_spin_ns = 50000;      /* set from Python (FASTBP_SPIN_US) */
+static long long fb_spin_ns = 300000;     /* set from Python (FASTBP_SPIN_US, _runtime.SPIN_US) */
 static int fb_spin_yield = 1;             /* spinning workers call sched_yield every ~1 us (a thread waiting for
                                              the core, the caller itself on a loaded machine, gets it) */
-static __thread int fb_pool_tid = 0;      /* 0 on the caller; 1.. on workers */
-static __thread int fb_pool_inside = 0;   /* running a block of a pool region */
 
 static int fb_pool_in_region(void) { return fb_pool_inside; }
 static int fb_pool_thread_num(void) { return fb_pool_tid; }
@@ -150,6 +127,7 @@ static void fb_yield(void) { sched_yield(); }
 #if FB_POOL
 typedef struct {
     fb_block_fn fn; void *ctx; Py_ssize_t n, block, nb; int nworkers;
+    int one_each;                         /* gang region: every thread claims at most one block */
 } fb_pool_job_t;
 
 static fb_pool_job_t fb_job;
@@ -174,11 +152,13 @@ static Py_ssize_t fb_pool_work(unsigned g) {
         if (!__atomic_compare_exchange_n(&fb_ticket, &t, t + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
         Py_ssize_t lo = j * fb_job.block;
         Py_ssize_t hi = fb_job.n - lo <= fb_job.block ? fb_job.n : lo + fb_job.block;
+        int one = fb_job.one_each;
         fb_pool_inside = 1;
         fb_job.fn(fb_job.ctx, lo, hi, j);
         fb_pool_inside = 0;
         __atomic_fetch_sub(&fb_pending, 1, __ATOMIC_ACQ_REL);
         done++;
+        if (one) break;
     }
     return done;
 }
@@ -219,8 +199,8 @@ static long long fb_pool_regions = 0, fb_pool_helped = 0;   /* regions; regions 
 static long long fb_pool_wakes = 0, fb_pool_wake_ns = 0;    /* regions that woke sleeping workers; time spent */
 
 /* Run the nb blocks on the caller and up to nthreads - 1 workers; 0 when done, -1 if no worker can be had. */
-static int fb_pool_run(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_fn fn, void *ctx, int nthreads,
-                       int wake) {
+static int fb_pool_run_mode(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_fn fn, void *ctx,
+                            int nthreads, int wake, int one_each) {
     int want = nthreads - 1;
     if (want < 1 || nb > 0xffffffffLL) return -1;
     if (pthread_mutex_trylock(&fb_region_mu) != 0) return -1;   /* another thread's region: run serially */
@@ -236,10 +216,12 @@ static int fb_pool_run(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_f
         fb_nworkers++;
     }
     if (want > fb_nworkers) want = fb_nworkers;
-    if (want < 1) { pthread_mutex_unlock(&fb_region_mu); return -1; }
+    if (want < 1 || (one_each && want + 1 < nb)) { pthread_mutex_unlock(&fb_region_mu); return -1; }
     unsigned g = fb_gen + 1;
     if (g == 0) g = 1;
     fb_job.fn = fn; fb_job.ctx = ctx; fb_job.n = n; fb_job.block = block; fb_job.nb = nb;
+    fb_job.one_each = one_each;
+    if (one_each) wake = 1;               /* every block must start: sleeping workers are needed */
     __atomic_store_n(&fb_job.nworkers, want, __ATOMIC_RELEASE);
     __atomic_store_n(&fb_pending, nb, __ATOMIC_RELEASE);
     __atomic_store_n(&fb_ticket, (uint64_t)g << 32, __ATOMIC_RELEASE);
@@ -254,6 +236,7 @@ static int fb_pool_run(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_f
     }
     Py_ssize_t mine = fb_pool_work(g);
     int k = 0;
+    /* (a gang region's caller ran one block; the workers claim the others, one each) */
     while (__atomic_load_n(&fb_pending, __ATOMIC_ACQUIRE) > 0) {   /* blocks a worker claimed: wait for them */
         fb_cpu_relax();
         if (++k == 4096) { k = 0; sched_yield(); }
@@ -264,6 +247,27 @@ static int fb_pool_run(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_f
     return 0;
 }
 static int fb_pool_workers(void) { return fb_nworkers; }
+
+static int fb_pool_run(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_fn fn, void *ctx, int nthreads,
+                       int wake) {
+    return fb_pool_run_mode(n, block, nb, fn, ctx, nthreads, wake, 0);
+}
+
+/* OpenBLAS's jobs (threads callback) on the pool: they wait for each other, so all must run at once -- a gang
+ * region, one job per thread (the job index as OpenBLAS's thread number: unique among the running jobs). */
+typedef struct { fb_dojob_t dojob; char *jobdata; size_t elsize; int data; } fb_gang_ctx_t;
+
+static void fb_gang_block(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) {
+    fb_gang_ctx_t *g = (fb_gang_ctx_t *)ctx;
+    (void)hi;
+    g->dojob((int)j, g->jobdata + (size_t)lo * g->elsize, g->data);
+}
+
+static int fb_pool_run_jobs(fb_dojob_t dojob, int numjobs, size_t elsize, void *jobdata, int data) {
+    fb_gang_ctx_t g;
+    g.dojob = dojob; g.jobdata = (char *)jobdata; g.elsize = elsize; g.data = data;
+    return fb_pool_run_mode(numjobs, 1, numjobs, fb_gang_block, &g, numjobs, 1, 1);
+}
 #else
 static long long fb_pool_regions = 0, fb_pool_helped = 0, fb_pool_wakes = 0, fb_pool_wake_ns = 0;
 static int fb_pool_run(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_fn fn, void *ctx, int nthreads,
@@ -272,6 +276,41 @@ static int fb_pool_run(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_f
     return -1;
 }
 static int fb_pool_workers(void) { return 0; }
+static int fb_pool_run_jobs(fb_dojob_t dojob, int numjobs, size_t elsize, void *jobdata, int data) {
+    (void)dojob; (void)numjobs; (void)elsize; (void)jobdata; (void)data;
+    return -1;
+}
 #endif
+
+static int fb_pool_for_blas = 1;          /* OpenBLAS's jobs on the pool (0: on an OpenMP team) */
+
+static void fb_blas_threads(int sync, fb_dojob_t dojob, int numjobs, size_t elsize, void *jobdata, int data) {
+    (void)sync;
+    if (numjobs <= 1) {
+        if (numjobs == 1) dojob(0, jobdata, data);
+        return;
+    }
+    if (fb_omp_ok && fb_pool_for_blas && !fb_in_parallel() && numjobs <= 64
+            && fb_pool_run_jobs(dojob, numjobs, elsize, jobdata, data) == 0)
+        return;
+#if FASTBP_OPENMP
+    if (fb_omp_ok && !fb_in_parallel() && !omp_get_dynamic() && omp_get_thread_limit() >= numjobs
+            && numjobs <= 64) {
+        #pragma omp parallel num_threads(numjobs)
+        {
+            int t = omp_get_thread_num(), nt = omp_get_num_threads(), i;
+            for (i = t; i < numjobs; i += nt)
+                dojob(t, (char *)jobdata + (size_t)i * elsize, data);
+        }
+        return;
+    }
+#endif
+    if (fb_run_jobs_on_pthreads(dojob, numjobs, elsize, jobdata, data) != 0) {
+        int i;       /* more than 64 jobs (never with OpenBLAS's MAX_THREADS here): serial, last resort */
+        for (i = 0; i < numjobs; i++) dojob(i, (char *)jobdata + (size_t)i * elsize, data);
+    }
+}
+
+static void *fb_blas_threads_address(void) { return (void *)fb_blas_threads; }
 
 #endif

@@ -34,6 +34,7 @@ cdef extern from "_threads.h" nogil:
     int FB_POOL
     long long fb_spin_ns
     int fb_spin_yield
+    int fb_pool_for_blas
     long long fb_pool_regions
     long long fb_pool_helped
     long long fb_pool_wakes
@@ -64,14 +65,15 @@ cdef int num_threads() noexcept nogil:
     return _nthreads if fb_omp_ok and FASTBP_OPENMP else 1
 
 
+cdef bint in_region() noexcept nogil:
+    """True inside a parallel region (an OpenMP region or a block of fastbp's worker pool): a kernel called
+    there must not open a team of its own (parallel_blocks then runs serially)."""
+    return fb_in_parallel()
+
+
 cdef bint threads_usable() noexcept nogil:
     """False in a build without OpenMP and in a forked child: no parallel region may be opened."""
     return fb_omp_ok and FASTBP_OPENMP
-
-
-cdef bint in_region() noexcept nogil:
-    """True while running a block of a region (the pool's or an OpenMP team's): work started here stays serial."""
-    return fb_pool_in_region() or fb_in_parallel()
 
 
 cdef void parallel_blocks(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ctx) noexcept nogil:
@@ -104,7 +106,7 @@ cdef void _parallel_blocks(Py_ssize_t n, Py_ssize_t block, block_fn fn, void *ct
     nb = (n - 1) // block + 1
     if nthreads > nb:
         nthreads = <int>nb
-    cdef bint nested = in_region()
+    cdef bint nested = fb_in_parallel()
     if nthreads <= 1 or not fb_omp_ok or not FASTBP_OPENMP or nested:
         if nb > 1 and not nested:
             _regions_serial += 1
@@ -259,6 +261,21 @@ def _block_threads(Py_ssize_t nblocks):
     return list(got)
 
 
+cdef void _record_in_region(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    (<long long*>ctx)[j] = in_region()
+
+
+def _in_region_seen(Py_ssize_t nblocks):
+    """For tests: (in_region() on the caller, [in_region() inside each of nblocks blocks of parallel_blocks])."""
+    import array
+    got = array.array("q", [-1]) * nblocks if nblocks > 0 else array.array("q")
+    cdef long long[::1] o = got
+    cdef void *p = &o[0] if nblocks > 0 else NULL
+    with nogil:
+        parallel_blocks(nblocks, 1, _record_in_region, p)
+    return bool(in_region()), [bool(v) for v in got]
+
+
 def _set_spin_yield(bint on):
     """For measurements: spinning pool workers call sched_yield about every microsecond (True, default) or not."""
     global fb_spin_yield
@@ -268,8 +285,9 @@ def _set_spin_yield(bint on):
 def _set_pool(bint use_pool, double spin_us=-1, double wake_min_macs=-1):
     """Open regions on fastbp's own worker pool (True) or as OpenMP regions; spin_us >= 0 sets the pool's spin,
     wake_min_macs >= 0 the smallest product that wakes a sleeping worker."""
-    global _use_pool, fb_spin_ns, _wake_min_macs
+    global _use_pool, fb_spin_ns, _wake_min_macs, fb_pool_for_blas
     _use_pool = use_pool
+    fb_pool_for_blas = use_pool   # OpenBLAS's jobs (threads callback) on the pool too, as one gang region
     if spin_us >= 0:
         fb_spin_ns = <long long>(spin_us * 1000)
     if wake_min_macs >= 0:

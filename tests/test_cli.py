@@ -281,6 +281,20 @@ def test_info_json():
     assert set(d["cpu"]["simd"]) <= cpu_flags()
 
 
+def test_info_says_how_regions_run_and_which_blas_the_gemms_use():
+    # issue 11 item 1: the pool and its spin, and fastbp's own OpenBLAS vs NumPy's (FASTBP_BLAS)
+    r = run("info", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["fastbp_blas"]["blas"] in ("own", "numpy") and d["fastbp_blas"]["blas_reason"]
+    if d["extension"]["openmp"]:
+        assert d["thread_pool"]["pool"] in ("fastbp", "openmp") and d["thread_pool"]["spin_us"] >= 0
+    text = run("info").stdout
+    assert "fastbp's GEMMs run on" in text
+    if d["extension"]["openmp"] and d["thread_pool"]["pool"] == "fastbp":
+        assert f"workers spin {d['thread_pool']['spin_us']:g} us after a region" in text
+
+
 def test_usage_and_version():
     r = run()
     assert r.returncode == 2 and "train" in r.stdout and "gradcheck" in r.stdout and "info" in r.stdout

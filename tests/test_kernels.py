@@ -986,3 +986,66 @@ def test_bias_backward_same_bits_for_every_thread_count(dtype, n, m):
     np.testing.assert_allclose(
         got[0], want, rtol=1e-12 if dtype == F64 else 1e-6, atol=1e-12 * np.abs(dout).astype(F64).sum(axis=0).max()
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fastbp's worker pool (issue 11 item 1): any thread may run any block, results never depend on who ran it
+# ---------------------------------------------------------------------------------------------------------------
+def test_pool_regions_from_several_python_threads_at_once_are_right():
+    # one region at a time runs on the pool; a region opened meanwhile by another thread runs on that thread:
+    # every product and every deterministic reduction is still right, and the reductions keep their bits
+    import threading
+
+    rng = np.random.default_rng(11)
+    a, b = rng.standard_normal((300, 500)), rng.standard_normal((500, 200))
+    want = a @ b
+    dout = rng.standard_normal((20_000, 30)).astype(np.float32)
+    db_want = np.empty(30, np.float32)
+    K.bias_backward(dout, db_want)
+    errors = []
+
+    def work():
+        try:
+            out = np.empty((300, 200))
+            db = np.empty(30, np.float32)
+            for _ in range(20):
+                K.gemm(a, b, out)
+                K.bias_backward(dout, db)
+                np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-10)
+                assert np.array_equal(db, db_want)
+        except Exception as e:  # reported below, with the thread's failure
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_region_counts_and_pool_info():
+    T.reset_region_counts()
+    a = np.ones((400, 400))
+    out = np.empty((400, 400))
+    K.gemm(a, a, out)  # 64e6 multiply-adds: split over the threads when there are several
+    c = T.region_counts()
+    info = T.pool_info()
+    assert info["pool"] in ("fastbp", "openmp") and info["spin_us"] >= 0 and info["wake_min_macs"] >= 0
+    if K._get_gemm_threads() > 1:
+        assert c == {"opened": 1, "serial": 0}
+    else:
+        assert c["opened"] == 0
+    T.reset_region_counts()
+    assert T.region_counts() == {"opened": 0, "serial": 0}
+
+
+def test_in_region_is_true_in_every_block_of_a_region_and_false_outside():
+    # a kernel (the GEMM route to OpenBLAS's threads, say) asks in_region() before it opens a team of its own:
+    # it must see the pool's blocks as inside a region, on the caller and on the workers alike
+    outside, inside = T._in_region_seen(16)
+    assert outside is False
+    if K.build_info()["num_threads"] > 1:
+        assert inside == [True] * 16
+    else:  # one thread: the blocks run serially on the caller, no region
+        assert inside == [False] * 16

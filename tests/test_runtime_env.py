@@ -147,17 +147,19 @@ def test_pool_is_the_default_and_its_workers_sleep_after_the_spin():
     got = _run(FASTBP_NUM_THREADS="2", FASTBP_THREAD_POOL="")
     assert got["pool"]["pool"] == "fastbp" and got["pool"]["spin_us"] == _runtime.SPIN_US
     assert got["pool"]["workers"] == 1 and got["pool"]["regions"] >= 2
-    assert got["idle_worker_cpu_s"] < 0.05, got  # spins SPIN_US (50 us), then sleeps through the idle 0.2 s
+    assert got["idle_worker_cpu_s"] < 0.05, got  # spins SPIN_US (0.3 ms), then sleeps through the idle 0.2 s
 
 
 @needs_omp
 def test_pool_spin_setting_reaches_the_workers():
-    # a 0.5 s spin keeps the worker busy through the idle 0.2 s after the region; 0 lets it sleep at once
+    # a 0.5 s spin keeps the worker awake through the idle 0.2 s between the probe's two regions (the second one
+    # wakes nobody); with 0 it sleeps at once and the second region must wake it (the worker's CPU time while it
+    # spins is not compared: it yields its core about every microsecond, so on a loaded machine it gets little)
     long = _run(FASTBP_NUM_THREADS="2", FASTBP_THREAD_POOL="fastbp", FASTBP_SPIN_US="500000")
     short = _run(FASTBP_NUM_THREADS="2", FASTBP_THREAD_POOL="fastbp", FASTBP_SPIN_US="0")
     assert long["pool"]["spin_us"] == 500000 and short["pool"]["spin_us"] == 0
     assert short["idle_worker_cpu_s"] < 0.05, short
-    assert long["idle_worker_cpu_s"] > short["idle_worker_cpu_s"] + 0.05, (long, short)
+    assert long["pool"]["wakes"] == 0 and short["pool"]["wakes"] >= 1, (long["pool"], short["pool"])
 
 
 def test_pool_environment_parsing():
