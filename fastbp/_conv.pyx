@@ -38,7 +38,7 @@
 #   run `noexcept nogil` kernels that touch only the validated buffers.
 from libc.string cimport memset
 cimport numpy as cnp
-from fastbp._validate cimport ftype as _ftype, same_type as _same, shape_of as _s
+from fastbp._validate cimport ftype as _ftype, same_type as _same, shape_of as _s, window_geometry
 
 cnp.import_array()
 
@@ -103,24 +103,10 @@ cdef _no_overlap(cnp.ndarray out, cnp.ndarray a, str oname, str aname):
         raise ValueError(f"{oname} overlaps {aname} in memory: outputs must not share memory with inputs")
 
 
-cdef _geometry(Py_ssize_t H, Py_ssize_t W, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
-               Py_ssize_t *oh, Py_ssize_t *ow):
-    if fh < 1 or fw < 1:
-        raise ValueError(f"filter size must be >= 1, got ({fh}, {fw})")
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if pad < 0:
-        raise ValueError(f"pad must be >= 0, got {pad}")
-    if fh > H + 2 * pad or fw > W + 2 * pad:
-        raise ValueError(f"filter ({fh}, {fw}) is larger than the padded input ({H + 2 * pad}, {W + 2 * pad})")
-    oh[0] = (H + 2 * pad - fh) // stride + 1
-    ow[0] = (W + 2 * pad - fw) // stride + 1
-
-
 def output_size(Py_ssize_t H, Py_ssize_t W, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad):
     """(OH, OW) = ((H + 2 pad - fh) // stride + 1, (W + 2 pad - fw) // stride + 1), with the checks."""
     cdef Py_ssize_t oh, ow
-    _geometry(H, W, fh, fw, stride, pad, &oh, &ow)
+    window_geometry("filter", H, W, fh, fw, stride, pad, &oh, &ow)
     return oh, ow
 
 
@@ -200,7 +186,7 @@ cdef _check_im2col(x, col, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_s
     if cnp.PyArray_NDIM(X) != 4:
         raise ValueError(f"{'x' if forward else 'dx'} must be 4-D (N, C, H, W), got shape {_s(X)}")
     cdef Py_ssize_t N = _s(X)[0], C = _s(X)[1], H = _s(X)[2], W = _s(X)[3], oh, ow
-    _geometry(H, W, fh, fw, stride, pad, &oh, &ow)
+    window_geometry("filter", H, W, fh, fw, stride, pad, &oh, &ow)
     _shape(K, (N * oh * ow, C * fh * fw), "col")
     _contig(X, "x" if forward else "dx", not forward)
     _contig(K, "col", forward)
@@ -554,7 +540,7 @@ cdef _conv_dims(tuple x_shape, W2, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stri
         raise ValueError(f"{xname} must be 4-D (N, C, H, W), got shape {x_shape}")
     if cnp.PyArray_NDIM(A) != 2:
         raise ValueError(f"W2 must be 2-D (FN, C*FH*FW), got shape {_s(A)}")
-    _geometry(x_shape[2], x_shape[3], fh, fw, stride, pad, &c.oh, &c.ow)
+    window_geometry("filter", x_shape[2], x_shape[3], fh, fw, stride, pad, &c.oh, &c.ow)
     c.FN = A.shape[0]
     _fill_dims(c, x_shape[1], x_shape[2], x_shape[3], fh, fw, stride, pad)
     _shape(A, (c.FN, c.K), "W2")
@@ -595,7 +581,7 @@ def conv_scratch_shapes(tuple x_shape, Py_ssize_t fn, Py_ssize_t fh, Py_ssize_t 
     if len(x_shape) != 4:
         raise ValueError(f"x_shape must be 4-D (N, C, H, W), got {x_shape}")
     N, C, H, W = x_shape
-    _geometry(H, W, fh, fw, stride, pad, &c.oh, &c.ow)
+    window_geometry("filter", H, W, fh, fw, stride, pad, &c.oh, &c.ow)
     c.FN = fn
     _fill_dims(&c, C, H, W, fh, fw, stride, pad)
     nb = sample_block(N)[1]
@@ -608,7 +594,7 @@ def conv_algorithm(tuple x_shape, Py_ssize_t fn, Py_ssize_t fh, Py_ssize_t fw, P
     cdef ConvCtx c
     if len(x_shape) != 4:
         raise ValueError(f"x_shape must be 4-D (N, C, H, W), got {x_shape}")
-    _geometry(x_shape[2], x_shape[3], fh, fw, stride, pad, &c.oh, &c.ow)
+    window_geometry("filter", x_shape[2], x_shape[3], fh, fw, stride, pad, &c.oh, &c.ow)
     c.FN = fn
     _fill_dims(&c, x_shape[1], x_shape[2], x_shape[3], fh, fw, stride, pad)
     return "wide" if c.wide else "im2col"

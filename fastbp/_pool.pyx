@@ -23,7 +23,7 @@ from libc.stdint cimport int32_t
 cimport numpy as cnp
 from fastbp._typedefs cimport floating
 from fastbp._threads cimport parallel_blocks, even_block
-from fastbp._validate cimport ftype as _ftype, same_type as _same, shape_of as _s
+from fastbp._validate cimport ftype as _ftype, same_type as _same, shape_of as _s, window_geometry
 
 cnp.import_array()
 
@@ -144,22 +144,8 @@ cdef _no_overlap(cnp.ndarray out, cnp.ndarray a, str oname, str aname):
 def output_size(Py_ssize_t H, Py_ssize_t W, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t stride, Py_ssize_t pad):
     """(OH, OW) = ((H + 2 pad - ph) // stride + 1, (W + 2 pad - pw) // stride + 1), with the checks."""
     cdef Py_ssize_t oh, ow
-    _geometry(H, W, ph, pw, stride, pad, &oh, &ow)
+    window_geometry("pool window", H, W, ph, pw, stride, pad, &oh, &ow)
     return oh, ow
-
-
-cdef _geometry(Py_ssize_t H, Py_ssize_t W, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
-               Py_ssize_t *oh, Py_ssize_t *ow):
-    if fh < 1 or fw < 1:
-        raise ValueError(f"pool size must be >= 1, got ({fh}, {fw})")
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if pad < 0:
-        raise ValueError(f"pad must be >= 0, got {pad}")
-    if fh > H + 2 * pad or fw > W + 2 * pad:
-        raise ValueError(f"pool window ({fh}, {fw}) is larger than the padded input ({H + 2 * pad}, {W + 2 * pad})")
-    oh[0] = (H + 2 * pad - fh) // stride + 1
-    ow[0] = (W + 2 * pad - fw) // stride + 1
 
 
 cdef _check_pool(x, out, arg, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t stride, Py_ssize_t pad, bint forward,
@@ -175,7 +161,7 @@ cdef _check_pool(x, out, arg, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t stride, P
     if cnp.PyArray_NDIM(X) != 4:
         raise ValueError(f"{xn} must be 4-D (N, C, H, W), got shape {_s(X)}")
     cdef Py_ssize_t N = _s(X)[0], C = _s(X)[1], H = _s(X)[2], W = _s(X)[3], oh, ow
-    _geometry(H, W, ph, pw, stride, pad, &oh, &ow)
+    window_geometry("pool window", H, W, ph, pw, stride, pad, &oh, &ow)
     if _s(Out) != (N, C, oh, ow):
         raise ValueError(f"{on} must have shape {(N, C, oh, ow)}, got {_s(Out)}")
     if _s(A) != (N, C, oh, ow):

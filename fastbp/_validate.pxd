@@ -100,3 +100,20 @@ cdef inline check_no_overlap(object out, object inp, str outname, str inname, bi
                 and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_IS_C_CONTIGUOUS(o):
             return
         raise ValueError(f"{outname} overlaps {inname} in memory: outputs must not share memory with inputs")
+
+
+cdef inline window_geometry(str kind, Py_ssize_t H, Py_ssize_t W, Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride,
+                            Py_ssize_t pad, Py_ssize_t *oh, Py_ssize_t *ow):
+    """(OH, OW) = ((H + 2 pad - fh) // stride + 1, (W + 2 pad - fw) // stride + 1) of a sliding window (`kind`:
+    "filter" for convolution, "pool window" for pooling), floored as the book's `//`; ValueError for a window
+    smaller than 1 or larger than the padded input, stride < 1 or pad < 0."""
+    if fh < 1 or fw < 1:
+        raise ValueError(f"{kind} size must be >= 1, got ({fh}, {fw})")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    if fh > H + 2 * pad or fw > W + 2 * pad:
+        raise ValueError(f"{kind} ({fh}, {fw}) is larger than the padded input ({H + 2 * pad}, {W + 2 * pad})")
+    oh[0] = (H + 2 * pad - fh) // stride + 1
+    ow[0] = (W + 2 * pad - fw) // stride + 1
