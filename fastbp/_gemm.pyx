@@ -369,7 +369,9 @@ cdef inline void _gemm_split(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssiz
             for j in range(n):
                 c[i * ldc + j] = 0 if beta == 0 else beta * c[i * ldc + j]
         return
-    nt = _gemm_nthreads if threads_usable() else 1
+    # inside a block of a region the product runs on this thread alone, planned for one thread: its pieces (and
+    # so its bits) do not depend on the thread count, which lets a kernel's blocks promise the same results
+    nt = _gemm_nthreads if threads_usable() and not in_region() else 1
     bt = _blas_threads_for(m, n, k, nt)
     if bt > 1:
         fb_gemm_lock()

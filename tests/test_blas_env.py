@@ -106,6 +106,7 @@ def _run(code, timeout=120, **env):
         for k, v in os.environ.items()
         if k not in ("OPENBLAS_CORETYPE", "FASTBP_BLAS_CORETYPE", "FASTBP_DISABLE_CPU_FEATURES")
     }
+    e["FASTBP_BLAS"] = "own"  # these are settings of fastbp's own OpenBLAS copy (a run may say otherwise)
     e.update(env)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     args = code if isinstance(code, list) else ["-c", code]

@@ -553,27 +553,37 @@ def test_layers_export_the_book_names():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_results_do_not_depend_on_the_thread_count(dtype, conv_algo):
     """Blocks of samples depend on N only and the partial gradients are added in block order: same bits."""
-    from fastbp import _threads
+    from fastbp import _threads, _kernels
 
-    old = _threads._get_num_threads()
+    old, old_gemm = _threads._get_num_threads(), _kernels._get_gemm_threads()
     rng = _rng(9)
     x = rng.standard_normal((21, 3, 16, 16)).astype(dtype)  # big enough for the blocks to run in parallel
     W = rng.standard_normal((8, 3, 3, 3)).astype(dtype)
     b = rng.standard_normal(8).astype(dtype)
     W2 = rng.standard_normal((8, 8, 3, 3)).astype(dtype)  # 8 -> 8 channels, 16 wide: wide on the AVX-512 path
+    # per-sample products above the GEMM's parallel size (784 x 16 x 72): cut into pieces by thread count unless
+    # the GEMM inside a block plans for one thread (found on the AVX2 path, where no small-matrix pieces are used)
+    x3 = rng.standard_normal((2, 8, 28, 28)).astype(dtype)
+    W3, b3 = (0.1 * rng.standard_normal((16, 8, 3, 3))).astype(dtype), rng.standard_normal(16).astype(dtype)
     results = []
     try:
         for nt in (1, 3, 4, 16, 64):
             _threads._set_num_threads(nt)
+            _kernels._set_gemm_threads(nt)  # the GEMMs inside the blocks too (FASTBP_NUM_THREADS sets both)
             conv, conv2, pool = F.Convolution(W, b, 1, 1), F.Convolution(W2, b, 1, 1), F.Pooling(2, 2, 2)
             out = conv.forward(x)
             out2 = conv2.forward(out)
             p = pool.forward(out2)
             dx2 = conv2.backward(pool.backward(np.ones_like(p)))
             dx = conv.backward(dx2)
+            conv3 = F.Convolution(W3, b3, 1, 1)
+            out3 = conv3.forward(x3)
+            dx3 = conv3.backward(np.sin(out3))
             results.append([a.copy() for a in (out, out2, p, dx2, dx, conv.dW, conv.db, conv2.dW, conv2.db)])
+            results[-1] += [out3.copy(), dx3.copy(), conv3.dW.copy(), conv3.db.copy()]
     finally:
         _threads._set_num_threads(old)
+        _kernels._set_gemm_threads(old_gemm)
     for other in results[1:]:
         for a, c in zip(results[0], other):
             np.testing.assert_array_equal(a, c)

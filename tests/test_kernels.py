@@ -955,7 +955,7 @@ def test_fastbp_num_threads_sets_the_team_of_every_kernel(value):
     """FASTBP_NUM_THREADS is read by the library: GEMM splits and parallel_blocks teams have that many threads
     (so CI's runs under 1, 3, 16 and 64 threads really test those thread counts on a 2-core machine)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(K.__file__)))
-    env = dict(os.environ, PYTHONPATH=root, FASTBP_NUM_THREADS=value, FASTBP_BLAS_THREADING="split")
+    env = dict(os.environ, PYTHONPATH=root, FASTBP_NUM_THREADS=value, FASTBP_BLAS_THREADING="split", FASTBP_BLAS="own")
     env.pop("OMP_NUM_THREADS", None)
     r = subprocess.run(
         [sys.executable, "-c", _NUM_THREADS_SCRIPT], env=env, capture_output=True, text=True, timeout=120

@@ -126,6 +126,7 @@ def test_blas_thread_timeout_reaches_only_fastbps_copy_and_is_validated():
         with pytest.raises(ValueError, match=r"FASTBP_BLAS_THREAD_TIMEOUT must be an integer in 4\.\.30"):
             _blas.blas_thread_timeout({"FASTBP_BLAS_THREAD_TIMEOUT": bad})
     e = {k: v for k, v in os.environ.items() if k not in VARS + ("OPENBLAS_THREAD_TIMEOUT",)}
+    e["FASTBP_BLAS"] = "own"  # the timeout is a setting of fastbp's own OpenBLAS copy
     e.update(FASTBP_BLAS_THREAD_TIMEOUT="6", FASTBP_BLAS_THREADING="openblas", PYTHONPATH=str(ROOT))
     code = (
         "import os, json, numpy as np; from fastbp import _blas, _kernels as K; a = np.ones((64, 64)); "

@@ -112,6 +112,7 @@ def _run_path(disabled):
     }
     if disabled is not None:
         env["FASTBP_DISABLE_CPU_FEATURES"] = disabled
+    env["FASTBP_BLAS"] = "own"  # the core of fastbp's own OpenBLAS copy is part of the path
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run(
         [sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
