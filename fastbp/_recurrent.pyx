@@ -22,6 +22,7 @@
 # they are as close as the split GEMM's results.  The loops add no thread-dependent order of their own.
 cimport numpy as cnp
 from fastbp._typedefs cimport floating
+from fastbp._validate cimport ftype as _ftype
 from libc.stdint cimport intptr_t
 from fastbp._gemm cimport gemm as fb_gemm, FB_NOTRANS, FB_TRANS, FB_INT_MAX, FB_ROWMAJOR, sgemm_fn, dgemm_fn
 from fastbp import _blas as _blas_py
@@ -121,17 +122,6 @@ cdef inline void _gemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
 # ---------------------------------------------------------------------------------------------------------------
 # Validation (once per call, Python level)
 # ---------------------------------------------------------------------------------------------------------------
-cdef int _ftype(object a, str name) except -1:
-    if not cnp.PyArray_Check(a):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
-    if t == cnp.NPY_FLOAT32 and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
-        return 0
-    if t == cnp.NPY_FLOAT64 and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
-        return 1
-    raise TypeError(f"{name} must be native float32 or float64, got {(<cnp.ndarray>a).dtype}")
-
-
 cdef cnp.ndarray _arr(object a, str name, int ft, tuple shape, bint out):
     """a as a C-contiguous ndarray of float type ft and exactly `shape` (writable when out)."""
     if _ftype(a, name) != ft:
