@@ -505,16 +505,15 @@ BLAS_THREADED_SUGGESTED = 100_000_000
 
 def env_blas_threaded_min(environ=None):
     """FASTBP_BLAS_THREADED_MIN as a float >= 0 (default BLAS_THREADED_MNK, off); ValueError naming the variable."""
-    text = (os.environ if environ is None else environ).get("FASTBP_BLAS_THREADED_MIN", "").strip()
-    if not text:
-        return float(BLAS_THREADED_MNK)
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v >= 0 or v == float("inf"):
-        raise ValueError(f"FASTBP_BLAS_THREADED_MIN must be a number of multiply-adds >= 0, got {text!r}")
-    return v
+    from fastbp._runtime import env_number
+
+    return env_number(
+        "FASTBP_BLAS_THREADED_MIN",
+        float(BLAS_THREADED_MNK),
+        lambda v: 0 <= v < float("inf"),
+        "a number of multiply-adds >= 0",
+        environ,
+    )
 
 
 def _choose_threading(lib, kernels):

@@ -136,22 +136,32 @@ def env_thread_pool(environ=None):
     return v
 
 
-def env_spin_us(environ=None):
-    """FASTBP_SPIN_US as a number of microseconds in 0..MAX_SPIN_US (SPIN_US when unset or empty); ValueError
-    naming the variable otherwise."""
-    text = (os.environ if environ is None else environ).get("FASTBP_SPIN_US", "")
+def env_number(name, default, ok, expected, environ=None):
+    """The environment variable `name` as a float (`default` when unset or empty); ValueError naming the variable
+    and what it takes (`expected`) when it is not a number or `ok(value)` is false (NaN never is)."""
+    text = (os.environ if environ is None else environ).get(name, "")
     t = text.strip()
     if not t:
-        return SPIN_US
+        return default
     try:
         v = float(t)
     except ValueError:
         v = None
-    if v is None or not (0 <= v <= MAX_SPIN_US):
-        raise ValueError(
-            f"FASTBP_SPIN_US must be a number of microseconds in 0..{MAX_SPIN_US} (or unset), got {text!r}"
-        )
+    if v is None or not ok(v):
+        raise ValueError(f"{name} must be {expected} (or unset), got {text!r}")
     return v
+
+
+def env_spin_us(environ=None):
+    """FASTBP_SPIN_US as a number of microseconds in 0..MAX_SPIN_US (SPIN_US when unset or empty); ValueError
+    naming the variable otherwise."""
+    return env_number(
+        "FASTBP_SPIN_US",
+        SPIN_US,
+        lambda v: 0 <= v <= MAX_SPIN_US,
+        f"a number of microseconds in 0..{MAX_SPIN_US}",
+        environ,
+    )
 
 
 #: Smallest matrix product (multiply-adds) that wakes a sleeping pool worker (FASTBP_WAKE_MIN_MACS overrides).
@@ -160,14 +170,10 @@ WAKE_MIN_MACS = 0
 
 def env_wake_min_macs(environ=None):
     """FASTBP_WAKE_MIN_MACS as a number >= 0 (WAKE_MIN_MACS when unset or empty); ValueError naming it otherwise."""
-    text = (os.environ if environ is None else environ).get("FASTBP_WAKE_MIN_MACS", "")
-    t = text.strip()
-    if not t:
-        return WAKE_MIN_MACS
-    try:
-        v = float(t)
-    except ValueError:
-        v = None
-    if v is None or not (0 <= v < float("inf")):
-        raise ValueError(f"FASTBP_WAKE_MIN_MACS must be a number of multiply-adds >= 0 (or unset), got {text!r}")
-    return v
+    return env_number(
+        "FASTBP_WAKE_MIN_MACS",
+        WAKE_MIN_MACS,
+        lambda v: 0 <= v < float("inf"),
+        "a number of multiply-adds >= 0",
+        environ,
+    )
