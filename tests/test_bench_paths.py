@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fastbp.bench import command, paths as P
+from fastbp.bench import command, simdpath as P
 
 DISPATCH_2 = ["X86_V3", "X86_V4", "AVX512_ICL", "AVX512_SPR"]  # NumPy 2.4's dispatch targets on x86-64
 FLAGS_512 = {"sse2", "pni", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "bmi1", "bmi2"} | {
@@ -144,7 +144,7 @@ def test_check_kernels_warns_when_numpys_blas_cannot_be_read():
 def test_header_lines_name_the_kernels_of_each_library():
     lines = P.format_kernels(_used(), "avx2")
     assert (
-        lines[0].startswith("SIMD path avx2 (forced in this child process: ")
+        lines[0].startswith("SIMD path avx2 (forced at the start of the timing process: ")
         and "OPENBLAS_CORETYPE=Haswell" in lines[0]
     )
     assert "fastbp avx2 (CPU: avx512), its OpenBLAS Haswell" in lines[1]
@@ -219,7 +219,7 @@ def test_bench_path_avx2_runs_in_a_child_with_every_library_on_avx2(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "FASTBP_DISABLE_CPU_FEATURES=AVX of your environment overridden" in r.stderr
-    assert "SIMD path avx2 (forced in this child process" in r.stdout
+    assert "SIMD path avx2 (forced at the start of the timing process" in r.stdout
     assert "kernels measured: fastbp avx2" in r.stdout and "PyTorch ATen AVX2" in r.stdout
     data = json.loads(out.read_text())
     k = data["kernels"]
@@ -256,3 +256,14 @@ def test_a_path_the_cpu_lacks_is_refused_before_any_child(monkeypatch):
     log = io.StringIO()
     assert P.run_on_path("avx512", ["fastbp.bench"], log=log) == 2
     assert "fastbp: --path avx512: this CPU's best path is avx2 (it lacks avx512f" in log.getvalue()
+
+
+@pytest.mark.skipif(_cpu_path() == "baseline", reason="this CPU (or build) has no AVX2 path to force")
+def test_loops_path_avx2_runs_its_workers_on_avx2(capsys):
+    from fastbp.bench import loops
+
+    argv = ["--configs", "default", "--reps", "1", "--rounds", "1", "--seconds", "0.01", "--loops", "ch05"]
+    assert loops.main([*argv, "--path", "avx2"]) == 0
+    out = capsys.readouterr().out
+    assert "SIMD path avx2 (forced" in out and "kernels measured: fastbp avx2" in out and "OpenBLAS Haswell" in out
+    assert "| default |" in out

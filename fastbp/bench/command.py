@@ -6,7 +6,7 @@ import sys
 
 from fastbp.bench.cases import build_cases
 from fastbp.bench.harness import DEFAULT_GAP, DEFAULT_ROUNDS, PEAK_SIZE, QUICK_ROUNDS
-from fastbp.bench.paths import CHILD_VAR, PATHS, run_on_path
+from fastbp.bench.simdpath import CHILD_VAR, PATHS, run_on_path
 from fastbp.bench.report import run
 
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from fastbp.bench.cases import Target, _alloc_rows, _import_torch, build_cases, sweep_cases
-from fastbp.bench.paths import child_check, format_kernels, kernels_in_use
+from fastbp.bench.simdpath import child_check, format_kernels, kernels_in_use
 from fastbp.bench.harness import (
     BASE,
     BATCH_TIME,
