@@ -265,6 +265,7 @@ def run(args, out=None):
     info = machine_info(torch)
     if info["numpy_blas"].get("threads") is None and kernels and kernels["numpy"]["blas_core"]:
         info["numpy_blas"]["corename"] = kernels["numpy"]["blas_core"]  # read without threadpoolctl
+        info["numpy_blas"]["threads"] = kernels["numpy"]["blas_threads"]
     quiet = getattr(args, "quiet", False)
 
     def log(msg):

@@ -139,20 +139,25 @@ def kernels_in_use(torch=None):
         from numpy._core import _multiarray_umath as mu
     except ImportError:  # NumPy 1.x
         from numpy.core import _multiarray_umath as mu
-    np_core = None
+    np_core = np_threads = None
     found = _blas._numpy_openblas()
     if found is not None:
         _, lib, sfx = found
-        get = getattr(lib, f"scipy_openblas_get_corename{sfx}", None) or getattr(lib, "openblas_get_corename", None)
+        get = getattr(lib, f"scipy_openblas_get_corename{sfx}", None)
         if get is not None:
             get.restype = ctypes.c_char_p
             np_core = get().decode()
+        get = getattr(lib, f"scipy_openblas_get_num_threads{sfx}", None)
+        if get is not None:
+            get.restype = ctypes.c_int
+            np_threads = int(get())
     used = {
         "fastbp": {"simd": K.simd_info()["path"], "cpu": K.simd_info()["cpu"], "blas_core": _blas.info()["corename"]},
         "numpy": {
             "dispatch_on": [t for t in mu.__cpu_dispatch__ if mu.__cpu_features__.get(t)],
             "baseline": list(mu.__cpu_baseline__),
             "blas_core": np_core,
+            "blas_threads": np_threads,
         },
         "torch": None,
         "env": {k: os.environ[k] for k in STEERING_VARS if k in os.environ},
