@@ -94,6 +94,10 @@ def test_a_path_above_the_cpu_or_unknown_is_an_error_naming_what_the_cpu_has():
         P.path_environment("avx2", {}, "baseline", {"sse2"}, [])
     with pytest.raises(ValueError, match="unknown SIMD path 'sse'"):
         P.path_environment("sse", {}, "avx512", FLAGS_512, [])
+    with pytest.raises(ValueError, match="only --path native applies"):
+        P.path_environment("baseline", {}, "baseline", {"asimd"}, ["ASIMDHP"], x86=False)
+    env, _ = P.path_environment("native", {"OPENBLAS_CORETYPE": "NEOVERSEN1"}, "baseline", {"asimd"}, [], x86=False)
+    assert "OPENBLAS_CORETYPE" not in env
     env, _ = P.path_environment("avx2", {}, "avx2", FLAGS_AVX2, DISPATCH_2)  # the CPU's own path is fine
     assert env["OPENBLAS_CORETYPE"] == "Haswell"
 

@@ -65,7 +65,7 @@ def numpy_targets_above(path, dispatch):
     return []
 
 
-def path_environment(path, environ, cpu_path, cpu_flags, numpy_dispatch):
+def path_environment(path, environ, cpu_path, cpu_flags, numpy_dispatch, x86=True):
     """(environment of the child process, notes) that put fastbp, NumPy and PyTorch on SIMD path `path`.
 
     A pure function: `environ` (the caller's environment, not modified) with the STEERING_VARS replaced by the
@@ -76,11 +76,14 @@ def path_environment(path, environ, cpu_path, cpu_flags, numpy_dispatch):
     Nehalem); NPY_DISABLE_CPU_FEATURES = the dispatch targets above the path; ATEN_CPU_CAPABILITY,
     ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS capped.  "native"/"avx512": all of them removed (each library's
     own choice; "avx512" adds ATEN_CPU_CAPABILITY=avx512).  The notes name every caller setting overridden.
-    ValueError for an unknown path or a path this CPU (or build) does not have, naming what it has."""
+    ValueError for an unknown path, a path this CPU (or build) does not have, naming what it has, or any path but
+    "native" off x86-64 (`x86` false: the paths and OpenBLAS core names are x86's)."""
     from fastbp import _blas
 
     if path not in PATHS:
         raise ValueError(f"unknown SIMD path {path!r}; expected one of {', '.join(PATHS)}")
+    if path != "native" and not x86:
+        raise ValueError(f"--path {path}: the SIMD paths are x86-64's; on this machine only --path native applies")
     if cpu_path not in _RANK:
         raise ValueError(f"cpu_path must be one of {', '.join(_RANK)}, got {cpu_path!r}")
     if path != "native" and _RANK[path] > _RANK[cpu_path]:
@@ -123,7 +126,9 @@ def child_environment(path, environ=None):
     except ImportError:  # NumPy 1.x
         from numpy.core._multiarray_umath import __cpu_dispatch__ as dispatch
     environ = os.environ if environ is None else environ
-    return path_environment(path, dict(environ), K.simd_info()["cpu"], _blas._raw_cpu_flags(), list(dispatch))
+    return path_environment(
+        path, dict(environ), K.simd_info()["cpu"], _blas._raw_cpu_flags(), list(dispatch), _blas._is_x86()
+    )
 
 
 def kernels_in_use(torch=None):
