@@ -326,11 +326,17 @@ class Affine(_GemmLayer, _ref.Affine):
             kd = _kernel_dtype(np.result_type(x2, W, b))
             if kd is not None and x2.shape[1] == W.shape[0]:
                 ws = self._ws
-                xk = x2 if x2.dtype is kd else ws.as_dtype("x", x2, kd)
                 Wk = W if W.dtype is kd else ws.as_dtype("W", W, kd)  # promoted weights: refreshed every call
                 bk = b if b.dtype is kd else ws.as_dtype("b", b, kd)
                 out = ws.result("out", (x2.shape[0], W.shape[1]), kd, x2)
-                _k.affine_forward(xk, Wk, bk, out)
+                if x2.dtype is _F32 and kd is _F64:
+                    # float32 images into float64 weights (book 1): the kernel converts x into xk inside the
+                    # product, each thread the part it reads (whole 64-byte cache lines each: aligned scratch)
+                    xk = ws.scratch("x", x2.shape, kd, align=64)
+                    _k.affine_forward(x2, Wk, bk, out, xk=xk)
+                else:
+                    xk = x2 if x2.dtype is kd else ws.as_dtype("x", x2, kd)
+                    _k.affine_forward(xk, Wk, bk, out)
                 self.original_x_shape = xa.shape
                 self.x = x2
                 self._xk = xk

@@ -1836,3 +1836,33 @@ def test_workspace_contract():
     c = ws.as_dtype("c", x.T, F64)
     assert c.flags.c_contiguous and np.array_equal(c, x.T) and ws.as_dtype("c", x.T, F64) is c
     assert ws.cast("d", x, F64) is x and ws.cast("d", x, F32).dtype == F32
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 16, 64])
+@pytest.mark.parametrize("n,d,m", [(100, 784, 50), (128, 784, 100), (5, 13, 3)])
+def test_affine_float32_images_into_float64_weights_convert_inside_the_product(threads, n, d, m):
+    # book 1 feeds float32 images into float64 weights: the kernel writes the float64 copy of x (what backward
+    # reads) inside the product, into a private 64-byte aligned buffer kept from call to call
+    from fastbp import _kernels as K
+
+    rng = np.random.default_rng(n + d)
+    x = rng.random((n, d)).astype(F32)
+    W, b, dout = rng.standard_normal((d, m)) * 0.1, rng.standard_normal(m), rng.standard_normal((n, m))
+    old = K._get_gemm_threads()
+    try:
+        K._set_gemm_threads(threads)
+        layer = FL.Affine(W, b)
+        out = layer.forward(x)
+        xk = layer._xk
+        assert xk.dtype == F64 and xk.ctypes.data % 64 == 0 and not np.shares_memory(xk, x)
+        assert np.array_equal(xk, x.astype(F64))
+        out2 = layer.forward(x)
+        assert layer._xk is xk and out2 is not out and np.array_equal(out, out2)
+        dx = layer.backward(dout)
+    finally:
+        K._set_gemm_threads(old)
+    ref = REF.Affine(W, b)
+    assert_close(out, ref.forward(x), F64, "out")
+    assert_close(dx, ref.backward(dout), F64, "dx")
+    assert_close(layer.dW, ref.dW, F64, "dW")
+    assert_close(layer.db, ref.db, F64, "db")
