@@ -119,6 +119,10 @@ def test_issue_11_targets_are_in_the_case_table():
     assert texts["train-2l-b100-f32"] == [">=3x numpy", ">=3x torch"]
     assert texts["train-2l-b100-f64"] == [">=2.5x numpy"]
     assert texts["book-2l-b100"] == [">=1x numpy", "<=1.3x its GEMMs"]
+    mlp = dict(bench.build_cases(None, ["book-mlp"]))
+    assert set(mlp) == {"book-mlp-b128", "book-mlp-b128-fbadam"}  # layers only, and layers + optimizer swapped
+    for key in mlp:
+        assert [t.describe() for t in mlp[key]().targets] == [">=1x numpy", "<=1.3x its GEMMs"]
 
 
 def test_gemm_only_step_counts_the_first_layers_dx_only_when_asked(monkeypatch):
@@ -429,3 +433,28 @@ def test_gemm_only_other_route_switches_the_blas_route_for_its_call_only():
     else:
         assert name == "gemm-only-routed" and seen == [float(_blas.BLAS_THREADED_SUGGESTED)]
     assert _gemm._get_blas_threaded_min() == before
+
+
+def test_book_mlp_row_with_fastbp_adam_checks_gradients_and_updates():
+    from fastbp import optimizer
+    from fastbp.bench.book import BookAdam
+    from fastbp.bench.cases import book_mlp_case, check_adam_updates
+
+    case = book_mlp_case(8, hidden=(6, 5), optimizer="fastbp")
+    assert case.key == "book-mlp-b128-fbadam" and "fastbp Adam" in case.title
+    text = case.check()
+    assert "grads fastbp~book" in text and "Adam updates fastbp~book" in text
+    fnet, bnet = case.extra["nets"]
+    before = {k: v.copy() for k, v in fnet.params.items()}
+    for _ in range(2):  # the timed steps move both nets' weights alike
+        case.impls["fastbp"]()
+        case.impls["numpy"]()
+    for k in fnet.params:
+        assert not np.array_equal(fnet.params[k], before[k])
+        np.testing.assert_allclose(fnet.params[k], bnet.params[k], rtol=1e-9, atol=1e-12)
+    grads = {"W": np.random.default_rng(0).standard_normal((4, 3)), "b": np.linspace(-1, 1, 3)}
+    assert check_adam_updates(optimizer.Adam(0.01), BookAdam(0.01), grads) < 1e-12
+    with pytest.raises(AssertionError, match="Adam update"):
+        check_adam_updates(optimizer.Adam(0.02), BookAdam(0.01), grads)  # a different update is caught
+    with pytest.raises(ValueError, match="optimizer"):
+        book_mlp_case(8, hidden=(6,), optimizer="sgd")

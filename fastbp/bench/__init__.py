@@ -39,7 +39,9 @@ its ``common/layers.py`` (:class:`BookLayers`) against the same class with :mod:
 The package: :mod:`~fastbp.bench.harness` (interleaving, calibration, allocation probe, machine probes),
 :mod:`~fastbp.bench.book` (the book's code, transcribed once), :mod:`~fastbp.bench.cases` (the rows: fastbp,
 NumPy and PyTorch on the same inputs, with their checks and targets; also used by ``benchmarks/``),
-:mod:`~fastbp.bench.report` (running, table, JSON, plot) and :mod:`~fastbp.bench.command` (the command line).
+:mod:`~fastbp.bench.report` (running, table, JSON, plot), :mod:`~fastbp.bench.command` (the command line) and
+:mod:`~fastbp.bench.simdpath` (``--path``: the child process with fastbp, NumPy and PyTorch all on one SIMD path,
+and the check of the kernels each really ran).
 Every name of the former single module is importable from ``fastbp.bench``.
 """
 

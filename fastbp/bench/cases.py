@@ -342,18 +342,24 @@ def book_case(batch=100, lr=0.1):
     )
 
 
-def book_mlp_case(batch=128, hidden=(100, 100, 100, 100), lr=0.001):
-    """The book's ch06 MultiLayerNet 784-100x4-10 with the book's NumPy Adam (float64 weights, float32 images,
-    integer labels): fastbp.layers dropped in vs the book's own layers, same initial weights."""
+def book_mlp_case(batch=128, hidden=(100, 100, 100, 100), lr=0.001, optimizer="book"):
+    """The book's ch06 MultiLayerNet 784-100x4-10 (float64 weights, float32 images, integer labels), same initial
+    weights: fastbp.layers dropped in (with the book's NumPy Adam, `optimizer` "book", or with fastbp.optimizer.Adam
+    too, "fastbp": a reader who also swaps ``common.optimizer``) vs the book's own layers and NumPy Adam."""
     from fastbp import layers as fast_layers
+    from fastbp import optimizer as fast_optimizer
 
+    if optimizer not in ("book", "fastbp"):
+        raise ValueError(f"optimizer must be 'book' or 'fastbp', got {optimizer!r}")
     np.random.seed(4)
     fnet = BookMultiLayerNet(784, list(hidden), 10, layers=fast_layers)
     bnet = BookMultiLayerNet(784, list(hidden), 10, layers=BookLayers)
     for k in fnet.params:
         bnet.params[k][...] = fnet.params[k]
     x, t = mnist_batch(batch)  # float32 images, int64 labels
-    fopt, bopt = BookAdam(lr), BookAdam(lr)
+    fast_adam = optimizer == "fastbp"
+    fopt = fast_optimizer.Adam(lr) if fast_adam else BookAdam(lr)
+    bopt = BookAdam(lr)
 
     def fastbp_step():
         fopt.update(fnet.params, fnet.gradient(x, t))
@@ -367,21 +373,45 @@ def book_mlp_case(batch=128, hidden=(100, 100, 100, 100), lr=0.001):
         fg = {k: np.array(v) for k, v in fnet.gradient(x, t).items()}
         bg = bnet.gradient(x, t)
         worst = max(_close(fg[k], bg[k], 1e-9, f"book MultiLayerNet: fastbp layers {k} vs book layers") for k in bg)
-        return f"grads fastbp~book {worst:.1e}"
+        text = f"grads fastbp~book {worst:.1e}"
+        if fast_adam:
+            text += f", Adam updates fastbp~book {check_adam_updates(fast_optimizer.Adam(lr), BookAdam(lr), bg):.1e}"
+        return text
 
     sizes = (784, *hidden, 10)
     flops = step_gemm_flops(batch, sizes, first_dx=True)
     impls["gemm-only"] = gemm_only_step(sizes, batch, np.float64, first_dx=True)
+    which = "fastbp.layers + fastbp.optimizer.Adam" if fast_adam else "fastbp.layers (book Adam)"
     return Case(
-        "book-mlp-b128",
-        f"book MultiLayerNet 784-{'-'.join(map(str, hidden))}-10 b{batch} + book Adam (f64 W, f32 x)",
+        "book-mlp-b128-fbadam" if fast_adam else "book-mlp-b128",
+        f"book MultiLayerNet 784-{'-'.join(map(str, hidden))}-10 b{batch} + "
+        + ("fastbp Adam" if fast_adam else "book Adam")
+        + " (f64 W, f32 x)",
         impls,
         check,
         flops,
         [Target("speedup", 1.0, "numpy"), Target("gemms", 1.3)],
-        note="the book's ch06 MultiLayerNet + its NumPy Adam; fastbp.layers vs the book's common/layers.py; its "
+        extra={"nets": (fnet, bnet)},
+        note=f"the book's ch06 MultiLayerNet; {which} vs the book's common/layers.py + its NumPy Adam; its "
         "GEMMs: the step's float64 products (dx of the first layer included) alone through fastbp's BLAS",
     )
+
+
+def check_adam_updates(fast_opt, book_opt, grads, steps=3, rtol=1e-9):
+    """Run `steps` updates of `fast_opt` and `book_opt` (fresh optimizers) from the same copies of the gradients'
+    shapes (parameters = the gradients scaled, so both start equal) and return the largest relative difference
+    of the parameter changes; AssertionError when it exceeds `rtol`."""
+    pf = {k: np.array(g) * 10.0 for k, g in grads.items()}
+    pb = {k: v.copy() for k, v in pf.items()}
+    start = {k: v.copy() for k, v in pf.items()}
+    worst = 0.0
+    for i in range(steps):
+        g = {k: np.array(v) * (1.0 + 0.5 * i) for k, v in grads.items()}
+        fast_opt.update(pf, g)
+        book_opt.update(pb, {k: v.copy() for k, v in g.items()})
+    for k in pf:
+        worst = max(worst, _close(pf[k] - start[k], pb[k] - start[k], rtol, f"Adam update {k} fastbp vs book"))
+    return worst
 
 
 def softmax_case(n, c, torch, targets, reuse=False):
@@ -537,6 +567,7 @@ def build_cases(torch=None, select=None):
         ),
         ("book-2l-b100", lambda: book_case(100)),
         ("book-mlp-b128", lambda: book_mlp_case(128)),
+        ("book-mlp-b128-fbadam", lambda: book_mlp_case(128, optimizer="fastbp")),
         ("softmax-100x10", lambda: softmax_case(100, 10, torch, [T("speedup", 4.0, "numpy")])),
         (
             "softmax-4096x1000",

@@ -1,10 +1,12 @@
 """``fastbp bench`` / ``python -m fastbp.bench``: the command line of the benchmark."""
 
 import argparse
+import os
 import sys
 
 from fastbp.bench.cases import build_cases
 from fastbp.bench.harness import DEFAULT_GAP, DEFAULT_ROUNDS, PEAK_SIZE, QUICK_ROUNDS
+from fastbp.bench.simdpath import CHILD_VAR, PATHS, run_on_path
 from fastbp.bench.report import run
 
 
@@ -67,6 +69,17 @@ def _configure(p):
     p.add_argument("--no-probe", action="store_true", help="skip the thread-pool interference probe")
     p.add_argument("--no-alloc", action="store_true", help="skip the NumPy allocation measurement")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--path",
+        choices=PATHS,
+        default=None,
+        help="run the bench in a child process with fastbp, NumPy (OpenBLAS core, SIMD dispatch) and PyTorch (ATen, "
+        "oneDNN, MKL) all on this SIMD path, as on a CPU that has nothing more (avx2: a reader's laptop); the "
+        "header names the kernels each library ran, and the run is refused if one did not take the path.  "
+        "Overrides FASTBP_DISABLE_CPU_FEATURES, OPENBLAS_CORETYPE, NPY_DISABLE_CPU_FEATURES, ATEN_CPU_CAPABILITY "
+        "and the like of your environment (in the child only; a note names them).  Default: this process, "
+        "as the environment leaves it",
+    )
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -81,7 +94,40 @@ def add_parser(subparsers):
     return _configure(p)
 
 
+def to_argv(args):
+    """The command-line arguments that parse back to `args` (for the child process of --path)."""
+    argv = []
+    for flag, name in (
+        ("--quick", "quick"),
+        ("--sweep", "sweep"),
+        ("--no-torch", "no_torch"),
+        ("--no-probe", "no_probe"),
+        ("--no-alloc", "no_alloc"),
+        ("--quiet", "quiet"),
+    ):
+        if getattr(args, name, False):
+            argv.append(flag)
+    for flag, name in (
+        ("--rounds", "rounds"),
+        ("--gap", "gap"),
+        ("--json", "json"),
+        ("--plot", "plot"),
+        ("--peak-size", "peak_size"),
+        ("--path", "path"),
+    ):
+        v = getattr(args, name, None)
+        if v is not None:
+            argv += [flag, repr(v) if isinstance(v, float) else str(v)]
+    if getattr(args, "cases", None):
+        argv += ["--cases", *args.cases]
+    return argv
+
+
 def cmd_bench(args):
+    path = getattr(args, "path", None)
+    if path and os.environ.get(CHILD_VAR) != path:
+        # NumPy, OpenBLAS and PyTorch read their SIMD settings when they load: a fresh process on the path
+        return run_on_path(path, ["fastbp.bench", *to_argv(args)])
     if args.rounds is None:
         args.rounds = QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS
     if args.plot:
@@ -100,6 +146,8 @@ def cmd_bench(args):
             sys.stderr.write(f"fastbp: --cases {' '.join(bad)} matches no row; rows: {', '.join(known)}\n")
             return 2
     res = run(args)
+    if res.get("refused"):
+        return 3
     rows = res["rows"] + res["alloc"]
     return 1 if any("error" in r for r in rows) else 0
 

@@ -18,6 +18,11 @@ book time / fastbp time for the same round.
 
     python -m fastbp.bench.loops --reps 3            # every config
     python -m fastbp.bench.loops --configs default passive --reps 5
+    python -m fastbp.bench.loops --configs default --path avx2   # every library on AVX2 (see bench.paths)
+
+``--path`` puts every worker subprocess -- fastbp, NumPy's OpenBLAS and SIMD dispatch -- on one SIMD path by the
+rule of :func:`fastbp.bench.paths.path_environment` (on top of the config's settings); each worker checks the
+kernels it really runs and refuses to time otherwise, and the report names them.
 """
 
 import argparse
@@ -27,6 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from fastbp.bench.simdpath import PATHS, format_kernels
 
 #: Process settings measured: environment of the worker subprocess (none of them is NumPy's).
 _OMP = {"FASTBP_THREAD_POOL": "openmp"}  # regions as OpenMP regions (libgomp's team and spin) instead of the pool
@@ -137,7 +144,15 @@ def make_loops(seed=0):
 def worker(rounds, seconds, loops_wanted):
     """Time each loop's fastbp and book steps in `rounds` interleaved rounds of about `seconds` each."""
     from fastbp.bench.harness import _time_batch, calibrate
+    from fastbp.bench.simdpath import CHILD_VAR, child_check, kernels_in_use
 
+    path = os.environ.get(CHILD_VAR)
+    if path:
+        used, refusal = child_check(path)
+        if refusal:
+            raise SystemExit(f"fastbp: ERROR: {refusal}")
+    else:
+        used = kernels_in_use()
     loops = make_loops()
     out = {}
     for name in loops_wanted:
@@ -163,6 +178,7 @@ def worker(rounds, seconds, loops_wanted):
     from fastbp import _runtime, _threads
 
     out["_runtime"] = {**_runtime.info(), "pool": _threads.pool_info()}
+    out["_kernels"] = used
     return out
 
 
@@ -188,7 +204,19 @@ def _child_env(extra):
     return env
 
 
-def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr):
+def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr, path=None):
+    """Run every config `reps` times (order rotating), each in a worker subprocess; with `path`, the workers run on
+    that SIMD path (ValueError when this CPU does not have it)."""
+    from fastbp.bench.simdpath import child_environment
+
+    envs = {}
+    for c in configs:
+        envs[c] = _child_env(CONFIGS[c])
+        if path:
+            envs[c], notes = child_environment(path, envs[c])
+            if log and c == configs[0]:
+                for n in notes:
+                    log.write(f"fastbp: note: {n}\n")
     results = {c: {} for c in configs}
     for rep in range(reps):
         order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
@@ -205,13 +233,12 @@ def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr):
                 "--loops",
                 *loops_wanted,
             ]
-            r = subprocess.run(
-                cmd, env=_child_env(CONFIGS[c]), capture_output=True, text=True, timeout=900, check=False
-            )
+            r = subprocess.run(cmd, env=envs[c], capture_output=True, text=True, timeout=900, check=False)
             if r.returncode != 0:
                 raise RuntimeError(f"config {c}: {r.stderr[-2000:]}")
             got = json.loads(r.stdout.strip().splitlines()[-1])
             results[c]["_runtime"] = got.pop("_runtime")
+            results[c]["_kernels"] = got.pop("_kernels")
             for loop, v in got.items():
                 acc = results[c].setdefault(loop, {"fastbp_s": [], "book_s": [], "ratio": [], "regions": []})
                 for k in acc:
@@ -262,13 +289,25 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per subprocess")
     p.add_argument("--seconds", type=float, default=0.15, help="time per timed batch")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--path",
+        choices=PATHS,
+        default=None,
+        help="run the workers with fastbp and NumPy on this SIMD path (see python -m fastbp bench --help)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a.rounds, a.seconds, a.loops)))
         return 0
     t0 = time.time()
-    res = drive(a.configs, a.reps, a.rounds, a.seconds, a.loops)
+    try:
+        res = drive(a.configs, a.reps, a.rounds, a.seconds, a.loops, path=a.path)
+    except ValueError as e:
+        sys.stderr.write(f"fastbp: {e}\n")
+        return 2
+    first = res[a.configs[0]]["_kernels"]
+    print("\n".join(format_kernels(first, a.path)))
     print(report(res, a.loops))
     print(f"({a.reps} reps x {a.rounds} rounds per config, {time.time() - t0:.0f} s)")
     if a.json:

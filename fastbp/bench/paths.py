@@ -1,7 +1,12 @@
 """Speed of fastbp's kernels on each SIMD path of this machine (issue 11 items 2 and 3): one column per path.
 
-Each path runs in its own subprocess with FASTBP_DISABLE_CPU_FEATURES set (native: unset; avx2: AVX512F;
-baseline: AVX), which moves fastbp's kernels and its OpenBLAS core type together (see fastbp/_simd.h).  Rows:
+Each path runs in its own subprocess whose environment (:func:`fastbp.bench.simdpath.path_environment`, the
+rule ``fastbp bench --path`` and ``python -m fastbp.bench.loops --path`` follow too) puts fastbp
+(FASTBP_DISABLE_CPU_FEATURES: its kernels and its OpenBLAS core type), NumPy (OPENBLAS_CORETYPE,
+NPY_DISABLE_CPU_FEATURES) and PyTorch (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) on that
+path, so every column compares libraries on the same instruction set, as on a CPU that has nothing more; the
+subprocess checks the kernels each library really runs (:func:`~fastbp.bench.simdpath.check_kernels`) and refuses
+to time otherwise.  Rows:
 
 * softmax cross-entropy forward+backward (4096, 1000) float32: fastbp's layer vs PyTorch eager
   (``F.cross_entropy`` + backward, as in ``fastbp bench``), interleaved rounds, median of per-round ratios;
@@ -28,7 +33,8 @@ import statistics
 import subprocess
 import sys
 
-PATH_ENV = {"native": None, "avx2": "AVX512F", "baseline": "AVX"}
+from fastbp.bench.simdpath import CHILD_VAR, PATHS, child_check, child_environment, format_kernels, kernels_in_use
+
 N = 1 << 23
 
 
@@ -63,6 +69,14 @@ def worker(rounds, seconds):
 
     out = {"path": K.simd_info()["path"], "core": _blas.info()["corename"], "rows": {}}
     torch = _import_torch()
+    path = os.environ.get(CHILD_VAR)
+    if path:
+        used, refusal = child_check(path, torch)
+        if refusal:
+            raise SystemExit(f"fastbp: ERROR: {refusal}")
+    else:
+        used = kernels_in_use(torch)
+    out["kernels"] = used
     if torch is not None:
         case = softmax_case(4096, 1000, torch, [])
         case.check()
@@ -165,7 +179,7 @@ def _gemm_rows(rows, rounds, seconds):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastbp.bench.paths", description=__doc__.split("\n\n")[0])
-    p.add_argument("--paths", nargs="+", default=list(PATH_ENV), choices=list(PATH_ENV))
+    p.add_argument("--paths", nargs="+", default=["native", "avx2", "baseline"], choices=PATHS)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--seconds", type=float, default=0.1)
     p.add_argument("--json", default=None)
@@ -176,9 +190,13 @@ def main(argv=None):
         return 0
     res = {}
     for path in a.paths:
-        env = {k: v for k, v in os.environ.items() if k != "FASTBP_DISABLE_CPU_FEATURES"}
-        if PATH_ENV[path]:
-            env["FASTBP_DISABLE_CPU_FEATURES"] = PATH_ENV[path]
+        try:
+            env, notes = child_environment(path)
+        except ValueError as e:
+            sys.stderr.write(f"fastbp: {e}; skipped\n")
+            continue
+        for n in notes:
+            sys.stderr.write(f"fastbp: note: {n}\n")
         r = subprocess.run(
             [
                 sys.executable,
@@ -201,6 +219,10 @@ def main(argv=None):
         res[path] = json.loads(r.stdout.strip().splitlines()[-1])
         sys.stderr.write(f"{path}: done\n")
     cols = list(res)
+    if not cols:
+        return 2
+    for c in cols:
+        print(f"{c}: " + " / ".join(line.strip() for line in format_kernels(res[c]["kernels"], c)[1:]))
     print("| row | " + " | ".join(f"{c}: {res[c]['path']} kernels, OpenBLAS {res[c]['core']}" for c in cols) + " |")
     print("|---|" + "---|" * len(cols))
     for row in res[cols[0]]["rows"]:

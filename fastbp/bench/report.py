@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from fastbp.bench.cases import Target, _alloc_rows, _import_torch, build_cases, sweep_cases
+from fastbp.bench.simdpath import child_check, format_kernels, kernels_in_use
 from fastbp.bench.harness import (
     BASE,
     BATCH_TIME,
@@ -194,7 +195,7 @@ def format_alloc(rows):
     return "\n".join(lines)
 
 
-def _header(info, peak, probe, args, torch):
+def _header(info, peak, probe, args, torch, kernels=None):
     nb = info["numpy_blas"]
     tl = (
         f"torch {info['torch']['version']} ({info['torch']['threads']} threads)"
@@ -209,6 +210,8 @@ def _header(info, peak, probe, args, torch):
         f"NumPy BLAS {nb.get('threads')} ({nb.get('corename')})"
         + (f", torch {info['torch']['threads']}" if torch is not None else ""),
     ]
+    if kernels is not None:
+        lines += format_kernels(kernels, getattr(args, "path", None))
     if peak:
         lines.append(
             f"GEMM peak {peak['size']}^3: fastbp sgemm {peak['fastbp_sgemm_gflops']:.0f} / dgemm "
@@ -251,7 +254,18 @@ def run(args, out=None):
     from fastbp import _blas
 
     _blas.ensure_loaded()
+    path = getattr(args, "path", None)
+    if path:  # in the child process of --path: every library must have taken the path before anything is timed
+        kernels, refusal = child_check(path, torch)
+        if refusal:
+            sys.stderr.write(f"fastbp: ERROR: {refusal}\n")
+            return {"refused": refusal, "kernels": kernels, "rows": [], "alloc": []}
+    else:
+        kernels = kernels_in_use(torch)
     info = machine_info(torch)
+    if info["numpy_blas"].get("threads") is None and kernels and kernels["numpy"]["blas_core"]:
+        info["numpy_blas"]["corename"] = kernels["numpy"]["blas_core"]  # read without threadpoolctl
+        info["numpy_blas"]["threads"] = kernels["numpy"]["blas_threads"]
     quiet = getattr(args, "quiet", False)
 
     def log(msg):
@@ -298,7 +312,7 @@ def run(args, out=None):
 
     main_rows = [r for r in rows if not r["key"].startswith("sweep-")]
     sweep_rows = [r for r in rows if r["key"].startswith("sweep-")]
-    print(_header(info, peak, probe, args, torch), file=out)
+    print(_header(info, peak, probe, args, torch, kernels), file=out)
     print("", file=out)
     print(format_table(main_rows), file=out)
     if any((r.get("other_processes_cpu_fraction") or 0) > BUSY for r in rows):
@@ -366,6 +380,8 @@ def run(args, out=None):
             "quick": args.quick,
         },
         "gemm_peak": peak,
+        "simd_path": path,
+        "kernels": kernels,
         "interference": probe,
         "rows": rows,
         "alloc": alloc,
