@@ -512,7 +512,7 @@ def _softmax_truth(x, labels=None, onehot=None):
     return float(np.sum(t * (lse - x))), y, t
 
 
-@pytest.mark.parametrize("n,c", [(1, 1), (1, 5), (7, 3), (4, 1000), (1100, 1000)])
+@pytest.mark.parametrize("n,c", [(1, 1), (1, 5), (7, 3), (100, 10), (5, 63), (5, 64), (4, 1000), (1100, 1000)])
 @pytest.mark.parametrize("target", ["labels", "onehot"])
 @with_dtypes
 def test_softmax_cross_entropy(dtype, n, c, target):
@@ -548,6 +548,27 @@ def test_softmax_cross_entropy_extremes(dtype):
     nan = x.copy()
     nan[1, 0] = np.nan
     assert np.isnan(K.softmax_cross_entropy(nan, np.array([1, 1, 0]), y, g, 1.0))
+
+
+@pytest.mark.parametrize("c", [10, 63, 64, 200])  # rows shorter than 64 take plain loops, longer ones simd ones
+@pytest.mark.parametrize("target", ["labels", "onehot"])
+@with_dtypes
+def test_softmax_cross_entropy_nan_anywhere_in_a_row_makes_that_row_nan(dtype, c, target):
+    rng = np.random.default_rng(c)
+    n = 4
+    labels = rng.integers(0, c, n)
+    t = labels.astype(np.int64) if target == "labels" else np.eye(c, dtype=dtype)[labels]
+    for col in (0, 1, c // 2, c - 1):  # the max loop starts from column 0: a NaN there and one it skips
+        x = rng.standard_normal((n, c)).astype(dtype)
+        x[2, col] = np.nan
+        y, g = np.empty_like(x), np.empty_like(x)
+        assert np.isnan(K.softmax_cross_entropy(x, t, y, g, 1.0 / n))
+        assert np.isnan(y[2]).all() and np.isnan(g[2]).all()
+        rest = [0, 1, 3]
+        assert np.isfinite(y[rest]).all() and np.isfinite(g[rest]).all()
+        _, want_y, t64 = _softmax_truth(x[rest], labels[rest])
+        assert_close(y[rest], want_y, dtype)
+        assert_close(g[rest], (want_y - t64) / n, dtype)
 
 
 @pytest.mark.parametrize("bad", [-1, 3, 4, 2**62, -(2**63), 2**63 - 1])
