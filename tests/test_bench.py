@@ -493,3 +493,13 @@ def test_profile_main_runs_the_book_net(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "book: step" in text and "Affine1.backward" in text and "SIMD path" in text
     assert set(json.loads(out.read_text())) == {"book"} and res["book"]["step_us"] > 0
+
+
+def test_bound_note_names_numpy_step_over_fastbp_gemms_only_for_vs_numpy_rows():
+    from fastbp.bench.cases import Target
+    from fastbp.bench.report import _bound_note
+
+    row = {"targets": [Target("speedup", 3.0, "numpy")], "numpy_over_gemms": 4.25}
+    assert "numpy step / fastbp's GEMMs alone = 4.25x" in _bound_note(row)
+    assert _bound_note({"targets": [Target("floor", 1.3)], "numpy_over_gemms": 4.25}) == ""
+    assert _bound_note({"targets": [Target("speedup", 3.0, "numpy")]}) == ""
