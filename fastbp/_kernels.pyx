@@ -59,6 +59,10 @@ cdef extern from "_simd.h" nogil:
     void fb_relu_forward_f64(long n, const double *x, double *out, uint8_t *mask) noexcept
     void fb_relu_backward_f32(long n, const float *dout, const uint8_t *mask, float *dx) noexcept
     void fb_relu_backward_f64(long n, const double *dout, const uint8_t *mask, double *dx) noexcept
+    void fb_relu_inplace_f32(long n, float *x) noexcept
+    void fb_relu_inplace_f64(long n, double *x) noexcept
+    void fb_relu_mask_inplace_f32(long n, const float *y, float *d) noexcept
+    void fb_relu_mask_inplace_f64(long n, const double *y, double *d) noexcept
     void fb_colsum_f32(long n, long m, const float *dout, float *db, double *acc) noexcept
     void fb_colsum_f64(long n, long m, const double *dout, double *db, double *acc) noexcept
     void fb_sigmoid_f32(long n, const float *x, float *out) noexcept
@@ -387,6 +391,62 @@ def relu_backward(dout, mask, dx):
     with nogil:
         parallel_blocks(n, even_block(n, MIN_BLOCK), _relu_b_f32 if t == 0 else _relu_b_f64, &c)
     return dx
+
+
+cdef void _relu_ip_f32(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _ew_ctx *c = <_ew_ctx*>ctx
+    fb_relu_inplace_f32(hi - lo, <float*>c.out + lo)
+
+
+cdef void _relu_ip_f64(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _ew_ctx *c = <_ew_ctx*>ctx
+    fb_relu_inplace_f64(hi - lo, <double*>c.out + lo)
+
+
+cdef void _relu_mask_ip_f32(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _ew_ctx *c = <_ew_ctx*>ctx
+    fb_relu_mask_inplace_f32(hi - lo, <const float*>c.b + lo, <float*>c.out + lo)
+
+
+cdef void _relu_mask_ip_f64(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _ew_ctx *c = <_ew_ctx*>ctx
+    fb_relu_mask_inplace_f64(hi - lo, <const double*>c.b + lo, <double*>c.out + lo)
+
+
+def relu_inplace(x):
+    """x = max(x, 0) in place, no mask (NaN stays NaN): the ReLU fastbp's nets fuse into an Affine's output;
+    returns x."""
+    cdef int t = ftype(x, "x")
+    cdef cnp.ndarray X = <cnp.ndarray>x
+    check_contig(X, "x"); check_out(X, "x")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(X)
+    cdef _ew_ctx c
+    c.a = NULL
+    c.b = NULL
+    c.out = cnp.PyArray_DATA(X)
+    c.mask = NULL
+    with nogil:
+        parallel_blocks(n, even_block(n, MIN_BLOCK), _relu_ip_f32 if t == 0 else _relu_ip_f64, &c)
+    return x
+
+
+def relu_mask_inplace(y, d):
+    """d = where(y <= 0, 0, d) in place, y the output of relu_inplace (y <= 0 exactly where its input was <= 0,
+    the book's Relu.mask): the fused ReLU's backward; returns d."""
+    cdef int t = ftype(d, "d")
+    same_type(t, y, "y")
+    cdef cnp.ndarray Y = <cnp.ndarray>y, D = <cnp.ndarray>d
+    check_contig(Y, "y"); check_contig(D, "d"); check_same_shape(D, Y, "d", "y"); check_out(D, "d")
+    check_no_overlap(D, Y, "d", "y")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(D)
+    cdef _ew_ctx c
+    c.a = NULL
+    c.b = cnp.PyArray_DATA(Y)
+    c.out = cnp.PyArray_DATA(D)
+    c.mask = NULL
+    with nogil:
+        parallel_blocks(n, even_block(n, MIN_BLOCK), _relu_mask_ip_f32 if t == 0 else _relu_mask_ip_f64, &c)
+    return d
 
 
 def sigmoid_forward(x, out):

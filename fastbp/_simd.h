@@ -407,10 +407,33 @@ TARGET static void NAME(long n, const T *dout, const unsigned char *restrict mas
     for (long i = 0; i < n; i++) { T d = dout[i]; dx[i] = mask[i] ? (T)0 : d; }                               \
 }
 
+/* ReLU fused into an Affine layer's output (fastbp's own nets): x = max(x, 0) in place, no mask (NaN stays); and
+ * its backward from that output: d = 0 where y <= 0 (y = relu(x) <= 0 exactly where x <= 0, the book's mask). */
+#define FB_RELU_IP(NAME, TARGET, T)                                                                           \
+TARGET static void NAME(long n, T *x)                                                                         \
+{                                                                                                             \
+    _Pragma("omp simd")                                                                                       \
+    for (long i = 0; i < n; i++) { T v = x[i]; x[i] = v <= 0 ? (T)0 : v; }                                   \
+}
+#define FB_RELU_MASK_IP(NAME, TARGET, T)                                                                      \
+TARGET static void NAME(long n, const T *restrict y, T *restrict d)                                           \
+{                                                                                                             \
+    _Pragma("omp simd")                                                                                       \
+    for (long i = 0; i < n; i++) { T v = d[i]; d[i] = y[i] <= 0 ? (T)0 : v; }                                 \
+}
+
 FB_VARIANTS(FB_RELU_F, fb_relu_forward_f32, float)
 FB_VARIANTS(FB_RELU_F, fb_relu_forward_f64, double)
 FB_VARIANTS(FB_RELU_B, fb_relu_backward_f32, float)
 FB_VARIANTS(FB_RELU_B, fb_relu_backward_f64, double)
+FB_VARIANTS(FB_RELU_IP, fb_relu_inplace_f32, float)
+FB_VARIANTS(FB_RELU_IP, fb_relu_inplace_f64, double)
+FB_VARIANTS(FB_RELU_MASK_IP, fb_relu_mask_inplace_f32, float)
+FB_VARIANTS(FB_RELU_MASK_IP, fb_relu_mask_inplace_f64, double)
+FB_DISPATCH(fb_relu_inplace_f32, (long n, float *x), (n, x))
+FB_DISPATCH(fb_relu_inplace_f64, (long n, double *x), (n, x))
+FB_DISPATCH(fb_relu_mask_inplace_f32, (long n, const float *y, float *d), (n, y, d))
+FB_DISPATCH(fb_relu_mask_inplace_f64, (long n, const double *y, double *d), (n, y, d))
 FB_DISPATCH(fb_relu_forward_f32, (long n, const float *x, float *out, unsigned char *mask), (n, x, out, mask))
 FB_DISPATCH(fb_relu_forward_f64, (long n, const double *x, double *out, unsigned char *mask), (n, x, out, mask))
 FB_DISPATCH(fb_relu_backward_f32, (long n, const float *dout, const unsigned char *mask, float *dx),

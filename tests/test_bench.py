@@ -460,41 +460,6 @@ def test_book_mlp_row_with_fastbp_adam_checks_gradients_and_updates():
         book_mlp_case(8, hidden=(6,), optimizer="sgd")
 
 
-def test_profile_times_every_layer_call_and_unwraps_them():
-    from fastbp import nets
-    from fastbp.bench import profile as prof
-
-    net = nets.TwoLayerNet(20, 8, 4, dtype=np.float32)
-    x = np.random.default_rng(0).random((5, 20)).astype(np.float32)
-    t = np.array([0, 1, 2, 3, 0])
-    want = {k: np.array(v) for k, v in net.gradient(x, t).items()}
-    calls = []
-    real = net.layers["Relu1"].forward
-    r = prof.profile(net, lambda: calls.append(net.gradient(x, t)), steps=7, warmup=2)
-    assert len(calls) == 9
-    assert list(r["layers"]) == [
-        "Affine1.forward", "Relu1.forward", "Affine2.forward", "lastLayer.forward",
-        "lastLayer.backward", "Affine2.backward", "Relu1.backward", "Affine1.backward",
-    ]  # fmt: skip
-    assert all(v > 0 for v in r["layers"].values())
-    # each step's layer sum is part of that step, so its median is too
-    assert 0 < r["layers_us"] <= r["step_us"] and r["rest_us"] == r["step_us"] - r["layers_us"]
-    # the wrappers are gone and did not change the results
-    assert "forward" not in vars(net.layers["Relu1"]) and net.layers["Relu1"].forward == real
-    for k, v in net.gradient(x, t).items():
-        assert np.array_equal(v, want[k])
-
-
-def test_profile_main_runs_the_book_net(capsys, tmp_path):
-    from fastbp.bench import profile as prof
-
-    out = tmp_path / "p.json"
-    res = prof.main(["--nets", "book", "--steps", "3", "--json", str(out)])
-    text = capsys.readouterr().out
-    assert "book: step" in text and "Affine1.backward" in text and "SIMD path" in text
-    assert set(json.loads(out.read_text())) == {"book"} and res["book"]["step_us"] > 0
-
-
 def test_bound_note_names_numpy_step_over_fastbp_gemms_only_for_vs_numpy_rows():
     from fastbp.bench.cases import Target
     from fastbp.bench.report import _bound_note

@@ -421,6 +421,36 @@ def test_relu_kernels(dtype, size):
 
 @pytest.mark.parametrize("size", SIZES)
 @with_dtypes
+def test_relu_inplace_kernels_equal_the_masked_ones(dtype, size):
+    """The ReLU fastbp's nets fuse into an Affine's output: in place, no mask; its backward from that output."""
+    rng = np.random.default_rng(size + 7)
+    x = rng.standard_normal(size).astype(dtype)
+    x[::97] = 0.0
+    x[3::89] = -0.0
+    x[5::101] = np.nan
+    out, mask = np.empty(size, dtype), np.empty(size, bool)
+    K.relu_forward(x, out, mask)
+    y = x.copy()
+    assert K.relu_inplace(y) is y
+    assert np.array_equal(y, out, equal_nan=True) and not np.signbit(y[~np.isnan(y)]).any()
+    dout = rng.standard_normal(size).astype(dtype)
+    dx = np.empty(size, dtype)
+    K.relu_backward(dout, mask, dx)
+    d = dout.copy()
+    assert K.relu_mask_inplace(y, d) is d
+    assert np.array_equal(d, dx)  # y <= 0 exactly where the mask (x <= 0) is set, NaN included
+    with pytest.raises(ValueError, match="read-only"):
+        ro = y.copy()
+        ro.setflags(write=False)
+        K.relu_inplace(ro)
+    with pytest.raises(ValueError, match="shape"):
+        K.relu_mask_inplace(y, np.empty(size + 1, dtype))
+    with pytest.raises(TypeError):
+        K.relu_mask_inplace(y.astype(F16), d)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@with_dtypes
 def test_sigmoid_kernels(dtype, size):
     rng = np.random.default_rng(size + 1)
     x = (rng.standard_normal(size) * 20).astype(dtype)

@@ -1575,6 +1575,24 @@ def test_softmax_backward_returns_a_new_array_each_call(dtype, reuse, onehot):
     assert_close(layer.backward(1), want, dtype)
 
 
+@with_dtypes
+def test_softmax_one_hot_rows_of_the_logits_dtype_go_straight_to_the_kernel(dtype, monkeypatch):
+    """The book's ch05 feeds float64 one-hot rows into a float64 net: no conversion, no NumPy validation pass,
+    the same numbers as the general path (the one taken by rows of another dtype or layout)."""
+    rng = _rng("softmax-onehot-fast")
+    x = rng.standard_normal((100, 10)).astype(dtype)
+    t = np.eye(10, dtype=dtype)[rng.integers(0, 10, 100)]
+    general = FL.SoftmaxWithLoss()
+    want = general.forward(x, np.asfortranarray(t))  # F-order rows: the general path
+    want_dx = general.backward()
+    layer = FL.SoftmaxWithLoss(reuse=True)
+    monkeypatch.setattr(layer, "_forward_any", lambda *a: pytest.fail("took the general path"))
+    assert layer.forward(x, t) == want
+    assert layer.t is t
+    assert np.array_equal(layer.y, general.y)
+    assert np.array_equal(layer.backward(), want_dx)
+
+
 @pytest.mark.parametrize("name", ["Affine", "MatMul", "Relu", "Sigmoid"])
 @with_dtypes
 def test_reuse_layer_fed_its_own_output(name, dtype):
@@ -1869,21 +1887,3 @@ def test_affine_float32_images_into_float64_weights_convert_inside_the_product(t
     assert_close(dx, ref.backward(dout), F64, "dx")
     assert_close(layer.dW, ref.dW, F64, "dW")
     assert_close(layer.db, ref.db, F64, "db")
-
-
-@with_dtypes
-def test_softmax_one_hot_rows_of_the_logits_dtype_go_straight_to_the_kernel(dtype, monkeypatch):
-    """The book's ch05 feeds float64 one-hot rows into a float64 net: no conversion, no NumPy validation pass,
-    the same numbers as the general path (the one taken by rows of another dtype or layout)."""
-    rng = _rng("softmax-onehot-fast")
-    x = rng.standard_normal((100, 10)).astype(dtype)
-    t = np.eye(10, dtype=dtype)[rng.integers(0, 10, 100)]
-    general = FL.SoftmaxWithLoss()
-    want = general.forward(x, np.asfortranarray(t))  # F-order rows: the general path
-    want_dx = general.backward()
-    layer = FL.SoftmaxWithLoss(reuse=True)
-    monkeypatch.setattr(layer, "_forward_any", lambda *a: pytest.fail("took the general path"))
-    assert layer.forward(x, t) == want
-    assert layer.t is t
-    assert np.array_equal(layer.y, general.y)
-    assert np.array_equal(layer.backward(), want_dx)

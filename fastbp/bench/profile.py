@@ -8,7 +8,8 @@ the layers' sum within each step, and the rest (the optimizer, the network's own
 Networks (the bench's shapes):
 
 * ``own-f32`` / ``own-f64``: fastbp's own ``nets.TwoLayerNet`` 784-50-10, batch 100, integer labels, with
-  ``fastbp.optimizer.SGD`` (the ``train step TwoLayerNet`` rows of ``python -m fastbp bench``);
+  ``fastbp.optimizer.SGD`` (the ``train step TwoLayerNet`` rows of ``python -m fastbp bench``); its ``gradient``
+  runs the Relu on Affine1's output itself (no Relu layer call: that ReLU's time is in the rest);
 * ``book``: the book's ch05 TwoLayerNet on ``fastbp.layers`` (float64 weights, float32 images, float64 one-hot
   labels) with the book's NumPy SGD step;
 * ``book-mlp``: the book's MultiLayerNet 784-100x4-10 on ``fastbp.layers``, batch 128, with the book's NumPy Adam.
