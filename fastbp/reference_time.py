@@ -238,6 +238,78 @@ class NegativeSamplingLoss(_Layer):
 # ---------------------------------------------------------------------------------------------------------------
 # common/time_layers.py
 # ---------------------------------------------------------------------------------------------------------------
+class _TimeRecurrent(_Layer):
+    """The book's Time* loop over per-step layers, one for every cell: forward creates ``_step(*params)`` per
+    step and carries its states (h, or h and c); backward runs them in reverse, summing their grads."""
+
+    _step = None
+    _name = None
+    _states = ("h",)
+
+    def __init__(self, params, stateful):
+        self.params = list(params)
+        self.grads = [np.zeros_like(p) for p in self.params]
+        self.layers = None
+        self.h, self.dh = None, None
+        self.stateful = stateful
+
+    def forward(self, xs):
+        Wx, Wh = self.params[0], self.params[1]
+        N, T, D = xs.shape
+        H = Wh.shape[0]
+        dt = np.result_type(xs, Wx)
+        self.layers = []
+        hs = np.empty((N, T, H), dtype=dt)
+        for name in self._states:
+            if not self.stateful or getattr(self, name) is None:
+                setattr(self, name, np.zeros((N, H), dtype=dt))
+            else:
+                setattr(self, name, _check_state(getattr(self, name), (N, H), dt, self._name, name))
+        for t in range(T):
+            layer = self._step(*self.params)
+            out = layer.forward(xs[:, t, :], *[getattr(self, name) for name in self._states])
+            for name, v in zip(self._states, out if len(self._states) > 1 else (out,)):
+                setattr(self, name, v)
+            hs[:, t, :] = self.h
+            self.layers.append(layer)
+        return hs
+
+    def backward(self, dhs):
+        if self.layers is None:
+            raise _not_ready(self._name)
+        Wx = self.params[0]
+        N, T, H = dhs.shape
+        D = Wx.shape[0]
+        dxs = np.empty((N, T, D), dtype=np.result_type(dhs, Wx))
+        dstates = [0] * len(self._states)  # dh (and dc) flowing into step t from step t + 1
+        grads = [0] * len(self.grads)
+        for t in reversed(range(T)):
+            layer = self.layers[t]
+            dx, *dstates = layer.backward(dhs[:, t, :] + dstates[0], *dstates[1:])
+            dxs[:, t, :] = dx
+            for i, grad in enumerate(layer.grads):
+                grads[i] += grad
+        for i, grad in enumerate(grads):
+            self.grads[i][...] = grad
+        self.dh = dstates[0]
+        return dxs
+
+    def set_state(self, h):
+        self.h = h
+
+    def reset_state(self):
+        self.h = None
+
+
+class _GRUNames:
+    """The book's GRU/TimeGRU attribute names for params[0], params[1] and their gradients."""
+
+    Wx = property(lambda self: self.params[0])
+    Wh = property(lambda self: self.params[1])
+    dWx = property(lambda self: self.grads[0])
+    dWh = property(lambda self: self.grads[1])
+
+
 class RNN(_Layer):
     """h_next = tanh(h_prev Wh + x Wx + b)."""
 
@@ -264,57 +336,12 @@ class RNN(_Layer):
         return np.dot(dt, Wx.T), np.dot(dt, Wh.T)
 
 
-class TimeRNN(_Layer):
+class TimeRNN(_TimeRecurrent):
+    _step = RNN
+    _name = "TimeRNN"
+
     def __init__(self, Wx, Wh, b, stateful=False):
-        self.params = [Wx, Wh, b]
-        self.grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
-        self.layers = None
-        self.h, self.dh = None, None
-        self.stateful = stateful
-
-    def forward(self, xs):
-        Wx, Wh, b = self.params
-        N, T, D = xs.shape
-        H = Wh.shape[0]
-        dt = np.result_type(xs, Wx)
-        self.layers = []
-        hs = np.empty((N, T, H), dtype=dt)
-        if not self.stateful or self.h is None:
-            self.h = np.zeros((N, H), dtype=dt)
-        else:
-            self.h = _check_state(self.h, (N, H), dt, "TimeRNN")
-        for t in range(T):
-            layer = RNN(*self.params)
-            self.h = layer.forward(xs[:, t, :], self.h)
-            hs[:, t, :] = self.h
-            self.layers.append(layer)
-        return hs
-
-    def backward(self, dhs):
-        if self.layers is None:
-            raise _not_ready("TimeRNN")
-        Wx, Wh, b = self.params
-        N, T, H = dhs.shape
-        D = Wx.shape[0]
-        dxs = np.empty((N, T, D), dtype=np.result_type(dhs, Wx))
-        dh = 0
-        grads = [0, 0, 0]
-        for t in reversed(range(T)):
-            layer = self.layers[t]
-            dx, dh = layer.backward(dhs[:, t, :] + dh)
-            dxs[:, t, :] = dx
-            for i, grad in enumerate(layer.grads):
-                grads[i] += grad
-        for i, grad in enumerate(grads):
-            self.grads[i][...] = grad
-        self.dh = dh
-        return dxs
-
-    def set_state(self, h):
-        self.h = h
-
-    def reset_state(self):
-        self.h = None
+        super().__init__((Wx, Wh, b), stateful)
 
 
 class LSTM(_Layer):
@@ -357,56 +384,14 @@ class LSTM(_Layer):
         return np.dot(dA, Wx.T), np.dot(dA, Wh.T), dc_prev
 
 
-class TimeLSTM(_Layer):
+class TimeLSTM(_TimeRecurrent):
+    _step = LSTM
+    _name = "TimeLSTM"
+    _states = ("h", "c")
+
     def __init__(self, Wx, Wh, b, stateful=False):
-        self.params = [Wx, Wh, b]
-        self.grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
-        self.layers = None
-        self.h, self.c = None, None
-        self.dh = None
-        self.stateful = stateful
-
-    def forward(self, xs):
-        Wx, Wh, b = self.params
-        N, T, D = xs.shape
-        H = Wh.shape[0]
-        dt = np.result_type(xs, Wx)
-        self.layers = []
-        hs = np.empty((N, T, H), dtype=dt)
-        if not self.stateful or self.h is None:
-            self.h = np.zeros((N, H), dtype=dt)
-        else:
-            self.h = _check_state(self.h, (N, H), dt, "TimeLSTM")
-        if not self.stateful or self.c is None:
-            self.c = np.zeros((N, H), dtype=dt)
-        else:
-            self.c = _check_state(self.c, (N, H), dt, "TimeLSTM", "c")
-        for t in range(T):
-            layer = LSTM(*self.params)
-            self.h, self.c = layer.forward(xs[:, t, :], self.h, self.c)
-            hs[:, t, :] = self.h
-            self.layers.append(layer)
-        return hs
-
-    def backward(self, dhs):
-        if self.layers is None:
-            raise _not_ready("TimeLSTM")
-        Wx, Wh, b = self.params
-        N, T, H = dhs.shape
-        D = Wx.shape[0]
-        dxs = np.empty((N, T, D), dtype=np.result_type(dhs, Wx))
-        dh, dc = 0, 0
-        grads = [0, 0, 0]
-        for t in reversed(range(T)):
-            layer = self.layers[t]
-            dx, dh, dc = layer.backward(dhs[:, t, :] + dh, dc)
-            dxs[:, t, :] = dx
-            for i, grad in enumerate(layer.grads):
-                grads[i] += grad
-        for i, grad in enumerate(grads):
-            self.grads[i][...] = grad
-        self.dh = dh
-        return dxs
+        super().__init__((Wx, Wh, b), stateful)
+        self.c = None
 
     def set_state(self, h, c=None):
         self.h, self.c = h, c
@@ -415,7 +400,7 @@ class TimeLSTM(_Layer):
         self.h, self.c = None, None
 
 
-class GRU(_Layer):
+class GRU(_GRUNames, _Layer):
     """The book's GRU (no bias): z = sig(x Wxz + h Whz), r = sig(x Wxr + h Whr), h~ = tanh(x Wxh + (r h) Whh),
     h_next = (1 - z) h + z h~.  Gate columns [z | r | h~]."""
 
@@ -423,11 +408,6 @@ class GRU(_Layer):
         self.params = [Wx, Wh]
         self.grads = [np.zeros_like(Wx), np.zeros_like(Wh)]
         self.cache = None
-
-    Wx = property(lambda self: self.params[0])
-    Wh = property(lambda self: self.params[1])
-    dWx = property(lambda self: self.grads[0])
-    dWh = property(lambda self: self.grads[1])
 
     def forward(self, x, h_prev):
         Wx, Wh = self.params
@@ -469,62 +449,12 @@ class GRU(_Layer):
         return dx, dh_prev
 
 
-class TimeGRU(_Layer):
+class TimeGRU(_GRUNames, _TimeRecurrent):
+    _step = GRU
+    _name = "TimeGRU"
+
     def __init__(self, Wx, Wh, stateful=False):
-        self.params = [Wx, Wh]
-        self.grads = [np.zeros_like(Wx), np.zeros_like(Wh)]
-        self.layers = None
-        self.h, self.dh = None, None
-        self.stateful = stateful
-
-    Wx = property(lambda self: self.params[0])
-    Wh = property(lambda self: self.params[1])
-    dWx = property(lambda self: self.grads[0])
-    dWh = property(lambda self: self.grads[1])
-
-    def forward(self, xs):
-        Wx, Wh = self.params
-        N, T, D = xs.shape
-        H = Wh.shape[0]
-        dt = np.result_type(xs, Wx)
-        self.layers = []
-        hs = np.empty((N, T, H), dtype=dt)
-        if not self.stateful or self.h is None:
-            self.h = np.zeros((N, H), dtype=dt)
-        else:
-            self.h = _check_state(self.h, (N, H), dt, "TimeGRU")
-        for t in range(T):
-            layer = GRU(Wx, Wh)
-            self.h = layer.forward(xs[:, t, :], self.h)
-            hs[:, t, :] = self.h
-            self.layers.append(layer)
-        return hs
-
-    def backward(self, dhs):
-        if self.layers is None:
-            raise _not_ready("TimeGRU")
-        Wx, Wh = self.params
-        N, T, H = dhs.shape
-        D = Wx.shape[0]
-        dxs = np.empty((N, T, D), dtype=np.result_type(dhs, Wx))
-        dWx, dWh = 0, 0
-        dh = 0
-        for t in reversed(range(T)):
-            layer = self.layers[t]
-            dx, dh = layer.backward(dhs[:, t, :] + dh)
-            dxs[:, t, :] = dx
-            dWx = dWx + layer.grads[0]
-            dWh = dWh + layer.grads[1]
-        self.grads[0][...] = dWx
-        self.grads[1][...] = dWh
-        self.dh = dh
-        return dxs
-
-    def set_state(self, h):
-        self.h = h
-
-    def reset_state(self):
-        self.h = None
+        super().__init__((Wx, Wh), stateful)
 
 
 class TimeEmbedding(_Layer):

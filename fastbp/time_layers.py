@@ -387,7 +387,7 @@ class TimeLSTM(_Recurrent):
         _rec.lstm_backward(dk, c["A"], c["cs"], c["c0"], c["Whk"], dh, dc, dA)
 
 
-class TimeGRU(_Recurrent):
+class TimeGRU(_ref._GRUNames, _Recurrent):
     """Book 2's TimeGRU (no bias): z = sig(x Wxz + h Whz), r = sig(x Wxr + h Whr), h~ = tanh(x Wxh + (r h) Whh),
     h_t = (1 - z) h_{t-1} + z h~; gate columns [z | r | h~].
 
@@ -401,11 +401,6 @@ class TimeGRU(_Recurrent):
 
     def __init__(self, Wx, Wh, stateful=False, *, reuse=False):
         super().__init__((Wx, Wh), stateful, reuse)
-
-    Wx = property(lambda self: self.params[0])
-    Wh = property(lambda self: self.params[1])
-    dWx = property(lambda self: self.grads[0])
-    dWh = property(lambda self: self.grads[1])
 
     def _cell_forward(self, A, Whk, h0, hs, N, T, H, dt):
         rhs = self._ws.scratch("rhs", (N, T, H), dt)
@@ -520,7 +515,7 @@ class LSTM(_Step):
         return dxs[:, 0], t.dh, dc
 
 
-class GRU(_Step):
+class GRU(_ref._GRUNames, _Step):
     """Book 2's GRU step (no bias; gates [z | r | h~]): forward(x, h_prev) -> h_next;
     backward(dh_next) -> (dx, dh_prev).  ``params = [Wx, Wh]``, ``grads = [dWx, dWh]`` (the book's has
     neither list; ``Wx``/``Wh``/``dWx``/``dWh`` are its attribute names)."""
@@ -529,11 +524,6 @@ class GRU(_Step):
 
     def __init__(self, Wx, Wh, *, reuse=False):
         super().__init__(TimeGRU(Wx, Wh, stateful=True, reuse=reuse))
-
-    Wx = property(lambda self: self.params[0])
-    Wh = property(lambda self: self.params[1])
-    dWx = property(lambda self: self.grads[0])
-    dWh = property(lambda self: self.grads[1])
 
 
 
