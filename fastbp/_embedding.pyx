@@ -358,7 +358,7 @@ cdef void _rowdot_back(const floating *w, Py_ssize_t D, const index_t *idx, Py_s
 
 
 cdef void _rowdot_pass(bint back, const floating *w, Py_ssize_t D, const index_t *idx, Py_ssize_t n,
-                      Py_ssize_t k, const floating *a, floating *o) noexcept nogil:
+                       Py_ssize_t k, const floating *a, floating *o) noexcept nogil:
     if back:
         _rowdot_back(w, D, idx, n, k, a, o)
     else:
