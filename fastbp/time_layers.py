@@ -523,7 +523,7 @@ class GRU(_ref._GRUNames, _Step):
     _name = "GRU"
 
     def __init__(self, Wx, Wh, *, reuse=False):
-
+        super().__init__(TimeGRU(Wx, Wh, stateful=True, reuse=reuse))
 
 
 # ---------------------------------------------------------------------------------------------------------------
