@@ -204,18 +204,24 @@ class UnigramSampler:
         return negative_sample
 
 
+def _per_sample_layers(owner, W, loss_cls, dot_cls):
+    """The book's NegativeSamplingLoss layers: owner.sample_size + 1 loss and EmbeddingDot layers (all over W),
+    their params/grads collected into owner.params/owner.grads (also fastbp's, with its own layer classes)."""
+    owner.loss_layers = [loss_cls() for _ in range(owner.sample_size + 1)]
+    owner.embed_dot_layers = [dot_cls(W) for _ in range(owner.sample_size + 1)]
+    owner.params, owner.grads = [], []
+    for layer in owner.embed_dot_layers:
+        owner.params += layer.params
+        owner.grads += layer.grads
+
+
 class NegativeSamplingLoss(_Layer):
     """Binary cross-entropy of the target's score (label 1) plus sample_size negatives' scores (label 0)."""
 
     def __init__(self, W, corpus, power=0.75, sample_size=5):
         self.sample_size = sample_size
         self.sampler = UnigramSampler(corpus, power, sample_size)
-        self.loss_layers = [SigmoidWithLoss() for _ in range(sample_size + 1)]
-        self.embed_dot_layers = [EmbeddingDot(W) for _ in range(sample_size + 1)]
-        self.params, self.grads = [], []
-        for layer in self.embed_dot_layers:
-            self.params += layer.params
-            self.grads += layer.grads
+        _per_sample_layers(self, W, SigmoidWithLoss, EmbeddingDot)
 
     def forward(self, h, target):
         batch_size = target.shape[0]

@@ -49,6 +49,7 @@ from fastbp.layers import (
     SigmoidWithLoss,
     Softmax,  # noqa: F401
     SoftmaxWithLoss,
+    _Fast,
     _index_array,
     _Workspace,
 )
@@ -111,17 +112,9 @@ def _not_ready(owner):
     return RuntimeError(f"{owner}.backward called before {owner}.forward")
 
 
-class _Base:
+class _Base(_Fast):  # the `reuse` switch of the layer's workspace: fastbp.layers' mixin
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
-
-    @property
-    def reuse(self):
-        return self._ws.reuse
-
-    @reuse.setter
-    def reuse(self, value):
-        self._ws.reuse = bool(value)
 
     def _grad_out(self, i, dt):
         """(array to compute grads[i] into, whether it must be copied into grads[i] afterwards)."""
