@@ -9,6 +9,7 @@ import fastbp.negative_sampling_layer as NS
 import fastbp.reference as REF
 from fastbp._book2 import BookCBOW
 from fastbp.trainer import remove_duplicate
+from fastbp_tests import num_grad
 
 DTYPES = [np.float32, np.float64]
 with_dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -74,16 +75,7 @@ def test_embedding_dot_matches_reference_and_gradient(dtype):
 
 
 def _num_grad(f, x, h=1e-6):
-    g = np.zeros_like(x, dtype=np.float64)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + h
-        fp = f()
-        x[i] = old - h
-        fm = f()
-        x[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g
+    return num_grad(f, x, h)
 
 
 @with_dtypes

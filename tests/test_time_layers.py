@@ -13,7 +13,7 @@ import fastbp.reference as REF
 import fastbp.time_layers as TL
 from fastbp import _book2 as book2
 from fastbp import _embedding as _emb
-from fastbp_tests import BOOK_DATA
+from fastbp_tests import BOOK_DATA, num_grad
 
 DTYPES = [np.float32, np.float64]
 with_dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -46,19 +46,7 @@ def _rng(seed=0):
 
 
 def _num_grad(f, x, h=1e-5):
-    """Central differences of the scalar f() wrt every entry of x (perturbed in place, restored)."""
-    g = np.zeros(x.shape, np.float64)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + h
-        fp = f()
-        x[i] = old - h
-        fm = f()
-        x[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g
+    return num_grad(f, x, h)
 
 
 def _assert_grad(analytic, numeric, tol=1e-6):
