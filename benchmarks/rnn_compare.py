@@ -147,10 +147,10 @@ def _fmt(t):
     return f"{t * 1e3:.2f} ms" if t >= 1e-3 else f"{t * 1e6:.0f} µs"
 
 
-def case_rnnlm(rounds, better=False):
-    N, T, V = 20, 35, 10000
-    rng = np.random.default_rng(1)
-    corpus = rng.integers(0, V, 200000).astype(np.int32)
+def lm_batches(seed, N=20, T=35, V=10000):
+    """The language-model cases' mini-batches: a function cycling over 100 (xs, ts) pairs (N, T) of a random
+    corpus of V words (ts: xs shifted by one word)."""
+    corpus = np.random.default_rng(seed).integers(0, V, 200000).astype(np.int32)
     state = {"i": 0}
 
     def batch():
@@ -158,6 +158,13 @@ def case_rnnlm(rounds, better=False):
         xs = corpus[i * N * T : (i + 1) * N * T].reshape(N, T)
         ts = corpus[i * N * T + 1 : (i + 1) * N * T + 1].reshape(N, T)
         return xs, ts
+
+    return batch
+
+
+def case_rnnlm(rounds, better=False):
+    V = 10000
+    batch = lm_batches(1, V=V)
 
     cls = better_rnnlm if better else rnnlm
     lr, max_grad = 20.0, 0.25
@@ -328,17 +335,7 @@ def case_embed(rounds):
 
 
 def case_book(rounds):
-    N, T, V = 20, 35, 10000
-    rng = np.random.default_rng(4)
-    corpus = rng.integers(0, V, 200000).astype(np.int32)
-    state = {"i": 0}
-
-    def batch():
-        i = state["i"] = (state["i"] + 1) % 100
-        return (
-            corpus[i * N * T : (i + 1) * N * T].reshape(N, T),
-            corpus[i * N * T + 1 : (i + 1) * N * T + 1].reshape(N, T),
-        )
+    batch = lm_batches(4)
 
     f_step = make_step(rnnlm(TL), BookSGD(20.0), book_clip_grads, 0.25)
     n_step = make_step(rnnlm(REF), BookSGD(20.0), book_clip_grads, 0.25)
