@@ -77,6 +77,24 @@ cdef _check_2d(cnp.ndarray a, str name, Py_ssize_t r, Py_ssize_t c, bint out):
         raise ValueError(f"{name} must be writable")
 
 
+cdef tuple _table(object W, str name, object idx, bint out):
+    """(ft, it, V, D, n) of a (V, D) table `W` (C-contiguous; writable when out) and the n indices `idx` into it:
+    the float and index types and sizes the other operands are checked against."""
+    cdef int ft = _ftype(W, name), it = _itype(idx, "idx")
+    cdef cnp.ndarray Wa = <cnp.ndarray>W
+    if cnp.PyArray_NDIM(Wa) != 2:
+        raise ValueError(f"{name} must be 2-D (V, D), got shape {(<object>Wa).shape}")
+    _check_2d(Wa, name, Wa.shape[0], Wa.shape[1], out)
+    return ft, it, Wa.shape[0], Wa.shape[1], cnp.PyArray_SIZE(<cnp.ndarray>idx)
+
+
+cdef cnp.ndarray _like(object a, str name, int ft, object W, str W_name):
+    """a as an ndarray of the table's float type ft (TypeError naming both dtypes otherwise)."""
+    if _ftype(a, name) != ft:
+        raise TypeError(f"{name} must have {W_name}'s dtype {W.dtype}, got {a.dtype}")
+    return <cnp.ndarray>a
+
+
 cdef bint _overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
     cdef char *la = <char*>cnp.PyArray_DATA(a)
     cdef char *lb = <char*>cnp.PyArray_DATA(b)
@@ -138,15 +156,10 @@ cdef void _gather(const void *w, Py_ssize_t row_bytes, const void *idx, bint i64
 
 def gather(W, idx, out):
     """out[i] = W[idx.flat[i]] for W (V, D) (rows C-contiguous), idx int32/int64 any shape, out (idx.size, D)."""
-    cdef int ft = _ftype(W, "W"), it = _itype(idx, "idx")
-    cdef cnp.ndarray Wa = <cnp.ndarray>W, Idx = <cnp.ndarray>idx, Out
-    if cnp.PyArray_NDIM(Wa) != 2:
-        raise ValueError(f"W must be 2-D (V, D), got shape {(<object>Wa).shape}")
-    cdef Py_ssize_t V = Wa.shape[0], D = Wa.shape[1], n = cnp.PyArray_SIZE(Idx)
-    _check_2d(Wa, "W", V, D, False)
-    if _ftype(out, "out") != ft:
-        raise TypeError(f"out must have W's dtype {Wa.dtype}, got {out.dtype}")
-    Out = <cnp.ndarray>out
+    cdef int ft, it
+    cdef Py_ssize_t V, D, n
+    ft, it, V, D, n = _table(W, "W", idx, False)
+    cdef cnp.ndarray Wa = <cnp.ndarray>W, Idx = <cnp.ndarray>idx, Out = _like(out, "out", ft, W, "W")
     _check_2d(Out, "out", n, D, True)
     if _overlap(Out, Wa) or _overlap(Out, Idx):
         raise ValueError("out overlaps W or idx")
@@ -270,20 +283,13 @@ def scatter_add(src, idx, dW, scale=None):
     src (n, D), idx int32/int64 with n entries, dW (V, D) C-contiguous and writable, scale (n,) or None; one
     float dtype.  Duplicate indices are summed in index order (in double for float32), so the result does not
     depend on the thread count.  Returns dW."""
-    cdef int ft = _ftype(dW, "dW"), it = _itype(idx, "idx")
-    cdef cnp.ndarray DW = <cnp.ndarray>dW, Idx = <cnp.ndarray>idx, S, SC = None
-    if cnp.PyArray_NDIM(DW) != 2:
-        raise ValueError(f"dW must be 2-D (V, D), got shape {(<object>DW).shape}")
-    cdef Py_ssize_t V = DW.shape[0], D = DW.shape[1], n = cnp.PyArray_SIZE(Idx)
-    _check_2d(DW, "dW", V, D, True)
-    if _ftype(src, "src") != ft:
-        raise TypeError(f"src must have dW's dtype {DW.dtype}, got {src.dtype}")
-    S = <cnp.ndarray>src
+    cdef int ft, it
+    cdef Py_ssize_t V, D, n
+    ft, it, V, D, n = _table(dW, "dW", idx, True)
+    cdef cnp.ndarray DW = <cnp.ndarray>dW, Idx = <cnp.ndarray>idx, S = _like(src, "src", ft, dW, "dW"), SC = None
     _check_2d(S, "src", n, D, False)
     if scale is not None:
-        if _ftype(scale, "scale") != ft:
-            raise TypeError(f"scale must have dW's dtype {DW.dtype}, got {scale.dtype}")
-        SC = <cnp.ndarray>scale
+        SC = _like(scale, "scale", ft, dW, "dW")
         if cnp.PyArray_SIZE(SC) != n or not cnp.PyArray_IS_C_CONTIGUOUS(SC):
             raise ValueError(f"scale must be C-contiguous with {n} entries, got shape {(<object>SC).shape}")
         if _overlap(DW, SC):
