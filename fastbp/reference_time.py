@@ -26,13 +26,8 @@ import numpy as np
 
 from fastbp._npmath import stable_sigmoid as _sigmoid
 
-__all__ = [
-    "Softmax",
-    "SigmoidWithLoss",
-    "Embedding",
-    "EmbeddingDot",
-    "UnigramSampler",
-    "NegativeSamplingLoss",
+#: The layers of book 2's common/time_layers.py (also fastbp.time_layers' own, in this order).
+TIME_LAYERS = [
     "RNN",
     "TimeRNN",
     "LSTM",
@@ -45,6 +40,15 @@ __all__ = [
     "TimeSigmoidWithLoss",
     "TimeDropout",
     "TimeBiLSTM",
+]
+__all__ = [
+    "Softmax",
+    "SigmoidWithLoss",
+    "Embedding",
+    "EmbeddingDot",
+    "UnigramSampler",
+    "NegativeSamplingLoss",
+    *TIME_LAYERS,
 ]
 
 
@@ -69,6 +73,16 @@ def _not_ready(owner):
     return RuntimeError(f"{owner}.backward called before {owner}.forward")
 
 
+def _check_labels(valid, V, ignore_label):
+    """IndexError for a label of `valid` (the labels not ignored) outside [0, V) (book 2's TimeSoftmaxWithLoss)."""
+    if valid.size and (valid.min() < 0 or valid.max() >= V):
+        bad = valid.min() if valid.min() < 0 else valid.max()
+        raise IndexError(
+            f"TimeSoftmaxWithLoss: label {bad} is out of range for {V} classes "
+            f"(and is not the ignore label {ignore_label})"
+        )
+
+
 def _check_state(h, shape, dtype, owner, name="h"):
     if h.shape != shape:
         raise ValueError(f"{owner}: {name} must have shape {shape} (N, H), got {h.shape}")
@@ -78,6 +92,26 @@ def _check_state(h, shape, dtype, owner, name="h"):
 class _Layer:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+
+class _HState:
+    """The book's set_state / reset_state of a recurrent layer with state h."""
+
+    def set_state(self, h):
+        self.h = h
+
+    def reset_state(self):
+        self.h = None
+
+
+class _HCState:
+    """The book's set_state / reset_state of an LSTM layer (states h and c)."""
+
+    def set_state(self, h, c=None):
+        self.h, self.c = h, c
+
+    def reset_state(self):
+        self.h, self.c = None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,7 +278,7 @@ class NegativeSamplingLoss(_Layer):
 # ---------------------------------------------------------------------------------------------------------------
 # common/time_layers.py
 # ---------------------------------------------------------------------------------------------------------------
-class _TimeRecurrent(_Layer):
+class _TimeRecurrent(_HState, _Layer):
     """The book's Time* loop over per-step layers, one for every cell: forward creates ``_step(*params)`` per
     step and carries its states (h, or h and c); backward runs them in reverse, summing their grads."""
 
@@ -299,12 +333,6 @@ class _TimeRecurrent(_Layer):
             self.grads[i][...] = grad
         self.dh = dstates[0]
         return dxs
-
-    def set_state(self, h):
-        self.h = h
-
-    def reset_state(self):
-        self.h = None
 
 
 class _GRUNames:
@@ -390,7 +418,7 @@ class LSTM(_Layer):
         return np.dot(dA, Wx.T), np.dot(dA, Wh.T), dc_prev
 
 
-class TimeLSTM(_TimeRecurrent):
+class TimeLSTM(_HCState, _TimeRecurrent):
     _step = LSTM
     _name = "TimeLSTM"
     _states = ("h", "c")
@@ -398,12 +426,6 @@ class TimeLSTM(_TimeRecurrent):
     def __init__(self, Wx, Wh, b, stateful=False):
         super().__init__((Wx, Wh, b), stateful)
         self.c = None
-
-    def set_state(self, h, c=None):
-        self.h, self.c = h, c
-
-    def reset_state(self):
-        self.h, self.c = None, None
 
 
 class GRU(_GRUNames, _Layer):
@@ -535,12 +557,7 @@ class TimeSoftmaxWithLoss(_Layer):
             ts = ts.argmax(axis=2)
         mask = ts != self.ignore_label
         valid = ts[mask]
-        if valid.size and (valid.min() < 0 or valid.max() >= V):
-            bad = valid.min() if valid.min() < 0 else valid.max()
-            raise IndexError(
-                f"TimeSoftmaxWithLoss: label {bad} is out of range for {V} classes "
-                f"(and is not the ignore label {self.ignore_label})"
-            )
+        _check_labels(valid, V, self.ignore_label)
         xs = xs.reshape(N * T, V)
         ts = np.where(mask, ts, 0).reshape(N * T)
         mask = mask.reshape(N * T)

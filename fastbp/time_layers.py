@@ -55,18 +55,7 @@ from fastbp.layers import (
 )
 
 __all__ = [
-    "RNN",
-    "TimeRNN",
-    "LSTM",
-    "TimeLSTM",
-    "GRU",
-    "TimeGRU",
-    "TimeEmbedding",
-    "TimeAffine",
-    "TimeSoftmaxWithLoss",
-    "TimeSigmoidWithLoss",
-    "TimeDropout",
-    "TimeBiLSTM",
+    *_ref.TIME_LAYERS,
     "Embedding",
     "Affine",
     "MatMul",
@@ -156,7 +145,7 @@ def _colsum_into_grad(layer, i, d2, dt):
 # ---------------------------------------------------------------------------------------------------------------
 # Recurrent layers
 # ---------------------------------------------------------------------------------------------------------------
-class _Recurrent(_Base):
+class _Recurrent(_ref._HState, _Base):
     """Shared machinery of TimeRNN / TimeLSTM / TimeGRU (G gates of H columns, cell state or not, bias or not)."""
 
     _name = None
@@ -173,12 +162,6 @@ class _Recurrent(_Base):
         self.stateful = stateful
         self._ws = _Workspace(reuse)
         self._cache = None
-
-    def set_state(self, h):
-        self.h = h
-
-    def reset_state(self):
-        self.h = None
 
     # -- the time loop: shared by every cell; the cell's kernel call is _cell_forward / _cell_backward ----------
     def forward(self, xs):
@@ -336,7 +319,7 @@ class TimeRNN(_Recurrent):
         _rec.rnn_backward(dk, c["hs"], c["Whk"], dh, dA)
 
 
-class TimeLSTM(_Recurrent):
+class TimeLSTM(_ref._HCState, _Recurrent):
     """Book 2's TimeLSTM: gates A = x Wx + h Wh + b split [f | g | i | o] (the book's order, so its weights and
     pickles work unchanged); c_t = f c_{t-1} + g i; h_t = o tanh(c_t).
 
@@ -352,12 +335,6 @@ class TimeLSTM(_Recurrent):
     def __init__(self, Wx, Wh, b, stateful=False, *, reuse=False):
         super().__init__((Wx, Wh, b), stateful, reuse)
         self.c = None
-
-    def set_state(self, h, c=None):
-        self.h, self.c = h, c
-
-    def reset_state(self):
-        self.h, self.c = None, None
 
     def _initial_state(self, N, H, dt):
         h0 = super()._initial_state(N, H, dt)
@@ -688,12 +665,7 @@ class TimeSoftmaxWithLoss(_Base):
                 if m.any():
                     mask = ~m
                     valid = t[mask]
-            if valid.size and (valid.min() < 0 or valid.max() >= V):
-                bad = valid.min() if valid.min() < 0 else valid.max()
-                raise IndexError(
-                    f"TimeSoftmaxWithLoss: label {bad} is out of range for {V} classes "
-                    f"(and is not the ignore label {ignore})"
-                )
+            _ref._check_labels(valid, V, ignore)
         n_valid = valid.size
         y = ws.scratch("y", (N * T, V), dt)
         g = ws.get("g", (N, T, V), dt)
