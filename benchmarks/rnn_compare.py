@@ -219,21 +219,19 @@ def case_cbow(rounds):
     book = BookCBOW(REF, W_in, W_out, W, corpus)
     b_opt = BookAdam()
 
-    def f_step():
-        c, t = batch()
-        loss = fast.forward(c, t)
-        fast.backward()
-        p, g = remove_duplicate(fast.params, fast.grads)
-        f_opt.update(p, g)
-        return loss
+    def cbow_step(model, opt):
+        def step():
+            c, t = batch()
+            loss = model.forward(c, t)
+            model.backward()
+            p, g = remove_duplicate(model.params, model.grads)
+            opt.update(p, g)
+            return loss
 
-    def b_step():
-        c, t = batch()
-        loss = book.forward(c, t)
-        book.backward()
-        p, g = remove_duplicate(book.params, book.grads)
-        b_opt.update(p, g)
-        return loss
+        return step
+
+    f_step = cbow_step(fast, f_opt)
+    b_step = cbow_step(book, b_opt)
 
     impls = [("fastbp", f_step), ("NumPy", b_step)]
     if torch is not None:
