@@ -59,7 +59,7 @@ def numpy_targets_above(path, dispatch):
     the AVX-512 class (X86_V4, AVX512*, AVX10*), for "baseline" all of them (NumPy's build baseline, X86_V2 for
     NumPy 2.x, cannot be disabled and stays on)."""
     if path == "baseline":
-        return [t for t in dispatch]
+        return list(dispatch)
     if path == "avx2":
         return [t for t in dispatch if t.upper().startswith(("AVX512", "X86_V4", "AVX10"))]
     return []
@@ -191,7 +191,7 @@ def check_kernels(path, used):
             warnings.append("NumPy's OpenBLAS core type cannot be read (not a scipy-openblas build): unchecked")
         elif nb["blas_core"].lower() != core.lower():
             problems.append(f"NumPy's OpenBLAS runs {nb['blas_core']} kernels, not {core}")
-        above = [t for t in numpy_targets_above(path, nb["dispatch_on"])]
+        above = numpy_targets_above(path, nb["dispatch_on"])
         if above:
             problems.append(f"NumPy's SIMD dispatch still has {' '.join(above)} on")
         t = used["torch"]
