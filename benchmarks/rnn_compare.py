@@ -36,6 +36,7 @@ import fastbp.reference as REF
 import fastbp.time_layers as TL
 from fastbp import negative_sampling_layer as NS
 from fastbp import optimizers as FO
+from fastbp._book2 import BetterRnnlm, BookAdam, BookCBOW, BookSGD, Rnnlm, book_clip_grads, lstm_init
 from fastbp.trainer import remove_duplicate
 from fastbp.util import clip_grads as fast_clip
 
@@ -47,108 +48,23 @@ except ImportError:  # pragma: no cover
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the book's NumPy optimizer / clip (baselines)
+# models written the book's way (fastbp._book2), over a module of layers, with this benchmark's weights
 # ---------------------------------------------------------------------------------------------------------------
-def book_clip_grads(grads, max_norm):
-    total_norm = 0
-    for grad in grads:
-        total_norm += np.sum(grad**2)
-    total_norm = np.sqrt(total_norm)
-    rate = max_norm / (total_norm + 1e-6)
-    if rate < 1:
-        for grad in grads:
-            grad *= rate
+def rnnlm(M, vocab_size=10000, wordvec_size=100, hidden_size=100, seed=0):
+    V, D, H = vocab_size, wordvec_size, hidden_size
+    rn = np.random.default_rng(seed).standard_normal
+    E = (rn((V, D)) / 100).astype("f")
+    Wx, Wh, b = lstm_init(rn, D, H)
+    return Rnnlm(M, E, Wx, Wh, b, (rn((H, V)) / np.sqrt(H)).astype("f"), np.zeros(V, "f"))
 
 
-class BookSGD:
-    def __init__(self, lr=0.01):
-        self.lr = lr
-
-    def update(self, params, grads):
-        for i in range(len(params)):
-            params[i] -= self.lr * grads[i]
-
-
-class BookAdam:
-    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999):
-        self.lr, self.beta1, self.beta2 = lr, beta1, beta2
-        self.iter = 0
-        self.m = self.v = None
-
-    def update(self, params, grads):
-        if self.m is None:
-            self.m = [np.zeros_like(p) for p in params]
-            self.v = [np.zeros_like(p) for p in params]
-        self.iter += 1
-        lr_t = self.lr * np.sqrt(1.0 - self.beta2**self.iter) / (1.0 - self.beta1**self.iter)
-        for i in range(len(params)):
-            self.m[i] += (1 - self.beta1) * (grads[i] - self.m[i])
-            self.v[i] += (1 - self.beta2) * (grads[i] ** 2 - self.v[i])
-            params[i] -= lr_t * self.m[i] / (np.sqrt(self.v[i]) + 1e-7)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# models written the book's way, over a module of layers
-# ---------------------------------------------------------------------------------------------------------------
-class Rnnlm:
-    def __init__(self, M, vocab_size=10000, wordvec_size=100, hidden_size=100, seed=0):
-        V, D, H = vocab_size, wordvec_size, hidden_size
-        rn = np.random.default_rng(seed).standard_normal
-        self.layers = [
-            M.TimeEmbedding((rn((V, D)) / 100).astype("f")),
-            M.TimeLSTM(
-                (rn((D, 4 * H)) / np.sqrt(D)).astype("f"),
-                (rn((H, 4 * H)) / np.sqrt(H)).astype("f"),
-                np.zeros(4 * H, "f"),
-                stateful=True,
-            ),
-            M.TimeAffine((rn((H, V)) / np.sqrt(H)).astype("f"), np.zeros(V, "f")),
-        ]
-        self.loss_layer = M.TimeSoftmaxWithLoss()
-        self.params, self.grads = [], []
-        for layer in self.layers:
-            self.params += layer.params
-            self.grads += layer.grads
-
-    def forward(self, xs, ts):
-        for layer in self.layers:
-            xs = layer.forward(xs)
-        return self.loss_layer.forward(xs, ts)
-
-    def backward(self, dout=1):
-        dout = self.loss_layer.backward(dout)
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
-        return dout
-
-
-class BetterRnnlm(Rnnlm):
-    def __init__(self, M, vocab_size=10000, wordvec_size=650, hidden_size=650, dropout_ratio=0.5, seed=0):
-        V, D, H = vocab_size, wordvec_size, hidden_size
-        rn = np.random.default_rng(seed).standard_normal
-        embed_W = (rn((V, D)) / 100).astype("f")
-
-        def lstm(d):
-            return (
-                (rn((d, 4 * H)) / np.sqrt(d)).astype("f"),
-                (rn((H, 4 * H)) / np.sqrt(H)).astype("f"),
-                np.zeros(4 * H, "f"),
-            )
-
-        self.layers = [
-            M.TimeEmbedding(embed_W),
-            M.TimeDropout(dropout_ratio),
-            M.TimeLSTM(*lstm(D), stateful=True),
-            M.TimeDropout(dropout_ratio),
-            M.TimeLSTM(*lstm(H), stateful=True),
-            M.TimeDropout(dropout_ratio),
-            M.TimeAffine(embed_W.T, np.zeros(V, "f")),
-        ]
-        self.loss_layer = M.TimeSoftmaxWithLoss()
-        self.params, self.grads = [], []
-        for layer in self.layers:
-            self.params += layer.params
-            self.grads += layer.grads
+def better_rnnlm(M, vocab_size=10000, wordvec_size=650, hidden_size=650, dropout_ratio=0.5, seed=0):
+    V, D, H = vocab_size, wordvec_size, hidden_size
+    rn = np.random.default_rng(seed).standard_normal
+    E = (rn((V, D)) / 100).astype("f")
+    lstm1 = lstm_init(rn, D, H)
+    lstm2 = lstm_init(rn, H, H)
+    return BetterRnnlm(M, E, lstm1, lstm2, np.zeros(V, "f"), dropout_ratio)
 
 
 def make_step(model, optimizer, clip, max_grad):
@@ -231,10 +147,10 @@ def _fmt(t):
     return f"{t * 1e3:.2f} ms" if t >= 1e-3 else f"{t * 1e6:.0f} µs"
 
 
-def case_rnnlm(rounds, better=False):
-    N, T, V = 20, 35, 10000
-    rng = np.random.default_rng(1)
-    corpus = rng.integers(0, V, 200000).astype(np.int32)
+def lm_batches(seed, N=20, T=35, V=10000):
+    """The language-model cases' mini-batches: a function cycling over 100 (xs, ts) pairs (N, T) of a random
+    corpus of V words (ts: xs shifted by one word)."""
+    corpus = np.random.default_rng(seed).integers(0, V, 200000).astype(np.int32)
     state = {"i": 0}
 
     def batch():
@@ -243,7 +159,14 @@ def case_rnnlm(rounds, better=False):
         ts = corpus[i * N * T + 1 : (i + 1) * N * T + 1].reshape(N, T)
         return xs, ts
 
-    cls = BetterRnnlm if better else Rnnlm
+    return batch
+
+
+def case_rnnlm(rounds, better=False):
+    V = 10000
+    batch = lm_batches(1, V=V)
+
+    cls = better_rnnlm if better else rnnlm
     lr, max_grad = 20.0, 0.25
     f_step = make_step(cls(TL), FO.SGD(lr), fast_clip, max_grad)
     reused = cls(TL)
@@ -274,32 +197,6 @@ def case_rnnlm(rounds, better=False):
     return run_case(name, impls, rounds if not better else max(3, rounds // 3), REPS)
 
 
-class BookCBOW:
-    def __init__(self, V, H, window_size, corpus, seed=0):
-        rng = np.random.default_rng(seed)
-        W_in = (0.01 * rng.standard_normal((V, H))).astype("f")
-        W_out = (0.01 * rng.standard_normal((V, H))).astype("f")
-        self.in_layers = [REF.Embedding(W_in) for _ in range(2 * window_size)]
-        self.ns_loss = REF.NegativeSamplingLoss(W_out, corpus, power=0.75, sample_size=5)
-        self.params, self.grads = [], []
-        for layer in self.in_layers + [self.ns_loss]:
-            self.params += layer.params
-            self.grads += layer.grads
-
-    def forward(self, contexts, target):
-        h = 0
-        for i, layer in enumerate(self.in_layers):
-            h += layer.forward(contexts[:, i])
-        h *= 1 / len(self.in_layers)
-        return self.ns_loss.forward(h, target)
-
-    def backward(self, dout=1):
-        dout = self.ns_loss.backward(dout)
-        dout *= 1 / len(self.in_layers)
-        for layer in self.in_layers:
-            layer.backward(dout)
-
-
 def case_cbow(rounds):
     V, H, W, B = 10000, 100, 5, 100
     rng = np.random.default_rng(2)
@@ -316,24 +213,25 @@ def case_cbow(rounds):
 
     fast = NS.CBOW(V, H, W, corpus)
     f_opt = FO.Adam()
-    book = BookCBOW(V, H, W, corpus)
+    rng_w = np.random.default_rng(0)
+    W_in = (0.01 * rng_w.standard_normal((V, H))).astype("f")
+    W_out = (0.01 * rng_w.standard_normal((V, H))).astype("f")
+    book = BookCBOW(REF, W_in, W_out, W, corpus)
     b_opt = BookAdam()
 
-    def f_step():
-        c, t = batch()
-        loss = fast.forward(c, t)
-        fast.backward()
-        p, g = remove_duplicate(fast.params, fast.grads)
-        f_opt.update(p, g)
-        return loss
+    def cbow_step(model, opt):
+        def step():
+            c, t = batch()
+            loss = model.forward(c, t)
+            model.backward()
+            p, g = remove_duplicate(model.params, model.grads)
+            opt.update(p, g)
+            return loss
 
-    def b_step():
-        c, t = batch()
-        loss = book.forward(c, t)
-        book.backward()
-        p, g = remove_duplicate(book.params, book.grads)
-        b_opt.update(p, g)
-        return loss
+        return step
+
+    f_step = cbow_step(fast, f_opt)
+    b_step = cbow_step(book, b_opt)
 
     impls = [("fastbp", f_step), ("NumPy", b_step)]
     if torch is not None:
@@ -435,20 +333,10 @@ def case_embed(rounds):
 
 
 def case_book(rounds):
-    N, T, V = 20, 35, 10000
-    rng = np.random.default_rng(4)
-    corpus = rng.integers(0, V, 200000).astype(np.int32)
-    state = {"i": 0}
+    batch = lm_batches(4)
 
-    def batch():
-        i = state["i"] = (state["i"] + 1) % 100
-        return (
-            corpus[i * N * T : (i + 1) * N * T].reshape(N, T),
-            corpus[i * N * T + 1 : (i + 1) * N * T + 1].reshape(N, T),
-        )
-
-    f_step = make_step(Rnnlm(TL), BookSGD(20.0), book_clip_grads, 0.25)
-    n_step = make_step(Rnnlm(REF), BookSGD(20.0), book_clip_grads, 0.25)
+    f_step = make_step(rnnlm(TL), BookSGD(20.0), book_clip_grads, 0.25)
+    n_step = make_step(rnnlm(REF), BookSGD(20.0), book_clip_grads, 0.25)
     return run_case(
         "the book's Rnnlm with fastbp.time_layers swapped in (book's SGD, clip_grads) vs untouched",
         [("fastbp", lambda: f_step(*batch())), ("NumPy", lambda: n_step(*batch()))],

@@ -77,6 +77,24 @@ cdef _check_2d(cnp.ndarray a, str name, Py_ssize_t r, Py_ssize_t c, bint out):
         raise ValueError(f"{name} must be writable")
 
 
+cdef tuple _table(object W, str name, object idx, bint out):
+    """(ft, it, V, D, n) of a (V, D) table `W` (C-contiguous; writable when out) and the n indices `idx` into it:
+    the float and index types and sizes the other operands are checked against."""
+    cdef int ft = _ftype(W, name), it = _itype(idx, "idx")
+    cdef cnp.ndarray Wa = <cnp.ndarray>W
+    if cnp.PyArray_NDIM(Wa) != 2:
+        raise ValueError(f"{name} must be 2-D (V, D), got shape {(<object>Wa).shape}")
+    _check_2d(Wa, name, Wa.shape[0], Wa.shape[1], out)
+    return ft, it, Wa.shape[0], Wa.shape[1], cnp.PyArray_SIZE(<cnp.ndarray>idx)
+
+
+cdef cnp.ndarray _like(object a, str name, int ft, object W, str W_name):
+    """a as an ndarray of the table's float type ft (TypeError naming both dtypes otherwise)."""
+    if _ftype(a, name) != ft:
+        raise TypeError(f"{name} must have {W_name}'s dtype {W.dtype}, got {a.dtype}")
+    return <cnp.ndarray>a
+
+
 cdef bint _overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
     cdef char *la = <char*>cnp.PyArray_DATA(a)
     cdef char *lb = <char*>cnp.PyArray_DATA(b)
@@ -138,15 +156,10 @@ cdef void _gather(const void *w, Py_ssize_t row_bytes, const void *idx, bint i64
 
 def gather(W, idx, out):
     """out[i] = W[idx.flat[i]] for W (V, D) (rows C-contiguous), idx int32/int64 any shape, out (idx.size, D)."""
-    cdef int ft = _ftype(W, "W"), it = _itype(idx, "idx")
-    cdef cnp.ndarray Wa = <cnp.ndarray>W, Idx = <cnp.ndarray>idx, Out
-    if cnp.PyArray_NDIM(Wa) != 2:
-        raise ValueError(f"W must be 2-D (V, D), got shape {(<object>Wa).shape}")
-    cdef Py_ssize_t V = Wa.shape[0], D = Wa.shape[1], n = cnp.PyArray_SIZE(Idx)
-    _check_2d(Wa, "W", V, D, False)
-    if _ftype(out, "out") != ft:
-        raise TypeError(f"out must have W's dtype {Wa.dtype}, got {out.dtype}")
-    Out = <cnp.ndarray>out
+    cdef int ft, it
+    cdef Py_ssize_t V, D, n
+    ft, it, V, D, n = _table(W, "W", idx, False)
+    cdef cnp.ndarray Wa = <cnp.ndarray>W, Idx = <cnp.ndarray>idx, Out = _like(out, "out", ft, W, "W")
     _check_2d(Out, "out", n, D, True)
     if _overlap(Out, Wa) or _overlap(Out, Idx):
         raise ValueError("out overlaps W or idx")
@@ -209,24 +222,23 @@ ctypedef struct _scatter_ctx:
     int failed
 
 
-cdef void _scatter_block_f(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
-    cdef _scatter_ctx *g = <_scatter_ctx*>ctx
+cdef inline void _scatter_block(const floating *like, _scatter_ctx *g, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """One block of the scatter with its own double accumulator row (`like` only picks the float type)."""
     cdef double *acc = <double*>malloc((g.D if g.D > 0 else 1) * sizeof(double))
     if acc == NULL:
         g.failed = 1
         return
-    _rows[float](lo, hi, g.D, <const float*>g.src, <const float*>g.scale, g.head, g.nxt, <float*>g.dw, acc)
+    _rows(lo, hi, g.D, <const floating*>g.src, <const floating*>g.scale, g.head, g.nxt, <floating*>g.dw, acc)
     free(acc)
+
+
+# parallel_blocks takes one plain C callback per float type: these two name the type and do nothing else
+cdef void _scatter_block_f(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    _scatter_block(<const float*>NULL, <_scatter_ctx*>ctx, lo, hi)
 
 
 cdef void _scatter_block_d(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
-    cdef _scatter_ctx *g = <_scatter_ctx*>ctx
-    cdef double *acc = <double*>malloc((g.D if g.D > 0 else 1) * sizeof(double))
-    if acc == NULL:
-        g.failed = 1
-        return
-    _rows[double](lo, hi, g.D, <const double*>g.src, <const double*>g.scale, g.head, g.nxt, <double*>g.dw, acc)
-    free(acc)
+    _scatter_block(<const double*>NULL, <_scatter_ctx*>ctx, lo, hi)
 
 
 cdef int _scatter(const floating *src, const floating *scale, Py_ssize_t n, Py_ssize_t D, const index_t *idx,
@@ -271,20 +283,13 @@ def scatter_add(src, idx, dW, scale=None):
     src (n, D), idx int32/int64 with n entries, dW (V, D) C-contiguous and writable, scale (n,) or None; one
     float dtype.  Duplicate indices are summed in index order (in double for float32), so the result does not
     depend on the thread count.  Returns dW."""
-    cdef int ft = _ftype(dW, "dW"), it = _itype(idx, "idx")
-    cdef cnp.ndarray DW = <cnp.ndarray>dW, Idx = <cnp.ndarray>idx, S, SC = None
-    if cnp.PyArray_NDIM(DW) != 2:
-        raise ValueError(f"dW must be 2-D (V, D), got shape {(<object>DW).shape}")
-    cdef Py_ssize_t V = DW.shape[0], D = DW.shape[1], n = cnp.PyArray_SIZE(Idx)
-    _check_2d(DW, "dW", V, D, True)
-    if _ftype(src, "src") != ft:
-        raise TypeError(f"src must have dW's dtype {DW.dtype}, got {src.dtype}")
-    S = <cnp.ndarray>src
+    cdef int ft, it
+    cdef Py_ssize_t V, D, n
+    ft, it, V, D, n = _table(dW, "dW", idx, True)
+    cdef cnp.ndarray DW = <cnp.ndarray>dW, Idx = <cnp.ndarray>idx, S = _like(src, "src", ft, dW, "dW"), SC = None
     _check_2d(S, "src", n, D, False)
     if scale is not None:
-        if _ftype(scale, "scale") != ft:
-            raise TypeError(f"scale must have dW's dtype {DW.dtype}, got {scale.dtype}")
-        SC = <cnp.ndarray>scale
+        SC = _like(scale, "scale", ft, dW, "dW")
         if cnp.PyArray_SIZE(SC) != n or not cnp.PyArray_IS_C_CONTIGUOUS(SC):
             raise ValueError(f"scale must be C-contiguous with {n} entries, got shape {(<object>SC).shape}")
         if _overlap(DW, SC):
@@ -358,74 +363,61 @@ cdef void _rowdot_back(const floating *w, Py_ssize_t D, const index_t *idx, Py_s
             d0 = d1
 
 
-def rowdot(W, idx, h, out):
-    """out[i, j] = W[idx[i, j]] . h[i]: W (V, D), idx (n, k) int32/int64, h (n, D), out (n, k); returns out."""
+cdef void _rowdot_pass(bint back, const floating *w, Py_ssize_t D, const index_t *idx, Py_ssize_t n,
+                       Py_ssize_t k, const floating *a, floating *o) noexcept nogil:
+    if back:
+        _rowdot_back(w, D, idx, n, k, a, o)
+    else:
+        _rowdot(w, D, idx, n, k, a, o)
+
+
+cdef _rowdot_call(bint back, object W, object idx, object a, str a_name, object out, str out_name):
+    """Validate and run rowdot (back=False: a = h (n, D), out (n, k)) or rowdot_backward (back=True:
+    a = dscore (n, k), out = dh (n, D)); W (V, D), idx (n, k) int32/int64; one float dtype."""
     cdef int ft = _ftype(W, "W"), it = _itype(idx, "idx")
-    cdef cnp.ndarray Wa = <cnp.ndarray>W, Idx = <cnp.ndarray>idx, Hh, Out
+    cdef cnp.ndarray Wa = <cnp.ndarray>W, Idx = <cnp.ndarray>idx, A, Out
     if cnp.PyArray_NDIM(Wa) != 2 or cnp.PyArray_NDIM(Idx) != 2:
         raise ValueError(f"W must be (V, D) and idx (n, k), got {(<object>Wa).shape} and {(<object>Idx).shape}")
     cdef Py_ssize_t V = Wa.shape[0], D = Wa.shape[1], n = Idx.shape[0], k = Idx.shape[1]
     _check_2d(Wa, "W", V, D, False)
-    if _ftype(h, "h") != ft or _ftype(out, "out") != ft:
-        raise TypeError("W, h and out must share one float dtype")
-    Hh = <cnp.ndarray>h
+    if _ftype(a, a_name) != ft or _ftype(out, out_name) != ft:
+        raise TypeError(f"W, {a_name} and {out_name} must share one float dtype")
+    A = <cnp.ndarray>a
     Out = <cnp.ndarray>out
-    _check_2d(Hh, "h", n, D, False)
-    _check_2d(Out, "out", n, k, True)
-    if _overlap(Out, Wa) or _overlap(Out, Hh) or _overlap(Out, Idx):
-        raise ValueError("out overlaps an input")
+    _check_2d(A, a_name, n, k if back else D, False)
+    _check_2d(Out, out_name, n, D if back else k, True)
+    if _overlap(Out, Wa) or _overlap(Out, A) or _overlap(Out, Idx):
+        raise ValueError(f"{out_name} overlaps an input")
     _check_indices(Idx, it, V)
+    # one call per (float type, index type): the run-time types pick a fused specialisation only by branching
     with nogil:
         if ft == 0:
             if it == 0:
-                _rowdot[float, int32_t](<float*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(Idx), n, k,
-                                        <float*>cnp.PyArray_DATA(Hh), <float*>cnp.PyArray_DATA(Out))
+                _rowdot_pass[float, int32_t](back, <float*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(Idx),
+                                             n, k, <float*>cnp.PyArray_DATA(A), <float*>cnp.PyArray_DATA(Out))
             else:
-                _rowdot[float, int64_t](<float*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(Idx), n, k,
-                                        <float*>cnp.PyArray_DATA(Hh), <float*>cnp.PyArray_DATA(Out))
+                _rowdot_pass[float, int64_t](back, <float*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(Idx),
+                                             n, k, <float*>cnp.PyArray_DATA(A), <float*>cnp.PyArray_DATA(Out))
         else:
             if it == 0:
-                _rowdot[double, int32_t](<double*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(Idx), n, k,
-                                         <double*>cnp.PyArray_DATA(Hh), <double*>cnp.PyArray_DATA(Out))
+                _rowdot_pass[double, int32_t](back, <double*>cnp.PyArray_DATA(Wa), D,
+                                              <int32_t*>cnp.PyArray_DATA(Idx), n, k, <double*>cnp.PyArray_DATA(A),
+                                              <double*>cnp.PyArray_DATA(Out))
             else:
-                _rowdot[double, int64_t](<double*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(Idx), n, k,
-                                         <double*>cnp.PyArray_DATA(Hh), <double*>cnp.PyArray_DATA(Out))
+                _rowdot_pass[double, int64_t](back, <double*>cnp.PyArray_DATA(Wa), D,
+                                              <int64_t*>cnp.PyArray_DATA(Idx), n, k, <double*>cnp.PyArray_DATA(A),
+                                              <double*>cnp.PyArray_DATA(Out))
     return out
+
+
+def rowdot(W, idx, h, out):
+    """out[i, j] = W[idx[i, j]] . h[i]: W (V, D), idx (n, k) int32/int64, h (n, D), out (n, k); returns out."""
+    return _rowdot_call(False, W, idx, h, "h", out, "out")
 
 
 def rowdot_backward(W, idx, dscore, dh):
     """dh[i] = sum_j dscore[i, j] W[idx[i, j]]: W (V, D), idx (n, k), dscore (n, k), dh (n, D); returns dh."""
-    cdef int ft = _ftype(W, "W"), it = _itype(idx, "idx")
-    cdef cnp.ndarray Wa = <cnp.ndarray>W, Idx = <cnp.ndarray>idx, DS, DH
-    if cnp.PyArray_NDIM(Wa) != 2 or cnp.PyArray_NDIM(Idx) != 2:
-        raise ValueError(f"W must be (V, D) and idx (n, k), got {(<object>Wa).shape} and {(<object>Idx).shape}")
-    cdef Py_ssize_t V = Wa.shape[0], D = Wa.shape[1], n = Idx.shape[0], k = Idx.shape[1]
-    _check_2d(Wa, "W", V, D, False)
-    if _ftype(dscore, "dscore") != ft or _ftype(dh, "dh") != ft:
-        raise TypeError("W, dscore and dh must share one float dtype")
-    DS = <cnp.ndarray>dscore
-    DH = <cnp.ndarray>dh
-    _check_2d(DS, "dscore", n, k, False)
-    _check_2d(DH, "dh", n, D, True)
-    if _overlap(DH, Wa) or _overlap(DH, DS) or _overlap(DH, Idx):
-        raise ValueError("dh overlaps an input")
-    _check_indices(Idx, it, V)
-    with nogil:
-        if ft == 0:
-            if it == 0:
-                _rowdot_back[float, int32_t](<float*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(Idx), n, k,
-                                             <float*>cnp.PyArray_DATA(DS), <float*>cnp.PyArray_DATA(DH))
-            else:
-                _rowdot_back[float, int64_t](<float*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(Idx), n, k,
-                                             <float*>cnp.PyArray_DATA(DS), <float*>cnp.PyArray_DATA(DH))
-        else:
-            if it == 0:
-                _rowdot_back[double, int32_t](<double*>cnp.PyArray_DATA(Wa), D, <int32_t*>cnp.PyArray_DATA(Idx), n,
-                                              k, <double*>cnp.PyArray_DATA(DS), <double*>cnp.PyArray_DATA(DH))
-            else:
-                _rowdot_back[double, int64_t](<double*>cnp.PyArray_DATA(Wa), D, <int64_t*>cnp.PyArray_DATA(Idx), n,
-                                              k, <double*>cnp.PyArray_DATA(DS), <double*>cnp.PyArray_DATA(DH))
-    return dh
+    return _rowdot_call(True, W, idx, dscore, "dscore", dh, "dh")
 
 
 # ---------------------------------------------------------------------------------------------------------------

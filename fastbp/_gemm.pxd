@@ -36,6 +36,24 @@ cdef void dgemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, double
                 const double *a, Py_ssize_t lda, const double *b, Py_ssize_t ldb, double beta,
                 double *c, Py_ssize_t ldc) noexcept nogil
 
+# A float32 matrix that dgemm_from_f32 copies into the double operand A as the product's pieces read it.
+ctypedef struct a_source:
+    const float *src       # IN  (m, k), element strides s0 (rows) and s1 (columns)
+    Py_ssize_t s0
+    Py_ssize_t s1
+    double *dst            # OUT (m, k) C-contiguous: A itself
+
+# C[m, n] = alpha * A @ op(B) + beta * C where A (m, k) C-contiguous is first written from float32 `src` (element
+# strides s0, s1): the float64 promotion of float32 data (the book's images against float64 weights) done inside
+# the product.  When the product is split over M or K, each piece converts the rows or columns of A that it then
+# reads, on the thread that reads them (data written by one core and read by another is slow to move); otherwise
+# A is converted first, on the calling thread.  A K split is cut at multiples of 8 columns (whole cache lines of a
+# 64-byte aligned A), so results may differ from dgemm on a converted copy in the last bits (not from one run to
+# the next: the pieces depend on the shape and the thread count only, like dgemm's).
+cdef void dgemm_from_f32(int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, double alpha,
+                         const float *src, Py_ssize_t s0, Py_ssize_t s1, double *a,
+                         const double *b, Py_ssize_t ldb, double beta, double *c, Py_ssize_t ldc) noexcept nogil
+
 
 cdef inline void gemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
                       const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,

@@ -99,6 +99,7 @@ cdef inline void _blas_call(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize
 # reproducible for a given thread count.
 cdef int _gemm_nthreads = 1
 cdef double GEMM_PARALLEL_MIN = 1 << 19      # m * n * k below this: one thread
+cdef Py_ssize_t CV_K_ALIGN = 8               # dgemm_from_f32's K pieces: 8 doubles = one 64-byte cache line
 cdef double _small_mnk = 0                   # 0: no small-matrix kernel to aim for
 cdef Py_ssize_t SMALL_SPLIT_MAX = 16         # at most this many small pieces; bigger products split per thread
 
@@ -214,9 +215,33 @@ def _blas_threaded_min_dim():
     return BLAS_THREADED_MIN_DIM
 
 
+cdef Py_ssize_t _round_robin_load(Py_ssize_t lim, Py_ssize_t chunk, int nt) noexcept nogil:
+    """The most rows/columns one thread gets when the pieces of `chunk` (the last one short) are dealt
+    round-robin to nt threads: thread 0 has the most pieces; all full unless it is alone in having the most
+    (one piece left over, or one thread) and so also holds the short last one."""
+    cdef Py_ssize_t pieces = (lim - 1) // chunk + 1
+    cdef Py_ssize_t most = (pieces - 1) // nt + 1
+    cdef Py_ssize_t last = lim - (pieces - 1) * chunk
+    if nt == 1 or pieces % nt == 1:
+        return (most - 1) * chunk + last
+    return most * chunk
+
+
+cdef Py_ssize_t _aligned_chunk(Py_ssize_t lim, Py_ssize_t chunk, Py_ssize_t align, int nt) noexcept nogil:
+    """`chunk` rounded down or up to a multiple of `align` (at least align), whichever gives the threads the
+    more even share of lim."""
+    cdef Py_ssize_t up = (chunk + align - 1) // align * align
+    cdef Py_ssize_t down = chunk // align * align
+    if down < align or _round_robin_load(lim, up, nt) <= _round_robin_load(lim, down, nt):
+        return up
+    return down
+
+
 cdef void _make_plan(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, int nt, double small,
-                     gemm_plan *p) noexcept nogil:
-    """Choose the split direction, the pieces and the threads of a product with m, n, k >= 1 (see above)."""
+                     gemm_plan *p, Py_ssize_t k_align=1) noexcept nogil:
+    """Choose the split direction, the pieces and the threads of a product with m, n, k >= 1 (see above).  A K
+    split cuts K at multiples of `k_align` (dgemm_from_f32: the pieces that fill A's columns then write whole
+    cache lines of its rows, never a line another thread writes too)."""
     cdef double sa = <double>m * k, sb = <double>k * n, sc = <double>m * n * 2   # K split: scratch written + read
     cdef double other, mnk = <double>m * n * k
     cdef Py_ssize_t lim, pieces = 1, chunk
@@ -255,6 +280,8 @@ cdef void _make_plan(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, i
     # rows/columns (lim = 225 in 16 pieces: chunk 15, so 15 pieces).  Then every thread t < nt owns piece t and
     # writes its K-split scratch, which is summed into C.  (lim - 1) // x + 1 is ceil(lim / x) without overflow.
     chunk = (lim - 1) // pieces + 1
+    if p.split == SPLIT_K and k_align > 1 and pieces > 1 and nt > 1:
+        chunk = _aligned_chunk(lim, chunk, k_align, nt)
     pieces = (lim - 1) // chunk + 1
     if nt > pieces:
         nt = <int>pieces
@@ -265,13 +292,13 @@ cdef void _make_plan(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, i
 
 
 def _gemm_plan(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, bint trans_a=False, bint trans_b=False, int threads=1,
-               double small_mnk=0):
+               double small_mnk=0, Py_ssize_t k_align=1):
     """For tests: how a product with m, n, k >= 1 is cut: (split 'M'/'N'/'K', threads, [(lo, hi) per piece])."""
     if m < 1 or n < 1 or k < 1:
         raise ValueError(f"m, n, k must be >= 1, got {m}, {n}, {k}")
     cdef gemm_plan p
     _make_plan(FB_TRANS if trans_a else FB_NOTRANS, FB_TRANS if trans_b else FB_NOTRANS, m, n, k, threads,
-               small_mnk, &p)
+               small_mnk, &p, k_align)
     bounds = [(q * p.chunk, min(p.lim, (q + 1) * p.chunk)) for q in range(p.pieces)]
     return "MNK"[p.split], p.nt, bounds
 
@@ -297,21 +324,48 @@ cdef inline void _gemm_piece(const gemm_plan *p, Py_ssize_t q, bint first, int t
                    b + (lo * ldb if tb == FB_NOTRANS else lo), ldb, beta if first else <floating>1, c, ldc)
 
 
+cdef inline void _convert_a(const a_source *cv, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
+                            Py_ssize_t k) noexcept nogil:
+    """cv.dst[i, j] = cv.src[i, j] for rows [r0, r1) and columns [c0, c1) (dst C-contiguous with k columns)."""
+    cdef Py_ssize_t i, j
+    cdef const float *s
+    cdef double *d
+    for i in range(r0, r1):
+        s = cv.src + i * cv.s0
+        d = cv.dst + i * k
+        if cv.s1 == 1:
+            for j in range(c0, c1):
+                d[j] = s[j]
+        else:
+            for j in range(c0, c1):
+                d[j] = s[j * cv.s1]
+
+
 cdef inline void _gemm_thread(const gemm_plan *p, Py_ssize_t t, int ta, int tb, Py_ssize_t m, Py_ssize_t n,
                               Py_ssize_t k, floating alpha, const floating *a, Py_ssize_t lda, const floating *b,
                               Py_ssize_t ldb, floating beta, floating *c, Py_ssize_t ldc,
-                              floating *scratch) noexcept nogil:
-    """The pieces t, t + nt, ... of thread t (K split: into C for thread 0, else into its scratch)."""
+                              floating *scratch, const a_source *cv) noexcept nogil:
+    """The pieces t, t + nt, ... of thread t (K split: into C for thread 0, else into its scratch).  With `cv`
+    (double only, op(A) = A, split M or K), each piece first fills the rows (M) or columns (K) of A it reads."""
     cdef Py_ssize_t q = t
     cdef bint first = True
     cdef floating *dst = c
     cdef Py_ssize_t ld = ldc
     cdef floating b0 = beta
+    cdef Py_ssize_t lo, hi
     if p.split == SPLIT_K and t > 0:
         dst = scratch + (t - 1) * m * n
         ld = n
         b0 = 0
     while q < p.pieces:
+        if floating is double:
+            if cv != NULL:
+                lo = q * p.chunk
+                hi = lo + p.chunk if p.lim - lo > p.chunk else p.lim
+                if p.split == SPLIT_M:
+                    _convert_a(cv, lo, hi, 0, k, k)
+                else:
+                    _convert_a(cv, 0, m, lo, hi, k)
         _gemm_piece(p, q, first, ta, tb, m, n, k, alpha, a, lda, b, ldb, b0, dst, ld)
         first = False
         q += p.nt
@@ -333,6 +387,7 @@ ctypedef struct _gemm_ctx:
     void *c
     Py_ssize_t ldc
     void *scratch
+    const a_source *cv
 
 
 cdef void _gemm_threads_f(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
@@ -340,7 +395,7 @@ cdef void _gemm_threads_f(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j)
     cdef Py_ssize_t t
     for t in range(lo, hi):
         _gemm_thread[float](x.plan, t, x.ta, x.tb, x.m, x.n, x.k, <float>x.alpha, <const float*>x.a, x.lda,
-                            <const float*>x.b, x.ldb, <float>x.beta, <float*>x.c, x.ldc, <float*>x.scratch)
+                            <const float*>x.b, x.ldb, <float>x.beta, <float*>x.c, x.ldc, <float*>x.scratch, NULL)
 
 
 cdef void _gemm_threads_d(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
@@ -348,19 +403,25 @@ cdef void _gemm_threads_d(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j)
     cdef Py_ssize_t t
     for t in range(lo, hi):
         _gemm_thread[double](x.plan, t, x.ta, x.tb, x.m, x.n, x.k, x.alpha, <const double*>x.a, x.lda,
-                             <const double*>x.b, x.ldb, x.beta, <double*>x.c, x.ldc, <double*>x.scratch)
+                             <const double*>x.b, x.ldb, x.beta, <double*>x.c, x.ldc, <double*>x.scratch, x.cv)
 
 
 cdef inline void _gemm_split(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, floating alpha,
                              const floating *a, Py_ssize_t lda, const floating *b, Py_ssize_t ldb, floating beta,
-                             floating *c, Py_ssize_t ldc) noexcept nogil:
-    """C = alpha op(A) op(B) + beta C for any m, n, k >= 0 (BLAS rejects empty operands), split over threads."""
+                             floating *c, Py_ssize_t ldc, const a_source *cv) noexcept nogil:
+    """C = alpha op(A) op(B) + beta C for any m, n, k >= 0 (BLAS rejects empty operands), split over threads.
+    `cv` (double only; op(A) = A, lda = k): A is first filled from float32 data, by the pieces that read it when
+    the product is split over M or K (see dgemm_from_f32), else all of it here, before the product."""
     cdef Py_ssize_t i, j, t
     cdef int nt, bt
     cdef gemm_plan p
     cdef _gemm_ctx ctx
     cdef floating *scratch = NULL
     cdef floating *src
+    if floating is double:
+        if cv != NULL and (m == 0 or n == 0 or k == 0):
+            _convert_a(cv, 0, m, 0, k, k)
+            cv = NULL
     if m == 0 or n == 0:
         return
     if k == 0:
@@ -374,13 +435,20 @@ cdef inline void _gemm_split(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssiz
     nt = _gemm_nthreads if threads_usable() and not in_region() else 1
     bt = _blas_threads_for(m, n, k, nt)
     if bt > 1:
+        if floating is double:
+            if cv != NULL:
+                _convert_a(cv, 0, m, 0, k, k)
         fb_gemm_lock()
         _blas_set_threads(bt)
         _blas_call(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
         _blas_set_threads(1)
         fb_gemm_unlock()
         return
-    _make_plan(ta, tb, m, n, k, nt, _small_mnk, &p)
+    _make_plan(ta, tb, m, n, k, nt, _small_mnk, &p, CV_K_ALIGN if cv != NULL else 1)
+    if floating is double:
+        if cv != NULL and (p.pieces <= 1 or p.split == SPLIT_N):
+            _convert_a(cv, 0, m, 0, k, k)
+            cv = NULL
     if p.pieces <= 1:
         _blas_call(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
         return
@@ -389,7 +457,7 @@ cdef inline void _gemm_split(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssiz
         if scratch == NULL:
             p.nt = 1
     if p.nt <= 1:
-        _gemm_thread(&p, 0, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, NULL)
+        _gemm_thread(&p, 0, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, NULL, cv)
         return
     ctx.plan = &p
     ctx.ta = ta
@@ -406,6 +474,7 @@ cdef inline void _gemm_split(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssiz
     ctx.c = c
     ctx.ldc = ldc
     ctx.scratch = scratch
+    ctx.cv = cv
     # one block per thread: block t runs thread t's pieces (on OpenMP thread t: static schedule)
     if floating is float:
         parallel_blocks_macs(p.nt, 1, _gemm_threads_f, &ctx, p.nt, <double>m * n * k)
@@ -423,13 +492,24 @@ cdef inline void _gemm_split(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssiz
 cdef void sgemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float alpha,
                 const float *a, Py_ssize_t lda, const float *b, Py_ssize_t ldb, float beta,
                 float *c, Py_ssize_t ldc) noexcept nogil:
-    _gemm_split[float](ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    _gemm_split[float](ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, NULL)
 
 
 cdef void dgemm(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, double alpha,
                 const double *a, Py_ssize_t lda, const double *b, Py_ssize_t ldb, double beta,
                 double *c, Py_ssize_t ldc) noexcept nogil:
-    _gemm_split[double](ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    _gemm_split[double](ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, NULL)
+
+
+cdef void dgemm_from_f32(int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, double alpha,
+                         const float *src, Py_ssize_t s0, Py_ssize_t s1, double *a,
+                         const double *b, Py_ssize_t ldb, double beta, double *c, Py_ssize_t ldc) noexcept nogil:
+    cdef a_source cv
+    cv.src = src
+    cv.s0 = s0
+    cv.s1 = s1
+    cv.dst = a
+    _gemm_split[double](FB_NOTRANS, tb, m, n, k, alpha, a, k if k > 1 else 1, b, ldb, beta, c, ldc, &cv)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ cimport numpy as cnp
 import numpy as np
 from fastbp._typedefs cimport floating
 from fastbp._threads cimport parallel_blocks, even_block, reduce_blocks_d
-from fastbp._gemm cimport gemm as split_gemm, flip_trans, blas_operand, check_blas_dims, FB_NOTRANS
+from fastbp._gemm cimport (gemm as split_gemm, dgemm_from_f32, flip_trans, blas_operand, check_blas_dims,
+                           FB_NOTRANS)
 from fastbp._validate cimport (shape_of, dtype_of, ftype, same_type, check_ndim, check_out, check_contig,
                                check_shape2, check_same_shape, check_no_overlap)
 
@@ -58,6 +59,10 @@ cdef extern from "_simd.h" nogil:
     void fb_relu_forward_f64(long n, const double *x, double *out, uint8_t *mask) noexcept
     void fb_relu_backward_f32(long n, const float *dout, const uint8_t *mask, float *dx) noexcept
     void fb_relu_backward_f64(long n, const double *dout, const uint8_t *mask, double *dx) noexcept
+    void fb_relu_inplace_f32(long n, float *x) noexcept
+    void fb_relu_inplace_f64(long n, double *x) noexcept
+    void fb_relu_mask_inplace_f32(long n, const float *y, float *d) noexcept
+    void fb_relu_mask_inplace_f64(long n, const double *y, double *d) noexcept
     void fb_colsum_f32(long n, long m, const float *dout, float *db, double *acc) noexcept
     void fb_colsum_f64(long n, long m, const double *dout, double *db, double *acc) noexcept
     void fb_sigmoid_f32(long n, const float *x, float *out) noexcept
@@ -72,18 +77,33 @@ cdef extern from "_simd.h" nogil:
 cdef void _affine_forward(int tx, Py_ssize_t ldx, int tw, Py_ssize_t ldw, Py_ssize_t n, Py_ssize_t d, Py_ssize_t m,
                           const floating *x, const floating *w, const floating *b, floating *out) noexcept nogil:
     """out[n, m] = x[n, d] @ w[d, m] + b[m]: bias broadcast, then one GEMM with beta = 1."""
+    _bias_rows(n, m, b, out)
+    split_gemm(tx, tw, n, m, d, <floating>1, x, ldx, w, ldw, <floating>1, out, m if m > 1 else 1)
+
+
+cdef inline void _bias_rows(Py_ssize_t n, Py_ssize_t m, const floating *b, floating *out) noexcept nogil:
+    """out[i, :] = b for every row i."""
     cdef Py_ssize_t i, j
     for i in range(n):
         for j in range(m):
             out[i * m + j] = b[j]
-    split_gemm(tx, tw, n, m, d, <floating>1, x, ldx, w, ldw, <floating>1, out, m if m > 1 else 1)
 
 
-def affine_forward(x, W, b, out):
-    """out = x @ W + b for x (N, D), W (D, M), b (M,) of one float dtype; out (N, M) C-contiguous; returns out."""
+def affine_forward(x, W, b, out, xk=None):
+    """out = x @ W + b for x (N, D), W (D, M), b (M,) of one float dtype; out (N, M) C-contiguous; returns out.
+
+    With `xk` (N, D) float64 C-contiguous: x is float32, W, b and out float64, and xk receives x converted to
+    float64 (what the backward pass reads) -- converted inside the product, by the thread that reads each part."""
     cdef int t = ftype(x, "x")
-    same_type(t, W, "W"); same_type(t, b, "b"); same_type(t, out, "out")
     cdef cnp.ndarray X = <cnp.ndarray>x, Wa = <cnp.ndarray>W, B = <cnp.ndarray>b, Out = <cnp.ndarray>out
+    cdef cnp.ndarray XK = None
+    if xk is None:
+        same_type(t, W, "W"); same_type(t, b, "b"); same_type(t, out, "out")
+    else:
+        if t != 0:
+            raise TypeError(f"x must be float32 when xk is given (xk receives its float64 copy), got {dtype_of(x)}")
+        same_type(1, W, "W"); same_type(1, b, "b"); same_type(1, out, "out"); same_type(1, xk, "xk")
+        XK = <cnp.ndarray>xk
     check_ndim(X, 2, "x"); check_ndim(Wa, 2, "W"); check_ndim(B, 1, "b"); check_ndim(Out, 2, "out")
     cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0), d = cnp.PyArray_DIM(X, 1), m = cnp.PyArray_DIM(Wa, 1)
     if cnp.PyArray_DIM(Wa, 0) != d:
@@ -95,12 +115,27 @@ def affine_forward(x, W, b, out):
     check_out(Out, "out")
     check_blas_dims(n, m, d)
     check_no_overlap(Out, X, "out", "x"); check_no_overlap(Out, Wa, "out", "W"); check_no_overlap(Out, B, "out", "b")
+    if XK is not None:
+        check_ndim(XK, 2, "xk"); check_shape2(XK, n, d, "xk"); check_out(XK, "xk")
+        check_no_overlap(XK, X, "xk", "x"); check_no_overlap(XK, Wa, "xk", "W")
+        check_no_overlap(XK, B, "xk", "b"); check_no_overlap(XK, Out, "xk", "out")
     if not cnp.PyArray_IS_C_CONTIGUOUS(B):
         B = np.ascontiguousarray(B)
     cdef int tx, tw
-    cdef Py_ssize_t ldx, ldw
-    X = blas_operand(X, &tx, &ldx)
+    cdef Py_ssize_t ldx, ldw, s0, s1
     Wa = blas_operand(Wa, &tw, &ldw)
+    if XK is not None:
+        if cnp.PyArray_STRIDE(X, 0) % 4 or cnp.PyArray_STRIDE(X, 1) % 4:
+            X = np.ascontiguousarray(X)  # (a view with byte strides that are not whole float32 elements)
+        s0 = cnp.PyArray_STRIDE(X, 0) // 4
+        s1 = cnp.PyArray_STRIDE(X, 1) // 4
+        with nogil:
+            _bias_rows[double](n, m, <double*>cnp.PyArray_DATA(B), <double*>cnp.PyArray_DATA(Out))
+            dgemm_from_f32(tw, n, m, d, 1.0, <float*>cnp.PyArray_DATA(X), s0, s1, <double*>cnp.PyArray_DATA(XK),
+                           <double*>cnp.PyArray_DATA(Wa), ldw, 1.0, <double*>cnp.PyArray_DATA(Out),
+                           m if m > 1 else 1)
+        return out
+    X = blas_operand(X, &tx, &ldx)
     with nogil:
         if t == 0:
             _affine_forward[float](tx, ldx, tw, ldw, n, d, m, <float*>cnp.PyArray_DATA(X),
@@ -356,6 +391,62 @@ def relu_backward(dout, mask, dx):
     with nogil:
         parallel_blocks(n, even_block(n, MIN_BLOCK), _relu_b_f32 if t == 0 else _relu_b_f64, &c)
     return dx
+
+
+cdef void _relu_ip_f32(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _ew_ctx *c = <_ew_ctx*>ctx
+    fb_relu_inplace_f32(hi - lo, <float*>c.out + lo)
+
+
+cdef void _relu_ip_f64(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _ew_ctx *c = <_ew_ctx*>ctx
+    fb_relu_inplace_f64(hi - lo, <double*>c.out + lo)
+
+
+cdef void _relu_mask_ip_f32(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _ew_ctx *c = <_ew_ctx*>ctx
+    fb_relu_mask_inplace_f32(hi - lo, <const float*>c.b + lo, <float*>c.out + lo)
+
+
+cdef void _relu_mask_ip_f64(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
+    cdef _ew_ctx *c = <_ew_ctx*>ctx
+    fb_relu_mask_inplace_f64(hi - lo, <const double*>c.b + lo, <double*>c.out + lo)
+
+
+def relu_inplace(x):
+    """x = max(x, 0) in place, no mask (NaN stays NaN): the ReLU fastbp's nets fuse into an Affine's output;
+    returns x."""
+    cdef int t = ftype(x, "x")
+    cdef cnp.ndarray X = <cnp.ndarray>x
+    check_contig(X, "x"); check_out(X, "x")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(X)
+    cdef _ew_ctx c
+    c.a = NULL
+    c.b = NULL
+    c.out = cnp.PyArray_DATA(X)
+    c.mask = NULL
+    with nogil:
+        parallel_blocks(n, even_block(n, MIN_BLOCK), _relu_ip_f32 if t == 0 else _relu_ip_f64, &c)
+    return x
+
+
+def relu_mask_inplace(y, d):
+    """d = where(y <= 0, 0, d) in place, y the output of relu_inplace (y <= 0 exactly where its input was <= 0,
+    the book's Relu.mask): the fused ReLU's backward; returns d."""
+    cdef int t = ftype(d, "d")
+    same_type(t, y, "y")
+    cdef cnp.ndarray Y = <cnp.ndarray>y, D = <cnp.ndarray>d
+    check_contig(Y, "y"); check_contig(D, "d"); check_same_shape(D, Y, "d", "y"); check_out(D, "d")
+    check_no_overlap(D, Y, "d", "y")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(D)
+    cdef _ew_ctx c
+    c.a = NULL
+    c.b = cnp.PyArray_DATA(Y)
+    c.out = cnp.PyArray_DATA(D)
+    c.mask = NULL
+    with nogil:
+        parallel_blocks(n, even_block(n, MIN_BLOCK), _relu_mask_ip_f32 if t == 0 else _relu_mask_ip_f64, &c)
+    return d
 
 
 def sigmoid_forward(x, out):

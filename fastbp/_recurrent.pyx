@@ -169,36 +169,59 @@ cdef inline void *_p(cnp.ndarray a) noexcept:
     return cnp.PyArray_DATA(a)
 
 
+cdef tuple _sequence(object a, str name, Py_ssize_t G, bint out):
+    """(a, ft, N, T, H) for the first operand of a call, an (N, T, G*H) sequence buffer: it fixes the float type
+    and the sizes every other operand is checked against."""
+    cdef int ft = _ftype(a, name)
+    cdef cnp.ndarray A = <cnp.ndarray>a
+    if A.ndim != 3 or A.shape[2] % G:
+        raise ValueError(f"{name} must be (N, T, {'' if G == 1 else G}H), got shape {(<object>A).shape}")
+    cdef Py_ssize_t N = A.shape[0], T = A.shape[1], H = A.shape[2] // G
+    return _arr(a, name, ft, (N, T, G * H), out), ft, N, T, H
+
+
+cdef inline const floating *_step_before(const floating *seq, const floating *first, Py_ssize_t t, Py_ssize_t T,
+                                         Py_ssize_t H, Py_ssize_t *ld) noexcept nogil:
+    """Rows of step t - 1 of the (N, T, H) buffer seq (leading dimension *ld = T*H), or the (N, H) initial
+    state `first` (*ld = H) at t = 0: the state every cell's step t reads."""
+    if t > 0:
+        ld[0] = T * H
+        return seq + (t - 1) * H
+    ld[0] = H
+    return first
+
+
+# The float32 / float64 branches below (`if floating is float: fb_..._f32(...) else: fb_..._f64(...)` and
+# `if ft == 0: _loop[float](<float*>...) else: _loop[double](<double*>...)`) are one call spelled out per dtype on
+# purpose: the C kernels in _recurrent.h have one name per type, and the run-time float type picks a fused
+# specialisation only through an explicit branch.
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LSTM
 # ---------------------------------------------------------------------------------------------------------------
 cdef void _lstm_fwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, floating *a, const floating *wh, const floating *h0,
                     const floating *c0, floating *hs, floating *cs) noexcept nogil:
-    cdef Py_ssize_t t, G = 4 * H
-    cdef const floating *hp = h0
-    cdef const floating *cp = c0
-    cdef Py_ssize_t ldh = H, ldc = H
+    cdef Py_ssize_t t, G = 4 * H, ldh, ldc
+    cdef const floating *hp
+    cdef const floating *cp
     for t in range(T):
+        hp = _step_before(hs, h0, t, T, H, &ldh)
+        cp = _step_before(cs, c0, t, T, H, &ldc)
         _gemm(NoTrans, NoTrans, N, G, H, <floating>1, hp, ldh, wh, G, <floating>1, a + t * G, T * G)
         if floating is float:
             fb_lstm_fwd_f32(N, H, a + t * G, T * G, cp, ldc, cs + t * H, T * H, hs + t * H, T * H)
         else:
             fb_lstm_fwd_f64(N, H, a + t * G, T * G, cp, ldc, cs + t * H, T * H, hs + t * H, T * H)
-        hp = hs + t * H
-        cp = cs + t * H
-        ldh = T * H
-        ldc = T * H
 
 
 def lstm_forward(A, Wh, h0, c0, hs, cs):
     """Whole-sequence LSTM forward.  A (N, T, 4H): in xs Wx + b, out the activated gates [f|g|i|o];
     Wh (H, 4H); h0, c0 (N, H); hs, cs (N, T, H) out: h_t and c_t (c_t = f c_{t-1} + g i, h_t = o tanh c_t)."""
-    cdef int ft = _ftype(A, "A")
-    cdef cnp.ndarray Aa = <cnp.ndarray>A
-    if Aa.ndim != 3 or Aa.shape[2] % 4:
-        raise ValueError(f"A must be (N, T, 4H), got shape {(<object>Aa).shape}")
-    cdef Py_ssize_t N = Aa.shape[0], T = Aa.shape[1], H = Aa.shape[2] // 4
-    Aa = _arr(A, "A", ft, (N, T, 4 * H), True)
+    cdef cnp.ndarray Aa
+    cdef int ft
+    cdef Py_ssize_t N, T, H
+    Aa, ft, N, T, H = _sequence(A, "A", 4, True)
     cdef cnp.ndarray W = _arr(Wh, "Wh", ft, (H, 4 * H), False)
     cdef cnp.ndarray H0 = _arr(h0, "h0", ft, (N, H), False), C0 = _arr(c0, "c0", ft, (N, H), False)
     cdef cnp.ndarray HS = _arr(hs, "hs", ft, (N, T, H), True), CS = _arr(cs, "cs", ft, (N, T, H), True)
@@ -218,16 +241,10 @@ def lstm_forward(A, Wh, h0, c0, hs, cs):
 cdef void _lstm_bwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, const floating *dhs, const floating *g,
                     const floating *cs, const floating *c0, const floating *wh, floating *dh, floating *dc,
                     floating *da) noexcept nogil:
-    cdef Py_ssize_t t, G = 4 * H
+    cdef Py_ssize_t t, G = 4 * H, ldcp
     cdef const floating *cp
-    cdef Py_ssize_t ldcp
     for t in range(T - 1, -1, -1):
-        if t > 0:
-            cp = cs + (t - 1) * H
-            ldcp = T * H
-        else:
-            cp = c0
-            ldcp = H
+        cp = _step_before(cs, c0, t, T, H, &ldcp)
         if floating is float:
             fb_lstm_bwd_f32(N, H, g + t * G, T * G, cs + t * H, T * H, cp, ldcp, dhs + t * H, T * H, dh, dc,
                             da + t * G, T * G)
@@ -242,12 +259,10 @@ def lstm_backward(dhs, gates, cs, c0, Wh, dh, dc, dA):
     """Whole-sequence LSTM backward.  dhs (N, T, H) upstream gradients; gates, cs from lstm_forward; c0 (N, H);
     dh, dc (N, H): in the gradients flowing into the last step (zeros in the book), out dh0 and dc0;
     dA (N, T, 4H) out: gradient of the gate pre-activations."""
-    cdef int ft = _ftype(dhs, "dhs")
-    cdef cnp.ndarray D = <cnp.ndarray>dhs
-    if D.ndim != 3:
-        raise ValueError(f"dhs must be (N, T, H), got shape {(<object>D).shape}")
-    cdef Py_ssize_t N = D.shape[0], T = D.shape[1], H = D.shape[2]
-    D = _arr(dhs, "dhs", ft, (N, T, H), False)
+    cdef cnp.ndarray D
+    cdef int ft
+    cdef Py_ssize_t N, T, H
+    D, ft, N, T, H = _sequence(dhs, "dhs", 1, False)
     cdef cnp.ndarray Gt = _arr(gates, "gates", ft, (N, T, 4 * H), False)
     cdef cnp.ndarray CS = _arr(cs, "cs", ft, (N, T, H), False), C0 = _arr(c0, "c0", ft, (N, H), False)
     cdef cnp.ndarray W = _arr(Wh, "Wh", ft, (H, 4 * H), False)
@@ -273,28 +288,24 @@ def lstm_backward(dhs, gates, cs, c0, Wh, dh, dc, dA):
 # ---------------------------------------------------------------------------------------------------------------
 cdef void _rnn_fwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, floating *a, const floating *wh, const floating *h0,
                    floating *hs) noexcept nogil:
-    cdef Py_ssize_t t
-    cdef const floating *hp = h0
-    cdef Py_ssize_t ldh = H
+    cdef Py_ssize_t t, ldh
+    cdef const floating *hp
     for t in range(T):
+        hp = _step_before(hs, h0, t, T, H, &ldh)
         _gemm(NoTrans, NoTrans, N, H, H, <floating>1, hp, ldh, wh, H, <floating>1, a + t * H, T * H)
         if floating is float:
             fb_rnn_fwd_f32(N, H, a + t * H, T * H, hs + t * H, T * H)
         else:
             fb_rnn_fwd_f64(N, H, a + t * H, T * H, hs + t * H, T * H)
-        hp = hs + t * H
-        ldh = T * H
 
 
 def rnn_forward(A, Wh, h0, hs):
     """Whole-sequence RNN forward: A (N, T, H) in xs Wx + b (overwritten with the pre-activations);
     Wh (H, H); h0 (N, H); hs (N, T, H) out: h_t = tanh(A_t + h_{t-1} Wh)."""
-    cdef int ft = _ftype(A, "A")
-    cdef cnp.ndarray Aa = <cnp.ndarray>A
-    if Aa.ndim != 3:
-        raise ValueError(f"A must be (N, T, H), got shape {(<object>Aa).shape}")
-    cdef Py_ssize_t N = Aa.shape[0], T = Aa.shape[1], H = Aa.shape[2]
-    Aa = _arr(A, "A", ft, (N, T, H), True)
+    cdef cnp.ndarray Aa
+    cdef int ft
+    cdef Py_ssize_t N, T, H
+    Aa, ft, N, T, H = _sequence(A, "A", 1, True)
     cdef cnp.ndarray W = _arr(Wh, "Wh", ft, (H, H), False), H0 = _arr(h0, "h0", ft, (N, H), False)
     cdef cnp.ndarray HS = _arr(hs, "hs", ft, (N, T, H), True)
     _disjoint([Aa, HS, W, H0], ["A", "hs", "Wh", "h0"])
@@ -322,12 +333,10 @@ cdef void _rnn_bwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, const floating *dhs
 def rnn_backward(dhs, hs, Wh, dh, dA):
     """Whole-sequence RNN backward: dA_t = (dhs_t + dh_t) (1 - h_t^2), dh_{t-1} = dA_t Wh^T.
     dh (N, H): in the gradient into the last step, out dh0.  dA (N, T, H) out."""
-    cdef int ft = _ftype(dhs, "dhs")
-    cdef cnp.ndarray D = <cnp.ndarray>dhs
-    if D.ndim != 3:
-        raise ValueError(f"dhs must be (N, T, H), got shape {(<object>D).shape}")
-    cdef Py_ssize_t N = D.shape[0], T = D.shape[1], H = D.shape[2]
-    D = _arr(dhs, "dhs", ft, (N, T, H), False)
+    cdef cnp.ndarray D
+    cdef int ft
+    cdef Py_ssize_t N, T, H
+    D, ft, N, T, H = _sequence(dhs, "dhs", 1, False)
     cdef cnp.ndarray HS = _arr(hs, "hs", ft, (N, T, H), False), W = _arr(Wh, "Wh", ft, (H, H), False)
     cdef cnp.ndarray DH = _arr(dh, "dh", ft, (N, H), True), DA = _arr(dA, "dA", ft, (N, T, H), True)
     _disjoint([DH, DA, D, HS, W], ["dh", "dA", "dhs", "hs", "Wh"])
@@ -348,10 +357,10 @@ def rnn_backward(dhs, hs, Wh, dh, dA):
 cdef void _gru_fwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, floating *a, const floating *wh, const floating *h0,
                    floating *hs, floating *rhs, floating *work) noexcept nogil:
     # work: (N, 2H) for h Wh[:, :2H], then its first N*H entries for (r h) Wh[:, 2H:]
-    cdef Py_ssize_t t, G = 3 * H
-    cdef const floating *hp = h0
-    cdef Py_ssize_t ldh = H
+    cdef Py_ssize_t t, G = 3 * H, ldh
+    cdef const floating *hp
     for t in range(T):
+        hp = _step_before(hs, h0, t, T, H, &ldh)
         _gemm(NoTrans, NoTrans, N, 2 * H, H, <floating>1, hp, ldh, wh, G, <floating>0, work, 2 * H)
         if floating is float:
             fb_gru_fwd1_f32(N, H, a + t * G, T * G, work, hp, ldh, rhs + t * H, T * H)
@@ -362,19 +371,15 @@ cdef void _gru_fwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, floating *a, const 
             fb_gru_fwd2_f32(N, H, a + t * G, T * G, work, hp, ldh, hs + t * H, T * H)
         else:
             fb_gru_fwd2_f64(N, H, a + t * G, T * G, work, hp, ldh, hs + t * H, T * H)
-        hp = hs + t * H
-        ldh = T * H
 
 
 def gru_forward(A, Wh, h0, hs, rhs, work):
     """Whole-sequence GRU forward.  A (N, T, 3H): in xs Wx, out the gates [z|r|h~]; Wh (H, 3H); h0 (N, H);
     hs (N, T, H) out; rhs (N, T, H) out: r_t h_{t-1} (read by the backward); work (N, 2H) scratch."""
-    cdef int ft = _ftype(A, "A")
-    cdef cnp.ndarray Aa = <cnp.ndarray>A
-    if Aa.ndim != 3 or Aa.shape[2] % 3:
-        raise ValueError(f"A must be (N, T, 3H), got shape {(<object>Aa).shape}")
-    cdef Py_ssize_t N = Aa.shape[0], T = Aa.shape[1], H = Aa.shape[2] // 3
-    Aa = _arr(A, "A", ft, (N, T, 3 * H), True)
+    cdef cnp.ndarray Aa
+    cdef int ft
+    cdef Py_ssize_t N, T, H
+    Aa, ft, N, T, H = _sequence(A, "A", 3, True)
     cdef cnp.ndarray W = _arr(Wh, "Wh", ft, (H, 3 * H), False), H0 = _arr(h0, "h0", ft, (N, H), False)
     cdef cnp.ndarray HS = _arr(hs, "hs", ft, (N, T, H), True), RH = _arr(rhs, "rhs", ft, (N, T, H), True)
     cdef cnp.ndarray WK = _arr(work, "work", ft, (N, 2 * H), True)
@@ -397,12 +402,7 @@ cdef void _gru_bwd(Py_ssize_t N, Py_ssize_t T, Py_ssize_t H, const floating *dhs
     cdef Py_ssize_t t, G = 3 * H, ldhp
     cdef const floating *hp
     for t in range(T - 1, -1, -1):
-        if t > 0:
-            hp = hs + (t - 1) * H
-            ldhp = T * H
-        else:
-            hp = h0
-            ldhp = H
+        hp = _step_before(hs, h0, t, T, H, &ldhp)
         if floating is float:
             fb_gru_bwd1_f32(N, H, g + t * G, T * G, hp, ldhp, dhs + t * H, T * H, dh, acc, da + t * G, T * G)
         else:
@@ -427,12 +427,10 @@ cdef inline void _copy(Py_ssize_t n, const floating *src, floating *dst) noexcep
 def gru_backward(dhs, gates, hs, h0, Wh, dh, dA, work):
     """Whole-sequence GRU backward (the book's formulas).  dh (N, H): in the gradient into the last step,
     out dh0; dA (N, T, 3H) out: gradients of the pre-activations [z|r|h~]; work (N, 2H) scratch."""
-    cdef int ft = _ftype(dhs, "dhs")
-    cdef cnp.ndarray D = <cnp.ndarray>dhs
-    if D.ndim != 3:
-        raise ValueError(f"dhs must be (N, T, H), got shape {(<object>D).shape}")
-    cdef Py_ssize_t N = D.shape[0], T = D.shape[1], H = D.shape[2]
-    D = _arr(dhs, "dhs", ft, (N, T, H), False)
+    cdef cnp.ndarray D
+    cdef int ft
+    cdef Py_ssize_t N, T, H
+    D, ft, N, T, H = _sequence(dhs, "dhs", 1, False)
     cdef cnp.ndarray Gt = _arr(gates, "gates", ft, (N, T, 3 * H), False)
     cdef cnp.ndarray HS = _arr(hs, "hs", ft, (N, T, H), False), H0 = _arr(h0, "h0", ft, (N, H), False)
     cdef cnp.ndarray W = _arr(Wh, "Wh", ft, (H, 3 * H), False)

@@ -244,29 +244,37 @@ static inline double fb_exp(double x)
     return v.f;
 }
 
-/* Softmax with cross-entropy over a block of `rows` rows of `c` classes.  y = softmax(x) row-wise;
- * g = scale * (y - target) unless g is NULL; target is onehot (rows x c) when onehot != NULL, else the one-hot
- * vector of labels[i].  rowloss[i] = sum_j target_j * (logsumexp(x_i) - x_ij).  With has_ignore, a row whose
- * label is `ignore` gets y but rowloss 0 and a zero gradient row.
+/* Softmax with cross-entropy over a block of `rows` rows (at most FB_SOFTMAX_CHUNK) of `c` classes.  y = softmax(x)
+ * row-wise; g = scale * (y - target) unless g is NULL; target is onehot (rows x c) when onehot != NULL, else the
+ * one-hot vector of labels[i].  rowloss[i] = sum_j target_j * (logsumexp(x_i) - x_ij).  With has_ignore, a row
+ * whose label is `ignore` gets y but rowloss 0 and a zero gradient row.
  * Accuracy: with e_j = exp(x_j - max) (e = 1 at the max) and r = sum of the e_j other than one 1, the sum is 1 + r,
  *   logsumexp - x_t = (max - x_t) + log1p(r)       in double: no cancellation when the max dominates (tiny loss),
  *                                                  and finite for float32 logits whose loss is beyond float32;
  *   g_t = -scale * (sum_{j != t} e_j) / (1 + r)    in double, where y_t - 1 would cancel in float32.
- * The exponentials run over the whole block in one loop, so short rows (C = 10) still fill the vector lanes. */
+ * NaN in a row makes its sum NaN, and so its whole y and g rows and its loss (the max may skip the NaN: no test
+ * needed).  Short rows (C = 10) cost per row, not per element, so the passes are separate loops: the exponentials
+ * over the whole block in one loop (the vector lanes stay full), the logs (library calls, which would spill every
+ * vector register in the middle of a row loop) in a loop of their own over the rows' sums kept in rs[]. */
 #define FB_SOFTMAX_BLOCK(NAME, TARGET, T, EXP)                                                                \
 TARGET static inline void NAME##_rows(const T *restrict x, T *restrict y, T *restrict g, long rows, long c,  \
                            T scale, const T *restrict onehot, const int64_t *restrict labels, int has_ignore, \
                            int64_t ignore, double *restrict rowloss)                                          \
 {                                                                                                             \
+    double rs[FB_SOFTMAX_CHUNK], lg[FB_SOFTMAX_CHUNK];   /* per row: r, then log(1 + r) */                    \
     long i, j;                                                                                                \
     for (i = 0; i < rows; i++) {                                                                              \
         const T *xr = x + i * c;                                                                              \
         T *yr = y + i * c;                                                                                    \
         T m = xr[0];                                                                                          \
-        int has_nan = 0;                                                                                      \
-        _Pragma("omp simd reduction(max:m) reduction(|:has_nan)")                                             \
-        for (j = 0; j < c; j++) { m = xr[j] > m ? xr[j] : m; has_nan |= xr[j] != xr[j]; }                     \
-        if (has_nan) m = NAN;                       /* NaN in, NaN out (max would skip it) */                \
+        /* rows shorter than 64: plain loops (an omp simd reduction goes through a stack array of lanes, which \
+         * costs a store-forwarding stall per row, more than the row's work) */                               \
+        if (c < 64) {                                                                                         \
+            for (j = 1; j < c; j++) m = xr[j] > m ? xr[j] : m;                                                \
+        } else {                                                                                              \
+            _Pragma("omp simd reduction(max:m)")                                                              \
+            for (j = 1; j < c; j++) m = xr[j] > m ? xr[j] : m;                                                \
+        }                                                                                                     \
         _Pragma("omp simd")                                                                                   \
         for (j = 0; j < c; j++) yr[j] = xr[j] - m;                                                            \
         if (onehot == NULL) {                                                                                 \
@@ -282,16 +290,26 @@ TARGET static inline void NAME##_rows(const T *restrict x, T *restrict y, T *res
     _Pragma("omp simd")                                                                                       \
     for (i = 0; i < total; i++) y[i] = EXP(y[i]);                                                             \
     for (i = 0; i < rows; i++) {                                                                              \
-        T *yr = y + i * c;                                                                                    \
+        const T *yr = y + i * c;                                                                              \
         double s = 0.0, r = 0.0;                                                                              \
         /* s: all e_j; r: those below 1 (two sums vectorise; counting the 1s in the loop does not) */        \
-        _Pragma("omp simd reduction(+:s,r)")                                                                  \
-        for (j = 0; j < c; j++) { double e = (double)yr[j]; s += e; r += e < 1.0 ? e : 0.0; }               \
-        r += nearbyint(s - r) - 1.0;                /* + the 1s but one (ties at the max): the e_j but one 1 */ \
-        s = 1.0 + r;                                                                                          \
+        if (c < 64) {                                                                                         \
+            for (j = 0; j < c; j++) { double e = (double)yr[j]; s += e; r += e < 1.0 ? e : 0.0; }           \
+        } else {                                                                                              \
+            _Pragma("omp simd reduction(+:s,r)")                                                              \
+            for (j = 0; j < c; j++) { double e = (double)yr[j]; s += e; r += e < 1.0 ? e : 0.0; }           \
+        }                                                                                                     \
+        rs[i] = r + (nearbyint(s - r) - 1.0);       /* + the 1s but one (ties at the max): the e_j but one 1 */ \
+    }                                                                                                         \
+    for (i = 0; i < rows; i++) {                    /* log(s) loses digits only when s is near 1 */          \
+        double r = rs[i];                                                                                     \
+        lg[i] = r < 0.5 ? log1p(r) : log(1.0 + r);                                                            \
+    }                                                                                                         \
+    for (i = 0; i < rows; i++) {                                                                              \
+        T *yr = y + i * c;                                                                                    \
+        double r = rs[i], s = 1.0 + r;                                                                        \
         double invs = 1.0 / s;                                                                                \
         T inv = (T)invs;                                                                                      \
-        double logs = r < 0.5 ? log1p(r) : log(s);  /* log(s) loses digits only when s is near 1 */          \
         int skip = onehot == NULL && has_ignore && labels[i] == ignore;                                       \
         double et = onehot == NULL && !skip ? (double)yr[labels[i]] : 0.0;                                    \
         _Pragma("omp simd")                                                                                   \
@@ -301,7 +319,7 @@ TARGET static inline void NAME##_rows(const T *restrict x, T *restrict y, T *res
                 if (g != NULL) memset(g + i * c, 0, (size_t)c * sizeof(T));                                   \
                 continue;                                                                                     \
             }                                                                                                 \
-            rowloss[i] += logs;                                                                               \
+            rowloss[i] += lg[i];                                                                              \
             if (g != NULL) {                                                                                  \
                 T *gr = g + i * c;                                                                            \
                 _Pragma("omp simd")                                                                           \
@@ -314,7 +332,7 @@ TARGET static inline void NAME##_rows(const T *restrict x, T *restrict y, T *res
             const T *tr = onehot + i * c;                                                                     \
             double tsum = 0.0;                                                                                \
             for (j = 0; j < c; j++) if (tr[j] != 0) tsum += (double)tr[j];                                    \
-            rowloss[i] += logs * tsum;                                                                        \
+            rowloss[i] += lg[i] * tsum;                                                                       \
             if (g != NULL) {                                                                                  \
                 T *gr = g + i * c;                                                                            \
                 _Pragma("omp simd")                                                                           \
@@ -389,10 +407,33 @@ TARGET static void NAME(long n, const T *dout, const unsigned char *restrict mas
     for (long i = 0; i < n; i++) { T d = dout[i]; dx[i] = mask[i] ? (T)0 : d; }                               \
 }
 
+/* ReLU fused into an Affine layer's output (fastbp's own nets): x = max(x, 0) in place, no mask (NaN stays); and
+ * its backward from that output: d = 0 where y <= 0 (y = relu(x) <= 0 exactly where x <= 0, the book's mask). */
+#define FB_RELU_IP(NAME, TARGET, T)                                                                           \
+TARGET static void NAME(long n, T *x)                                                                         \
+{                                                                                                             \
+    _Pragma("omp simd")                                                                                       \
+    for (long i = 0; i < n; i++) { T v = x[i]; x[i] = v <= 0 ? (T)0 : v; }                                   \
+}
+#define FB_RELU_MASK_IP(NAME, TARGET, T)                                                                      \
+TARGET static void NAME(long n, const T *restrict y, T *restrict d)                                           \
+{                                                                                                             \
+    _Pragma("omp simd")                                                                                       \
+    for (long i = 0; i < n; i++) { T v = d[i]; d[i] = y[i] <= 0 ? (T)0 : v; }                                 \
+}
+
 FB_VARIANTS(FB_RELU_F, fb_relu_forward_f32, float)
 FB_VARIANTS(FB_RELU_F, fb_relu_forward_f64, double)
 FB_VARIANTS(FB_RELU_B, fb_relu_backward_f32, float)
 FB_VARIANTS(FB_RELU_B, fb_relu_backward_f64, double)
+FB_VARIANTS(FB_RELU_IP, fb_relu_inplace_f32, float)
+FB_VARIANTS(FB_RELU_IP, fb_relu_inplace_f64, double)
+FB_VARIANTS(FB_RELU_MASK_IP, fb_relu_mask_inplace_f32, float)
+FB_VARIANTS(FB_RELU_MASK_IP, fb_relu_mask_inplace_f64, double)
+FB_DISPATCH(fb_relu_inplace_f32, (long n, float *x), (n, x))
+FB_DISPATCH(fb_relu_inplace_f64, (long n, double *x), (n, x))
+FB_DISPATCH(fb_relu_mask_inplace_f32, (long n, const float *y, float *d), (n, y, d))
+FB_DISPATCH(fb_relu_mask_inplace_f64, (long n, const double *y, double *d), (n, y, d))
 FB_DISPATCH(fb_relu_forward_f32, (long n, const float *x, float *out, unsigned char *mask), (n, x, out, mask))
 FB_DISPATCH(fb_relu_forward_f64, (long n, const double *x, double *out, unsigned char *mask), (n, x, out, mask))
 FB_DISPATCH(fb_relu_backward_f32, (long n, const float *dout, const unsigned char *mask, float *dx),

@@ -75,7 +75,7 @@ static int fb_run_jobs_on_pthreads(fb_dojob_t dojob, int numjobs, size_t elsize,
  * The pool: workers 1..nthreads-1 (pthreads, created on first use, never after a fork: fb_omp_ok), one job at a
  * time, published by a generation counter.
  *  - Blocks are CLAIMED (an atomic ticket = generation << 32 | next block), by the caller too, which starts at
- *    once.  The caller waits only for blocks a worker has claimed and not finished: a worker that is asleep or
+ *    once with block 0 (always its own: see fb_pool_run_mode).  The caller waits only for blocks a worker has claimed and not finished: a worker that is asleep or
  *    descheduled when the region opens costs nothing -- the caller runs its blocks.  Block boundaries are fixed
  *    (see _threads.pyx), so which thread runs a block never changes a result.
  *  - After its last block a worker spins (pause) for fb_spin_ns, then sleeps on a condition variable; the caller
@@ -224,7 +224,11 @@ static int fb_pool_run_mode(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_bl
     if (one_each) wake = 1;               /* every block must start: sleeping workers are needed */
     __atomic_store_n(&fb_job.nworkers, want, __ATOMIC_RELEASE);
     __atomic_store_n(&fb_pending, nb, __ATOMIC_RELEASE);
-    __atomic_store_n(&fb_ticket, (uint64_t)g << 32, __ATOMIC_RELEASE);
+    /* block 0 is the caller's, claimed before the workers can see the job: a region cut into one block per
+     * thread (the split GEMM) then runs its first block on the calling thread every time, so the data a training
+     * step's products and conversions leave in that core's cache is the data the next region's block 0 reads
+     * (a worker racing the caller for block 0 would move it between the cores, region after region) */
+    __atomic_store_n(&fb_ticket, ((uint64_t)g << 32) | (uint64_t)(nb > 0), __ATOMIC_RELEASE);
     __atomic_store_n(&fb_gen, g, __ATOMIC_SEQ_CST);
     if (wake && __atomic_load_n(&fb_sleepers, __ATOMIC_SEQ_CST) > 0) {
         long long t0 = fb_now_ns();
@@ -234,7 +238,15 @@ static int fb_pool_run_mode(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_bl
         fb_pool_wake_ns += fb_now_ns() - t0;
         fb_pool_wakes++;
     }
-    Py_ssize_t mine = fb_pool_work(g);
+    Py_ssize_t mine = 0;
+    if (nb > 0) {
+        fb_pool_inside = 1;
+        fn(ctx, 0, n <= block ? n : block, 0);
+        fb_pool_inside = 0;
+        __atomic_fetch_sub(&fb_pending, 1, __ATOMIC_ACQ_REL);
+        mine = 1;
+    }
+    if (!one_each) mine += fb_pool_work(g);
     int k = 0;
     /* (a gang region's caller ran one block; the workers claim the others, one each) */
     while (__atomic_load_n(&fb_pending, __ATOMIC_ACQUIRE) > 0) {   /* blocks a worker claimed: wait for them */

@@ -16,6 +16,16 @@ import numpy as np
 __all__ = ["Workspace"]
 
 
+def _aligned_empty(shape, dtype, order, align):
+    """np.empty(shape, dtype, order=order) whose data starts at a multiple of `align` bytes."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(count * dtype.itemsize + align, np.uint8)
+    skip = -raw.ctypes.data % align
+    flat = raw[skip : skip + count * dtype.itemsize].view(dtype)
+    return flat.reshape(shape, order=order)
+
+
 class Workspace:
     """Named arrays reused between calls of the same shape and dtype (see the module docstring)."""
 
@@ -25,13 +35,14 @@ class Workspace:
         self.reuse = bool(reuse)
         self._bufs = {}
 
-    def scratch(self, name, shape, dtype, order="C"):
+    def scratch(self, name, shape, dtype, order="C", align=None):
         """A private buffer: the same array at every call with the same name, shape, dtype and memory order
-        ("C" or "F", e.g. an optimizer's gradient converted into its parameter's layout)."""
+        ("C" or "F", e.g. an optimizer's gradient converted into its parameter's layout).  `align`: its first
+        byte at a multiple of that many bytes (a kernel whose threads each write whole cache lines of it)."""
         key = name if order == "C" else (name, order)
         a = self._bufs.get(key)
         if a is None or a.shape != shape or (a.dtype is not dtype and a.dtype != dtype):
-            a = np.empty(shape, dtype, order=order)
+            a = np.empty(shape, dtype, order=order) if not align else _aligned_empty(shape, dtype, order, align)
             self._bufs[key] = a
         return a
 

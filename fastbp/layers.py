@@ -326,11 +326,17 @@ class Affine(_GemmLayer, _ref.Affine):
             kd = _kernel_dtype(np.result_type(x2, W, b))
             if kd is not None and x2.shape[1] == W.shape[0]:
                 ws = self._ws
-                xk = x2 if x2.dtype is kd else ws.as_dtype("x", x2, kd)
                 Wk = W if W.dtype is kd else ws.as_dtype("W", W, kd)  # promoted weights: refreshed every call
                 bk = b if b.dtype is kd else ws.as_dtype("b", b, kd)
                 out = ws.result("out", (x2.shape[0], W.shape[1]), kd, x2)
-                _k.affine_forward(xk, Wk, bk, out)
+                if x2.dtype is _F32 and kd is _F64:
+                    # float32 images into float64 weights (book 1): the kernel converts x into xk inside the
+                    # product, each thread the part it reads (whole 64-byte cache lines each: aligned scratch)
+                    xk = ws.scratch("x", x2.shape, kd, align=64)
+                    _k.affine_forward(x2, Wk, bk, out, xk=xk)
+                else:
+                    xk = x2 if x2.dtype is kd else ws.as_dtype("x", x2, kd)
+                    _k.affine_forward(xk, Wk, bk, out)
                 self.original_x_shape = xa.shape
                 self.x = x2
                 self._xk = xk
@@ -504,30 +510,34 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
             type(x) is np.ndarray
             and type(t) is np.ndarray
             and x.ndim == 2
-            and t.ndim == 1
             and (x.dtype is _F32 or x.dtype is _F64)
-            and t.dtype.kind in "iu"
             and x.shape[0] > 0
             and x.flags.c_contiguous
         ):
-            ws = self._ws
-            n = x.shape[0]
-            tk = t
-            if t.dtype is not _I64 or not t.flags.c_contiguous:  # e.g. the book's uint8 labels
-                tk = ws.scratch("t", t.shape, _I64)
-                np.copyto(tk, t, casting="unsafe")  # the kernel range-checks the copy
-            y = ws.result("y", x.shape, x.dtype)
-            g = ws.result("g", x.shape, x.dtype)
-            loss = _k.softmax_cross_entropy(x, tk, y, g, 1.0 / n)  # the mean loss
-            self.t = t
-            self.y = y
-            self._g = g
-            self._g_out = False
-            self._labels = tk
-            self._target = None
-            self.loss = loss
-            return loss
+            if t.ndim == 1 and t.dtype.kind in "iu":  # labels
+                tk = t
+                if t.dtype is not _I64 or not t.flags.c_contiguous:  # e.g. the book's uint8 labels
+                    tk = self._ws.scratch("t", t.shape, _I64)
+                    np.copyto(tk, t, casting="unsafe")  # the kernel range-checks the copy
+                return self._forward_kernel(x, t, tk, tk, None)
+            if t.dtype is x.dtype and t.shape == x.shape and x.shape[1] > 0 and t.flags.c_contiguous:
+                return self._forward_kernel(x, t, t, None, t)  # one-hot rows of the logits' dtype (the book's)
         return self._forward_any(x, t)
+
+    def _forward_kernel(self, x, t, tk, labels, target):
+        """The kernel on logits x (N, C), N > 0, and tk (labels int64, or rows of x's dtype) ready for it."""
+        ws = self._ws
+        y = ws.result("y", x.shape, x.dtype)
+        g = ws.result("g", x.shape, x.dtype)
+        loss = _k.softmax_cross_entropy(x, tk, y, g, 1.0 / x.shape[0])  # the mean loss
+        self.t = t
+        self.y = y
+        self._g = g
+        self._g_out = False
+        self._labels = labels
+        self._target = target
+        self.loss = loss
+        return loss
 
     def _forward_any(self, x, t):
         xa = _ref._numeric(x, "x", "SoftmaxWithLoss")

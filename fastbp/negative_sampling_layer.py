@@ -181,12 +181,7 @@ class NegativeSamplingLoss:
             self.params = [W]
             self.grads = [np.zeros_like(W)]
         else:
-            self.loss_layers = [SigmoidWithLoss() for _ in range(sample_size + 1)]
-            self.embed_dot_layers = [EmbeddingDot(W) for _ in range(sample_size + 1)]
-            self.params, self.grads = [], []
-            for layer in self.embed_dot_layers:
-                self.params += layer.params
-                self.grads += layer.grads
+            _ref._per_sample_layers(self, W, SigmoidWithLoss, EmbeddingDot)
         self._ws = _Workspace(False)
         self._cache = None
 

@@ -13,12 +13,17 @@ initial weights.  Two extra keyword arguments:
   Affine; ``"reference"`` builds it from :mod:`fastbp.reference` (plain NumPy, the baseline).
 
 With the fastbp backend a training step ``grads = net.gradient(x, t); optimizer.update(net.params, grads)``
-allocates no NumPy array once the batch shape has been seen.  The price is the workspace rule: arrays returned
-by ``predict`` and ``gradient`` are the layers' own and are overwritten by the next call (copy what you want to
-keep); ``gradient`` adds the weight-decay term ``lambda * W`` into the Affine layers' ``dW`` in place.  The
-fastbp backend computes in the network's dtype: inputs and float (one-hot) targets of another dtype are
-converted into reused buffers (NumPy's promotion would turn a float32 network fed float64 data into a float64
-computation with per-call copies of the weights).
+allocates no NumPy array once the batch shape has been seen.  ``gradient`` also runs each ``Relu`` right after an
+``Affine`` on that Affine's output in place (one pass, no mask array, no second buffer) and its backward as the
+mask applied in place to the next Affine's dx: the same gradients bit for bit as layer by layer.  That Relu's
+``mask`` is then computed from the kept output when first read (``relu(x) <= 0`` exactly where ``x <= 0``), as
+fastbp's convolutional nets do for a Relu fused into a Pooling; it refers to the Affine's output workspace, so
+calling that Affine's ``forward`` directly before reading ``mask`` changes it.  The price of reuse is the
+workspace rule: arrays returned by ``predict`` and ``gradient`` are the layers' own and are overwritten by the
+next call (copy what you want to keep); ``gradient`` adds the weight-decay term ``lambda * W`` into the Affine
+layers' ``dW`` in place.  The fastbp backend computes in the network's dtype: inputs and float (one-hot) targets
+of another dtype are converted into reused buffers (NumPy's promotion would turn a float32 network fed float64
+data into a float64 computation with per-call copies of the weights).
 
 Other differences from the book: ``loss`` uses fastbp's exact log-sum-exp cross entropy (equal to the book's
 ``-log(y + 1e-7)`` to about 1e-7 where the book's is not capped), ``accuracy`` handles one-hot targets (the
@@ -244,7 +249,7 @@ class _FullyConnectedNet:
         return grads
 
     def _plan(self):
-        """(layers in order, [(W key, b key, Affine layer)]), recomputed only when `layers` was changed."""
+        """(layers in order, [(W key, b key, Affine layer)], ...), recomputed only when `layers` was changed."""
         layers = tuple(self.layers.values())
         cached = getattr(self, "_plan_cache", None)
         if cached is None or cached[0] != layers:
@@ -253,22 +258,88 @@ class _FullyConnectedNet:
             # backend, the book's algorithm and the benchmarks' NumPy baseline, computes it as the book does)
             skip_first = self.backend == "fastbp" and bool(layers) and isinstance(layers[0], _reference.Affine)
             back = layers[::-1]
-            cached = self._plan_cache = (layers, back[:-1] if skip_first else back, affines, skip_first)
+            # fastbp backend: a Relu right after an Affine (both fastbp's own classes) runs in gradient() on the
+            # Affine's output in place (see _forward_fused); the positions of those Relus
+            fused = ()
+            if self.backend == "fastbp":
+                from fastbp import layers as L
+
+                fused = frozenset(
+                    i for i in range(1, len(layers)) if type(layers[i]) is L.Relu and type(layers[i - 1]) is L.Affine
+                )
+            cached = self._plan_cache = (layers, back[:-1] if skip_first else back, affines, skip_first, fused)
         return cached
+
+    def _forward_fused(self, layers, fused, x):
+        """The forward pass of gradient() with each Relu in `fused` applied to its Affine's output in place
+        (``relu_inplace``: one pass, no mask, no second buffer); that Relu keeps the result as the source of its
+        lazy ``mask`` (``Relu._defer``: ``relu(x) <= 0`` exactly where ``x <= 0``).  Returns (the last output, the
+        positions fused in this pass)."""
+        from fastbp import _kernels as K
+
+        done = []
+        i, n = 0, len(layers)
+        while i < n:
+            x = layers[i].forward(x)
+            if (
+                i + 1 in fused
+                and type(x) is np.ndarray
+                and (x.dtype is _F32 or x.dtype is _F64)
+                and x.flags.c_contiguous
+                and x.flags.writeable
+            ):
+                K.relu_inplace(x)
+                layers[i + 1]._defer(x)
+                done.append(i + 1)
+                i += 2
+            else:
+                i += 1
+        return x, done
+
+    def _backward_fused(self, layers, reversed_layers, done, dout):
+        """The backward pass after _forward_fused: a fused Relu's backward is its mask applied to the next
+        Affine's dx in place (``relu_mask_inplace``, from the Relu's kept output; that dx is the Affine's own
+        workspace) instead of a new gradient array.  Returns the dout of the layers not in reversed_layers."""
+        from fastbp import _kernels as K
+
+        n = len(layers)
+        for k, layer in enumerate(reversed_layers):
+            i = n - 1 - k
+            if i in done:
+                src = layer._mask_src
+                if (
+                    src is not None
+                    and type(dout) is np.ndarray
+                    and dout.dtype is src.dtype
+                    and dout.shape == src.shape
+                    and dout.flags.c_contiguous
+                    and dout.flags.writeable
+                ):
+                    K.relu_mask_inplace(src, dout)
+                    continue
+            dout = layer.backward(dout)
+        return dout
 
     def gradient(self, x, t):
         """Gradients of loss(x, t) by backpropagation, keyed like params (dW includes lambda * W)."""
-        layers, reversed_layers, affines, skip_first = self._plan()
+        layers, reversed_layers, affines, skip_first, fused = self._plan()
         # forward (the weight-decay term of the loss does not change the backward pass)
         x = self._in_dtype("x", x)
-        for layer in layers:
-            x = layer.forward(x)
+        done = ()
+        if fused:
+            x, done = self._forward_fused(layers, fused, x)
+        else:
+            for layer in layers:
+                x = layer.forward(x)
         last = self.lastLayer
         last.forward(x, self._in_dtype("t", t))
         # backward
         dout = last.backward(1)
-        for layer in reversed_layers:
-            dout = layer.backward(dout)
+        if done:
+            dout = self._backward_fused(layers, reversed_layers, done, dout)
+        else:
+            for layer in reversed_layers:
+                dout = layer.backward(dout)
         if skip_first:
             layers[0].backward(dout, need_dx=False)  # fastbp extension: the images' gradient is not wanted
 

@@ -26,13 +26,8 @@ import numpy as np
 
 from fastbp._npmath import stable_sigmoid as _sigmoid
 
-__all__ = [
-    "Softmax",
-    "SigmoidWithLoss",
-    "Embedding",
-    "EmbeddingDot",
-    "UnigramSampler",
-    "NegativeSamplingLoss",
+#: The layers of book 2's common/time_layers.py (also fastbp.time_layers' own, in this order).
+TIME_LAYERS = [
     "RNN",
     "TimeRNN",
     "LSTM",
@@ -45,6 +40,15 @@ __all__ = [
     "TimeSigmoidWithLoss",
     "TimeDropout",
     "TimeBiLSTM",
+]
+__all__ = [
+    "Softmax",
+    "SigmoidWithLoss",
+    "Embedding",
+    "EmbeddingDot",
+    "UnigramSampler",
+    "NegativeSamplingLoss",
+    *TIME_LAYERS,
 ]
 
 
@@ -69,6 +73,16 @@ def _not_ready(owner):
     return RuntimeError(f"{owner}.backward called before {owner}.forward")
 
 
+def _check_labels(valid, V, ignore_label):
+    """IndexError for a label of `valid` (the labels not ignored) outside [0, V) (book 2's TimeSoftmaxWithLoss)."""
+    if valid.size and (valid.min() < 0 or valid.max() >= V):
+        bad = valid.min() if valid.min() < 0 else valid.max()
+        raise IndexError(
+            f"TimeSoftmaxWithLoss: label {bad} is out of range for {V} classes "
+            f"(and is not the ignore label {ignore_label})"
+        )
+
+
 def _check_state(h, shape, dtype, owner, name="h"):
     if h.shape != shape:
         raise ValueError(f"{owner}: {name} must have shape {shape} (N, H), got {h.shape}")
@@ -78,6 +92,26 @@ def _check_state(h, shape, dtype, owner, name="h"):
 class _Layer:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+
+class _HState:
+    """The book's set_state / reset_state of a recurrent layer with state h."""
+
+    def set_state(self, h):
+        self.h = h
+
+    def reset_state(self):
+        self.h = None
+
+
+class _HCState:
+    """The book's set_state / reset_state of an LSTM layer (states h and c)."""
+
+    def set_state(self, h, c=None):
+        self.h, self.c = h, c
+
+    def reset_state(self):
+        self.h, self.c = None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,18 +238,24 @@ class UnigramSampler:
         return negative_sample
 
 
+def _per_sample_layers(owner, W, loss_cls, dot_cls):
+    """The book's NegativeSamplingLoss layers: owner.sample_size + 1 loss and EmbeddingDot layers (all over W),
+    their params/grads collected into owner.params/owner.grads (also fastbp's, with its own layer classes)."""
+    owner.loss_layers = [loss_cls() for _ in range(owner.sample_size + 1)]
+    owner.embed_dot_layers = [dot_cls(W) for _ in range(owner.sample_size + 1)]
+    owner.params, owner.grads = [], []
+    for layer in owner.embed_dot_layers:
+        owner.params += layer.params
+        owner.grads += layer.grads
+
+
 class NegativeSamplingLoss(_Layer):
     """Binary cross-entropy of the target's score (label 1) plus sample_size negatives' scores (label 0)."""
 
     def __init__(self, W, corpus, power=0.75, sample_size=5):
         self.sample_size = sample_size
         self.sampler = UnigramSampler(corpus, power, sample_size)
-        self.loss_layers = [SigmoidWithLoss() for _ in range(sample_size + 1)]
-        self.embed_dot_layers = [EmbeddingDot(W) for _ in range(sample_size + 1)]
-        self.params, self.grads = [], []
-        for layer in self.embed_dot_layers:
-            self.params += layer.params
-            self.grads += layer.grads
+        _per_sample_layers(self, W, SigmoidWithLoss, EmbeddingDot)
 
     def forward(self, h, target):
         batch_size = target.shape[0]
@@ -238,6 +278,72 @@ class NegativeSamplingLoss(_Layer):
 # ---------------------------------------------------------------------------------------------------------------
 # common/time_layers.py
 # ---------------------------------------------------------------------------------------------------------------
+class _TimeRecurrent(_HState, _Layer):
+    """The book's Time* loop over per-step layers, one for every cell: forward creates ``_step(*params)`` per
+    step and carries its states (h, or h and c); backward runs them in reverse, summing their grads."""
+
+    _step = None
+    _name = None
+    _states = ("h",)
+
+    def __init__(self, params, stateful):
+        self.params = list(params)
+        self.grads = [np.zeros_like(p) for p in self.params]
+        self.layers = None
+        self.h, self.dh = None, None
+        self.stateful = stateful
+
+    def forward(self, xs):
+        Wx, Wh = self.params[0], self.params[1]
+        N, T, D = xs.shape
+        H = Wh.shape[0]
+        dt = np.result_type(xs, Wx)
+        self.layers = []
+        hs = np.empty((N, T, H), dtype=dt)
+        for name in self._states:
+            if not self.stateful or getattr(self, name) is None:
+                setattr(self, name, np.zeros((N, H), dtype=dt))
+            else:
+                setattr(self, name, _check_state(getattr(self, name), (N, H), dt, self._name, name))
+        for t in range(T):
+            layer = self._step(*self.params)
+            out = layer.forward(xs[:, t, :], *[getattr(self, name) for name in self._states])
+            for name, v in zip(self._states, out if len(self._states) > 1 else (out,)):
+                setattr(self, name, v)
+            hs[:, t, :] = self.h
+            self.layers.append(layer)
+        return hs
+
+    def backward(self, dhs):
+        if self.layers is None:
+            raise _not_ready(self._name)
+        Wx = self.params[0]
+        N, T, H = dhs.shape
+        D = Wx.shape[0]
+        dxs = np.empty((N, T, D), dtype=np.result_type(dhs, Wx))
+        dstates = [0] * len(self._states)  # dh (and dc) flowing into step t from step t + 1
+        grads = [0] * len(self.grads)
+        for t in reversed(range(T)):
+            layer = self.layers[t]
+            dx, *dstates = layer.backward(dhs[:, t, :] + dstates[0], *dstates[1:])
+            dxs[:, t, :] = dx
+            for i, grad in enumerate(layer.grads):
+                grads[i] += grad
+        for i, grad in enumerate(grads):
+            self.grads[i][...] = grad
+        self.dh = dstates[0]
+        return dxs
+
+
+class _GRUNames:
+    """The book's GRU/TimeGRU attribute names for params[0], params[1] and their gradients."""
+
+    Wx = property(lambda self: self.params[0])
+    Wh = property(lambda self: self.params[1])
+    dWx = property(lambda self: self.grads[0])
+    dWh = property(lambda self: self.grads[1])
+
+
 class RNN(_Layer):
     """h_next = tanh(h_prev Wh + x Wx + b)."""
 
@@ -264,57 +370,12 @@ class RNN(_Layer):
         return np.dot(dt, Wx.T), np.dot(dt, Wh.T)
 
 
-class TimeRNN(_Layer):
+class TimeRNN(_TimeRecurrent):
+    _step = RNN
+    _name = "TimeRNN"
+
     def __init__(self, Wx, Wh, b, stateful=False):
-        self.params = [Wx, Wh, b]
-        self.grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
-        self.layers = None
-        self.h, self.dh = None, None
-        self.stateful = stateful
-
-    def forward(self, xs):
-        Wx, Wh, b = self.params
-        N, T, D = xs.shape
-        H = Wh.shape[0]
-        dt = np.result_type(xs, Wx)
-        self.layers = []
-        hs = np.empty((N, T, H), dtype=dt)
-        if not self.stateful or self.h is None:
-            self.h = np.zeros((N, H), dtype=dt)
-        else:
-            self.h = _check_state(self.h, (N, H), dt, "TimeRNN")
-        for t in range(T):
-            layer = RNN(*self.params)
-            self.h = layer.forward(xs[:, t, :], self.h)
-            hs[:, t, :] = self.h
-            self.layers.append(layer)
-        return hs
-
-    def backward(self, dhs):
-        if self.layers is None:
-            raise _not_ready("TimeRNN")
-        Wx, Wh, b = self.params
-        N, T, H = dhs.shape
-        D = Wx.shape[0]
-        dxs = np.empty((N, T, D), dtype=np.result_type(dhs, Wx))
-        dh = 0
-        grads = [0, 0, 0]
-        for t in reversed(range(T)):
-            layer = self.layers[t]
-            dx, dh = layer.backward(dhs[:, t, :] + dh)
-            dxs[:, t, :] = dx
-            for i, grad in enumerate(layer.grads):
-                grads[i] += grad
-        for i, grad in enumerate(grads):
-            self.grads[i][...] = grad
-        self.dh = dh
-        return dxs
-
-    def set_state(self, h):
-        self.h = h
-
-    def reset_state(self):
-        self.h = None
+        super().__init__((Wx, Wh, b), stateful)
 
 
 class LSTM(_Layer):
@@ -357,65 +418,17 @@ class LSTM(_Layer):
         return np.dot(dA, Wx.T), np.dot(dA, Wh.T), dc_prev
 
 
-class TimeLSTM(_Layer):
+class TimeLSTM(_HCState, _TimeRecurrent):
+    _step = LSTM
+    _name = "TimeLSTM"
+    _states = ("h", "c")
+
     def __init__(self, Wx, Wh, b, stateful=False):
-        self.params = [Wx, Wh, b]
-        self.grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
-        self.layers = None
-        self.h, self.c = None, None
-        self.dh = None
-        self.stateful = stateful
-
-    def forward(self, xs):
-        Wx, Wh, b = self.params
-        N, T, D = xs.shape
-        H = Wh.shape[0]
-        dt = np.result_type(xs, Wx)
-        self.layers = []
-        hs = np.empty((N, T, H), dtype=dt)
-        if not self.stateful or self.h is None:
-            self.h = np.zeros((N, H), dtype=dt)
-        else:
-            self.h = _check_state(self.h, (N, H), dt, "TimeLSTM")
-        if not self.stateful or self.c is None:
-            self.c = np.zeros((N, H), dtype=dt)
-        else:
-            self.c = _check_state(self.c, (N, H), dt, "TimeLSTM", "c")
-        for t in range(T):
-            layer = LSTM(*self.params)
-            self.h, self.c = layer.forward(xs[:, t, :], self.h, self.c)
-            hs[:, t, :] = self.h
-            self.layers.append(layer)
-        return hs
-
-    def backward(self, dhs):
-        if self.layers is None:
-            raise _not_ready("TimeLSTM")
-        Wx, Wh, b = self.params
-        N, T, H = dhs.shape
-        D = Wx.shape[0]
-        dxs = np.empty((N, T, D), dtype=np.result_type(dhs, Wx))
-        dh, dc = 0, 0
-        grads = [0, 0, 0]
-        for t in reversed(range(T)):
-            layer = self.layers[t]
-            dx, dh, dc = layer.backward(dhs[:, t, :] + dh, dc)
-            dxs[:, t, :] = dx
-            for i, grad in enumerate(layer.grads):
-                grads[i] += grad
-        for i, grad in enumerate(grads):
-            self.grads[i][...] = grad
-        self.dh = dh
-        return dxs
-
-    def set_state(self, h, c=None):
-        self.h, self.c = h, c
-
-    def reset_state(self):
-        self.h, self.c = None, None
+        super().__init__((Wx, Wh, b), stateful)
+        self.c = None
 
 
-class GRU(_Layer):
+class GRU(_GRUNames, _Layer):
     """The book's GRU (no bias): z = sig(x Wxz + h Whz), r = sig(x Wxr + h Whr), h~ = tanh(x Wxh + (r h) Whh),
     h_next = (1 - z) h + z h~.  Gate columns [z | r | h~]."""
 
@@ -423,11 +436,6 @@ class GRU(_Layer):
         self.params = [Wx, Wh]
         self.grads = [np.zeros_like(Wx), np.zeros_like(Wh)]
         self.cache = None
-
-    Wx = property(lambda self: self.params[0])
-    Wh = property(lambda self: self.params[1])
-    dWx = property(lambda self: self.grads[0])
-    dWh = property(lambda self: self.grads[1])
 
     def forward(self, x, h_prev):
         Wx, Wh = self.params
@@ -469,62 +477,12 @@ class GRU(_Layer):
         return dx, dh_prev
 
 
-class TimeGRU(_Layer):
+class TimeGRU(_GRUNames, _TimeRecurrent):
+    _step = GRU
+    _name = "TimeGRU"
+
     def __init__(self, Wx, Wh, stateful=False):
-        self.params = [Wx, Wh]
-        self.grads = [np.zeros_like(Wx), np.zeros_like(Wh)]
-        self.layers = None
-        self.h, self.dh = None, None
-        self.stateful = stateful
-
-    Wx = property(lambda self: self.params[0])
-    Wh = property(lambda self: self.params[1])
-    dWx = property(lambda self: self.grads[0])
-    dWh = property(lambda self: self.grads[1])
-
-    def forward(self, xs):
-        Wx, Wh = self.params
-        N, T, D = xs.shape
-        H = Wh.shape[0]
-        dt = np.result_type(xs, Wx)
-        self.layers = []
-        hs = np.empty((N, T, H), dtype=dt)
-        if not self.stateful or self.h is None:
-            self.h = np.zeros((N, H), dtype=dt)
-        else:
-            self.h = _check_state(self.h, (N, H), dt, "TimeGRU")
-        for t in range(T):
-            layer = GRU(Wx, Wh)
-            self.h = layer.forward(xs[:, t, :], self.h)
-            hs[:, t, :] = self.h
-            self.layers.append(layer)
-        return hs
-
-    def backward(self, dhs):
-        if self.layers is None:
-            raise _not_ready("TimeGRU")
-        Wx, Wh = self.params
-        N, T, H = dhs.shape
-        D = Wx.shape[0]
-        dxs = np.empty((N, T, D), dtype=np.result_type(dhs, Wx))
-        dWx, dWh = 0, 0
-        dh = 0
-        for t in reversed(range(T)):
-            layer = self.layers[t]
-            dx, dh = layer.backward(dhs[:, t, :] + dh)
-            dxs[:, t, :] = dx
-            dWx = dWx + layer.grads[0]
-            dWh = dWh + layer.grads[1]
-        self.grads[0][...] = dWx
-        self.grads[1][...] = dWh
-        self.dh = dh
-        return dxs
-
-    def set_state(self, h):
-        self.h = h
-
-    def reset_state(self):
-        self.h = None
+        super().__init__((Wx, Wh), stateful)
 
 
 class TimeEmbedding(_Layer):
@@ -599,12 +557,7 @@ class TimeSoftmaxWithLoss(_Layer):
             ts = ts.argmax(axis=2)
         mask = ts != self.ignore_label
         valid = ts[mask]
-        if valid.size and (valid.min() < 0 or valid.max() >= V):
-            bad = valid.min() if valid.min() < 0 else valid.max()
-            raise IndexError(
-                f"TimeSoftmaxWithLoss: label {bad} is out of range for {V} classes "
-                f"(and is not the ignore label {self.ignore_label})"
-            )
+        _check_labels(valid, V, self.ignore_label)
         xs = xs.reshape(N * T, V)
         ts = np.where(mask, ts, 0).reshape(N * T)
         mask = mask.reshape(N * T)

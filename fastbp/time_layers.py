@@ -49,23 +49,13 @@ from fastbp.layers import (
     SigmoidWithLoss,
     Softmax,  # noqa: F401
     SoftmaxWithLoss,
+    _Fast,
     _index_array,
     _Workspace,
 )
 
 __all__ = [
-    "RNN",
-    "TimeRNN",
-    "LSTM",
-    "TimeLSTM",
-    "GRU",
-    "TimeGRU",
-    "TimeEmbedding",
-    "TimeAffine",
-    "TimeSoftmaxWithLoss",
-    "TimeSigmoidWithLoss",
-    "TimeDropout",
-    "TimeBiLSTM",
+    *_ref.TIME_LAYERS,
     "Embedding",
     "Affine",
     "MatMul",
@@ -111,17 +101,9 @@ def _not_ready(owner):
     return RuntimeError(f"{owner}.backward called before {owner}.forward")
 
 
-class _Base:
+class _Base(_Fast):  # the `reuse` switch of the layer's workspace: fastbp.layers' mixin
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
-
-    @property
-    def reuse(self):
-        return self._ws.reuse
-
-    @reuse.setter
-    def reuse(self, value):
-        self._ws.reuse = bool(value)
 
     def _grad_out(self, i, dt):
         """(array to compute grads[i] into, whether it must be copied into grads[i] afterwards)."""
@@ -163,7 +145,7 @@ def _colsum_into_grad(layer, i, d2, dt):
 # ---------------------------------------------------------------------------------------------------------------
 # Recurrent layers
 # ---------------------------------------------------------------------------------------------------------------
-class _Recurrent(_Base):
+class _Recurrent(_ref._HState, _Base):
     """Shared machinery of TimeRNN / TimeLSTM / TimeGRU (G gates of H columns, cell state or not, bias or not)."""
 
     _name = None
@@ -181,11 +163,48 @@ class _Recurrent(_Base):
         self._ws = _Workspace(reuse)
         self._cache = None
 
-    def set_state(self, h):
-        self.h = h
+    # -- the time loop: shared by every cell; the cell's kernel call is _cell_forward / _cell_backward ----------
+    def forward(self, xs):
+        dt, N, T, D, H, xk, Wxk, Whk, bk = self._operands(xs)
+        h0 = self._initial_state(N, H, dt)
+        A = self._project(xk, Wxk, bk, N, T, D, H, dt)
+        hs = self._ws.get("hs", (N, T, H), dt)
+        cell = self._cell_forward(A, Whk, h0, hs, N, T, H, dt)
+        self._cache = dict(
+            xk=xk,
+            Wxk=Wxk,
+            Whk=Whk,
+            hprev=self._hprev(h0, hs, N, T, H, dt),
+            shape=(N, T, D, H),
+            dt=dt,
+            **cell,
+        )
+        self.h = self._last("hT", hs, h0, N, T, H, dt)
+        return hs
 
-    def reset_state(self):
-        self.h = None
+    def backward(self, dhs):
+        c = self._cache
+        if c is None:
+            raise _not_ready(self._name)
+        N, T, D, H = c["shape"]
+        dt = c["dt"]
+        return self._backward(self._dhs(dhs, N, T, H, dt), N, T, D, H, dt)
+
+    def _backward(self, dk, N, T, D, H, dt, **cell_state):
+        """dxs from the checked upstream gradients dk (N, T, H); also sets dh and the grads (one step: T = 1)."""
+        dh = self._ws.get("dh", (N, H), dt)
+        dh.fill(0)
+        dA = self._ws.scratch("dA", (N, T, self._gates * H), dt)
+        self._cell_backward(dk, self._cache, dh, dA, N, T, H, dt, **cell_state)
+        return self._finish_backward(dA, dh, N, T, D, H, dt)
+
+    def _cell_forward(self, A, Whk, h0, hs, N, T, H, dt):
+        """Run the cell's forward kernel over all steps; returns what its backward needs, for the cache."""
+        raise NotImplementedError
+
+    def _cell_backward(self, dk, c, dh, dA, N, T, H, dt):
+        """Run the cell's backward kernel over all steps, filling dA (N, T, G*H) and dh."""
+        raise NotImplementedError
 
     # -- operands -------------------------------------------------------------------------------------------
     def _operands(self, xs):
@@ -210,6 +229,10 @@ class _Recurrent(_Base):
         Whk = ws.as_dtype("Wh", Wh, dt)
         bk = None if b is None else ws.as_dtype("b", b, dt)
         return dt, N, T, D, H, xk, Wxk, Whk, bk
+
+    def _initial_state(self, N, H, dt):
+        """h0, checked before any work is done (TimeLSTM also checks its c here)."""
+        return self._state("h", N, H, dt, "h0")
 
     def _state(self, attr, N, H, dt, buf_name):
         """The initial state in a scratch buffer: zeros unless stateful with a state set (checked (N, H))."""
@@ -288,39 +311,15 @@ class TimeRNN(_Recurrent):
     def __init__(self, Wx, Wh, b, stateful=False, *, reuse=False):
         super().__init__((Wx, Wh, b), stateful, reuse)
 
-    def forward(self, xs):
-        dt, N, T, D, H, xk, Wxk, Whk, bk = self._operands(xs)
-        h0 = self._state("h", N, H, dt, "h0")
-        A = self._project(xk, Wxk, bk, N, T, D, H, dt)
-        hs = self._ws.get("hs", (N, T, H), dt)
+    def _cell_forward(self, A, Whk, h0, hs, N, T, H, dt):
         _rec.rnn_forward(A, Whk, h0, hs)
-        self._cache = dict(
-            xk=xk,
-            Wxk=Wxk,
-            Whk=Whk,
-            hs=hs.copy() if not self._ws.reuse else hs,
-            hprev=self._hprev(h0, hs, N, T, H, dt),
-            shape=(N, T, D, H),
-            dt=dt,
-        )
-        self.h = self._last("hT", hs, h0, N, T, H, dt)
-        return hs
+        return dict(hs=hs.copy() if not self._ws.reuse else hs)
 
-    def backward(self, dhs):
-        c = self._cache
-        if c is None:
-            raise _not_ready(self._name)
-        N, T, D, H = c["shape"]
-        dt = c["dt"]
-        dk = self._dhs(dhs, N, T, H, dt)
-        dh = self._ws.get("dh", (N, H), dt)
-        dh.fill(0)
-        dA = self._ws.scratch("dA", (N, T, H), dt)
+    def _cell_backward(self, dk, c, dh, dA, N, T, H, dt):
         _rec.rnn_backward(dk, c["hs"], c["Whk"], dh, dA)
-        return self._finish_backward(dA, dh, N, T, D, H, dt)
 
 
-class TimeLSTM(_Recurrent):
+class TimeLSTM(_ref._HCState, _Recurrent):
     """Book 2's TimeLSTM: gates A = x Wx + h Wh + b split [f | g | i | o] (the book's order, so its weights and
     pickles work unchanged); c_t = f c_{t-1} + g i; h_t = o tanh(c_t).
 
@@ -337,52 +336,28 @@ class TimeLSTM(_Recurrent):
         super().__init__((Wx, Wh, b), stateful, reuse)
         self.c = None
 
-    def set_state(self, h, c=None):
-        self.h, self.c = h, c
+    def _initial_state(self, N, H, dt):
+        h0 = super()._initial_state(N, H, dt)
+        self._c0 = self._state("c", N, H, dt, "c0")  # checked after h, before any work (as always)
+        return h0
 
-    def reset_state(self):
-        self.h, self.c = None, None
-
-    def forward(self, xs):
-        dt, N, T, D, H, xk, Wxk, Whk, bk = self._operands(xs)
-        h0 = self._state("h", N, H, dt, "h0")
-        c0 = self._state("c", N, H, dt, "c0")
-        A = self._project(xk, Wxk, bk, N, T, D, H, dt)
-        hs = self._ws.get("hs", (N, T, H), dt)
+    def _cell_forward(self, A, Whk, h0, hs, N, T, H, dt):
+        c0 = self._c0
         cs = self._ws.scratch("cs", (N, T, H), dt)
         _rec.lstm_forward(A, Whk, h0, c0, hs, cs)
-        self._cache = dict(
-            xk=xk,
-            Wxk=Wxk,
-            Whk=Whk,
-            A=A,
-            cs=cs,
-            c0=c0,
-            hprev=self._hprev(h0, hs, N, T, H, dt),
-            shape=(N, T, D, H),
-            dt=dt,
-        )
-        self.h = self._last("hT", hs, h0, N, T, H, dt)
         self.c = self._last("cT", cs, c0, N, T, H, dt)
-        return hs
+        return dict(A=A, cs=cs, c0=c0)
 
-    def backward(self, dhs):
-        c = self._cache
-        if c is None:
-            raise _not_ready(self._name)
-        N, T, D, H = c["shape"]
-        dt = c["dt"]
-        dk = self._dhs(dhs, N, T, H, dt)
-        dh = self._ws.get("dh", (N, H), dt)
-        dh.fill(0)
-        dc = self._ws.scratch("dc", (N, H), dt)
-        dc.fill(0)
-        dA = self._ws.scratch("dA", (N, T, 4 * H), dt)
+    def _cell_backward(self, dk, c, dh, dA, N, T, H, dt, dc=None):
+        """dc: the gradient into the last step's cell state (zeros for the whole sequence; the LSTM step's
+        dc_next), overwritten with dc0."""
+        if dc is None:
+            dc = self._ws.scratch("dc", (N, H), dt)
+            dc.fill(0)
         _rec.lstm_backward(dk, c["A"], c["cs"], c["c0"], c["Whk"], dh, dc, dA)
-        return self._finish_backward(dA, dh, N, T, D, H, dt)
 
 
-class TimeGRU(_Recurrent):
+class TimeGRU(_ref._GRUNames, _Recurrent):
     """Book 2's TimeGRU (no bias): z = sig(x Wxz + h Whz), r = sig(x Wxr + h Whr), h~ = tanh(x Wxh + (r h) Whh),
     h_t = (1 - z) h_{t-1} + z h~; gate columns [z | r | h~].
 
@@ -397,47 +372,15 @@ class TimeGRU(_Recurrent):
     def __init__(self, Wx, Wh, stateful=False, *, reuse=False):
         super().__init__((Wx, Wh), stateful, reuse)
 
-    Wx = property(lambda self: self.params[0])
-    Wh = property(lambda self: self.params[1])
-    dWx = property(lambda self: self.grads[0])
-    dWh = property(lambda self: self.grads[1])
-
-    def forward(self, xs):
-        dt, N, T, D, H, xk, Wxk, Whk, _ = self._operands(xs)
-        h0 = self._state("h", N, H, dt, "h0")
-        A = self._project(xk, Wxk, None, N, T, D, H, dt)
-        hs = self._ws.get("hs", (N, T, H), dt)
+    def _cell_forward(self, A, Whk, h0, hs, N, T, H, dt):
         rhs = self._ws.scratch("rhs", (N, T, H), dt)
         work = self._ws.scratch("work", (N, 2 * H), dt)
         _rec.gru_forward(A, Whk, h0, hs, rhs, work)
-        self._cache = dict(
-            xk=xk,
-            Wxk=Wxk,
-            Whk=Whk,
-            A=A,
-            rhs=rhs,
-            h0=h0,
-            hs=hs.copy() if not self._ws.reuse else hs,
-            hprev=self._hprev(h0, hs, N, T, H, dt),
-            shape=(N, T, D, H),
-            dt=dt,
-        )
-        self.h = self._last("hT", hs, h0, N, T, H, dt)
-        return hs
+        return dict(A=A, rhs=rhs, h0=h0, hs=hs.copy() if not self._ws.reuse else hs)
 
-    def backward(self, dhs):
-        c = self._cache
-        if c is None:
-            raise _not_ready(self._name)
-        N, T, D, H = c["shape"]
-        dt = c["dt"]
-        dk = self._dhs(dhs, N, T, H, dt)
-        dh = self._ws.get("dh", (N, H), dt)
-        dh.fill(0)
-        dA = self._ws.scratch("dA", (N, T, 3 * H), dt)
+    def _cell_backward(self, dk, c, dh, dA, N, T, H, dt):
         work = self._ws.scratch("work", (N, 2 * H), dt)
         _rec.gru_backward(dk, c["A"], c["hs"], c["h0"], c["Whk"], dh, dA, work)
-        return self._finish_backward(dA, dh, N, T, D, H, dt)
 
     def _dWh(self, dA2, N, T, H, dt):
         # dWh[:, :2H] = hprev^T dA[:, :2H]; dWh[:, 2H:] = (r h)^T dA[:, 2H:]
@@ -456,7 +399,28 @@ class TimeGRU(_Recurrent):
 # Single-step layers: the same kernels with T = 1
 # ---------------------------------------------------------------------------------------------------------------
 class _Step(_Base):
-    _time = None
+    """A step layer over its Time* twin with T = 1 (stateful, its h set from h_prev at every forward)."""
+
+    _name = None
+
+    def __init__(self, time_layer):
+        self._t = time_layer
+        self.params, self.grads = self._t.params, self._t.grads
+        self._ws = self._t._ws
+        self.cache = None
+
+    def forward(self, x, h_prev):
+        xs = self._seq(x)
+        self._t.h = self._check_h(h_prev, xs.shape[0], self.params[1].shape[0])
+        hs = self._t.forward(xs)
+        self.cache = True
+        return hs[:, 0]
+
+    def backward(self, dh_next):
+        if self.cache is None:
+            raise _not_ready(self._name)
+        dxs = self._t.backward(self._dnext(dh_next, "dh_next")[:, None, :])
+        return dxs[:, 0], self._t.dh
 
     def _seq(self, x):
         x = np.asarray(x)
@@ -482,24 +446,10 @@ class _Step(_Base):
 class RNN(_Step):
     """Book 2's RNN step: h_next = tanh(h_prev Wh + x Wx + b); backward(dh_next) -> (dx, dh_prev)."""
 
+    _name = "RNN"
+
     def __init__(self, Wx, Wh, b, *, reuse=False):
-        self._t = TimeRNN(Wx, Wh, b, stateful=True, reuse=reuse)
-        self.params, self.grads = self._t.params, self._t.grads
-        self._ws = self._t._ws
-        self.cache = None
-
-    def forward(self, x, h_prev):
-        xs = self._seq(x)
-        self._t.h = self._check_h(h_prev, xs.shape[0], self.params[1].shape[0])
-        hs = self._t.forward(xs)
-        self.cache = True
-        return hs[:, 0]
-
-    def backward(self, dh_next):
-        if self.cache is None:
-            raise _not_ready("RNN")
-        dxs = self._t.backward(self._dnext(dh_next, "dh_next")[:, None, :])
-        return dxs[:, 0], self._t.dh
+        super().__init__(TimeRNN(Wx, Wh, b, stateful=True, reuse=reuse))
 
 
 class LSTM(_Step):
@@ -507,11 +457,10 @@ class LSTM(_Step):
     h_next = o tanh(c_next).  forward(x, h_prev, c_prev) -> (h_next, c_next);
     backward(dh_next, dc_next) -> (dx, dh_prev, dc_prev)."""
 
+    _name = "LSTM"
+
     def __init__(self, Wx, Wh, b, *, reuse=False):
-        self._t = TimeLSTM(Wx, Wh, b, stateful=True, reuse=reuse)
-        self.params, self.grads = self._t.params, self._t.grads
-        self._ws = self._t._ws
-        self.cache = None
+        super().__init__(TimeLSTM(Wx, Wh, b, stateful=True, reuse=reuse))
 
     def forward(self, x, h_prev, c_prev):
         xs = self._seq(x)
@@ -524,51 +473,27 @@ class LSTM(_Step):
 
     def backward(self, dh_next, dc_next):
         if self.cache is None:
-            raise _not_ready("LSTM")
+            raise _not_ready(self._name)
         t = self._t
-        c = t._cache
-        N, T, D, H = c["shape"]
-        dt = c["dt"]
+        N, T, D, H = t._cache["shape"]
+        dt = t._cache["dt"]
         dk = t._dhs(self._dnext(dh_next, "dh_next")[:, None, :], N, 1, H, dt)
         dc_next = self._dnext(dc_next, "dc_next")
-        dh = t._ws.get("dh", (N, H), dt)
-        dh.fill(0)
         dc = np.zeros((N, H), dt)
         np.copyto(dc, dc_next, casting="same_kind")
-        dA = t._ws.scratch("dA", (N, 1, 4 * H), dt)
-        _rec.lstm_backward(dk, c["A"], c["cs"], c["c0"], c["Whk"], dh, dc, dA)
-        dxs = t._finish_backward(dA, dh, N, 1, D, H, dt)
-        return dxs[:, 0], dh, dc
+        dxs = t._backward(dk, N, 1, D, H, dt, dc=dc)
+        return dxs[:, 0], t.dh, dc
 
 
-class GRU(_Step):
+class GRU(_ref._GRUNames, _Step):
     """Book 2's GRU step (no bias; gates [z | r | h~]): forward(x, h_prev) -> h_next;
     backward(dh_next) -> (dx, dh_prev).  ``params = [Wx, Wh]``, ``grads = [dWx, dWh]`` (the book's has
     neither list; ``Wx``/``Wh``/``dWx``/``dWh`` are its attribute names)."""
 
+    _name = "GRU"
+
     def __init__(self, Wx, Wh, *, reuse=False):
-        self._t = TimeGRU(Wx, Wh, stateful=True, reuse=reuse)
-        self.params, self.grads = self._t.params, self._t.grads
-        self._ws = self._t._ws
-        self.cache = None
-
-    Wx = property(lambda self: self.params[0])
-    Wh = property(lambda self: self.params[1])
-    dWx = property(lambda self: self.grads[0])
-    dWh = property(lambda self: self.grads[1])
-
-    def forward(self, x, h_prev):
-        xs = self._seq(x)
-        self._t.h = self._check_h(h_prev, xs.shape[0], self.params[1].shape[0])
-        hs = self._t.forward(xs)
-        self.cache = True
-        return hs[:, 0]
-
-    def backward(self, dh_next):
-        if self.cache is None:
-            raise _not_ready("GRU")
-        dxs = self._t.backward(self._dnext(dh_next, "dh_next")[:, None, :])
-        return dxs[:, 0], self._t.dh
+        super().__init__(TimeGRU(Wx, Wh, stateful=True, reuse=reuse))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -740,12 +665,7 @@ class TimeSoftmaxWithLoss(_Base):
                 if m.any():
                     mask = ~m
                     valid = t[mask]
-            if valid.size and (valid.min() < 0 or valid.max() >= V):
-                bad = valid.min() if valid.min() < 0 else valid.max()
-                raise IndexError(
-                    f"TimeSoftmaxWithLoss: label {bad} is out of range for {V} classes "
-                    f"(and is not the ignore label {ignore})"
-                )
+            _ref._check_labels(valid, V, ignore)
         n_valid = valid.size
         y = ws.scratch("y", (N * T, V), dt)
         g = ws.get("g", (N, T, V), dt)

@@ -49,3 +49,18 @@ def assert_close(actual, expected, dtype=None, err_msg=""):
     np.testing.assert_allclose(
         actual.astype(F64), expected.astype(F64), rtol=t["rtol"], atol=t["atol"] * scale, err_msg=err_msg
     )
+
+
+def num_grad(f, x, h):
+    """Central differences (f(x + h) - f(x - h)) / 2h of the scalar f() wrt every entry of x (perturbed in place,
+    restored), as float64."""
+    g = np.zeros(x.shape, F64)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + h
+        fp = f()
+        x[i] = old - h
+        fm = f()
+        x[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g

@@ -458,3 +458,13 @@ def test_book_mlp_row_with_fastbp_adam_checks_gradients_and_updates():
         check_adam_updates(optimizer.Adam(0.02), BookAdam(0.01), grads)  # a different update is caught
     with pytest.raises(ValueError, match="optimizer"):
         book_mlp_case(8, hidden=(6,), optimizer="sgd")
+
+
+def test_bound_note_names_numpy_step_over_fastbp_gemms_only_for_vs_numpy_rows():
+    from fastbp.bench.cases import Target
+    from fastbp.bench.report import _bound_note
+
+    row = {"targets": [Target("speedup", 3.0, "numpy")], "numpy_over_gemms": 4.25}
+    assert "numpy step / fastbp's GEMMs alone = 4.25x" in _bound_note(row)
+    assert _bound_note({"targets": [Target("floor", 1.3)], "numpy_over_gemms": 4.25}) == ""
+    assert _bound_note({"targets": [Target("speedup", 3.0, "numpy")]}) == ""

@@ -477,3 +477,84 @@ def test_blas_threaded_min_setting_is_checked():
         _gemm._set_blas_threaded(0, -1.0, 1)
     with pytest.raises(ValueError, match="max_threads must be >= 1"):
         _gemm._set_blas_threaded(0, 1.0, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float32 data into float64 weights: the conversion done inside the product (dgemm_from_f32, affine_forward xk=)
+# ---------------------------------------------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=_DIM,
+    m=_DIM,
+    d=_DIM,
+    lx=st.sampled_from(["C", "F", "strided", "reversed"]),
+    lw=st.sampled_from(["C", "F"]),
+    threads=st.integers(1, 64),
+    small=st.sampled_from([0.0, 1e6, 3.0, 16.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_affine_forward_converting_float32_inside_the_product(n, m, d, lx, lw, threads, small, seed):
+    rng = np.random.default_rng(seed)
+    x = _layout(rng.standard_normal((n, d)).astype(np.float32), lx)
+    W = _layout(rng.standard_normal((d, m)), lw)
+    b = rng.standard_normal(m)
+    x64 = np.ascontiguousarray(x, np.float64)
+    old, old_small = K._get_gemm_threads(), K._get_small_mnk()
+    try:
+        K._set_gemm_threads(threads)
+        K._set_small_mnk(small if small in (0.0, 1e6) else max(1.0, n * m * d / small))
+        want = K.affine_forward(x64, W, b, np.full((n, m), np.nan))
+        xk = np.full((n, d), np.nan)
+        got = K.affine_forward(x, W, b, np.full((n, m), np.nan), xk=xk)
+        xk2 = np.full((n, d), np.nan)
+        again = K.affine_forward(x, W, b, np.full((n, m), np.nan), xk=xk2)
+    finally:
+        K._set_gemm_threads(old)
+        K._set_small_mnk(old_small)
+    assert np.array_equal(xk, x64) and np.array_equal(xk2, x64), "xk is x converted, every element written"
+    assert np.array_equal(got, again), "the same bits from one call to the next"
+    if threads == 1:
+        assert np.array_equal(got, want), "one thread: the very pieces of the product on a converted copy"
+    # more threads: a K split is cut at whole cache lines instead, so the sums may group differently
+    bound = np.abs(x64) @ np.abs(W) + np.abs(b)
+    assert np.all(np.abs(got - want) <= 4 * (d + 2) * np.finfo(np.float64).eps * bound)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 16, 64])
+@pytest.mark.parametrize("mnk", [(100, 50, 784), (128, 100, 784), (256, 1024, 784), (7, 5, 1001), (3, 2, 9)])
+def test_k_split_of_a_converted_operand_cuts_at_whole_cache_lines(threads, mnk):
+    m, n, k = mnk
+    for small in (0.0, 1e6):
+        split, nt, bounds = _check_plan(m, n, k, False, False, threads, small)
+        got = _gemm._gemm_plan(m, n, k, False, False, threads, small, 8)
+        if split != "K" or nt == 1:
+            assert got == (split, nt, bounds), "only a K split over several threads is re-cut"
+            continue
+        asplit, ant, abounds = got
+        assert asplit == "K" and abounds[0][0] == 0 and abounds[-1][1] == k
+        assert all(a[1] == b[0] for a, b in zip(abounds, abounds[1:])) and all(lo < hi for lo, hi in abounds)
+        assert all(lo % 8 == 0 for lo, _ in abounds), abounds
+
+        # the threads' shares stay about as even as before (round-robin pieces)
+        def most(bs, t):
+            return max(sum(hi - lo for lo, hi in bs[i::t]) for i in range(t))
+
+        assert most(abounds, ant) <= most(bounds, nt) + 8 * max(1, len(abounds) // ant + 1)
+
+
+def test_affine_forward_xk_is_checked():
+    x = np.ones((4, 3), np.float32)
+    W, b, out, xk = np.ones((3, 2)), np.ones(2), np.empty((4, 2)), np.empty((4, 3))
+    with pytest.raises(TypeError, match="x must be float32 when xk is given"):
+        K.affine_forward(x.astype(np.float64), W, b, out, xk=xk)
+    with pytest.raises(TypeError, match="W must have dtype float64"):
+        K.affine_forward(x, W.astype(np.float32), b, out, xk=xk)
+    with pytest.raises(TypeError, match="xk must have dtype float64"):
+        K.affine_forward(x, W, b, out, xk=xk.astype(np.float32))
+    with pytest.raises(ValueError, match=r"xk must have shape \(4, 3\)"):
+        K.affine_forward(x, W, b, out, xk=np.empty((3, 4)))
+    with pytest.raises(ValueError, match="xk must be C-contiguous"):
+        K.affine_forward(x, W, b, out, xk=np.empty((3, 4)).T)
+    buf = np.empty(4 * 3 * 2 + 8)
+    with pytest.raises(ValueError, match="overlap|share"):
+        K.affine_forward(x, W, b, buf[:8].reshape(4, 2), xk=buf[6:18].reshape(4, 3))

@@ -15,26 +15,18 @@ import pytest
 import fastbp.reference_time as REF
 import fastbp.time_layers as TL
 from fastbp import layers as FL
+from fastbp import _book2 as book2
 from fastbp import negative_sampling_layer as NS
+from fastbp._book2 import BookModel as _Model
+from fastbp._book2 import BookSGD, book_clip_grads
 
 TOL = {np.float32: {"rtol": 3e-4, "atol": 3e-6}, np.float64: {"rtol": 1e-9, "atol": 1e-12}}
 with_dtypes = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the book's glue (common/util.py clip_grads, common/trainer.py remove_duplicate, common/optimizer.py SGD)
+# the book's glue: common/trainer.py remove_duplicate (clip_grads and SGD: fastbp._book2, shared with benchmarks)
 # ---------------------------------------------------------------------------------------------------------------
-def book_clip_grads(grads, max_norm):
-    total = 0
-    for g in grads:
-        total += np.sum(g**2)
-    total = np.sqrt(total)
-    rate = max_norm / (total + 1e-6)
-    if rate < 1:
-        for g in grads:
-            g *= rate
-
-
 def book_remove_duplicate(params, grads):
     params, grads = params[:], grads[:]
     while True:
@@ -66,110 +58,32 @@ def book_remove_duplicate(params, grads):
     return params, grads
 
 
-class BookSGD:
-    def __init__(self, lr):
-        self.lr = lr
-
-    def update(self, params, grads):
-        for i in range(len(params)):
-            params[i] -= self.lr * grads[i]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the book's models, against a module M of layers, in dtype dt (the book: 'f')
 # ---------------------------------------------------------------------------------------------------------------
-class _Model:
-    def _collect(self, layers):
-        self.params, self.grads = [], []
-        for layer in layers:
-            self.params += layer.params
-            self.grads += layer.grads
-
-
-class Rnnlm(_Model):
+class Rnnlm(book2.Rnnlm):
     def __init__(self, M, V, D, H, rng, dt="f"):
         rn = rng.standard_normal
         embed_W = (rn((V, D)) / 100).astype(dt)
-        Wx = (rn((D, 4 * H)) / np.sqrt(D)).astype(dt)
-        Wh = (rn((H, 4 * H)) / np.sqrt(H)).astype(dt)
-        b = np.zeros(4 * H).astype(dt)
+        Wx, Wh, b = book2.lstm_init(rn, D, H, dt)
         W = (rn((H, V)) / np.sqrt(H)).astype(dt)
-        bb = np.zeros(V).astype(dt)
-        self.layers = [M.TimeEmbedding(embed_W), M.TimeLSTM(Wx, Wh, b, stateful=True), M.TimeAffine(W, bb)]
-        self.loss_layer = M.TimeSoftmaxWithLoss()
-        self.lstm_layer = self.layers[1]
-        self._collect(self.layers)
-
-    def predict(self, xs):
-        for layer in self.layers:
-            xs = layer.forward(xs)
-        return xs
-
-    def forward(self, xs, ts):
-        return self.loss_layer.forward(self.predict(xs), ts)
-
-    def backward(self, dout=1):
-        dout = self.loss_layer.backward(dout)
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
-        return dout
-
-    def reset_state(self):
-        self.lstm_layer.reset_state()
+        super().__init__(M, embed_W, Wx, Wh, b, W, np.zeros(V).astype(dt))
 
 
-class BetterRnnlm(Rnnlm):
+class BetterRnnlm(book2.BetterRnnlm):
     def __init__(self, M, V, D, H, rng, dt="f", dropout_ratio=0.5):
         rn = rng.standard_normal
         embed_W = (rn((V, D)) / 100).astype(dt)
-        W1 = (
-            (rn((D, 4 * H)) / np.sqrt(D)).astype(dt),
-            (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
-            np.zeros(4 * H).astype(dt),
-        )
-        W2 = (
-            (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
-            (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
-            np.zeros(4 * H).astype(dt),
-        )
-        bb = np.zeros(V).astype(dt)
-        self.layers = [
-            M.TimeEmbedding(embed_W),
-            M.TimeDropout(dropout_ratio),
-            M.TimeLSTM(*W1, stateful=True),
-            M.TimeDropout(dropout_ratio),
-            M.TimeLSTM(*W2, stateful=True),
-            M.TimeDropout(dropout_ratio),
-            M.TimeAffine(embed_W.T, bb),
-        ]  # weight tying
-        self.loss_layer = M.TimeSoftmaxWithLoss()
-        self.lstm_layers = [self.layers[2], self.layers[4]]
-        self.drop_layers = [self.layers[1], self.layers[3], self.layers[5]]
-        self._collect(self.layers)
-
-    def predict(self, xs, train_flg=False):
-        for layer in self.drop_layers:
-            layer.train_flg = train_flg
-        return super().predict(xs)
-
-    def forward(self, xs, ts, train_flg=True):
-        return self.loss_layer.forward(self.predict(xs, train_flg), ts)
-
-    def reset_state(self):
-        for layer in self.lstm_layers:
-            layer.reset_state()
+        W1 = book2.lstm_init(rn, D, H, dt)
+        W2 = book2.lstm_init(rn, H, H, dt)
+        super().__init__(M, embed_W, W1, W2, np.zeros(V).astype(dt), dropout_ratio)
 
 
 class Encoder(_Model):
     def __init__(self, M, V, D, H, rng, dt="f"):
         rn = rng.standard_normal
         self.embed = M.TimeEmbedding((rn((V, D)) / 100).astype(dt))
-        self.lstm = M.TimeLSTM(
-            (rn((D, 4 * H)) / np.sqrt(D)).astype(dt),
-            (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
-            np.zeros(4 * H).astype(dt),
-            stateful=False,
-        )
+        self.lstm = M.TimeLSTM(*book2.lstm_init(rn, D, H, dt), stateful=False)
         self.params = self.embed.params + self.lstm.params
         self.grads = self.embed.grads + self.lstm.grads
         self.hs = None
@@ -192,12 +106,7 @@ class Decoder(_Model):
         DI, HA = (H + D, H + H) if peeky else (D, H)
         self.peeky = peeky
         self.embed = M.TimeEmbedding((rn((V, D)) / 100).astype(dt))
-        self.lstm = M.TimeLSTM(
-            (rn((DI, 4 * H)) / np.sqrt(DI)).astype(dt),
-            (rn((H, 4 * H)) / np.sqrt(H)).astype(dt),
-            np.zeros(4 * H).astype(dt),
-            stateful=True,
-        )
+        self.lstm = M.TimeLSTM(*book2.lstm_init(rn, DI, H, dt), stateful=True)
         self.affine = M.TimeAffine((rn((HA, V)) / np.sqrt(HA)).astype(dt), np.zeros(V).astype(dt))
         self._collect([self.embed, self.lstm, self.affine])
         self.cache = None

@@ -421,6 +421,36 @@ def test_relu_kernels(dtype, size):
 
 @pytest.mark.parametrize("size", SIZES)
 @with_dtypes
+def test_relu_inplace_kernels_equal_the_masked_ones(dtype, size):
+    """The ReLU fastbp's nets fuse into an Affine's output: in place, no mask; its backward from that output."""
+    rng = np.random.default_rng(size + 7)
+    x = rng.standard_normal(size).astype(dtype)
+    x[::97] = 0.0
+    x[3::89] = -0.0
+    x[5::101] = np.nan
+    out, mask = np.empty(size, dtype), np.empty(size, bool)
+    K.relu_forward(x, out, mask)
+    y = x.copy()
+    assert K.relu_inplace(y) is y
+    assert np.array_equal(y, out, equal_nan=True) and not np.signbit(y[~np.isnan(y)]).any()
+    dout = rng.standard_normal(size).astype(dtype)
+    dx = np.empty(size, dtype)
+    K.relu_backward(dout, mask, dx)
+    d = dout.copy()
+    assert K.relu_mask_inplace(y, d) is d
+    assert np.array_equal(d, dx)  # y <= 0 exactly where the mask (x <= 0) is set, NaN included
+    with pytest.raises(ValueError, match="read-only"):
+        ro = y.copy()
+        ro.setflags(write=False)
+        K.relu_inplace(ro)
+    with pytest.raises(ValueError, match="shape"):
+        K.relu_mask_inplace(y, np.empty(size + 1, dtype))
+    with pytest.raises(TypeError):
+        K.relu_mask_inplace(y.astype(F16), d)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@with_dtypes
 def test_sigmoid_kernels(dtype, size):
     rng = np.random.default_rng(size + 1)
     x = (rng.standard_normal(size) * 20).astype(dtype)
@@ -512,7 +542,7 @@ def _softmax_truth(x, labels=None, onehot=None):
     return float(np.sum(t * (lse - x))), y, t
 
 
-@pytest.mark.parametrize("n,c", [(1, 1), (1, 5), (7, 3), (4, 1000), (1100, 1000)])
+@pytest.mark.parametrize("n,c", [(1, 1), (1, 5), (7, 3), (100, 10), (5, 63), (5, 64), (4, 1000), (1100, 1000)])
 @pytest.mark.parametrize("target", ["labels", "onehot"])
 @with_dtypes
 def test_softmax_cross_entropy(dtype, n, c, target):
@@ -548,6 +578,27 @@ def test_softmax_cross_entropy_extremes(dtype):
     nan = x.copy()
     nan[1, 0] = np.nan
     assert np.isnan(K.softmax_cross_entropy(nan, np.array([1, 1, 0]), y, g, 1.0))
+
+
+@pytest.mark.parametrize("c", [10, 63, 64, 200])  # rows shorter than 64 take plain loops, longer ones simd ones
+@pytest.mark.parametrize("target", ["labels", "onehot"])
+@with_dtypes
+def test_softmax_cross_entropy_nan_anywhere_in_a_row_makes_that_row_nan(dtype, c, target):
+    rng = np.random.default_rng(c)
+    n = 4
+    labels = rng.integers(0, c, n)
+    t = labels.astype(np.int64) if target == "labels" else np.eye(c, dtype=dtype)[labels]
+    for col in (0, 1, c // 2, c - 1):  # the max loop starts from column 0: a NaN there and one it skips
+        x = rng.standard_normal((n, c)).astype(dtype)
+        x[2, col] = np.nan
+        y, g = np.empty_like(x), np.empty_like(x)
+        assert np.isnan(K.softmax_cross_entropy(x, t, y, g, 1.0 / n))
+        assert np.isnan(y[2]).all() and np.isnan(g[2]).all()
+        rest = [0, 1, 3]
+        assert np.isfinite(y[rest]).all() and np.isfinite(g[rest]).all()
+        _, want_y, t64 = _softmax_truth(x[rest], labels[rest])
+        assert_close(y[rest], want_y, dtype)
+        assert_close(g[rest], (want_y - t64) / n, dtype)
 
 
 @pytest.mark.parametrize("bad", [-1, 3, 4, 2**62, -(2**63), 2**63 - 1])

@@ -1545,13 +1545,16 @@ def test_read_only_grads_raise_instead_of_being_replaced(M, name):
     assert layer.grads[0] is kept
 
 
+@pytest.mark.parametrize("onehot", [False, True])  # one-hot rows of the logits' dtype: the kernel's path too
 @pytest.mark.parametrize("reuse", [False, True])
 @with_dtypes
-def test_softmax_backward_returns_a_new_array_each_call(dtype, reuse):
+def test_softmax_backward_returns_a_new_array_each_call(dtype, reuse, onehot):
     """Issue 7 item 6: without reuse the caller may scale the returned gradient in place."""
     rng = _rng("softmax-new")
     x = rng.standard_normal((4, 5)).astype(dtype)
     t = np.array([0, 3, 1, 4])
+    if onehot:
+        t = np.eye(5, dtype=dtype)[t]
     ref = REF.SoftmaxWithLoss()
     ref.forward(x, t)
     want = ref.backward()
@@ -1570,6 +1573,24 @@ def test_softmax_backward_returns_a_new_array_each_call(dtype, reuse):
     assert not np.shares_memory(d3, d2)
     assert_close(d3, 2 * want, dtype)
     assert_close(layer.backward(1), want, dtype)
+
+
+@with_dtypes
+def test_softmax_one_hot_rows_of_the_logits_dtype_go_straight_to_the_kernel(dtype, monkeypatch):
+    """The book's ch05 feeds float64 one-hot rows into a float64 net: no conversion, no NumPy validation pass,
+    the same numbers as the general path (the one taken by rows of another dtype or layout)."""
+    rng = _rng("softmax-onehot-fast")
+    x = rng.standard_normal((100, 10)).astype(dtype)
+    t = np.eye(10, dtype=dtype)[rng.integers(0, 10, 100)]
+    general = FL.SoftmaxWithLoss()
+    want = general.forward(x, np.asfortranarray(t))  # F-order rows: the general path
+    want_dx = general.backward()
+    layer = FL.SoftmaxWithLoss(reuse=True)
+    monkeypatch.setattr(layer, "_forward_any", lambda *a: pytest.fail("took the general path"))
+    assert layer.forward(x, t) == want
+    assert layer.t is t
+    assert np.array_equal(layer.y, general.y)
+    assert np.array_equal(layer.backward(), want_dx)
 
 
 @pytest.mark.parametrize("name", ["Affine", "MatMul", "Relu", "Sigmoid"])
@@ -1836,3 +1857,33 @@ def test_workspace_contract():
     c = ws.as_dtype("c", x.T, F64)
     assert c.flags.c_contiguous and np.array_equal(c, x.T) and ws.as_dtype("c", x.T, F64) is c
     assert ws.cast("d", x, F64) is x and ws.cast("d", x, F32).dtype == F32
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 16, 64])
+@pytest.mark.parametrize("n,d,m", [(100, 784, 50), (128, 784, 100), (5, 13, 3)])
+def test_affine_float32_images_into_float64_weights_convert_inside_the_product(threads, n, d, m):
+    # book 1 feeds float32 images into float64 weights: the kernel writes the float64 copy of x (what backward
+    # reads) inside the product, into a private 64-byte aligned buffer kept from call to call
+    from fastbp import _kernels as K
+
+    rng = np.random.default_rng(n + d)
+    x = rng.random((n, d)).astype(F32)
+    W, b, dout = rng.standard_normal((d, m)) * 0.1, rng.standard_normal(m), rng.standard_normal((n, m))
+    old = K._get_gemm_threads()
+    try:
+        K._set_gemm_threads(threads)
+        layer = FL.Affine(W, b)
+        out = layer.forward(x)
+        xk = layer._xk
+        assert xk.dtype == F64 and xk.ctypes.data % 64 == 0 and not np.shares_memory(xk, x)
+        assert np.array_equal(xk, x.astype(F64))
+        out2 = layer.forward(x)
+        assert layer._xk is xk and out2 is not out and np.array_equal(out, out2)
+        dx = layer.backward(dout)
+    finally:
+        K._set_gemm_threads(old)
+    ref = REF.Affine(W, b)
+    assert_close(out, ref.forward(x), F64, "out")
+    assert_close(dx, ref.backward(dout), F64, "dx")
+    assert_close(layer.dW, ref.dW, F64, "dW")
+    assert_close(layer.db, ref.db, F64, "db")

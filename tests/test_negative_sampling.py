@@ -7,7 +7,9 @@ import pytest
 
 import fastbp.negative_sampling_layer as NS
 import fastbp.reference as REF
+from fastbp._book2 import BookCBOW
 from fastbp.trainer import remove_duplicate
+from fastbp_tests import num_grad
 
 DTYPES = [np.float32, np.float64]
 with_dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -73,16 +75,7 @@ def test_embedding_dot_matches_reference_and_gradient(dtype):
 
 
 def _num_grad(f, x, h=1e-6):
-    g = np.zeros_like(x, dtype=np.float64)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + h
-        fp = f()
-        x[i] = old - h
-        fm = f()
-        x[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g
+    return num_grad(f, x, h)
 
 
 @with_dtypes
@@ -128,31 +121,11 @@ def test_negative_sampling_gradients_float64(share):
     np.testing.assert_allclose(dW, _num_grad(f, W), rtol=1e-6, atol=1e-8)
 
 
-class _BookCBOW:
-    """ch04/cbow.py written against the reference layers (one Embedding per context position)."""
-
-    def __init__(self, V, H, window_size, corpus):
-        W_in = 0.01 * np.random.randn(V, H).astype("f")
-        W_out = 0.01 * np.random.randn(V, H).astype("f")
-        self.in_layers = [REF.Embedding(W_in) for _ in range(2 * window_size)]
-        self.ns_loss = REF.NegativeSamplingLoss(W_out, corpus, power=0.75, sample_size=5)
-        self.params, self.grads = [], []
-        for layer in self.in_layers + [self.ns_loss]:
-            self.params += layer.params
-            self.grads += layer.grads
-
-    def forward(self, contexts, target):
-        h = 0
-        for i, layer in enumerate(self.in_layers):
-            h += layer.forward(contexts[:, i])
-        h *= 1 / len(self.in_layers)
-        return self.ns_loss.forward(h, target)
-
-    def backward(self, dout=1):
-        dout = self.ns_loss.backward(dout)
-        dout *= 1 / len(self.in_layers)
-        for layer in self.in_layers:
-            layer.backward(dout)
+def _BookCBOW(V, H, window_size, corpus):
+    """ch04/cbow.py (fastbp._book2) on the reference layers, its weights drawn as the book does (np.random.randn)."""
+    W_in = 0.01 * np.random.randn(V, H).astype("f")
+    W_out = 0.01 * np.random.randn(V, H).astype("f")
+    return BookCBOW(REF, W_in, W_out, window_size, corpus)
 
 
 def test_cbow_matches_book_model():

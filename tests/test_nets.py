@@ -1,6 +1,7 @@
 """fastbp.nets: the book's TwoLayerNet / MultiLayerNet API, gradients, backends, allocation-free steps."""
 
 import gc
+import copy
 import tracemalloc
 
 import numpy as np
@@ -366,3 +367,71 @@ def test_two_layer_net_step_opens_two_regions_for_its_two_large_products():
     for _ in range(3):
         opt.update(net.params, net.gradient(x, t))
     assert _threads.region_counts() == {"opened": 6, "serial": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Affine -> Relu fused in gradient() (fastbp backend)
+# ---------------------------------------------------------------------------------------------------------
+def _unfused_twin(net):
+    """The same net with its Relus replaced by a subclass of fastbp's Relu (not fused: gradient() fuses only
+    fastbp's own classes), sharing the parameters."""
+    from fastbp import layers as FL
+
+    class PlainRelu(FL.Relu):
+        pass
+
+    twin = copy.deepcopy(net)
+    for name, layer in list(twin.layers.items()):
+        if type(layer) is FL.Relu:
+            twin.layers[name] = PlainRelu(reuse=True)
+    return twin
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind,lam", [("two", 0), ("relu", 0), ("relu", 0.1)])
+def test_fused_affine_relu_gives_the_layer_by_layer_gradients_bit_for_bit(kind, lam, dtype):
+    from fastbp import layers as FL
+
+    kw = {"weight_decay_lambda": lam} if kind == "relu" else {}
+    net = _make(kind, dtype=dtype, **kw)
+    twin = _unfused_twin(net)
+    x, t, _ = _data(n=9)
+    x[0, :] = -x[0, :]  # rows with negative pre-activations, exact zeros and a NaN-free mix
+    relus = [name for name, layer in net.layers.items() if type(layer) is FL.Relu]
+    for name in relus:  # gradient() must not call the fused Relus' forward/backward
+        layer = net.layers[name]
+        layer.forward = layer.backward = lambda *a, **k: pytest.fail("a fused Relu was called")
+    for _ in range(2):  # the second call reuses every workspace
+        got = net.gradient(x, t)
+        want = twin.gradient(x, t)
+        for key in want:
+            assert got[key].dtype == want[key].dtype
+            assert np.array_equal(got[key], want[key]), key
+        for name in relus:  # the book's attribute, computed from the kept output when read
+            assert np.array_equal(vars(net.layers[name])["_mask_src"] <= 0, twin.layers[name].mask)
+            assert np.array_equal(net.layers[name].mask, twin.layers[name].mask)
+
+
+def test_fused_relu_layer_still_works_when_called_after_gradient():
+    from fastbp import layers as FL
+
+    net = _make("two", dtype=np.float64)
+    twin = _unfused_twin(net)
+    x, t, _ = _data(n=5)
+    net.gradient(x, t)
+    twin.gradient(x, t)
+    dout = np.random.default_rng(3).standard_normal(net.layers["Relu1"].mask.shape)
+    assert type(net.layers["Relu1"]) is FL.Relu
+    assert np.array_equal(net.layers["Relu1"].backward(dout), twin.layers["Relu1"].backward(dout))
+    assert np.array_equal(net.predict(x), twin.predict(x))  # predict runs the layers one by one
+    assert np.array_equal(net.layers["Relu1"].mask, twin.layers["Relu1"].mask)
+
+
+def test_fused_relu_passes_nan_like_the_layer():
+    net = _make("two", dtype=np.float64)
+    twin = _unfused_twin(net)
+    x, t, _ = _data(n=4)
+    x[1, 2] = np.nan
+    got, want = net.gradient(x, t), twin.gradient(x, t)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])  # NaN where the layers give NaN

@@ -11,8 +11,9 @@ import pytest
 import fastbp.layers as FL
 import fastbp.reference as REF
 import fastbp.time_layers as TL
+from fastbp import _book2 as book2
 from fastbp import _embedding as _emb
-from fastbp_tests import BOOK_DATA
+from fastbp_tests import BOOK_DATA, num_grad
 
 DTYPES = [np.float32, np.float64]
 with_dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -45,19 +46,7 @@ def _rng(seed=0):
 
 
 def _num_grad(f, x, h=1e-5):
-    """Central differences of the scalar f() wrt every entry of x (perturbed in place, restored)."""
-    g = np.zeros(x.shape, np.float64)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + h
-        fp = f()
-        x[i] = old - h
-        fm = f()
-        x[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g
+    return num_grad(f, x, h)
 
 
 def _assert_grad(analytic, numeric, tol=1e-6):
@@ -269,32 +258,9 @@ def test_time_sigmoid_with_loss(dtype):
 # ---------------------------------------------------------------------------------------------------------------
 # the book's Rnnlm, trained weights from the book's pickle; a model built the book's way trains identically
 # ---------------------------------------------------------------------------------------------------------------
-class _Rnnlm:
-    """ch06/rnnlm.py's Rnnlm, written against a module of layers."""
-
-    def __init__(self, M, params):
-        E, Wx, Wh, b, W, bb = params
-        self.layers = [M.TimeEmbedding(E), M.TimeLSTM(Wx, Wh, b, stateful=True), M.TimeAffine(W, bb)]
-        self.loss_layer = M.TimeSoftmaxWithLoss()
-        self.lstm_layer = self.layers[1]
-        self.params, self.grads = [], []
-        for layer in self.layers:
-            self.params += layer.params
-            self.grads += layer.grads
-
-    def predict(self, xs):
-        for layer in self.layers:
-            xs = layer.forward(xs)
-        return xs
-
-    def forward(self, xs, ts):
-        return self.loss_layer.forward(self.predict(xs), ts)
-
-    def backward(self, dout=1):
-        dout = self.loss_layer.backward(dout)
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
-        return dout
+def _Rnnlm(M, params):
+    """ch06/rnnlm.py's Rnnlm (fastbp._book2), written against a module of layers, from weights (E, Wx, Wh, b, W, bb)."""
+    return book2.Rnnlm(M, *params)
 
 
 @pytest.mark.skipif(not os.path.exists(PICKLE), reason="book pickle not available")
@@ -536,34 +502,20 @@ def test_rnnlm_step_with_reuse_allocates_no_arrays():
     assert abs(big - small) <= 512, f"step peak {small} B (small model) vs {big} B (4x model)"
 
 
-class _BetterRnnlm(_Rnnlm):
-    """ch06/better_rnnlm.py's structure: two LSTMs, dropout, weight tying (TimeAffine(embed_W.T, b))."""
+def _BetterRnnlm(M, V, H, seed):
+    """ch06/better_rnnlm.py's structure (fastbp._book2): two LSTMs, dropout, weight tying (TimeAffine(E.T, b))."""
+    rn = _rng(seed).standard_normal
+    E = (rn((V, H)) / 10).astype("f")
 
-    def __init__(self, M, V, H, seed):
-        rn = _rng(seed).standard_normal
-        E = (rn((V, H)) / 10).astype("f")
+    def lstm():
+        return (
+            (rn((H, 4 * H)) / 3).astype("f"),
+            (rn((H, 4 * H)) / 3).astype("f"),
+            np.zeros(4 * H, "f"),
+        )
 
-        def lstm():
-            return (
-                (rn((H, 4 * H)) / 3).astype("f"),
-                (rn((H, 4 * H)) / 3).astype("f"),
-                np.zeros(4 * H, "f"),
-            )
-
-        self.layers = [
-            M.TimeEmbedding(E),
-            M.TimeDropout(0.3),
-            M.TimeLSTM(*lstm(), stateful=True),
-            M.TimeDropout(0.3),
-            M.TimeLSTM(*lstm(), stateful=True),
-            M.TimeDropout(0.3),
-            M.TimeAffine(E.T, np.zeros(V, "f")),
-        ]
-        self.loss_layer = M.TimeSoftmaxWithLoss()
-        self.params, self.grads = [], []
-        for layer in self.layers:
-            self.params += layer.params
-            self.grads += layer.grads
+    lstm1 = lstm()
+    return book2.BetterRnnlm(M, E, lstm1, lstm(), np.zeros(V, "f"), dropout_ratio=0.3)
 
 
 def test_better_rnnlm_tied_dropout_trains_like_reference():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fastbp.time_layers as TL
+from fastbp import _book2 as book2
 from fastbp import optimizers
 from fastbp import util
 from fastbp.trainer import Book1Trainer, Book2Trainer, RnnlmTrainer, Trainer, remove_duplicate
@@ -107,38 +108,13 @@ def test_book1_trainer_trains_two_layer_net():
     assert tr.train_loss_list[-1] < tr.train_loss_list[0]
 
 
-class _TinyRnnlm:
-    def __init__(self, V=12, D=5, H=6, seed=3):
-        rng = np.random.default_rng(seed)
-        E = (rng.standard_normal((V, D)) / 10).astype("f")
-        self.layers = [
-            TL.TimeEmbedding(E),
-            TL.TimeLSTM(
-                (rng.standard_normal((D, 4 * H)) / 3).astype("f"),
-                (rng.standard_normal((H, 4 * H)) / 3).astype("f"),
-                np.zeros(4 * H, "f"),
-                stateful=True,
-            ),
-            TL.TimeAffine((rng.standard_normal((H, V)) / 3).astype("f"), np.zeros(V, "f")),
-        ]
-        self.loss_layer = TL.TimeSoftmaxWithLoss()
-        self.params, self.grads = [], []
-        for layer in self.layers:
-            self.params += layer.params
-            self.grads += layer.grads
-
-    def forward(self, xs, ts):
-        for layer in self.layers:
-            xs = layer.forward(xs)
-        return self.loss_layer.forward(xs, ts)
-
-    def backward(self, dout=1):
-        dout = self.loss_layer.backward(dout)
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
-
-    def reset_state(self):
-        self.layers[1].reset_state()
+def _TinyRnnlm(V=12, D=5, H=6, seed=3):
+    rng = np.random.default_rng(seed)
+    E = (rng.standard_normal((V, D)) / 10).astype("f")
+    Wx = (rng.standard_normal((D, 4 * H)) / 3).astype("f")
+    Wh = (rng.standard_normal((H, 4 * H)) / 3).astype("f")
+    W = (rng.standard_normal((H, V)) / 3).astype("f")
+    return book2.Rnnlm(TL, E, Wx, Wh, np.zeros(4 * H, "f"), W, np.zeros(V, "f"))
 
 
 def test_rnnlm_trainer_get_batch_matches_book_and_trains(capsys):

@@ -526,6 +526,7 @@ def build_cases(torch=None, select=None):
                 np.float32,
                 torch,
                 [T("speedup", 3.0, "numpy"), T("speedup", 3.0, "torch")],
+                with_gemm_only=True,
             ),
         ),
         (
@@ -538,6 +539,7 @@ def build_cases(torch=None, select=None):
                 np.float64,
                 torch,
                 [T("speedup", 2.5, "numpy")],
+                with_gemm_only=True,
             ),
         ),
         (
