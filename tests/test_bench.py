@@ -468,3 +468,15 @@ def test_bound_note_names_numpy_step_over_fastbp_gemms_only_for_vs_numpy_rows():
     assert "numpy step / fastbp's GEMMs alone = 4.25x" in _bound_note(row)
     assert _bound_note({"targets": [Target("floor", 1.3)], "numpy_over_gemms": 4.25}) == ""
     assert _bound_note({"targets": [Target("speedup", 3.0, "numpy")]}) == ""
+
+
+def test_best_peak_takes_each_rate_from_the_better_measurement_and_keeps_both():
+    from fastbp.bench.report import best_peak
+
+    before = dict(fastbp_sgemm_gflops=140.0, numpy_sgemm_gflops=150.0, fastbp_dgemm_gflops=80.0)
+    before.update(numpy_dgemm_gflops=90.0, size=64, best_sgemm_gflops=150.0, best_dgemm_gflops=90.0)
+    after = dict(before, fastbp_sgemm_gflops=210.0, best_sgemm_gflops=210.0, numpy_dgemm_gflops=70.0)
+    p = best_peak(before, after)
+    assert p["best_sgemm_gflops"] == 210.0 and p["fastbp_sgemm_gflops"] == 210.0
+    assert p["numpy_dgemm_gflops"] == 90.0 and p["best_dgemm_gflops"] == 90.0 and p["size"] == 64
+    assert p["measurements"] == [before, after]
