@@ -11,7 +11,7 @@
 # * Any 2-D operand with one unit stride is passed with a leading dimension and a transpose flag (blas_operand):
 #   no `.T` copies are made.
 # * Threads: with OpenMP, OpenBLAS runs single-threaded and a large product is cut into independent pieces, each
-#   a single-threaded BLAS call, handed out round-robin to fastbp's threads through _threads.parallel_blocks
+#   a single-threaded BLAS call, handed out in contiguous runs to fastbp's threads through _threads.parallel_blocks
 #   (piece arithmetic below).  Opt-in (FASTBP_BLAS_THREADED_MIN), the largest products are instead one OpenBLAS
 #   call that OpenBLAS threads itself, its jobs running on fastbp's OpenMP team through the threads callback
 #   (_threads.h): OpenBLAS's threads share one packed copy of the operand they all read, where independent pieces
@@ -84,7 +84,7 @@ cdef inline void _blas_call(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize
 # ---------------------------------------------------------------------------------------------------------------
 # Splitting a product over threads
 # ---------------------------------------------------------------------------------------------------------------
-# A large product is cut into pieces, each a single-threaded BLAS call, handed out round-robin to the threads:
+# A large product is cut into pieces, each a single-threaded BLAS call, handed out to the threads in contiguous runs:
 #   split M (rows of C)     - every piece packs all of op(B): chosen when op(B) is the smallest operand,
 #   split N (columns of C)  - every piece packs all of op(A): chosen when op(A) is the smallest,
 #   split K (inner dim)     - nothing is packed twice, but the pieces of threads 1.. accumulate into scratch that is
@@ -215,16 +215,19 @@ def _blas_threaded_min_dim():
     return BLAS_THREADED_MIN_DIM
 
 
-cdef Py_ssize_t _round_robin_load(Py_ssize_t lim, Py_ssize_t chunk, int nt) noexcept nogil:
-    """The most rows/columns one thread gets when the pieces of `chunk` (the last one short) are dealt
-    round-robin to nt threads: thread 0 has the most pieces; all full unless it is alone in having the most
-    (one piece left over, or one thread) and so also holds the short last one."""
+cdef Py_ssize_t _thread_load(Py_ssize_t lim, Py_ssize_t chunk, int nt) noexcept nogil:
+    """The most rows/columns one thread gets when the pieces of `chunk` (the last one short) are dealt to nt
+    threads in contiguous runs (thread t: pieces t * P // nt up to (t + 1) * P // nt, see _gemm_thread)."""
     cdef Py_ssize_t pieces = (lim - 1) // chunk + 1
-    cdef Py_ssize_t most = (pieces - 1) // nt + 1
-    cdef Py_ssize_t last = lim - (pieces - 1) * chunk
-    if nt == 1 or pieces % nt == 1:
-        return (most - 1) * chunk + last
-    return most * chunk
+    cdef Py_ssize_t t, lo, hi, most = 0
+    for t in range(nt):
+        lo = t * pieces // nt * chunk
+        hi = (t + 1) * pieces // nt * chunk
+        if hi > lim:
+            hi = lim
+        if hi - lo > most:
+            most = hi - lo
+    return most
 
 
 cdef Py_ssize_t _aligned_chunk(Py_ssize_t lim, Py_ssize_t chunk, Py_ssize_t align, int nt) noexcept nogil:
@@ -232,7 +235,7 @@ cdef Py_ssize_t _aligned_chunk(Py_ssize_t lim, Py_ssize_t chunk, Py_ssize_t alig
     more even share of lim."""
     cdef Py_ssize_t up = (chunk + align - 1) // align * align
     cdef Py_ssize_t down = chunk // align * align
-    if down < align or _round_robin_load(lim, up, nt) <= _round_robin_load(lim, down, nt):
+    if down < align or _thread_load(lim, up, nt) <= _thread_load(lim, down, nt):
         return up
     return down
 
@@ -345,9 +348,13 @@ cdef inline void _gemm_thread(const gemm_plan *p, Py_ssize_t t, int ta, int tb, 
                               Py_ssize_t k, floating alpha, const floating *a, Py_ssize_t lda, const floating *b,
                               Py_ssize_t ldb, floating beta, floating *c, Py_ssize_t ldc,
                               floating *scratch, const a_source *cv) noexcept nogil:
-    """The pieces t, t + nt, ... of thread t (K split: into C for thread 0, else into its scratch).  With `cv`
-    (double only, op(A) = A, split M or K), each piece first fills the rows (M) or columns (K) of A it reads."""
-    cdef Py_ssize_t q = t
+    """Thread t's pieces, one contiguous run: t * P // nt up to (t + 1) * P // nt of the P pieces (K split: into C
+    for thread 0, else into its scratch), so a thread's rows of a weight matrix are one range, the same in the
+    forward product (K split) and the weight gradient (M split) of a layer, and the same range an elementwise
+    update of the matrix cut into nt blocks gives that thread (a region's block 0 is always the caller's).  With
+    `cv` (double only, op(A) = A, split M or K), each piece first fills the rows (M) or columns (K) of A it reads."""
+    cdef Py_ssize_t q = t * p.pieces // p.nt
+    cdef Py_ssize_t q_end = (t + 1) * p.pieces // p.nt
     cdef bint first = True
     cdef floating *dst = c
     cdef Py_ssize_t ld = ldc
@@ -357,7 +364,7 @@ cdef inline void _gemm_thread(const gemm_plan *p, Py_ssize_t t, int ta, int tb, 
         dst = scratch + (t - 1) * m * n
         ld = n
         b0 = 0
-    while q < p.pieces:
+    while q < q_end:
         if floating is double:
             if cv != NULL:
                 lo = q * p.chunk
@@ -368,7 +375,7 @@ cdef inline void _gemm_thread(const gemm_plan *p, Py_ssize_t t, int ta, int tb, 
                     _convert_a(cv, 0, m, lo, hi, k)
         _gemm_piece(p, q, first, ta, tb, m, n, k, alpha, a, lda, b, ldb, b0, dst, ld)
         first = False
-        q += p.nt
+        q += 1
 
 
 ctypedef struct _gemm_ctx:

@@ -29,8 +29,11 @@ cdef enum:
     OPT_RMSPROP = 4
     OPT_ADAM = 5
 
-# Elements per thread below which a fork/join costs more than it saves.
-cdef Py_ssize_t MIN_BLOCK = 1 << 16
+# Elements per thread below which a fork/join costs more than it saves.  Low enough that a weight matrix of the
+# book's networks (784 x 50 = 39200) is updated in one contiguous block per thread: the caller's first block is the
+# rows its pieces of that layer's products read and write (_gemm: contiguous runs; _threads: block 0 is the
+# caller's), so the update reads the gradient and writes the weights in the cache of the core that uses them.
+cdef Py_ssize_t MIN_BLOCK = 1 << 13
 
 ctypedef struct _opt_ctx:
     int kind

@@ -535,9 +535,9 @@ def test_k_split_of_a_converted_operand_cuts_at_whole_cache_lines(threads, mnk):
         assert all(a[1] == b[0] for a, b in zip(abounds, abounds[1:])) and all(lo < hi for lo, hi in abounds)
         assert all(lo % 8 == 0 for lo, _ in abounds), abounds
 
-        # the threads' shares stay about as even as before (round-robin pieces)
+        # the threads' shares stay about as even as before (thread i: pieces i * P // t up to (i + 1) * P // t)
         def most(bs, t):
-            return max(sum(hi - lo for lo, hi in bs[i::t]) for i in range(t))
+            return max(sum(hi - lo for lo, hi in bs[i * len(bs) // t : (i + 1) * len(bs) // t]) for i in range(t))
 
         assert most(abounds, ant) <= most(bounds, nt) + 8 * max(1, len(abounds) // ant + 1)
 

@@ -349,9 +349,11 @@ def test_gradient_asks_the_first_affine_for_no_dx_on_the_fastbp_backend_only(bac
         np.testing.assert_allclose(got[k], ref.gradient(x, t)[k], rtol=1e-12, atol=1e-14)
 
 
-def test_two_layer_net_step_opens_two_regions_for_its_two_large_products():
+def test_two_layer_net_step_opens_three_regions_its_two_large_products_and_w1s_update():
     # 784-50-10 batch 100: x @ W1 and x.T @ dout1 are the only products above the split threshold (no dx GEMM
-    # for the first layer); ReLU, bias, softmax and SGD stay on the calling thread at this size
+    # for the first layer), and W1's update (39200 elements) is cut into one block per thread, each the rows that
+    # thread's pieces of those products read and write; ReLU, bias, softmax and the other updates stay on the
+    # calling thread at this size
     from fastbp import _blas, _kernels, _threads
 
     if _kernels.build_info()["num_threads"] < 2:
@@ -366,7 +368,7 @@ def test_two_layer_net_step_opens_two_regions_for_its_two_large_products():
     _threads.reset_region_counts()
     for _ in range(3):
         opt.update(net.params, net.gradient(x, t))
-    assert _threads.region_counts() == {"opened": 6, "serial": 0}
+    assert _threads.region_counts() == {"opened": 9, "serial": 0}
 
 
 # ---------------------------------------------------------------------------------------------------------
