@@ -280,8 +280,9 @@ cdef void _make_plan(int ta, int tb, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, i
     if pieces < 1:
         pieces = 1
     # Every piece non-empty: with chunk = ceil(lim / pieces), only ceil(lim / chunk) pieces hold any of the lim
-    # rows/columns (lim = 225 in 16 pieces: chunk 15, so 15 pieces).  Then every thread t < nt owns piece t and
-    # writes its K-split scratch, which is summed into C.  (lim - 1) // x + 1 is ceil(lim / x) without overflow.
+    # rows/columns (lim = 225 in 16 pieces: chunk 15, so 15 pieces).  Then with nt <= pieces every thread owns at
+    # least one piece (its run t * P // nt .. (t + 1) * P // nt is not empty) and writes its K-split scratch,
+    # which is summed into C.  (lim - 1) // x + 1 is ceil(lim / x) without overflow.
     chunk = (lim - 1) // pieces + 1
     if p.split == SPLIT_K and k_align > 1 and pieces > 1 and nt > 1:
         chunk = _aligned_chunk(lim, chunk, k_align, nt)
