@@ -103,6 +103,9 @@ def _row(**kw):
         (bench.Target("gemms", 1.3), _row(gemm_only_ratio=1.25), 1.25, "PASS"),
         (bench.Target("gemms", 1.3), _row(gemm_only_ratio=1.5), 1.5, "MISS"),
         (bench.Target("gemms", 1.3), _row(), None, "SKIP"),  # no GEMM-only timing in the row
+        (bench.Target("layers", 1.3), _row(layers_ratio=1.1, gemm_only_ratio=2.0), 1.1, "PASS"),
+        (bench.Target("layers", 1.3), _row(layers_ratio=1.4, gemm_only_ratio=1.0), 1.4, "MISS"),
+        (bench.Target("layers", 1.3), _row(gemm_only_ratio=1.0), None, "SKIP"),  # the step not timed in parts
         (bench.Target("alloc", 0), {"bytes_per_step": 0.0}, 0.0, "PASS"),
         (bench.Target("alloc", 0), {"bytes_per_step": 800.0}, 800.0, "MISS"),
     ],
@@ -118,11 +121,46 @@ def test_issue_11_targets_are_in_the_case_table():
     assert ">=1x torch" in texts["softmax-4096x1000"]
     assert texts["train-2l-b100-f32"] == [">=3x numpy", ">=3x torch"]
     assert texts["train-2l-b100-f64"] == [">=2.5x numpy"]
-    assert texts["book-2l-b100"] == [">=1x numpy", "<=1.3x its GEMMs"]
+    assert texts["book-2l-b100"] == [">=1x numpy", "<=1.3x its GEMMs", "layers <=1.3x its GEMMs"]
     mlp = dict(bench.build_cases(None, ["book-mlp"]))
     assert set(mlp) == {"book-mlp-b128", "book-mlp-b128-fbadam"}  # layers only, and layers + optimizer swapped
     for key in mlp:
-        assert [t.describe() for t in mlp[key]().targets] == [">=1x numpy", "<=1.3x its GEMMs"]
+        assert [t.describe() for t in mlp[key]().targets] == [
+            ">=1x numpy",
+            "<=1.3x its GEMMs",
+            "layers <=1.3x its GEMMs",
+        ]
+
+
+def test_step_parts_are_medians_of_per_round_ratios_to_the_gemms():
+    from fastbp.bench.report import step_parts
+
+    times = {"gemm-only": [1.0, 2.0, 4.0], "layers": [1.5, 2.0, 4.8], "update": [0.5, 0.2, 4.0], "fastbp": [3, 3, 3]}
+    parts = step_parts(times)
+    assert parts["layers_ratio"] == pytest.approx(1.2)  # per round 1.5, 1.0, 1.2
+    assert parts["update_ratio"] == pytest.approx(0.5)  # per round 0.5, 0.1, 1.0
+    assert step_parts({"gemm-only": [1.0], "fastbp": [2.0]}) == {}
+
+
+@pytest.mark.parametrize("key", ["book-2l-b100", "book-mlp-b128", "book-mlp-b128-fbadam"])
+def test_book_rows_time_the_layers_and_the_update_and_the_update_moves_only_its_copies(key):
+    case = dict(bench.build_cases(None, [key]))[key]()
+    assert list(case.impls)[:2] == ["fastbp", "numpy"]
+    assert {"layers", "update", "gemm-only"} <= set(case.impls)
+    fnet = case.extra["nets"][0]
+    before = {k: v.copy() for k, v in fnet.params.items()}
+    case.impls["update"]()
+    for k, v in fnet.params.items():
+        np.testing.assert_array_equal(v, before[k])
+    # the layers part runs every layer of the net, forward and backward, as the book's gradient does
+    calls = []
+    for name, layer in fnet.layers.items():
+        for meth in ("forward", "backward"):
+            f = getattr(layer, meth)
+            setattr(layer, meth, lambda *a, _f=f, _n=f"{name}.{meth}", **k: (calls.append(_n), _f(*a, **k))[1])
+    case.impls["layers"]()
+    names = list(fnet.layers)
+    assert calls == [f"{n}.forward" for n in names] + [f"{n}.backward" for n in reversed(names)]
 
 
 def test_gemm_only_step_counts_the_first_layers_dx_only_when_asked(monkeypatch):

@@ -107,10 +107,11 @@ def net_batch(n, sizes, dtype=np.float32):
 class Target:
     """A speed target: kind 'speedup' (median t_vs / t_fastbp >= threshold), 'floor' (t_fastbp / floor <=
     threshold), 'gemms' (t_fastbp / t_gemm-only <= threshold: the step against the same step's GEMMs alone, timed
-    in the same rounds) or 'alloc' (NumPy bytes per step <= threshold)."""
+    in the same rounds), 'layers' (the same for the network's layers alone, the part of a book row's step that
+    fastbp's layers run: t_layers / t_gemm-only <= threshold) or 'alloc' (NumPy bytes per step <= threshold)."""
 
     def __init__(self, kind, threshold, vs=None):
-        if kind not in ("speedup", "floor", "gemms", "alloc"):
+        if kind not in ("speedup", "floor", "gemms", "layers", "alloc"):
             raise ValueError(f"unknown target kind {kind!r}")
         self.kind, self.threshold, self.vs = kind, threshold, vs
 
@@ -121,6 +122,8 @@ class Target:
             return f"<={self.threshold:g}x GEMM floor"
         if self.kind == "gemms":
             return f"<={self.threshold:g}x its GEMMs"
+        if self.kind == "layers":
+            return f"layers <={self.threshold:g}x its GEMMs"
         return f"<={self.threshold:g} B/step"
 
     def evaluate(self, row):
@@ -130,8 +133,8 @@ class Target:
             if v is None or not math.isfinite(v):
                 return None, "SKIP"
             return v, "PASS" if v >= self.threshold else "MISS"
-        if self.kind in ("floor", "gemms"):
-            v = row.get("floor_ratio" if self.kind == "floor" else "gemm_only_ratio")
+        if self.kind in ("floor", "gemms", "layers"):
+            v = row.get({"floor": "floor_ratio", "gemms": "gemm_only_ratio", "layers": "layers_ratio"}[self.kind])
             if v is None or not math.isfinite(v):
                 return None, "SKIP"
             return v, "PASS" if v <= self.threshold else "MISS"
@@ -302,6 +305,36 @@ def gemm_only_step(sizes, batch, dtype, first_dx=False):
     return step
 
 
+def add_step_parts(impls, net, x, t, update):
+    """Add a book row's step in parts, timed in the same rounds as the step: "layers", the network's layers alone
+    as its ``gradient`` calls them (forward through ``net.layers`` and the loss layer, backward in reverse: what
+    fastbp.layers runs, without the book's own NumPy code around them: weight-decay sums, the grads dict), and
+    "update", the loop's parameter update alone (the book's NumPy code, or fastbp's optimizer), applied to copies
+    of the parameters with fixed gradients so that it never moves the nets the other implementations time."""
+    layers = list(net.layers.values())
+    backward = layers[::-1]
+    last = net.last_layer if hasattr(net, "last_layer") else net.lastLayer  # ch06's name, ch05's name
+
+    def run_layers():
+        y = x
+        for layer in layers:
+            y = layer.forward(y)
+        last.forward(y, t)
+        d = last.backward(1)
+        for layer in backward:
+            d = layer.backward(d)
+
+    impls["layers"] = run_layers
+    impls["update"] = update
+
+
+def _update_on_copies(params, grads, apply):
+    """A zero-argument callable running ``apply(p, g)`` on private copies of `params` and `grads`."""
+    p = {k: np.array(v, copy=True) for k, v in params.items()}
+    g = {k: np.array(v, copy=True) for k, v in grads.items()}
+    return lambda: apply(p, g)
+
+
 def book_case(batch=100, lr=0.1):
     """The book's TwoLayerNet 784-50-10 and loop step (float64 weights, float32 images, one-hot labels):
     fastbp.layers dropped in vs the book's own layers (BookLayers), same initial weights."""
@@ -321,6 +354,12 @@ def book_case(batch=100, lr=0.1):
     # first layer's dx too (the book's Affine computes it)
     impls["gemm-only"] = gemm_only_step((784, 50, 10), batch, np.float64, first_dx=True)
 
+    def sgd(params, grads):  # the loop of book_train_step, on copies
+        for key in ("W1", "b1", "W2", "b2"):
+            params[key] -= lr * grads[key]
+
+    add_step_parts(impls, fnet, x, t, _update_on_copies(fnet.params, fnet.gradient(x, t), sgd))
+
     def check():
         fg = fnet.gradient(x, t)
         fg = {k: np.array(v) for k, v in fg.items()}
@@ -336,9 +375,11 @@ def book_case(batch=100, lr=0.1):
         impls,
         check,
         flops,
-        [Target("speedup", 1.0, "numpy"), Target("gemms", 1.3)],
+        [Target("speedup", 1.0, "numpy"), Target("gemms", 1.3), Target("layers", 1.3)],
+        extra={"nets": (fnet, bnet)},
         note="the book's ch05 TwoLayerNet + loop step; fastbp.layers vs the book's common/layers.py; its GEMMs: "
-        "the step's float64 products (dx of the first layer included) alone through fastbp's BLAS",
+        "the step's float64 products (dx of the first layer included) alone through fastbp's BLAS; its parts: "
+        "the layers' forward + backward alone and the book's NumPy SGD alone (on copies)",
     )
 
 
@@ -381,6 +422,8 @@ def book_mlp_case(batch=128, hidden=(100, 100, 100, 100), lr=0.001, optimizer="b
     sizes = (784, *hidden, 10)
     flops = step_gemm_flops(batch, sizes, first_dx=True)
     impls["gemm-only"] = gemm_only_step(sizes, batch, np.float64, first_dx=True)
+    part_opt = fast_optimizer.Adam(lr) if fast_adam else BookAdam(lr)
+    add_step_parts(impls, fnet, x, t, _update_on_copies(fnet.params, fnet.gradient(x, t), part_opt.update))
     which = "fastbp.layers + fastbp.optimizer.Adam" if fast_adam else "fastbp.layers (book Adam)"
     return Case(
         "book-mlp-b128-fbadam" if fast_adam else "book-mlp-b128",
@@ -390,10 +433,11 @@ def book_mlp_case(batch=128, hidden=(100, 100, 100, 100), lr=0.001, optimizer="b
         impls,
         check,
         flops,
-        [Target("speedup", 1.0, "numpy"), Target("gemms", 1.3)],
+        [Target("speedup", 1.0, "numpy"), Target("gemms", 1.3), Target("layers", 1.3)],
         extra={"nets": (fnet, bnet)},
         note=f"the book's ch06 MultiLayerNet; {which} vs the book's common/layers.py + its NumPy Adam; its "
-        "GEMMs: the step's float64 products (dx of the first layer included) alone through fastbp's BLAS",
+        "GEMMs: the step's float64 products (dx of the first layer included) alone through fastbp's BLAS; its "
+        "parts: the layers' forward + backward alone and the step's Adam alone (on copies)",
     )
 
 

@@ -206,6 +206,31 @@ def best_peak(before, after):
     return out
 
 
+def step_parts(times):
+    """For a row whose step was also timed in its parts ("layers" and "update", see cases.add_step_parts) and as
+    its GEMMs alone ("gemm-only"), in the same rounds: the medians of the per-round ratios of each part to the
+    GEMMs ("layers_ratio", "update_ratio"); {} for any other row."""
+    if not all(k in times for k in ("layers", "update", "gemm-only")):
+        return {}
+    g = times["gemm-only"]
+    return {f"{part}_ratio": median([p / q for p, q in zip(times[part], g) if q > 0]) for part in ("layers", "update")}
+
+
+def _parts_note(row):
+    """The line saying how a book row's step splits: the layers, the loop's update, the rest (the book's network
+    code around the layers, by difference of the medians)."""
+    if "layers_ratio" not in row:
+        return ""
+    m = row["median_s"]
+    rest = m["fastbp"] - m["layers"] - m["update"]
+    return (
+        f"  {row['title']}: in parts, same rounds: the layers alone (forward + backward as gradient() calls them) "
+        f"{fmt_time(m['layers'])} = {row['layers_ratio']:.2f}x its GEMMs; the loop's update alone "
+        f"{fmt_time(m['update'])} = {row['update_ratio']:.2f}x its GEMMs; the rest of the step (the book's network "
+        f"code around the layers, step - layers - update) {fmt_time(max(rest, 0.0))}"
+    )
+
+
 def _bound_note(row):
     """For a row with a "vs numpy" target and its GEMMs timed alone: NumPy's step over fastbp's GEMMs alone, the
     most that ratio could be with these products (where NumPy's GEMMs run the same kernels, the GEMMs' share of
@@ -330,6 +355,7 @@ def run(args, out=None):
                 row["numpy_over_gemms"] = median(
                     [n / g for n, g in zip(row["times_s"]["numpy"], row["times_s"]["gemm-only"]) if g > 0]
                 )
+            row.update(step_parts(row["times_s"]))
         rows.append(row)
         del case
         gc.collect()
@@ -368,6 +394,8 @@ def run(args, out=None):
                 + _bound_note(r),
                 file=out,
             )
+        if _parts_note(r):
+            print(_parts_note(r), file=out)
         if "floor_s" in r:
             extra = ""
             if "gemm_only_ratio" in r:
