@@ -12,9 +12,20 @@ update -- no idle gap anywhere, as in the book's scripts):
   batch draw and indexing in NumPy between steps), against the book's ch05 loop: the standalone gain, in a loop.
 
 Settings ("configs") are process-wide (read when libgomp loads), so each runs in its own subprocess; the driver
-runs the configs one after the other in every repetition (interleaved), and each subprocess times the fastbp
-and the book loop in interleaved rounds.  The figure per (config, loop) is the median over all rounds of
-book time / fastbp time for the same round.
+runs the configs one after the other in every repetition (interleaved).
+
+How the two sides are timed (``--mode``):
+
+* ``separate`` (the default): as a reader runs them, one side per process -- the book's script in one, the same
+  script with the import swapped in the other -- so the book's NumPy layers (and NumPy's OpenBLAS threads) are
+  never in fastbp's process, nor fastbp's pool in the book's.  Every repetition runs a book process and a fastbp
+  process back to back (which goes first alternates); each times its loops in ``--rounds`` batches.  The figure
+  per (config, loop) is the median over repetitions of book time / fastbp time of the pair (each the median of
+  its batches), with the quartiles of those pair ratios.
+* ``same-process``: both sides in one process, in interleaved rounds (book batch, fastbp batch, ...): a script
+  that mixes NumPy's GEMMs with fastbp's; the figure is the median over all rounds of book time / fastbp time
+  of the same round.  Measured on the 2-core EPYC VM this mode reads lower and far noisier than ``separate``
+  (the two libraries' thread pools meet in one process), which is not what a reader who swapped the import runs.
 
     python -m fastbp.bench.loops --reps 3            # every config
     python -m fastbp.bench.loops --configs default passive --reps 5
@@ -141,8 +152,9 @@ def make_loops(seed=0):
     return loops
 
 
-def worker(rounds, seconds, loops_wanted):
-    """Time each loop's fastbp and book steps in `rounds` interleaved rounds of about `seconds` each."""
+def worker(rounds, seconds, loops_wanted, side=None):
+    """Time each loop's fastbp and book steps in `rounds` interleaved rounds of about `seconds` each; with `side`
+    ("fastbp" or "book") only that side's steps, in `rounds` batches."""
     from fastbp.bench.harness import _time_batch, calibrate
     from fastbp.bench.simdpath import CHILD_VAR, child_check, kernels_in_use
 
@@ -156,7 +168,7 @@ def worker(rounds, seconds, loops_wanted):
     loops = make_loops()
     out = {}
     for name in loops_wanted:
-        impls = loops[name]
+        impls = loops[name] if side is None else {side: loops[name][side]}
         numbers = {k: calibrate(f, seconds)[0] for k, f in impls.items()}
         times = {k: [] for k in impls}
         for r in range(rounds):
@@ -165,16 +177,14 @@ def worker(rounds, seconds, loops_wanted):
                 times[k].append(_time_batch(impls[k], numbers[k]))
         from fastbp import _threads
 
-        _threads.reset_region_counts()
-        for _ in range(10):
-            impls["fastbp"]()
-        regions = _threads.region_counts()["opened"] / 10
-        out[name] = {
-            "fastbp_s": times["fastbp"],
-            "book_s": times["book"],
-            "ratio": [b / f for b, f in zip(times["book"], times["fastbp"])],
-            "regions": [regions],
-        }
+        out[name] = {f"{k}_s": v for k, v in times.items()}
+        if "fastbp" in impls:
+            _threads.reset_region_counts()
+            for _ in range(10):
+                impls["fastbp"]()
+            out[name]["regions"] = [_threads.region_counts()["opened"] / 10]
+        if side is None:
+            out[name]["ratio"] = [b / f for b, f in zip(times["book"], times["fastbp"])]
     from fastbp import _runtime, _threads
 
     out["_runtime"] = {**_runtime.info(), "pool": _threads.pool_info()}
@@ -204,9 +214,17 @@ def _child_env(extra):
     return env
 
 
-def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr, path=None):
-    """Run every config `reps` times (order rotating), each in a worker subprocess; with `path`, the workers run on
-    that SIMD path (ValueError when this CPU does not have it)."""
+def pair_ratio(book, fastbp):
+    """One separate-mode repetition of a loop: (median book batch) / (median fastbp batch)."""
+    return statistics.median(book) / statistics.median(fastbp)
+
+
+def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr, path=None, mode="separate"):
+    """Run every config `reps` times (order rotating), each in worker subprocesses (mode "separate": a book and a
+    fastbp process per repetition, see the module docstring; "same-process": one process timing both); with
+    `path`, the workers run on that SIMD path (ValueError when this CPU does not have it)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     from fastbp.bench.simdpath import child_environment
 
     envs = {}
@@ -218,25 +236,40 @@ def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr, path=Non
                 for n in notes:
                     log.write(f"fastbp: note: {n}\n")
     results = {c: {} for c in configs}
+
+    def run_worker(c, side):
+        cmd = [
+            sys.executable,
+            "-m",
+            "fastbp.bench.loops",
+            "--worker",
+            "--rounds",
+            str(rounds),
+            "--seconds",
+            str(seconds),
+            "--loops",
+            *loops_wanted,
+        ]
+        if side:
+            cmd += ["--side", side]
+        r = subprocess.run(cmd, env=envs[c], capture_output=True, text=True, timeout=900, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"config {c}: {r.stderr[-2000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
     for rep in range(reps):
         order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
         for c in order:
-            cmd = [
-                sys.executable,
-                "-m",
-                "fastbp.bench.loops",
-                "--worker",
-                "--rounds",
-                str(rounds),
-                "--seconds",
-                str(seconds),
-                "--loops",
-                *loops_wanted,
-            ]
-            r = subprocess.run(cmd, env=envs[c], capture_output=True, text=True, timeout=900, check=False)
-            if r.returncode != 0:
-                raise RuntimeError(f"config {c}: {r.stderr[-2000:]}")
-            got = json.loads(r.stdout.strip().splitlines()[-1])
+            if mode == "same-process":
+                got = run_worker(c, None)
+            else:
+                sides = ("book", "fastbp") if rep % 2 == 0 else ("fastbp", "book")
+                runs = {side: run_worker(c, side) for side in sides}
+                got = runs["fastbp"]
+                for loop in loops_wanted:
+                    got[loop]["book_s"] = runs["book"][loop]["book_s"]
+                    got[loop]["ratio"] = [pair_ratio(got[loop]["book_s"], got[loop]["fastbp_s"])]
+            results[c]["_mode"] = mode
             results[c]["_runtime"] = got.pop("_runtime")
             results[c]["_kernels"] = got.pop("_kernels")
             for loop, v in got.items():
@@ -281,6 +314,9 @@ def report(results, loops_wanted):
     return "\n".join(lines)
 
 
+MODES = ("separate", "same-process")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastbp.bench.loops", description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -295,21 +331,34 @@ def main(argv=None):
         default=None,
         help="run the workers with fastbp and NumPy on this SIMD path (see python -m fastbp bench --help)",
     )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="separate",
+        help="separate (default): the book and fastbp each in their own process, as a reader runs them; "
+        "same-process: both in one process, interleaved rounds",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["fastbp", "book"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a.rounds, a.seconds, a.loops)))
+        print(json.dumps(worker(a.rounds, a.seconds, a.loops, a.side)))
         return 0
     t0 = time.time()
     try:
-        res = drive(a.configs, a.reps, a.rounds, a.seconds, a.loops, path=a.path)
+        res = drive(a.configs, a.reps, a.rounds, a.seconds, a.loops, path=a.path, mode=a.mode)
     except ValueError as e:
         sys.stderr.write(f"fastbp: {e}\n")
         return 2
     first = res[a.configs[0]]["_kernels"]
     print("\n".join(format_kernels(first, a.path)))
     print(report(res, a.loops))
-    print(f"({a.reps} reps x {a.rounds} rounds per config, {time.time() - t0:.0f} s)")
+    how = (
+        "one book and one fastbp process per rep; ratio per rep: median book batch / median fastbp batch"
+        if a.mode == "separate"
+        else "both sides in one process per rep, interleaved rounds; ratio per round"
+    )
+    print(f"(mode {a.mode}: {how}; {a.reps} reps x {a.rounds} rounds per config, {time.time() - t0:.0f} s)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f)
