@@ -18,10 +18,11 @@ How the two sides are timed (``--mode``):
 
 * ``separate`` (the default): as a reader runs them, one side per process -- the book's script in one, the same
   script with the import swapped in the other -- so the book's NumPy layers (and NumPy's OpenBLAS threads) are
-  never in fastbp's process, nor fastbp's pool in the book's.  Every repetition runs a book process and a fastbp
-  process back to back (which goes first alternates); each times its loops in ``--rounds`` batches.  The figure
-  per (config, loop) is the median over repetitions of book time / fastbp time of the pair (each the median of
-  its batches), with the quartiles of those pair ratios.
+  never in fastbp's process, nor fastbp's pool in the book's.  Every repetition starts a book and a fastbp
+  process that stay alive together and take turns, one batch of about ``--seconds`` each per round (which goes
+  first alternates), with an idle gap of 0.15 s before every batch so that the other process's threads have
+  settled (NumPy's OpenBLAS workers spin about 0.1 s after a call).  The figure per (config, loop) is the median
+  over all rounds of book time / fastbp time of the same round, with its quartiles.
 * ``same-process``: both sides in one process, in interleaved rounds (book batch, fastbp batch, ...): a script
   that mixes NumPy's GEMMs with fastbp's; the figure is the median over all rounds of book time / fastbp time
   of the same round.  Measured on the 2-core EPYC VM this mode reads lower and far noisier than ``separate``
@@ -44,6 +45,7 @@ import subprocess
 import sys
 import time
 
+from fastbp.bench.harness import DEFAULT_GAP
 from fastbp.bench.simdpath import PATHS, format_kernels
 
 #: Process settings measured: environment of the worker subprocess (none of them is NumPy's).
@@ -152,9 +154,9 @@ def make_loops(seed=0):
     return loops
 
 
-def worker(rounds, seconds, loops_wanted, side=None):
-    """Time each loop's fastbp and book steps in `rounds` interleaved rounds of about `seconds` each; with `side`
-    ("fastbp" or "book") only that side's steps, in `rounds` batches."""
+def worker(rounds, seconds, loops_wanted):
+    """Same-process mode: time each loop's fastbp and book steps in `rounds` interleaved rounds of about `seconds`
+    each."""
     from fastbp.bench.harness import _time_batch, calibrate
     from fastbp.bench.simdpath import CHILD_VAR, child_check, kernels_in_use
 
@@ -168,7 +170,7 @@ def worker(rounds, seconds, loops_wanted, side=None):
     loops = make_loops()
     out = {}
     for name in loops_wanted:
-        impls = loops[name] if side is None else {side: loops[name][side]}
+        impls = loops[name]
         numbers = {k: calibrate(f, seconds)[0] for k, f in impls.items()}
         times = {k: [] for k in impls}
         for r in range(rounds):
@@ -177,19 +179,119 @@ def worker(rounds, seconds, loops_wanted, side=None):
                 times[k].append(_time_batch(impls[k], numbers[k]))
         from fastbp import _threads
 
-        out[name] = {f"{k}_s": v for k, v in times.items()}
-        if "fastbp" in impls:
-            _threads.reset_region_counts()
-            for _ in range(10):
-                impls["fastbp"]()
-            out[name]["regions"] = [_threads.region_counts()["opened"] / 10]
-        if side is None:
-            out[name]["ratio"] = [b / f for b, f in zip(times["book"], times["fastbp"])]
+        _threads.reset_region_counts()
+        for _ in range(10):
+            impls["fastbp"]()
+        out[name] = {
+            "fastbp_s": times["fastbp"],
+            "book_s": times["book"],
+            "ratio": [b / f for b, f in zip(times["book"], times["fastbp"])],
+            "regions": [_threads.region_counts()["opened"] / 10],
+        }
     from fastbp import _runtime, _threads
 
     out["_runtime"] = {**_runtime.info(), "pool": _threads.pool_info()}
     out["_kernels"] = used
     return out
+
+
+def serve(side, loops_wanted, inp=None, out=None):
+    """Separate mode's worker: one side's loops in this process, timed on request, one JSON line in, one out:
+    {"calibrate": loop, "seconds": s} -> {"number": calls for a batch of about s}; {"time": loop, "number": n} ->
+    {"s": seconds per step of a batch of n steps, after 2 untimed ones}; {"regions": loop} -> {"regions": parallel
+    regions per step}; {"info": true} -> {"_runtime": ..., "_kernels": ...}.  Ends at end of input."""
+    from fastbp.bench.harness import _time_batch, calibrate
+    from fastbp.bench.simdpath import CHILD_VAR, child_check, kernels_in_use
+
+    inp = sys.stdin if inp is None else inp
+    out = sys.stdout if out is None else out
+    path = os.environ.get(CHILD_VAR)
+    if path:
+        used, refusal = child_check(path)
+        if refusal:
+            raise SystemExit(f"fastbp: ERROR: {refusal}")
+    else:
+        used = kernels_in_use()
+    steps = {name: loop[side] for name, loop in make_loops().items() if name in loops_wanted}
+    for line in inp:
+        req = json.loads(line)
+        if "calibrate" in req:
+            reply = {"number": calibrate(steps[req["calibrate"]], req["seconds"])[0]}
+        elif "time" in req:
+            f = steps[req["time"]]
+            f()
+            f()
+            reply = {"s": _time_batch(f, req["number"])}
+        elif "regions" in req:
+            from fastbp import _threads
+
+            _threads.reset_region_counts()
+            for _ in range(10):
+                steps[req["regions"]]()
+            reply = {"regions": _threads.region_counts()["opened"] / 10}
+        else:
+            from fastbp import _runtime, _threads
+
+            reply = {"_runtime": {**_runtime.info(), "pool": _threads.pool_info()}, "_kernels": used}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+def _served_pair(env, rounds, seconds, loops_wanted, gap, first):
+    """Separate mode, one repetition: a book and a fastbp process (see serve), alive together; per loop, rounds
+    of one batch each, the order alternating (`first` side first in round 0), an idle `gap` before every batch
+    so the other process's threads (NumPy's OpenBLAS workers spin ~0.1 s after a call) have settled.  Returns
+    the worker dict of the same-process mode: per loop fastbp_s, book_s, ratio (per round), regions."""
+    import tempfile
+
+    sides = (first, "book" if first == "fastbp" else "fastbp")
+    procs, errs = {}, {}
+    for side in sides:
+        errs[side] = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, "-m", "fastbp.bench.loops", "--serve", side, "--loops", *loops_wanted]
+        procs[side] = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errs[side], text=True
+        )
+
+    def ask(side, req):
+        p = procs[side]
+        try:
+            p.stdin.write(json.dumps(req) + "\n")
+            p.stdin.flush()
+            line = p.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            p.wait(timeout=60)
+            errs[side].seek(0)
+            raise RuntimeError(f"{side} worker: {errs[side].read()[-2000:]}")
+        return json.loads(line)
+
+    try:
+        got = {}
+        for loop in loops_wanted:
+            numbers = {side: ask(side, {"calibrate": loop, "seconds": seconds})["number"] for side in sides}
+            times = {side: [] for side in sides}
+            for r in range(rounds):
+                for side in sides if r % 2 == 0 else sides[::-1]:
+                    time.sleep(gap)
+                    times[side].append(ask(side, {"time": loop, "number": numbers[side]})["s"])
+            got[loop] = {
+                "fastbp_s": times["fastbp"],
+                "book_s": times["book"],
+                "ratio": [b / f for b, f in zip(times["book"], times["fastbp"])],
+                "regions": [ask("fastbp", {"regions": loop})["regions"]],
+            }
+        got.update(ask("fastbp", {"info": True}))
+    finally:
+        for side, p in procs.items():
+            p.stdin.close()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            errs[side].close()
+    return got
 
 
 def _child_env(extra):
@@ -214,12 +316,7 @@ def _child_env(extra):
     return env
 
 
-def pair_ratio(book, fastbp):
-    """One separate-mode repetition of a loop: (median book batch) / (median fastbp batch)."""
-    return statistics.median(book) / statistics.median(fastbp)
-
-
-def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr, path=None, mode="separate"):
+def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr, path=None, mode="separate", gap=DEFAULT_GAP):
     """Run every config `reps` times (order rotating), each in worker subprocesses (mode "separate": a book and a
     fastbp process per repetition, see the module docstring; "same-process": one process timing both); with
     `path`, the workers run on that SIMD path (ValueError when this CPU does not have it)."""
@@ -237,7 +334,7 @@ def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr, path=Non
                     log.write(f"fastbp: note: {n}\n")
     results = {c: {} for c in configs}
 
-    def run_worker(c, side):
+    def run_worker(c):  # same-process mode
         cmd = [
             sys.executable,
             "-m",
@@ -250,8 +347,6 @@ def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr, path=Non
             "--loops",
             *loops_wanted,
         ]
-        if side:
-            cmd += ["--side", side]
         r = subprocess.run(cmd, env=envs[c], capture_output=True, text=True, timeout=900, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"config {c}: {r.stderr[-2000:]}")
@@ -261,14 +356,9 @@ def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr, path=Non
         order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
         for c in order:
             if mode == "same-process":
-                got = run_worker(c, None)
+                got = run_worker(c)
             else:
-                sides = ("book", "fastbp") if rep % 2 == 0 else ("fastbp", "book")
-                runs = {side: run_worker(c, side) for side in sides}
-                got = runs["fastbp"]
-                for loop in loops_wanted:
-                    got[loop]["book_s"] = runs["book"][loop]["book_s"]
-                    got[loop]["ratio"] = [pair_ratio(got[loop]["book_s"], got[loop]["fastbp_s"])]
+                got = _served_pair(envs[c], rounds, seconds, loops_wanted, gap, "book" if rep % 2 == 0 else "fastbp")
             results[c]["_mode"] = mode
             results[c]["_runtime"] = got.pop("_runtime")
             results[c]["_kernels"] = got.pop("_kernels")
@@ -339,10 +429,13 @@ def main(argv=None):
         "same-process: both in one process, interleaved rounds",
     )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--side", choices=["fastbp", "book"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve", choices=["fastbp", "book"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.serve:
+        serve(a.serve, a.loops)
+        return 0
     if a.worker:
-        print(json.dumps(worker(a.rounds, a.seconds, a.loops, a.side)))
+        print(json.dumps(worker(a.rounds, a.seconds, a.loops)))
         return 0
     t0 = time.time()
     try:
@@ -354,7 +447,8 @@ def main(argv=None):
     print("\n".join(format_kernels(first, a.path)))
     print(report(res, a.loops))
     how = (
-        "one book and one fastbp process per rep; ratio per rep: median book batch / median fastbp batch"
+        "a book and a fastbp process per rep, alive together, taking turns (idle gap before each batch); "
+        "ratio per round"
         if a.mode == "separate"
         else "both sides in one process per rep, interleaved rounds; ratio per round"
     )
