@@ -154,19 +154,25 @@ def make_loops(seed=0):
     return loops
 
 
+def _kernels_or_refuse():
+    """The kernels this worker runs; exits (refusing to time) when a --path child did not get its path."""
+    from fastbp.bench.simdpath import CHILD_VAR, child_check, kernels_in_use
+
+    path = os.environ.get(CHILD_VAR)
+    if not path:
+        return kernels_in_use()
+    used, refusal = child_check(path)
+    if refusal:
+        raise SystemExit(f"fastbp: ERROR: {refusal}")
+    return used
+
+
 def worker(rounds, seconds, loops_wanted):
     """Same-process mode: time each loop's fastbp and book steps in `rounds` interleaved rounds of about `seconds`
     each."""
     from fastbp.bench.harness import _time_batch, calibrate
-    from fastbp.bench.simdpath import CHILD_VAR, child_check, kernels_in_use
 
-    path = os.environ.get(CHILD_VAR)
-    if path:
-        used, refusal = child_check(path)
-        if refusal:
-            raise SystemExit(f"fastbp: ERROR: {refusal}")
-    else:
-        used = kernels_in_use()
+    used = _kernels_or_refuse()
     loops = make_loops()
     out = {}
     for name in loops_wanted:
@@ -201,17 +207,10 @@ def serve(side, loops_wanted, inp=None, out=None):
     {"s": seconds per step of a batch of n steps, after 2 untimed ones}; {"regions": loop} -> {"regions": parallel
     regions per step}; {"info": true} -> {"_runtime": ..., "_kernels": ...}.  Ends at end of input."""
     from fastbp.bench.harness import _time_batch, calibrate
-    from fastbp.bench.simdpath import CHILD_VAR, child_check, kernels_in_use
 
     inp = sys.stdin if inp is None else inp
     out = sys.stdout if out is None else out
-    path = os.environ.get(CHILD_VAR)
-    if path:
-        used, refusal = child_check(path)
-        if refusal:
-            raise SystemExit(f"fastbp: ERROR: {refusal}")
-    else:
-        used = kernels_in_use()
+    used = _kernels_or_refuse()
     steps = {name: loop[side] for name, loop in make_loops().items() if name in loops_wanted}
     for line in inp:
         req = json.loads(line)
