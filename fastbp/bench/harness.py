@@ -17,7 +17,12 @@ DEFAULT_ROUNDS = 15
 QUICK_ROUNDS = 5
 DEFAULT_GAP = 0.15  # seconds of idle before each timed batch (OpenBLAS workers spin ~0.1 s)
 BATCH_TIME = 0.02  # seconds per timed batch
-WARM_TIME = 0.004  # seconds of untimed warm-up calls before each batch (at least 2 calls)
+# Seconds of untimed warm-up calls after the gap, before each batch (at least 2 calls, at most one batch's worth):
+# a training step's speed is the back-to-back regime of a training loop.  On the 2-core EPYC VM, the first ~5 ms
+# after a 150 ms idle gap run 12-17 % slower (the book's MultiLayerNet step, both sides), and with 4 ms of warm-up
+# the book-MultiLayerNet row read fastbp/NumPy 0.88-1.16x (median ~1.10x, 4 runs, AVX2 path) against 1.18-1.33x
+# (median ~1.28x) with 30 ms, alternating; the book's own loop, each side in its own process, reads 1.32-1.52x.
+WARM_TIME = 0.02
 PEAK_SIZE = 2048
 BASE = "fastbp"
 BUSY = 0.1  # fraction of the CPUs used by other processes above which a row is flagged

@@ -276,7 +276,8 @@ def _header(info, peak, probe, args, torch, kernels=None):
         )
     lines.append(
         f"method: {args.rounds} interleaved rounds per row, implementation order rotating; before each timed "
-        f"batch (~{BATCH_TIME * 1e3:.0f} ms) an idle gap of {args.gap * 1e3:.0f} ms and untimed warm-up calls; "
+        f"batch (~{BATCH_TIME * 1e3:.0f} ms) an idle gap of {args.gap * 1e3:.0f} ms and ~{WARM_TIME * 1e3:.0f} ms of "
+        f"untimed warm-up calls; "
         f"times = median per call, speedups = median of per-round ratios"
     )
     if probe:
