@@ -149,18 +149,29 @@ def test_book_rows_time_the_layers_and_the_update_and_the_update_moves_only_its_
     assert {"layers", "update", "gemm-only"} <= set(case.impls)
     fnet = case.extra["nets"][0]
     before = {k: v.copy() for k, v in fnet.params.items()}
-    case.impls["update"]()
+    update = case.impls["update"]
+    copies = {k: v.copy() for k, v in update.params.items()}
+    update()
     for k, v in fnet.params.items():
         np.testing.assert_array_equal(v, before[k])
-    # the layers part runs every layer of the net, forward and backward, as the book's gradient does
+        assert not np.shares_memory(v, update.params[k])
+    assert any(not np.array_equal(update.params[k], copies[k]) for k in copies)  # it did update its copies
+    # the layers part makes the same layer calls, in the same order, as the book's gradient()
+    last_name = "last_layer" if hasattr(fnet, "last_layer") else "lastLayer"
+    watched = {**fnet.layers, "last": getattr(fnet, last_name)}
     calls = []
-    for name, layer in fnet.layers.items():
+    for name, layer in watched.items():
         for meth in ("forward", "backward"):
             f = getattr(layer, meth)
             setattr(layer, meth, lambda *a, _f=f, _n=f"{name}.{meth}", **k: (calls.append(_n), _f(*a, **k))[1])
+    run = case.impls["layers"]
+    env = dict(zip(run.__code__.co_freevars, (c.cell_contents for c in run.__closure__)))
+    x, t = env["x"], env["t"]
+    fnet.gradient(x, t)
+    by_gradient, calls[:] = list(calls), []
     case.impls["layers"]()
-    names = list(fnet.layers)
-    assert calls == [f"{n}.forward" for n in names] + [f"{n}.backward" for n in reversed(names)]
+    assert calls == by_gradient and "last.forward" in calls and "last.backward" in calls
+    assert calls[-1] == f"{next(iter(fnet.layers))}.backward"
 
 
 def test_gemm_only_step_counts_the_first_layers_dx_only_when_asked(monkeypatch):

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -38,7 +39,8 @@ def _fake_run(calls):
 
     def run(cmd, **kw):
         calls.append(cmd)
-        loop = {"book_s": [6.0, 6.0], "fastbp_s": [2.0, 2.0], "regions": [3.0], "ratio": [3.0, 3.0]}
+        i = len(calls)  # the worker's own per-round ratios, distinct per call: the driver must keep them as they are
+        loop = {"book_s": [6.0, 6.0], "fastbp_s": [2.0, 2.0], "regions": [3.0], "ratio": [10.0 * i, 10.0 * i + 1]}
         out = {"_runtime": {}, "_kernels": {}, "ch05": loop}
         return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(out) + "\n", stderr="")
 
@@ -50,9 +52,33 @@ def test_same_process_mode_runs_one_process_timing_both(monkeypatch):
     monkeypatch.setattr(subprocess, "run", _fake_run(calls))
     res = loops.drive(["default"], 2, 2, 0.01, ["ch05"], log=None, mode="same-process")
     assert len(calls) == 2 and all("--worker" in c for c in calls)
-    assert res["default"]["ch05"]["ratio"] == [3.0] * 4 and res["default"]["_mode"] == "same-process"
+    assert res["default"]["ch05"]["ratio"] == [10.0, 11.0, 20.0, 21.0] and res["default"]["_mode"] == "same-process"
 
 
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="mode must be one of"):
         loops.drive(["default"], 1, 1, 0.01, ["ch05"], log=None, mode="both")
+
+
+def test_separate_mode_names_a_worker_that_dies_and_leaves_no_child_behind():
+    import os
+
+    with pytest.raises(RuntimeError, match=r"config default: (book|fastbp) worker \(exit 2\)"):
+        loops.drive(["default"], 1, 1, 0.005, ["no-such-loop"], log=None, mode="separate", gap=0.0)
+    with pytest.raises(ChildProcessError):  # every worker was waited for
+        os.waitpid(-1, os.WNOHANG)
+
+
+def test_separate_mode_kills_a_silent_worker_after_its_timeout(monkeypatch):
+    import os
+
+    real_popen = subprocess.Popen
+
+    def silent(cmd, **kw):  # a worker that never answers
+        return real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", silent)
+    with pytest.raises(RuntimeError, match=r"(book|fastbp) worker \(exit -9\)"):
+        loops._served_pair(dict(os.environ), 1, 0.005, ["ch05"], 0.0, "book", timeout=0.5)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)

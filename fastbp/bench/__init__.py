@@ -21,7 +21,8 @@ How the numbers are taken (interleaved rounds)
   right after fastbp's, and NumPy's OpenBLAS worker kept a CPU busy for 105 ms after its last call.  So before
   each timed batch the process sleeps ``--gap`` seconds (default 0.15 s, longer than the measured spin-down;
   the header prints the spin-down of the run and warns when it exceeds the gap), then makes untimed warm-up
-  calls of the same implementation for about 4 ms (at least 2; they wake its own pool), then times the batch.
+  calls of the same implementation for about 20 ms (at least 2, at most one batch's worth; they wake its own pool
+  and bring it back to the back-to-back regime of a training loop), then times the batch.
   The garbage collector is off during the timed batches only.
 * GFLOP/s of the GEMM-bound rows count the matrix products a training step needs: forward ``x @ W`` of every
   layer, ``dW`` of every layer and ``dx`` of all layers but the first.  The GEMM peak is the best rate of a

@@ -328,11 +328,19 @@ def add_step_parts(impls, net, x, t, update):
     impls["update"] = update
 
 
-def _update_on_copies(params, grads, apply):
-    """A zero-argument callable running ``apply(p, g)`` on private copies of `params` and `grads`."""
-    p = {k: np.array(v, copy=True) for k, v in params.items()}
-    g = {k: np.array(v, copy=True) for k, v in grads.items()}
-    return lambda: apply(p, g)
+class _UpdateOnCopies:
+    """A zero-argument callable running ``apply(params, grads)`` on private copies (``.params``, ``.grads``)."""
+
+    def __init__(self, params, grads, apply):
+        self.params = {k: np.array(v, copy=True) for k, v in params.items()}
+        self.grads = {k: np.array(v, copy=True) for k, v in grads.items()}
+        self.apply = apply
+
+    def __call__(self):
+        self.apply(self.params, self.grads)
+
+
+_update_on_copies = _UpdateOnCopies
 
 
 def book_case(batch=100, lr=0.1):

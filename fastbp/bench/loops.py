@@ -2,7 +2,7 @@
 and the process-wide settings that decide whether fastbp's threads fight NumPy's code between its calls.
 
 Loops (one iteration each: the book's batch draw with np.random.choice and fancy indexing, the gradient, the
-update -- no idle gap anywhere, as in the book's scripts):
+update -- no idle gap within a batch, as in the book's scripts):
 
 * ``ch05``: the book's ch05 TwoLayerNet 784-50-10 (float64 weights, float32 images, one-hot labels), batch 100,
   the book's NumPy SGD update ``params[key] -= lr * grad[key]``; fastbp = the same code on ``fastbp.layers``.
@@ -18,7 +18,8 @@ How the two sides are timed (``--mode``):
 
 * ``separate`` (the default): as a reader runs them, one side per process -- the book's script in one, the same
   script with the import swapped in the other -- so the book's NumPy layers (and NumPy's OpenBLAS threads) are
-  never in fastbp's process, nor fastbp's pool in the book's.  Every repetition starts a book and a fastbp
+  never in fastbp's process, nor fastbp's layers and pool in the book's (that process builds the book's side
+  only; it does import fastbp, whose OpenBLAS copy then sits idle there).  Every repetition starts a book and a fastbp
   process that stay alive together and take turns, one batch of about ``--seconds`` each per round (which goes
   first alternates), with an idle gap of 0.15 s before every batch so that the other process's threads have
   settled (NumPy's OpenBLAS workers spin about 0.1 s after a call).  The figure per (config, loop) is the median
@@ -50,6 +51,7 @@ from fastbp.bench.simdpath import PATHS, format_kernels
 
 #: Process settings measured: environment of the worker subprocess (none of them is NumPy's).
 _OMP = {"FASTBP_THREAD_POOL": "openmp"}  # regions as OpenMP regions (libgomp's team and spin) instead of the pool
+MODES = ("separate", "same-process")  # how the two sides are timed, see the module docstring
 CONFIGS = {
     "default": {},  # whatever fastbp does by itself
     # fastbp's worker pool (the default): how long a worker spins after a region, which products wake a sleeper
@@ -92,8 +94,8 @@ def _mnist():
     return x, t, onehot
 
 
-def make_loops(seed=0):
-    """{loop: {"fastbp": step, "book": step}}, each step one iteration of the loop."""
+def make_loops(seed=0, sides=("fastbp", "book")):
+    """{loop: {side: step}} for each of `sides` ("fastbp", "book"), each step one iteration of the loop."""
     import numpy as np
 
     import fastbp.layers as FL
@@ -148,9 +150,13 @@ def make_loops(seed=0):
 
         return step
 
-    loops["ch05"] = {"fastbp": ch05(FL), "book": ch05(BookLayers)}
-    loops["ch06"] = {"fastbp": ch06(FL), "book": ch06(BookLayers)}
-    loops["own"] = {"fastbp": own(), "book": ch05(BookLayers)}
+    build = {
+        "ch05": {"fastbp": lambda: ch05(FL), "book": lambda: ch05(BookLayers)},
+        "ch06": {"fastbp": lambda: ch06(FL), "book": lambda: ch06(BookLayers)},
+        "own": {"fastbp": own, "book": lambda: ch05(BookLayers)},
+    }
+    for name, by_side in build.items():
+        loops[name] = {side: by_side[side]() for side in sides}
     return loops
 
 
@@ -211,7 +217,7 @@ def serve(side, loops_wanted, inp=None, out=None):
     inp = sys.stdin if inp is None else inp
     out = sys.stdout if out is None else out
     used = _kernels_or_refuse()
-    steps = {name: loop[side] for name, loop in make_loops().items() if name in loops_wanted}
+    steps = {name: loop[side] for name, loop in make_loops(sides=(side,)).items() if name in loops_wanted}
     for line in inp:
         req = json.loads(line)
         if "calibrate" in req:
@@ -236,37 +242,44 @@ def serve(side, loops_wanted, inp=None, out=None):
         out.flush()
 
 
-def _served_pair(env, rounds, seconds, loops_wanted, gap, first):
+def _served_pair(env, rounds, seconds, loops_wanted, gap, first, timeout=900):
     """Separate mode, one repetition: a book and a fastbp process (see serve), alive together; per loop, rounds
     of one batch each, the order alternating (`first` side first in round 0), an idle `gap` before every batch
     so the other process's threads (NumPy's OpenBLAS workers spin ~0.1 s after a call) have settled.  Returns
-    the worker dict of the same-process mode: per loop fastbp_s, book_s, ratio (per round), regions."""
+    the worker dict of the same-process mode: per loop fastbp_s, book_s, ratio (per round), regions.  A worker
+    that dies or stays silent for `timeout` seconds is a RuntimeError naming it, and no worker is left behind."""
     import tempfile
+
+    import threading
 
     sides = (first, "book" if first == "fastbp" else "fastbp")
     procs, errs = {}, {}
-    for side in sides:
-        errs[side] = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, "-m", "fastbp.bench.loops", "--serve", side, "--loops", *loops_wanted]
-        procs[side] = subprocess.Popen(
-            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errs[side], text=True
-        )
 
     def ask(side, req):
         p = procs[side]
+        watchdog = threading.Timer(timeout, p.kill)  # a hung worker must not hang the driver
+        watchdog.start()
         try:
             p.stdin.write(json.dumps(req) + "\n")
             p.stdin.flush()
             line = p.stdout.readline()
-        except BrokenPipeError:
+        except OSError:  # BrokenPipeError: the worker is gone
             line = ""
+        finally:
+            watchdog.cancel()
         if not line:
             p.wait(timeout=60)
             errs[side].seek(0)
-            raise RuntimeError(f"{side} worker: {errs[side].read()[-2000:]}")
+            raise RuntimeError(f"{side} worker (exit {p.returncode}): {errs[side].read()[-2000:]}")
         return json.loads(line)
 
     try:
+        for side in sides:
+            errs[side] = tempfile.TemporaryFile(mode="w+")
+            cmd = [sys.executable, "-m", "fastbp.bench.loops", "--serve", side, "--loops", *loops_wanted]
+            procs[side] = subprocess.Popen(
+                cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errs[side], text=True
+            )
         got = {}
         for loop in loops_wanted:
             numbers = {side: ask(side, {"calibrate": loop, "seconds": seconds})["number"] for side in sides}
@@ -283,13 +296,18 @@ def _served_pair(env, rounds, seconds, loops_wanted, gap, first):
             }
         got.update(ask("fastbp", {"info": True}))
     finally:
-        for side, p in procs.items():
-            p.stdin.close()
+        for p in procs.values():
             try:
-                p.wait(timeout=60)
+                p.stdin.close()
+            except OSError:  # the unsent request of a worker that died
+                pass
+            try:  # a worker ends at the end of its input; one that does not is killed
+                p.wait(timeout=min(timeout, 10))
             except subprocess.TimeoutExpired:
                 p.kill()
-            errs[side].close()
+                p.wait()
+        for f in errs.values():
+            f.close()
     return got
 
 
@@ -316,8 +334,8 @@ def _child_env(extra):
 
 
 def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr, path=None, mode="separate", gap=DEFAULT_GAP):
-    """Run every config `reps` times (order rotating), each in worker subprocesses (mode "separate": a book and a
-    fastbp process per repetition, see the module docstring; "same-process": one process timing both); with
+    """Run every config `reps` times (order rotating), each time in worker subprocesses (mode "separate": a book and
+    a fastbp process per config and repetition, see the module docstring; "same-process": one process timing both); with
     `path`, the workers run on that SIMD path (ValueError when this CPU does not have it)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -357,7 +375,12 @@ def drive(configs, reps, rounds, seconds, loops_wanted, log=sys.stderr, path=Non
             if mode == "same-process":
                 got = run_worker(c)
             else:
-                got = _served_pair(envs[c], rounds, seconds, loops_wanted, gap, "book" if rep % 2 == 0 else "fastbp")
+                try:
+                    got = _served_pair(
+                        envs[c], rounds, seconds, loops_wanted, gap, "book" if rep % 2 == 0 else "fastbp"
+                    )
+                except RuntimeError as e:
+                    raise RuntimeError(f"config {c}: {e}") from None
             results[c]["_mode"] = mode
             results[c]["_runtime"] = got.pop("_runtime")
             results[c]["_kernels"] = got.pop("_kernels")
@@ -403,15 +426,12 @@ def report(results, loops_wanted):
     return "\n".join(lines)
 
 
-MODES = ("separate", "same-process")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastbp.bench.loops", description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--loops", nargs="+", default=["ch05", "ch06", "own"], choices=["ch05", "ch06", "own"])
     p.add_argument("--reps", type=int, default=3, help="repetitions of the whole set of configs")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per subprocess")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per config and repetition")
     p.add_argument("--seconds", type=float, default=0.15, help="time per timed batch")
     p.add_argument("--json", default=None)
     p.add_argument(
@@ -442,12 +462,15 @@ def main(argv=None):
     except ValueError as e:
         sys.stderr.write(f"fastbp: {e}\n")
         return 2
+    except RuntimeError as e:  # a worker refused its --path, or died
+        sys.stderr.write(f"fastbp: {e}\n")
+        return 3
     first = res[a.configs[0]]["_kernels"]
     print("\n".join(format_kernels(first, a.path)))
     print(report(res, a.loops))
     how = (
-        "a book and a fastbp process per rep, alive together, taking turns (idle gap before each batch); "
-        "ratio per round"
+        "a book and a fastbp process per config and rep, alive together, taking turns (idle gap before each "
+        "batch); ratio per round"
         if a.mode == "separate"
         else "both sides in one process per rep, interleaved rounds; ratio per round"
     )

@@ -162,7 +162,7 @@ def format_table(rows, impl_cols=("fastbp", "numpy", "torch")):
         cells.append(f"{gf:.1f}" if gf else "-")
         tg = []
         for t in r.get("target_results", []):
-            if t["kind"] in ("floor", "gemms"):
+            if t["kind"] in ("floor", "gemms", "layers"):
                 tg.append(f"{t['text']}: {_fmt_ratio(t['value'])}")
             else:
                 tg.append(t["text"])
@@ -395,8 +395,9 @@ def run(args, out=None):
                 + _bound_note(r),
                 file=out,
             )
-        if _parts_note(r):
-            print(_parts_note(r), file=out)
+        parts = _parts_note(r)
+        if parts:
+            print(parts, file=out)
         if "floor_s" in r:
             extra = ""
             if "gemm_only_ratio" in r:
