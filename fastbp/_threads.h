@@ -10,12 +10,19 @@
  * so the elementwise kernels and the GEMMs share one pool of worker threads instead of two pools spinning
  * against each other on the same cores.  The jobs of a level-3 call wait for each other, so they must all run at
  * once: when neither can provide numjobs threads (called inside a parallel region, another thread's region,
- * dynamic teams, a thread limit), the jobs run on freshly created threads instead.
+ * dynamic teams, a thread limit), the jobs run on freshly created threads instead, one each; a thread that cannot
+ * be created is retried, and if it still cannot be had the process stops with a message (running the job on the
+ * caller after its own would hang: fb_create_job_thread).
  */
 #ifndef FASTBP_THREADS_H
 #define FASTBP_THREADS_H
 #include <Python.h>
+#include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
 #include <sched.h>
 #include <stddef.h>
 
@@ -44,25 +51,78 @@ static void *fb_job_main(void *arg) {
     return NULL;
 }
 
+/* Creating a job's thread.  OpenBLAS's jobs wait for each other, so a job without a thread of its own would hang
+ * the whole call (the caller cannot run it after its own): a failed pthread_create (EAGAIN: a thread or memory limit,
+ * often momentary) is retried with backoff for up to fb_create_retry_us, and then the process stops with a message
+ * saying why, rather than hang.  fb_test_create_failures (tests only) makes that many attempts fail first. */
+static long long fb_create_retry_us = 10000000;
+static int fb_test_create_failures = 0;
+
+static int fb_create_job_thread(pthread_t *tid, fb_job_t *job) {
+    long long waited_us = 0, step_us = 50;
+    for (;;) {
+        int rc;
+        if (fb_test_create_failures > 0) {
+            fb_test_create_failures--;
+            rc = EAGAIN;
+        } else {
+            rc = pthread_create(tid, NULL, fb_job_main, job);
+        }
+        if (rc == 0 || waited_us >= fb_create_retry_us) return rc;
+        {
+            struct timespec ts;
+            ts.tv_sec = (time_t)(step_us / 1000000);
+            ts.tv_nsec = (long)(step_us % 1000000) * 1000;
+            nanosleep(&ts, NULL);
+        }
+        waited_us += step_us;
+        if (step_us < 100000) step_us *= 2;
+    }
+}
+
 static int fb_run_jobs_on_pthreads(fb_dojob_t dojob, int numjobs, size_t elsize, void *jobdata, int data) {
     pthread_t tids[64];
     fb_job_t jobs[64];
-    int i, started = 0;
+    int i, rc;
     if (numjobs > 64) return -1;
     for (i = 1; i < numjobs; i++) {
         jobs[i].dojob = dojob; jobs[i].job = (char *)jobdata + (size_t)i * elsize;
         jobs[i].thread_num = i; jobs[i].data = data;
-        if (pthread_create(&tids[i], NULL, fb_job_main, &jobs[i]) != 0) break;
-        started = i;
-    }
-    if (started != numjobs - 1) {            /* could not start them all: run the rest here, in order */
-        for (i = started + 1; i < numjobs; i++) dojob(i, (char *)jobdata + (size_t)i * elsize, data);
+        rc = fb_create_job_thread(&tids[i], &jobs[i]);
+        if (rc != 0) {
+            fprintf(stderr, "fastbp: cannot create a thread for OpenBLAS's parallel job %d of %d (pthread_create: %s, "
+                    "retried for %lld ms); the jobs of one call wait for each other, so the call cannot finish. "
+                    "Use fewer threads (FASTBP_NUM_THREADS) or FASTBP_BLAS_THREADING=split (the default).\n",
+                    i + 1, numjobs, strerror(rc), fb_create_retry_us / 1000);
+            fflush(stderr);
+            abort();
+        }
     }
     dojob(0, jobdata, data);
-    for (i = 1; i <= started; i++) pthread_join(tids[i], NULL);
+    for (i = 1; i < numjobs; i++) pthread_join(tids[i], NULL);
     return 0;
 }
 
+/* Tests: a gang of jobs that, like OpenBLAS's, each wait until all of them have started (at most ~5 s, so a
+ * broken runner fails a test instead of hanging it); job i sets ok[i] = 1 when it saw the whole gang.  The job
+ * data is an array of fb_test_gang_t, one per job. */
+typedef struct { int *started; int numjobs; int *ok; int index; } fb_test_gang_t;
+
+static void fb_test_gang_job(int thread_num, void *jobdata, int data) {
+    fb_test_gang_t *g = (fb_test_gang_t *)jobdata;
+    long long deadline;
+    struct timespec ts;
+    (void)thread_num; (void)data;
+    __atomic_add_fetch(g->started, 1, __ATOMIC_SEQ_CST);
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    deadline = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec + 5000000000LL;
+    while (__atomic_load_n(g->started, __ATOMIC_SEQ_CST) < g->numjobs) {
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        if ((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec > deadline) return;
+        sched_yield();
+    }
+    g->ok[g->index] = 1;
+}
 
 /* ---------------------------------------------------------------------------------------------------------------
  * fastbp's own worker pool (issue 11 item 1): how parallel_blocks opens a region by default.

@@ -30,6 +30,16 @@ cdef extern from "_threads.h" nogil:
     int fb_in_parallel() noexcept
     int fb_thread_num() noexcept
     void *fb_blas_threads_address() noexcept
+    ctypedef void (*fb_dojob_t)(int thread_num, void *jobdata, int dojob_data) noexcept nogil
+    ctypedef struct fb_test_gang_t:
+        int *started
+        int numjobs
+        int *ok
+        int index
+    void fb_test_gang_job(int thread_num, void *jobdata, int data) noexcept
+    int fb_run_jobs_on_pthreads(fb_dojob_t dojob, int numjobs, size_t elsize, void *jobdata, int data) noexcept
+    long long fb_create_retry_us
+    int fb_test_create_failures
     ctypedef void (*fb_block_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t block) noexcept nogil
     int FB_POOL
     long long fb_spin_ns
@@ -191,6 +201,35 @@ def _after_fork_in_child():
 def _blas_threads_callback():
     """Address of the OpenBLAS threads callback that runs BLAS jobs on fastbp's OpenMP team (0 without OpenMP)."""
     return <intptr_t>fb_blas_threads_address() if FASTBP_OPENMP else 0
+
+
+def _run_gang_on_pthreads(int numjobs, int fail_creates=0, long long retry_us=10000000):
+    """Tests: run `numjobs` (1..64) jobs that wait for each other, as OpenBLAS's do, on the callback's last-resort
+    runner (a thread per job), after making the next `fail_creates` thread creations fail, with `retry_us` of
+    retrying; returns, per job, whether it ran alongside all the others."""
+    if not 1 <= numjobs <= 64:
+        raise ValueError(f"numjobs must be in 1..64, got {numjobs}")
+    cdef fb_test_gang_t jobs[64]
+    cdef int ok[64]
+    cdef int started = 0
+    cdef int i
+    for i in range(numjobs):
+        jobs[i].started = &started
+        jobs[i].numjobs = numjobs
+        jobs[i].ok = ok
+        jobs[i].index = i
+        ok[i] = 0
+    global fb_test_create_failures, fb_create_retry_us
+    cdef long long saved = fb_create_retry_us
+    fb_test_create_failures = fail_creates
+    fb_create_retry_us = retry_us
+    try:
+        with nogil:
+            fb_run_jobs_on_pthreads(fb_test_gang_job, numjobs, sizeof(fb_test_gang_t), jobs, 0)
+    finally:
+        fb_test_create_failures = 0
+        fb_create_retry_us = saved
+    return [bool(ok[i]) for i in range(numjobs)]
 
 
 def build_info():
