@@ -21,7 +21,7 @@ from libc.stdint cimport int64_t, uint8_t
 cimport numpy as cnp
 import numpy as np
 from fastbp._typedefs cimport floating
-from fastbp._threads cimport parallel_blocks, even_block, reduce_blocks_d
+from fastbp._threads cimport block_fn, parallel_blocks, even_block, reduce_blocks_d
 from fastbp._gemm cimport (gemm as split_gemm, dgemm_from_f32, flip_trans, blas_operand, check_blas_dims,
                            FB_NOTRANS)
 from fastbp._validate cimport (shape_of, dtype_of, ftype, same_type, check_ndim, check_out, check_contig,
@@ -297,6 +297,19 @@ ctypedef struct _ew_ctx:
     uint8_t *mask        # OUT mask (ReLU forward)
 
 
+cdef void _run_ew(int t, Py_ssize_t n, Py_ssize_t min_block, block_fn f32, block_fn f64, const void *a,
+                  const void *b, void *out, uint8_t *mask) noexcept:
+    """One elementwise kernel over n validated elements (f32 or f64 by the type code t), in blocks of at least
+    min_block, without the GIL."""
+    cdef _ew_ctx c
+    c.a = a
+    c.b = b
+    c.out = out
+    c.mask = mask
+    with nogil:
+        parallel_blocks(n, even_block(n, min_block), f32 if t == 0 else f64, &c)
+
+
 cdef void _relu_f_f32(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
     cdef _ew_ctx *c = <_ew_ctx*>ctx
     fb_relu_forward_f32(hi - lo, <const float*>c.a + lo, <float*>c.out + lo, c.mask + lo)
@@ -362,14 +375,9 @@ def relu_forward(x, out, mask):
     check_no_overlap(Out, X, "out", "x", True); check_no_overlap(mask, X, "mask", "x")
     check_no_overlap(mask, Out, "mask", "out")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(X)
-    cdef _ew_ctx c
-    c.a = cnp.PyArray_DATA(X)
-    c.b = NULL
-    c.out = cnp.PyArray_DATA(Out)
-    c.mask = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>mask)
-    with nogil:
-        # mask = x <= 0; out = 0 where mask else x (NaN passes through with mask False)
-        parallel_blocks(n, even_block(n, MIN_BLOCK), _relu_f_f32 if t == 0 else _relu_f_f64, &c)
+    # mask = x <= 0; out = 0 where mask else x (NaN passes through with mask False)
+    _run_ew(t, n, MIN_BLOCK, _relu_f_f32, _relu_f_f64, cnp.PyArray_DATA(X), NULL,
+            cnp.PyArray_DATA(Out), <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>mask))
     return out
 
 
@@ -383,13 +391,8 @@ def relu_backward(dout, mask, dx):
     check_same_shape(DX, D, "dx", "dout"); check_out(DX, "dx")
     check_no_overlap(DX, D, "dx", "dout", True); check_no_overlap(DX, mask, "dx", "mask")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(D)
-    cdef _ew_ctx c
-    c.a = cnp.PyArray_DATA(D)
-    c.b = cnp.PyArray_DATA(<cnp.ndarray>mask)
-    c.out = cnp.PyArray_DATA(DX)
-    c.mask = NULL
-    with nogil:
-        parallel_blocks(n, even_block(n, MIN_BLOCK), _relu_b_f32 if t == 0 else _relu_b_f64, &c)
+    _run_ew(t, n, MIN_BLOCK, _relu_b_f32, _relu_b_f64, cnp.PyArray_DATA(D), cnp.PyArray_DATA(<cnp.ndarray>mask),
+            cnp.PyArray_DATA(DX), NULL)
     return dx
 
 
@@ -420,13 +423,8 @@ def relu_inplace(x):
     cdef cnp.ndarray X = <cnp.ndarray>x
     check_contig(X, "x"); check_out(X, "x")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(X)
-    cdef _ew_ctx c
-    c.a = NULL
-    c.b = NULL
-    c.out = cnp.PyArray_DATA(X)
-    c.mask = NULL
-    with nogil:
-        parallel_blocks(n, even_block(n, MIN_BLOCK), _relu_ip_f32 if t == 0 else _relu_ip_f64, &c)
+    _run_ew(t, n, MIN_BLOCK, _relu_ip_f32, _relu_ip_f64, NULL, NULL,
+            cnp.PyArray_DATA(X), NULL)
     return x
 
 
@@ -439,13 +437,8 @@ def relu_mask_inplace(y, d):
     check_contig(Y, "y"); check_contig(D, "d"); check_same_shape(D, Y, "d", "y"); check_out(D, "d")
     check_no_overlap(D, Y, "d", "y")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(D)
-    cdef _ew_ctx c
-    c.a = NULL
-    c.b = cnp.PyArray_DATA(Y)
-    c.out = cnp.PyArray_DATA(D)
-    c.mask = NULL
-    with nogil:
-        parallel_blocks(n, even_block(n, MIN_BLOCK), _relu_mask_ip_f32 if t == 0 else _relu_mask_ip_f64, &c)
+    _run_ew(t, n, MIN_BLOCK, _relu_mask_ip_f32, _relu_mask_ip_f64, NULL, cnp.PyArray_DATA(Y),
+            cnp.PyArray_DATA(D), NULL)
     return d
 
 
@@ -457,14 +450,9 @@ def sigmoid_forward(x, out):
     check_contig(X, "x"); check_same_shape(Out, X, "out", "x"); check_out(Out, "out")
     check_no_overlap(Out, X, "out", "x", True)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(X)
-    cdef _ew_ctx c
-    c.a = cnp.PyArray_DATA(X)
-    c.b = NULL
-    c.out = cnp.PyArray_DATA(Out)
-    c.mask = NULL
-    with nogil:
-        # the exponential costs: blocks 4x larger than the other elementwise kernels'
-        parallel_blocks(n, even_block(n, 4 * MIN_BLOCK), _sigmoid_f_f32 if t == 0 else _sigmoid_f_f64, &c)
+    # the exponential costs: blocks 4x larger than the other elementwise kernels'
+    _run_ew(t, n, 4 * MIN_BLOCK, _sigmoid_f_f32, _sigmoid_f_f64, cnp.PyArray_DATA(X), NULL,
+            cnp.PyArray_DATA(Out), NULL)
     return out
 
 
@@ -478,13 +466,8 @@ def sigmoid_backward(dout, y, dx):
     check_same_shape(DX, D, "dx", "dout"); check_out(DX, "dx")
     check_no_overlap(DX, D, "dx", "dout", True); check_no_overlap(DX, Y, "dx", "y", True)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(D)
-    cdef _ew_ctx c
-    c.a = cnp.PyArray_DATA(D)
-    c.b = cnp.PyArray_DATA(Y)
-    c.out = cnp.PyArray_DATA(DX)
-    c.mask = NULL
-    with nogil:
-        parallel_blocks(n, even_block(n, MIN_BLOCK), _sigmoid_b_f32 if t == 0 else _sigmoid_b_f64, &c)
+    _run_ew(t, n, MIN_BLOCK, _sigmoid_b_f32, _sigmoid_b_f64, cnp.PyArray_DATA(D), cnp.PyArray_DATA(Y),
+            cnp.PyArray_DATA(DX), NULL)
     return dx
 
 
