@@ -340,9 +340,6 @@ class _UpdateOnCopies:
         self.apply(self.params, self.grads)
 
 
-_update_on_copies = _UpdateOnCopies
-
-
 def book_case(batch=100, lr=0.1):
     """The book's TwoLayerNet 784-50-10 and loop step (float64 weights, float32 images, one-hot labels):
     fastbp.layers dropped in vs the book's own layers (BookLayers), same initial weights."""
@@ -366,7 +363,7 @@ def book_case(batch=100, lr=0.1):
         for key in ("W1", "b1", "W2", "b2"):
             params[key] -= lr * grads[key]
 
-    add_step_parts(impls, fnet, x, t, _update_on_copies(fnet.params, fnet.gradient(x, t), sgd))
+    add_step_parts(impls, fnet, x, t, _UpdateOnCopies(fnet.params, fnet.gradient(x, t), sgd))
 
     def check():
         fg = fnet.gradient(x, t)
@@ -431,7 +428,7 @@ def book_mlp_case(batch=128, hidden=(100, 100, 100, 100), lr=0.001, optimizer="b
     flops = step_gemm_flops(batch, sizes, first_dx=True)
     impls["gemm-only"] = gemm_only_step(sizes, batch, np.float64, first_dx=True)
     part_opt = fast_optimizer.Adam(lr) if fast_adam else BookAdam(lr)
-    add_step_parts(impls, fnet, x, t, _update_on_copies(fnet.params, fnet.gradient(x, t), part_opt.update))
+    add_step_parts(impls, fnet, x, t, _UpdateOnCopies(fnet.params, fnet.gradient(x, t), part_opt.update))
     which = "fastbp.layers + fastbp.optimizer.Adam" if fast_adam else "fastbp.layers (book Adam)"
     return Case(
         "book-mlp-b128-fbadam" if fast_adam else "book-mlp-b128",

@@ -160,6 +160,23 @@ def make_loops(seed=0, sides=("fastbp", "book")):
     return loops
 
 
+def _regions_per_step(step, steps=10):
+    """Parallel regions fastbp opens per call of `step` (mean over `steps` calls)."""
+    from fastbp import _threads
+
+    _threads.reset_region_counts()
+    for _ in range(steps):
+        step()
+    return _threads.region_counts()["opened"] / steps
+
+
+def _process_info(used):
+    """What a worker reports of its process: fastbp's runtime and pool settings, and the kernels `used`."""
+    from fastbp import _runtime, _threads
+
+    return {"_runtime": {**_runtime.info(), "pool": _threads.pool_info()}, "_kernels": used}
+
+
 def _kernels_or_refuse():
     """The kernels this worker runs; exits (refusing to time) when a --path child did not get its path."""
     from fastbp.bench.simdpath import CHILD_VAR, child_check, kernels_in_use
@@ -189,21 +206,13 @@ def worker(rounds, seconds, loops_wanted):
             order = list(impls) if r % 2 == 0 else list(impls)[::-1]
             for k in order:
                 times[k].append(_time_batch(impls[k], numbers[k]))
-        from fastbp import _threads
-
-        _threads.reset_region_counts()
-        for _ in range(10):
-            impls["fastbp"]()
         out[name] = {
             "fastbp_s": times["fastbp"],
             "book_s": times["book"],
             "ratio": [b / f for b, f in zip(times["book"], times["fastbp"])],
-            "regions": [_threads.region_counts()["opened"] / 10],
+            "regions": [_regions_per_step(impls["fastbp"])],
         }
-    from fastbp import _runtime, _threads
-
-    out["_runtime"] = {**_runtime.info(), "pool": _threads.pool_info()}
-    out["_kernels"] = used
+    out.update(_process_info(used))
     return out
 
 
@@ -228,16 +237,9 @@ def serve(side, loops_wanted, inp=None, out=None):
             f()
             reply = {"s": _time_batch(f, req["number"])}
         elif "regions" in req:
-            from fastbp import _threads
-
-            _threads.reset_region_counts()
-            for _ in range(10):
-                steps[req["regions"]]()
-            reply = {"regions": _threads.region_counts()["opened"] / 10}
+            reply = {"regions": _regions_per_step(steps[req["regions"]])}
         else:
-            from fastbp import _runtime, _threads
-
-            reply = {"_runtime": {**_runtime.info(), "pool": _threads.pool_info()}, "_kernels": used}
+            reply = _process_info(used)
         out.write(json.dumps(reply) + "\n")
         out.flush()
 
