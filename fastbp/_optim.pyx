@@ -7,7 +7,7 @@
 # not depend on the thread count).
 cimport numpy as cnp
 from fastbp._typedefs cimport floating
-from fastbp._threads cimport parallel_blocks, even_block
+from fastbp._threads cimport parallel_blocks_nt, even_block, num_threads
 from fastbp._validate cimport ftype, same_type, check_same_shape, check_no_overlap
 
 cnp.import_array()
@@ -33,6 +33,11 @@ cdef enum:
 # book's networks (784 x 50 = 39200) is updated in one contiguous block per thread: the caller's first block is the
 # rows its pieces of that layer's products read and write (_gemm: contiguous runs; _threads: block 0 is the
 # caller's), so the update reads the gradient and writes the weights in the cache of the core that uses them.
+# The converse: when no parallel region ran since the optimizer's previous step (a small batch: every product of
+# the step below GEMM_PARALLEL_MIN, all on the caller), the gradients and the weights are in the caller's cache, and
+# a worker updating half of them would pull that half to its core and the next forward would pull it back (the
+# book's TwoLayerNet at batch 1: a 15 us gradient and a 5 us update took 45 us per step).  The optimizers then pass
+# serial=True (fastbp.optimizer, _Optimizer.update).  The update is elementwise: the same bits either way.
 cdef Py_ssize_t MIN_BLOCK = 1 << 13
 
 ctypedef struct _opt_ctx:
@@ -73,10 +78,11 @@ cdef inline bint _contig_like(cnp.ndarray a, bint c_order):
 
 
 def optimizer_update(int kind, param, grad, state1, state2, double lr, double a=0, double b=0,
-                     double eps=1e-7):
+                     double eps=1e-7, bint serial=False):
     """In-place update of `param` by optimizer `kind` (0 SGD, 1 Momentum, 2 Nesterov, 3 AdaGrad, 4 RMSprop,
     5 Adam); state arrays as that optimizer needs (None otherwise).  All arrays: one shape, one float dtype,
-    one memory order (all C- or all F-contiguous), param and states writeable."""
+    one memory order (all C- or all F-contiguous), param and states writeable.  `serial`: on the calling thread
+    only (the arrays are in its cache, see MIN_BLOCK)."""
     if kind < OPT_SGD or kind > OPT_ADAM:
         raise ValueError(f"unknown optimizer kind {kind}")
     cdef int t = ftype(param, "param")
@@ -122,5 +128,6 @@ def optimizer_update(int kind, param, grad, state1, state2, double lr, double a=
     ctx.b = b
     ctx.eps = eps
     with nogil:
-        parallel_blocks(n, even_block(n, MIN_BLOCK), _opt_block_f if t == 0 else _opt_block_d, &ctx)
+        parallel_blocks_nt(n, even_block(n, MIN_BLOCK), _opt_block_f if t == 0 else _opt_block_d, &ctx,
+                           1 if serial else num_threads())
     return param

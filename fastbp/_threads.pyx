@@ -185,6 +185,11 @@ def region_counts():
     return {"opened": _regions_opened, "serial": _regions_serial}
 
 
+def regions_opened():
+    """OpenMP parallel regions (or pool regions) opened so far: region_counts()['opened'] without the dict."""
+    return _regions_opened
+
+
 def reset_region_counts():
     """Set both region counters to 0."""
     global _regions_opened, _regions_serial

@@ -44,6 +44,7 @@ import numpy as np
 
 from fastbp import _blas  # noqa: F401  (checks the FASTBP_* settings at import)
 from fastbp import _kernels as _k
+from fastbp import _threads
 
 __all__ = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSprop", "Adam", "EPS"]
 
@@ -120,6 +121,9 @@ class _Optimizer:
         # [(key, param, grad, state1, state2)]).  It stands for the attributes it was built from and is used only
         # while those attributes still hold the very same objects (checked at every step, see update).
         self._plan = None
+        # fastbp's parallel-region count after this optimizer's last step: unchanged at the next step means the
+        # gradient ran entirely on this thread (small products), so the update stays on it too (_optim, MIN_BLOCK)
+        self._regions_after = -1
 
     # -- hooks -----------------------------------------------------------------------------------------
     def _coefficients(self):
@@ -137,6 +141,13 @@ class _Optimizer:
         parameters, the state and ``iter`` as they were."""
         kind = self._kind
         plan = self._plan
+        serial = _threads.regions_opened() == getattr(self, "_regions_after", -1)
+        try:
+            return self._update(kind, plan, params, grads, serial)
+        finally:
+            self._regions_after = _threads.regions_opened()
+
+    def _update(self, kind, plan, params, grads, serial):
         if plan is not None and self._plan_holds(plan, params, grads):
             # The same parameter, gradient and state objects as the last step, which all went through the
             # kernel: skip the Python-level checks (the kernel still checks dtype, shape, layout, writability and
@@ -145,7 +156,7 @@ class _Optimizer:
             done = 0
             try:
                 for _, p, g, s1, s2 in plan[-1]:
-                    _k.optimizer_update(kind, p, g, s1, s2, lr, a, b, EPS)
+                    _k.optimizer_update(kind, p, g, s1, s2, lr, a, b, EPS, serial)
                     done += 1
             except BaseException:
                 self._plan = None
@@ -181,7 +192,7 @@ class _Optimizer:
                 if aliased or not (g.dtype == p.dtype and g.dtype.isnative and _contiguous_as(g, order)):
                     g = self._converted(key, g, p, order)
                     new_plan = None
-                _k.optimizer_update(kind, p, g, s1, s2, lr, a, b, EPS)
+                _k.optimizer_update(kind, p, g, s1, s2, lr, a, b, EPS, serial)
                 if new_plan is not None:
                     new_plan.append((key, p, g, s1, s2))
             else:

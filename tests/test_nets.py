@@ -437,3 +437,30 @@ def test_fused_relu_passes_nan_like_the_layer():
     got, want = net.gradient(x, t), twin.gradient(x, t)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])  # NaN where the layers give NaN
+
+
+def test_small_batch_step_opens_no_region():
+    # batch 1: every product of the step is below the split threshold and runs on the calling thread; the update
+    # then stays on it too (a worker updating half of W1 would pull it to its core and back every step)
+    from fastbp import _kernels, _threads
+
+    if _kernels.build_info()["num_threads"] < 2:
+        pytest.skip("one thread: no region is ever opened")
+    np.random.seed(1)
+    net = TwoLayerNet(784, 50, 10, dtype=np.float32)
+    twin = TwoLayerNet(784, 50, 10, dtype=np.float32)
+    for k in net.params:
+        twin.params[k][...] = net.params[k]
+    opt, opt_twin = SGD(lr=0.1), SGD(lr=0.1)
+    x, t = np.random.rand(1, 784).astype(np.float32), np.array([3])
+    opt.update(net.params, net.gradient(x, t))  # the first update has no previous step: in blocks over the threads
+    before = _threads.regions_opened()
+    for _ in range(6):
+        opt.update(net.params, net.gradient(x, t))
+    assert _threads.regions_opened() == before
+    for _ in range(7):  # the same weights as updates in blocks over the threads (elementwise: the same bits)
+        grads = twin.gradient(x, t)
+        opt_twin._regions_after = -1
+        opt_twin.update(twin.params, grads)
+    for k in net.params:
+        np.testing.assert_array_equal(net.params[k], twin.params[k])
