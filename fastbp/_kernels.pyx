@@ -25,7 +25,7 @@ from fastbp._threads cimport block_fn, parallel_blocks, even_block, reduce_block
 from fastbp._gemm cimport (gemm as split_gemm, dgemm_from_f32, flip_trans, blas_operand, check_blas_dims,
                            FB_NOTRANS)
 from fastbp._validate cimport (shape_of, dtype_of, ftype, same_type, check_ndim, check_out, check_contig,
-                               check_shape2, check_same_shape, check_no_overlap)
+                               check_shape2, check_same_shape, check_no_overlap, extent)
 
 cnp.import_array()
 
@@ -297,17 +297,23 @@ ctypedef struct _ew_ctx:
     uint8_t *mask        # OUT mask (ReLU forward)
 
 
-cdef void _run_ew(int t, Py_ssize_t n, Py_ssize_t min_block, block_fn f32, block_fn f64, const void *a,
-                  const void *b, void *out, uint8_t *mask) noexcept:
+cdef void _ew_blocks(int t, Py_ssize_t n, Py_ssize_t min_block, block_fn f32, block_fn f64, const void *a,
+                     const void *b, void *out, uint8_t *mask) noexcept nogil:
     """One elementwise kernel over n validated elements (f32 or f64 by the type code t), in blocks of at least
-    min_block, without the GIL."""
+    min_block."""
     cdef _ew_ctx c
     c.a = a
     c.b = b
     c.out = out
     c.mask = mask
+    parallel_blocks(n, even_block(n, min_block), f32 if t == 0 else f64, &c)
+
+
+cdef void _run_ew(int t, Py_ssize_t n, Py_ssize_t min_block, block_fn f32, block_fn f64, const void *a,
+                  const void *b, void *out, uint8_t *mask) noexcept:
+    """_ew_blocks without the GIL."""
     with nogil:
-        parallel_blocks(n, even_block(n, min_block), f32 if t == 0 else f64, &c)
+        _ew_blocks(t, n, min_block, f32, f64, a, b, out, mask)
 
 
 cdef void _relu_f_f32(void *ctx, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t j) noexcept nogil:
@@ -624,6 +630,252 @@ cdef double _softmax_ce_dispatch(int ft, cnp.ndarray X, cnp.ndarray T, cnp.ndarr
     with nogil:
         loss = _softmax_ce(ft, n, &s)
     return loss / (n - nignored) if n > nignored else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused: the gradient of a fully connected ReLU network (fastbp's TwoLayerNet / MultiLayerNet) in one call
+# ---------------------------------------------------------------------------------------------------------------
+# A network of L Affine layers with a ReLU after every one but the last, and softmax cross-entropy on the logits:
+# forward, loss and backward as the layer-by-layer path of fastbp.nets runs them (affine_forward, relu_inplace on
+# the Affine's output, ..., softmax_cross_entropy, affine_backward, relu_mask_inplace on its dx, ..., the first
+# layer's affine_backward without dx): the same kernels on the same operands in the same order, so the same bits.
+# What it saves is the Python between the kernels (the layer methods, the wrappers' argument parsing and their
+# checks, one wrapper call per kernel): about 10 us per step of the book's TwoLayerNet, 8 % of its GEMMs.  Every
+# operand is checked before anything is written, outputs against each other and against the inputs in one pass.
+ctypedef struct _fc_layer:
+    Py_ssize_t d, m        # W is (d, m)
+    int tw                 # W's BLAS transpose flag and leading dimension (any strided layout, see blas_operand)
+    Py_ssize_t ldw
+    const void *w          # IN  W (d, m)
+    const void *b          # IN  b (m,)
+    void *out              # OUT relu(in @ W + b) (n, m); the last layer: the logits, no ReLU
+    void *dx               # OUT dout @ W.T masked by the previous layer's ReLU (n, d); NULL for the first layer
+    void *dw               # OUT in.T @ dout (d, m)
+    void *db               # OUT dout summed over the rows (m,)
+
+
+cdef int _fc_run(Py_ssize_t n, int tx, Py_ssize_t ldx, const floating *x, _fc_layer *L, Py_ssize_t nl,
+                 _sm_ctx *s, double *loss) noexcept nogil:
+    """Forward, softmax cross-entropy (s: targets, y, g, scale filled in) and backward; loss = the rows' summed
+    loss.  -1 if out of memory (the bias reduction's scratch)."""
+    cdef int t = 0 if floating is float else 1
+    cdef Py_ssize_t k
+    cdef const floating *a = x
+    cdef int ta = tx
+    cdef Py_ssize_t lda = ldx
+    for k in range(nl):
+        _affine_forward(ta, lda, L[k].tw, L[k].ldw, n, L[k].d, L[k].m, a, <const floating*>L[k].w,
+                        <const floating*>L[k].b, <floating*>L[k].out)
+        if k + 1 < nl:
+            _ew_blocks(t, n * L[k].m, MIN_BLOCK, _relu_ip_f32, _relu_ip_f64, NULL, NULL, L[k].out, NULL)
+        a = <const floating*>L[k].out
+        ta = FB_NOTRANS
+        lda = L[k].m if L[k].m > 1 else 1
+    s.x = L[nl - 1].out
+    loss[0] = _softmax_ce(t, n, s)
+    cdef floating *d = <floating*>s.g
+    for k in range(nl - 1, -1, -1):
+        if k == 0:
+            a, ta, lda = x, tx, ldx
+        else:
+            a, ta, lda = <const floating*>L[k - 1].out, FB_NOTRANS, (L[k].d if L[k].d > 1 else 1)
+        if _affine_backward(ta, lda, L[k].tw, L[k].ldw, n, L[k].d, L[k].m, d, a, <const floating*>L[k].w,
+                            <floating*>L[k].dx, <floating*>L[k].dw, <floating*>L[k].db) != 0:
+            return -1
+        if k > 0:
+            _ew_blocks(t, n * L[k].d, MIN_BLOCK, _relu_mask_ip_f32, _relu_mask_ip_f64, NULL, L[k - 1].out,
+                       L[k].dx, NULL)
+            d = <floating*>L[k].dx
+    return 0
+
+
+cdef _fc_check_disjoint(list outs, list out_names, list ins, list in_names):
+    """ValueError naming the first pair when two outputs share memory or an output shares memory with an input
+    (None entries skipped); the extents are compared in C, names are only built for the error."""
+    cdef Py_ssize_t no = len(outs), ni = len(ins), i, j
+    cdef char **ol = <char**>malloc(2 * (no + ni) * sizeof(char*))
+    if ol == NULL:
+        raise MemoryError()
+    cdef char **oh = ol + no
+    cdef char **il = ol + 2 * no
+    cdef char **ih = il + ni
+    cdef Py_ssize_t bad_i = -1, bad_j = -1
+    cdef bint bad_in = False
+    try:
+        for i in range(no):
+            if outs[i] is None:
+                ol[i] = oh[i] = NULL
+            else:
+                extent(<cnp.ndarray>outs[i], &ol[i], &oh[i])
+        for i in range(ni):
+            if ins[i] is None:
+                il[i] = ih[i] = NULL
+            else:
+                extent(<cnp.ndarray>ins[i], &il[i], &ih[i])
+        for i in range(no):
+            if bad_i >= 0:
+                break
+            for j in range(i + 1, no):
+                if ol[i] < oh[j] and ol[j] < oh[i]:
+                    bad_i, bad_j = i, j
+                    break
+            if bad_i >= 0:
+                break
+            for j in range(ni):
+                if ol[i] < ih[j] and il[j] < oh[i]:
+                    bad_i, bad_j, bad_in = i, j, True
+                    break
+    finally:
+        free(ol)
+    if bad_i >= 0:
+        other = in_names[bad_j] if bad_in else out_names[bad_j]
+        raise ValueError(f"{out_names[bad_i]} overlaps {other} in memory: outputs must not share memory with "
+                         f"inputs or with each other")
+
+
+def fc_relu_gradient(x, t, list Ws, list bs, list outs, list dxs, list dWs, list dbs, y, g):
+    """(Affine -> ReLU) x (L - 1) -> Affine -> softmax cross-entropy, forward and backward; returns the mean loss.
+
+    The same bits as affine_forward, relu_inplace, ..., softmax_cross_entropy (scale 1 / N), affine_backward,
+    relu_mask_inplace, ... called layer by layer, the first layer's dx not computed.
+    # IN  x (N, D_0) any strided layout; t int64 labels (N,) in [0, C) or one-hot rows (N, C) of x's dtype;
+    #     Ws[k] (D_k, D_k+1) any strided layout, bs[k] (D_k+1,); one float dtype throughout
+    # OUT outs[k] (N, D_k+1): relu(in_k @ W_k + b_k), the last one the logits (no ReLU); y, g (N, C):
+    #     softmax and (y - onehot(t)) / N; dxs[k] (N, D_k) for k >= 1 (dxs[0] must be None): the gradient reaching
+    #     layer k - 1's output, masked by its ReLU; dWs[k] (D_k, D_k+1), dbs[k] (D_k+1,)
+    All outputs C-contiguous, writeable, disjoint from each other and from the inputs; N >= 1, C >= 1.
+    """
+    cdef Py_ssize_t nl = len(Ws), k
+    if nl < 1:
+        raise ValueError("the network needs at least one Affine layer, got none")
+    if len(bs) != nl or len(outs) != nl or len(dxs) != nl or len(dWs) != nl or len(dbs) != nl:
+        raise ValueError(f"Ws, bs, outs, dxs, dWs and dbs must have one entry per layer ({nl}), got lengths "
+                         f"{len(bs)}, {len(outs)}, {len(dxs)}, {len(dWs)}, {len(dbs)}")
+    cdef int ft = ftype(x, "x")
+    cdef cnp.ndarray X = <cnp.ndarray>x, Wl, Bl, A
+    check_ndim(X, 2, "x")
+    cdef Py_ssize_t n = cnp.PyArray_DIM(X, 0), dprev = cnp.PyArray_DIM(X, 1), m
+    if n < 1:
+        raise ValueError(f"x must have at least one row, got shape {shape_of(X)}")
+    cdef _fc_layer *L = <_fc_layer*>malloc(nl * sizeof(_fc_layer))
+    if L == NULL:
+        raise MemoryError()
+    cdef double small[64]
+    cdef double *rows = &small[0]
+    cdef _sm_ctx s
+    cdef int tx, rc
+    cdef Py_ssize_t ldx, c, bad, nignored = 0
+    cdef double loss = 0
+    cdef cnp.ndarray T
+    keep = []   # operands converted for BLAS (blas_operand, a contiguous bias): alive until the kernels are done
+    try:
+        out_arrays, out_names, in_arrays, in_names = [], [], [X], ["x"]
+        for k in range(nl):
+            same_type(ft, Ws[k], f"Ws[{k}]")
+            Wl = <cnp.ndarray>Ws[k]
+            check_ndim(Wl, 2, f"Ws[{k}]")
+            if cnp.PyArray_DIM(Wl, 0) != dprev:
+                raise ValueError(f"Ws[{k}] must have {dprev} rows (the columns of its input), got shape "
+                                 f"{shape_of(Wl)}")
+            m = cnp.PyArray_DIM(Wl, 1)
+            same_type(ft, bs[k], f"bs[{k}]")
+            Bl = <cnp.ndarray>bs[k]
+            if cnp.PyArray_NDIM(Bl) != 1 or cnp.PyArray_DIM(Bl, 0) != m:
+                raise ValueError(f"bs[{k}] must have shape ({m},), got {shape_of(Bl)}")
+            for arr, name, r, cc in ((outs[k], f"outs[{k}]", n, m), (dWs[k], f"dWs[{k}]", dprev, m)):
+                same_type(ft, arr, name)
+                A = <cnp.ndarray>arr
+                check_ndim(A, 2, name); check_shape2(A, r, cc, name); check_out(A, name)
+            same_type(ft, dbs[k], f"dbs[{k}]")
+            A = <cnp.ndarray>dbs[k]
+            if cnp.PyArray_NDIM(A) != 1 or cnp.PyArray_DIM(A, 0) != m:
+                raise ValueError(f"dbs[{k}] must have shape ({m},), got {shape_of(A)}")
+            check_out(A, f"dbs[{k}]")
+            if k == 0:
+                if dxs[0] is not None:
+                    raise ValueError("dxs[0] must be None: the first layer's dx is not computed")
+            else:
+                same_type(ft, dxs[k], f"dxs[{k}]")
+                A = <cnp.ndarray>dxs[k]
+                check_ndim(A, 2, f"dxs[{k}]"); check_shape2(A, n, dprev, f"dxs[{k}]"); check_out(A, f"dxs[{k}]")
+            check_blas_dims(n, m, dprev)
+            out_arrays += [outs[k], dxs[k], dWs[k], dbs[k]]
+            out_names += [f"outs[{k}]", f"dxs[{k}]", f"dWs[{k}]", f"dbs[{k}]"]
+            in_arrays += [Wl, Bl]
+            in_names += [f"Ws[{k}]", f"bs[{k}]"]
+            if not cnp.PyArray_IS_C_CONTIGUOUS(Bl):
+                Bl = np.ascontiguousarray(Bl)
+            Wl = blas_operand(Wl, &L[k].tw, &L[k].ldw)
+            keep += [Wl, Bl]
+            L[k].d = dprev
+            L[k].m = m
+            L[k].w = cnp.PyArray_DATA(Wl)
+            L[k].b = cnp.PyArray_DATA(Bl)
+            L[k].out = cnp.PyArray_DATA(<cnp.ndarray>outs[k])
+            L[k].dx = NULL if k == 0 else cnp.PyArray_DATA(<cnp.ndarray>dxs[k])
+            L[k].dw = cnp.PyArray_DATA(<cnp.ndarray>dWs[k])
+            L[k].db = cnp.PyArray_DATA(<cnp.ndarray>dbs[k])
+            dprev = m
+        c = dprev
+        if c < 1:
+            raise ValueError("the last layer must have at least one output (class) column, got 0")
+        for arr, name in ((y, "y"), (g, "g")):
+            same_type(ft, arr, name)
+            A = <cnp.ndarray>arr
+            check_ndim(A, 2, name); check_shape2(A, n, c, name); check_out(A, name)
+        out_arrays += [y, g]
+        out_names += ["y", "g"]
+        if not cnp.PyArray_Check(t):
+            raise TypeError(f"t must be a numpy.ndarray, got {type(t).__name__}")
+        T = <cnp.ndarray>t
+        check_contig(T, "t")
+        in_arrays.append(T)
+        in_names.append("t")
+        _fc_check_disjoint(out_arrays, out_names, in_arrays, in_names)
+        s.c = c
+        s.t = NULL
+        s.onehot = NULL
+        s.has_ignore = 0
+        s.ignore = 0
+        s.y = cnp.PyArray_DATA(<cnp.ndarray>y)
+        s.g = cnp.PyArray_DATA(<cnp.ndarray>g)
+        s.scale = 1.0 / n
+        if cnp.PyArray_NDIM(T) == 1:
+            if cnp.PyArray_TYPE(T) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(T):
+                raise TypeError(f"labels must be native int64 here, got {dtype_of(T)}")
+            if cnp.PyArray_DIM(T, 0) != n:
+                raise ValueError(f"expected {n} labels (one per row of x {shape_of(X)}), got {cnp.PyArray_DIM(T, 0)}")
+            s.t = <const int64_t*>cnp.PyArray_DATA(T)
+            with nogil:
+                bad = _first_bad_label(n, s.t, c, False, 0, &nignored)
+            if bad >= 0:
+                raise ValueError(f"label {T[bad]} at index {bad} is out of range: labels must be in [0, {c - 1}]")
+        elif cnp.PyArray_NDIM(T) == 2:
+            same_type(ft, T, "t (one-hot)")
+            check_shape2(T, n, c, "t (one-hot)")
+            s.onehot = cnp.PyArray_DATA(T)
+        else:
+            raise ValueError(f"t must be labels (N,) or one-hot (N, C), got {cnp.PyArray_NDIM(T)}-D shape "
+                             f"{shape_of(T)}")
+        if n > 64:
+            rows = <double*>malloc(n * sizeof(double))
+            if rows == NULL:
+                raise MemoryError()
+        s.rows = rows
+        X = blas_operand(X, &tx, &ldx)
+        keep.append(X)
+        with nogil:
+            if ft == 0:
+                rc = _fc_run[float](n, tx, ldx, <const float*>cnp.PyArray_DATA(X), L, nl, &s, &loss)
+            else:
+                rc = _fc_run[double](n, tx, ldx, <const double*>cnp.PyArray_DATA(X), L, nl, &s, &loss)
+        if rc != 0:
+            raise MemoryError()
+    finally:
+        free(L)
+        if rows != &small[0]:
+            free(rows)
+    return loss / n
 
 
 def scale_into(src, double alpha, dst):

@@ -13,17 +13,20 @@ initial weights.  Two extra keyword arguments:
   Affine; ``"reference"`` builds it from :mod:`fastbp.reference` (plain NumPy, the baseline).
 
 With the fastbp backend a training step ``grads = net.gradient(x, t); optimizer.update(net.params, grads)``
-allocates no NumPy array once the batch shape has been seen.  ``gradient`` also runs each ``Relu`` right after an
-``Affine`` on that Affine's output in place (one pass, no mask array, no second buffer) and its backward as the
-mask applied in place to the next Affine's dx: the same gradients bit for bit as layer by layer.  That Relu's
-``mask`` is then computed from the kept output when first read (``relu(x) <= 0`` exactly where ``x <= 0``), as
-fastbp's convolutional nets do for a Relu fused into a Pooling; it refers to the Affine's output workspace, so
-calling that Affine's ``forward`` directly before reading ``mask`` changes it.  The price of reuse is the
-workspace rule: arrays returned by ``predict`` and ``gradient`` are the layers' own and are overwritten by the
-next call (copy what you want to keep); ``gradient`` adds the weight-decay term ``lambda * W`` into the Affine
-layers' ``dW`` in place.  The fastbp backend computes in the network's dtype: inputs and float (one-hot) targets
-of another dtype are converted into reused buffers (NumPy's promotion would turn a float32 network fed float64
-data into a float64 computation with per-call copies of the weights).
+allocates no NumPy array once the batch shape has been seen. ``gradient`` also runs each ``Relu`` right after an
+``Affine`` on that Affine's output in place (one pass, no mask array, no second buffer) and its backward as the mask
+applied in place to the next Affine's dx: the same gradients bit for bit as layer by layer. That Relu's ``mask`` is
+then computed from the kept output when first read (``relu(x) <= 0`` exactly where ``x <= 0``), as fastbp's
+convolutional nets do for a Relu fused into a Pooling; it refers to the Affine's output workspace, so calling that
+Affine's ``forward`` directly before reading ``mask`` changes it. When the layers are exactly fastbp's ``Affine``,
+``Relu``, ..., ``Affine`` and ``SoftmaxWithLoss``, ``gradient`` runs forward and backward in one kernel call
+(``_kernels.fc_relu_gradient``: the same kernels in the same order, so the same bits) and sets every layer's
+attributes as the layer path does; its first call goes layer by layer (the Affines check their grads). The price of
+reuse is the workspace rule: arrays returned by ``predict`` and ``gradient`` are the layers' own and are overwritten
+by the next call (copy what you want to keep); ``gradient`` adds the weight-decay term ``lambda * W`` into the
+Affine layers' ``dW`` in place. The fastbp backend computes in the network's dtype: inputs and float (one-hot)
+targets of another dtype are converted into reused buffers (NumPy's promotion would turn a float32 network fed
+float64 data into a float64 computation with per-call copies of the weights).
 
 Other differences from the book: ``loss`` uses fastbp's exact log-sum-exp cross entropy (equal to the book's
 ``-log(y + 1e-7)`` to about 1e-7 where the book's is not capped), ``accuracy`` handles one-hot targets (the
@@ -47,6 +50,7 @@ _BACKENDS = ("fastbp", "reference")
 _ACTIVATIONS = ("relu", "sigmoid")
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
+_I64 = np.dtype(np.int64)
 
 
 def _layers_module(backend):
@@ -116,6 +120,12 @@ def _add_scaled(dW, lam, W):
         dW += lam * W
 
 
+def _patched(layer):
+    """True when `layer` has its own forward or backward (set on the instance, e.g. a spy): then it is called."""
+    d = layer.__dict__
+    return "forward" in d or "backward" in d
+
+
 class _FullyConnectedNet:
     """Affine -> activation -> ... -> Affine -> SoftmaxWithLoss with the book-1 network API."""
 
@@ -175,6 +185,7 @@ class _FullyConnectedNet:
                 self.layers[f"{act_name}{idx}"] = act_cls(**kw)
         self.lastLayer = L.SoftmaxWithLoss(**kw)
         self._ws = _Workspace()  # the inputs and targets converted to the network's dtype
+        self._fc_bufs = None  # _gradient_fc's arrays: (batch, Affines, last layer, W shapes, outs, dxs, y, g)
 
     # the book names it lastLayer in TwoLayerNet and last_layer in MultiLayerNet
     last_layer = property(lambda self: self.lastLayer, lambda self, v: setattr(self, "lastLayer", v))
@@ -267,8 +278,93 @@ class _FullyConnectedNet:
                 fused = frozenset(
                     i for i in range(1, len(layers)) if type(layers[i]) is L.Relu and type(layers[i - 1]) is L.Affine
                 )
-            cached = self._plan_cache = (layers, back[:-1] if skip_first else back, affines, skip_first, fused)
+            # the whole gradient in one kernel call (_gradient_fc) when the layers are exactly fastbp's Affine,
+            # Relu, Affine, ..., Affine (every Relu fused): (the Affine layers, the Relu layers), else None
+            fc = None
+            if self.backend == "fastbp" and len(layers) % 2 == 1 and len(fused) == len(layers) // 2:
+                from fastbp import layers as L
+
+                if all(type(layer) is L.Affine for layer in layers[::2]):
+                    fc = (layers[::2], layers[1::2])
+            cached = self._plan_cache = (layers, back[:-1] if skip_first else back, affines, skip_first, fused, fc)
         return cached
+
+    def _gradient_fc(self, fc, x, t):
+        """gradient()'s forward and backward in one call of the fused kernel (``_kernels.fc_relu_gradient``: the
+        same kernels in the same order as the layer-by-layer path, so the same bits), leaving every layer's
+        attributes as that path leaves them; True when done.  False, with nothing done, when the case is not the
+        kernel's: the last layer is not fastbp's SoftmaxWithLoss, an operand of another dtype, targets other than
+        labels (N,) or one-hot rows of the network's dtype, an empty batch, an Affine whose params or grads are
+        not the arrays the layer path last checked (its backward checks them and then takes this path), or an
+        Affine or the last layer with a forward or backward of its own set on the instance."""
+        from fastbp import _kernels as K
+        from fastbp import layers as L
+
+        last = self.lastLayer
+        dt = self.dtype
+        if type(last) is not L.SoftmaxWithLoss or type(x) is not np.ndarray or x.dtype is not dt or x.ndim != 2:
+            return False
+        if _patched(last):
+            return False
+        n = x.shape[0]
+        if n == 0 or type(t) is not np.ndarray:
+            return False
+        affines, relus = fc
+        bufs = getattr(self, "_fc_bufs", None)
+        fresh = bufs is not None and bufs[0] == n and bufs[1] is affines and bufs[2] is last
+        Ws, bs, dWs, dbs = [], [], [], []
+        for k, A in enumerate(affines):
+            if _patched(A):
+                return False
+            W, b = A.params
+            ok = A._ok
+            if ok is None or ok[0] is not W or ok[1] is not A.grads[0] or ok[2] is not A.grads[1] or b.dtype is not dt:
+                return False
+            if fresh and W.shape != bufs[3][k]:
+                fresh = False
+            Ws.append(W)
+            bs.append(b)
+            dWs.append(ok[1])
+            dbs.append(ok[2])
+        if Ws[0].dtype is not dt:  # (the Affines' _ok says every W has the dtype of its grads)
+            return False
+        c = Ws[-1].shape[1]
+        if t.ndim == 1 and t.dtype.kind in "iu":
+            tk = labels = t
+            if t.dtype is not _I64 or not t.flags.c_contiguous:  # e.g. the book's uint8 labels
+                tk = labels = last._ws.scratch("t", t.shape, _I64)
+                np.copyto(tk, t, casting="unsafe")  # the kernel range-checks the copy
+            target = None
+        elif t.dtype is dt and t.shape == (n, c) and t.flags.c_contiguous:
+            tk = target = t
+            labels = None
+        else:
+            return False
+        if not fresh:
+            # the layers' own workspace arrays: what their forward and backward hand out
+            outs = [A._ws.result("out", (n, W.shape[1]), dt) for A, W in zip(affines, Ws)]
+            dxs = [None] + [A._ws.result("dx", (n, W.shape[0]), dt) for A, W in zip(affines[1:], Ws[1:])]
+            y = last._ws.result("y", (n, c), dt)
+            g = last._ws.result("g", (n, c), dt)
+            bufs = self._fc_bufs = (n, affines, last, [W.shape for W in Ws], outs, dxs, y, g)
+        outs, dxs, y, g = bufs[4:]
+        loss = K.fc_relu_gradient(x, tk, Ws, bs, outs, dxs, dWs, dbs, y, g)
+        inp = x
+        for A, out in zip(affines, outs):
+            A.original_x_shape = inp.shape
+            A.x = inp
+            A._xk = inp
+            inp = out
+        for R, out in zip(relus, outs):
+            R._defer(out)
+        last.t = t
+        last.y = y
+        last._g = g
+        last._g_out = False
+        last._labels = labels
+        last._target = target
+        last.loss = loss
+        return True
 
     def _forward_fused(self, layers, fused, x):
         """The forward pass of gradient() with each Relu in `fused` applied to its Affine's output in place
@@ -320,11 +416,8 @@ class _FullyConnectedNet:
             dout = layer.backward(dout)
         return dout
 
-    def gradient(self, x, t):
-        """Gradients of loss(x, t) by backpropagation, keyed like params (dW includes lambda * W)."""
-        layers, reversed_layers, affines, skip_first, fused = self._plan()
-        # forward (the weight-decay term of the loss does not change the backward pass)
-        x = self._in_dtype("x", x)
+    def _gradient_layers(self, layers, reversed_layers, skip_first, fused, x, t):
+        """gradient()'s forward and backward layer by layer (x, t already in the network's dtype)."""
         done = ()
         if fused:
             x, done = self._forward_fused(layers, fused, x)
@@ -332,7 +425,7 @@ class _FullyConnectedNet:
             for layer in layers:
                 x = layer.forward(x)
         last = self.lastLayer
-        last.forward(x, self._in_dtype("t", t))
+        last.forward(x, t)
         # backward
         dout = last.backward(1)
         if done:
@@ -342,6 +435,15 @@ class _FullyConnectedNet:
                 dout = layer.backward(dout)
         if skip_first:
             layers[0].backward(dout, need_dx=False)  # fastbp extension: the images' gradient is not wanted
+
+    def gradient(self, x, t):
+        """Gradients of loss(x, t) by backpropagation, keyed like params (dW includes lambda * W)."""
+        layers, reversed_layers, affines, skip_first, fused, fc = self._plan()
+        # forward (the weight-decay term of the loss does not change the backward pass)
+        x = self._in_dtype("x", x)
+        t = self._in_dtype("t", t)
+        if fc is None or not self._gradient_fc(fc, x, t):
+            self._gradient_layers(layers, reversed_layers, skip_first, fused, x, t)
 
         grads = {}
         lam = self.weight_decay_lambda

@@ -1100,3 +1100,156 @@ def test_in_region_is_true_in_every_block_of_a_region_and_false_outside():
         assert inside == [True] * 16
     else:  # one thread: the blocks run serially on the caller, no region
         assert inside == [False] * 16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fc_relu_gradient: a fully connected ReLU network's forward and backward in one call
+# ---------------------------------------------------------------------------------------------------------------
+def _fc_operands(dtype, sizes, n, target, seed=0):
+    rng = np.random.default_rng(seed)
+    Ws = [rng.standard_normal((a, b)).astype(dtype) for a, b in zip(sizes[:-1], sizes[1:])]
+    bs = [rng.standard_normal(b).astype(dtype) for b in sizes[1:]]
+    x = rng.standard_normal((n, sizes[0])).astype(dtype)
+    c = sizes[-1]
+    labels = rng.integers(0, c, n)
+    t = labels if target == "labels" else np.eye(c, dtype=dtype)[labels]
+    return x, t, Ws, bs
+
+
+def _fc_outputs(dtype, sizes, n, fill=np.nan):
+    L = len(sizes) - 1
+    outs = [np.full((n, m), fill, dtype) for m in sizes[1:]]
+    dxs = [None] + [np.full((n, d), fill, dtype) for d in sizes[1:-1]]
+    dWs = [np.full((d, m), fill, dtype) for d, m in zip(sizes[:-1], sizes[1:])]
+    dbs = [np.full(m, fill, dtype) for m in sizes[1:]]
+    y = np.full((n, sizes[-1]), fill, dtype)
+    g = np.full((n, sizes[-1]), fill, dtype)
+    assert len(outs) == L
+    return outs, dxs, dWs, dbs, y, g
+
+
+def _fc_by_kernels(x, t, Ws, bs, dtype):
+    """The same network through the single kernels, as fastbp.nets' layer path calls them."""
+    n = x.shape[0]
+    L = len(Ws)
+    outs, dxs, dWs, dbs = [], [None] * L, [], []
+    a = x
+    for k in range(L):
+        out = np.empty((n, Ws[k].shape[1]), dtype)
+        K.affine_forward(a, Ws[k], bs[k], out)
+        if k + 1 < L:
+            K.relu_inplace(out)
+        outs.append(out)
+        a = out
+    y = np.empty_like(outs[-1])
+    g = np.empty_like(outs[-1])
+    loss = K.softmax_cross_entropy(outs[-1], t, y, g, 1.0 / n)
+    d = g
+    dWs = [np.empty(W.shape, dtype) for W in Ws]
+    dbs = [np.empty(W.shape[1], dtype) for W in Ws]
+    for k in range(L - 1, -1, -1):
+        dx = np.empty((n, Ws[k].shape[0]), dtype) if k > 0 else None
+        K.affine_backward(d, x if k == 0 else outs[k - 1], Ws[k], dx, dWs[k], dbs[k])
+        if k > 0:
+            K.relu_mask_inplace(outs[k - 1], dx)
+            dxs[k] = dx
+            d = dx
+    return loss, outs, dxs, dWs, dbs, y, g
+
+
+@with_dtypes
+@pytest.mark.parametrize(
+    "sizes", [(12, 4), (12, 8, 4), (30, 9, 7, 5), (784, 50, 10)], ids=lambda s: "-".join(map(str, s))
+)
+@pytest.mark.parametrize("target", ["labels", "one-hot"])
+@pytest.mark.parametrize("layout", ["C", "F", "rows2"])
+def test_fc_relu_gradient_is_the_single_kernels_bit_for_bit(dtype, sizes, target, layout):
+    n = 100 if sizes[0] == 784 else 7
+    x, t, Ws, bs = _fc_operands(dtype, sizes, n, target)
+    x[0] = -np.abs(x[0])  # a row with every pre-activation of the first layer negative-leaning
+    x = operand(x, layout)
+    Ws = [operand(W, layout) for W in Ws]  # the same operands for both: a layout is a BLAS transpose flag
+    want = _fc_by_kernels(x, t, Ws, bs, dtype)
+    outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
+    loss = K.fc_relu_gradient(x, t, Ws, bs, outs, dxs, dWs, dbs, y, g)
+    assert loss == want[0]
+    for got_list, want_list in zip((outs, dxs, dWs, dbs), want[1:5]):
+        for got_a, want_a in zip(got_list, want_list):
+            if want_a is None:
+                assert got_a is None
+            else:
+                assert np.array_equal(got_a, want_a)
+    assert np.array_equal(y, want[5]) and np.array_equal(g, want[6])
+
+
+@with_dtypes
+def test_fc_relu_gradient_matches_numpy(dtype):
+    sizes, n = (10, 6, 5, 3), 8
+    x, t, Ws, bs = _fc_operands(dtype, sizes, n, "labels", seed=4)
+    outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
+    loss = K.fc_relu_gradient(x, t, Ws, bs, outs, dxs, dWs, dbs, y, g)
+    X, W = x.astype(F64), [w.astype(F64) for w in Ws]
+    h1 = np.maximum(X @ W[0] + bs[0], 0)
+    h2 = np.maximum(h1 @ W[1] + bs[1], 0)
+    s = h2 @ W[2] + bs[2]
+    p = scipy.special.softmax(s, axis=1)
+    assert_close(loss, -np.mean(np.log(p[np.arange(n), t])), dtype)
+    d3 = (p - np.eye(3)[t]) / n
+    assert_close(g, d3, dtype)
+    assert_close(dWs[2], h2.T @ d3, dtype)
+    d2 = (d3 @ W[2].T) * (h2 > 0)
+    assert_close(dxs[2], d2, dtype)
+    assert_close(dWs[1], h1.T @ d2, dtype)
+    d1 = (d2 @ W[1].T) * (h1 > 0)
+    assert_close(dbs[0], d1.sum(0), dtype)
+    assert_close(dWs[0], X.T @ d1, dtype)
+
+
+def test_fc_relu_gradient_validates_before_writing():
+    dtype, sizes, n = F32, (6, 5, 3), 4
+    x, t, Ws, bs = _fc_operands(dtype, sizes, n, "labels")
+
+    def call(**change):
+        outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
+        args = dict(x=x, t=t, Ws=Ws, bs=bs, outs=outs, dxs=dxs, dWs=dWs, dbs=dbs, y=y, g=g)
+        for k, v in change.items():
+            args[k] = v(args) if callable(v) else v
+        try:
+            K.fc_relu_gradient(**args)
+        finally:  # nothing written when it raises
+            for a in [args["y"], args["g"]] + args["outs"] + args["dWs"] + args["dbs"] + args["dxs"][1:]:
+                if isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.size and a is not x:
+                    assert np.isnan(a).all() or not np.isnan(a).any()
+
+    call()  # the valid call
+    with pytest.raises(ValueError, match="dxs\\[0\\] must be None"):
+        call(dxs=lambda a: [np.empty((n, 6), dtype)] + a["dxs"][1:])
+    with pytest.raises(ValueError, match="Ws\\[1\\] must have 5 rows"):
+        call(Ws=[Ws[0], np.ones((4, 3), dtype)])
+    with pytest.raises(TypeError, match="bs\\[0\\]"):
+        call(bs=[bs[0].astype(F64), bs[1]])
+    with pytest.raises(ValueError, match="one entry per layer"):
+        call(bs=bs[:1])
+    with pytest.raises(ValueError, match="at least one row"):
+        call(x=x[:0])
+    with pytest.raises(ValueError, match="label 3 at index 2 is out of range"):
+        call(t=np.array([0, 1, 3, 2]))
+    with pytest.raises(ValueError, match="outs\\[1\\] overlaps y"):
+        call(y=lambda a: a["outs"][1])
+    with pytest.raises(ValueError, match="dWs\\[0\\] overlaps Ws\\[0\\]"):
+        call(dWs=lambda a: [Ws[0], a["dWs"][1]])
+    with pytest.raises(ValueError, match="g overlaps x"):
+        buf = np.zeros(6 + n * 6, dtype)
+        call(x=buf[6:].reshape(n, 6), g=buf[: n * 3].reshape(n, 3))
+    with pytest.raises(ValueError, match="read-only"):
+        ro = np.empty((n, 3), dtype)
+        ro.setflags(write=False)
+        call(g=ro)
+    with pytest.raises(TypeError, match="labels must be native int64"):
+        call(t=t.astype(np.int32))
+    # nothing written by a call that failed on its labels (the check comes before any kernel)
+    outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
+    with pytest.raises(ValueError):
+        K.fc_relu_gradient(x, np.array([0, 1, -1, 2]), Ws, bs, outs, dxs, dWs, dbs, y, g)
+    for a in outs + dWs + dbs + [dxs[1], y, g]:
+        assert np.isnan(a).all()

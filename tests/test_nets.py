@@ -439,6 +439,146 @@ def test_fused_relu_passes_nan_like_the_layer():
         np.testing.assert_array_equal(got[key], want[key])  # NaN where the layers give NaN
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The whole gradient in one kernel call (fastbp backend, Affine/Relu/.../Affine + SoftmaxWithLoss)
+# ---------------------------------------------------------------------------------------------------------
+def _count_fc_calls(monkeypatch):
+    from fastbp import _kernels
+
+    calls = []
+    real = _kernels.fc_relu_gradient
+
+    def spy(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(_kernels, "fc_relu_gradient", spy)
+    return calls
+
+
+def _layer_state(net):
+    """What the book can read off the layers after gradient()."""
+    out = {}
+    for name, layer in net.layers.items():
+        if name.startswith("Affine"):
+            out[name + ".x"] = np.array(layer.x)
+            out[name + ".dW"] = np.array(layer.dW)
+            out[name + ".db"] = np.array(layer.db)
+        else:
+            out[name + ".mask"] = np.array(layer.mask)
+    last = net.lastLayer
+    out["y"] = np.array(last.y)
+    out["t"] = np.array(last.t)
+    out["loss"] = np.array(last.loss)
+    out["dx"] = np.array(last.backward(1))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,lam", [("two", 0), ("relu", 0), ("relu", 0.1), ("none", 0)])
+@pytest.mark.parametrize("target", ["labels", "uint8", "one-hot"])
+def test_one_call_gradient_gives_the_layer_path_bits_and_attributes(kind, lam, dtype, target, monkeypatch):
+    if kind == "none":  # no hidden layer: Affine -> SoftmaxWithLoss
+        np.random.seed(0)
+        net = MultiLayerNet(12, [], 4, dtype=dtype)
+    else:
+        net = _make(kind, dtype=dtype, **({"weight_decay_lambda": lam} if kind == "relu" else {}))
+    twin = _unfused_twin(net)  # its Relus are not fastbp's own class: layer by layer, nothing fused
+    calls = _count_fc_calls(monkeypatch)
+    for n in (9, 9, 5):  # the second call reuses the arrays, the third has another batch size
+        x, t, t1h = _data(n=n, seed=n)
+        x[0, :] = -x[0, :]
+        tt = {"labels": t, "uint8": t.astype(np.uint8), "one-hot": t1h}[target]
+        got = {k: np.array(v) for k, v in net.gradient(x, tt).items()}
+        want = twin.gradient(x, tt)
+        for key in want:
+            assert got[key].dtype == want[key].dtype
+            assert np.array_equal(got[key], want[key]), key
+        sg, sw = _layer_state(net), _layer_state(twin)
+        for key in sw:
+            assert np.array_equal(sg[key], sw[key]), key
+    assert len(calls) == 2  # the first call checks the grads layer by layer, the next ones take one call
+
+
+def test_one_call_gradient_falls_back_to_the_layers_when_they_are_not_its_case(monkeypatch):
+    from fastbp import reference
+
+    net = _make("two", dtype=np.float64)
+    twin = _unfused_twin(net)
+    calls = _count_fc_calls(monkeypatch)
+    x, t, t1h = _data(n=6)
+    net.gradient(x, t)
+    net.gradient(x, t)
+    assert len(calls) == 1
+    cases = [
+        ("labels (N, 1)", lambda: (x, t.reshape(-1, 1))),
+        ("float32 one-hot rows", lambda: (x, t1h.astype(np.float32))),
+    ]
+    for what, make in cases:
+        xx, tt = make()
+        got = {k: np.array(v) for k, v in net.gradient(xx, tt).items()}
+        want = twin.gradient(xx, tt)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=what)
+    assert len(calls) == 1 + 1  # the float32 rows are converted to the net's dtype: one call; (N, 1): none
+    # a spy set on a layer is called
+    seen = []
+    layer = net.layers["Affine2"]
+    real = layer.backward
+    monkeypatch.setattr(layer, "backward", lambda d, **k: seen.append(1) or real(d, **k))
+    net.gradient(x, t)
+    assert seen == [1] and len(calls) == 2
+    monkeypatch.undo()
+    calls = _count_fc_calls(monkeypatch)
+    # the book's loss layer swapped in
+    net.lastLayer = reference.SoftmaxWithLoss()
+    twin.lastLayer = reference.SoftmaxWithLoss()
+    got = {k: np.array(v) for k, v in net.gradient(x, t).items()}
+    want = twin.gradient(x, t)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    assert calls == []
+
+
+def test_one_call_gradient_follows_replaced_weights_of_another_shape(monkeypatch):
+    net = _make("two", dtype=np.float64)  # 12-8-4
+    calls = _count_fc_calls(monkeypatch)
+    x, t, _ = _data(n=5)
+    net.gradient(x, t)
+    net.gradient(x, t)
+    # a hidden layer of 6 units: new W1, b1, W2 and their grads, put into the layers' lists in place
+    rng = np.random.default_rng(7)
+    A1, A2 = net.layers["Affine1"], net.layers["Affine2"]
+    A1.params[0] = rng.standard_normal((12, 6))
+    A1.params[1] = rng.standard_normal(6)
+    A1.grads[0], A1.grads[1] = np.zeros((12, 6)), np.zeros(6)
+    A2.params[0] = rng.standard_normal((6, 4))
+    A2.grads[0] = np.zeros((6, 4))
+    want_net = TwoLayerNet(12, 6, 4, backend="reference")
+    for k, A in (("1", A1), ("2", A2)):
+        want_net.params["W" + k][...] = A.params[0]
+        want_net.params["b" + k][...] = A.params[1]
+    for _ in range(3):
+        got = net.gradient(x, t)
+        want = want_net.gradient(x, t)
+        np.testing.assert_allclose(got["W1"], want["W1"], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(got["W2"], want["W2"], rtol=1e-10, atol=1e-12)
+        assert got["W1"].shape == (12, 6)
+    assert len(calls) == 1 + 2  # after the change: one layer-path call (it checks the new grads), then one call
+
+
+def test_one_call_gradient_bad_label_raises_like_the_layer_path():
+    net = _make("two", dtype=np.float32)
+    x, t, _ = _data(n=4)
+    net.gradient(x, t)
+    net.gradient(x, t)
+    before = {k: np.array(v) for k, v in net.gradient(x, t).items()}
+    with pytest.raises(ValueError, match="out of range"):
+        net.gradient(x, np.array([0, 1, 9, 2]))
+    for k, v in before.items():  # nothing written: the labels are checked before any kernel runs
+        np.testing.assert_array_equal(getattr(net.layers["Affine" + k[1]], "d" + k[0]), v)
+
+
 def test_small_batch_step_opens_no_region():
     # batch 1: every product of the step is below the split threshold and runs on the calling thread; the update
     # then stays on it too (a worker updating half of W1 would pull it to its core and back every step)
