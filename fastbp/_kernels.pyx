@@ -771,35 +771,37 @@ def fc_relu_gradient(x, t, list Ws, list bs, list outs, list dxs, list dWs, list
     try:
         out_arrays, out_names, in_arrays, in_names = [], [], [X], ["x"]
         for k in range(nl):
-            same_type(ft, Ws[k], f"Ws[{k}]")
-            Wl = <cnp.ndarray>Ws[k]
+            # each list entry is read once, into a local that the checks, the overlap pass and the kernel all use
+            w_obj, b_obj, o_obj, dx_obj, dw_obj, db_obj = Ws[k], bs[k], outs[k], dxs[k], dWs[k], dbs[k]
+            same_type(ft, w_obj, f"Ws[{k}]")
+            Wl = <cnp.ndarray>w_obj
             check_ndim(Wl, 2, f"Ws[{k}]")
             if cnp.PyArray_DIM(Wl, 0) != dprev:
                 raise ValueError(f"Ws[{k}] must have {dprev} rows (the columns of its input), got shape "
                                  f"{shape_of(Wl)}")
             m = cnp.PyArray_DIM(Wl, 1)
-            same_type(ft, bs[k], f"bs[{k}]")
-            Bl = <cnp.ndarray>bs[k]
+            same_type(ft, b_obj, f"bs[{k}]")
+            Bl = <cnp.ndarray>b_obj
             if cnp.PyArray_NDIM(Bl) != 1 or cnp.PyArray_DIM(Bl, 0) != m:
                 raise ValueError(f"bs[{k}] must have shape ({m},), got {shape_of(Bl)}")
-            for arr, name, r, cc in ((outs[k], f"outs[{k}]", n, m), (dWs[k], f"dWs[{k}]", dprev, m)):
+            for arr, name, r, cc in ((o_obj, f"outs[{k}]", n, m), (dw_obj, f"dWs[{k}]", dprev, m)):
                 same_type(ft, arr, name)
                 A = <cnp.ndarray>arr
                 check_ndim(A, 2, name); check_shape2(A, r, cc, name); check_out(A, name)
-            same_type(ft, dbs[k], f"dbs[{k}]")
-            A = <cnp.ndarray>dbs[k]
+            same_type(ft, db_obj, f"dbs[{k}]")
+            A = <cnp.ndarray>db_obj
             if cnp.PyArray_NDIM(A) != 1 or cnp.PyArray_DIM(A, 0) != m:
                 raise ValueError(f"dbs[{k}] must have shape ({m},), got {shape_of(A)}")
             check_out(A, f"dbs[{k}]")
             if k == 0:
-                if dxs[0] is not None:
+                if dx_obj is not None:
                     raise ValueError("dxs[0] must be None: the first layer's dx is not computed")
             else:
-                same_type(ft, dxs[k], f"dxs[{k}]")
-                A = <cnp.ndarray>dxs[k]
+                same_type(ft, dx_obj, f"dxs[{k}]")
+                A = <cnp.ndarray>dx_obj
                 check_ndim(A, 2, f"dxs[{k}]"); check_shape2(A, n, dprev, f"dxs[{k}]"); check_out(A, f"dxs[{k}]")
             check_blas_dims(n, m, dprev)
-            out_arrays += [outs[k], dxs[k], dWs[k], dbs[k]]
+            out_arrays += [o_obj, dx_obj, dw_obj, db_obj]
             out_names += [f"outs[{k}]", f"dxs[{k}]", f"dWs[{k}]", f"dbs[{k}]"]
             in_arrays += [Wl, Bl]
             in_names += [f"Ws[{k}]", f"bs[{k}]"]
@@ -811,10 +813,10 @@ def fc_relu_gradient(x, t, list Ws, list bs, list outs, list dxs, list dWs, list
             L[k].m = m
             L[k].w = cnp.PyArray_DATA(Wl)
             L[k].b = cnp.PyArray_DATA(Bl)
-            L[k].out = cnp.PyArray_DATA(<cnp.ndarray>outs[k])
-            L[k].dx = NULL if k == 0 else cnp.PyArray_DATA(<cnp.ndarray>dxs[k])
-            L[k].dw = cnp.PyArray_DATA(<cnp.ndarray>dWs[k])
-            L[k].db = cnp.PyArray_DATA(<cnp.ndarray>dbs[k])
+            L[k].out = cnp.PyArray_DATA(<cnp.ndarray>o_obj)
+            L[k].dx = NULL if k == 0 else cnp.PyArray_DATA(<cnp.ndarray>dx_obj)
+            L[k].dw = cnp.PyArray_DATA(<cnp.ndarray>dw_obj)
+            L[k].db = cnp.PyArray_DATA(<cnp.ndarray>db_obj)
             dprev = m
         c = dprev
         if c < 1:

@@ -103,8 +103,15 @@ def init_scale(weight_init_std, n_prev):
     return weight_init_std
 
 
-def _add_scaled(dW, lam, W):
-    """dW += lam * W in place (the kernel's SGD update with lr = -lam is exactly this axpy)."""
+def _threads_opened():
+    from fastbp import _threads
+
+    return _threads.regions_opened()
+
+
+def _add_scaled(dW, lam, W, serial=False):
+    """dW += lam * W in place (the kernel's SGD update with lr = -lam is exactly this axpy); `serial`: on the calling
+    thread only (see fastbp._optim, MIN_BLOCK)."""
     if (
         dW.dtype == W.dtype
         and (dW.dtype == _F32 or dW.dtype == _F64)
@@ -115,7 +122,7 @@ def _add_scaled(dW, lam, W):
     ):
         from fastbp import _kernels
 
-        _kernels.optimizer_update(0, dW, W, None, None, -lam)
+        _kernels.optimizer_update(0, dW, W, None, None, -lam, 0, 0, 1e-7, serial)
     else:
         dW += lam * W
 
@@ -263,7 +270,7 @@ class _FullyConnectedNet:
         """(layers in order, [(W key, b key, Affine layer)], ...), recomputed only when `layers` was changed."""
         layers = tuple(self.layers.values())
         cached = getattr(self, "_plan_cache", None)
-        if cached is None or cached[0] != layers:
+        if cached is None or len(cached) != 6 or cached[0] != layers:  # (a net pickled by 0.1 kept 5 entries)
             affines = [(f"W{i}", f"b{i}", self.layers[f"Affine{i}"]) for i in range(1, self._affine_count() + 1)]
             # fastbp backend: the first layer's dx is never used, its backward gets need_dx=False (the reference
             # backend, the book's algorithm and the benchmarks' NumPy baseline, computes it as the book does)
@@ -302,32 +309,38 @@ class _FullyConnectedNet:
 
         last = self.lastLayer
         dt = self.dtype
-        if type(last) is not L.SoftmaxWithLoss or type(x) is not np.ndarray or x.dtype is not dt or x.ndim != 2:
+        # dtypes compare by `is` first (NumPy's singletons), then by value: an unpickled net or array has its own
+        # dtype objects
+        if dt is not _F32 and dt is not _F64:
+            dt = _F32 if dt == _F32 else _F64
+        if type(last) is not L.SoftmaxWithLoss or type(x) is not np.ndarray or x.ndim != 2:
             return False
-        if _patched(last):
+        if x.dtype is not dt and x.dtype != dt:
+            return False
+        if _patched(last) or not last._ws.reuse:
             return False
         n = x.shape[0]
         if n == 0 or type(t) is not np.ndarray:
             return False
         affines, relus = fc
         bufs = getattr(self, "_fc_bufs", None)
-        fresh = bufs is not None and bufs[0] == n and bufs[1] is affines and bufs[2] is last
+        fresh = bufs is not None and bufs[0] == n and bufs[1] is affines and bufs[2] is last and bufs[3] is dt
         Ws, bs, dWs, dbs = [], [], [], []
         for k, A in enumerate(affines):
-            if _patched(A):
+            if _patched(A) or not A._ws.reuse:
                 return False
             W, b = A.params
             ok = A._ok
-            if ok is None or ok[0] is not W or ok[1] is not A.grads[0] or ok[2] is not A.grads[1] or b.dtype is not dt:
+            if ok is None or ok[0] is not W or ok[1] is not A.grads[0] or ok[2] is not A.grads[1]:
                 return False
-            if fresh and W.shape != bufs[3][k]:
+            if (W.dtype is not dt and W.dtype != dt) or (b.dtype is not dt and b.dtype != dt):
+                return False
+            if fresh and W.shape != bufs[4][k]:
                 fresh = False
             Ws.append(W)
             bs.append(b)
             dWs.append(ok[1])
             dbs.append(ok[2])
-        if Ws[0].dtype is not dt:  # (the Affines' _ok says every W has the dtype of its grads)
-            return False
         c = Ws[-1].shape[1]
         if t.ndim == 1 and t.dtype.kind in "iu":
             tk = labels = t
@@ -335,7 +348,7 @@ class _FullyConnectedNet:
                 tk = labels = last._ws.scratch("t", t.shape, _I64)
                 np.copyto(tk, t, casting="unsafe")  # the kernel range-checks the copy
             target = None
-        elif t.dtype is dt and t.shape == (n, c) and t.flags.c_contiguous:
+        elif (t.dtype is dt or t.dtype == dt) and t.shape == (n, c) and t.flags.c_contiguous:
             tk = target = t
             labels = None
         else:
@@ -346,8 +359,13 @@ class _FullyConnectedNet:
             dxs = [None] + [A._ws.result("dx", (n, W.shape[0]), dt) for A, W in zip(affines[1:], Ws[1:])]
             y = last._ws.result("y", (n, c), dt)
             g = last._ws.result("g", (n, c), dt)
-            bufs = self._fc_bufs = (n, affines, last, [W.shape for W in Ws], outs, dxs, y, g)
-        outs, dxs, y, g = bufs[4:]
+            ids = frozenset(id(a) for a in outs + dxs[1:] + [y, g])
+            bufs = self._fc_bufs = (n, affines, last, dt, [W.shape for W in Ws], outs, dxs, y, g, ids)
+        outs, dxs, y, g, ids = bufs[5:]
+        # an input that is (a view of) one of these arrays, e.g. a layer's own earlier output fed back in: the layer
+        # path, whose workspaces then hand out a second array
+        if id(x) in ids or id(x.base) in ids or id(t) in ids or id(t.base) in ids:
+            return False
         loss = K.fc_relu_gradient(x, tk, Ws, bs, outs, dxs, dWs, dbs, y, g)
         inp = x
         for A, out in zip(affines, outs):
@@ -439,6 +457,7 @@ class _FullyConnectedNet:
     def gradient(self, x, t):
         """Gradients of loss(x, t) by backpropagation, keyed like params (dW includes lambda * W)."""
         layers, reversed_layers, affines, skip_first, fused, fc = self._plan()
+        regions0 = _threads_opened() if self.weight_decay_lambda and self.backend == "fastbp" else 0
         # forward (the weight-decay term of the loss does not change the backward pass)
         x = self._in_dtype("x", x)
         t = self._in_dtype("t", t)
@@ -448,11 +467,13 @@ class _FullyConnectedNet:
         grads = {}
         lam = self.weight_decay_lambda
         fast = self.backend == "fastbp"
+        # no parallel region in this gradient: its arrays are in this thread's cache, the decay term stays on it
+        serial = lam and fast and _threads_opened() == regions0
         for wkey, bkey, layer in affines:
             dW = layer.dW
             if lam:
                 if fast:
-                    _add_scaled(dW, lam, layer.W)
+                    _add_scaled(dW, lam, layer.W, serial)
                 else:
                     dW = dW + lam * layer.W
             grads[wkey] = dW

@@ -484,6 +484,11 @@ def test_one_call_gradient_gives_the_layer_path_bits_and_attributes(kind, lam, d
     else:
         net = _make(kind, dtype=dtype, **({"weight_decay_lambda": lam} if kind == "relu" else {}))
     twin = _unfused_twin(net)  # its Relus are not fastbp's own class: layer by layer, nothing fused
+
+    class PlainSoftmaxWithLoss(fast_layers.SoftmaxWithLoss):  # nor its loss layer: never the one-call path
+        pass
+
+    twin.lastLayer = PlainSoftmaxWithLoss(reuse=True)
     calls = _count_fc_calls(monkeypatch)
     for n in (9, 9, 5):  # the second call reuses the arrays, the third has another batch size
         x, t, t1h = _data(n=n, seed=n)
@@ -567,16 +572,22 @@ def test_one_call_gradient_follows_replaced_weights_of_another_shape(monkeypatch
     assert len(calls) == 1 + 2  # after the change: one layer-path call (it checks the new grads), then one call
 
 
-def test_one_call_gradient_bad_label_raises_like_the_layer_path():
+def test_one_call_gradient_bad_label_raises_like_the_layer_path(monkeypatch):
     net = _make("two", dtype=np.float32)
     x, t, _ = _data(n=4)
     net.gradient(x, t)
     net.gradient(x, t)
     before = {k: np.array(v) for k, v in net.gradient(x, t).items()}
-    with pytest.raises(ValueError, match="out of range"):
-        net.gradient(x, np.array([0, 1, 9, 2]))
+    h = net.layers["Affine1"]._ws.result("out", (4, 8), np.dtype(np.float32))
+    h_before, y_before = h.copy(), net.lastLayer.y.copy()
+    calls = _count_fc_calls(monkeypatch)
+    with pytest.raises(ValueError, match="label 9 at index 2 is out of range"):
+        net.gradient(x * 2, np.array([0, 1, 9, 2]))
+    assert len(calls) == 1  # the one-call path raised it
     for k, v in before.items():  # nothing written: the labels are checked before any kernel runs
         np.testing.assert_array_equal(getattr(net.layers["Affine" + k[1]], "d" + k[0]), v)
+    np.testing.assert_array_equal(h, h_before)
+    np.testing.assert_array_equal(net.lastLayer.y, y_before)
 
 
 def test_small_batch_step_opens_no_region():
@@ -604,3 +615,75 @@ def test_small_batch_step_opens_no_region():
         opt_twin.update(twin.params, grads)
     for k in net.params:
         np.testing.assert_array_equal(net.params[k], twin.params[k])
+
+
+def test_one_call_gradient_cases_found_in_review(monkeypatch):
+    import pickle
+
+    x, t, _ = _data(n=5)
+    # a plan cached by a net pickled before the one-call path (5 entries) is rebuilt
+    net = _make("two", dtype=np.float64)
+    net.gradient(x, t)
+    net._plan_cache = net._plan_cache[:5]
+    want = {k: np.array(v) for k, v in _make("two", dtype=np.float64).gradient(x, t).items()}
+    for k, v in net.gradient(x, t).items():
+        np.testing.assert_array_equal(v, want[k])
+    # a pickled net (its dtype an equal object, not NumPy's singleton) still takes the one-call path
+    calls = _count_fc_calls(monkeypatch)
+    clone = pickle.loads(pickle.dumps(net))
+    clone.gradient(x, t)
+    clone.gradient(x, t)
+    assert len(calls) >= 1
+    for k, v in clone.gradient(x, t).items():
+        np.testing.assert_array_equal(v, want[k])
+    # a later layer's weights of another dtype: the layers (NumPy's promotion), not an error
+    net = _make("two", dtype=np.float32)
+    A2 = net.layers["Affine2"]
+    A2.W = A2.W.astype(np.float64)
+    A2.dW, A2.db = np.zeros((8, 4)), np.zeros(4)
+    x32 = x.astype(np.float32)
+    first = {k: np.array(v) for k, v in net.gradient(x32, t).items()}
+    for k, v in net.gradient(x32, t).items():
+        np.testing.assert_array_equal(v, first[k])
+    # reuse switched off: fresh arrays at every call, and backward(1) a copy, as on the layer path
+    net = _make("two", dtype=np.float64)
+    net.gradient(x, t)
+    for layer in list(net.layers.values()) + [net.lastLayer]:
+        layer.reuse = False
+    n0 = len(calls)
+    net.gradient(x, t)
+    y1 = net.lastLayer.y
+    net.gradient(x, t)
+    assert net.lastLayer.y is not y1 and len(calls) == n0
+    assert net.lastLayer.backward(1) is not net.lastLayer.backward(1)
+    # a layer's own output fed back in: the layer path (its workspace hands out a second array), not an error
+    np.random.seed(0)
+    net = TwoLayerNet(8, 8, 4)
+    twin = TwoLayerNet(8, 8, 4, backend="reference")
+    for k in net.params:
+        twin.params[k][...] = net.params[k]
+    x8 = np.random.rand(5, 8)
+    net.gradient(x8, t)
+    net.gradient(x8, t)
+    for _ in range(2):
+        h = net.layers["Affine1"].forward(x8)
+        hc = h.copy()
+        got = {k: np.array(v) for k, v in net.gradient(h, t).items()}
+        for k, v in twin.gradient(hc, t).items():
+            np.testing.assert_allclose(got[k], v, rtol=1e-12, atol=1e-14)
+
+
+def test_small_batch_step_with_weight_decay_opens_no_region():
+    from fastbp import _kernels, _threads
+
+    if _kernels.build_info()["num_threads"] < 2:
+        pytest.skip("one thread: no region is ever opened")
+    np.random.seed(1)
+    net = MultiLayerNet(784, [50], 10, weight_decay_lambda=0.1, dtype=np.float32)
+    opt = SGD(lr=0.1)
+    x, t = np.random.rand(1, 784).astype(np.float32), np.array([3])
+    opt.update(net.params, net.gradient(x, t))
+    before = _threads.regions_opened()
+    for _ in range(4):
+        opt.update(net.params, net.gradient(x, t))
+    assert _threads.regions_opened() == before
