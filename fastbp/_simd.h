@@ -262,19 +262,42 @@ TARGET static inline void NAME##_rows(const T *restrict x, T *restrict y, T *res
                            int64_t ignore, double *restrict rowloss)                                          \
 {                                                                                                             \
     double rs[FB_SOFTMAX_CHUNK], lg[FB_SOFTMAX_CHUNK];   /* per row: r, then log(1 + r) */                    \
+    T ms[FB_SOFTMAX_CHUNK];                              /* per row: its max */                               \
     long i, j;                                                                                                \
+    if (c < 64) {                                                                                             \
+        /* rows shorter than 64: plain loops (an omp simd reduction goes through a stack array of lanes, which \
+         * costs a store-forwarding stall per row, more than the row's work), four rows at a time: each row's \
+         * maximum is taken in its own order as before, and the four chains of dependent comparisons overlap */ \
+        for (i = 0; i + 4 <= rows; i += 4) {                                                                  \
+            const T *x0 = x + i * c, *x1 = x0 + c, *x2 = x1 + c, *x3 = x2 + c;                                \
+            T m0 = x0[0], m1 = x1[0], m2 = x2[0], m3 = x3[0];                                                 \
+            for (j = 1; j < c; j++) {                                                                         \
+                m0 = x0[j] > m0 ? x0[j] : m0;                                                                 \
+                m1 = x1[j] > m1 ? x1[j] : m1;                                                                 \
+                m2 = x2[j] > m2 ? x2[j] : m2;                                                                 \
+                m3 = x3[j] > m3 ? x3[j] : m3;                                                                 \
+            }                                                                                                 \
+            ms[i] = m0; ms[i + 1] = m1; ms[i + 2] = m2; ms[i + 3] = m3;                                       \
+        }                                                                                                     \
+        for (; i < rows; i++) {                                                                               \
+            const T *xr = x + i * c;                                                                          \
+            T m = xr[0];                                                                                      \
+            for (j = 1; j < c; j++) m = xr[j] > m ? xr[j] : m;                                                \
+            ms[i] = m;                                                                                        \
+        }                                                                                                     \
+    } else {                                                                                                  \
+        for (i = 0; i < rows; i++) {                                                                          \
+            const T *xr = x + i * c;                                                                          \
+            T m = xr[0];                                                                                      \
+            _Pragma("omp simd reduction(max:m)")                                                              \
+            for (j = 1; j < c; j++) m = xr[j] > m ? xr[j] : m;                                                \
+            ms[i] = m;                                                                                        \
+        }                                                                                                     \
+    }                                                                                                         \
     for (i = 0; i < rows; i++) {                                                                              \
         const T *xr = x + i * c;                                                                              \
         T *yr = y + i * c;                                                                                    \
-        T m = xr[0];                                                                                          \
-        /* rows shorter than 64: plain loops (an omp simd reduction goes through a stack array of lanes, which \
-         * costs a store-forwarding stall per row, more than the row's work) */                               \
-        if (c < 64) {                                                                                         \
-            for (j = 1; j < c; j++) m = xr[j] > m ? xr[j] : m;                                                \
-        } else {                                                                                              \
-            _Pragma("omp simd reduction(max:m)")                                                              \
-            for (j = 1; j < c; j++) m = xr[j] > m ? xr[j] : m;                                                \
-        }                                                                                                     \
+        T m = ms[i];                                                                                          \
         _Pragma("omp simd")                                                                                   \
         for (j = 0; j < c; j++) yr[j] = xr[j] - m;                                                            \
         if (onehot == NULL) {                                                                                 \
@@ -289,17 +312,36 @@ TARGET static inline void NAME##_rows(const T *restrict x, T *restrict y, T *res
     long total = rows * c;                                                                                    \
     _Pragma("omp simd")                                                                                       \
     for (i = 0; i < total; i++) y[i] = EXP(y[i]);                                                             \
-    for (i = 0; i < rows; i++) {                                                                              \
+    /* s: all e_j; r: those below 1 (two sums vectorise; counting the 1s in the loop does not); rs[i] = r + the \
+     * 1s but one (ties at the max): the e_j but one 1.  Short rows four at a time, each summed in its own order */ \
+    i = 0;                                                                                                    \
+    if (c < 64) {                                                                                             \
+        for (; i + 4 <= rows; i += 4) {                                                                       \
+            const T *y0 = y + i * c, *y1 = y0 + c, *y2 = y1 + c, *y3 = y2 + c;                                \
+            double s0 = 0.0, r0 = 0.0, s1 = 0.0, r1 = 0.0, s2 = 0.0, r2 = 0.0, s3 = 0.0, r3 = 0.0;            \
+            for (j = 0; j < c; j++) {                                                                         \
+                double e0 = (double)y0[j], e1 = (double)y1[j], e2 = (double)y2[j], e3 = (double)y3[j];        \
+                s0 += e0; r0 += e0 < 1.0 ? e0 : 0.0;                                                          \
+                s1 += e1; r1 += e1 < 1.0 ? e1 : 0.0;                                                          \
+                s2 += e2; r2 += e2 < 1.0 ? e2 : 0.0;                                                          \
+                s3 += e3; r3 += e3 < 1.0 ? e3 : 0.0;                                                          \
+            }                                                                                                 \
+            rs[i] = r0 + (nearbyint(s0 - r0) - 1.0);                                                          \
+            rs[i + 1] = r1 + (nearbyint(s1 - r1) - 1.0);                                                      \
+            rs[i + 2] = r2 + (nearbyint(s2 - r2) - 1.0);                                                      \
+            rs[i + 3] = r3 + (nearbyint(s3 - r3) - 1.0);                                                      \
+        }                                                                                                     \
+    }                                                                                                         \
+    for (; i < rows; i++) {                                                                                   \
         const T *yr = y + i * c;                                                                              \
         double s = 0.0, r = 0.0;                                                                              \
-        /* s: all e_j; r: those below 1 (two sums vectorise; counting the 1s in the loop does not) */        \
         if (c < 64) {                                                                                         \
             for (j = 0; j < c; j++) { double e = (double)yr[j]; s += e; r += e < 1.0 ? e : 0.0; }           \
         } else {                                                                                              \
             _Pragma("omp simd reduction(+:s,r)")                                                              \
             for (j = 0; j < c; j++) { double e = (double)yr[j]; s += e; r += e < 1.0 ? e : 0.0; }           \
         }                                                                                                     \
-        rs[i] = r + (nearbyint(s - r) - 1.0);       /* + the 1s but one (ties at the max): the e_j but one 1 */ \
+        rs[i] = r + (nearbyint(s - r) - 1.0);                                                                 \
     }                                                                                                         \
     for (i = 0; i < rows; i++) {                    /* log(s) loses digits only when s is near 1 */          \
         double r = rs[i];                                                                                     \
