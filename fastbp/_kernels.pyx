@@ -545,6 +545,24 @@ cdef Py_ssize_t _first_bad_label(Py_ssize_t n, const int64_t *t, int64_t c, bint
     return -1
 
 
+cdef int _check_labels(cnp.ndarray T, cnp.ndarray X, Py_ssize_t n, Py_ssize_t c, bint has_ignore, int64_t ignore,
+                       Py_ssize_t *nignored) except -1:
+    """Labels T (N,) for logits X (N, C): native int64, one per row, each in [0, C) or equal to `ignore` (with
+    has_ignore, counted in nignored); TypeError/ValueError naming the first that is not."""
+    cdef Py_ssize_t bad
+    if cnp.PyArray_TYPE(T) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(T):
+        raise TypeError(f"labels must be native int64 here, got {dtype_of(T)}")
+    if cnp.PyArray_DIM(T, 0) != n:
+        raise ValueError(f"expected {n} labels (one per row of x {shape_of(X)}), got {cnp.PyArray_DIM(T, 0)}")
+    cdef const int64_t *t = <const int64_t*>cnp.PyArray_DATA(T)
+    with nogil:
+        bad = _first_bad_label(n, t, c, has_ignore, ignore, nignored)
+    if bad >= 0:
+        raise ValueError(f"label {T[bad]} at index {bad} is out of range: labels must be in [0, {c - 1}]"
+                         + (f" or equal ignore_label {ignore}" if has_ignore else ""))
+    return 0
+
+
 def softmax_cross_entropy(x, t, y, grad, double scale, ignore_label=None):
     """y = softmax(x) row-wise; grad = scale * (y - onehot(t)) (grad may be None); returns the mean row loss.
 
@@ -589,7 +607,7 @@ def softmax_cross_entropy(x, t, y, grad, double scale, ignore_label=None):
 
 cdef double _softmax_ce_dispatch(int ft, cnp.ndarray X, cnp.ndarray T, cnp.ndarray Y, void *gp, Py_ssize_t n,
                                  Py_ssize_t c, double scale, double *rows, object ignore_label) except? -1.0:
-    cdef Py_ssize_t bad, nignored = 0
+    cdef Py_ssize_t nignored = 0
     cdef double loss
     cdef _sm_ctx s
     s.c = c
@@ -611,16 +629,8 @@ cdef double _softmax_ce_dispatch(int ft, cnp.ndarray X, cnp.ndarray T, cnp.ndarr
             raise ValueError(f"ignore_label must fit int64, got {ignore_label}")
         s.ignore = ignore_label
     if cnp.PyArray_NDIM(T) == 1:
-        if cnp.PyArray_TYPE(T) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(T):
-            raise TypeError(f"labels must be native int64 here, got {dtype_of(T)}")
-        if cnp.PyArray_DIM(T, 0) != n:
-            raise ValueError(f"expected {n} labels (one per row of x {shape_of(X)}), got {cnp.PyArray_DIM(T, 0)}")
+        _check_labels(T, X, n, c, s.has_ignore, s.ignore, &nignored)
         s.t = <const int64_t*>cnp.PyArray_DATA(T)
-        with nogil:
-            bad = _first_bad_label(n, s.t, c, s.has_ignore, s.ignore, &nignored)
-        if bad >= 0:
-            raise ValueError(f"label {T[bad]} at index {bad} is out of range: labels must be in [0, {c - 1}]"
-                             + (f" or equal ignore_label {s.ignore}" if s.has_ignore else ""))
     elif cnp.PyArray_NDIM(T) == 2:
         same_type(ft, T, "t (one-hot)")
         check_same_shape(T, X, "t (one-hot)", "x")
@@ -764,7 +774,7 @@ def fc_relu_gradient(x, t, list Ws, list bs, list outs, list dxs, list dWs, list
     cdef double *rows = &small[0]
     cdef _sm_ctx s
     cdef int tx, rc
-    cdef Py_ssize_t ldx, c, bad, nignored = 0
+    cdef Py_ssize_t ldx, c, nignored = 0
     cdef double loss = 0
     cdef cnp.ndarray T
     keep = []   # operands converted for BLAS (blas_operand, a contiguous bias): alive until the kernels are done
@@ -843,15 +853,8 @@ def fc_relu_gradient(x, t, list Ws, list bs, list outs, list dxs, list dWs, list
         s.g = cnp.PyArray_DATA(<cnp.ndarray>g)
         s.scale = 1.0 / n
         if cnp.PyArray_NDIM(T) == 1:
-            if cnp.PyArray_TYPE(T) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(T):
-                raise TypeError(f"labels must be native int64 here, got {dtype_of(T)}")
-            if cnp.PyArray_DIM(T, 0) != n:
-                raise ValueError(f"expected {n} labels (one per row of x {shape_of(X)}), got {cnp.PyArray_DIM(T, 0)}")
+            _check_labels(T, X, n, c, False, 0, &nignored)
             s.t = <const int64_t*>cnp.PyArray_DATA(T)
-            with nogil:
-                bad = _first_bad_label(n, s.t, c, False, 0, &nignored)
-            if bad >= 0:
-                raise ValueError(f"label {T[bad]} at index {bad} is out of range: labels must be in [0, {c - 1}]")
         elif cnp.PyArray_NDIM(T) == 2:
             same_type(ft, T, "t (one-hot)")
             check_shape2(T, n, c, "t (one-hot)")

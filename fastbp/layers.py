@@ -514,15 +514,25 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
             and x.shape[0] > 0
             and x.flags.c_contiguous
         ):
-            if t.ndim == 1 and t.dtype.kind in "iu":  # labels
-                tk = t
-                if t.dtype is not _I64 or not t.flags.c_contiguous:  # e.g. the book's uint8 labels
-                    tk = self._ws.scratch("t", t.shape, _I64)
-                    np.copyto(tk, t, casting="unsafe")  # the kernel range-checks the copy
-                return self._forward_kernel(x, t, tk, tk, None)
-            if t.dtype is x.dtype and t.shape == x.shape and x.shape[1] > 0 and t.flags.c_contiguous:
-                return self._forward_kernel(x, t, t, None, t)  # one-hot rows of the logits' dtype (the book's)
+            kt = self._kernel_targets(t, x.shape, x.dtype)
+            if kt is not None:
+                return self._forward_kernel(x, t, *kt)
         return self._forward_any(x, t)
+
+    def _kernel_targets(self, t, shape, dt):
+        """(tk, labels, target) for the kernel on logits of `shape` (N, C) and dtype `dt` when it takes targets `t`
+        as they are: labels (N,) of an integer dtype (tk = labels: t itself when C-contiguous int64, else copied
+        into int64 scratch, e.g. the book's uint8 labels; the kernel range-checks them) or one-hot rows (N, C) of
+        the logits' dtype, C > 0 (tk = target = t, the book's); else None."""
+        if t.ndim == 1 and t.dtype.kind in "iu":
+            tk = t
+            if t.dtype is not _I64 or not t.flags.c_contiguous:
+                tk = self._ws.scratch("t", t.shape, _I64)
+                np.copyto(tk, t, casting="unsafe")
+            return tk, tk, None
+        if (t.dtype is dt or t.dtype == dt) and t.shape == shape and shape[1] > 0 and t.flags.c_contiguous:
+            return t, None, t
+        return None
 
     def _forward_kernel(self, x, t, tk, labels, target):
         """The kernel on logits x (N, C), N > 0, and tk (labels int64, or rows of x's dtype) ready for it."""
@@ -530,6 +540,10 @@ class SoftmaxWithLoss(_Fast, _ref.SoftmaxWithLoss):
         y = ws.result("y", x.shape, x.dtype)
         g = ws.result("g", x.shape, x.dtype)
         loss = _k.softmax_cross_entropy(x, tk, y, g, 1.0 / x.shape[0])  # the mean loss
+        return self._keep(t, y, g, labels, target, loss)
+
+    def _keep(self, t, y, g, labels, target, loss):
+        """The state a kernel forward leaves (what backward and the book's attributes read); returns loss."""
         self.t = t
         self.y = y
         self._g = g

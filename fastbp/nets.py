@@ -50,7 +50,6 @@ _BACKENDS = ("fastbp", "reference")
 _ACTIVATIONS = ("relu", "sigmoid")
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
-_I64 = np.dtype(np.int64)
 
 
 def _layers_module(backend):
@@ -342,17 +341,10 @@ class _FullyConnectedNet:
             dWs.append(ok[1])
             dbs.append(ok[2])
         c = Ws[-1].shape[1]
-        if t.ndim == 1 and t.dtype.kind in "iu":
-            tk = labels = t
-            if t.dtype is not _I64 or not t.flags.c_contiguous:  # e.g. the book's uint8 labels
-                tk = labels = last._ws.scratch("t", t.shape, _I64)
-                np.copyto(tk, t, casting="unsafe")  # the kernel range-checks the copy
-            target = None
-        elif (t.dtype is dt or t.dtype == dt) and t.shape == (n, c) and t.flags.c_contiguous:
-            tk = target = t
-            labels = None
-        else:
+        kt = last._kernel_targets(t, (n, c), dt)
+        if kt is None:
             return False
+        tk, labels, target = kt
         if not fresh:
             # the layers' own workspace arrays: what their forward and backward hand out
             outs = [A._ws.result("out", (n, W.shape[1]), dt) for A, W in zip(affines, Ws)]
@@ -375,13 +367,7 @@ class _FullyConnectedNet:
             inp = out
         for R, out in zip(relus, outs):
             R._defer(out)
-        last.t = t
-        last.y = y
-        last._g = g
-        last._g_out = False
-        last._labels = labels
-        last._target = target
-        last.loss = loss
+        last._keep(t, y, g, labels, target, loss)
         return True
 
     def _forward_fused(self, layers, fused, x):
