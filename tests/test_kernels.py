@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 import scipy.special
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastbp import _blas
 from fastbp import _kernels as K
@@ -1253,3 +1255,32 @@ def test_fc_relu_gradient_validates_before_writing():
         K.fc_relu_gradient(x, np.array([0, 1, -1, 2]), Ws, bs, outs, dxs, dWs, dbs, y, g)
     for a in outs + dWs + dbs + [dxs[1], y, g]:
         assert np.isnan(a).all()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from(DTYPES),
+    sizes=st.lists(st.integers(1, 20), min_size=2, max_size=5),
+    n=st.sampled_from([1, 2, 5, 63, 64, 65, 130]),
+    target=st.sampled_from(["labels", "one-hot"]),
+    lx=st.sampled_from(["C", "F", "rows2", "cols2", "strided", "reversed", "readonly"]),
+    lw=st.sampled_from(["C", "F", "rows2", "cols2", "strided", "reversed", "readonly"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fc_relu_gradient_is_the_single_kernels_over_shapes_and_layouts(dtype, sizes, n, target, lx, lw, seed):
+    # depths 1..4, widths 1..20 (C = 1 included), batches on both sides of the 64-row scratch, every operand
+    # layout for x and the weights (BLAS transposes, copies for the strided ones): the same bits as the single
+    # kernels on the same operands
+    x, t, Ws, bs = _fc_operands(dtype, sizes, n, target, seed=seed)
+    x = operand(x, lx)
+    Ws = [operand(W, lw) for W in Ws]
+    want = _fc_by_kernels(x, t, Ws, bs, dtype)
+    outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
+    loss = K.fc_relu_gradient(x, t, Ws, bs, outs, dxs, dWs, dbs, y, g)
+    assert loss == want[0] or (np.isnan(loss) and np.isnan(want[0]))
+    for got_list, want_list in zip((outs, dxs, dWs, dbs), want[1:5]):
+        for got_a, want_a in zip(got_list, want_list):
+            assert (got_a is None) == (want_a is None)
+            if want_a is not None:
+                assert np.array_equal(got_a, want_a)
+    assert np.array_equal(y, want[5]) and np.array_equal(g, want[6])
