@@ -126,6 +126,19 @@ def _add_scaled(dW, lam, W, serial=False):
         dW += lam * W
 
 
+_FAST = None
+
+
+def _fast_modules():
+    """(fastbp._kernels, fastbp.layers), imported at first use: the reference backend needs neither."""
+    global _FAST
+    if _FAST is None:
+        from fastbp import _kernels, layers
+
+        _FAST = (_kernels, layers)
+    return _FAST
+
+
 def _patched(layer):
     """True when `layer` has its own forward or backward (set on the instance, e.g. a spy): then it is called."""
     d = layer.__dict__
@@ -303,9 +316,7 @@ class _FullyConnectedNet:
         labels (N,) or one-hot rows of the network's dtype, an empty batch, an Affine whose params or grads are
         not the arrays the layer path last checked (its backward checks them and then takes this path), or an
         Affine or the last layer with a forward or backward of its own set on the instance."""
-        from fastbp import _kernels as K
-        from fastbp import layers as L
-
+        K, L = _fast_modules()
         last = self.lastLayer
         dt = self.dtype
         # dtypes compare by `is` first (NumPy's singletons), then by value: an unpickled net or array has its own
@@ -330,7 +341,8 @@ class _FullyConnectedNet:
                 return False
             W, b = A.params
             ok = A._ok
-            if ok is None or ok[0] is not W or ok[1] is not A.grads[0] or ok[2] is not A.grads[1]:
+            gr = A.grads
+            if ok is None or ok[0] is not W or ok[1] is not gr[0] or ok[2] is not gr[1]:
                 return False
             if (W.dtype is not dt and W.dtype != dt) or (b.dtype is not dt and b.dtype != dt):
                 return False
@@ -375,8 +387,7 @@ class _FullyConnectedNet:
         (``relu_inplace``: one pass, no mask, no second buffer); that Relu keeps the result as the source of its
         lazy ``mask`` (``Relu._defer``: ``relu(x) <= 0`` exactly where ``x <= 0``).  Returns (the last output, the
         positions fused in this pass)."""
-        from fastbp import _kernels as K
-
+        K = _fast_modules()[0]
         done = []
         i, n = 0, len(layers)
         while i < n:
@@ -400,8 +411,7 @@ class _FullyConnectedNet:
         """The backward pass after _forward_fused: a fused Relu's backward is its mask applied to the next
         Affine's dx in place (``relu_mask_inplace``, from the Relu's kept output; that dx is the Affine's own
         workspace) instead of a new gradient array.  Returns the dout of the layers not in reversed_layers."""
-        from fastbp import _kernels as K
-
+        K = _fast_modules()[0]
         n = len(layers)
         for k, layer in enumerate(reversed_layers):
             i = n - 1 - k
