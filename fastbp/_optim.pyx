@@ -37,8 +37,12 @@ cdef enum:
 # the step below GEMM_PARALLEL_MIN, all on the caller), the gradients and the weights are in the caller's cache, and
 # a worker updating half of them would pull that half to its core and the next forward would pull it back (the
 # book's TwoLayerNet at batch 1: a 15 us gradient and a 5 us update took 45 us per step).  The optimizers then pass
-# serial=True (fastbp.optimizer, _Optimizer.update).  The update is elementwise: the same bits either way.
+# serial=True (fastbp.optimizer, _Optimizer.update), honoured up to LOCAL_MAX elements: a larger array does not stay
+# in one core's cache anyway, and its update is bandwidth-bound (book 2's CBOW, two 10000 x 100 embeddings updated
+# by Adam after a gradient that opens no region: 1.8-1.9 ms per step split, 2.18 ms on the caller).  The update is
+# elementwise: the same bits either way.
 cdef Py_ssize_t MIN_BLOCK = 1 << 13
+cdef Py_ssize_t LOCAL_MAX = 1 << 16
 
 ctypedef struct _opt_ctx:
     int kind
@@ -82,7 +86,7 @@ def optimizer_update(int kind, param, grad, state1, state2, double lr, double a=
     """In-place update of `param` by optimizer `kind` (0 SGD, 1 Momentum, 2 Nesterov, 3 AdaGrad, 4 RMSprop,
     5 Adam); state arrays as that optimizer needs (None otherwise).  All arrays: one shape, one float dtype,
     one memory order (all C- or all F-contiguous), param and states writeable.  `serial`: on the calling thread
-    only (the arrays are in its cache, see MIN_BLOCK)."""
+    only, for arrays of up to LOCAL_MAX elements (they are in its cache, see MIN_BLOCK)."""
     if kind < OPT_SGD or kind > OPT_ADAM:
         raise ValueError(f"unknown optimizer kind {kind}")
     cdef int t = ftype(param, "param")
@@ -129,5 +133,5 @@ def optimizer_update(int kind, param, grad, state1, state2, double lr, double a=
     ctx.eps = eps
     with nogil:
         parallel_blocks_nt(n, even_block(n, MIN_BLOCK), _opt_block_f if t == 0 else _opt_block_d, &ctx,
-                           1 if serial else num_threads())
+                           1 if serial and n <= LOCAL_MAX else num_threads())
     return param

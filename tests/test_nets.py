@@ -687,3 +687,22 @@ def test_small_batch_step_with_weight_decay_opens_no_region():
     for _ in range(4):
         opt.update(net.params, net.gradient(x, t))
     assert _threads.regions_opened() == before
+
+
+def test_update_stays_on_the_caller_only_for_arrays_that_fit_its_cache():
+    # no region between steps: an array of up to 2**16 elements is updated on the calling thread, a larger one (book
+    # 2's 10000 x 100 embeddings, bandwidth-bound) still in blocks over the threads
+    from fastbp import _kernels, _threads
+
+    if _kernels.build_info()["num_threads"] < 2:
+        pytest.skip("one thread: no region is ever opened")
+    for shape, regions_per_step in (((200, 200), 0), ((1000, 100), 1)):
+        p = np.zeros(shape, np.float32)
+        g = np.ones(shape, np.float32)
+        opt = SGD(lr=0.5)
+        opt.update([p], [g])
+        before = _threads.regions_opened()
+        for _ in range(3):
+            opt.update([p], [g])
+        assert _threads.regions_opened() - before == 3 * regions_per_step, shape
+        np.testing.assert_array_equal(p, np.full(shape, -2.0, np.float32))
