@@ -1,5 +1,6 @@
 """Book 2 speed table (issue 10): fastbp vs the book's NumPy (fastbp.reference_time, written the book's way)
-vs PyTorch eager (CPU), float32, interleaved rounds, median of per-round ratios.
+vs PyTorch eager (CPU), float32, interleaved rounds (the order rotated each round, 0.15 s idle before each timing),
+median of per-round ratios.
 
     python benchmarks/rnn_compare.py                 # every case
     python benchmarks/rnn_compare.py --cases rnnlm,embed --rounds 15
@@ -37,6 +38,7 @@ import fastbp.time_layers as TL
 from fastbp import negative_sampling_layer as NS
 from fastbp import optimizers as FO
 from fastbp._book2 import BetterRnnlm, BookAdam, BookCBOW, BookSGD, Rnnlm, book_clip_grads, lstm_init
+from fastbp.bench.harness import DEFAULT_GAP
 from fastbp.trainer import remove_duplicate
 from fastbp.util import clip_grads as fast_clip
 
@@ -115,14 +117,20 @@ def torch_rnnlm_step(model, lr, max_grad):
 # ---------------------------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------------------------
-def run_case(name, impls, rounds, reps):
-    """impls: list of (label, fn); each round times every fn (reps calls, best of them), in turn."""
+def run_case(name, impls, rounds, reps, gap=DEFAULT_GAP):
+    """impls: list of (label, fn); each round times every fn (reps calls, best of them), in an order rotated by one
+    each round, each after `gap` idle seconds and one untimed call, as `fastbp bench` does: the implementation timed
+    after NumPy's found NumPy's OpenBLAS threads still spinning (in a fixed order "fastbp reuse=True", timed right
+    after NumPy every round, read 1.8x slower than the default layers, with the same layer times measured alone)."""
     times = {label: [] for label, _ in impls}
     for label, fn in impls:  # warm-up
         fn()
         fn()
-    for _ in range(rounds):
-        for label, fn in impls:
+    for r in range(rounds):
+        k = r % len(impls)
+        for label, fn in impls[k:] + impls[:k]:
+            time.sleep(gap)
+            fn()  # untimed: the first call after the gap wakes this implementation's threads
             best = float("inf")
             for _ in range(reps):
                 t0 = time.perf_counter()
@@ -394,7 +402,8 @@ def main(argv=None):
     print(
         f"CPU: {cpu} ({platform.machine()}); fastbp {_threads._get_num_threads()} threads; "
         f"torch {torch.__version__ if torch else 'not installed'}"
-        f"{f', {torch.get_num_threads()} threads' if torch else ''}; {args.rounds} interleaved rounds, medians"
+        f"{f', {torch.get_num_threads()} threads' if torch else ''}; {args.rounds} interleaved rounds "
+        f"(rotated, {DEFAULT_GAP:g} s idle before each timing), medians"
     )
     rows = []
     for name in args.cases.split(","):
