@@ -2,9 +2,10 @@
 
     python benchmarks/conv_compare.py [--rounds 7] [--cases scn32,scn64,deep32,book,pool,floor,alloc]
 
-Every case times its implementations in interleaved rounds (each round runs every implementation once for a
-fixed number of calls, after a warm-up), and reports per-implementation medians of the per-call time and the
-median of the per-round ratios.  A training step is ``net.gradient(x, t)`` plus an SGD update:
+Every case times its implementations in interleaved rounds (each round runs every implementation once for a fixed
+number of calls, after a warm-up; the order rotates each round, and each timing follows 0.15 s of idle and one
+untimed call), and reports per-implementation medians of the per-call time and the median of the per-round ratios. A
+training step is ``net.gradient(x, t)`` plus an SGD update:
 
 * fastbp: ``fastbp.nets.SimpleConvNet`` / ``DeepConvNet`` (``reuse=True`` workspaces) with ``fastbp.optimizers.SGD``;
 * numpy: the same nets with ``backend="reference"`` (fastbp.reference: the book's algorithms in plain NumPy,
@@ -28,6 +29,7 @@ import tracemalloc
 import numpy as np
 
 from fastbp import _kernels
+from fastbp.bench.harness import DEFAULT_GAP
 from fastbp import layers as fast_layers
 from fastbp.nets import DeepConvNet, SimpleConvNet
 from fastbp.optimizers import SGD
@@ -92,16 +94,22 @@ def torch_deep(dtype):
     return nn.Sequential(*layers).to(dtype)
 
 
-def measure(impls, rounds, calls, warmup=2):
-    """{name: [seconds per call, one per round]}, rounds interleaved."""
+def measure(impls, rounds, calls, warmup=2, gap=DEFAULT_GAP):
+    """{name: [seconds per call, one per round]}, rounds interleaved in an order rotated by one each round, each
+    timing after `gap` idle seconds (other libraries' thread pools spin down: NumPy's OpenBLAS threads spin ~0.1 s)
+    and one untimed call, as `fastbp bench` does."""
     for f in impls.values():
         for _ in range(warmup):
             f()
     times = {k: [] for k in impls}
-    for _ in range(rounds):
-        for name, f in impls.items():
+    names = list(impls)
+    for r in range(rounds):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            f = impls[name]
             gc.collect()
-            time.sleep(0.05)  # let other thread pools spin down
+            time.sleep(gap)
+            f()  # untimed: the first call after the gap wakes this implementation's threads
             t0 = time.perf_counter()
             for _ in range(calls[name] if isinstance(calls, dict) else calls):
                 f()
