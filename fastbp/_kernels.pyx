@@ -650,8 +650,9 @@ cdef double _softmax_ce_dispatch(int ft, cnp.ndarray X, cnp.ndarray T, cnp.ndarr
 # the Affine's output, ..., softmax_cross_entropy, affine_backward, relu_mask_inplace on its dx, ..., the first
 # layer's affine_backward without dx): the same kernels on the same operands in the same order, so the same bits.
 # What it saves is the Python between the kernels (the layer methods, the wrappers' argument parsing and their
-# checks, one wrapper call per kernel): about 10 us per step of the book's TwoLayerNet, 8 % of its GEMMs.  Every
-# operand is checked before anything is written, outputs against each other and against the inputs in one pass.
+# checks, one wrapper call per kernel): 3-5 us per step of fastbp's TwoLayerNet 784-50-10 (~3 % at batch 100, ~15 %
+# at batch 1).  Every operand is checked before anything is written, outputs against each other and against the
+# inputs in one pass.
 ctypedef struct _fc_layer:
     Py_ssize_t d, m        # W is (d, m)
     int tw                 # W's BLAS transpose flag and leading dimension (any strided layout, see blas_operand)

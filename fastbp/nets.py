@@ -102,10 +102,22 @@ def init_scale(weight_init_std, n_prev):
     return weight_init_std
 
 
-def _threads_opened():
-    from fastbp import _threads
+_FAST = None
 
-    return _threads.regions_opened()
+
+def _fast_modules():
+    """(fastbp._kernels, fastbp.layers, fastbp._threads), imported at first use: the reference backend needs none."""
+    global _FAST
+    if _FAST is None:
+        from fastbp import _kernels, _threads, layers
+
+        _FAST = (_kernels, layers, _threads)
+    return _FAST
+
+
+def _threads_opened():
+    """fastbp's count of parallel regions opened so far (_threads.regions_opened)."""
+    return _fast_modules()[2].regions_opened()
 
 
 def _add_scaled(dW, lam, W, serial=False):
@@ -119,24 +131,9 @@ def _add_scaled(dW, lam, W, serial=False):
         and W.flags.c_contiguous
         and dW.flags.writeable
     ):
-        from fastbp import _kernels
-
-        _kernels.optimizer_update(0, dW, W, None, None, -lam, 0, 0, 1e-7, serial)
+        _fast_modules()[0].optimizer_update(0, dW, W, None, None, -lam, 0, 0, 1e-7, serial)
     else:
         dW += lam * W
-
-
-_FAST = None
-
-
-def _fast_modules():
-    """(fastbp._kernels, fastbp.layers), imported at first use: the reference backend needs neither."""
-    global _FAST
-    if _FAST is None:
-        from fastbp import _kernels, layers
-
-        _FAST = (_kernels, layers)
-    return _FAST
 
 
 def _patched(layer):
@@ -204,7 +201,7 @@ class _FullyConnectedNet:
                 self.layers[f"{act_name}{idx}"] = act_cls(**kw)
         self.lastLayer = L.SoftmaxWithLoss(**kw)
         self._ws = _Workspace()  # the inputs and targets converted to the network's dtype
-        self._fc_bufs = None  # _gradient_fc's arrays: (batch, Affines, last layer, W shapes, outs, dxs, y, g)
+        self._fc_bufs = None  # _gradient_fc's arrays and their key (see there)
 
     # the book names it lastLayer in TwoLayerNet and last_layer in MultiLayerNet
     last_layer = property(lambda self: self.lastLayer, lambda self, v: setattr(self, "lastLayer", v))
@@ -290,20 +287,20 @@ class _FullyConnectedNet:
             back = layers[::-1]
             # fastbp backend: a Relu right after an Affine (both fastbp's own classes) runs in gradient() on the
             # Affine's output in place (see _forward_fused); the positions of those Relus
+            # The whole gradient in one kernel call (_gradient_fc) when the layers are exactly fastbp's Affine,
+            # Relu, Affine, ..., Affine (every Relu fused): fc = (the Affine layers, the Relu layers), else None.
             fused = ()
+            fc = None
             if self.backend == "fastbp":
-                from fastbp import layers as L
-
+                L = _fast_modules()[1]
                 fused = frozenset(
                     i for i in range(1, len(layers)) if type(layers[i]) is L.Relu and type(layers[i - 1]) is L.Affine
                 )
-            # the whole gradient in one kernel call (_gradient_fc) when the layers are exactly fastbp's Affine,
-            # Relu, Affine, ..., Affine (every Relu fused): (the Affine layers, the Relu layers), else None
-            fc = None
-            if self.backend == "fastbp" and len(layers) % 2 == 1 and len(fused) == len(layers) // 2:
-                from fastbp import layers as L
-
-                if all(type(layer) is L.Affine for layer in layers[::2]):
+                if (
+                    len(layers) % 2 == 1
+                    and len(fused) == len(layers) // 2
+                    and all(type(layer) is L.Affine for layer in layers[::2])
+                ):
                     fc = (layers[::2], layers[1::2])
             cached = self._plan_cache = (layers, back[:-1] if skip_first else back, affines, skip_first, fused, fc)
         return cached
@@ -316,7 +313,7 @@ class _FullyConnectedNet:
         labels (N,) or one-hot rows of the network's dtype, an empty batch, an Affine whose params or grads are
         not the arrays the layer path last checked (its backward checks them and then takes this path), or an
         Affine or the last layer with a forward or backward of its own set on the instance."""
-        K, L = _fast_modules()
+        K, L, _ = _fast_modules()
         last = self.lastLayer
         dt = self.dtype
         # dtypes compare by `is` first (NumPy's singletons), then by value: an unpickled net or array has its own
@@ -364,6 +361,7 @@ class _FullyConnectedNet:
             y = last._ws.result("y", (n, c), dt)
             g = last._ws.result("g", (n, c), dt)
             ids = frozenset(id(a) for a in outs + dxs[1:] + [y, g])
+            # keyed by the batch, the layer objects, the dtype and the weights' shapes; `ids` for the input check
             bufs = self._fc_bufs = (n, affines, last, dt, [W.shape for W in Ws], outs, dxs, y, g, ids)
         outs, dxs, y, g, ids = bufs[5:]
         # an input that is (a view of) one of these arrays, e.g. a layer's own earlier output fed back in: the layer
