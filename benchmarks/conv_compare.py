@@ -29,7 +29,7 @@ import tracemalloc
 import numpy as np
 
 from fastbp import _kernels
-from fastbp.bench.harness import DEFAULT_GAP
+from fastbp.bench.harness import DEFAULT_GAP, interleave
 from fastbp import layers as fast_layers
 from fastbp.nets import DeepConvNet, SimpleConvNet
 from fastbp.optimizers import SGD
@@ -95,25 +95,20 @@ def torch_deep(dtype):
 
 
 def measure(impls, rounds, calls, warmup=2, gap=DEFAULT_GAP):
-    """{name: [seconds per call, one per round]}, rounds interleaved in an order rotated by one each round, each
-    timing after `gap` idle seconds (other libraries' thread pools spin down: NumPy's OpenBLAS threads spin ~0.1 s)
-    and one untimed call, as `fastbp bench` does."""
+    """{name: [seconds per call, one per round]}: `warmup` calls of each, then fastbp bench's interleaved rounds
+    (fastbp.bench.harness.interleave: the order rotated by one each round, each batch of `calls` calls after `gap`
+    idle seconds, so other libraries' thread pools have spun down, and one untimed call), a garbage collection
+    before each gap."""
     for f in impls.values():
         for _ in range(warmup):
             f()
-    times = {k: [] for k in impls}
-    names = list(impls)
-    for r in range(rounds):
-        k = r % len(names) if names else 0
-        for name in names[k:] + names[:k]:
-            f = impls[name]
-            gc.collect()
-            time.sleep(gap)
-            f()  # untimed: the first call after the gap wakes this implementation's threads
-            t0 = time.perf_counter()
-            for _ in range(calls[name] if isinstance(calls, dict) else calls):
-                f()
-            times[name].append((time.perf_counter() - t0) / (calls[name] if isinstance(calls, dict) else calls))
+    numbers = calls if isinstance(calls, dict) else dict.fromkeys(impls, calls)
+
+    def collect_and_sleep(seconds):
+        gc.collect()
+        time.sleep(seconds)
+
+    times, _ = interleave(impls, rounds, numbers, gap=gap, warm_calls=dict.fromkeys(impls, 1), sleep=collect_and_sleep)
     return times
 
 
