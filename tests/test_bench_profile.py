@@ -38,3 +38,39 @@ def test_profile_main_runs_the_book_net(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "book: step" in text and "Affine1.backward" in text and "SIMD path" in text
     assert set(json.loads(out.read_text())) == {"book"} and res["book"]["step_us"] > 0
+
+
+def test_pool_use_is_per_region_and_per_worker_block():
+    from fastbp.bench.profile import _pool_use
+
+    keys = ("regions", "caller_block_us", "caller_wait_us", "worker_blocks", "worker_block_us", "worker_start_us")
+    before = dict(zip(keys, (5, 100.0, 10.0, 4, 90.0, 2.0)))
+    after = dict(zip(keys, (25, 900.0, 50.0, 24, 890.0, 12.0)))
+    assert _pool_use(before, after, 10) == {
+        "regions_per_step": 2.0,
+        "caller_block_us": 40.0,
+        "caller_wait_us": 2.0,
+        "worker_blocks_per_region": 1.0,
+        "worker_block_us": 40.0,
+        "worker_start_us": 0.5,
+    }
+    nothing = _pool_use(before, before, 10)
+    assert nothing["regions_per_step"] == 0 and all(v is None for k, v in nothing.items() if k != "regions_per_step")
+
+
+def test_profile_reports_the_pool_of_a_step_that_opens_regions(capsys):
+    from fastbp import _gemm, nets
+    from fastbp.bench import profile as prof
+
+    net = nets.TwoLayerNet(784, 50, 10, dtype=np.float32)
+    x = np.random.default_rng(1).random((100, 784)).astype(np.float32)
+    t = np.arange(100) % 10
+    r = prof.profile(net, lambda: net.gradient(x, t), steps=20, warmup=3)
+    p = r["pool"]
+    if _gemm._get_gemm_threads() > 1 and p["regions_per_step"]:
+        # the two 100 x 784 x 50 products are split: every region has the caller's blocks
+        assert p["regions_per_step"] >= 2 and p["caller_block_us"] > 0 and p["caller_wait_us"] >= 0
+    else:
+        assert p["caller_block_us"] is None
+    prof._report("own", r, None)
+    assert "own: step" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1091,6 +1092,34 @@ def test_region_counts_and_pool_info():
         assert c["opened"] == 0
     T.reset_region_counts()
     assert T.region_counts() == {"opened": 0, "serial": 0}
+
+
+_TIME_KEYS = ("caller_block_us", "caller_wait_us", "worker_block_us", "worker_start_us")
+
+
+def test_pool_info_says_where_the_regions_time_went():
+    # the caller's blocks, its wait for the workers' blocks, the workers' blocks and their start delays: totals that
+    # only grow, a worker block counted wherever a region was helped
+    before = T.pool_info()
+    assert all(before[k] >= 0 for k in _TIME_KEYS) and before["worker_blocks"] >= 0
+    a = np.ones((400, 400))
+    out = np.empty((400, 400))
+    t0 = time.perf_counter()
+    for _ in range(20):
+        K.gemm(a, a, out)
+    wall_us = (time.perf_counter() - t0) * 1e6
+    after = T.pool_info()
+    grew = {k: after[k] - before[k] for k in (*_TIME_KEYS, "worker_blocks", "regions", "helped")}
+    assert all(v >= 0 for v in grew.values()), grew
+    if grew["regions"] == 0:  # one thread, or OpenMP regions: the pool ran nothing
+        assert grew == dict.fromkeys(grew, 0)
+        return
+    assert 0 < grew["caller_block_us"] + grew["caller_wait_us"] <= wall_us
+    assert grew["worker_blocks"] >= grew["helped"]
+    if grew["worker_blocks"]:
+        assert 0 < grew["worker_block_us"] <= wall_us * (K._get_gemm_threads() - 1)
+    else:
+        assert grew["worker_block_us"] == grew["worker_start_us"] == 0
 
 
 def test_in_region_is_true_in_every_block_of_a_region_and_false_outside():

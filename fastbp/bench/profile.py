@@ -100,6 +100,7 @@ def profile(net, step, steps=2000, warmup=None):
         for times in calls.values():
             times.clear()
         step_t, layer_t = [], []
+        pool0 = _pool_info()
         for _ in range(steps):
             in_step[0] = 0.0
             t0 = clock()
@@ -116,13 +117,56 @@ def profile(net, step, steps=2000, warmup=None):
     layers = OrderedDict((k, statistics.median(calls[k]) * 1e6) for k in order)
     step_us = statistics.median(step_t) * 1e6
     layers_us = statistics.median(layer_t) * 1e6
-    return {"layers": layers, "step_us": step_us, "layers_us": layers_us, "rest_us": step_us - layers_us}
+    return {
+        "layers": layers,
+        "step_us": step_us,
+        "layers_us": layers_us,
+        "rest_us": step_us - layers_us,
+        "pool": _pool_use(pool0, _pool_info(), steps),
+    }
+
+
+def _pool_info():
+    from fastbp import _threads
+
+    return _threads.pool_info()
+
+
+def _pool_use(before, after, steps):
+    """What fastbp's worker pool did in the timed steps (from two _threads.pool_info() readings): regions per step,
+    and per region the caller's time in its own blocks and waiting for the workers' blocks after them; per worker
+    block its time and its start delay after the region opened (means, microseconds; None where nothing ran)."""
+    d = {
+        k: after[k] - before[k]
+        for k in ("regions", "caller_block_us", "caller_wait_us", "worker_blocks", "worker_block_us", "worker_start_us")
+    }
+    r, w = d["regions"], d["worker_blocks"]
+    return {
+        "regions_per_step": r / steps,
+        "caller_block_us": d["caller_block_us"] / r if r else None,
+        "caller_wait_us": d["caller_wait_us"] / r if r else None,
+        "worker_blocks_per_region": w / r if r else None,
+        "worker_block_us": d["worker_block_us"] / w if w else None,
+        "worker_start_us": d["worker_start_us"] / w if w else None,
+    }
 
 
 def _report(name, r, out):
     print(f"{name}: step {r['step_us']:.1f} us = layers {r['layers_us']:.1f} + rest {r['rest_us']:.1f}", file=out)
     for k, v in r["layers"].items():
         print(f"  {k:32s} {v:8.1f} us", file=out)
+    p = r["pool"]
+    if p["regions_per_step"]:
+        line = (
+            f"  pool: {p['regions_per_step']:.1f} regions per step; per region the caller ran its blocks "
+            f"{p['caller_block_us']:.1f} us and then waited {p['caller_wait_us']:.1f} us for the workers'"
+        )
+        if p["worker_block_us"] is not None:
+            line += (
+                f"; per worker block {p['worker_block_us']:.1f} us, started {p['worker_start_us']:.1f} us "
+                "after the region opened"
+            )
+        print(line, file=out)
 
 
 def main(argv=None):
