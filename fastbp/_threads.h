@@ -188,12 +188,16 @@ static void fb_yield(void) { sched_yield(); }
 typedef struct {
     fb_block_fn fn; void *ctx; Py_ssize_t n, block, nb; int nworkers;
     int one_each;                         /* gang region: every thread claims at most one block */
+    int stats;                            /* fb_pool_stats when the job was published */
 } fb_pool_job_t;
 
 static fb_pool_job_t fb_job;
-/* Where a region's time goes (pool_info): the caller's own blocks, its wait for the workers' blocks after them, the
- * workers' blocks and how long after the job's publication each started.  A wait well above the start delay means a
- * worker's block ran slower than the caller's (another load on its core, a slower core): the split is static. */
+/* Where a region's time goes (pool_info), counted while fb_pool_stats is on (off by default: six clock reads per
+ * region, ~25 ns each on the 2-core EPYC, are a few per cent of the smallest regions): the caller's own blocks, its
+ * wait for the workers' blocks after them, the workers' blocks and how long after the job's publication each
+ * started.  A wait well above the start delay means a worker's block ran slower than the caller's (another load on
+ * its core, a slower core): the split is static. */
+static int fb_pool_stats = 0;
 static long long fb_pub_ns = 0;           /* when the current job was published (written before fb_gen) */
 static long long fb_pool_own_ns = 0, fb_pool_wait_ns = 0;                      /* caller only */
 static long long fb_pool_wblock_ns = 0, fb_pool_wstart_ns = 0, fb_pool_wblocks = 0;   /* workers: atomic adds */
@@ -219,11 +223,12 @@ static Py_ssize_t fb_pool_work(unsigned g) {
         Py_ssize_t lo = j * fb_job.block;
         Py_ssize_t hi = fb_job.n - lo <= fb_job.block ? fb_job.n : lo + fb_job.block;
         int one = fb_job.one_each;
-        long long w0 = fb_pool_tid ? fb_now_ns() : 0;
+        int timed = fb_pool_tid && fb_job.stats;
+        long long w0 = timed ? fb_now_ns() : 0;
         fb_pool_inside = 1;
         fb_job.fn(fb_job.ctx, lo, hi, j);
         fb_pool_inside = 0;
-        if (fb_pool_tid) {
+        if (timed) {
             long long w1 = fb_now_ns();
             __atomic_fetch_add(&fb_pool_wblock_ns, w1 - w0, __ATOMIC_RELAXED);
             __atomic_fetch_add(&fb_pool_wstart_ns, w0 - __atomic_load_n(&fb_pub_ns, __ATOMIC_RELAXED), __ATOMIC_RELAXED);
@@ -294,6 +299,7 @@ static int fb_pool_run_mode(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_bl
     if (g == 0) g = 1;
     fb_job.fn = fn; fb_job.ctx = ctx; fb_job.n = n; fb_job.block = block; fb_job.nb = nb;
     fb_job.one_each = one_each;
+    int stats = fb_job.stats = fb_pool_stats;
     if (one_each) wake = 1;               /* every block must start: sleeping workers are needed */
     __atomic_store_n(&fb_job.nworkers, want, __ATOMIC_RELEASE);
     __atomic_store_n(&fb_pending, nb, __ATOMIC_RELEASE);
@@ -302,7 +308,7 @@ static int fb_pool_run_mode(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_bl
      * step's products and conversions leave in that core's cache is the data the next region's block 0 reads
      * (a worker racing the caller for block 0 would move it between the cores, region after region) */
     __atomic_store_n(&fb_ticket, ((uint64_t)g << 32) | (uint64_t)(nb > 0), __ATOMIC_RELEASE);
-    __atomic_store_n(&fb_pub_ns, fb_now_ns(), __ATOMIC_RELAXED);   /* published with fb_gen below */
+    if (stats) __atomic_store_n(&fb_pub_ns, fb_now_ns(), __ATOMIC_RELAXED);   /* published with fb_gen below */
     __atomic_store_n(&fb_gen, g, __ATOMIC_SEQ_CST);
     if (wake && __atomic_load_n(&fb_sleepers, __ATOMIC_SEQ_CST) > 0) {
         long long t0 = fb_now_ns();
@@ -313,7 +319,7 @@ static int fb_pool_run_mode(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_bl
         fb_pool_wakes++;
     }
     Py_ssize_t mine = 0;
-    long long t_own = fb_now_ns();
+    long long t_own = stats ? fb_now_ns() : 0;
     if (nb > 0) {
         fb_pool_inside = 1;
         fn(ctx, 0, n <= block ? n : block, 0);
@@ -323,15 +329,17 @@ static int fb_pool_run_mode(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_bl
     }
     if (!one_each) mine += fb_pool_work(g);
     int k = 0;
-    long long t_wait = fb_now_ns();
+    long long t_wait = stats ? fb_now_ns() : 0;
     /* (a gang region's caller ran one block; the workers claim the others, one each) */
     while (__atomic_load_n(&fb_pending, __ATOMIC_ACQUIRE) > 0) {   /* blocks a worker claimed: wait for them */
         fb_cpu_relax();
         if (++k == 4096) { k = 0; sched_yield(); }
     }
     fb_pool_regions++;
-    fb_pool_own_ns += t_wait - t_own;
-    fb_pool_wait_ns += fb_now_ns() - t_wait;
+    if (stats) {
+        fb_pool_own_ns += t_wait - t_own;
+        fb_pool_wait_ns += fb_now_ns() - t_wait;
+    }
     if (mine < nb) fb_pool_helped++;
     pthread_mutex_unlock(&fb_region_mu);
     return 0;
@@ -361,6 +369,7 @@ static int fb_pool_run_jobs(fb_dojob_t dojob, int numjobs, size_t elsize, void *
 #else
 static long long fb_pool_regions = 0, fb_pool_helped = 0, fb_pool_wakes = 0, fb_pool_wake_ns = 0;
 static long long fb_pool_own_ns = 0, fb_pool_wait_ns = 0, fb_pool_wblock_ns = 0, fb_pool_wstart_ns = 0, fb_pool_wblocks = 0;
+static int fb_pool_stats = 0;
 static int fb_pool_run(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_fn fn, void *ctx, int nthreads,
                        int wake) {
     (void)n; (void)block; (void)nb; (void)fn; (void)ctx; (void)nthreads; (void)wake;

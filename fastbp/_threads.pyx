@@ -49,6 +49,7 @@ cdef extern from "_threads.h" nogil:
     long long fb_pool_helped
     long long fb_pool_wakes
     long long fb_pool_wake_ns
+    int fb_pool_stats
     long long fb_pool_own_ns
     long long fb_pool_wait_ns
     long long fb_pool_wblock_ns
@@ -347,7 +348,8 @@ def pool_info():
     """How parallel_blocks opens a region: {'pool': 'fastbp' | 'openmp', 'spin_us', 'workers' (created so far),
     'regions' (pool regions run), 'helped' (those where a worker ran a block), 'wakes' (regions that had
     to wake a sleeping worker), 'wake_us' (the caller's time spent waking them), and where the regions' time went
-    (totals since the start, microseconds): 'caller_block_us' (the caller running blocks), 'caller_wait_us' (the
+    (totals over the regions run while pool_stats(True) was on, microseconds; 'stats': whether it is on):
+    'caller_block_us' (the caller running blocks), 'caller_wait_us' (the
     caller waiting, after its blocks, for blocks workers had claimed), 'worker_blocks', 'worker_block_us' (the
     workers running blocks), 'worker_start_us' (from a job's publication to each worker block's start)}.
     Per region, a caller wait well above the start delay per worker block means a worker ran its share slower
@@ -355,10 +357,20 @@ def pool_info():
     return {"pool": "fastbp" if (_use_pool and FB_POOL) else "openmp", "spin_us": fb_spin_ns / 1000.0,
             "wake_min_macs": _wake_min_macs,
             "workers": fb_pool_workers(), "regions": fb_pool_regions, "helped": fb_pool_helped,
-            "wakes": fb_pool_wakes, "wake_us": fb_pool_wake_ns / 1000.0,
+            "wakes": fb_pool_wakes, "wake_us": fb_pool_wake_ns / 1000.0, "stats": bool(fb_pool_stats),
             "caller_block_us": fb_pool_own_ns / 1000.0, "caller_wait_us": fb_pool_wait_ns / 1000.0,
             "worker_blocks": fb_pool_wblocks, "worker_block_us": fb_pool_wblock_ns / 1000.0,
             "worker_start_us": fb_pool_wstart_ns / 1000.0}
+
+
+def pool_stats(on=None):
+    """Whether fastbp's pool times its regions for pool_info (off by default: a few clock reads per region); with
+    `on`, switch it and return the previous setting."""
+    global fb_pool_stats
+    was = bool(fb_pool_stats)
+    if on is not None:
+        fb_pool_stats = 1 if on else 0
+    return was
 
 
 def _reduce_blocks(partials, Py_ssize_t nblocks, Py_ssize_t width):

@@ -1099,16 +1099,26 @@ _TIME_KEYS = ("caller_block_us", "caller_wait_us", "worker_block_us", "worker_st
 
 def test_pool_info_says_where_the_regions_time_went():
     # the caller's blocks, its wait for the workers' blocks, the workers' blocks and their start delays: totals that
-    # only grow, a worker block counted wherever a region was helped
-    before = T.pool_info()
-    assert all(before[k] >= 0 for k in _TIME_KEYS) and before["worker_blocks"] >= 0
+    # only grow, a worker block counted wherever a region was helped; counted only while pool_stats is on
     a = np.ones((400, 400))
     out = np.empty((400, 400))
-    t0 = time.perf_counter()
-    for _ in range(20):
+    assert T.pool_stats() is False and T.pool_info()["stats"] is False  # off by default
+    off = T.pool_info()
+    for _ in range(5):
         K.gemm(a, a, out)
-    wall_us = (time.perf_counter() - t0) * 1e6
-    after = T.pool_info()
+    assert all(T.pool_info()[k] == off[k] for k in (*_TIME_KEYS, "worker_blocks"))
+    assert T.pool_stats(True) is False
+    try:
+        assert T.pool_info()["stats"] is True
+        before = T.pool_info()
+        assert all(before[k] >= 0 for k in _TIME_KEYS) and before["worker_blocks"] >= 0
+        t0 = time.perf_counter()
+        for _ in range(20):
+            K.gemm(a, a, out)
+        wall_us = (time.perf_counter() - t0) * 1e6
+        after = T.pool_info()
+    finally:
+        assert T.pool_stats(False) is True
     grew = {k: after[k] - before[k] for k in (*_TIME_KEYS, "worker_blocks", "regions", "helped")}
     assert all(v >= 0 for v in grew.values()), grew
     if grew["regions"] == 0:  # one thread, or OpenMP regions: the pool ran nothing

@@ -100,13 +100,18 @@ def profile(net, step, steps=2000, warmup=None):
         for times in calls.values():
             times.clear()
         step_t, layer_t = [], []
-        pool0 = _pool_info()
-        for _ in range(steps):
-            in_step[0] = 0.0
-            t0 = clock()
-            step()
-            step_t.append(clock() - t0)
-            layer_t.append(in_step[0])
+        stats_were = _threads().pool_stats(True)  # the pool times its regions during the timed steps only
+        try:
+            pool0 = _threads().pool_info()
+            for _ in range(steps):
+                in_step[0] = 0.0
+                t0 = clock()
+                step()
+                step_t.append(clock() - t0)
+                layer_t.append(in_step[0])
+            pool1 = _threads().pool_info()
+        finally:
+            _threads().pool_stats(stats_were)
     finally:
         for _, layer in named:
             for meth in ("forward", "backward"):
@@ -122,14 +127,14 @@ def profile(net, step, steps=2000, warmup=None):
         "step_us": step_us,
         "layers_us": layers_us,
         "rest_us": step_us - layers_us,
-        "pool": _pool_use(pool0, _pool_info(), steps),
+        "pool": _pool_use(pool0, pool1, steps),
     }
 
 
-def _pool_info():
+def _threads():
     from fastbp import _threads
 
-    return _threads.pool_info()
+    return _threads
 
 
 def _pool_use(before, after, steps):
