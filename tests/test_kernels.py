@@ -1288,6 +1288,31 @@ def test_fc_relu_gradient_validates_before_writing():
         call(g=ro)
     with pytest.raises(TypeError, match="labels must be native int64"):
         call(t=t.astype(np.int32))
+
+
+def test_fc_relu_gradient_names_the_operands_of_any_layer():
+    # the first 16 layers' names are made once, deeper ones when needed: every layer's messages name its operands
+    dtype, n = F64, 3
+    sizes = (4,) * 19 + (3,)  # 19 layers
+    x, t, Ws, bs = _fc_operands(dtype, sizes, n, "labels")
+    outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
+    loss = K.fc_relu_gradient(x, t, Ws, bs, outs, dxs, dWs, dbs, y, g)
+    want = _fc_by_kernels(x, t, Ws, bs, dtype)
+    assert loss == want[0] and all(np.array_equal(a, b) for a, b in zip(dWs, want[3]))
+    for k in (0, 15, 16, 18):
+        bad = list(Ws)
+        bad[k] = np.ones((5, sizes[k + 1]), dtype)
+        outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
+        with pytest.raises(ValueError, match=f"Ws\\[{k}\\] must have 4 rows"):
+            K.fc_relu_gradient(x, t, bad, bs, outs, dxs, dWs, dbs, y, g)
+        outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
+        dbs[k] = np.empty(7, dtype)
+        with pytest.raises(ValueError, match=f"dbs\\[{k}\\] must have shape"):
+            K.fc_relu_gradient(x, t, Ws, bs, outs, dxs, dWs, dbs, y, g)
+    outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
+    dxs[17] = dWs[17]
+    with pytest.raises(ValueError, match="dxs\\[17\\] must have shape|dxs\\[17\\] overlaps dWs\\[17\\]"):
+        K.fc_relu_gradient(x, t, Ws, bs, outs, dxs, dWs, dbs, y, g)
     # nothing written by a call that failed on its labels (the check comes before any kernel)
     outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
     with pytest.raises(ValueError):
