@@ -192,15 +192,19 @@ typedef struct {
 } fb_pool_job_t;
 
 static fb_pool_job_t fb_job;
-/* Where a region's time goes (pool_info), counted while fb_pool_stats is on (off by default: six clock reads per
- * region, ~25 ns each on the 2-core EPYC, are a few per cent of the smallest regions): the caller's own blocks, its
- * wait for the workers' blocks after them, the workers' blocks and how long after the job's publication each
- * started.  A wait well above the start delay means a worker's block ran slower than the caller's (another load on
- * its core, a slower core): the split is static. */
-static int fb_pool_stats = 0;
+/* Where a region's time goes (pool_info), counted while fb_pool_stats is on (off by default: four clock reads per
+ * region on the caller and two per worker block, ~25 ns each on the 2-core EPYC, are a few per cent of the smallest
+ * regions): the caller's own blocks, its wait for the workers' blocks after them, the workers' blocks, and how long
+ * after the job's publication each worker started its first block of the job.  A wait well above the start delay
+ * means a worker's share ran slower than the caller's (another load on its core, a slower core): the split is
+ * static.  fb_pool_stats is read once per job (fb_job.stats), so a region is counted whole or not at all. */
+static int fb_pool_stats = 0;             /* relaxed atomic: set from Python, read by any caller */
+static void fb_set_pool_stats(int on) { __atomic_store_n(&fb_pool_stats, on ? 1 : 0, __ATOMIC_RELAXED); }
+static int fb_get_pool_stats(void) { return __atomic_load_n(&fb_pool_stats, __ATOMIC_RELAXED); }
 static long long fb_pub_ns = 0;           /* when the current job was published (written before fb_gen) */
 static long long fb_pool_own_ns = 0, fb_pool_wait_ns = 0;                      /* caller only */
-static long long fb_pool_wblock_ns = 0, fb_pool_wstart_ns = 0, fb_pool_wblocks = 0;   /* workers: atomic adds */
+static long long fb_pool_wblock_ns = 0, fb_pool_wblocks = 0;   /* workers: atomic adds */
+static long long fb_pool_wstart_ns = 0, fb_pool_wstarts = 0;   /* workers' first block of a job: atomic adds */
 static uint64_t fb_ticket = 0;            /* generation << 32 | next block to claim */
 static unsigned fb_gen = 0;               /* generation of the current job */
 static Py_ssize_t fb_pending = 0;         /* blocks of the current job not finished */
@@ -231,8 +235,12 @@ static Py_ssize_t fb_pool_work(unsigned g) {
         if (timed) {
             long long w1 = fb_now_ns();
             __atomic_fetch_add(&fb_pool_wblock_ns, w1 - w0, __ATOMIC_RELAXED);
-            __atomic_fetch_add(&fb_pool_wstart_ns, w0 - __atomic_load_n(&fb_pub_ns, __ATOMIC_RELAXED), __ATOMIC_RELAXED);
             __atomic_fetch_add(&fb_pool_wblocks, 1, __ATOMIC_RELAXED);
+            if (done == 0) {   /* this worker's first block of the job: its start delay */
+                __atomic_fetch_add(&fb_pool_wstart_ns, w0 - __atomic_load_n(&fb_pub_ns, __ATOMIC_RELAXED),
+                                   __ATOMIC_RELAXED);
+                __atomic_fetch_add(&fb_pool_wstarts, 1, __ATOMIC_RELAXED);
+            }
         }
         __atomic_fetch_sub(&fb_pending, 1, __ATOMIC_ACQ_REL);
         done++;
@@ -299,7 +307,7 @@ static int fb_pool_run_mode(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_bl
     if (g == 0) g = 1;
     fb_job.fn = fn; fb_job.ctx = ctx; fb_job.n = n; fb_job.block = block; fb_job.nb = nb;
     fb_job.one_each = one_each;
-    int stats = fb_job.stats = fb_pool_stats;
+    int stats = fb_job.stats = fb_get_pool_stats();
     if (one_each) wake = 1;               /* every block must start: sleeping workers are needed */
     __atomic_store_n(&fb_job.nworkers, want, __ATOMIC_RELEASE);
     __atomic_store_n(&fb_pending, nb, __ATOMIC_RELEASE);
@@ -369,7 +377,10 @@ static int fb_pool_run_jobs(fb_dojob_t dojob, int numjobs, size_t elsize, void *
 #else
 static long long fb_pool_regions = 0, fb_pool_helped = 0, fb_pool_wakes = 0, fb_pool_wake_ns = 0;
 static long long fb_pool_own_ns = 0, fb_pool_wait_ns = 0, fb_pool_wblock_ns = 0, fb_pool_wstart_ns = 0, fb_pool_wblocks = 0;
+static long long fb_pool_wstarts = 0;
 static int fb_pool_stats = 0;
+static void fb_set_pool_stats(int on) { fb_pool_stats = on ? 1 : 0; }
+static int fb_get_pool_stats(void) { return fb_pool_stats; }
 static int fb_pool_run(Py_ssize_t n, Py_ssize_t block, Py_ssize_t nb, fb_block_fn fn, void *ctx, int nthreads,
                        int wake) {
     (void)n; (void)block; (void)nb; (void)fn; (void)ctx; (void)nthreads; (void)wake;

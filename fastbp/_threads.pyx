@@ -49,12 +49,14 @@ cdef extern from "_threads.h" nogil:
     long long fb_pool_helped
     long long fb_pool_wakes
     long long fb_pool_wake_ns
-    int fb_pool_stats
+    void fb_set_pool_stats(int on) noexcept
+    int fb_get_pool_stats() noexcept
     long long fb_pool_own_ns
     long long fb_pool_wait_ns
     long long fb_pool_wblock_ns
     long long fb_pool_wstart_ns
     long long fb_pool_wblocks
+    long long fb_pool_wstarts
     long long fb_now_ns() noexcept
     void fb_cpu_relax() noexcept
     void fb_team_mark(int *seen, int t, int *distinct) noexcept
@@ -351,25 +353,24 @@ def pool_info():
     (totals over the regions run while pool_stats(True) was on, microseconds; 'stats': whether it is on):
     'caller_block_us' (the caller running blocks), 'caller_wait_us' (the
     caller waiting, after its blocks, for blocks workers had claimed), 'worker_blocks', 'worker_block_us' (the
-    workers running blocks), 'worker_start_us' (from a job's publication to each worker block's start)}.
-    Per region, a caller wait well above the start delay per worker block means a worker ran its share slower
-    than the caller ran its own: the blocks are a static split."""
+    workers running blocks), 'worker_starts' (jobs a worker took part in), 'worker_start_us' (from a job's
+    publication to the start of the worker's first block of it)}.  Per region, a caller wait well above the mean
+    start delay means a worker ran its share slower than the caller ran its own: the blocks are a static split."""
     return {"pool": "fastbp" if (_use_pool and FB_POOL) else "openmp", "spin_us": fb_spin_ns / 1000.0,
             "wake_min_macs": _wake_min_macs,
             "workers": fb_pool_workers(), "regions": fb_pool_regions, "helped": fb_pool_helped,
-            "wakes": fb_pool_wakes, "wake_us": fb_pool_wake_ns / 1000.0, "stats": bool(fb_pool_stats),
+            "wakes": fb_pool_wakes, "wake_us": fb_pool_wake_ns / 1000.0, "stats": bool(fb_get_pool_stats()),
             "caller_block_us": fb_pool_own_ns / 1000.0, "caller_wait_us": fb_pool_wait_ns / 1000.0,
             "worker_blocks": fb_pool_wblocks, "worker_block_us": fb_pool_wblock_ns / 1000.0,
-            "worker_start_us": fb_pool_wstart_ns / 1000.0}
+            "worker_starts": fb_pool_wstarts, "worker_start_us": fb_pool_wstart_ns / 1000.0}
 
 
 def pool_stats(on=None):
     """Whether fastbp's pool times its regions for pool_info (off by default: a few clock reads per region); with
     `on`, switch it and return the previous setting."""
-    global fb_pool_stats
-    was = bool(fb_pool_stats)
+    was = bool(fb_get_pool_stats())
     if on is not None:
-        fb_pool_stats = 1 if on else 0
+        fb_set_pool_stats(1 if on else 0)
     return was
 
 

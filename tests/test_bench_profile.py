@@ -43,15 +43,16 @@ def test_profile_main_runs_the_book_net(capsys, tmp_path):
 def test_pool_use_is_per_region_and_per_worker_block():
     from fastbp.bench.profile import _pool_use
 
-    keys = ("regions", "caller_block_us", "caller_wait_us", "worker_blocks", "worker_block_us", "worker_start_us")
-    before = dict(zip(keys, (5, 100.0, 10.0, 4, 90.0, 2.0)))
-    after = dict(zip(keys, (25, 900.0, 50.0, 24, 890.0, 12.0)))
+    keys = ("regions", "caller_block_us", "caller_wait_us", "worker_blocks", "worker_block_us", "worker_starts")
+    keys += ("worker_start_us",)
+    before = dict(zip(keys, (5, 100.0, 10.0, 4, 90.0, 4, 2.0)))
+    after = dict(zip(keys, (25, 900.0, 50.0, 44, 890.0, 24, 12.0)))
     assert _pool_use(before, after, 10) == {
         "regions_per_step": 2.0,
         "caller_block_us": 40.0,
         "caller_wait_us": 2.0,
-        "worker_blocks_per_region": 1.0,
-        "worker_block_us": 40.0,
+        "worker_blocks_per_region": 2.0,
+        "worker_block_us": 20.0,
         "worker_start_us": 0.5,
     }
     nothing = _pool_use(before, before, 10)
@@ -59,7 +60,7 @@ def test_pool_use_is_per_region_and_per_worker_block():
 
 
 def test_profile_reports_the_pool_of_a_step_that_opens_regions(capsys):
-    from fastbp import _gemm, nets
+    from fastbp import _gemm, _threads, nets
     from fastbp.bench import profile as prof
 
     net = nets.TwoLayerNet(784, 50, 10, dtype=np.float32)
@@ -67,10 +68,35 @@ def test_profile_reports_the_pool_of_a_step_that_opens_regions(capsys):
     t = np.arange(100) % 10
     r = prof.profile(net, lambda: net.gradient(x, t), steps=20, warmup=3)
     p = r["pool"]
-    if _gemm._get_gemm_threads() > 1 and p["regions_per_step"]:
-        # the two 100 x 784 x 50 products are split: every region has the caller's blocks
-        assert p["regions_per_step"] >= 2 and p["caller_block_us"] > 0 and p["caller_wait_us"] >= 0
+    if p["regions_per_step"]:
+        # every region has the caller's blocks (with several GEMM threads the two 100 x 784 x 50 products are split)
+        assert p["caller_block_us"] > 0 and p["caller_wait_us"] >= 0
+        if _gemm._get_gemm_threads() > 1:
+            assert p["regions_per_step"] >= 2
     else:
         assert p["caller_block_us"] is None
+    assert _threads.pool_stats() is False  # switched on for the timed steps only
     prof._report("own", r, None)
     assert "own: step" in capsys.readouterr().out
+
+
+def test_profile_restores_the_pool_timing_switch_when_a_step_raises():
+    import pytest
+
+    from fastbp import _threads, nets
+    from fastbp.bench import profile as prof
+
+    net = nets.TwoLayerNet(20, 8, 4, dtype=np.float32)
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("boom")
+
+    for was in (False, True):
+        _threads.pool_stats(was)
+        calls.clear()
+        with pytest.raises(RuntimeError, match="boom"):
+            prof.profile(net, step, steps=5, warmup=2)
+        assert _threads.pool_stats(False) is was

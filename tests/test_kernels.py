@@ -1119,17 +1119,23 @@ def test_pool_info_says_where_the_regions_time_went():
         after = T.pool_info()
     finally:
         assert T.pool_stats(False) is True
-    grew = {k: after[k] - before[k] for k in (*_TIME_KEYS, "worker_blocks", "regions", "helped")}
+    grew = {k: after[k] - before[k] for k in (*_TIME_KEYS, "worker_blocks", "worker_starts", "regions", "helped")}
     assert all(v >= 0 for v in grew.values()), grew
     if grew["regions"] == 0:  # one thread, or OpenMP regions: the pool ran nothing
         assert grew == dict.fromkeys(grew, 0)
         return
     assert 0 < grew["caller_block_us"] + grew["caller_wait_us"] <= wall_us
-    assert grew["worker_blocks"] >= grew["helped"]
+    assert grew["worker_blocks"] >= grew["worker_starts"] >= grew["helped"]
+    # (bounded by the workers the pool has: in FASTBP_BLAS_THREADING=callback mode OpenBLAS's jobs run on it while
+    # fastbp's own GEMM split uses one thread)
+    workers = after["workers"]
     if grew["worker_blocks"]:
-        assert 0 < grew["worker_block_us"] <= wall_us * (K._get_gemm_threads() - 1)
+        assert 0 < grew["worker_block_us"] <= wall_us * workers
+        # each worker's first block of a region starts within that region
+        assert 0 < grew["worker_starts"] <= grew["regions"] * workers
+        assert 0 <= grew["worker_start_us"] <= wall_us * workers
     else:
-        assert grew["worker_block_us"] == grew["worker_start_us"] == 0
+        assert grew["worker_block_us"] == grew["worker_start_us"] == grew["worker_starts"] == 0
 
 
 def test_in_region_is_true_in_every_block_of_a_region_and_false_outside():
@@ -1288,6 +1294,12 @@ def test_fc_relu_gradient_validates_before_writing():
         call(g=ro)
     with pytest.raises(TypeError, match="labels must be native int64"):
         call(t=t.astype(np.int32))
+    # nothing written by a call that failed on its labels (the check comes before any kernel)
+    outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
+    with pytest.raises(ValueError):
+        K.fc_relu_gradient(x, np.array([0, 1, -1, 2]), Ws, bs, outs, dxs, dWs, dbs, y, g)
+    for a in outs + dWs + dbs + [dxs[1], y, g]:
+        assert np.isnan(a).all()
 
 
 def test_fc_relu_gradient_names_the_operands_of_any_layer():
@@ -1305,20 +1317,15 @@ def test_fc_relu_gradient_names_the_operands_of_any_layer():
         outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
         with pytest.raises(ValueError, match=f"Ws\\[{k}\\] must have 4 rows"):
             K.fc_relu_gradient(x, t, bad, bs, outs, dxs, dWs, dbs, y, g)
-        outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
-        dbs[k] = np.empty(7, dtype)
-        with pytest.raises(ValueError, match=f"dbs\\[{k}\\] must have shape"):
-            K.fc_relu_gradient(x, t, Ws, bs, outs, dxs, dWs, dbs, y, g)
+        for name, pos in (("bs", 3), ("outs", 4), ("dWs", 6), ("dbs", 7)):
+            args = [x, t, list(Ws), list(bs), *_fc_outputs(dtype, sizes, n)]  # fc_relu_gradient's argument order
+            args[pos][k] = np.empty(7, dtype)  # a wrong shape for each of them
+            with pytest.raises(ValueError, match=f"^{name}\\[{k}\\] "):
+                K.fc_relu_gradient(*args)
     outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
     dxs[17] = dWs[17]
     with pytest.raises(ValueError, match="dxs\\[17\\] must have shape|dxs\\[17\\] overlaps dWs\\[17\\]"):
         K.fc_relu_gradient(x, t, Ws, bs, outs, dxs, dWs, dbs, y, g)
-    # nothing written by a call that failed on its labels (the check comes before any kernel)
-    outs, dxs, dWs, dbs, y, g = _fc_outputs(dtype, sizes, n)
-    with pytest.raises(ValueError):
-        K.fc_relu_gradient(x, np.array([0, 1, -1, 2]), Ws, bs, outs, dxs, dWs, dbs, y, g)
-    for a in outs + dWs + dbs + [dxs[1], y, g]:
-        assert np.isnan(a).all()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

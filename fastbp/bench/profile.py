@@ -140,19 +140,18 @@ def _threads():
 def _pool_use(before, after, steps):
     """What fastbp's worker pool did in the timed steps (from two _threads.pool_info() readings): regions per step,
     and per region the caller's time in its own blocks and waiting for the workers' blocks after them; per worker
-    block its time and its start delay after the region opened (means, microseconds; None where nothing ran)."""
-    d = {
-        k: after[k] - before[k]
-        for k in ("regions", "caller_block_us", "caller_wait_us", "worker_blocks", "worker_block_us", "worker_start_us")
-    }
-    r, w = d["regions"], d["worker_blocks"]
+    block its time; per worker and region the delay from the region's opening to its first block (means,
+    microseconds; None where nothing ran)."""
+    keys = ("regions", "caller_block_us", "caller_wait_us", "worker_blocks", "worker_block_us", "worker_starts")
+    d = {k: after[k] - before[k] for k in (*keys, "worker_start_us")}
+    r, w, ws = d["regions"], d["worker_blocks"], d["worker_starts"]
     return {
         "regions_per_step": r / steps,
         "caller_block_us": d["caller_block_us"] / r if r else None,
         "caller_wait_us": d["caller_wait_us"] / r if r else None,
         "worker_blocks_per_region": w / r if r else None,
         "worker_block_us": d["worker_block_us"] / w if w else None,
-        "worker_start_us": d["worker_start_us"] / w if w else None,
+        "worker_start_us": d["worker_start_us"] / ws if ws else None,
     }
 
 
@@ -168,8 +167,8 @@ def _report(name, r, out):
         )
         if p["worker_block_us"] is not None:
             line += (
-                f"; per worker block {p['worker_block_us']:.1f} us, started {p['worker_start_us']:.1f} us "
-                "after the region opened"
+                f"; per worker block {p['worker_block_us']:.1f} us; a worker started its first block "
+                f"{p['worker_start_us']:.1f} us after the region opened"
             )
         print(line, file=out)
 
