@@ -198,6 +198,14 @@ def regions_opened():
     return _regions_opened
 
 
+def no_region_since(long long mark):
+    """True when no parallel region was opened since `mark` (a regions_opened() reading; -1: never true): all that
+    ran in between ran on the calling thread, so the arrays it wrote are in this core's cache.  The one rule behind
+    keeping a small elementwise pass on the calling thread (_optim, LOCAL_MAX): fastbp.optimizer's update (no region
+    since the optimizer's previous step) and fastbp.nets' weight-decay term (none since the gradient started)."""
+    return mark >= 0 and _regions_opened == mark
+
+
 def reset_region_counts():
     """Set both region counters to 0."""
     global _regions_opened, _regions_serial

@@ -462,7 +462,7 @@ class _FullyConnectedNet:
         lam = self.weight_decay_lambda
         fast = self.backend == "fastbp"
         # no parallel region in this gradient: its arrays are in this thread's cache, the decay term stays on it
-        serial = lam and fast and _threads_opened() == regions0
+        serial = lam and fast and _fast_modules()[2].no_region_since(regions0)
         for wkey, bkey, layer in affines:
             dW = layer.dW
             if lam:

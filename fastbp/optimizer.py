@@ -141,7 +141,7 @@ class _Optimizer:
         parameters, the state and ``iter`` as they were."""
         kind = self._kind
         plan = self._plan
-        serial = _threads.regions_opened() == getattr(self, "_regions_after", -1)
+        serial = _threads.no_region_since(getattr(self, "_regions_after", -1))
         try:
             return self._update(kind, plan, params, grads, serial)
         finally:

@@ -1094,6 +1094,16 @@ def test_region_counts_and_pool_info():
     assert T.region_counts() == {"opened": 0, "serial": 0}
 
 
+def test_no_region_since_a_reading():
+    mark = T.regions_opened()
+    assert T.no_region_since(mark) and not T.no_region_since(-1)
+    K.gemm(np.ones((2, 2)), np.ones((2, 2)), np.empty((2, 2)))  # far too small to split: no region
+    assert T.no_region_since(mark)
+    a = np.ones((400, 400))
+    K.gemm(a, a, np.empty((400, 400)))  # split when there are several threads
+    assert T.no_region_since(mark) == (K._get_gemm_threads() == 1)
+
+
 _TIME_KEYS = ("caller_block_us", "caller_wait_us", "worker_block_us", "worker_start_us")
 
 
