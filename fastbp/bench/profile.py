@@ -69,6 +69,8 @@ def profile(net, step, steps=2000, warmup=None):
     Returns a dict: ``layers`` (OrderedDict "<layer>.forward"/"<layer>.backward" -> median us per call, in call
     order), ``step_us`` (median step), ``layers_us`` (median over the steps of the layers' sum in that step; never
     above ``step_us``, as each step's sum is part of that step) and ``rest_us`` (step_us - layers_us)."""
+    from fastbp import _threads
+
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     warmup = max(1, steps // 5) if warmup is None else warmup
@@ -100,18 +102,18 @@ def profile(net, step, steps=2000, warmup=None):
         for times in calls.values():
             times.clear()
         step_t, layer_t = [], []
-        stats_were = _threads().pool_stats(True)  # the pool times its regions during the timed steps only
+        stats_were = _threads.pool_stats(True)  # the pool times its regions during the timed steps only
         try:
-            pool0 = _threads().pool_info()
+            pool0 = _threads.pool_info()
             for _ in range(steps):
                 in_step[0] = 0.0
                 t0 = clock()
                 step()
                 step_t.append(clock() - t0)
                 layer_t.append(in_step[0])
-            pool1 = _threads().pool_info()
+            pool1 = _threads.pool_info()
         finally:
-            _threads().pool_stats(stats_were)
+            _threads.pool_stats(stats_were)
     finally:
         for _, layer in named:
             for meth in ("forward", "backward"):
@@ -131,19 +133,16 @@ def profile(net, step, steps=2000, warmup=None):
     }
 
 
-def _threads():
-    from fastbp import _threads
-
-    return _threads
-
-
 def _pool_use(before, after, steps):
     """What fastbp's worker pool did in the timed steps (from two _threads.pool_info() readings): regions per step,
     and per region the caller's time in its own blocks and waiting for the workers' blocks after them; per worker
     block its time; per worker and region the delay from the region's opening to its first block (means,
     microseconds; None where nothing ran)."""
-    keys = ("regions", "caller_block_us", "caller_wait_us", "worker_blocks", "worker_block_us", "worker_starts")
-    d = {k: after[k] - before[k] for k in (*keys, "worker_start_us")}
+    keys = (
+        "regions", "caller_block_us", "caller_wait_us", "worker_blocks", "worker_block_us", "worker_starts",
+        "worker_start_us",
+    )  # fmt: skip
+    d = {k: after[k] - before[k] for k in keys}
     r, w, ws = d["regions"], d["worker_blocks"], d["worker_starts"]
     return {
         "regions_per_step": r / steps,
