@@ -21,6 +21,7 @@
 # * The C of the OpenBLAS threads callback (the "callback" threading mode of fastbp._blas) is in _threads.h.
 from cython.parallel cimport prange
 from libc.stdint cimport intptr_t
+import operator as _operator
 import os as _os
 
 cdef extern from "_threads.h" nogil:
@@ -198,12 +199,14 @@ def regions_opened():
     return _regions_opened
 
 
-def no_region_since(long long mark):
+def no_region_since(mark):
     """True when no parallel region was opened since `mark` (a regions_opened() reading; -1: never true): all that
     ran in between ran on the calling thread, so the arrays it wrote are in this core's cache.  The one rule behind
     keeping a small elementwise pass on the calling thread (_optim, LOCAL_MAX): fastbp.optimizer's update (no region
-    since the optimizer's previous step) and fastbp.nets' weight-decay term (none since the gradient started)."""
-    return mark >= 0 and _regions_opened == mark
+    since the optimizer's previous step) and fastbp.nets' weight-decay term (none since the gradient started).
+    TypeError for a mark that is not an integer."""
+    cdef long long m = _operator.index(mark)
+    return m >= 0 and _regions_opened == m
 
 
 def reset_region_counts():
@@ -378,6 +381,8 @@ def pool_stats(on=None):
     `on`, switch it and return the previous setting."""
     was = bool(fb_get_pool_stats())
     if on is not None:
+        if on is not True and on is not False and not (type(on) is int and on in (0, 1)):
+            raise TypeError(f"pool_stats(on): on must be True, False or None, got {on!r}")
         fb_set_pool_stats(1 if on else 0)
     return was
 

@@ -1102,6 +1102,9 @@ def test_no_region_since_a_reading():
     a = np.ones((400, 400))
     K.gemm(a, a, np.empty((400, 400)))  # split when there are several threads
     assert T.no_region_since(mark) == (K._get_gemm_threads() == 1)
+    for bad in ("1", 1.5, None):
+        with pytest.raises(TypeError):
+            T.no_region_since(bad)
 
 
 _TIME_KEYS = ("caller_block_us", "caller_wait_us", "worker_block_us", "worker_start_us")
@@ -1113,6 +1116,10 @@ def test_pool_info_says_where_the_regions_time_went():
     a = np.ones((400, 400))
     out = np.empty((400, 400))
     assert T.pool_stats() is False and T.pool_info()["stats"] is False  # off by default
+    for bad in ("yes", 2, 1.0, [True]):
+        with pytest.raises(TypeError, match="on must be True, False or None"):
+            T.pool_stats(bad)
+    assert T.pool_stats() is False  # a refused switch changes nothing
     off = T.pool_info()
     for _ in range(5):
         K.gemm(a, a, out)
