@@ -519,6 +519,34 @@ def test_bound_note_names_numpy_step_over_fastbp_gemms_only_for_vs_numpy_rows():
     assert _bound_note({"targets": [Target("speedup", 3.0, "numpy")]}) == ""
 
 
+def test_miss_reason_says_whether_these_gemms_allow_a_missed_vs_numpy_target():
+    from fastbp.bench.cases import Target
+    from fastbp.bench.report import _miss_reason, evaluate_targets
+
+    def result(row):
+        return evaluate_targets(row)["target_results"][0]
+
+    # the bound (NumPy's step over fastbp's GEMMs alone) below the target: no step on these GEMMs reaches it
+    row = {"targets": [Target("speedup", 2.5, "numpy")], "speedup": {"numpy": 2.10}}
+    row.update(numpy_over_gemms=2.35, gemm_only_ratio=1.11)
+    assert result(row)["result"] == "MISS"
+    text = _miss_reason(row, result(row))
+    assert "out of reach with these GEMMs" in text and "2.35x, below 2.5x" in text
+    # the bound above it: the step's allowed cost over its GEMMs (3.15 / 3 = 1.05x) against what it cost
+    row = {"targets": [Target("speedup", 3.0, "numpy")], "speedup": {"numpy": 2.67}}
+    row.update(numpy_over_gemms=3.15, gemm_only_ratio=1.18)
+    assert _miss_reason(row, result(row)) == "; the step may cost up to 1.05x its GEMMs for 3x and costs 1.18x"
+    # nothing to say for a pass, a target against another library, a row without its GEMMs, a non-finite bound
+    passed = dict(row, speedup={"numpy": 3.2})
+    assert result(passed)["result"] == "PASS" and _miss_reason(passed, result(passed)) == ""
+    torch_row = dict(row, targets=[Target("speedup", 3.0, "torch")], speedup={"torch": 2.0})
+    assert result(torch_row)["result"] == "MISS" and _miss_reason(torch_row, result(torch_row)) == ""
+    bare = {"targets": [Target("speedup", 3.0, "numpy")], "speedup": {"numpy": 2.0}}
+    assert result(bare)["result"] == "MISS" and _miss_reason(bare, result(bare)) == ""
+    nan = dict(row, numpy_over_gemms=float("nan"))
+    assert _miss_reason(nan, result(nan)) == ""
+
+
 def test_best_peak_takes_each_rate_from_the_better_measurement_and_keeps_both():
     from fastbp.bench.report import best_peak
 

@@ -242,6 +242,24 @@ def _bound_note(row):
     return f"; numpy step / fastbp's GEMMs alone = {row['numpy_over_gemms']:.2f}x (the most 'vs numpy' could reach)"
 
 
+def _miss_reason(row, result):
+    """For a missed "vs numpy" speedup target of a row with its GEMMs timed alone: whether the products allow it.
+    NumPy's step over fastbp's GEMMs alone (the bound) below the target: no step built on these GEMMs could meet
+    it; otherwise the step's cost over its GEMMs that the target allows (bound / target) against what it cost."""
+    if result["result"] != "MISS" or result["kind"] != "speedup" or result["vs"] != "numpy":
+        return ""
+    bound, cost = row.get("numpy_over_gemms"), row.get("gemm_only_ratio")
+    if bound is None or cost is None or not (math.isfinite(bound) and math.isfinite(cost)):
+        return ""
+    need = result["threshold"]
+    if bound < need:
+        return (
+            f"; out of reach with these GEMMs: NumPy's step over fastbp's GEMMs alone is {bound:.2f}x, "
+            f"below {need:g}x"
+        )
+    return f"; the step may cost up to {bound / need:.2f}x its GEMMs for {need:g}x and costs {cost:.2f}x"
+
+
 def _header(info, peak, probe, args, torch, kernels=None):
     nb = info["numpy_blas"]
     tl = (
@@ -434,7 +452,7 @@ def run(args, out=None):
             iqr = r.get("speedup_iqr", {}).get(t["vs"]) if t["kind"] == "speedup" else None
             if iqr:
                 vt += f", per-round ratios IQR {iqr[0]:.2f}-{iqr[1]:.2f}x"
-            print(f"  [{t['result']}] {r['title']}: {t['text']} (measured {vt})", file=out)
+            print(f"  [{t['result']}] {r['title']}: {t['text']} (measured {vt}{_miss_reason(r, t)})", file=out)
     load = "" if foreign is None else f"; other processes used {foreign * 100:.0f}% of the CPUs meanwhile"
     print(f"\nwall time {wall:.1f} s{load}", file=out)
     if foreign is not None and foreign > BUSY:
