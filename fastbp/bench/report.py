@@ -254,8 +254,7 @@ def _miss_reason(row, result):
     need = result["threshold"]
     if bound < need:
         return (
-            f"; out of reach with these GEMMs: NumPy's step over fastbp's GEMMs alone is {bound:.2f}x, "
-            f"below {need:g}x"
+            f"; out of reach with these GEMMs: NumPy's step over fastbp's GEMMs alone is {bound:.2f}x, below {need:g}x"
         )
     return f"; the step may cost up to {bound / need:.2f}x its GEMMs for {need:g}x and costs {cost:.2f}x"
 
