@@ -526,25 +526,34 @@ def test_miss_reason_says_whether_these_gemms_allow_a_missed_vs_numpy_target():
     def result(row):
         return evaluate_targets(row)["target_results"][0]
 
-    # the bound (NumPy's step over fastbp's GEMMs alone) below the target: no step on these GEMMs reaches it
-    row = {"targets": [Target("speedup", 2.5, "numpy")], "speedup": {"numpy": 2.10}}
-    row.update(numpy_over_gemms=2.35, gemm_only_ratio=1.11)
-    assert result(row)["result"] == "MISS"
-    text = _miss_reason(row, result(row))
-    assert "out of reach with these GEMMs" in text and "2.35x, below 2.5x" in text
-    # the bound above it: the step's allowed cost over its GEMMs (3.15 / 3 = 1.05x) against what it cost
-    row = {"targets": [Target("speedup", 3.0, "numpy")], "speedup": {"numpy": 2.67}}
+    def missed(target, speedup, bound, cost):
+        row = {"targets": [Target("speedup", target, "numpy")], "speedup": {"numpy": speedup}}
+        row.update(numpy_over_gemms=bound, gemm_only_ratio=cost)
+        res = result(row)
+        assert res["result"] == "MISS"
+        return _miss_reason(row, res)
+
+    # the bound (numpy step / fastbp's GEMMs alone) below the target: no step on these GEMMs could reach it
+    text = missed(2.5, 2.10, 2.35, 1.11)
+    assert "out of reach in this run" in text and "= 2.35x, below 2.5x" in text
+    assert "out of reach" in missed(2.5, 2.10, 2.35, float("nan")), "the cost is not needed for this verdict"
+    # the bound at or above it: the step's allowed cost over its GEMMs (3.15 / 3 = 1.05x) against what it cost
+    assert missed(3.0, 2.67, 3.15, 1.18) == "; to reach 3x the step may cost at most 1.05x its GEMMs; it cost 1.18x"
+    assert missed(3.0, 2.90, 3.0, 1.10) == "; to reach 3x the step may cost at most 1.00x its GEMMs; it cost 1.10x"
+    # each figure is its own median: a cost within the allowed one says the miss is in the rounds' spread
+    text = missed(3.0, 2.95, 3.30, 1.08)
+    assert "within the 1.10x that 3x allows" in text and "spread of the rounds" in text
+    # nothing to say for a pass, a target against another library, a row without its GEMMs, a non-finite bound,
+    # or a reachable target whose cost is not known
+    assert missed(3.0, 2.0, float("nan"), 1.1) == "" and missed(3.0, 2.0, float("inf"), 1.1) == ""
+    assert missed(3.0, 2.67, 3.15, float("nan")) == "" and missed(3.0, 2.67, 3.15, None) == ""
+    row = {"targets": [Target("speedup", 3.0, "numpy")], "speedup": {"numpy": 3.2}}
     row.update(numpy_over_gemms=3.15, gemm_only_ratio=1.18)
-    assert _miss_reason(row, result(row)) == "; the step may cost up to 1.05x its GEMMs for 3x and costs 1.18x"
-    # nothing to say for a pass, a target against another library, a row without its GEMMs, a non-finite bound
-    passed = dict(row, speedup={"numpy": 3.2})
-    assert result(passed)["result"] == "PASS" and _miss_reason(passed, result(passed)) == ""
+    assert result(row)["result"] == "PASS" and _miss_reason(row, result(row)) == ""
     torch_row = dict(row, targets=[Target("speedup", 3.0, "torch")], speedup={"torch": 2.0})
     assert result(torch_row)["result"] == "MISS" and _miss_reason(torch_row, result(torch_row)) == ""
     bare = {"targets": [Target("speedup", 3.0, "numpy")], "speedup": {"numpy": 2.0}}
     assert result(bare)["result"] == "MISS" and _miss_reason(bare, result(bare)) == ""
-    nan = dict(row, numpy_over_gemms=float("nan"))
-    assert _miss_reason(nan, result(nan)) == ""
 
 
 def test_best_peak_takes_each_rate_from_the_better_measurement_and_keeps_both():
